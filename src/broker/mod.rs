@@ -1,0 +1,160 @@
+//! The local broker: rmqtt embedded as a library (pinned exactly; it changes its API often). We own its
+//! listeners, limits and hook registrations; rmqtt owns sessions, retained messages and wills.
+
+pub mod retain;
+
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::path::Path;
+
+use anyhow::{anyhow, Context as _};
+use bytes::Bytes;
+use rmqtt::codec::types::Publish as CodecPublish;
+use rmqtt::codec::v5::PublishProperties;
+use rmqtt::context::ServerContext;
+use rmqtt::hook::Register;
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+use rmqtt::session::SessionState;
+use rmqtt::types::{From, Id, Publish, QoS};
+use tokio::task::JoinHandle;
+
+use crate::config::{Limits, Listener};
+
+/// Retained topics kept at most (a flood of retained publishes must not grow memory without bound).
+const MAX_RETAINED_TOPICS: usize = 100_000;
+
+/// The embedded broker. Built in two steps so that hooks are registered before the first
+/// connection: [`Broker::new`], then handlers on [`Broker::hooks`], then [`Broker::listen`].
+pub struct Broker {
+    scx: ServerContext,
+    /// The addresses actually bound (port 0 resolved), in config order; empty until `listen`.
+    pub local_addrs: Vec<SocketAddr>,
+    /// Origin of messages the bridge publishes locally; they never pass the publish-ACL hook, so they
+    /// can never be sent out again (loop prevention).
+    bridge_id: Id,
+    server: std::sync::Mutex<Option<JoinHandle<()>>>,
+    register: Box<dyn Register>,
+}
+
+impl Broker {
+    /// A broker context with its limits and retained store, not yet listening.
+    pub async fn new(limits: &Limits) -> Broker {
+        let scx = ServerContext::new()
+            .busy_check_enable(false)
+            .mqtt_max_sessions(limits.max_connections as isize)
+            .build()
+            .await;
+        *scx.extends.retain_mut().await = Box::new(retain::RetainedStore::new(MAX_RETAINED_TOPICS));
+        let register = scx.extends.hook_mgr().register();
+        let bridge_id = Id::new(0, 0, None, None, "mqtt-uplink-bridge".into(), None);
+        Broker {
+            scx,
+            local_addrs: Vec::new(),
+            bridge_id,
+            server: std::sync::Mutex::new(None),
+            register,
+        }
+    }
+
+    /// Where hook handlers are added (before `listen`).
+    pub fn hooks(&self) -> &dyn Register {
+        self.register.as_ref()
+    }
+
+    /// Binds every listener (so errors surface before READY), enables the hooks, starts accepting.
+    pub async fn listen(&mut self, listeners: &[Listener], limits: &Limits) -> anyhow::Result<()> {
+        let mut server = MqttServer::new(self.scx.clone());
+        let mut local_addrs = Vec::new();
+        for (i, l) in listeners.iter().enumerate() {
+            let listener = bind(l, limits, i).with_context(|| format!("listener {}", l.bind))?;
+            local_addrs.push(listener.local_addr().map_err(|e| anyhow!("{e}"))?);
+            server = server.listener_by_id(listener, i as u16);
+        }
+        self.register.start().await;
+        let server = server.build();
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.run().await {
+                tracing::error!("broker stopped: {e:#}");
+            }
+        });
+        *self.server.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        self.local_addrs = local_addrs;
+        Ok(())
+    }
+
+    /// Publishes a message that came down from the cloud into the local broker.
+    pub async fn publish(&self, topic: &str, payload: Bytes, qos: u8, retain: bool) -> anyhow::Result<()> {
+        let qos = QoS::try_from(qos).map_err(|_| anyhow!("bad QoS {qos}"))?;
+        let p = CodecPublish {
+            dup: false,
+            retain,
+            qos,
+            topic: topic.into(),
+            packet_id: None,
+            payload,
+            properties: Some(PublishProperties::default()),
+        };
+        let p = Publish::from(p).create_time(rmqtt::utils::timestamp_millis());
+        SessionState::forwards(
+            &self.scx,
+            From::from_bridge(self.bridge_id.clone()),
+            p,
+            false,
+            None,
+        )
+        .await
+        .map_err(|e| anyhow!("local publish to {topic}: {e}"))
+    }
+
+    /// Number of connected device sessions.
+    pub async fn sessions(&self) -> isize {
+        self.scx.sessions.count()
+    }
+
+    /// Stops accepting connections and unhooks the guard and bridge.
+    pub async fn stop(&self) {
+        let server = self.server.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(server) = server {
+            server.abort();
+            let _ = server.await;
+        }
+        self.register.stop().await;
+    }
+}
+
+fn bind(l: &Listener, limits: &Limits, index: usize) -> anyhow::Result<rmqtt::net::Listener> {
+    let builder = Builder::new()
+        .name(format!("listener-{index}"))
+        .laddr(l.bind)
+        .max_connections(limits.max_connections)
+        .max_handshaking_limit(limits.max_connections.min(500))
+        .max_packet_size(limits.max_packet_size)
+        .max_inflight(NonZeroU16::new(limits.max_inflight).unwrap_or(NonZeroU16::MIN))
+        .max_mqueue_len(limits.max_queued_messages)
+        .max_subscriptions(limits.max_subscriptions)
+        .handshake_timeout(limits.handshake_timeout)
+        .allow_anonymous(false)
+        .allow_zero_keepalive(true)
+        .nodelay(true)
+        .reuseaddr(Some(true));
+    match &l.tls {
+        None => Ok(builder
+            .bind()
+            .map_err(|e| anyhow!("{e}"))?
+            .tcp()
+            .map_err(|e| anyhow!("{e}"))?),
+        Some(tls) => {
+            let path = |p: &Path| p.to_string_lossy().into_owned();
+            let builder = builder
+                .tls_cert(Some(path(&tls.cert)))
+                .tls_key(Some(path(&tls.key)))
+                .tls_client_ca_certs(tls.client_ca.as_deref().map(path));
+            Ok(builder
+                .bind()
+                .map_err(|e| anyhow!("{e}"))?
+                .tls()
+                .map_err(|e| anyhow!("{e}"))?)
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The command line: `run`, `check`, `explain`, `passwd`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config, EXIT_CONFIG};
+use crate::ops::logging::{self, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mqtt-uplink",
+    version,
+    about = "Secure MQTT edge appliance: local broker, durable bridge, outbound-only uplink"
+)]
+pub struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the appliance. Without --config: the safe embedded default (broker on 127.0.0.1:1883
+    /// only, anonymous loopback clients, no uplink).
+    Run {
+        #[arg(short, long, env = "MQTT_UPLINK_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config: print the effective settings (secrets masked) and the mappings; every
+    /// problem at once with file, line and key. Exit 64 when invalid.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Which mapping a local or remote topic hits, what it becomes on the other side, and the QoS.
+    Explain {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// A topic name (local or remote).
+        topic: String,
+    },
+    /// Add or change a user in a password file (argon2id by default; `--mosquitto` writes the
+    /// PBKDF2-SHA512 `$7$` format that mosquitto 2 also reads).
+    Passwd {
+        /// The password file (created with mode 0600 if missing).
+        file: PathBuf,
+        user: String,
+        /// Read the password from the first line of standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Write mosquitto's `$7$` PBKDF2-SHA512 format instead of argon2id.
+        #[arg(long)]
+        mosquitto: bool,
+        /// Accept a password that fails the strength check.
+        #[arg(long)]
+        force: bool,
+        /// Remove the user instead.
+        #[arg(long, conflicts_with_all = ["password_stdin", "mosquitto", "force"])]
+        delete: bool,
+    },
+}
+
+/// Entry point for the binary; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(config, cli.log_format),
+        Command::Check { config } => crate::cmd::check::check(&config),
+        Command::Explain { config, topic } => crate::cmd::explain::explain(&config, &topic),
+        Command::Passwd {
+            file,
+            user,
+            password_stdin,
+            mosquitto,
+            force,
+            delete,
+        } => crate::cmd::passwd::passwd(&file, &user, password_stdin, mosquitto, force, delete),
+    }
+}
+
+fn run(path: Option<PathBuf>, log_format: LogFormat) -> i32 {
+    let config = match &path {
+        Some(p) => match config::load(p) {
+            Ok(c) => c,
+            Err(errors) => {
+                eprintln!("{errors}");
+                return EXIT_CONFIG;
+            }
+        },
+        None => Config::embedded_default(),
+    };
+    logging::init(log_format, &config.log_level);
+    match &path {
+        Some(p) => {
+            tracing::info!(config = %p.display(), "starting mqtt-uplink {}", env!("CARGO_PKG_VERSION"))
+        }
+        None => tracing::info!(
+            "starting mqtt-uplink {} with the embedded default: broker on 127.0.0.1:1883 only, \
+             anonymous loopback clients, no uplink (pass --config FILE to configure)",
+            env!("CARGO_PKG_VERSION")
+        ),
+    }
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        if let Err(e) = crate::ops::cancel_on_signals(shutdown.clone()) {
+            tracing::error!("cannot install signal handlers: {e:#}");
+            return 1;
+        }
+        match crate::run(config, shutdown).await {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                1
+            }
+        }
+    })
+}

@@ -1,0 +1,61 @@
+//! `explain TOPIC`: what the mappings do with a topic, seen from either side.
+
+use std::path::Path;
+
+use crate::bridge::Routes;
+use crate::config::{self, EXIT_CONFIG};
+
+pub fn explain(path: &Path, topic: &str) -> i32 {
+    let c = match config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return EXIT_CONFIG;
+        }
+    };
+    if let Err(e) = crate::topic::validate_name(topic) {
+        eprintln!("`{topic}` is not a topic name: {e}");
+        return EXIT_CONFIG;
+    }
+    print!("{}", describe(&Routes::new(c.mappings), topic));
+    0
+}
+
+/// The explanation as text.
+pub fn describe(routes: &Routes, topic: &str) -> String {
+    let mut s = String::new();
+    let line = |i: usize| {
+        routes
+            .mappings()
+            .iter()
+            .find(|m| m.index == i)
+            .and_then(|m| m.line)
+    };
+    match routes.route_out(topic, 1) {
+        Some(r) => {
+            s += &format!(
+                "as a local topic: goes out by map[{}] (line {}) to remote topic `{}` at QoS {} (QoS 0 publishes stay QoS 0)\n",
+                r.mapping,
+                line(r.mapping).map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
+                r.remote_topic,
+                r.qos
+            );
+        }
+        None => s += "as a local topic: no `out` mapping matches; it stays on site\n",
+    }
+    match routes.route_in(topic, 1) {
+        Some(r) => {
+            s += &format!(
+                "as a remote topic: comes in by map[{}] (line {}) to local topic `{}` at QoS {}\n",
+                r.mapping,
+                line(r.mapping)
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                r.local_topic,
+                r.qos
+            );
+        }
+        None => s += "as a remote topic: no `in` mapping matches; the uplink does not subscribe to it\n",
+    }
+    s
+}

@@ -1,0 +1,5 @@
+//! The one-shot commands behind the CLI.
+
+pub mod check;
+pub mod explain;
+pub mod passwd;

@@ -1,0 +1,91 @@
+//! `passwd FILE USER`: add, change or delete a user in a password file.
+
+use std::io::{BufRead, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use crate::guard::passwords::{self, PasswordFile};
+
+pub fn passwd(file: &Path, user: &str, stdin: bool, mosquitto: bool, force: bool, delete: bool) -> i32 {
+    match passwd_inner(file, user, stdin, mosquitto, force, delete) {
+        Ok(msg) => {
+            eprintln!("{msg}");
+            0
+        }
+        Err(e) => {
+            eprintln!("mqtt-uplink passwd: {e:#}");
+            1
+        }
+    }
+}
+
+fn passwd_inner(
+    file: &Path,
+    user: &str,
+    stdin: bool,
+    mosquitto: bool,
+    force: bool,
+    delete: bool,
+) -> anyhow::Result<String> {
+    if user.is_empty() || user.contains(':') || user.contains(char::is_control) {
+        anyhow::bail!("a username must be non-empty, without `:` or control characters");
+    }
+    let mut pf = if file.exists() {
+        PasswordFile::load(file)?
+    } else {
+        PasswordFile::default()
+    };
+    if delete {
+        if !pf.remove(user) {
+            anyhow::bail!("no user `{user}` in {}", file.display());
+        }
+        write_file(file, &pf.render())?;
+        return Ok(format!("removed `{user}` from {}", file.display()));
+    }
+    let password = if stdin {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    } else {
+        let a = rpassword::prompt_password(format!("password for {user}: "))?;
+        let b = rpassword::prompt_password("again: ")?;
+        if a != b {
+            anyhow::bail!("the passwords differ");
+        }
+        a
+    };
+    if password.is_empty() {
+        anyhow::bail!("empty password");
+    }
+    if let Err(weak) = passwords::check_strength(&password, user) {
+        if !force {
+            anyhow::bail!("weak password: {weak} (use --force to accept it anyway)");
+        }
+        eprintln!("warning: weak password accepted with --force: {weak}");
+    }
+    let hash = if mosquitto {
+        passwords::hash_pbkdf2_sha512(password.as_bytes(), passwords::DEFAULT_PBKDF2_ITERATIONS)
+    } else {
+        passwords::hash_argon2id(password.as_bytes())
+    };
+    pf.set(user, hash)?;
+    write_file(file, &pf.render())?;
+    Ok(format!("set `{user}` in {}", file.display()))
+}
+
+/// Writes atomically (temp file + rename) with mode 0600.
+fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp-mqtt-uplink");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! The TOML file as serde sees it: strict (`deny_unknown_fields`), defaults as named functions.
+//! Nothing here is validated beyond types; `validate` turns these into runtime values.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// `[site]`: who this appliance is and where it keeps state.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteFile {
+    pub id: String,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+pub fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/mqtt-uplink")
+}
+
+/// One `[[listener]]`: a socket devices connect to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub bind: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle for client certificates (mTLS); clients without a valid certificate are refused.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Plaintext on a non-loopback address must be asked for by name.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+}
+
+/// `[auth]`: who may connect and what they may do.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    pub password_file: Option<PathBuf>,
+    pub acl_file: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// e.g. `"%u-*"`: a client id must start with its username and a dash.
+    pub client_id_pattern: Option<String>,
+    #[serde(default = "default_duplicate_client_id")]
+    pub duplicate_client_id: String,
+}
+
+pub fn default_duplicate_client_id() -> String {
+    "takeover".into()
+}
+
+/// `[limits]`: bounds that keep the broker's memory and CPU in check under a flood.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: u32,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: usize,
+    #[serde(default = "default_max_subscriptions")]
+    pub max_subscriptions: usize,
+    #[serde(default = "default_handshake_timeout_s")]
+    pub handshake_timeout_s: u64,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        LimitsFile {
+            max_packet_size: default_max_packet_size(),
+            max_connections: default_max_connections(),
+            max_inflight: default_max_inflight(),
+            max_queued_messages: default_max_queued_messages(),
+            max_subscriptions: default_max_subscriptions(),
+            handshake_timeout_s: default_handshake_timeout_s(),
+        }
+    }
+}
+
+pub fn default_max_packet_size() -> u32 {
+    256 * 1024
+}
+pub fn default_max_connections() -> usize {
+    1024
+}
+/// A device may keep this many QoS 1 messages unacknowledged without being cut off.
+pub fn default_max_inflight() -> u16 {
+    1024
+}
+pub fn default_max_queued_messages() -> usize {
+    1000
+}
+pub fn default_max_subscriptions() -> usize {
+    100
+}
+pub fn default_handshake_timeout_s() -> u64 {
+    10
+}
+
+/// `[uplink]`: the one session to the cloud broker.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkFile {
+    pub broker: String,
+    pub client_id: String,
+    pub username: Option<String>,
+    /// The password lives in a file (or a systemd credential), never in the TOML.
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_transports")]
+    pub transports: Vec<String>,
+    #[serde(default = "default_keepalive_s")]
+    pub keepalive_s: u16,
+    #[serde(default = "default_uplink_inflight")]
+    pub max_inflight: u16,
+    #[serde(default = "default_connect_timeout_s")]
+    pub connect_timeout_s: u64,
+    #[serde(default = "default_backoff_min_ms")]
+    pub backoff_min_ms: u64,
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+}
+
+pub fn default_transports() -> Vec<String> {
+    vec!["tls".into()]
+}
+pub fn default_keepalive_s() -> u16 {
+    30
+}
+pub fn default_uplink_inflight() -> u16 {
+    256
+}
+pub fn default_connect_timeout_s() -> u64 {
+    10
+}
+pub fn default_backoff_min_ms() -> u64 {
+    500
+}
+pub fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+
+/// One `[[map]]`, with mosquitto bridge semantics.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapFile {
+    pub direction: String,
+    pub topic: String,
+    #[serde(default)]
+    pub local_prefix: String,
+    #[serde(default)]
+    pub remote_prefix: String,
+    #[serde(default = "default_map_qos")]
+    pub qos: u8,
+}
+
+/// QoS 1 unless told otherwise: the appliance exists to not lose messages.
+pub fn default_map_qos() -> u8 {
+    1
+}
+
+/// `[outbox]`: the queue between the site and the uplink.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxFile {
+    #[serde(default = "default_outbox_max_bytes")]
+    pub max_bytes: u64,
+    #[serde(default = "default_outbox_max_age_s")]
+    pub max_age_s: u64,
+    #[serde(default = "default_on_full")]
+    pub on_full: String,
+}
+
+impl Default for OutboxFile {
+    fn default() -> Self {
+        OutboxFile {
+            max_bytes: default_outbox_max_bytes(),
+            max_age_s: default_outbox_max_age_s(),
+            on_full: default_on_full(),
+        }
+    }
+}
+
+pub fn default_outbox_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+pub fn default_outbox_max_age_s() -> u64 {
+    7 * 24 * 3600
+}
+pub fn default_on_full() -> String {
+    "reject-new".into()
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        LogFile {
+            level: default_log_level(),
+        }
+    }
+}
+
+pub fn default_log_level() -> String {
+    "info".into()
+}

@@ -1,0 +1,192 @@
+//! The validated configuration: typed runtime values, no strings left to interpret.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::error::Diagnostic;
+use crate::secret::Secret;
+
+/// A whole, valid configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from; `None` for the embedded default.
+    pub source: Option<PathBuf>,
+    pub site: Site,
+    pub listeners: Vec<Listener>,
+    pub auth: Auth,
+    pub limits: Limits,
+    pub uplink: Option<Uplink>,
+    pub mappings: Vec<Mapping>,
+    pub outbox: OutboxSettings,
+    pub log_level: String,
+    /// Insecure-but-valid settings found while loading.
+    pub warnings: Vec<Diagnostic>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub id: String,
+    pub state_dir: PathBuf,
+}
+
+/// A socket devices connect to.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub bind: SocketAddr,
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Where the ACL comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AclSource {
+    /// A mosquitto-syntax ACL file.
+    File(PathBuf),
+    /// No ACL file configured: every publish and subscribe is refused (deny by default).
+    DenyAll,
+    /// Only for the embedded default (loopback listener, no config file): everything is allowed.
+    AllowAll,
+}
+
+/// What happens when a second client connects with a client id already in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuplicatePolicy {
+    /// The new connection takes over (MQTT's rule); logged with both peers.
+    Takeover,
+    /// The new connection is refused; logged with both peers.
+    Reject,
+}
+
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub password_file: Option<PathBuf>,
+    pub acl: AclSource,
+    pub allow_anonymous: bool,
+    /// Client-id pattern with `%u` for the username and a trailing `*` wildcard.
+    pub client_id_pattern: Option<String>,
+    pub duplicate_client_id: DuplicatePolicy,
+}
+
+/// Broker limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_packet_size: u32,
+    pub max_connections: usize,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+    pub max_subscriptions: usize,
+    pub handshake_timeout: Duration,
+}
+
+/// The cloud broker's address as the operator wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// `mqtts://`: TLS to the broker (the TLS server name is `host`).
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A way to carry the uplink's bytes to the cloud broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// Direct outbound TCP to the broker (TLS on top when the broker URL is `mqtts://`).
+    Tls,
+}
+
+impl TransportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Tls => "tls",
+        }
+    }
+}
+
+/// The uplink session to the cloud broker.
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    pub broker: BrokerUrl,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub transports: Vec<TransportKind>,
+    pub keepalive: Duration,
+    pub max_inflight: u16,
+    pub connect_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Which way a mapping carries messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Out,
+    In,
+    Both,
+}
+
+impl Direction {
+    pub fn goes_out(self) -> bool {
+        matches!(self, Direction::Out | Direction::Both)
+    }
+    pub fn comes_in(self) -> bool {
+        matches!(self, Direction::In | Direction::Both)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Out => "out",
+            Direction::In => "in",
+            Direction::Both => "both",
+        }
+    }
+}
+
+/// One topic mapping (mosquitto bridge semantics): local topic = `local_prefix + topic`,
+/// remote topic = `remote_prefix + topic`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    /// Position in the file (0-based), used in logs and metrics.
+    pub index: usize,
+    pub line: Option<usize>,
+    pub direction: Direction,
+    pub topic: String,
+    pub local_prefix: String,
+    pub remote_prefix: String,
+    /// 0 or 1.
+    pub qos: u8,
+}
+
+/// What the outbox does when it reaches `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFull {
+    /// Drop the oldest queued message (counted and logged).
+    DropOldest,
+    /// Refuse the new message: MQTT 5 devices get PUBACK 0x97, MQTT 3.1.1 devices no PUBACK (they retry).
+    RejectNew,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    pub max_bytes: u64,
+    pub max_age: Duration,
+    pub on_full: OnFull,
+}

@@ -1,0 +1,803 @@
+//! The broker's password file (mosquitto_passwd compatible), password hashing and the
+//! password strength policy.
+//!
+//! File format: one `username:hash` per line; blank lines and lines starting with `#` are
+//! ignored. Accepted hashes are mosquitto 2.0's `$7$` (PBKDF2-HMAC-SHA512), mosquitto 1.x's
+//! `$6$` (salted SHA-512, verify only) and argon2id PHC strings. Anything else, a plaintext
+//! password in particular, is refused at parse time. Error messages name the line and the
+//! user, never the hash or what might be a secret.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params};
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, Engine, GeneralPurpose, GeneralPurposeConfig};
+use rand::TryRngCore;
+use sha2::{Digest, Sha512};
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+
+/// mosquitto_passwd's default PBKDF2 iteration count (mosquitto 2.0); kept for reference and
+/// for producing hashes that match what mosquitto itself writes.
+pub const MOSQUITTO_ITERATIONS: u32 = 101;
+
+/// The PBKDF2-HMAC-SHA512 iteration count mqtt-uplink uses for new `$7$` hashes (the OWASP
+/// 2023 recommendation for PBKDF2-HMAC-SHA512); mosquitto reads the count from the hash.
+pub const DEFAULT_PBKDF2_ITERATIONS: u32 = 210_000;
+
+/// Largest `$7$` iteration count accepted when parsing or hashing: a typo (or a hostile
+/// file) must not turn every login into minutes of CPU work.
+pub const MAX_PBKDF2_ITERATIONS: u32 = 10_000_000;
+
+/// Largest argon2 memory cost accepted in a PHC string, in KiB (1 GiB), for the same reason.
+pub const MAX_ARGON2_M_COST: u32 = 1024 * 1024;
+/// Largest argon2 time cost accepted in a PHC string.
+pub const MAX_ARGON2_T_COST: u32 = 64;
+/// Largest argon2 parallelism accepted in a PHC string.
+pub const MAX_ARGON2_P_COST: u32 = 64;
+
+/// Salt length of mosquitto's `$7$` hashes, in bytes.
+const PBKDF2_SALT_LEN: usize = 12;
+/// Length of a SHA-512 output, the hash part of both `$6$` and `$7$`.
+const SHA512_LEN: usize = 64;
+/// Upper bound on a decoded salt: mosquitto uses 12 bytes; anything much longer is garbage.
+const MAX_SALT_LEN: usize = 64;
+
+/// Standard base64 alphabet; encodes with padding (as mosquitto writes) but accepts input with
+/// or without it, since OpenSSL's decoder is equally lenient.
+const B64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// One problem on one line of a password file.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("line {line}: {message}")]
+pub struct LineError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong; never contains a hash or a password.
+    pub message: String,
+}
+
+/// Failure to load a password file from disk.
+#[derive(Debug, Error)]
+pub enum PasswordFileError {
+    /// The file could not be read.
+    #[error("cannot read password file {}: {source}", .path.display())]
+    Io {
+        /// The file that was being read.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file was read but some lines are invalid.
+    #[error("invalid password file {}: {}", .path.display(), join_errors(.errors))]
+    Invalid {
+        /// The file that was parsed.
+        path: PathBuf,
+        /// Every invalid line, in file order.
+        errors: Vec<LineError>,
+    },
+}
+
+fn join_errors(errors: &[LineError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Why an entry cannot be added with [`PasswordFile::set`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum EntryError {
+    /// The username cannot be stored in the file format.
+    #[error("invalid username: {0}")]
+    InvalidUser(&'static str),
+    /// The hash is not one of the accepted formats.
+    #[error("unsupported or malformed password hash for user '{user}'")]
+    InvalidHash {
+        /// The user whose hash was refused.
+        user: String,
+    },
+}
+
+/// A parsed password hash.
+#[derive(Clone)]
+enum Hash {
+    /// mosquitto 2.0 `$7$`: PBKDF2-HMAC-SHA512.
+    Pbkdf2Sha512 {
+        iterations: u32,
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
+    /// mosquitto 1.x `$6$`: SHA-512(password || salt).
+    Sha512Salted { salt: Vec<u8>, hash: Vec<u8> },
+    /// argon2id PHC string, kept as text because `PasswordHash` borrows from it.
+    Argon2id(String),
+}
+
+impl Hash {
+    /// Parses one hash field, or `None` when it is not an accepted, well-formed hash.
+    fn parse(s: &str) -> Option<Hash> {
+        if let Some(rest) = s.strip_prefix("$7$") {
+            let mut parts = rest.split('$');
+            let (iter, salt, hash) = (parts.next()?, parts.next()?, parts.next()?);
+            if parts.next().is_some() || iter.is_empty() || !iter.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let iterations: u32 = iter.parse().ok()?;
+            if iterations == 0 || iterations > MAX_PBKDF2_ITERATIONS {
+                return None;
+            }
+            let (salt, hash) = decode_salt_hash(salt, hash)?;
+            return Some(Hash::Pbkdf2Sha512 {
+                iterations,
+                salt,
+                hash,
+            });
+        }
+        if let Some(rest) = s.strip_prefix("$6$") {
+            let mut parts = rest.split('$');
+            let (salt, hash) = (parts.next()?, parts.next()?);
+            if parts.next().is_some() {
+                return None;
+            }
+            let (salt, hash) = decode_salt_hash(salt, hash)?;
+            return Some(Hash::Sha512Salted { salt, hash });
+        }
+        if s.starts_with("$argon2id$") {
+            let phc = PasswordHash::new(s).ok()?;
+            if Algorithm::try_from(phc.algorithm).ok()? != Algorithm::Argon2id {
+                return None;
+            }
+            // Rejects missing/ill-formed parameters now rather than at the first login.
+            let params = Params::try_from(&phc).ok()?;
+            if params.m_cost() > MAX_ARGON2_M_COST
+                || params.t_cost() > MAX_ARGON2_T_COST
+                || params.p_cost() > MAX_ARGON2_P_COST
+                || phc.salt.is_none()
+                || phc.hash.is_none()
+            {
+                return None;
+            }
+            return Some(Hash::Argon2id(s.to_owned()));
+        }
+        None
+    }
+
+    /// Checks `password` against this hash; comparisons of digests are constant-time.
+    fn verify(&self, password: &[u8]) -> bool {
+        match self {
+            Hash::Pbkdf2Sha512 {
+                iterations,
+                salt,
+                hash,
+            } => {
+                let mut out = [0u8; SHA512_LEN];
+                pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, *iterations, &mut out);
+                bool::from(out.as_slice().ct_eq(hash.as_slice()))
+            }
+            Hash::Sha512Salted { salt, hash } => {
+                let mut h = Sha512::new();
+                h.update(password);
+                h.update(salt);
+                bool::from(h.finalize().as_slice().ct_eq(hash.as_slice()))
+            }
+            Hash::Argon2id(phc) => match PasswordHash::new(phc) {
+                // The argon2 crate compares outputs in constant time.
+                Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
+                Err(_) => false,
+            },
+        }
+    }
+}
+
+/// Decodes the base64 salt and hash of a `$6$`/`$7$` entry, checking their lengths.
+fn decode_salt_hash(salt: &str, hash: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let salt = B64.decode(salt).ok()?;
+    let hash = B64.decode(hash).ok()?;
+    if salt.is_empty() || salt.len() > MAX_SALT_LEN || hash.len() != SHA512_LEN {
+        return None;
+    }
+    Some((salt, hash))
+}
+
+/// Checks that `user` can be written as the first field of a line and read back unchanged.
+fn check_username(user: &str) -> Result<(), &'static str> {
+    if user.is_empty() {
+        return Err("empty username");
+    }
+    if user.contains(':') {
+        return Err("username contains ':'");
+    }
+    if user.chars().any(char::is_control) {
+        return Err("username contains a control character");
+    }
+    // Parsing trims fields and treats `#` lines as comments, so such names would not survive
+    // a render/parse round trip.
+    if user.trim() != user {
+        return Err("username has leading or trailing whitespace");
+    }
+    if user.starts_with('#') {
+        return Err("username starts with '#'");
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+struct Entry {
+    user: String,
+    /// The hash as written, so `render` reproduces it byte for byte.
+    text: String,
+    hash: Hash,
+}
+
+/// An in-memory password file: users in file order, each with a verified-format hash.
+#[derive(Clone, Default)]
+pub struct PasswordFile {
+    // A Vec keeps insertion order for `render`; files are small enough for a linear lookup.
+    entries: Vec<Entry>,
+}
+
+impl fmt::Debug for PasswordFile {
+    // Hashes are offline-crackable material: keep them out of logs and panic messages.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PasswordFile")
+            .field("users", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PasswordFile {
+    /// Creates an empty password file.
+    pub fn new() -> PasswordFile {
+        PasswordFile::default()
+    }
+
+    /// Parses the text of a password file, collecting every invalid line.
+    ///
+    /// Lines are trimmed; blank lines and lines starting with `#` are skipped. Each other line
+    /// must be `username:hash` with a non-empty username, no duplicate usernames, and a hash in
+    /// one of the accepted formats. Error messages never include the hash field, and for a line
+    /// without `:` (which may be a pasted password) they include nothing from the line at all.
+    pub fn parse(text: &str) -> Result<PasswordFile, Vec<LineError>> {
+        let mut file = PasswordFile::new();
+        let mut errors = Vec::new();
+        // A UTF-8 byte order mark is not whitespace, so trimming would not remove it.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        for (idx, raw) in text.lines().enumerate() {
+            let line = idx + 1;
+            let trimmed = raw.trim();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            let mut err = |message: String| errors.push(LineError { line, message });
+            let Some((user, hash)) = trimmed.split_once(':') else {
+                err("expected 'username:hash' (no ':' found)".to_owned());
+                continue;
+            };
+            let (user, hash) = (user.trim(), hash.trim());
+            if let Err(why) = check_username(user) {
+                err(why.to_owned());
+                continue;
+            }
+            if file.position(user).is_some() {
+                err(format!("duplicate entry for user '{user}'"));
+                continue;
+            }
+            match Hash::parse(hash) {
+                Some(parsed) => file.entries.push(Entry {
+                    user: user.to_owned(),
+                    text: hash.to_owned(),
+                    hash: parsed,
+                }),
+                None => err(format!(
+                    "user '{user}': unsupported or malformed password hash (expected $7$, $6$ or \
+                     $argon2id$; plaintext passwords are not accepted)"
+                )),
+            }
+        }
+        if errors.is_empty() {
+            Ok(file)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Reads and parses the password file at `path`.
+    pub fn load(path: &Path) -> Result<PasswordFile, PasswordFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        PasswordFile::parse(&text).map_err(|errors| PasswordFileError::Invalid {
+            path: path.to_owned(),
+            errors,
+        })
+    }
+
+    fn position(&self, user: &str) -> Option<usize> {
+        self.entries.iter().position(|e| e.user == user)
+    }
+
+    /// Checks `password` for `user`.
+    ///
+    /// Unknown users get `false` after the same work as verifying the first user in the file
+    /// (its hash is computed and the result discarded), so response time does not reveal
+    /// whether a username exists. Users whose hashes use a different scheme or cost than the
+    /// first entry remain distinguishable by timing; keep one scheme per file. With an empty
+    /// file there is no user to reveal and `false` is returned at once.
+    pub fn verify(&self, user: &str, password: &[u8]) -> bool {
+        match self.position(user) {
+            Some(i) => self.entries[i].hash.verify(password),
+            None => {
+                if let Some(first) = self.entries.first() {
+                    std::hint::black_box(first.hash.verify(std::hint::black_box(password)));
+                }
+                false
+            }
+        }
+    }
+
+    /// Usernames in file order.
+    pub fn users(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.user.as_str())
+    }
+
+    /// Adds `user` with `hash`, or replaces the hash of an existing user in place.
+    ///
+    /// The hash must be in an accepted format (as produced by [`hash_argon2id`] or
+    /// [`hash_pbkdf2_sha512`]) and the username must survive a render/parse round trip, so a
+    /// file written by [`PasswordFile::render`] always loads again.
+    pub fn set(&mut self, user: &str, hash: String) -> Result<(), EntryError> {
+        check_username(user).map_err(EntryError::InvalidUser)?;
+        let Some(parsed) = Hash::parse(&hash) else {
+            return Err(EntryError::InvalidHash {
+                user: user.to_owned(),
+            });
+        };
+        let entry = Entry {
+            user: user.to_owned(),
+            text: hash,
+            hash: parsed,
+        };
+        match self.position(user) {
+            Some(i) => self.entries[i] = entry,
+            None => self.entries.push(entry),
+        }
+        Ok(())
+    }
+
+    /// Removes `user`; returns whether it was present.
+    pub fn remove(&mut self, user: &str) -> bool {
+        match self.position(user) {
+            Some(i) => {
+                self.entries.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Number of users.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when there are no users.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes the file back as `username:hash` lines in insertion order (comments are not
+    /// preserved), each line terminated by `\n`.
+    pub fn render(&self) -> String {
+        self.entries
+            .iter()
+            .map(|e| format!("{}:{}\n", e.user, e.text))
+            .collect()
+    }
+}
+
+/// Fills a buffer from the operating system's CSPRNG. Should the OS source fail (it does not
+/// on Linux), rand's thread-local CSPRNG, itself seeded from the OS, is used instead.
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    if rand::rngs::OsRng.try_fill_bytes(&mut buf).is_err() {
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut buf);
+    }
+    buf
+}
+
+/// Hashes `password` as an argon2id PHC string with the argon2 crate's default parameters
+/// (m=19456 KiB, t=2, p=1) and a random 16-byte salt.
+pub fn hash_argon2id(password: &[u8]) -> String {
+    let salt = SaltString::encode_b64(&random_bytes::<16>()).expect("16 bytes is a valid salt length");
+    Argon2::default()
+        .hash_password(password, &salt)
+        .expect("argon2 default parameters and a 16-byte salt are valid")
+        .to_string()
+}
+
+/// Hashes `password` in mosquitto 2.0's `$7$ITERATIONS$SALT$HASH` format: PBKDF2-HMAC-SHA512
+/// with a random 12-byte salt and a 64-byte output, both in padded standard base64 — exactly
+/// what `mosquitto_passwd` writes, so mosquitto accepts the result.
+///
+/// `iterations` is clamped to `1..=MAX_PBKDF2_ITERATIONS` so the output always parses.
+/// Use [`DEFAULT_PBKDF2_ITERATIONS`] unless mosquitto's own default is wanted.
+pub fn hash_pbkdf2_sha512(password: &[u8], iterations: u32) -> String {
+    let iterations = iterations.clamp(1, MAX_PBKDF2_ITERATIONS);
+    let salt = random_bytes::<PBKDF2_SALT_LEN>();
+    let mut out = [0u8; SHA512_LEN];
+    pbkdf2::pbkdf2_hmac::<Sha512>(password, &salt, iterations, &mut out);
+    format!("$7${iterations}${}${}", B64.encode(salt), B64.encode(out))
+}
+
+/// A password refused by [`check_strength`]; the message names the rule, never the password.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum WeakPassword {
+    /// Fewer than [`MIN_PASSWORD_CHARS`] characters.
+    #[error("password must be at least {min} characters long (it has {actual})")]
+    TooShort {
+        /// The minimum length.
+        min: usize,
+        /// The password's length in characters.
+        actual: usize,
+    },
+    /// A short-ish password without enough character classes.
+    #[error(
+        "a password shorter than {long} characters must mix at least {required} of: lowercase, \
+         uppercase, digits, other characters (it has {found})"
+    )]
+    TooFewClasses {
+        /// Length from which the class rule no longer applies.
+        long: usize,
+        /// Classes required.
+        required: usize,
+        /// Classes present.
+        found: usize,
+    },
+    /// The password contains the username.
+    #[error("password must not contain the username")]
+    ContainsUsername,
+    /// The password is on the built-in list of common passwords.
+    #[error("password is one of the most common passwords")]
+    Common,
+    /// The password is one character repeated.
+    #[error("password must not be a single repeated character")]
+    RepeatedCharacter,
+}
+
+/// Minimum password length, in characters, for [`check_strength`].
+pub const MIN_PASSWORD_CHARS: usize = 12;
+/// From this length on, [`check_strength`] no longer asks for several character classes.
+pub const LONG_PASSWORD_CHARS: usize = 16;
+
+/// Frequently used passwords (from public breach-frequency lists), lowercase. Most are
+/// shorter than the minimum length anyway; they are listed so the check does not depend on
+/// the length rule.
+const COMMON_PASSWORDS: [&str; 52] = [
+    "123456",
+    "123456789",
+    "12345678",
+    "password",
+    "qwerty123",
+    "qwerty1",
+    "111111",
+    "12345",
+    "secret",
+    "123123",
+    "1234567890",
+    "1234567",
+    "000000",
+    "qwerty",
+    "abc123",
+    "password1",
+    "iloveyou",
+    "11111111",
+    "dragon",
+    "monkey",
+    "123321",
+    "654321",
+    "666666",
+    "121212",
+    "letmein",
+    "welcome",
+    "admin",
+    "administrator",
+    "changeme",
+    "passw0rd",
+    "p@ssw0rd",
+    "p@ssword",
+    "football",
+    "baseball",
+    "sunshine",
+    "princess",
+    "trustno1",
+    "master",
+    "qwertyuiop",
+    "1q2w3e4r",
+    "1q2w3e4r5t6y",
+    "zaq12wsx",
+    "password123",
+    "password1234",
+    "123456789012",
+    "qwerty123456",
+    "qwertyuiop123",
+    "iloveyou1234",
+    "1qaz2wsx3edc",
+    "welcome12345",
+    "changeme1234",
+    "passwordpassword",
+];
+
+/// Checks `password` (for account `user`) against mqtt-uplink's password policy.
+///
+/// The rules, checked in this order:
+/// 1. at least 12 characters (Unicode scalar values);
+/// 2. not a single character repeated (`aaaaaaaaaaaa`);
+/// 3. not one of ~50 built-in most common passwords (compared case-insensitively);
+/// 4. when the username is at least 3 characters long, the password must not contain it
+///    (case-insensitive);
+/// 5. a password shorter than 16 characters must contain at least 3 of the 4 classes:
+///    lowercase letters, uppercase letters, digits, anything else.
+pub fn check_strength(password: &str, user: &str) -> Result<(), WeakPassword> {
+    let len = password.chars().count();
+    if len < MIN_PASSWORD_CHARS {
+        return Err(WeakPassword::TooShort {
+            min: MIN_PASSWORD_CHARS,
+            actual: len,
+        });
+    }
+    let mut chars = password.chars();
+    if let Some(first) = chars.next() {
+        if chars.all(|c| c == first) {
+            return Err(WeakPassword::RepeatedCharacter);
+        }
+    }
+    let lower = password.to_lowercase();
+    if COMMON_PASSWORDS.contains(&lower.as_str()) {
+        return Err(WeakPassword::Common);
+    }
+    if user.chars().count() >= 3 && lower.contains(&user.to_lowercase()) {
+        return Err(WeakPassword::ContainsUsername);
+    }
+    if len < LONG_PASSWORD_CHARS {
+        let classes = [
+            password.chars().any(char::is_lowercase),
+            password.chars().any(char::is_uppercase),
+            password.chars().any(|c| c.is_ascii_digit()),
+            password
+                .chars()
+                .any(|c| !c.is_lowercase() && !c.is_uppercase() && !c.is_ascii_digit()),
+        ];
+        let found = classes.iter().filter(|&&b| b).count();
+        if found < 3 {
+            return Err(WeakPassword::TooFewClasses {
+                long: LONG_PASSWORD_CHARS,
+                required: 3,
+                found,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Written by `mosquitto_passwd -c -b /tmp/x alice 'S3cret-passw0rd'` (mosquitto 2.0.11).
+    const MOSQUITTO_LINE: &str = "alice:$7$101$MuIq43yDPmwEv8B+$cuRTa2XHDb8LHt2SOxMz9fkIOE5EMpvtJkAMmG+Ifm5UTlUnNPYyxELNgmLPDe7v8wQmDwEMkaRqI7bw75Rygg==";
+    const MOSQUITTO_PASSWORD: &[u8] = b"S3cret-passw0rd";
+
+    #[test]
+    fn verifies_real_mosquitto_passwd_output() {
+        let f = PasswordFile::parse(MOSQUITTO_LINE).unwrap();
+        assert_eq!(f.len(), 1);
+        assert!(f.verify("alice", MOSQUITTO_PASSWORD));
+        assert!(!f.verify("alice", b"S3cret-passw0rD"));
+        assert!(!f.verify("alice", b""));
+        assert!(!f.verify("bob", MOSQUITTO_PASSWORD));
+        assert!(!f.verify("Alice", MOSQUITTO_PASSWORD));
+    }
+
+    #[test]
+    fn sha512_v1_format() {
+        // mosquitto 1.x: base64(salt) and base64(SHA-512(password || salt)).
+        let salt = b"0123456789ab";
+        let mut h = Sha512::new();
+        h.update(b"old-pass");
+        h.update(salt);
+        let line = format!("bob:$6${}${}", B64.encode(salt), B64.encode(h.finalize()));
+        let f = PasswordFile::parse(&line).unwrap();
+        assert!(f.verify("bob", b"old-pass"));
+        assert!(!f.verify("bob", b"old-pasS"));
+    }
+
+    #[test]
+    fn pbkdf2_round_trip_and_format() {
+        let h = hash_pbkdf2_sha512(b"correct horse", 1000);
+        let parts: Vec<&str> = h.split('$').collect();
+        assert_eq!(parts.len(), 5);
+        assert_eq!((parts[0], parts[1], parts[2]), ("", "7", "1000"));
+        assert_eq!(B64.decode(parts[3]).unwrap().len(), 12);
+        assert_eq!(parts[3].len(), 16);
+        assert_eq!(parts[4].len(), 88);
+        assert!(parts[4].ends_with("=="), "padded like mosquitto");
+        let mut f = PasswordFile::new();
+        f.set("carol", h.clone()).unwrap();
+        assert!(f.verify("carol", b"correct horse"));
+        assert!(!f.verify("carol", b"correct horsE"));
+        assert_ne!(h, hash_pbkdf2_sha512(b"correct horse", 1000), "random salt");
+        assert!(hash_pbkdf2_sha512(b"x", 0).starts_with("$7$1$"));
+    }
+
+    #[test]
+    fn argon2id_round_trip() {
+        let h = hash_argon2id(b"correct horse");
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        let mut f = PasswordFile::new();
+        f.set("dave", h).unwrap();
+        assert!(f.verify("dave", b"correct horse"));
+        assert!(!f.verify("dave", b"correct horsE"));
+        // Unknown user: false, after a dummy verification.
+        assert!(!f.verify("nobody", b"correct horse"));
+    }
+
+    #[test]
+    fn refuses_other_argon2_variants_and_huge_costs() {
+        let argon2i = "$argon2i$v=19$m=16,t=2,p=1$c2FsdHNhbHQ$Hh6Ls8YyAaMhB0KbxiNAJA";
+        assert!(PasswordFile::parse(&format!("u:{argon2i}")).is_err());
+        let huge = "$argon2id$v=19$m=4000000,t=2,p=1$c2FsdHNhbHQ$Hh6Ls8YyAaMhB0KbxiNAJA";
+        assert!(PasswordFile::parse(&format!("u:{huge}")).is_err());
+        let iters = MOSQUITTO_LINE.replace("$101$", "$4000000000$");
+        assert!(PasswordFile::parse(&iters).is_err());
+    }
+
+    #[test]
+    fn collects_all_errors_without_echoing_secrets() {
+        let text = format!(
+            "# comment\n\n{MOSQUITTO_LINE}\nbob:hunter2-plaintext\nhunter3-no-colon\n:$7$1$AAAA$BBBB\n\
+             alice:{}\nx:$7$101$@@@$AAAA\n  # indented comment\n",
+            hash_pbkdf2_sha512(b"p", 1)
+        );
+        let errors = PasswordFile::parse(&text).unwrap_err();
+        let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![4, 5, 6, 7, 8]);
+        let all = join_errors(&errors);
+        assert!(!all.contains("hunter"), "{all}");
+        assert!(!all.contains("@@@") && !all.contains("AAAA"), "{all}");
+        assert!(
+            errors[0].to_string().starts_with("line 4: user 'bob':"),
+            "{}",
+            errors[0]
+        );
+        assert!(errors[3].message.contains("duplicate"));
+    }
+
+    #[test]
+    fn plaintext_entry_refused_without_echo() {
+        let errors = PasswordFile::parse("mallory:S3cret-passw0rd\n").unwrap_err();
+        assert_eq!(errors.len(), 1);
+        let msg = errors[0].to_string();
+        assert!(msg.contains("line 1") && msg.contains("mallory"), "{msg}");
+        assert!(!msg.contains("S3cret"), "{msg}");
+    }
+
+    #[test]
+    fn set_remove_render_round_trip() {
+        let mut f = PasswordFile::parse(&format!("\u{feff}{MOSQUITTO_LINE}\r\n")).unwrap();
+        f.set("zed", hash_pbkdf2_sha512(b"z", 1)).unwrap();
+        f.set("bob", hash_pbkdf2_sha512(b"b", 1)).unwrap();
+        f.set("zed", hash_pbkdf2_sha512(b"z2", 1)).unwrap();
+        assert_eq!(f.users().collect::<Vec<_>>(), ["alice", "zed", "bob"]);
+        let text = f.render();
+        assert!(text.starts_with(&format!("{MOSQUITTO_LINE}\n")));
+        let g = PasswordFile::parse(&text).unwrap();
+        assert_eq!(g.render(), text);
+        assert!(g.verify("zed", b"z2") && !g.verify("zed", b"z"));
+        assert!(f.remove("zed"));
+        assert!(!f.remove("zed"));
+        assert_eq!(f.len(), 2);
+        assert!(!f.is_empty());
+        assert!(PasswordFile::new().is_empty());
+        assert!(!format!("{f:?}").contains("$7$"));
+    }
+
+    #[test]
+    fn set_refuses_bad_input() {
+        let mut f = PasswordFile::new();
+        let h = hash_pbkdf2_sha512(b"x", 1);
+        for bad in ["", "a:b", "a\nb", " a", "#a"] {
+            assert!(
+                matches!(f.set(bad, h.clone()), Err(EntryError::InvalidUser(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            f.set("a", "plaintext".into()),
+            Err(EntryError::InvalidHash { .. })
+        ));
+        assert!(matches!(
+            f.set("a", format!("{h}\nb:x")),
+            Err(EntryError::InvalidHash { .. })
+        ));
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn load_reports_path() {
+        let dir = std::env::temp_dir().join(format!("guardlib-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing");
+        let err = PasswordFile::load(&missing).unwrap_err();
+        assert!(err.to_string().contains(&*missing.to_string_lossy()), "{err}");
+        let bad = dir.join("bad");
+        std::fs::write(&bad, "u:plain\n").unwrap();
+        let err = PasswordFile::load(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains(&*bad.to_string_lossy()) && err.contains("line 1"),
+            "{err}"
+        );
+        let good = dir.join("good");
+        std::fs::write(&good, MOSQUITTO_LINE).unwrap();
+        assert!(PasswordFile::load(&good)
+            .unwrap()
+            .verify("alice", MOSQUITTO_PASSWORD));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn strength_rules() {
+        use WeakPassword::*;
+        assert_eq!(
+            check_strength("Sh0rt!", "u"),
+            Err(TooShort { min: 12, actual: 6 })
+        );
+        assert_eq!(check_strength("ääääääääääää", "u"), Err(RepeatedCharacter));
+        assert_eq!(
+            check_strength("zzzzzzzzzzzzzzzzzzzz", "u"),
+            Err(RepeatedCharacter)
+        );
+        assert_eq!(check_strength("Password1234", "u"), Err(Common));
+        assert_eq!(check_strength("xx-Alice-2024-yy", "alice"), Err(ContainsUsername));
+        assert_eq!(check_strength("ab-Xy-2024-zzq", "ab"), Ok(()));
+        assert!(matches!(
+            check_strength("abcdefghijkl", "u"),
+            Err(TooFewClasses { found: 1, .. })
+        ));
+        assert!(matches!(
+            check_strength("abcdefgh1234", "u"),
+            Err(TooFewClasses { found: 2, .. })
+        ));
+        assert_eq!(check_strength("abcdefgh123!", "u"), Ok(()));
+        assert_eq!(
+            check_strength("correct horse battery", "u"),
+            Ok(()),
+            "long passphrases need no classes"
+        );
+        assert!(TooShort { min: 12, actual: 3 }.to_string().contains("12"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        #[test]
+        fn parse_never_panics(text in "(([a-z#: ]{0,6}|\\$[0-9a-z]{0,3}\\$[A-Za-z0-9+/=$]{0,20})\n?){0,6}") {
+            let _ = PasswordFile::parse(&text);
+        }
+
+        #[test]
+        fn strength_never_panics(p in ".{0,40}", u in ".{0,8}") {
+            let _ = check_strength(&p, &u);
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The direct transport (`transports = ["tls"]`): outbound TCP to the broker; the uplink adds TLS.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use async_trait::async_trait;
+use tokio::net::TcpStream;
+
+use super::{BoxStream, Transport};
+
+/// Direct outbound TCP to `host:port`.
+pub struct TcpTransport {
+    host: String,
+    port: u16,
+    timeout: Duration,
+}
+
+impl TcpTransport {
+    pub fn new(host: impl Into<String>, port: u16, timeout: Duration) -> Self {
+        TcpTransport {
+            host: host.into(),
+            port,
+            timeout,
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for TcpTransport {
+    fn name(&self) -> &'static str {
+        "tls"
+    }
+
+    async fn connect(&self) -> anyhow::Result<BoxStream> {
+        let target = (self.host.as_str(), self.port);
+        let stream = tokio::time::timeout(self.timeout, TcpStream::connect(target))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "TCP connect to {}:{} timed out after {:?}",
+                    self.host,
+                    self.port,
+                    self.timeout
+                )
+            })?
+            .with_context(|| format!("TCP connect to {}:{}", self.host, self.port))?;
+        stream.set_nodelay(true)?;
+        Ok(Box::new(stream))
+    }
+}

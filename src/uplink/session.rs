@@ -1,0 +1,261 @@
+//! One MQTT 3.1.1 session to the cloud broker over an already-open (TLS) stream: CONNECT with a
+//! persistent session, SUBSCRIBE the `in` mappings, then send the outbox with a bounded in-flight
+//! window and take messages from the cloud into the local broker. Outbox entries are acknowledged
+//! (deleted) only on the cloud's PUBACK; everything unacknowledged is sent again on the next session.
+
+use std::collections::HashMap;
+use std::num::NonZeroU16;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use rmqtt::codec::types::{Publish, QoS};
+use rmqtt::codec::v3::{Codec, Connect, ConnectAckReason, Packet, SubscribeReturnCode};
+use tokio::time::{interval_at, Instant, MissedTickBehavior};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::hooks::SharedRoutes;
+use crate::broker::Broker;
+use crate::outbox::Outbox;
+use crate::secret::Secret;
+use crate::transport::BoxStream;
+
+/// Largest packet accepted from the cloud broker.
+const MAX_INBOUND_PACKET: u32 = 16 * 1024 * 1024;
+/// QoS 0 messages sent per loop turn, so they never starve QoS 1 traffic or acknowledgements.
+const QOS0_BATCH: usize = 256;
+
+/// Who the uplink is on the cloud broker (its own identity; device credentials never leave the site).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub keepalive: Duration,
+    pub max_inflight: u16,
+    pub connect_timeout: Duration,
+}
+
+/// What the session needs from the rest of the appliance.
+pub struct Wiring<'a> {
+    pub routes: &'a SharedRoutes,
+    pub outbox: &'a Outbox,
+    pub broker: &'a Broker,
+}
+
+type Conn = Framed<BoxStream, Codec>;
+
+/// Sends CONNECT and waits for a successful CONNACK. Returns the connection and `session_present`.
+pub async fn connect(stream: BoxStream, id: &Identity) -> anyhow::Result<(Conn, bool)> {
+    let mut conn = Framed::new(stream, Codec::new(MAX_INBOUND_PACKET));
+    let connect = Connect {
+        clean_session: false,
+        keep_alive: id.keepalive.as_secs().min(u16::MAX as u64) as u16,
+        client_id: id.client_id.clone().into(),
+        username: id.username.clone().map(Into::into),
+        password: id
+            .password
+            .as_ref()
+            .map(|p| Bytes::copy_from_slice(p.expose().as_bytes())),
+        ..Connect::default()
+    };
+    conn.send(Packet::Connect(Box::new(connect)))
+        .await
+        .context("sending CONNECT")?;
+    let reply = tokio::time::timeout(id.connect_timeout, conn.next())
+        .await
+        .map_err(|_| anyhow!("no CONNACK within {:?}", id.connect_timeout))?;
+    match reply {
+        Some(Ok((Packet::ConnectAck(ack), _))) => {
+            if ack.return_code != ConnectAckReason::ConnectionAccepted {
+                bail!("cloud broker refused the uplink: {}", ack.return_code.reason());
+            }
+            Ok((conn, ack.session_present))
+        }
+        Some(Ok((other, _))) => bail!("expected CONNACK, got {other:?}"),
+        Some(Err(e)) => bail!("reading CONNACK: {e}"),
+        None => bail!("connection closed before CONNACK"),
+    }
+}
+
+/// Runs an established session until shutdown (`Ok`) or failure (`Err`).
+pub async fn run(
+    mut conn: Conn,
+    id: &Identity,
+    w: Wiring<'_>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let subs = w
+        .routes
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .remote_subscriptions();
+    let mut pids = PacketIds::default();
+    if !subs.is_empty() {
+        let filters = subs.iter().map(|(f, q)| (f.as_str().into(), qos(*q))).collect();
+        conn.send(Packet::Subscribe {
+            packet_id: pids.next_free(&HashMap::new()),
+            topic_filters: filters,
+        })
+        .await
+        .context("sending SUBSCRIBE")?;
+    }
+
+    // In flight: packet id -> outbox sequence number.
+    let mut inflight: HashMap<NonZeroU16, u64> = HashMap::new();
+    // Highest sequence number sent in this session; a new session starts again from the oldest.
+    let mut cursor = 0u64;
+    let max_inflight = id.max_inflight as usize;
+    let mut ping = interval_at(Instant::now() + id.keepalive, id.keepalive);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ping_outstanding = false;
+
+    loop {
+        // Fill the window from the outbox, then a bounded batch of QoS 0, then flush once.
+        let mut wrote = false;
+        if inflight.len() < max_inflight {
+            for (seq, m) in w.outbox.pending_after(cursor, max_inflight - inflight.len()) {
+                let pid = pids.next_free(&inflight);
+                let p = Publish {
+                    dup: false,
+                    retain: m.retain,
+                    qos: QoS::AtLeastOnce,
+                    topic: m.topic.into(),
+                    packet_id: Some(pid),
+                    payload: m.payload,
+                    properties: None,
+                };
+                conn.feed(Packet::Publish(Box::new(p)))
+                    .await
+                    .context("sending PUBLISH")?;
+                inflight.insert(pid, seq);
+                cursor = seq;
+                wrote = true;
+            }
+        }
+        for _ in 0..QOS0_BATCH {
+            let Some(m) = w.outbox.pop_qos0() else { break };
+            let p = Publish {
+                dup: false,
+                retain: m.retain,
+                qos: QoS::AtMostOnce,
+                topic: m.topic.into(),
+                packet_id: None,
+                payload: m.payload,
+                properties: None,
+            };
+            conn.feed(Packet::Publish(Box::new(p)))
+                .await
+                .context("sending PUBLISH")?;
+            wrote = true;
+        }
+        if wrote {
+            conn.flush().await.context("flushing")?;
+        }
+
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                // A clean DISCONNECT keeps the persistent session on the cloud side.
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.send(Packet::Disconnect)).await;
+                return Ok(());
+            }
+            _ = w.outbox.ready(), if inflight.len() < max_inflight => {}
+            _ = ping.tick() => {
+                if ping_outstanding {
+                    bail!("no PINGRESP within {:?}: the link is dead", id.keepalive);
+                }
+                conn.send(Packet::PingRequest).await.context("sending PINGREQ")?;
+                ping_outstanding = true;
+            }
+            packet = conn.next() => {
+                let packet = match packet {
+                    Some(Ok((p, _))) => p,
+                    Some(Err(e)) => bail!("reading from the cloud broker: {e}"),
+                    None => bail!("the cloud broker closed the connection"),
+                };
+                match packet {
+                    Packet::PublishAck { packet_id } => {
+                        if let Some(seq) = inflight.remove(&packet_id) {
+                            w.outbox.ack(seq);
+                        }
+                    }
+                    Packet::Publish(p) => incoming(&mut conn, &w, *p).await?,
+                    Packet::PingResponse => ping_outstanding = false,
+                    Packet::SubscribeAck { status, .. } => {
+                        for ((filter, _), st) in subs.iter().zip(status) {
+                            match st {
+                                SubscribeReturnCode::Success(q) => {
+                                    tracing::info!(filter = %filter, qos = q.value(), "subscribed on the cloud broker")
+                                }
+                                SubscribeReturnCode::Failure => {
+                                    tracing::error!(filter = %filter, "cloud broker refused the subscription")
+                                }
+                            }
+                        }
+                    }
+                    Packet::PublishRelease { packet_id } => {
+                        conn.send(Packet::PublishComplete { packet_id }).await?;
+                    }
+                    other => tracing::debug!(?other, "ignored packet from the cloud broker"),
+                }
+            }
+        }
+    }
+}
+
+/// A message from the cloud: publish it locally, then acknowledge it upstream.
+async fn incoming(conn: &mut Conn, w: &Wiring<'_>, p: Publish) -> anyhow::Result<()> {
+    let route = w
+        .routes
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .route_in(&p.topic, p.qos.value());
+    match route {
+        Some(r) => {
+            if let Err(e) = w
+                .broker
+                .publish(&r.local_topic, p.payload.clone(), r.qos, p.retain)
+                .await
+            {
+                // Not acknowledged upstream: the cloud sends it again on the next session.
+                return Err(e.context("delivering a cloud message locally"));
+            }
+        }
+        None => tracing::warn!(topic = %p.topic, "message from the cloud matches no `in` mapping; dropped"),
+    }
+    match (p.qos, p.packet_id) {
+        (QoS::AtLeastOnce, Some(packet_id)) => conn.send(Packet::PublishAck { packet_id }).await?,
+        (QoS::ExactlyOnce, Some(packet_id)) => conn.send(Packet::PublishReceived { packet_id }).await?,
+        _ => {}
+    }
+    Ok(())
+}
+
+fn qos(q: u8) -> QoS {
+    if q == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+/// Packet identifiers, handed out in rotation, skipping those in flight.
+#[derive(Default)]
+struct PacketIds {
+    last: u16,
+}
+
+impl PacketIds {
+    fn next_free(&mut self, inflight: &HashMap<NonZeroU16, u64>) -> NonZeroU16 {
+        loop {
+            self.last = self.last.wrapping_add(1);
+            if let Some(id) = NonZeroU16::new(self.last) {
+                if !inflight.contains_key(&id) {
+                    return id;
+                }
+            }
+        }
+    }
+}
