@@ -1,0 +1,399 @@
+//! The appliance core against real peers: mosquitto as the cloud broker (TLS, passwords from the real
+//! mosquitto_passwd), mosquitto_pub/mosquitto_sub and rumqttc as devices.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::{mosquitto_passwd, tempdir, write_secret, App};
+
+const T: Duration = Duration::from_secs(20);
+const DEV1_PW: &str = "dev1-Passw0rd-long";
+const DEV2_PW: &str = "dev2-Passw0rd-long";
+
+const ACL: &str = "\
+user dev1
+topic readwrite sensors/#
+topic read control/#
+topic readwrite probe/#
+
+user dev2
+topic read sensors/#
+topic readwrite probe/#
+";
+
+/// Writes the device password file (real mosquitto_passwd), the ACL, the uplink password, and the
+/// appliance config bridging to `cloud`.
+fn site(dir: &Path, cloud: &Cloud) -> String {
+    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV1_PW);
+    mosquitto_passwd(&dir.join("passwords"), "dev2", DEV2_PW);
+    std::fs::write(dir.join("acl"), ACL).unwrap();
+    write_secret(&dir.join("uplink.password"), &format!("{UPLINK_PASSWORD}\n"));
+    format!(
+        r#"
+[site]
+id = "plant-7"
+state_dir = "state"
+
+[[listener]]
+bind = "127.0.0.1:0"
+
+[auth]
+password_file = "passwords"
+acl_file = "acl"
+
+[uplink]
+broker = "{url}"
+client_id = "plant-7-uplink"
+username = "{UPLINK_USER}"
+password_file = "uplink.password"
+ca_file = "ca.pem"
+keepalive_s = 5
+backoff_min_ms = 100
+backoff_max_ms = 1000
+
+[[map]]
+direction = "out"
+topic = "sensors/#"
+remote_prefix = "sites/plant-7/"
+qos = 1
+
+[[map]]
+direction = "in"
+topic = "cmd/#"
+local_prefix = "control/"
+remote_prefix = "sites/plant-7/"
+qos = 1
+"#,
+        url = cloud.url()
+    )
+}
+
+/// mosquitto_pub as a device; returns (success, stderr).
+fn device_pub(app: &App, user: &str, pw: &str, topic: &str, msg: &str, extra: &[&str]) -> (bool, String) {
+    let out = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &app.port().to_string(),
+            "-u",
+            user,
+            "-P",
+            pw,
+            "-t",
+            topic,
+            "-m",
+            msg,
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// mosquitto_sub as a device, returned once its subscription is live (probe on probe/..).
+fn device_sub_ready(app: &App, user: &str, pw: &str, filter: &str) -> Sub {
+    let probe = format!("probe/{user}");
+    let mut sub = Sub::spawn(
+        Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &app.port().to_string(),
+                "-u",
+                user,
+                "-P",
+                pw,
+                "-v",
+                "-q",
+                "1",
+            ])
+            .args(["-t", filter, "-t", &probe]),
+    );
+    for _ in 0..50 {
+        device_pub(app, user, pw, &probe, "probe", &[]);
+        if sub.wait_probe(&probe, Duration::from_millis(200)) {
+            return sub;
+        }
+    }
+    panic!("device subscriber never became ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_mapping_rewrites_topic_and_reaches_the_cloud_for_v311_and_v5_devices() {
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    let app = App::start(dir.path(), &site(dir.path(), &cloud)).await;
+    assert!(app.wait_connected(T).await, "uplink never connected");
+    let mut sub = cloud.subscribe_ready("sites/plant-7/#");
+
+    let (ok, err) = device_pub(&app, "dev1", DEV1_PW, "sensors/t1/temp", "21.5", &["-q", "1"]);
+    assert!(ok, "{err}");
+    let (ok, err) = device_pub(
+        &app,
+        "dev1",
+        DEV1_PW,
+        "sensors/t2/temp",
+        "v5",
+        &["-q", "1", "-V", "mqttv5"],
+    );
+    assert!(ok, "{err}");
+    let (ok, err) = device_pub(&app, "dev1", DEV1_PW, "sensors/t3/temp", "qos0", &["-q", "0"]);
+    assert!(ok, "{err}");
+
+    let lines = sub.wait_lines(3, T).to_vec();
+    assert!(
+        lines.contains(&"sites/plant-7/sensors/t1/temp 21.5".to_string()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"sites/plant-7/sensors/t2/temp v5".to_string()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"sites/plant-7/sensors/t3/temp qos0".to_string()),
+        "{lines:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttc_devices_v311_and_v5_publish_upstream() {
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    let app = App::start(dir.path(), &site(dir.path(), &cloud)).await;
+    assert!(app.wait_connected(T).await);
+    let mut sub = cloud.subscribe_ready("sites/plant-7/#");
+
+    // MQTT 3.1.1
+    let mut opts = rumqttc::MqttOptions::new("dev1-v4", "127.0.0.1", app.port());
+    opts.set_credentials("dev1", DEV1_PW);
+    let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+    client
+        .publish("sensors/rumqttc/v4", rumqttc::QoS::AtLeastOnce, false, "hello-v4")
+        .await
+        .unwrap();
+    let acked = tokio::time::timeout(T, async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = ev.poll().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(acked.is_ok(), "no PUBACK for the v4 publish");
+
+    // MQTT 5
+    let mut opts = rumqttc::v5::MqttOptions::new("dev1-v5", "127.0.0.1", app.port());
+    opts.set_credentials("dev1", DEV1_PW);
+    let (client5, mut ev5) = rumqttc::v5::AsyncClient::new(opts, 10);
+    client5
+        .publish(
+            "sensors/rumqttc/v5",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "hello-v5",
+        )
+        .await
+        .unwrap();
+    let acked = tokio::time::timeout(T, async {
+        loop {
+            if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(a)) =
+                ev5.poll().await.unwrap()
+            {
+                break a.reason;
+            }
+        }
+    })
+    .await
+    .expect("no PUBACK for the v5 publish");
+    assert_eq!(acked, rumqttc::v5::mqttbytes::v5::PubAckReason::Success);
+
+    let lines = sub.wait_lines(2, T).to_vec();
+    assert!(
+        lines.contains(&"sites/plant-7/sensors/rumqttc/v4 hello-v4".to_string()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"sites/plant-7/sensors/rumqttc/v5 hello-v5".to_string()),
+        "{lines:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_mapping_reaches_a_local_subscriber() {
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    let app = App::start(dir.path(), &site(dir.path(), &cloud)).await;
+    assert!(app.wait_connected(T).await);
+    let mut local = device_sub_ready(&app, "dev1", DEV1_PW, "control/#");
+    // The uplink subscribes right after connecting; retry until the command comes through.
+    let mut got = false;
+    for i in 0..40 {
+        cloud.publish("sites/plant-7/cmd/reboot", &format!("now-{i}"), 1);
+        if local
+            .wait_lines(1, Duration::from_millis(500))
+            .iter()
+            .any(|l| l.starts_with("control/cmd/reboot now-"))
+        {
+            got = true;
+            break;
+        }
+    }
+    assert!(
+        got,
+        "cloud command never reached the local subscriber: {:?}",
+        local.seen
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_and_anonymous_are_refused() {
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    let app = App::start(dir.path(), &site(dir.path(), &cloud)).await;
+    let (ok, err) = device_pub(&app, "dev1", "wrong-password", "sensors/x", "1", &[]);
+    assert!(!ok);
+    assert!(err.to_lowercase().contains("not authori"), "{err}");
+    let out = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &app.port().to_string(),
+            "-t",
+            "sensors/x",
+            "-m",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "anonymous publish accepted");
+    let (ok, err) = device_pub(&app, "nobody", DEV1_PW, "sensors/x", "1", &[]);
+    assert!(!ok, "unknown user accepted: {err}");
+    let (ok, err) = device_pub(&app, "dev1", DEV1_PW, "sensors/x", "1", &[]);
+    assert!(
+        ok,
+        "the right password from the mosquitto_passwd file was refused: {err}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_denied_publish_is_not_delivered_and_denied_subscribe_is_refused() {
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    let app = App::start(dir.path(), &site(dir.path(), &cloud)).await;
+    assert!(app.wait_connected(T).await);
+    let mut upstream = cloud.subscribe_ready("sites/plant-7/#");
+    let mut local = device_sub_ready(&app, "dev2", DEV2_PW, "sensors/#");
+
+    // dev2 may read sensors/# but not write: its publish is neither bridged nor delivered locally.
+    let (ok, err) = device_pub(&app, "dev2", DEV2_PW, "sensors/denied", "bad", &["-q", "1"]);
+    assert!(ok, "{err}");
+    // A marker from dev1 after it: once the marker is through, the denied message would have been too.
+    let (ok, err) = device_pub(&app, "dev1", DEV1_PW, "sensors/marker", "ok", &["-q", "1"]);
+    assert!(ok, "{err}");
+    let lines = upstream.wait_lines(1, T).to_vec();
+    assert_eq!(lines, vec!["sites/plant-7/sensors/marker ok".to_string()]);
+    let lines = local.wait_lines(1, T).to_vec();
+    assert_eq!(lines, vec!["sensors/marker ok".to_string()]);
+
+    // A denied subscription gets SUBACK failure (0x80) with MQTT 3.1.1 and 0x87 with MQTT 5.
+    let mut opts = rumqttc::MqttOptions::new("dev2-sub", "127.0.0.1", app.port());
+    opts.set_credentials("dev2", DEV2_PW);
+    let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+    client
+        .subscribe("control/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client.subscribe("#", rumqttc::QoS::AtLeastOnce).await.unwrap();
+    let mut codes = Vec::new();
+    tokio::time::timeout(T, async {
+        while codes.len() < 2 {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(ack)) = ev.poll().await.unwrap() {
+                codes.extend(ack.return_codes);
+            }
+        }
+    })
+    .await
+    .expect("no SUBACK");
+    assert!(
+        codes.iter().all(|c| *c == rumqttc::SubscribeReasonCode::Failure),
+        "{codes:?}"
+    );
+
+    let mut opts = rumqttc::v5::MqttOptions::new("dev2-sub5", "127.0.0.1", app.port());
+    opts.set_credentials("dev2", DEV2_PW);
+    let (client5, mut ev5) = rumqttc::v5::AsyncClient::new(opts, 10);
+    client5
+        .subscribe("control/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let code = tokio::time::timeout(T, async {
+        loop {
+            if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::SubAck(ack)) =
+                ev5.poll().await.unwrap()
+            {
+                break ack.return_codes[0];
+            }
+        }
+    })
+    .await
+    .expect("no v5 SUBACK");
+    assert_eq!(
+        code,
+        rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::NotAuthorized
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_resumes_after_the_cloud_broker_restarts_and_delivers_what_was_queued() {
+    let dir = tempdir();
+    let mut cloud = Cloud::start(dir.path());
+    let app = App::start(dir.path(), &site(dir.path(), &cloud)).await;
+    assert!(app.wait_connected(T).await);
+    let mut sub = cloud.subscribe_persistent("sites/plant-7/#", "observer-restart");
+    device_pub(&app, "dev1", DEV1_PW, "sensors/before", "1", &["-q", "1"]);
+    assert_eq!(sub.wait_lines(1, T).len(), 1);
+
+    cloud.stop();
+    // Acknowledged to the device while the cloud is away: held in the outbox.
+    for i in 0..20 {
+        let (ok, err) = device_pub(
+            &app,
+            "dev1",
+            DEV1_PW,
+            &format!("sensors/during/{i}"),
+            "x",
+            &["-q", "1"],
+        );
+        assert!(ok, "{err}");
+    }
+    assert!(app.outbox.depth() > 0, "nothing queued while the cloud was down");
+    cloud.start_again();
+    assert!(app.wait_connected(T).await, "uplink did not come back");
+    let lines = sub.wait_lines(21, Duration::from_secs(30)).to_vec();
+    for i in 0..20 {
+        assert!(
+            lines.contains(&format!("sites/plant-7/sensors/during/{i} x")),
+            "missing {i}: {lines:?}"
+        );
+    }
+    assert!(
+        support::wait_until(T, || app.outbox.depth() == 0).await,
+        "outbox not drained"
+    );
+    app.stop().await;
+}

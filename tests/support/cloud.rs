@@ -1,0 +1,301 @@
+//! A real mosquitto playing the cloud broker: TLS on 127.0.0.1:ephemeral with the test CA, password
+//! file written by the real `mosquitto_passwd`. It can be killed and restarted on the same port.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::{free_port, mosquitto_passwd, write_certs};
+
+/// Users on the cloud broker.
+pub const UPLINK_USER: &str = "plant-7";
+pub const UPLINK_PASSWORD: &str = "uplink-Secret-42";
+pub const OBSERVER_USER: &str = "observer";
+pub const OBSERVER_PASSWORD: &str = "observer-Secret-42";
+
+pub struct Cloud {
+    pub dir: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Cloud {
+    /// Certificates (`ca.pem` etc.) are written into `dir` too.
+    pub fn start(dir: &Path) -> Cloud {
+        write_certs(dir);
+        let pw = dir.join("cloud-passwords");
+        mosquitto_passwd(&pw, UPLINK_USER, UPLINK_PASSWORD);
+        mosquitto_passwd(&pw, OBSERVER_USER, OBSERVER_PASSWORD);
+        let port = free_port();
+        let conf = format!(
+            "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n\
+             allow_anonymous false\npassword_file {pw}\npersistence true\npersistence_location {d}/\n\
+             user root\nlog_dest stderr\nlog_type error\nlog_type warning\nmax_queued_messages 100000\n",
+            d = dir.display(),
+            pw = pw.display()
+        );
+        std::fs::write(dir.join("cloud.conf"), conf).unwrap();
+        let mut cloud = Cloud {
+            dir: dir.to_path_buf(),
+            port,
+            child: None,
+        };
+        cloud.spawn();
+        cloud
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.dir.join("cloud.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("mosquitto is installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start listening on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: mosquitto saves its persistent sessions on the way out.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port (after `kill` or `stop`).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
+    /// Starts again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// `mqtts://localhost:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtts://localhost:{}", self.port)
+    }
+
+    /// Subscribes with the real mosquitto_sub as the observer; lines are `topic payload`.
+    pub fn subscribe(&self, filter: &str) -> Sub {
+        Sub::spawn(
+            Command::new("mosquitto_sub")
+                .args([
+                    "-h",
+                    "localhost",
+                    "-p",
+                    &self.port.to_string(),
+                    "-q",
+                    "1",
+                    "-v",
+                    "-t",
+                    filter,
+                ])
+                .args(["-u", OBSERVER_USER, "-P", OBSERVER_PASSWORD, "--cafile"])
+                .arg(self.dir.join("ca.pem"))
+                .args(["-i", &format!("observer-{}", std::process::id())]),
+        )
+    }
+
+    /// A persistent (clean session false) QoS 1 subscriber with a fixed client id: it keeps its queue on
+    /// the cloud across a graceful restart and mosquitto_sub reconnects by itself.
+    pub fn subscribe_persistent(&self, filter: &str, id: &str) -> Sub {
+        let probe = format!("probe/{}/{id}", std::process::id());
+        let mut sub = Sub::spawn(
+            Command::new("mosquitto_sub")
+                .args([
+                    "-h",
+                    "localhost",
+                    "-p",
+                    &self.port.to_string(),
+                    "-q",
+                    "1",
+                    "-v",
+                    "-c",
+                    "-i",
+                    id,
+                ])
+                .args([
+                    "-t",
+                    filter,
+                    "-t",
+                    &probe,
+                    "-u",
+                    OBSERVER_USER,
+                    "-P",
+                    OBSERVER_PASSWORD,
+                    "--cafile",
+                ])
+                .arg(self.dir.join("ca.pem")),
+        );
+        for _ in 0..50 {
+            self.publish(&probe, "probe", 0);
+            if sub.wait_probe(&probe, Duration::from_millis(200)) {
+                return sub;
+            }
+        }
+        panic!("the cloud subscriber never became ready");
+    }
+
+    /// Like [`Cloud::subscribe`], but returns only once the subscription is live (a probe published on
+    /// `probe/ID` has come back; probe lines are not kept).
+    pub fn subscribe_ready(&self, filter: &str) -> Sub {
+        let probe = format!("probe/{}", std::process::id());
+        let mut sub = Sub::spawn(
+            Command::new("mosquitto_sub")
+                .args([
+                    "-h",
+                    "localhost",
+                    "-p",
+                    &self.port.to_string(),
+                    "-q",
+                    "1",
+                    "-v",
+                    "-t",
+                    filter,
+                    "-t",
+                    &probe,
+                ])
+                .args(["-u", OBSERVER_USER, "-P", OBSERVER_PASSWORD, "--cafile"])
+                .arg(self.dir.join("ca.pem")),
+        );
+        for _ in 0..50 {
+            self.publish(&probe, "probe", 0);
+            if sub.wait_probe(&probe, Duration::from_millis(200)) {
+                return sub;
+            }
+        }
+        panic!("the cloud subscriber never became ready");
+    }
+
+    /// Publishes with the real mosquitto_pub as the observer.
+    pub fn publish(&self, topic: &str, payload: &str, qos: u8) {
+        let out = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "localhost",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                &qos.to_string(),
+            ])
+            .args([
+                "-t",
+                topic,
+                "-m",
+                payload,
+                "-u",
+                OBSERVER_USER,
+                "-P",
+                OBSERVER_PASSWORD,
+                "--cafile",
+            ])
+            .arg(self.dir.join("ca.pem"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mosquitto_pub to the cloud failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running subscriber process whose output lines can be awaited.
+pub struct Sub {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Sub {
+    pub fn spawn(cmd: &mut Command) -> Sub {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Sub {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn wait_probe(&mut self, probe: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with(probe) => return true,
+                Ok(l) => self.seen.push(l),
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Waits until `n` lines have been seen in total (or the timeout passes); returns them all.
+    pub fn wait_lines(&mut self, n: usize, timeout: Duration) -> &[String] {
+        let deadline = Instant::now() + timeout;
+        while self.seen.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with("probe/") => {}
+                Ok(l) => self.seen.push(l),
+                Err(_) => break,
+            }
+        }
+        &self.seen
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
