@@ -1,0 +1,268 @@
+//! Config files: every shipped example passes `check`; each kind of mistake is reported with its file,
+//! line and key, all at once, and `check` exits 64.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mqtt_uplink::config::{self, Severity};
+
+fn shipped_configs() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_shipped_config_passes_check() {
+    let files = shipped_configs();
+    assert!(
+        files.len() >= 2,
+        "expected the shipped examples under config/, found {files:?}"
+    );
+    for f in files {
+        if let Err(e) = config::load(&f) {
+            panic!("{} does not pass:\n{e}", f.display());
+        }
+        let out = Command::new(support::bin())
+            .args(["check", "--config"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    }
+}
+
+/// Writes `text` to a fresh `mqtt-uplink.toml` and returns (dir, path).
+fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = support::tempdir();
+    let path = dir.path().join("mqtt-uplink.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+fn errors(text: &str) -> Vec<config::Diagnostic> {
+    let (_dir, path) = write(text);
+    match config::load(&path) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => {
+            assert!(e
+                .0
+                .iter()
+                .all(|d| d.severity == Severity::Error && d.file == path));
+            e.0
+        }
+    }
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let e = errors("[site]\nid = \"a\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\nbindd = \"x\"\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].line, Some(6));
+    assert_eq!(e[0].key, "listener[0]");
+    assert!(e[0].message.contains("unknown field `bindd`"), "{}", e[0].message);
+}
+
+#[test]
+fn unknown_section_is_named_with_its_line() {
+    let e = errors("[site]\nid = \"a\"\n[uplinkk]\nbroker = \"x\"\n");
+    assert_eq!((e[0].line, e[0].key.as_str()), (Some(3), "uplinkk"));
+}
+
+#[test]
+fn bad_filter_is_named_with_its_line() {
+    let e = errors(
+        "[uplink]\nbroker = \"mqtts://h:8883\"\nclient_id = \"c\"\n\n[[map]]\ndirection = \"out\"\ntopic = \"a/#/b\"\n",
+    );
+    let d = e
+        .iter()
+        .find(|d| d.key == "map[0].topic")
+        .unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(d.line, Some(7));
+    assert!(d.message.contains("a/#/b"));
+}
+
+#[test]
+fn missing_file_is_named_with_its_line() {
+    let e = errors("[site]\nid = \"a\"\n\n[auth]\npassword_file = \"nope/passwords\"\n");
+    let d = e
+        .iter()
+        .find(|d| d.key == "auth.password_file")
+        .unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(d.line, Some(5));
+    assert!(d.message.contains("nope/passwords"));
+}
+
+#[test]
+fn plaintext_on_a_public_address_is_refused() {
+    let e = errors("[[listener]]\nbind = \"0.0.0.0:1883\"\n");
+    let d = e
+        .iter()
+        .find(|d| d.key == "listener[0].bind")
+        .unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(d.line, Some(2));
+    assert!(d.message.contains("plaintext"));
+    // ...unless asked for by name, which is a warning.
+    let (_dir, path) = write("[[listener]]\nbind = \"0.0.0.0:1883\"\nallow_plaintext = true\n");
+    let c = config::load(&path).unwrap();
+    assert!(c.warnings.iter().any(|w| w.message.contains("plaintext")));
+}
+
+#[test]
+fn every_problem_is_reported_at_once_and_check_exits_64() {
+    let text = "\
+[site]
+id = \"a b\"
+
+[[listener]]
+bind = \"0.0.0.0:1883\"
+
+[auth]
+acl_file = \"missing-acl\"
+duplicate_client_id = \"sometimes\"
+
+[uplink]
+broker = \"http://x\"
+client_id = \"c\"
+transports = [\"carrier-pigeon\"]
+
+[[map]]
+direction = \"sideways\"
+topic = \"t\"
+
+[[map]]
+direction = \"out\"
+topic = \"a+/b\"
+qos = 2
+";
+    let e = errors(text);
+    let keys: Vec<&str> = e.iter().map(|d| d.key.as_str()).collect();
+    for k in [
+        "site.id",
+        "listener[0].bind",
+        "auth.acl_file",
+        "auth.duplicate_client_id",
+        "uplink.broker",
+        "uplink.transports",
+        "map[0].direction",
+        "map[1].topic",
+        "map[1].qos",
+    ] {
+        assert!(keys.contains(&k), "{k} not reported; got {keys:?}");
+    }
+    assert!(e.iter().all(|d| d.line.is_some()), "{e:?}");
+
+    let (_dir, path) = write(text);
+    let out = Command::new(support::bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:2: error: site.id", path.display())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{}:17: error: map[0].direction", path.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn syntax_errors_name_the_line() {
+    let e = errors("[site]\nid = \"a\"\nstate_dir = \n");
+    assert_eq!(e[0].line, Some(3), "{e:?}");
+}
+
+#[test]
+fn mapping_cycles_are_refused() {
+    let e = errors(
+        "[uplink]\nbroker = \"mqtts://h\"\nclient_id = \"c\"\n\
+         [[map]]\ndirection = \"out\"\ntopic = \"a/#\"\nremote_prefix = \"r/\"\n\
+         [[map]]\ndirection = \"in\"\ntopic = \"#\"\nremote_prefix = \"r/\"\n",
+    );
+    assert!(e.iter().any(|d| d.message.contains("cycle")), "{e:?}");
+}
+
+#[test]
+fn explain_names_the_mapping_and_the_other_side() {
+    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mqtt-uplink.toml");
+    let out = Command::new(support::bin())
+        .args(["explain", "--config"])
+        .arg(&f)
+        .arg("sensors/hall-1/temp")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("map[0]") && text.contains("sites/plant-7/sensors/hall-1/temp"),
+        "{text}"
+    );
+    let out = Command::new(support::bin())
+        .args(["explain", "--config"])
+        .arg(&f)
+        .arg("sites/plant-7/cmd/reboot")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("map[1]") && text.contains("control/cmd/reboot"),
+        "{text}"
+    );
+}
+
+#[test]
+fn passwd_writes_a_file_the_appliance_and_mosquitto_both_accept() {
+    let dir = support::tempdir();
+    let file = dir.path().join("passwords");
+    let run = |args: &[&str], stdin: &str| {
+        use std::io::Write;
+        let mut child = Command::new(support::bin())
+            .arg("passwd")
+            .arg(&file)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let weak = run(&["alice", "--password-stdin"], "password\n");
+    assert!(!weak.status.success(), "a weak password was accepted");
+    assert!(run(&["alice", "--password-stdin"], "Correct-Horse-42\n")
+        .status
+        .success());
+    assert!(
+        run(&["bob", "--password-stdin", "--mosquitto"], "Battery-Staple-42\n")
+            .status
+            .success()
+    );
+    let pf = mqtt_uplink::guard::passwords::PasswordFile::load(&file).unwrap();
+    assert!(pf.verify("alice", b"Correct-Horse-42"));
+    assert!(pf.verify("bob", b"Battery-Staple-42"));
+    assert!(!pf.verify("bob", b"wrong"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.lines().any(|l| l.starts_with("bob:$7$")), "{text}");
+}
