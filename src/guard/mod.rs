@@ -97,7 +97,13 @@ impl Refusal {
 #[derive(Clone)]
 pub struct Guard {
     policy: Arc<RwLock<Arc<Policy>>>,
+    /// Password hashing is slow and argon2id takes ~19 MiB per check: at most this many run at once,
+    /// so a login flood queues instead of growing memory and threads.
+    verify_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Concurrent password verifications.
+const VERIFY_SLOTS: usize = 2;
 
 impl Guard {
     pub fn new(policy: Policy) -> Self {
@@ -139,6 +145,7 @@ impl Guard {
                 let user_owned = user.to_string();
                 let password = password.unwrap_or_default().to_vec();
                 let p = policy.clone();
+                let Ok(_slot) = self.verify_slots.acquire().await else { return Err(Refusal::BadCredentials) };
                 let ok = tokio::task::spawn_blocking(move || {
                     p.passwords
                         .as_ref()
