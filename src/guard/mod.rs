@@ -109,6 +109,7 @@ impl Guard {
     pub fn new(policy: Policy) -> Self {
         Guard {
             policy: Arc::new(RwLock::new(Arc::new(policy))),
+            verify_slots: Arc::new(tokio::sync::Semaphore::new(VERIFY_SLOTS)),
         }
     }
 
