@@ -146,7 +146,9 @@ impl Guard {
                 let user_owned = user.to_string();
                 let password = password.unwrap_or_default().to_vec();
                 let p = policy.clone();
-                let Ok(_slot) = self.verify_slots.acquire().await else { return Err(Refusal::BadCredentials) };
+                let Ok(_slot) = self.verify_slots.acquire().await else {
+                    return Err(Refusal::BadCredentials);
+                };
                 let ok = tokio::task::spawn_blocking(move || {
                     p.passwords
                         .as_ref()

@@ -2,7 +2,9 @@
 //! `AsyncRead + AsyncWrite` stream; the uplink runs TLS (with the broker's real server name) and MQTT
 //! on top, so a tunnel or bastion in between can neither read nor forge the session.
 
+pub mod ssh;
 pub mod tcp;
+pub mod wireguard;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -26,4 +28,26 @@ pub trait Transport: Send + Sync {
 
     /// Opens one stream.
     async fn connect(&self) -> anyhow::Result<BoxStream>;
+}
+
+#[async_trait]
+impl Transport for ssh::SshTransport {
+    fn name(&self) -> &'static str {
+        "ssh"
+    }
+
+    async fn connect(&self) -> anyhow::Result<BoxStream> {
+        Ok(Box::new(ssh::SshTransport::connect(self).await?))
+    }
+}
+
+#[async_trait]
+impl Transport for wireguard::WgTransport {
+    fn name(&self) -> &'static str {
+        "wireguard"
+    }
+
+    async fn connect(&self) -> anyhow::Result<BoxStream> {
+        Ok(Box::new(wireguard::WgTransport::connect(self).await?))
+    }
 }

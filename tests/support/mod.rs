@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod cloud;
+pub mod sshd;
+pub mod wgpeer;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
