@@ -43,6 +43,12 @@ pub enum Command {
         /// A topic name (local or remote).
         topic: String,
     },
+    /// Generate uplink keys: `keygen ssh DIR --forward-to HOST:PORT` (ed25519, prints the restricted
+    /// authorized_keys line for the bastion) or `keygen wireguard DIR` (prints the hub's [Peer] block).
+    Keygen {
+        #[command(subcommand)]
+        kind: KeygenKind,
+    },
     /// Add or change a user in a password file (argon2id by default; `--mosquitto` writes the
     /// PBKDF2-SHA512 `$7$` format that mosquitto 2 also reads).
     Passwd {
@@ -64,6 +70,24 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum KeygenKind {
+    /// Writes DIR/id_ed25519 (0600) and DIR/id_ed25519.pub.
+    Ssh {
+        dir: PathBuf,
+        /// The cloud broker as the bastion sees it; the key may forward there and nowhere else.
+        #[arg(long)]
+        forward_to: String,
+    },
+    /// Writes DIR/private.key (0600) and DIR/public.key, as `wg genkey`/`wg pubkey` would.
+    Wireguard {
+        dir: PathBuf,
+        /// This appliance's tunnel address, for the AllowedIPs line of the printed [Peer] block.
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
+    },
+}
+
 /// Entry point for the binary; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -71,6 +95,7 @@ pub fn main() -> i32 {
         Command::Run { config } => run(config, cli.log_format),
         Command::Check { config } => crate::cmd::check::check(&config),
         Command::Explain { config, topic } => crate::cmd::explain::explain(&config, &topic),
+        Command::Keygen { kind } => keygen(kind),
         Command::Passwd {
             file,
             user,
@@ -79,6 +104,47 @@ pub fn main() -> i32 {
             force,
             delete,
         } => crate::cmd::passwd::passwd(&file, &user, password_stdin, mosquitto, force, delete),
+    }
+}
+
+fn keygen(kind: KeygenKind) -> i32 {
+    let dir = match &kind {
+        KeygenKind::Ssh { dir, .. } | KeygenKind::Wireguard { dir, .. } => dir.clone(),
+    };
+    if let Err(e) =
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700).create(&dir)
+    {
+        eprintln!("mqtt-uplink keygen: cannot create {}: {e}", dir.display());
+        return 1;
+    }
+    let result = match kind {
+        KeygenKind::Ssh { dir, forward_to } => crate::transport::ssh::keygen(&dir, &forward_to)
+            .map(|line| {
+                format!(
+                    "wrote {0}/id_ed25519 and {0}/id_ed25519.pub\nadd this line to the bastion user's \
+                     ~/.ssh/authorized_keys:\n{line}",
+                    dir.display()
+                )
+            })
+            .map_err(|e| e.to_string()),
+        KeygenKind::Wireguard { dir, address } => crate::transport::wireguard::keygen(&dir, address)
+            .map(|peer| {
+                format!(
+                    "wrote {0}/private.key and {0}/public.key\nadd this to the hub's wg config:\n{peer}",
+                    dir.display()
+                )
+            })
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("mqtt-uplink keygen: {e}");
+            1
+        }
     }
 }
 

@@ -105,19 +105,29 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     })
 }
 
+/// The transport chain in the configured order (validation guarantees each has its section).
 fn transports(u: &config::Uplink) -> Vec<Arc<dyn Transport>> {
-    u.transports
-        .iter()
-        .map(|k| -> Arc<dyn Transport> {
-            match k {
-                TransportKind::Tls => Arc::new(transport::tcp::TcpTransport::new(
-                    &u.broker.host,
-                    u.broker.port,
-                    u.connect_timeout,
-                )),
+    let mut out: Vec<Arc<dyn Transport>> = Vec::new();
+    for k in &u.transports {
+        match k {
+            TransportKind::Tls => out.push(Arc::new(transport::tcp::TcpTransport::new(
+                &u.broker.host,
+                u.broker.port,
+                u.connect_timeout,
+            ))),
+            TransportKind::Ssh => {
+                if let Some(c) = &u.ssh {
+                    out.push(Arc::new(transport::ssh::SshTransport::new(c.clone())));
+                }
             }
-        })
-        .collect()
+            TransportKind::Wireguard => {
+                if let Some(c) = &u.wireguard {
+                    out.push(Arc::new(transport::wireguard::WgTransport::new(c.clone())));
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Appliance {

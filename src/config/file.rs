@@ -123,6 +123,58 @@ pub struct UplinkFile {
     pub backoff_min_ms: u64,
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
+    pub ssh: Option<SshFile>,
+    pub wireguard: Option<WireguardFile>,
+}
+
+/// `[uplink.ssh]`: ride an outbound SSH connection to a bastion.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshFile {
+    pub server: String,
+    pub user: String,
+    pub key_file: PathBuf,
+    pub known_hosts: PathBuf,
+    /// The cloud broker as the SSH server sees it, `HOST:PORT`.
+    pub forward_to: String,
+    #[serde(default = "default_ssh_keepalive_interval_s")]
+    pub keepalive_interval_s: u64,
+    #[serde(default = "default_ssh_keepalive_max")]
+    pub keepalive_max: u32,
+    /// Pin the bastion's key on first contact. Off: an unknown host key is refused.
+    #[serde(default)]
+    pub trust_on_first_use: bool,
+}
+
+pub fn default_ssh_keepalive_interval_s() -> u64 {
+    15
+}
+pub fn default_ssh_keepalive_max() -> u32 {
+    3
+}
+
+/// `[uplink.wireguard]`: a userspace WireGuard tunnel to a hub.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireguardFile {
+    pub private_key_file: PathBuf,
+    pub peer_public_key: String,
+    pub preshared_key_file: Option<PathBuf>,
+    pub endpoint: String,
+    pub address: String,
+    /// The cloud broker's address inside the tunnel, `IP:PORT`.
+    pub broker: String,
+    #[serde(default = "default_wg_keepalive_s")]
+    pub persistent_keepalive_s: u64,
+    #[serde(default = "default_wg_mtu")]
+    pub mtu: usize,
+}
+
+pub fn default_wg_keepalive_s() -> u64 {
+    25
+}
+pub fn default_wg_mtu() -> usize {
+    1420
 }
 
 pub fn default_transports() -> Vec<String> {

@@ -110,12 +110,18 @@ impl std::fmt::Display for BrokerUrl {
 pub enum TransportKind {
     /// Direct outbound TCP to the broker (TLS on top when the broker URL is `mqtts://`).
     Tls,
+    /// A `direct-tcpip` channel through an SSH bastion (`[uplink.ssh]`).
+    Ssh,
+    /// A userspace WireGuard tunnel to a hub (`[uplink.wireguard]`).
+    Wireguard,
 }
 
 impl TransportKind {
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::Tls => "tls",
+            TransportKind::Ssh => "ssh",
+            TransportKind::Wireguard => "wireguard",
         }
     }
 }
@@ -134,6 +140,8 @@ pub struct Uplink {
     pub connect_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    pub ssh: Option<crate::transport::ssh::SshConfig>,
+    pub wireguard: Option<crate::transport::wireguard::WgConfig>,
 }
 
 /// Which way a mapping carries messages.

@@ -487,6 +487,40 @@ fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
     if f.connect_timeout_s == 0 {
         ctx.error("uplink.connect_timeout_s", "must be at least 1");
     }
+    let connect_timeout = Duration::from_secs(f.connect_timeout_s);
+    let uses = |k| transports.contains(&k);
+    let ssh = match (&f.ssh, uses(TransportKind::Ssh)) {
+        (Some(s), used) => {
+            if !used {
+                ctx.warn("uplink.ssh", "configured but \"ssh\" is not in uplink.transports");
+            }
+            ssh(ctx, s, connect_timeout)
+        }
+        (None, true) => {
+            ctx.error("uplink.transports", "\"ssh\" needs an [uplink.ssh] section");
+            None
+        }
+        (None, false) => None,
+    };
+    let wireguard = match (&f.wireguard, uses(TransportKind::Wireguard)) {
+        (Some(w), used) => {
+            if !used {
+                ctx.warn(
+                    "uplink.wireguard",
+                    "configured but \"wireguard\" is not in uplink.transports",
+                );
+            }
+            wireguard(ctx, w, connect_timeout)
+        }
+        (None, true) => {
+            ctx.error(
+                "uplink.transports",
+                "\"wireguard\" needs an [uplink.wireguard] section",
+            );
+            None
+        }
+        (None, false) => None,
+    };
     Some(Uplink {
         broker: broker?,
         client_id: f.client_id,
@@ -496,9 +530,155 @@ fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         transports,
         keepalive: Duration::from_secs(f.keepalive_s.into()),
         max_inflight: f.max_inflight,
-        connect_timeout: Duration::from_secs(f.connect_timeout_s),
+        connect_timeout,
         backoff_min: Duration::from_millis(f.backoff_min_ms),
         backoff_max: Duration::from_millis(f.backoff_max_ms),
+        ssh,
+        wireguard,
+    })
+}
+
+/// Splits `HOST:PORT` (`[v6]:PORT` for IPv6 literals).
+fn host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = match s.strip_prefix('[') {
+        Some(r) => {
+            let (h, p) = r.split_once("]:")?;
+            (h, p)
+        }
+        None => s.rsplit_once(':')?,
+    };
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    (!host.is_empty() && !host.contains(['/', ' ', '@'])).then(|| (host.to_string(), port))
+}
+
+fn ssh(
+    ctx: &mut Ctx<'_>,
+    f: &SshFile,
+    connect_timeout: Duration,
+) -> Option<crate::transport::ssh::SshConfig> {
+    if f.server.is_empty() || f.server.contains(['/', ' ', '@']) {
+        ctx.error(
+            "uplink.ssh.server",
+            format!("`{}`: expected HOST:PORT (the port defaults to 22)", f.server),
+        );
+    }
+    let forward = host_port(&f.forward_to);
+    if forward.is_none() {
+        ctx.error(
+            "uplink.ssh.forward_to",
+            format!("`{}`: expected HOST:PORT", f.forward_to),
+        );
+    }
+    if f.user.is_empty() {
+        ctx.error("uplink.ssh.user", "must be non-empty");
+    }
+    let key_file = ctx.file("uplink.ssh.key_file", &f.key_file, true);
+    let known_hosts = ctx.resolve(&f.known_hosts);
+    if !known_hosts.exists() && !f.trust_on_first_use {
+        ctx.error(
+            "uplink.ssh.known_hosts",
+            format!(
+                "{} does not exist: pin the bastion's host key there (ssh-keyscan), or set trust_on_first_use = true",
+                known_hosts.display()
+            ),
+        );
+    }
+    if f.keepalive_interval_s == 0 {
+        ctx.error(
+            "uplink.ssh.keepalive_interval_s",
+            "must be at least 1: keepalives are how a dead bastion is found",
+        );
+    }
+    if f.trust_on_first_use {
+        ctx.warn(
+            "uplink.ssh.trust_on_first_use",
+            "an unknown bastion host key will be trusted on first contact",
+        );
+    }
+    let (forward_to_host, forward_to_port) = forward?;
+    Some(crate::transport::ssh::SshConfig {
+        server: f.server.clone(),
+        user: f.user.clone(),
+        key_file: key_file?,
+        known_hosts,
+        forward_to_host,
+        forward_to_port,
+        keepalive_interval: Duration::from_secs(f.keepalive_interval_s),
+        keepalive_max: f.keepalive_max,
+        connect_timeout,
+        trust_on_first_use: f.trust_on_first_use,
+    })
+}
+
+fn wireguard(
+    ctx: &mut Ctx<'_>,
+    f: &WireguardFile,
+    connect_timeout: Duration,
+) -> Option<crate::transport::wireguard::WgConfig> {
+    use crate::transport::wireguard::{parse_key, read_key_file};
+    let private_key = ctx
+        .file("uplink.wireguard.private_key_file", &f.private_key_file, true)
+        .and_then(|p| {
+            read_key_file(&p)
+                .map_err(|e| ctx.error("uplink.wireguard.private_key_file", e.to_string()))
+                .ok()
+        });
+    let peer_public_key = parse_key(&f.peer_public_key)
+        .map_err(|e| ctx.error("uplink.wireguard.peer_public_key", e.to_string()))
+        .ok();
+    let preshared_key = match &f.preshared_key_file {
+        Some(p) => match ctx.file("uplink.wireguard.preshared_key_file", p, true) {
+            Some(path) => match read_key_file(&path) {
+                Ok(k) => Some(Some(k)),
+                Err(e) => {
+                    ctx.error("uplink.wireguard.preshared_key_file", e.to_string());
+                    None
+                }
+            },
+            None => None,
+        },
+        None => Some(None),
+    };
+    if host_port(&f.endpoint).is_none() {
+        ctx.error(
+            "uplink.wireguard.endpoint",
+            format!("`{}`: expected HOST:PORT", f.endpoint),
+        );
+    }
+    let address: Option<IpAddr> = f
+        .address
+        .parse()
+        .map_err(|_| {
+            ctx.error(
+                "uplink.wireguard.address",
+                format!("`{}` is not an IP address", f.address),
+            )
+        })
+        .ok();
+    let broker: Option<SocketAddr> = f
+        .broker
+        .parse()
+        .map_err(|_| {
+            ctx.error(
+                "uplink.wireguard.broker",
+                format!("`{}`: expected IP:PORT", f.broker),
+            )
+        })
+        .ok();
+    if !(576..=9000).contains(&f.mtu) {
+        ctx.error("uplink.wireguard.mtu", "must be between 576 and 9000");
+    }
+    Some(crate::transport::wireguard::WgConfig {
+        private_key: private_key?,
+        peer_public_key: peer_public_key?,
+        preshared_key: preshared_key?,
+        endpoint: f.endpoint.clone(),
+        address: address?,
+        broker: broker?,
+        persistent_keepalive: (f.persistent_keepalive_s > 0)
+            .then(|| Duration::from_secs(f.persistent_keepalive_s)),
+        mtu: f.mtu,
+        handshake_timeout: connect_timeout,
     })
 }
 
