@@ -456,10 +456,12 @@ fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
     for t in &f.transports {
         let kind = match t.as_str() {
             "tls" => TransportKind::Tls,
+            "ssh" => TransportKind::Ssh,
+            "wireguard" => TransportKind::Wireguard,
             other => {
                 ctx.error(
                     "uplink.transports",
-                    format!("unknown transport `{other}` (known: \"tls\")"),
+                    format!("unknown transport `{other}` (known: \"tls\", \"ssh\", \"wireguard\")"),
                 );
                 continue;
             }

@@ -18,19 +18,28 @@ pub const OBSERVER_PASSWORD: &str = "observer-Secret-42";
 pub struct Cloud {
     pub dir: PathBuf,
     pub port: u16,
+    /// The address mosquitto listens on (127.0.0.1, or a tunnel address inside `netns`).
+    pub host: String,
+    /// Runs inside this network namespace (created by the test's WireGuard fixture).
+    netns: Option<String>,
     child: Option<Child>,
 }
 
 impl Cloud {
     /// Certificates (`ca.pem` etc.) are written into `dir` too.
     pub fn start(dir: &Path) -> Cloud {
-        write_certs(dir);
+        Self::start_at(dir, None, "127.0.0.1")
+    }
+
+    /// Listens on `host` inside network namespace `netns` (the test's own).
+    pub fn start_at(dir: &Path, netns: Option<&str>, host: &str) -> Cloud {
+        write_certs(dir, &[host.to_string()]);
         let pw = dir.join("cloud-passwords");
         mosquitto_passwd(&pw, UPLINK_USER, UPLINK_PASSWORD);
         mosquitto_passwd(&pw, OBSERVER_USER, OBSERVER_PASSWORD);
         let port = free_port();
         let conf = format!(
-            "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n\
+            "listener {port} {host}\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n\
              allow_anonymous false\npassword_file {pw}\npersistence true\npersistence_location {d}/\n\
              user root\nlog_dest stderr\nlog_type error\nlog_type warning\nmax_queued_messages 100000\n",
             d = dir.display(),
@@ -40,14 +49,41 @@ impl Cloud {
         let mut cloud = Cloud {
             dir: dir.to_path_buf(),
             port,
+            host: host.to_string(),
+            netns: netns.map(str::to_string),
             child: None,
         };
         cloud.spawn();
         cloud
     }
 
+    /// `prog` to run where mosquitto runs (inside the namespace, if any).
+    fn cmd(&self, prog: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, prog]);
+                c
+            }
+            None => Command::new(prog),
+        }
+    }
+
+    fn listening(&self) -> bool {
+        match &self.netns {
+            None => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+            Some(_) => self
+                .cmd("bash")
+                .args(["-c", &format!("exec 3<>/dev/tcp/{}/{}", self.host, self.port)])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+        }
+    }
+
     fn spawn(&mut self) {
-        let child = Command::new("mosquitto")
+        let child = self
+            .cmd("mosquitto")
             .arg("-c")
             .arg(self.dir.join("cloud.conf"))
             .stdin(Stdio::null())
@@ -57,7 +93,7 @@ impl Cloud {
             .expect("mosquitto is installed");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while !self.listening() {
             assert!(
                 Instant::now() < deadline,
                 "mosquitto did not start listening on {}",
@@ -106,10 +142,10 @@ impl Cloud {
     /// Subscribes with the real mosquitto_sub as the observer; lines are `topic payload`.
     pub fn subscribe(&self, filter: &str) -> Sub {
         Sub::spawn(
-            Command::new("mosquitto_sub")
+            self.cmd("mosquitto_sub")
                 .args([
                     "-h",
-                    "localhost",
+                    &self.host,
                     "-p",
                     &self.port.to_string(),
                     "-q",
@@ -129,10 +165,10 @@ impl Cloud {
     pub fn subscribe_persistent(&self, filter: &str, id: &str) -> Sub {
         let probe = format!("probe/{}/{id}", std::process::id());
         let mut sub = Sub::spawn(
-            Command::new("mosquitto_sub")
+            self.cmd("mosquitto_sub")
                 .args([
                     "-h",
-                    "localhost",
+                    &self.host,
                     "-p",
                     &self.port.to_string(),
                     "-q",
@@ -169,10 +205,10 @@ impl Cloud {
     pub fn subscribe_ready(&self, filter: &str) -> Sub {
         let probe = format!("probe/{}", std::process::id());
         let mut sub = Sub::spawn(
-            Command::new("mosquitto_sub")
+            self.cmd("mosquitto_sub")
                 .args([
                     "-h",
-                    "localhost",
+                    &self.host,
                     "-p",
                     &self.port.to_string(),
                     "-q",
@@ -197,10 +233,11 @@ impl Cloud {
 
     /// Publishes with the real mosquitto_pub as the observer.
     pub fn publish(&self, topic: &str, payload: &str, qos: u8) {
-        let out = Command::new("mosquitto_pub")
+        let out = self
+            .cmd("mosquitto_pub")
             .args([
                 "-h",
-                "localhost",
+                &self.host,
                 "-p",
                 &self.port.to_string(),
                 "-q",

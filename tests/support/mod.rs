@@ -34,9 +34,9 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
     cond()
 }
 
-/// A CA and a server certificate for `localhost` and 127.0.0.1, written as PEM files into `dir`:
-/// `ca.pem`, `server.pem`, `server.key`.
-pub fn write_certs(dir: &Path) {
+/// A CA and a server certificate for `localhost`, 127.0.0.1 and `extra` names, written as PEM files
+/// into `dir`: `ca.pem`, `server.pem`, `server.key`.
+pub fn write_certs(dir: &Path, extra: &[String]) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -45,7 +45,9 @@ pub fn write_certs(dir: &Path) {
         .push(rcgen::DnType::CommonName, "mqtt-uplink test CA");
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    names.extend(extra.iter().cloned());
+    let mut params = CertificateParams::new(names).unwrap();
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "localhost");

@@ -359,6 +359,11 @@ impl WgPeer {
         IpAddr::V4(Ipv4Addr::new(10, 8, self.n, 2))
     }
 
+    /// The network namespace the peer lives in (the test's own).
+    pub fn netns(&self) -> &str {
+        &self.ns
+    }
+
     /// The peer's own tunnel address, where the test servers listen.
     pub fn tunnel_ip(&self) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(10, 8, self.n, 1))
