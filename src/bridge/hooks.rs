@@ -45,13 +45,18 @@ impl OutHandler {
         };
         let msg = OutMessage {
             mapping: route.mapping,
-            topic: route.remote_topic,
+            topic: route.remote_topic.clone(),
             payload: p.payload.clone(),
             qos: route.qos,
             retain: p.retain,
             accepted_ms: 0,
         };
-        self.outbox.push(msg).await.map_err(|_| ())
+        self.outbox.push(msg).await.map_err(|_| ())?;
+        crate::ops::metrics::get()
+            .messages_out
+            .with_label_values(&[&route.mapping.to_string()])
+            .inc();
+        Ok(())
     }
 }
 

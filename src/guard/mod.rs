@@ -184,6 +184,10 @@ pub fn log_refusal(
     reason: Refusal,
     detail: &str,
 ) {
+    crate::ops::metrics::get()
+        .refusals
+        .with_label_values(&[reason.as_str()])
+        .inc();
     let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
     tracing::warn!(
         target: "mqtt_uplink::guard",

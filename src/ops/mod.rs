@@ -1,6 +1,7 @@
 //! Operations: logging setup and signals.
 
 pub mod logging;
+pub mod metrics;
 
 use tokio_util::sync::CancellationToken;
 

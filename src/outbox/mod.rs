@@ -215,6 +215,10 @@ impl Outbox {
 
 /// Drops are logged, but at most once a second per process, with a count.
 fn log_drop(reason: &'static str, n: u64) {
+    crate::ops::metrics::get()
+        .dropped
+        .with_label_values(&[reason])
+        .inc_by(n);
     static LAST: Mutex<(u64, u64)> = Mutex::new((0, 0));
     let now = now_ms();
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());

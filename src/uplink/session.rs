@@ -222,6 +222,10 @@ async fn incoming(conn: &mut Conn, w: &Wiring<'_>, p: Publish) -> anyhow::Result
                 // Not acknowledged upstream: the cloud sends it again on the next session.
                 return Err(e.context("delivering a cloud message locally"));
             }
+            crate::ops::metrics::get()
+                .messages_in
+                .with_label_values(&[&r.mapping.to_string()])
+                .inc();
         }
         None => tracing::warn!(topic = %p.topic, "message from the cloud matches no `in` mapping; dropped"),
     }

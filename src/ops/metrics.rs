@@ -1,0 +1,91 @@
+//! Event counters in Prometheus form, named `mqtt_uplink_*`. Counters are process-wide (one appliance
+//! per process in production); state gauges (outbox depth, transport) are read from the running
+//! appliance when the endpoint renders, so they need no registration here.
+//!
+//! Usage: `metrics::get().refusals.with_label_values(&["bad username or password"]).inc()`.
+
+use std::sync::LazyLock;
+
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+
+/// Every counter the appliance keeps.
+pub struct Metrics {
+    pub registry: Registry,
+    /// Refused logins, subscribes, publishes and limit hits, by reason.
+    pub refusals: IntCounterVec,
+    /// Messages queued for the cloud, by mapping index.
+    pub messages_out: IntCounterVec,
+    /// Messages delivered from the cloud into the local broker, by mapping index.
+    pub messages_in: IntCounterVec,
+    /// Messages dropped by a limit, by reason.
+    pub dropped: IntCounterVec,
+    /// Uplink transport switches (failover and return).
+    pub transport_switches: IntCounter,
+    /// Uplink sessions established, by transport.
+    pub uplink_connects: IntCounterVec,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let registry = Registry::new();
+    let transport_switches = IntCounter::new(
+        "mqtt_uplink_transport_switches_total",
+        "Uplink transport switches",
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(transport_switches.clone()))
+        .expect("unique metric");
+    Metrics {
+        refusals: counter_vec(
+            &registry,
+            "mqtt_uplink_refusals_total",
+            "Refusals by reason",
+            "reason",
+        ),
+        messages_out: counter_vec(
+            &registry,
+            "mqtt_uplink_messages_out_total",
+            "Messages queued for the cloud",
+            "mapping",
+        ),
+        messages_in: counter_vec(
+            &registry,
+            "mqtt_uplink_messages_in_total",
+            "Messages delivered from the cloud",
+            "mapping",
+        ),
+        dropped: counter_vec(
+            &registry,
+            "mqtt_uplink_dropped_total",
+            "Messages dropped by a limit",
+            "reason",
+        ),
+        uplink_connects: counter_vec(
+            &registry,
+            "mqtt_uplink_uplink_connects_total",
+            "Uplink sessions established",
+            "transport",
+        ),
+        transport_switches,
+        registry,
+    }
+});
+
+/// The process-wide counters.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+/// The counters in Prometheus text format.
+pub fn render_counters() -> String {
+    let families = get().registry.gather();
+    prometheus::TextEncoder::new()
+        .encode_to_string(&families)
+        .unwrap_or_default()
+}
