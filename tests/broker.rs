@@ -1,0 +1,190 @@
+//! The local broker's MQTT behaviour with real clients: keepalive 0, retained messages, wills (and a
+//! will on an out-mapped topic going upstream), persistent sessions, for MQTT 3.1.1 and 5.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::{mosquitto_passwd, tempdir, write_secret, App};
+
+const T: Duration = Duration::from_secs(20);
+const PW: &str = "dev1-Passw0rd-long";
+
+fn config(dir: &Path, cloud: &Cloud) -> String {
+    mosquitto_passwd(&dir.join("passwords"), "dev1", PW);
+    std::fs::write(
+        dir.join("acl"),
+        "user dev1\ntopic readwrite sensors/#\ntopic readwrite local/#\n",
+    )
+    .unwrap();
+    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
+    format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n[auth]\npassword_file = \"passwords\"\nacl_file = \"acl\"\n\
+         [uplink]\nbroker = \"{}\"\nclient_id = \"up\"\nusername = \"{UPLINK_USER}\"\npassword_file = \"uplink.password\"\n\
+         ca_file = \"ca.pem\"\nbackoff_min_ms = 100\nbackoff_max_ms = 500\n\
+         [[map]]\ndirection = \"out\"\ntopic = \"sensors/#\"\nremote_prefix = \"site/\"\n",
+        cloud.url()
+    )
+}
+
+fn sub(app: &App, filter: &str, extra: &[&str]) -> Sub {
+    Sub::spawn(
+        Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &app.port().to_string(),
+                "-u",
+                "dev1",
+                "-P",
+                PW,
+                "-v",
+                "-q",
+                "1",
+            ])
+            .args(["-t", filter])
+            .args(extra),
+    )
+}
+
+/// Like `sub`, returned once the subscription is live (a probe on local/probe came back).
+fn sub_ready(app: &App, filter: &str) -> Sub {
+    let mut s = sub(app, filter, &["-t", "local/probe"]);
+    for _ in 0..50 {
+        publish(app, "local/probe", "probe", &[]);
+        if s.wait_probe("local/probe", Duration::from_millis(200)) {
+            return s;
+        }
+    }
+    panic!("local subscriber never became ready");
+}
+
+fn publish(app: &App, topic: &str, msg: &str, extra: &[&str]) {
+    let out = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &app.port().to_string(),
+            "-u",
+            "dev1",
+            "-P",
+            PW,
+            "-q",
+            "1",
+        ])
+        .args(["-t", topic, "-m", msg])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_reach_later_subscribers_v311_and_v5() {
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    let app = App::start(dir.path(), &config(dir.path(), &cloud)).await;
+    publish(&app, "local/state", "on", &["-r"]);
+    let mut s3 = sub(&app, "local/#", &[]);
+    assert_eq!(s3.wait_lines(1, T).to_vec(), vec!["local/state on".to_string()]);
+    let mut s5 = sub(&app, "local/#", &["-V", "mqttv5"]);
+    assert_eq!(s5.wait_lines(1, T).to_vec(), vec!["local/state on".to_string()]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_session_gets_what_was_published_while_away() {
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    let app = App::start(dir.path(), &config(dir.path(), &cloud)).await;
+    // Subscribe with a persistent session, then leave.
+    let mut first = sub(&app, "local/q", &["-c", "-i", "dev1-persist"]);
+    publish(&app, "local/q", "probe", &[]);
+    assert_eq!(first.wait_lines(1, T).len(), 1);
+    drop(first);
+    publish(&app, "local/q", "while-away", &[]);
+    let mut again = sub(&app, "local/q", &["-c", "-i", "dev1-persist"]);
+    assert_eq!(
+        again.wait_lines(1, T).to_vec(),
+        vec!["local/q while-away".to_string()]
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_is_delivered_locally_and_bridged_upstream() {
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    let app = App::start(dir.path(), &config(dir.path(), &cloud)).await;
+    assert!(app.wait_connected(T).await);
+    let mut up = cloud.subscribe_ready("site/#");
+    let mut local = sub_ready(&app, "sensors/#");
+    // A device with a will on an out-mapped topic dies without DISCONNECT.
+    let mut opts = rumqttc::MqttOptions::new("dev1-will", "127.0.0.1", app.port());
+    opts.set_credentials("dev1", PW);
+    opts.set_last_will(rumqttc::LastWill::new(
+        "sensors/dev1/status",
+        "gone",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let (_client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+    let connected = tokio::time::timeout(T, async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) = ev.poll().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(connected.is_ok());
+    drop(ev); // the socket closes without DISCONNECT
+    assert_eq!(
+        local.wait_lines(1, T).to_vec(),
+        vec!["sensors/dev1/status gone".to_string()]
+    );
+    assert_eq!(
+        up.wait_lines(1, T).to_vec(),
+        vec!["site/sensors/dev1/status gone".to_string()]
+    );
+    app.stop().await;
+}
+
+/// CONNECT (MQTT 3.1.1) with keepalive 0, then PINGREQ: the broker must accept and answer.
+fn connect_packet(client_id: &str, user: &str, pw: &str, keepalive: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010]);
+    body.extend_from_slice(&keepalive.to_be_bytes());
+    for s in [client_id, user, pw] {
+        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        body.extend_from_slice(s.as_bytes());
+    }
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend(body);
+    p
+}
+
+#[test]
+fn keepalive_zero_is_accepted() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    let app = rt.block_on(App::start(dir.path(), &config(dir.path(), &cloud)));
+    let mut s = std::net::TcpStream::connect(app.addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(&connect_packet("dev1-k0", "dev1", PW, 0)).unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    s.write_all(&[0xC0, 0]).unwrap();
+    let mut pingresp = [0u8; 2];
+    s.read_exact(&mut pingresp).unwrap();
+    assert_eq!(pingresp, [0xD0, 0]);
+    rt.block_on(app.stop());
+}
