@@ -750,6 +750,12 @@ fn cycles(ctx: &mut Ctx<'_>, maps: &[Mapping]) {
     for a in maps.iter().filter(|m| m.direction.goes_out()) {
         for b in maps.iter().filter(|m| m.direction.comes_in()) {
             if a.index == b.index {
+                ctx.warn(
+                    &format!("map[{}].direction", a.index),
+                    "\"both\": the cloud broker echoes what the uplink sends back to its own subscription \
+                     (MQTT 3.1.1 has no no-local option), so local subscribers of this subtree can see \
+                     their messages twice; they are never sent out again",
+                );
                 continue;
             }
             let a_remote = format!("{}{}", a.remote_prefix, a.topic);
