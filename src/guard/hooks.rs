@@ -165,6 +165,23 @@ impl Handler for GuardHandler {
                 let user = session.id.username.as_ref().map(|u| u.as_ref());
                 let client_id: &str = session.id.client_id.as_ref();
                 let topic: &str = publish.topic.as_ref();
+                // A topic name with `+`, `#` or NUL is a protocol violation (MQTT-3.3.2-2): refused and
+                // the connection closed, not just the message dropped.
+                if let Err(e) = crate::topic::validate_name(topic) {
+                    log_refusal(
+                        session.id.remote_addr,
+                        client_id,
+                        user,
+                        Refusal::PublishDenied,
+                        &format!("invalid topic name: {e}"),
+                    );
+                    return (
+                        false,
+                        Some(HookResult::PublishAclResult(PublishAclResult::rejected(
+                            true, None,
+                        ))),
+                    );
+                }
                 let d = self.guard.check_publish(user, client_id, topic);
                 if d.allowed {
                     (
