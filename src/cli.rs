@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `explain`, `passwd`.
+//! The command line: `run`, `check`, `audit`, `explain`, `passwd`, `keygen`.
 
 use std::path::PathBuf;
 
@@ -36,6 +36,15 @@ pub enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// The ten security practices: pass, warn or fail each, with the reason and the config line;
+    /// checks key and password file owners and modes. Exit 1 on any fail, 64 on an invalid config.
+    Audit {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// `text` or `json`.
+        #[arg(long, value_enum, default_value_t = AuditFormat::Text)]
+        format: AuditFormat,
+    },
     /// Which mapping a local or remote topic hits, what it becomes on the other side, and the QoS.
     Explain {
         #[arg(short, long)]
@@ -70,6 +79,13 @@ pub enum Command {
     },
 }
 
+/// Output of `audit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuditFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeygenKind {
     /// Writes DIR/id_ed25519 (0600) and DIR/id_ed25519.pub.
@@ -94,6 +110,7 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Run { config } => run(config, cli.log_format),
         Command::Check { config } => crate::cmd::check::check(&config),
+        Command::Audit { config, format } => crate::cmd::audit::audit(&config, format == AuditFormat::Json),
         Command::Explain { config, topic } => crate::cmd::explain::explain(&config, &topic),
         Command::Keygen { kind } => keygen(kind),
         Command::Passwd {

@@ -60,12 +60,12 @@ pub struct Appliance {
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Appliance> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let policy = Policy::load(&config.auth)?;
-    let guard = Guard::new(policy);
+    let guard = Guard::with_settings(policy, guard_settings(&config));
     let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::new(config.mappings.clone()))));
     let outbox = Outbox::new(config.outbox.clone());
 
     let mut broker = Broker::new(&config.limits).await;
-    guard::hooks::register(broker.hooks(), &guard).await;
+    guard::hooks::register(broker.hooks(), &guard, broker.context()).await;
     bridge::hooks::register(broker.hooks(), routes.clone(), outbox.clone()).await;
     broker.listen(&config.listeners, &config.limits).await?;
     let broker = Arc::new(broker);
@@ -103,6 +103,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tracker,
         shutdown,
     })
+}
+
+/// The guard's settings that come from the listeners and limits.
+fn guard_settings(config: &Config) -> guard::GuardSettings {
+    guard::GuardSettings {
+        throttle: config.auth.throttle.clone(),
+        identity_listeners: config
+            .listeners
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.tls.as_ref().is_some_and(|t| t.use_identity_as_username))
+            .map(|(i, _)| i as u16)
+            .collect(),
+        max_connections_per_address: config.limits.max_connections_per_address,
+    }
 }
 
 /// The transport chain in the configured order (validation guarantees each has its section).

@@ -57,6 +57,11 @@ impl Broker {
         }
     }
 
+    /// The broker's context (session registry, for the guard's duplicate client-id policy).
+    pub fn context(&self) -> ServerContext {
+        self.scx.clone()
+    }
+
     /// Where hook handlers are added (before `listen`).
     pub fn hooks(&self) -> &dyn Register {
         self.register.as_ref()
@@ -146,10 +151,16 @@ fn bind(l: &Listener, limits: &Limits, index: usize) -> anyhow::Result<rmqtt::ne
             .map_err(|e| anyhow!("{e}"))?),
         Some(tls) => {
             let path = |p: &Path| p.to_string_lossy().into_owned();
+            // rustls with its safe defaults: TLS 1.2 and 1.3, AEAD suites with ECDHE only (no CBC, no
+            // RSA key exchange). With a client CA, rmqtt-net verifies client certificates only when
+            // `tls_cross_certificate` is on: without it the CA was loaded and never used.
             let builder = builder
                 .tls_cert(Some(path(&tls.cert)))
                 .tls_key(Some(path(&tls.key)))
-                .tls_client_ca_certs(tls.client_ca.as_deref().map(path));
+                .tls_client_ca_certs(tls.client_ca.as_deref().map(path))
+                .tls_cross_certificate(tls.client_ca.is_some())
+                .cert_cn_as_username(tls.use_identity_as_username)
+                .collect_cert_info(tls.use_identity_as_username);
             Ok(builder
                 .bind()
                 .map_err(|e| anyhow!("{e}"))?

@@ -1,5 +1,6 @@
 //! The one-shot commands behind the CLI.
 
+pub mod audit;
 pub mod check;
 pub mod explain;
 pub mod passwd;

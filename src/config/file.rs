@@ -30,6 +30,10 @@ pub struct ListenerFile {
     /// Plaintext on a non-loopback address must be asked for by name.
     #[serde(default)]
     pub allow_plaintext: bool,
+    /// Take the username from the client certificate's CN (needs `tls_client_ca`); such a client
+    /// needs no password on this listener, and the ACL applies to that username.
+    #[serde(default)]
+    pub use_identity_as_username: bool,
 }
 
 /// `[auth]`: who may connect and what they may do.
@@ -44,6 +48,67 @@ pub struct AuthFile {
     pub client_id_pattern: Option<String>,
     #[serde(default = "default_duplicate_client_id")]
     pub duplicate_client_id: String,
+    /// `[auth.throttle]`: failed-login throttling per peer address.
+    #[serde(default)]
+    pub throttle: ThrottleFile,
+}
+
+/// `[auth.throttle]`: after `free_failures` failed logins within `window_s`, each further attempt from
+/// that address waits `delay_min_ms`, doubling up to `delay_max_s`; after `ban_after` failures the
+/// address is refused for `ban_s`. `max_addresses` bounds the table (oldest evicted).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleFile {
+    #[serde(default = "default_throttle_window_s")]
+    pub window_s: u64,
+    #[serde(default = "default_throttle_free_failures")]
+    pub free_failures: u32,
+    #[serde(default = "default_throttle_delay_min_ms")]
+    pub delay_min_ms: u64,
+    #[serde(default = "default_throttle_delay_max_s")]
+    pub delay_max_s: u64,
+    #[serde(default = "default_throttle_ban_after")]
+    pub ban_after: u32,
+    #[serde(default = "default_throttle_ban_s")]
+    pub ban_s: u64,
+    #[serde(default = "default_throttle_max_addresses")]
+    pub max_addresses: usize,
+}
+
+impl Default for ThrottleFile {
+    fn default() -> Self {
+        ThrottleFile {
+            window_s: default_throttle_window_s(),
+            free_failures: default_throttle_free_failures(),
+            delay_min_ms: default_throttle_delay_min_ms(),
+            delay_max_s: default_throttle_delay_max_s(),
+            ban_after: default_throttle_ban_after(),
+            ban_s: default_throttle_ban_s(),
+            max_addresses: default_throttle_max_addresses(),
+        }
+    }
+}
+
+pub fn default_throttle_window_s() -> u64 {
+    60
+}
+pub fn default_throttle_free_failures() -> u32 {
+    5
+}
+pub fn default_throttle_delay_min_ms() -> u64 {
+    1000
+}
+pub fn default_throttle_delay_max_s() -> u64 {
+    60
+}
+pub fn default_throttle_ban_after() -> u32 {
+    20
+}
+pub fn default_throttle_ban_s() -> u64 {
+    600
+}
+pub fn default_throttle_max_addresses() -> usize {
+    10_000
 }
 
 pub fn default_duplicate_client_id() -> String {
@@ -66,6 +131,9 @@ pub struct LimitsFile {
     pub max_subscriptions: usize,
     #[serde(default = "default_handshake_timeout_s")]
     pub handshake_timeout_s: u64,
+    /// Connected sessions from one peer address at most (0: no limit).
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
 }
 
 impl Default for LimitsFile {
@@ -77,6 +145,7 @@ impl Default for LimitsFile {
             max_queued_messages: default_max_queued_messages(),
             max_subscriptions: default_max_subscriptions(),
             handshake_timeout_s: default_handshake_timeout_s(),
+            max_connections_per_address: default_max_connections_per_address(),
         }
     }
 }
@@ -99,6 +168,9 @@ pub fn default_max_subscriptions() -> usize {
 }
 pub fn default_handshake_timeout_s() -> u64 {
     10
+}
+pub fn default_max_connections_per_address() -> usize {
+    256
 }
 
 /// `[uplink]`: the one session to the cloud broker.

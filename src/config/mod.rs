@@ -150,6 +150,7 @@ impl Config {
                 allow_anonymous: true,
                 client_id_pattern: None,
                 duplicate_client_id: DuplicatePolicy::Takeover,
+                throttle: Default::default(),
             },
             limits: limits_default(),
             uplink: None,
@@ -179,6 +180,7 @@ fn limits_default() -> Limits {
         max_queued_messages: f.max_queued_messages,
         max_subscriptions: f.max_subscriptions,
         handshake_timeout: std::time::Duration::from_secs(f.handshake_timeout_s),
+        max_connections_per_address: f.max_connections_per_address,
     }
 }
 

@@ -42,6 +42,8 @@ pub struct ListenerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
+    /// Username from the verified client certificate's CN (`use_identity_as_username`).
+    pub use_identity_as_username: bool,
 }
 
 /// Where the ACL comes from.
@@ -72,6 +74,8 @@ pub struct Auth {
     /// Client-id pattern with `%u` for the username and a trailing `*` wildcard.
     pub client_id_pattern: Option<String>,
     pub duplicate_client_id: DuplicatePolicy,
+    /// Failed-login throttling per peer address (`[auth.throttle]`).
+    pub throttle: crate::guard::throttle::ThrottleSettings,
 }
 
 /// Broker limits.
@@ -83,6 +87,8 @@ pub struct Limits {
     pub max_queued_messages: usize,
     pub max_subscriptions: usize,
     pub handshake_timeout: Duration,
+    /// Connected sessions per peer address at most (0: no limit).
+    pub max_connections_per_address: usize,
 }
 
 /// The cloud broker's address as the operator wrote it.

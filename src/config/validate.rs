@@ -213,12 +213,29 @@ fn listeners(ctx: &mut Ctx<'_>, files: Vec<(usize, ListenerFile)>, declared: boo
                     .tls_client_ca
                     .as_ref()
                     .and_then(|p| ctx.file(&format!("{key}.tls_client_ca"), p, false));
+                if f.use_identity_as_username && f.tls_client_ca.is_none() {
+                    ctx.error(
+                        &format!("{key}.use_identity_as_username"),
+                        "needs tls_client_ca on this listener (the identity comes from a verified certificate)",
+                    );
+                }
                 match (cert, k) {
-                    (Some(cert), Some(key)) => Some(ListenerTls { cert, key, client_ca }),
+                    (Some(cert), Some(key)) => Some(ListenerTls {
+                        cert,
+                        key,
+                        client_ca,
+                        use_identity_as_username: f.use_identity_as_username,
+                    }),
                     _ => None,
                 }
             }
             (None, None) => {
+                if f.use_identity_as_username {
+                    ctx.error(
+                        &format!("{key}.use_identity_as_username"),
+                        "needs tls_cert, tls_key and tls_client_ca on this listener",
+                    );
+                }
                 if f.tls_client_ca.is_some() {
                     ctx.error(
                         &format!("{key}.tls_client_ca"),
@@ -261,6 +278,7 @@ fn auth(ctx: &mut Ctx<'_>, f: Option<AuthFile>, listeners: &[Listener]) -> Auth 
         allow_anonymous: false,
         client_id_pattern: None,
         duplicate_client_id: default_duplicate_client_id(),
+        throttle: ThrottleFile::default(),
     });
     let password_file = f
         .password_file
@@ -324,12 +342,41 @@ fn auth(ctx: &mut Ctx<'_>, f: Option<AuthFile>, listeners: &[Listener]) -> Auth 
             DuplicatePolicy::Takeover
         }
     };
+    let throttle = throttle(ctx, &f.throttle);
     Auth {
         password_file,
         acl,
         allow_anonymous: f.allow_anonymous,
         client_id_pattern: f.client_id_pattern,
         duplicate_client_id,
+        throttle,
+    }
+}
+
+fn throttle(ctx: &mut Ctx<'_>, f: &ThrottleFile) -> crate::guard::throttle::ThrottleSettings {
+    if f.window_s == 0 {
+        ctx.error("auth.throttle.window_s", "must be at least 1");
+    }
+    if f.delay_min_ms == 0 {
+        ctx.error("auth.throttle.delay_min_ms", "must be at least 1");
+    }
+    if f.delay_max_s.saturating_mul(1000) < f.delay_min_ms {
+        ctx.error("auth.throttle.delay_max_s", "must not be below delay_min_ms");
+    }
+    if f.ban_after <= f.free_failures {
+        ctx.error("auth.throttle.ban_after", "must be above free_failures");
+    }
+    if f.max_addresses == 0 {
+        ctx.error("auth.throttle.max_addresses", "must be at least 1");
+    }
+    crate::guard::throttle::ThrottleSettings {
+        window: Duration::from_secs(f.window_s),
+        free_failures: f.free_failures,
+        delay_min: Duration::from_millis(f.delay_min_ms),
+        delay_max: Duration::from_secs(f.delay_max_s),
+        ban_after: f.ban_after,
+        ban_for: Duration::from_secs(f.ban_s),
+        max_entries: f.max_addresses,
     }
 }
 
@@ -361,6 +408,7 @@ fn limits(ctx: &mut Ctx<'_>, f: LimitsFile) -> Limits {
         max_queued_messages: f.max_queued_messages,
         max_subscriptions: f.max_subscriptions,
         handshake_timeout: Duration::from_secs(f.handshake_timeout_s),
+        max_connections_per_address: f.max_connections_per_address,
     }
 }
 

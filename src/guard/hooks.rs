@@ -1,29 +1,42 @@
 //! The guard's handlers in rmqtt's hook chain: CONNECT authentication (with the will's topic checked
 //! against the ACL, since rmqtt publishes wills without a publish-ACL check), subscribe ACL and publish
 //! ACL. Each refusal is logged once with the peer, client id, user and reason.
+//!
+//! At CONNECT the guard also enforces `duplicate_client_id` (it reads rmqtt's session registry,
+//! `scx.extends.shared()`, for a connected session with the same client id and logs both peers), the
+//! per-address connection limit (sessions counted by the connected/disconnected hooks), and accepts a
+//! verified certificate CN as the username on `use_identity_as_username` listeners.
 
 use async_trait::async_trait;
 use rmqtt::codec::v5::SubscribeAckReason;
+use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, Register, ReturnType, Type};
 use rmqtt::types::{AuthResult, ConnectInfo, LastWill, PublishAclResult, SubscribeAclResult};
 
-use super::{log_refusal, Guard, Refusal};
+use super::{log_refusal, Guard, Login, Refusal};
+use crate::config::DuplicatePolicy;
 
 /// Priority of the guard's handlers: above everything else, so nothing runs before the policy.
 pub const GUARD_PRIORITY: u32 = 1000;
 
-/// Registers the guard's handlers on a broker's hook register.
-pub async fn register(register: &dyn Register, guard: &Guard) {
+/// Registers the guard's handlers on a broker's hook register. `scx` is the broker's context, read for
+/// the session registry (duplicate client ids).
+pub async fn register(register: &dyn Register, guard: &Guard, scx: ServerContext) {
     for typ in [
         Type::ClientAuthenticate,
         Type::ClientSubscribeCheckAcl,
         Type::MessagePublishCheckAcl,
+        Type::ClientConnected,
+        Type::ClientDisconnected,
     ] {
         register
             .add_priority(
                 typ,
                 GUARD_PRIORITY,
-                Box::new(GuardHandler { guard: guard.clone() }),
+                Box::new(GuardHandler {
+                    guard: guard.clone(),
+                    scx: scx.clone(),
+                }),
             )
             .await;
     }
@@ -31,6 +44,71 @@ pub async fn register(register: &dyn Register, guard: &Guard) {
 
 struct GuardHandler {
     guard: Guard,
+    scx: ServerContext,
+}
+
+/// The CN of a TLS-verified client certificate, when rmqtt collected one.
+fn cert_cn(ci: &ConnectInfo) -> Option<&str> {
+    let cert = match ci {
+        ConnectInfo::V3(_, c) => c.cert.as_ref(),
+        ConnectInfo::V5(_, c) => c.cert.as_ref(),
+    };
+    cert.and_then(|c| c.common_name.as_deref())
+}
+
+impl GuardHandler {
+    /// The full CONNECT check; `Err` has been logged.
+    async fn connect(&self, ci: &ConnectInfo) -> Result<(), ()> {
+        let id = ci.id();
+        let user = ci.username().map(|u| u.as_ref());
+        let client_id: &str = id.client_id.as_ref();
+        // rmqtt replaces the username by the certificate's CN on such listeners; we accept it without
+        // a password only when the CN is really there (a certificate without CN leaves the client's
+        // own username in place, which then needs its password).
+        let cert_identity = self.guard.identity_listener(id.lid) && user.is_some() && cert_cn(ci) == user;
+        let login = Login {
+            peer: id.remote_addr,
+            user,
+            password: ci.password().map(|p| p.as_ref()),
+            client_id,
+            cert_identity,
+        };
+        if let Err(reason) = self.guard.authenticate(login).await {
+            log_refusal(id.remote_addr, client_id, user, reason, "");
+            return Err(());
+        }
+        if let Some(topic) = will_topic(ci) {
+            if !self.guard.check_publish(user, client_id, &topic).allowed {
+                log_refusal(id.remote_addr, client_id, user, Refusal::WillDenied, &topic);
+                return Err(());
+            }
+        }
+        let entry = self.scx.extends.shared().await.entry(id.clone());
+        if entry.is_connected().await {
+            let other = entry
+                .session()
+                .and_then(|s| s.id.remote_addr)
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into());
+            let detail = format!("connected from {other}");
+            match self.guard.policy().duplicate_client_id {
+                DuplicatePolicy::Reject => {
+                    log_refusal(id.remote_addr, client_id, user, Refusal::ClientIdInUse, &detail);
+                    return Err(());
+                }
+                DuplicatePolicy::Takeover => {
+                    log_refusal(
+                        id.remote_addr,
+                        client_id,
+                        user,
+                        Refusal::ClientIdTakeover,
+                        &detail,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn will_topic(ci: &ConnectInfo) -> Option<String> {
@@ -45,33 +123,23 @@ impl Handler for GuardHandler {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         match param {
             Parameter::ClientAuthenticate(ci) => {
-                let id = ci.id();
-                let user = ci.username().map(|u| u.as_ref());
-                let password = ci.password().map(|p| p.as_ref());
-                let client_id: &str = id.client_id.as_ref();
-                let verdict = match self.guard.authenticate(user, password, client_id).await {
-                    Ok(()) => match will_topic(ci) {
-                        Some(topic) => {
-                            let d = self.guard.check_publish(user, client_id, &topic);
-                            if d.allowed {
-                                Ok(())
-                            } else {
-                                log_refusal(id.remote_addr, client_id, user, Refusal::WillDenied, &topic);
-                                Err(())
-                            }
-                        }
-                        None => Ok(()),
-                    },
-                    Err(reason) => {
-                        log_refusal(id.remote_addr, client_id, user, reason, "");
-                        Err(())
-                    }
-                };
-                let result = match verdict {
+                let result = match self.connect(ci).await {
                     Ok(()) => AuthResult::Allow(false, None),
                     Err(()) => AuthResult::NotAuthorized,
                 };
                 (false, Some(HookResult::AuthResult(result)))
+            }
+            Parameter::ClientConnected(session) => {
+                if let Some(a) = session.id.remote_addr {
+                    self.guard.connected(a.ip());
+                }
+                (true, acc)
+            }
+            Parameter::ClientDisconnected(session, _) => {
+                if let Some(a) = session.id.remote_addr {
+                    self.guard.disconnected(a.ip());
+                }
+                (true, acc)
             }
             Parameter::ClientSubscribeCheckAcl(session, sub) => {
                 let user = session.id.username.as_ref().map(|u| u.as_ref());
@@ -97,6 +165,23 @@ impl Handler for GuardHandler {
                 let user = session.id.username.as_ref().map(|u| u.as_ref());
                 let client_id: &str = session.id.client_id.as_ref();
                 let topic: &str = publish.topic.as_ref();
+                // A topic name with `+`, `#` or NUL is a protocol violation (MQTT-3.3.2-2): refused and
+                // the connection closed, not just the message dropped.
+                if let Err(e) = crate::topic::validate_name(topic) {
+                    log_refusal(
+                        session.id.remote_addr,
+                        client_id,
+                        user,
+                        Refusal::PublishDenied,
+                        &format!("invalid topic name: {e}"),
+                    );
+                    return (
+                        false,
+                        Some(HookResult::PublishAclResult(PublishAclResult::rejected(
+                            true, None,
+                        ))),
+                    );
+                }
                 let d = self.guard.check_publish(user, client_id, topic);
                 if d.allowed {
                     (

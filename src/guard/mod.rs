@@ -1,13 +1,18 @@
 //! The guard: our security policy, plugged into the broker's hooks. It owns authentication (password
 //! file), authorisation (ACL, deny by default), the client-id policy, and one log line per refusal
-//! with the peer address, client id, user and reason.
+//! with the peer address, client id, user and reason (rate-limited per reason and address, counted
+//! always), failed-login throttling per address and the per-address connection limit.
 
 pub mod acl;
 pub mod hooks;
 pub mod passwords;
+pub mod ratelimit;
+pub mod throttle;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::time::Instant;
 
 use anyhow::Context as _;
 
@@ -77,6 +82,16 @@ pub enum Refusal {
     WillDenied,
     PublishDenied,
     SubscribeDenied,
+    /// Too many failed logins from this address: attempt refused without checking the password.
+    Throttled,
+    /// Too many failed logins from this address: banned for a while.
+    Banned,
+    /// `duplicate_client_id = "reject"` and the client id is connected elsewhere.
+    ClientIdInUse,
+    /// `duplicate_client_id = "takeover"`: the older connection was closed (logged, not refused).
+    ClientIdTakeover,
+    /// `limits.max_connections_per_address` reached for this address.
+    TooManyFromAddress,
 }
 
 impl Refusal {
@@ -89,14 +104,53 @@ impl Refusal {
             Refusal::WillDenied => "will topic not writable (ACL)",
             Refusal::PublishDenied => "publish denied (ACL)",
             Refusal::SubscribeDenied => "subscribe denied (ACL)",
+            Refusal::Throttled => "login throttled (recent failures from this address)",
+            Refusal::Banned => "address banned (too many failed logins)",
+            Refusal::ClientIdInUse => "client id already connected (duplicate_client_id = reject)",
+            Refusal::ClientIdTakeover => "client id taken over (duplicate_client_id = takeover)",
+            Refusal::TooManyFromAddress => "too many connections from this address",
         }
     }
+
+    /// Does this refusal count as a failed login for the throttle?
+    pub fn is_login_failure(self) -> bool {
+        matches!(
+            self,
+            Refusal::AnonymousNotAllowed | Refusal::NoPasswordFile | Refusal::BadCredentials
+        )
+    }
+}
+
+/// One CONNECT as the guard sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Login<'a> {
+    pub peer: Option<SocketAddr>,
+    pub user: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+    pub client_id: &'a str,
+    /// The username was taken from a client certificate's CN that TLS verified, on a listener with
+    /// `use_identity_as_username = true`: no password is needed.
+    pub cert_identity: bool,
+}
+
+/// Settings that come from outside `[auth]`'s files and do not change on reload.
+#[derive(Debug, Clone, Default)]
+pub struct GuardSettings {
+    pub throttle: throttle::ThrottleSettings,
+    /// Listener indexes (config order) with `use_identity_as_username = true`.
+    pub identity_listeners: HashSet<u16>,
+    /// Authenticated connections per peer address at most; 0 means no limit.
+    pub max_connections_per_address: usize,
 }
 
 /// The guard's shared state: the current policy. Cheap to clone.
 #[derive(Clone)]
 pub struct Guard {
     policy: Arc<RwLock<Arc<Policy>>>,
+    settings: Arc<GuardSettings>,
+    throttle: Arc<throttle::Throttle>,
+    /// Connected sessions per peer address (kept by the connected/disconnected hooks).
+    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Password hashing is slow and argon2id takes ~19 MiB per check: at most this many run at once,
     /// so a login flood queues instead of growing memory and threads.
     verify_slots: Arc<tokio::sync::Semaphore>,
@@ -107,10 +161,59 @@ const VERIFY_SLOTS: usize = 2;
 
 impl Guard {
     pub fn new(policy: Policy) -> Self {
+        Guard::with_settings(policy, GuardSettings::default())
+    }
+
+    /// A guard with explicit throttle, listener and per-address settings.
+    pub fn with_settings(policy: Policy, settings: GuardSettings) -> Self {
         Guard {
             policy: Arc::new(RwLock::new(Arc::new(policy))),
+            throttle: Arc::new(throttle::Throttle::new(settings.throttle.clone())),
+            settings: Arc::new(settings),
+            per_address: Arc::new(Mutex::new(HashMap::new())),
             verify_slots: Arc::new(tokio::sync::Semaphore::new(VERIFY_SLOTS)),
         }
+    }
+
+    /// Does listener `lid` take the username from the client certificate?
+    pub fn identity_listener(&self, lid: u16) -> bool {
+        self.settings.identity_listeners.contains(&lid)
+    }
+
+    /// The failed-login table (for tests and metrics).
+    pub fn throttle(&self) -> &throttle::Throttle {
+        &self.throttle
+    }
+
+    /// A session from `ip` connected.
+    pub fn connected(&self, ip: IpAddr) {
+        *self
+            .per_address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(ip)
+            .or_default() += 1;
+    }
+
+    /// A session from `ip` went away.
+    pub fn disconnected(&self, ip: IpAddr) {
+        let mut map = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&ip);
+            }
+        }
+    }
+
+    /// Connected sessions from `ip`.
+    pub fn connections_from(&self, ip: IpAddr) -> usize {
+        self.per_address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The current policy snapshot.
@@ -123,28 +226,49 @@ impl Guard {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
     }
 
-    /// Checks a CONNECT. Password hashing is deliberately slow, so it runs on the blocking pool.
-    pub async fn authenticate(
-        &self,
-        user: Option<&str>,
-        password: Option<&[u8]>,
-        client_id: &str,
-    ) -> Result<(), Refusal> {
+    /// Checks a CONNECT: per-address limit, throttle, credentials (or the verified certificate
+    /// identity), client-id pattern. Password hashing is deliberately slow, so it runs on the blocking
+    /// pool. A credential failure is recorded against the peer address.
+    pub async fn authenticate(&self, login: Login<'_>) -> Result<(), Refusal> {
+        let ip = login.peer.map(|p| p.ip());
+        if let Some(ip) = ip {
+            let max = self.settings.max_connections_per_address;
+            if max > 0 && self.connections_from(ip) >= max {
+                return Err(Refusal::TooManyFromAddress);
+            }
+            match self.throttle.gate(ip, Instant::now()) {
+                throttle::Gate::Go => {}
+                throttle::Gate::Wait(d) => tokio::time::sleep(d).await,
+                throttle::Gate::Throttled => return Err(Refusal::Throttled),
+                throttle::Gate::Banned => return Err(Refusal::Banned),
+            }
+        }
+        let result = self.check_credentials(&login).await;
+        if let (Err(r), Some(ip)) = (result, ip) {
+            if r.is_login_failure() {
+                self.throttle.failure(ip, Instant::now());
+            }
+        }
+        result
+    }
+
+    async fn check_credentials(&self, login: &Login<'_>) -> Result<(), Refusal> {
         let policy = self.policy();
+        let user = login.user;
         match user {
             None => {
                 if !policy.allow_anonymous {
                     return Err(Refusal::AnonymousNotAllowed);
                 }
             }
+            Some(_) if login.cert_identity => {}
             Some(user) => {
                 if policy.passwords.is_none() {
-                    // Anonymous-only setups still accept a username for ACL purposes? No: a name
-                    // without a password file cannot be checked, so it is refused.
+                    // A name without a password file cannot be checked, so it is refused.
                     return Err(Refusal::NoPasswordFile);
                 }
                 let user_owned = user.to_string();
-                let password = password.unwrap_or_default().to_vec();
+                let password = login.password.unwrap_or_default().to_vec();
                 let p = policy.clone();
                 let Ok(_slot) = self.verify_slots.acquire().await else {
                     return Err(Refusal::BadCredentials);
@@ -161,7 +285,7 @@ impl Guard {
                 }
             }
         }
-        if !policy.client_id_allowed(user, client_id) {
+        if !policy.client_id_allowed(user, login.client_id) {
             return Err(Refusal::ClientIdPattern);
         }
         Ok(())
@@ -176,7 +300,12 @@ impl Guard {
     }
 }
 
-/// One log line per refusal: the fields an operator greps for.
+static REFUSAL_LOG: LazyLock<ratelimit::RefusalLog> =
+    LazyLock::new(|| ratelimit::RefusalLog::new(ratelimit::LOG_INTERVAL));
+
+/// One log line per refusal: the fields an operator greps for. Counted every time; logged at most once
+/// per [`ratelimit::LOG_INTERVAL`] per (reason, peer address), the next line carrying the number held
+/// back (`suppressed`), and a summary line for bursts that ended.
 pub fn log_refusal(
     peer: Option<SocketAddr>,
     client_id: &str,
@@ -188,6 +317,20 @@ pub fn log_refusal(
         .refusals
         .with_label_values(&[reason.as_str()])
         .inc();
+    let now = Instant::now();
+    for s in REFUSAL_LOG.flush(now) {
+        tracing::warn!(
+            target: "mqtt_uplink::guard",
+            peer = %s.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+            reason = s.reason,
+            suppressed = s.suppressed,
+            "refusals held back in the last interval"
+        );
+    }
+    let suppressed = match REFUSAL_LOG.admit(reason.as_str(), peer.map(|p| p.ip()), now) {
+        ratelimit::Verdict::Suppress => return,
+        ratelimit::Verdict::Log { suppressed } => suppressed,
+    };
     let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
     tracing::warn!(
         target: "mqtt_uplink::guard",
@@ -196,6 +339,7 @@ pub fn log_refusal(
         user = user.unwrap_or("-"),
         reason = reason.as_str(),
         detail,
+        suppressed,
         "refused"
     );
 }
