@@ -33,7 +33,12 @@ fn copy_example(dir: &Path) -> std::path::PathBuf {
 }
 
 fn status_of(json: &serde_json::Value, id: u64) -> String {
-    json["practices"].as_array().unwrap().iter().find(|p| p["id"] == id).unwrap()["status"]
+    json["practices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id)
+        .unwrap()["status"]
         .as_str()
         .unwrap()
         .to_string()
@@ -43,18 +48,30 @@ fn status_of(json: &serde_json::Value, id: u64) -> String {
 fn hardened_example_passes_once_secrets_are_0600() {
     let dir = support::tempdir();
     let config = copy_example(dir.path());
-    for f in ["example/passwords", "example/uplink.password", "example/tls/server.key"] {
+    for f in [
+        "example/passwords",
+        "example/uplink.password",
+        "example/tls/server.key",
+    ] {
         std::fs::set_permissions(dir.path().join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     let (code, json) = audit(&config);
     assert_eq!(code, 1, "group-readable secrets fail: {json}");
     assert_eq!(status_of(&json, 2), "fail");
-    for f in ["example/passwords", "example/uplink.password", "example/tls/server.key"] {
+    for f in [
+        "example/passwords",
+        "example/uplink.password",
+        "example/tls/server.key",
+    ] {
         std::fs::set_permissions(dir.path().join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     let (code, json) = audit(&config);
     assert_eq!(code, 0, "{json:#}");
-    assert_eq!(json["summary"], serde_json::json!({"pass": 10, "warn": 0, "fail": 0}), "{json:#}");
+    assert_eq!(
+        json["summary"],
+        serde_json::json!({"pass": 10, "warn": 0, "fail": 0}),
+        "{json:#}"
+    );
     assert_eq!(json["practices"].as_array().unwrap().len(), 10);
 }
 
@@ -62,14 +79,20 @@ fn hardened_example_passes_once_secrets_are_0600() {
 fn wildcard_writes_fail_and_a_missing_client_id_pattern_warns() {
     let dir = support::tempdir();
     let config = copy_example(dir.path());
-    for f in ["example/passwords", "example/uplink.password", "example/tls/server.key"] {
+    for f in [
+        "example/passwords",
+        "example/uplink.password",
+        "example/tls/server.key",
+    ] {
         std::fs::set_permissions(dir.path().join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     let acl = dir.path().join("example/hardened.acl");
     let mut text = std::fs::read_to_string(&acl).unwrap();
     text += "topic write sensors/+/temperature\n";
     std::fs::write(&acl, &text).unwrap();
-    let toml = std::fs::read_to_string(&config).unwrap().replace("client_id_pattern = \"%u-*\"\n", "");
+    let toml = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("client_id_pattern = \"%u-*\"\n", "");
     std::fs::write(&config, toml).unwrap();
     let (code, json) = audit(&config);
     assert_eq!(code, 1);
