@@ -94,6 +94,8 @@ pub enum Refusal {
     ClientIdTakeover,
     /// `limits.max_connections_per_address` reached for this address.
     TooManyFromAddress,
+    /// On a `use_identity_as_username` listener, the username differs from the certificate's CN.
+    IdentityMismatch,
 }
 
 impl Refusal {
@@ -111,6 +113,7 @@ impl Refusal {
             Refusal::ClientIdInUse => "client id already connected (duplicate_client_id = reject)",
             Refusal::ClientIdTakeover => "client id taken over (duplicate_client_id = takeover)",
             Refusal::TooManyFromAddress => "too many connections from this address",
+            Refusal::IdentityMismatch => "username differs from the client certificate's CN",
         }
     }
 

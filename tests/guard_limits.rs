@@ -1,16 +1,20 @@
-//! Password verification memory and the verification cache: 50 logins with distinct argon2id
-//! passwords, all at once, then the same 50 again. RSS is printed; the bound is generous (it proves
-//! "bounded", not a figure). Runs without `MALLOC_MMAP_THRESHOLD_`: the bound must hold for a binary
-//! started by hand.
+//! The guard's resource limits. Password verification memory and the verification cache: 50 logins
+//! with distinct argon2id passwords, all at once, then the same 50 again (RSS printed; the bound is
+//! generous, it proves "bounded", not a figure; run without `MALLOC_MMAP_THRESHOLD_`, so it holds for
+//! a binary started by hand). And `max_connections_per_address` against the running appliance, with
+//! 127.0.0.2 as a second source address.
 
 mod support;
 
-use std::time::Instant;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
 
 use mqtt_uplink::config::DuplicatePolicy;
 use mqtt_uplink::guard::acl::Acl;
 use mqtt_uplink::guard::passwords::{hash_argon2id, PasswordFile};
 use mqtt_uplink::guard::{Guard, Login, Policy};
+use support::raw::{self, Raw};
+use support::{tempdir, write_secret, App};
 
 const USERS: usize = 50;
 
@@ -113,4 +117,94 @@ async fn distinct_logins_keep_memory_bounded_and_repeats_hit_the_cache() {
         "RSS grew {} KiB",
         rss2.saturating_sub(rss0)
     );
+}
+
+const PW: &str = "Limits-Test-Passw0rd";
+
+async fn login_from(app: &App, src: Ipv4Addr, client_id: &str) -> (Raw, Option<u8>) {
+    let mut c = Raw::connect_from(IpAddr::V4(src), app.addr).await;
+    let code = c
+        .login(&raw::connect(client_id.as_bytes(), true, Some("dev"), Some(PW)))
+        .await;
+    (c, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_address_are_limited_per_address() {
+    let dir = tempdir();
+    let hash = hash_argon2id(PW.as_bytes());
+    write_secret(&dir.path().join("passwords"), &format!("dev:{hash}\n"));
+    std::fs::write(dir.path().join("acl"), "user dev\ntopic read x\n").unwrap();
+    let app = App::start(
+        dir.path(),
+        r#"
+[site]
+id = "limits"
+state_dir = "state"
+
+[[listener]]
+bind = "127.0.0.1:0"
+
+[auth]
+password_file = "passwords"
+acl_file = "acl"
+
+[limits]
+max_connections_per_address = 3
+"#,
+    )
+    .await;
+    let counted = || {
+        mqtt_uplink::ops::metrics::get()
+            .refusals
+            .with_label_values(&["too many connections from this address"])
+            .get()
+    };
+    let before = counted();
+    let one = Ipv4Addr::new(127, 0, 0, 1);
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let (c, code) = login_from(&app, one, &format!("a{i}")).await;
+        assert_eq!(code, Some(0), "connection {i} from 127.0.0.1");
+        held.push(c);
+    }
+    let (mut fourth, code) = login_from(&app, one, "a3").await;
+    assert_eq!(
+        code,
+        Some(5),
+        "the 4th from 127.0.0.1 is refused (not authorised)"
+    );
+    assert!(fourth.closed_within(Duration::from_secs(15)).await);
+    assert_eq!(counted(), before + 1, "counted once");
+    // Another address is not affected.
+    let other = Ipv4Addr::new(127, 0, 0, 2);
+    let mut others = Vec::new();
+    for i in 0..3 {
+        let (c, code) = login_from(&app, other, &format!("b{i}")).await;
+        assert_eq!(code, Some(0), "connection {i} from 127.0.0.2");
+        others.push(c);
+    }
+    // The held ones still work, and a closed one frees its slot.
+    held[0].send(&[0xc0, 0]).await.unwrap();
+    assert_eq!(
+        held[0].read(Duration::from_secs(15)).await.map(|p| p.0),
+        Some(0xd0)
+    );
+    drop(held.pop());
+    // The slot is freed when the broker's disconnect hook runs: retried with a deadline.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut freed = false;
+    let mut tries = 0;
+    while Instant::now() < deadline && tries < 30 {
+        tries += 1;
+        let (c, code) = login_from(&app, one, &format!("again{tries}")).await;
+        if code == Some(0) {
+            held.push(c);
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(freed, "a closed connection frees its slot");
+    app.stop().await;
 }
