@@ -877,6 +877,36 @@ mod tests {
             let _ = PasswordFile::parse(&text);
         }
 
+        /// Arbitrary bytes (as a file read lossily would give): never a panic, errors within the file.
+        #[test]
+        fn parse_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(errors) = PasswordFile::parse(&text) {
+                prop_assert!(errors.iter().all(|e| e.line >= 1 && e.line <= text.lines().count()));
+            }
+        }
+
+        /// Hash-shaped entries: parse never panics, and no error message repeats a hash field.
+        #[test]
+        fn parse_structured_never_echoes_hashes(
+            lines in prop::collection::vec(
+                (
+                    "[a-z]{1,6}",
+                    prop::sample::select(vec!["$7$", "$6$", "$argon2id$", "$argon2i$", "$7$101$", ""]),
+                    "[A-Za-z0-9+/=$,]{4,40}",
+                ),
+                1..6,
+            ),
+        ) {
+            let text: String = lines.iter().map(|(u, p, h)| format!("{u}:{p}{h}\n")).collect();
+            if let Err(errors) = PasswordFile::parse(&text) {
+                let all = join_errors(&errors);
+                for (_, p, h) in &lines {
+                    prop_assert!(!all.contains(&format!("{p}{h}")), "{}", all);
+                }
+            }
+        }
+
         #[test]
         fn strength_never_panics(p in ".{0,40}", u in ".{0,8}") {
             let _ = check_strength(&p, &u);
