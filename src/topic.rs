@@ -503,6 +503,16 @@ mod tests {
             prop_assert!(intersects(&f, &f));
         }
 
+        /// Arbitrary bytes as topic names and filters: no panic, and a valid name matches itself.
+        #[test]
+        fn arbitrary_bytes(a in prop::collection::vec(any::<u8>(), 0..64), b in prop::collection::vec(any::<u8>(), 0..64)) {
+            let (a, b) = (String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
+            let _ = (validate_filter(&a), strip_shared(&a), covers(&a, &b), intersects(&a, &b), matches(&a, &b));
+            if validate_name(&a).is_ok() {
+                prop_assert!(matches(&a, &a), "{:?}", a);
+            }
+        }
+
         #[test]
         fn never_panics(a in ".{0,24}", b in "[a$/+#\\x00 ]{0,12}") {
             let _ = validate_name(&a);

@@ -159,7 +159,9 @@ fn bind(l: &Listener, limits: &Limits, index: usize) -> anyhow::Result<rmqtt::ne
                 .tls_key(Some(path(&tls.key)))
                 .tls_client_ca_certs(tls.client_ca.as_deref().map(path))
                 .tls_cross_certificate(tls.client_ca.is_some())
-                .cert_cn_as_username(tls.use_identity_as_username)
+                // Not rmqtt's CN-as-username: it would overwrite a claimed username silently. The guard
+                // reads the CN from the collected certificate and refuses a different claimed name.
+                .cert_cn_as_username(false)
                 .collect_cert_info(tls.use_identity_as_username);
             Ok(builder
                 .bind()

@@ -810,6 +810,19 @@ mod tests {
             }
         }
 
+        /// Arbitrary bytes read lossily: no panic; errors name lines inside the file.
+        #[test]
+        fn parse_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512), t in ".{0,16}") {
+            let text = String::from_utf8_lossy(&bytes);
+            match Acl::parse(&text) {
+                Ok(a) => {
+                    let _ = a.check_publish(Some("u"), "c", &t);
+                    let _ = a.check_subscribe(Some("u"), "c", &t);
+                }
+                Err(errors) => prop_assert!(!errors.is_empty()),
+            }
+        }
+
         /// A granted subscription never delivers a message the client may not receive.
         #[test]
         fn allowed_subscription_implies_receive(

@@ -6,11 +6,18 @@
 //! `scx.extends.shared()`, for a connected session with the same client id and logs both peers), the
 //! per-address connection limit (sessions counted by the connected/disconnected hooks), and accepts a
 //! verified certificate CN as the username on `use_identity_as_username` listeners.
+//!
+//! On those listeners rmqtt does not overwrite the username with the CN (that would hide a client
+//! claiming another name): the guard refuses a username that differs from the CN, and a client that
+//! sent none acts as its CN, which the ACL hooks read back from the session's certificate.
+
+use std::borrow::Cow;
 
 use async_trait::async_trait;
 use rmqtt::codec::v5::SubscribeAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, Register, ReturnType, Type};
+use rmqtt::session::Session;
 use rmqtt::types::{AuthResult, ConnectInfo, LastWill, PublishAclResult, SubscribeAclResult};
 
 use super::{log_refusal, Guard, Login, Refusal};
@@ -60,12 +67,28 @@ impl GuardHandler {
     /// The full CONNECT check; `Err` has been logged.
     async fn connect(&self, ci: &ConnectInfo) -> Result<(), ()> {
         let id = ci.id();
-        let user = ci.username().map(|u| u.as_ref());
+        let claimed = ci.username().map(|u| u.as_ref());
         let client_id: &str = id.client_id.as_ref();
-        // rmqtt replaces the username by the certificate's CN on such listeners; we accept it without
-        // a password only when the CN is really there (a certificate without CN leaves the client's
-        // own username in place, which then needs its password).
-        let cert_identity = self.guard.identity_listener(id.lid) && user.is_some() && cert_cn(ci) == user;
+        // On an identity listener a verified certificate's CN is the username, without a password. A
+        // client may repeat it as its username but not claim another. A certificate without a CN leaves
+        // the client's own username, which then needs its password.
+        let cn = cert_cn(ci).filter(|_| self.guard.identity_listener(id.lid));
+        let (user, cert_identity) = match (cn, claimed) {
+            (Some(cn), None) => (Some(cn), true),
+            (Some(cn), Some(u)) if u == cn => (Some(cn), true),
+            (Some(cn), Some(u)) => {
+                let detail = format!("certificate CN is {cn:?}");
+                log_refusal(
+                    id.remote_addr,
+                    client_id,
+                    Some(u),
+                    Refusal::IdentityMismatch,
+                    &detail,
+                );
+                return Err(());
+            }
+            (None, u) => (u, false),
+        };
         let login = Login {
             peer: id.remote_addr,
             user,
@@ -111,6 +134,19 @@ impl GuardHandler {
     }
 }
 
+/// The username the ACL applies to: the session's own, or on an identity listener the verified
+/// certificate's CN when the client sent none (the CONNECT check made sure they never differ).
+async fn session_user<'a>(guard: &Guard, session: &'a Session) -> Option<Cow<'a, str>> {
+    if let Some(u) = &session.id.username {
+        return Some(Cow::Borrowed(u.as_ref()));
+    }
+    if !guard.identity_listener(session.id.lid) {
+        return None;
+    }
+    let ci = session.connect_info().await.ok()?;
+    cert_cn(&ci).map(|cn| Cow::Owned(cn.to_string()))
+}
+
 fn will_topic(ci: &ConnectInfo) -> Option<String> {
     ci.last_will().map(|lw| match lw {
         LastWill::V3(w) => w.topic.to_string(),
@@ -142,7 +178,8 @@ impl Handler for GuardHandler {
                 (true, acc)
             }
             Parameter::ClientSubscribeCheckAcl(session, sub) => {
-                let user = session.id.username.as_ref().map(|u| u.as_ref());
+                let user = session_user(&self.guard, session).await;
+                let user = user.as_deref();
                 let client_id: &str = session.id.client_id.as_ref();
                 let filter: &str = sub.topic_filter.as_ref();
                 let d = self.guard.check_subscribe(user, client_id, filter);
@@ -162,7 +199,8 @@ impl Handler for GuardHandler {
                 }
             }
             Parameter::MessagePublishCheckAcl(session, publish) => {
-                let user = session.id.username.as_ref().map(|u| u.as_ref());
+                let user = session_user(&self.guard, session).await;
+                let user = user.as_deref();
                 let client_id: &str = session.id.client_id.as_ref();
                 let topic: &str = publish.topic.as_ref();
                 // A topic name with `+`, `#` or NUL is a protocol violation (MQTT-3.3.2-2): refused and

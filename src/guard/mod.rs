@@ -8,9 +8,11 @@ pub mod hooks;
 pub mod passwords;
 pub mod ratelimit;
 pub mod throttle;
+pub mod verify;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::Instant;
 
@@ -92,6 +94,8 @@ pub enum Refusal {
     ClientIdTakeover,
     /// `limits.max_connections_per_address` reached for this address.
     TooManyFromAddress,
+    /// On a `use_identity_as_username` listener, the username differs from the certificate's CN.
+    IdentityMismatch,
 }
 
 impl Refusal {
@@ -109,6 +113,7 @@ impl Refusal {
             Refusal::ClientIdInUse => "client id already connected (duplicate_client_id = reject)",
             Refusal::ClientIdTakeover => "client id taken over (duplicate_client_id = takeover)",
             Refusal::TooManyFromAddress => "too many connections from this address",
+            Refusal::IdentityMismatch => "username differs from the client certificate's CN",
         }
     }
 
@@ -151,13 +156,11 @@ pub struct Guard {
     throttle: Arc<throttle::Throttle>,
     /// Connected sessions per peer address (kept by the connected/disconnected hooks).
     per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    /// Password hashing is slow and argon2id takes ~19 MiB per check: at most this many run at once,
-    /// so a login flood queues instead of growing memory and threads.
-    verify_slots: Arc<tokio::sync::Semaphore>,
+    /// Recent successful password checks (keyed hashes); cleared when the policy is replaced.
+    verified: Arc<verify::VerifyCache>,
+    /// Password hash computations run (cache misses), for tests and figures.
+    hash_runs: Arc<AtomicU64>,
 }
-
-/// Concurrent password verifications.
-const VERIFY_SLOTS: usize = 2;
 
 impl Guard {
     pub fn new(policy: Policy) -> Self {
@@ -171,7 +174,8 @@ impl Guard {
             throttle: Arc::new(throttle::Throttle::new(settings.throttle.clone())),
             settings: Arc::new(settings),
             per_address: Arc::new(Mutex::new(HashMap::new())),
-            verify_slots: Arc::new(tokio::sync::Semaphore::new(VERIFY_SLOTS)),
+            verified: Arc::new(verify::VerifyCache::new()),
+            hash_runs: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -216,6 +220,11 @@ impl Guard {
             .unwrap_or(0)
     }
 
+    /// Password hash computations run so far (logins that missed the verification cache).
+    pub fn hash_runs(&self) -> u64 {
+        self.hash_runs.load(Ordering::Relaxed)
+    }
+
     /// The current policy snapshot.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -223,12 +232,16 @@ impl Guard {
 
     /// Replaces the policy (live reload); connections keep running under the new rules.
     pub fn replace(&self, policy: Policy) {
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        let mut current = self.policy.write().unwrap_or_else(|e| e.into_inner());
+        *current = Arc::new(policy);
+        // Cleared while the new policy is being installed: no check can add an entry of the old one.
+        self.verified.clear();
     }
 
     /// Checks a CONNECT: per-address limit, throttle, credentials (or the verified certificate
-    /// identity), client-id pattern. Password hashing is deliberately slow, so it runs on the blocking
-    /// pool. A credential failure is recorded against the peer address.
+    /// identity), client-id pattern. Password hashing is deliberately slow (and argon2id needs ~19 MiB),
+    /// so it runs on the two password-check threads ([`verify::POOL`]), and a success is cached. A
+    /// credential failure is recorded against the peer address.
     pub async fn authenticate(&self, login: Login<'_>) -> Result<(), Refusal> {
         let ip = login.peer.map(|p| p.ip());
         if let Some(ip) = ip {
@@ -267,21 +280,29 @@ impl Guard {
                     // A name without a password file cannot be checked, so it is refused.
                     return Err(Refusal::NoPasswordFile);
                 }
-                let user_owned = user.to_string();
-                let password = login.password.unwrap_or_default().to_vec();
-                let p = policy.clone();
-                let Ok(_slot) = self.verify_slots.acquire().await else {
-                    return Err(Refusal::BadCredentials);
-                };
-                let ok = tokio::task::spawn_blocking(move || {
-                    p.passwords
-                        .as_ref()
-                        .is_some_and(|f| f.verify(&user_owned, &password))
-                })
-                .await
-                .unwrap_or(false);
-                if !ok {
-                    return Err(Refusal::BadCredentials);
+                let password = login.password.unwrap_or_default();
+                let stored = policy.passwords.as_ref().and_then(|f| f.hash_text(user));
+                let cached = stored.is_some_and(|h| self.verified.contains(user, password, h));
+                if !cached {
+                    self.hash_runs.fetch_add(1, Ordering::Relaxed);
+                    let (user_owned, password_owned) = (user.to_string(), password.to_vec());
+                    let p = policy.clone();
+                    let ok = verify::POOL
+                        .run(move || {
+                            p.passwords
+                                .as_ref()
+                                .is_some_and(|f| f.verify(&user_owned, &password_owned))
+                        })
+                        .await
+                        .unwrap_or(false);
+                    if !ok {
+                        return Err(Refusal::BadCredentials);
+                    }
+                    // Only if the policy checked is still current: a reload clears the cache.
+                    let current = self.policy.read().unwrap_or_else(|e| e.into_inner());
+                    if let (true, Some(h)) = (Arc::ptr_eq(&current, &policy), stored) {
+                        self.verified.insert(user, password, h);
+                    }
                 }
             }
         }

@@ -7,11 +7,12 @@
 //! password in particular, is refused at parse time. Error messages name the line and the
 //! user, never the hash or what might be a secret.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, Engine, GeneralPurpose, GeneralPurposeConfig};
 use rand::TryRngCore;
@@ -190,13 +191,57 @@ impl Hash {
                 h.update(salt);
                 bool::from(h.finalize().as_slice().ct_eq(hash.as_slice()))
             }
-            Hash::Argon2id(phc) => match PasswordHash::new(phc) {
-                // The argon2 crate compares outputs in constant time.
-                Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
-                Err(_) => false,
-            },
+            Hash::Argon2id(phc) => verify_argon2id(phc, password),
         }
     }
+}
+
+/// Argon2 working memory kept per thread between verifications, in 1 KiB blocks: enough for the
+/// default parameters (19 MiB) and up to 64 MiB. A hash asking for more gets a buffer of its own,
+/// freed afterwards.
+const KEEP_ARGON2_BLOCKS: usize = 64 * 1024;
+
+thread_local! {
+    /// This thread's argon2 working memory, reused by every verification on it, so memory does not
+    /// grow with the number of logins (glibc would otherwise keep each freed 19 MiB block in the
+    /// thread's arena). Password checks run on two long-lived threads (`guard::verify`), so at most
+    /// two of these exist there.
+    static ARGON2_BLOCKS: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Verifies `password` against an argon2id PHC string, computing into this thread's reusable
+/// memory; the digests are compared in constant time.
+fn verify_argon2id(phc: &str, password: &[u8]) -> bool {
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Ok(params), Some(salt), Some(expected)) = (Params::try_from(&parsed), parsed.salt, parsed.hash)
+    else {
+        return false;
+    };
+    let version = match parsed.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    let argon2 = Argon2::new(Algorithm::Argon2id, version, params);
+    let mut out = vec![0u8; expected.len()];
+    let hashed = if blocks <= KEEP_ARGON2_BLOCKS {
+        ARGON2_BLOCKS.with_borrow_mut(|memory| {
+            if memory.len() < blocks {
+                memory.resize(blocks, Block::default());
+            }
+            argon2.hash_password_into_with_memory(password, salt, &mut out, &mut memory[..blocks])
+        })
+    } else {
+        argon2.hash_password_into_with_memory(password, salt, &mut out, vec![Block::default(); blocks])
+    };
+    hashed.is_ok() && bool::from(out.as_slice().ct_eq(expected.as_bytes()))
 }
 
 /// Decodes the base64 salt and hash of a `$6$`/`$7$` entry, checking their lengths.
@@ -344,6 +389,12 @@ impl PasswordFile {
                 false
             }
         }
+    }
+
+    /// The stored hash of `user`, as written in the file (the verification cache's key includes it,
+    /// so a changed hash never matches an old entry).
+    pub fn hash_text(&self, user: &str) -> Option<&str> {
+        self.position(user).map(|i| self.entries[i].text.as_str())
     }
 
     /// Usernames in file order.
@@ -654,6 +705,37 @@ mod tests {
     }
 
     #[test]
+    fn argon2id_with_reused_memory_agrees_with_the_crate() {
+        use argon2::password_hash::PasswordVerifier;
+        // Different costs in turn on one thread: the reused buffer grows and is sliced correctly.
+        for (m, t, p) in [(64, 1, 1), (19456, 2, 1), (256, 3, 2), (64, 1, 1)] {
+            let params = Params::new(m, t, p, None).unwrap();
+            let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+            let phc = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+                .hash_password(b"pw", &salt)
+                .unwrap()
+                .to_string();
+            let parsed = PasswordHash::new(&phc).unwrap();
+            assert!(Argon2::default().verify_password(b"pw", &parsed).is_ok());
+            assert!(verify_argon2id(&phc, b"pw"), "{phc}");
+            assert!(!verify_argon2id(&phc, b"pW"), "{phc}");
+        }
+        // A v=16 hash (argon2 1.0) verifies with its own version.
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let old = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x10,
+            Params::new(64, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"pw", &salt)
+        .unwrap()
+        .to_string();
+        assert!(old.contains("v=16"), "{old}");
+        assert!(verify_argon2id(&old, b"pw") && !verify_argon2id(&old, b"px"));
+        assert!(!verify_argon2id("$argon2id$v=19$m=64,t=1,p=1$c2FsdHNhbHQ", b"pw"));
+    }
+
+    #[test]
     fn refuses_other_argon2_variants_and_huge_costs() {
         let argon2i = "$argon2i$v=19$m=16,t=2,p=1$c2FsdHNhbHQ$Hh6Ls8YyAaMhB0KbxiNAJA";
         assert!(PasswordFile::parse(&format!("u:{argon2i}")).is_err());
@@ -793,6 +875,36 @@ mod tests {
         #[test]
         fn parse_never_panics(text in "(([a-z#: ]{0,6}|\\$[0-9a-z]{0,3}\\$[A-Za-z0-9+/=$]{0,20})\n?){0,6}") {
             let _ = PasswordFile::parse(&text);
+        }
+
+        /// Arbitrary bytes (as a file read lossily would give): never a panic, errors within the file.
+        #[test]
+        fn parse_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(errors) = PasswordFile::parse(&text) {
+                prop_assert!(errors.iter().all(|e| e.line >= 1 && e.line <= text.lines().count()));
+            }
+        }
+
+        /// Hash-shaped entries: parse never panics, and no error message repeats a hash field.
+        #[test]
+        fn parse_structured_never_echoes_hashes(
+            lines in prop::collection::vec(
+                (
+                    "[a-z]{1,6}",
+                    prop::sample::select(vec!["$7$", "$6$", "$argon2id$", "$argon2i$", "$7$101$", ""]),
+                    "[A-Za-z0-9+/=$,]{4,40}",
+                ),
+                1..6,
+            ),
+        ) {
+            let text: String = lines.iter().map(|(u, p, h)| format!("{u}:{p}{h}\n")).collect();
+            if let Err(errors) = PasswordFile::parse(&text) {
+                let all = join_errors(&errors);
+                for (_, p, h) in &lines {
+                    prop_assert!(!all.contains(&format!("{p}{h}")), "{}", all);
+                }
+            }
         }
 
         #[test]

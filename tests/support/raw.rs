@@ -127,6 +127,16 @@ impl Raw {
         }
     }
 
+    /// Connects from the local address `src` (e.g. 127.0.0.2, a second loopback source).
+    pub async fn connect_from(src: std::net::IpAddr, addr: std::net::SocketAddr) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(src, 0)).unwrap();
+        Raw {
+            sock: socket.connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.sock.write_all(bytes).await
     }

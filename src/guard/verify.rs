@@ -1,0 +1,202 @@
+//! Where password hashes are checked: two long-lived worker threads (so at most two threads ever hold
+//! argon2 working memory, which each reuses), and a cache of recent successes so a device that
+//! reconnects with the same credentials does not cost a hash run each time.
+//!
+//! The cache stores only a keyed hash (HMAC-SHA256 under a random per-process key) of the user, the
+//! password and the stored hash string: no password, nothing an attacker could test guesses against
+//! offline. Only successes are cached, so every wrong guess still costs a full verification. A
+//! changed hash never matches an old entry, and the guard clears the cache on every policy reload.
+
+use std::collections::{HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+use std::sync::{LazyLock, Mutex};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// Worker threads for password verification.
+pub const VERIFY_THREADS: usize = 2;
+
+/// Successful verifications remembered at most (32 bytes each); the oldest is forgotten first.
+pub const CACHE_CAPACITY: usize = 4096;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A fixed set of long-lived threads that run password verifications in submission order.
+pub struct VerifyPool {
+    tx: Mutex<mpsc::Sender<Job>>,
+    threads: usize,
+}
+
+impl VerifyPool {
+    fn new(threads: usize) -> VerifyPool {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        let mut started = 0;
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("password-check-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    };
+                    // A panicking check must not shrink the pool; its caller sees a failure.
+                    let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => tracing::error!("cannot start password-check thread: {e}"),
+            }
+        }
+        VerifyPool {
+            tx: Mutex::new(tx),
+            threads: started,
+        }
+    }
+
+    /// Runs `f` on a worker; `None` when it panicked or no worker could be started.
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        if self.threads == 0 {
+            return tokio::task::spawn_blocking(f).await.ok();
+        }
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(f());
+        });
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(job).ok()?;
+        result.await.ok()
+    }
+}
+
+/// The process's password-check workers, started at the first check.
+pub static POOL: LazyLock<VerifyPool> = LazyLock::new(|| VerifyPool::new(VERIFY_THREADS));
+
+/// Recent successful verifications, as keyed hashes.
+pub struct VerifyCache {
+    key: [u8; 32],
+    /// The tags, and their insertion order for eviction.
+    inner: Mutex<(HashSet<Tag>, VecDeque<Tag>)>,
+}
+
+/// HMAC-SHA256 output.
+type Tag = [u8; 32];
+
+impl Default for VerifyCache {
+    fn default() -> Self {
+        VerifyCache::new()
+    }
+}
+
+impl VerifyCache {
+    /// An empty cache with a fresh random key.
+    pub fn new() -> VerifyCache {
+        let mut key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
+        VerifyCache {
+            key,
+            inner: Mutex::new((HashSet::new(), VecDeque::new())),
+        }
+    }
+
+    fn tag(&self, user: &str, password: &[u8], stored_hash: &str) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        // Length-prefixed fields: no two different triples feed the same bytes.
+        for field in [user.as_bytes(), password, stored_hash.as_bytes()] {
+            mac.update(&(field.len() as u64).to_be_bytes());
+            mac.update(field);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Did these exact credentials verify against this exact stored hash recently?
+    pub fn contains(&self, user: &str, password: &[u8], stored_hash: &str) -> bool {
+        let tag = self.tag(user, password, stored_hash);
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .contains(&tag)
+    }
+
+    /// Remembers a successful verification.
+    pub fn insert(&self, user: &str, password: &[u8], stored_hash: &str) {
+        let tag = self.tag(user, password, stored_hash);
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (set, order) = &mut *inner;
+        if !set.insert(tag) {
+            return;
+        }
+        order.push_back(tag);
+        while order.len() > CACHE_CAPACITY {
+            if let Some(old) = order.pop_front() {
+                set.remove(&old);
+            }
+        }
+    }
+
+    /// Forgets everything (the password file was reloaded).
+    pub fn clear(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.0.clear();
+        inner.1.clear();
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).0.len()
+    }
+
+    /// Is the cache empty?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_keys_on_all_three_fields_and_is_bounded() {
+        let c = VerifyCache::new();
+        c.insert("u", b"pw", "$h1");
+        assert!(c.contains("u", b"pw", "$h1"));
+        assert!(!c.contains("u", b"pw", "$h2"), "changed hash");
+        assert!(!c.contains("u", b"pX", "$h1"), "other password");
+        assert!(!c.contains("v", b"pw", "$h1"), "other user");
+        // Field boundaries matter: ("ab", "c") is not ("a", "bc").
+        c.insert("ab", b"c", "h");
+        assert!(!c.contains("a", b"bc", "h"));
+        assert!(!VerifyCache::new().contains("u", b"pw", "$h1"), "per-process key");
+        for i in 0..CACHE_CAPACITY + 10 {
+            c.insert(&format!("user{i}"), b"pw", "h");
+        }
+        assert_eq!(c.len(), CACHE_CAPACITY);
+        assert!(!c.contains("u", b"pw", "$h1"), "oldest evicted");
+        assert!(c.contains(&format!("user{}", CACHE_CAPACITY + 9), b"pw", "h"));
+        c.clear();
+        assert!(c.is_empty());
+    }
+
+    #[tokio::test]
+    async fn pool_runs_jobs_on_at_most_two_named_threads_and_survives_a_panic() {
+        let mut names = HashSet::new();
+        for _ in 0..20 {
+            let name = POOL
+                .run(|| std::thread::current().name().unwrap_or("").to_string())
+                .await
+                .unwrap();
+            names.insert(name);
+        }
+        assert!(names.len() <= VERIFY_THREADS, "{names:?}");
+        assert!(
+            names.iter().all(|n| n.starts_with("password-check-")),
+            "{names:?}"
+        );
+        assert_eq!(POOL.run(|| -> u8 { panic!("boom") }).await, None);
+        assert_eq!(POOL.run(|| 7).await, Some(7), "still running after a panic");
+    }
+}
