@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cloud;
+pub mod daemon;
 pub mod sshd;
 pub mod wgpeer;
 
