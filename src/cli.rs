@@ -258,14 +258,17 @@ fn run(path: Option<PathBuf>, log_format: LogFormat) -> i32 {
                 }
             }
         }
+        shutdown.cancelled().await;
+        // Sent here, not from a task: the runtime ends as soon as `wait` returns.
+        notifier.stopping();
         app.wait().await;
         0
     })
 }
 
 /// The main loop's heartbeat: `WATCHDOG=1` at half of `$WATCHDOG_USEC` (after reading the state, so a
-/// wedged appliance stops pinging and systemd restarts it), `STATUS=` when the summary changes, and
-/// `STOPPING=1` when shutdown begins. Without a service manager it only waits for shutdown.
+/// wedged appliance stops pinging and systemd restarts it) and `STATUS=` when the summary changes,
+/// until shutdown begins. Without a service manager it does nothing.
 async fn supervise(
     probe: crate::ops::health::Probe,
     notifier: std::sync::Arc<Notifier>,
@@ -278,7 +281,6 @@ async fn supervise(
         (true, None) => Some(STATUS_PERIOD),
     };
     let Some(period) = period else {
-        shutdown.cancelled().await;
         return;
     };
     let mut tick = tokio::time::interval(period);
@@ -286,10 +288,7 @@ async fn supervise(
     let mut last = String::new();
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => {
-                notifier.stopping();
-                return;
-            }
+            _ = shutdown.cancelled() => return,
             _ = tick.tick() => {
                 let summary = probe.snapshot().await.summary();
                 if watchdog.is_some() {

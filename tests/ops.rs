@@ -541,7 +541,8 @@ async fn reload_under_load_keeps_connections_and_swaps_the_acl() {
                 Err(_) => panic!("load device stalled"),
             }
         }
-        (connacks, acked)
+        // The event loop is returned: dropping it would close the connection.
+        (connacks, acked, load_ev)
     });
     let publisher = tokio::spawn(async move {
         for i in 0..N {
@@ -586,7 +587,7 @@ async fn reload_under_load_keeps_connections_and_swaps_the_acl() {
     assert_eq!(try_pub("sensors/a/3").await, PubAckReason::NotAuthorized);
 
     let _load = publisher.await.unwrap();
-    let (load_connacks, acked) = load_task.await.unwrap();
+    let (load_connacks, acked, _load_ev) = load_task.await.unwrap();
     assert_eq!(acked, N, "every load message acknowledged");
     assert_eq!((load_connacks, probe_connacks), (1, 1), "no device reconnected");
     assert_eq!(app.sessions().await, 2, "both devices still connected");
