@@ -39,7 +39,6 @@ const EXPECTED: &[(&str, &str)] = &[
     ("usr/bin/mqtt-uplink", "755"),
     ("etc/mqtt-uplink/mqtt-uplink.toml", "640"),
     ("etc/mqtt-uplink/acl", "640"),
-    ("usr/lib/sysusers.d/mqtt-uplink.conf", "644"),
     ("usr/share/doc/mqtt-uplink/mqtt-uplink.toml.example", "644"),
     ("usr/share/doc/mqtt-uplink/README.md", "644"),
 ];
@@ -70,6 +69,8 @@ fn deb_metadata_is_complete() {
     let units = meta["systemd-units"].as_table().unwrap();
     let dir = units["unit-scripts"].as_str().unwrap();
     assert!(root().join(dir).join("mqtt-uplink.service").is_file());
+    // ...and the sysusers.d file next to it (installed as usr/lib/sysusers.d/mqtt-uplink.conf).
+    assert!(root().join(dir).join("mqtt-uplink.sysusers").is_file());
     assert_eq!(units["enable"].as_bool(), Some(true));
     let conf: Vec<&str> = meta["conf-files"]
         .as_array()
@@ -92,7 +93,12 @@ fn maintainer_scripts_parse_and_set_permissions() {
     let postinst = dir.join("postinst");
     for script in [&postinst, &dir.join("postrm")] {
         let text = std::fs::read_to_string(script).unwrap();
-        assert!(text.contains("#DEBHELPER#"), "{}", script.display());
+        assert_eq!(
+            text.matches("#DEBHELPER#").count(),
+            1,
+            "{}: exactly one #DEBHELPER# (cargo-deb replaces every occurrence)",
+            script.display()
+        );
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(script).unwrap().permissions());
         assert!(mode & 0o111 != 0, "{} is not executable", script.display());
         let out = Command::new("sh").arg("-n").arg(script).output().unwrap();
@@ -174,12 +180,17 @@ fn built_deb_contents() {
             m => panic!("mode {m}"),
         };
         assert!(line.starts_with(perms), "{line}");
-        assert!(line.contains("root/root"), "{line}");
+        assert!(
+            line.contains(" 0/0 ") || line.contains("root/root"),
+            "owned by root: {line}"
+        );
     }
-    assert!(
-        listing.contains("systemd/system/mqtt-uplink.service"),
-        "unit missing:\n{listing}"
-    );
+    for path in [
+        "systemd/system/mqtt-uplink.service",
+        "usr/lib/sysusers.d/mqtt-uplink.conf",
+    ] {
+        assert!(listing.contains(path), "{path} missing:\n{listing}");
+    }
     let out = Command::new("dpkg-deb").arg("--field").arg(deb).output().unwrap();
     let fields = String::from_utf8_lossy(&out.stdout);
     assert!(fields.contains("Architecture: amd64"), "{fields}");
