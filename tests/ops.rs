@@ -676,3 +676,51 @@ fn sigterm_under_load_drains_the_outbox_to_the_cloud() {
     seqs.dedup();
     assert_eq!(seqs.len(), N, "delivered {} of {N} before exit", seqs.len());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Secrets from systemd credentials
+
+#[test]
+fn uplink_password_from_a_systemd_credential() {
+    let dir = tempdir();
+    let creds = dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    write_secret(&creds.join("uplink-password"), "from-the-credential\n");
+    support::write_certs(dir.path(), &[]);
+    let text = site(dir.path(), None, ACL_ALL, 0, "127.0.0.1:0")
+        + "\n[uplink]\nbroker = \"mqtts://localhost:8883\"\nclient_id = \"c\"\nusername = \"u\"\n\
+           password_file = \"cred:uplink-password\"\nca_file = \"ca.pem\"\n";
+    let config = write_config(dir.path(), &text);
+    let check = |env: Option<&Path>| {
+        let mut cmd = Command::new(support::bin());
+        cmd.args(["check", "--config"])
+            .arg(&config)
+            .env_remove("CREDENTIALS_DIRECTORY");
+        if let Some(d) = env {
+            cmd.env("CREDENTIALS_DIRECTORY", d);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = check(Some(&creds));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        !out.contains("from-the-credential"),
+        "check must not print the secret:\n{out}"
+    );
+
+    let (code, out) = check(None);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(
+        out.contains("uplink.password_file") && out.contains("CREDENTIALS_DIRECTORY"),
+        "{out}"
+    );
+
+    write_secret(&creds.join("uplink-password"), "");
+    let (code, out) = check(Some(&creds));
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("is empty"), "{out}");
+}
