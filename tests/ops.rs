@@ -724,3 +724,60 @@ fn uplink_password_from_a_systemd_credential() {
     assert_eq!(code, Some(64), "{out}");
     assert!(out.contains("is empty"), "{out}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// journald detection
+
+#[test]
+fn journal_stream_on_stderr_selects_journald() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempdir();
+    let config = write_config(dir.path(), &site(dir.path(), None, ACL_ALL, 0, "127.0.0.1:0"));
+    let err_path = dir.path().join("stderr");
+    let run = |journal_stream: Option<String>| {
+        let err = std::fs::File::create(&err_path).unwrap();
+        let meta = err.metadata().unwrap();
+        let mut cmd = Command::new(support::bin());
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(std::process::Stdio::null())
+            .stderr(err);
+        if let Some(v) = journal_stream {
+            // "DEV:INO" of the stderr file; `{}` stands for the real pair.
+            cmd.env(
+                "JOURNAL_STREAM",
+                v.replace("{}", &format!("{}:{}", meta.dev(), meta.ino())),
+            );
+        }
+        let mut child = cmd.spawn().unwrap();
+        // Text mode logs "ready"; under a real journald nothing reaches stderr (bounded wait).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !std::fs::read_to_string(&err_path).unwrap().contains("ready") {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let _ = child.wait();
+        std::fs::read_to_string(&err_path).unwrap()
+    };
+    let journald_socket = Path::new("/run/systemd/journal/socket").exists();
+    // JOURNAL_STREAM names this very stderr: journald is used (here, without a journald running,
+    // the fallback says so and logs text).
+    let out = run(Some("{}".into()));
+    if journald_socket {
+        assert!(
+            !out.contains("starting mqtt-uplink"),
+            "text on stderr despite journald:\n{out}"
+        );
+    } else {
+        assert!(out.contains("journald socket unavailable"), "{out}");
+    }
+    // A JOURNAL_STREAM inherited from elsewhere (another fd) is ignored: plain text.
+    let out = run(Some("1:1".into()));
+    assert!(
+        out.contains("starting mqtt-uplink") && !out.contains("journald"),
+        "{out}"
+    );
+}
