@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `audit`, `explain`, `passwd`, `keygen`.
+//! The command line: `run`, `check`, `audit`, `explain`, `passwd`, `keygen`, `status`.
 
 use std::path::PathBuf;
 
@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, EXIT_CONFIG};
 use crate::ops::logging::{self, LogFormat};
+use crate::ops::notify::Notifier;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -15,8 +16,8 @@ use crate::ops::logging::{self, LogFormat};
     about = "Secure MQTT edge appliance: local broker, durable bridge, outbound-only uplink"
 )]
 pub struct Cli {
-    /// Log output format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    /// Log output format (`auto`: journald under systemd, else text).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -77,6 +78,20 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["password_stdin", "mosquitto", "force"])]
         delete: bool,
     },
+    /// One screen from the running appliance's metrics endpoint: uplink, devices, outbox, refusals.
+    /// Exit 0 healthy, 1 degraded, 2 unreachable.
+    Status(StatusArgs),
+}
+
+/// `status`: where to find the metrics endpoint.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Read `[metrics] bind` from this config.
+    #[arg(short, long, env = "MQTT_UPLINK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The endpoint itself: `IP:PORT` or `unix:PATH` (default 127.0.0.1:9883).
+    #[arg(long, conflicts_with = "config")]
+    pub endpoint: Option<String>,
 }
 
 /// Output of `audit`.
@@ -121,7 +136,39 @@ pub fn main() -> i32 {
             force,
             delete,
         } => crate::cmd::passwd::passwd(&file, &user, password_stdin, mosquitto, force, delete),
+        Command::Status(args) => status(args),
     }
+}
+
+fn status(args: StatusArgs) -> i32 {
+    use crate::config::MetricsBind;
+    let endpoint = match (&args.endpoint, &args.config) {
+        (Some(e), _) => match e.strip_prefix("unix:") {
+            Some(p) => MetricsBind::Unix(p.into()),
+            None => match e.parse() {
+                Ok(a) => MetricsBind::Tcp(a),
+                Err(_) => {
+                    eprintln!("mqtt-uplink status: --endpoint `{e}`: expected IP:PORT or unix:PATH");
+                    return EXIT_CONFIG;
+                }
+            },
+        },
+        (None, Some(p)) => match config::load(p) {
+            Ok(c) => match c.metrics {
+                Some(m) => m.bind,
+                None => {
+                    eprintln!("mqtt-uplink status: {} sets no metrics endpoint", p.display());
+                    return EXIT_CONFIG;
+                }
+            },
+            Err(errors) => {
+                eprintln!("{errors}");
+                return EXIT_CONFIG;
+            }
+        },
+        (None, None) => MetricsBind::Tcp(([127, 0, 0, 1], 9883).into()),
+    };
+    crate::ops::status::status(&endpoint)
 }
 
 fn keygen(kind: KeygenKind) -> i32 {
@@ -203,12 +250,127 @@ fn run(path: Option<PathBuf>, log_format: LogFormat) -> i32 {
             tracing::error!("cannot install signal handlers: {e:#}");
             return 1;
         }
-        match crate::run(config, shutdown).await {
-            Ok(()) => 0,
+        let notifier = std::sync::Arc::new(Notifier::from_env());
+        let app = match crate::start(config, shutdown.clone()).await {
+            Ok(app) => app,
             Err(e) => {
                 tracing::error!("{e:#}");
-                1
+                return 1;
+            }
+        };
+        // Every listener is bound and the config is valid: ready.
+        let summary = app.probe.snapshot().await.summary();
+        notifier.ready(&summary);
+        tracing::info!(status = %summary, "ready");
+        tokio::spawn(supervise(app.probe.clone(), notifier.clone(), shutdown.clone()));
+        match path {
+            Some(p) => {
+                if let Err(e) = reload_on_sighup(app.reloader(), p, notifier.clone(), app.probe.clone()) {
+                    tracing::error!("cannot install the SIGHUP handler: {e:#}");
+                }
+            }
+            None => {
+                if let Err(e) = ignore_sighup() {
+                    tracing::error!("cannot install the SIGHUP handler: {e:#}");
+                }
             }
         }
+        shutdown.cancelled().await;
+        // Sent here, not from a task: the runtime ends as soon as `wait` returns.
+        notifier.stopping();
+        app.wait().await;
+        0
     })
+}
+
+/// The main loop's heartbeat: `WATCHDOG=1` at half of `$WATCHDOG_USEC` (after reading the state, so a
+/// wedged appliance stops pinging and systemd restarts it) and `STATUS=` when the summary changes,
+/// until shutdown begins. Without a service manager it does nothing.
+async fn supervise(
+    probe: crate::ops::health::Probe,
+    notifier: std::sync::Arc<Notifier>,
+    shutdown: CancellationToken,
+) {
+    let watchdog = crate::ops::notify::watchdog_interval();
+    let period = match (notifier.enabled(), watchdog) {
+        (false, _) => None,
+        (true, Some(w)) => Some(w.min(STATUS_PERIOD)),
+        (true, None) => Some(STATUS_PERIOD),
+    };
+    let Some(period) = period else {
+        return;
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = String::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let summary = probe.snapshot().await.summary();
+                if watchdog.is_some() {
+                    notifier.watchdog();
+                }
+                if summary != last {
+                    notifier.status(&summary);
+                    last = summary;
+                }
+            }
+        }
+    }
+}
+
+/// How often `STATUS=` is refreshed when no watchdog asks for more.
+const STATUS_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// SIGHUP re-reads `path`: a valid config is applied live (see `Appliance::reload`); an invalid one is
+/// refused with every error logged, and the running config stays.
+fn reload_on_sighup(
+    reloader: crate::ops::reload::Reloader,
+    path: PathBuf,
+    notifier: std::sync::Arc<Notifier>,
+    probe: crate::ops::health::Probe,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!(config = %path.display(), "SIGHUP: reloading");
+            notifier.reloading();
+            match config::load(&path) {
+                Ok(new) => {
+                    for w in &new.warnings {
+                        tracing::warn!("{w}");
+                    }
+                    match reloader.reload(new) {
+                        Ok(report) => report.log(),
+                        Err(e) => tracing::error!("reload refused, keeping the running config: {e:#}"),
+                    }
+                }
+                Err(errors) => {
+                    for d in &errors.0 {
+                        tracing::error!("{d}");
+                    }
+                    tracing::error!(
+                        errors = errors.0.len(),
+                        "reload refused: the new config is invalid; keeping the running config"
+                    );
+                }
+            }
+            notifier.ready(&probe.snapshot().await.summary());
+        }
+    });
+    Ok(())
+}
+
+/// With the embedded default there is no file to re-read; SIGHUP must not kill the process either.
+fn ignore_sighup() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: running on the embedded default, nothing to reload");
+        }
+    });
+    Ok(())
 }

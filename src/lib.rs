@@ -50,6 +50,13 @@ pub struct Appliance {
     pub routes: SharedRoutes,
     /// Follows the uplink; stays `Stopped` when there is no `[uplink]`.
     pub uplink_state: watch::Receiver<UplinkState>,
+    /// Where `/metrics` and `/healthz` are served (port 0 resolved); `None` when off or not bound.
+    pub metrics_addr: Option<config::MetricsBind>,
+    /// Reads the state for metrics, health and `STATUS=`.
+    pub probe: ops::health::Probe,
+    reloader: ops::reload::Reloader,
+    /// Stops the uplink; cancelled after the outbox is drained at shutdown (or when dropped).
+    uplink_stop: CancellationToken,
     broker: Arc<Broker>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -74,6 +81,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     }
 
     let tracker = TaskTracker::new();
+    let uplink_stop = CancellationToken::new();
     let (state_tx, state_rx) = watch::channel(UplinkState::Stopped);
     match &config.uplink {
         Some(u) => {
@@ -87,11 +95,54 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 state_tx,
             )
             .context("uplink")?;
-            tracker.spawn(task.run(shutdown.child_token()));
+            tracker.spawn(task.run(uplink_stop.clone()));
         }
         None => tracing::info!("no [uplink] configured: running as a secured local broker only"),
     }
+    let degraded_after = config
+        .metrics
+        .as_ref()
+        .map_or(config::file::default_degraded_after_s(), |m| {
+            m.degraded_after.as_secs()
+        });
+    let probe = ops::health::Probe::new(
+        outbox.clone(),
+        state_rx.clone(),
+        config.uplink.is_some(),
+        broker.clone(),
+        Duration::from_secs(degraded_after),
+    );
+    tracker.spawn(probe.clone().track_uplink());
+    let metrics_addr = match &config.metrics {
+        Some(m) => match ops::http::Endpoint::bind(&m.bind).await {
+            Ok(endpoint) => {
+                let local = endpoint.local();
+                tracing::info!(addr = %local, "serving /metrics and /healthz");
+                tracker.spawn(endpoint.serve(probe.clone(), shutdown.child_token()));
+                Some(local)
+            }
+            Err(e) if m.required => {
+                uplink_stop.cancel();
+                broker.stop().await;
+                return Err(anyhow::anyhow!("metrics endpoint {}: {e}", m.bind));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    addr = %m.bind,
+                    "metrics endpoint not started: {e} (the default address; set [metrics] bind to \
+                     choose another, or bind = \"\" for none)"
+                );
+                None
+            }
+        },
+        None => None,
+    };
     tracker.close();
+    let reloader = ops::reload::Reloader {
+        guard: guard.clone(),
+        routes: routes.clone(),
+        current: Arc::new(std::sync::Mutex::new(config)),
+    };
 
     Ok(Appliance {
         local_addrs: broker.local_addrs.clone(),
@@ -99,6 +150,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         guard,
         routes,
         uplink_state: state_rx,
+        metrics_addr,
+        probe,
+        reloader,
+        uplink_stop,
         broker,
         tracker,
         shutdown,
@@ -146,22 +201,76 @@ fn transports(u: &config::Uplink) -> Vec<Arc<dyn Transport>> {
 }
 
 impl Appliance {
-    /// Waits for the shutdown token, then stops: uplink first (it sends DISCONNECT), then the broker.
+    /// Waits for the shutdown token, then stops within [`SHUTDOWN_GRACE`]: the broker stops accepting
+    /// (no new messages enter the outbox), the uplink delivers what is queued while its session is up,
+    /// then sends DISCONNECT; the metrics endpoint closes.
     pub async fn wait(self) {
         self.shutdown.cancelled().await;
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        self.broker.stop().await;
+        self.drain(deadline).await;
+        self.uplink_stop.cancel();
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
             .await
             .is_err()
         {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace ran out; stopping anyway");
         }
-        self.broker.stop().await;
-        tracing::info!(queued = self.outbox.depth(), "stopped");
+        let left = self.outbox.depth() + self.outbox.qos0_depth();
+        if left > 0 {
+            tracing::warn!(queued = left, "stopped with messages not delivered to the cloud");
+        } else {
+            tracing::info!("stopped; nothing left in the outbox");
+        }
+    }
+
+    /// Lets the uplink deliver the outbox while its session stays up, until empty or `deadline`.
+    async fn drain(&self, deadline: tokio::time::Instant) {
+        let queued = || self.outbox.depth() + self.outbox.qos0_depth();
+        let start = queued();
+        if start == 0 {
+            return;
+        }
+        let mut state = self.uplink_state.clone();
+        tracing::info!(queued = start, "draining the outbox before exit");
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        while queued() > 0 && tokio::time::Instant::now() < deadline {
+            if !matches!(*state.borrow_and_update(), UplinkState::Connected { .. }) {
+                tracing::warn!(queued = queued(), "uplink not connected: not waiting to drain");
+                return;
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = state.changed() => {}
+            }
+        }
+        tracing::info!(
+            delivered = start.saturating_sub(queued()),
+            left = queued(),
+            "outbox drained"
+        );
+    }
+
+    /// Applies a new config live: passwords, ACL and mappings change without dropping device
+    /// connections or the uplink. On error nothing changes. See [`ops::reload`].
+    pub fn reload(&self, new: Config) -> anyhow::Result<ops::reload::ReloadReport> {
+        self.reloader.reload(new)
+    }
+
+    /// A handle that reloads this appliance (for the SIGHUP task).
+    pub fn reloader(&self) -> ops::reload::Reloader {
+        self.reloader.clone()
     }
 
     /// Connected device sessions.
     pub async fn sessions(&self) -> isize {
         self.broker.sessions().await
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        self.uplink_stop.cancel();
     }
 }
 

@@ -73,8 +73,11 @@ fn passwd_inner(
     Ok(format!("set `{user}` in {}", file.display()))
 }
 
-/// Writes atomically (temp file + rename) with mode 0600.
+/// Writes atomically (temp file + rename) with mode 0600. An existing file's owner and group are
+/// kept (when allowed), so root editing the service's `/etc/mqtt-uplink/passwords` (owned by the
+/// `mqtt-uplink` user) leaves it readable by the service.
 fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
     let tmp = path.with_extension("tmp-mqtt-uplink");
     {
         let mut f = std::fs::OpenOptions::new()
@@ -85,6 +88,10 @@ fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
             .open(&tmp)?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
+        if let Ok(old) = std::fs::metadata(path) {
+            // EPERM for a non-root caller changing the owner: the file then stays the caller's.
+            let _ = std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid()));
+        }
     }
     std::fs::rename(&tmp, path)?;
     Ok(())

@@ -338,3 +338,35 @@ impl Default for LogFile {
 pub fn default_log_level() -> String {
     "info".into()
 }
+
+/// `[metrics]`: Prometheus metrics and `/healthz`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// `IP:PORT` (port 0 picks a free one), `unix:PATH`, or `""` for no endpoint.
+    #[serde(default = "default_metrics_bind")]
+    pub bind: String,
+    /// Serving metrics on a non-loopback address must be asked for by name.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+    /// `/healthz` reports degraded when the oldest unsent message is older than this.
+    #[serde(default = "default_degraded_after_s")]
+    pub degraded_after_s: u64,
+}
+
+impl Default for MetricsFile {
+    fn default() -> Self {
+        MetricsFile {
+            bind: default_metrics_bind(),
+            allow_non_loopback: false,
+            degraded_after_s: default_degraded_after_s(),
+        }
+    }
+}
+
+pub fn default_metrics_bind() -> String {
+    "127.0.0.1:9883".into()
+}
+pub fn default_degraded_after_s() -> u64 {
+    300
+}

@@ -77,6 +77,10 @@ fn sections(ctx: &mut Ctx<'_>, table: DeTable<'_>) -> Sections {
             "limits" => s.limits = section(ctx, &name, value),
             "outbox" => s.outbox = section(ctx, &name, value),
             "log" => s.log = section(ctx, &name, value),
+            "metrics" => {
+                s.metrics_declared = true;
+                s.metrics = section(ctx, &name, value);
+            }
             "uplink" => {
                 s.uplink_declared = true;
                 s.uplink = section(ctx, &name, value);
@@ -91,7 +95,7 @@ fn sections(ctx: &mut Ctx<'_>, table: DeTable<'_>) -> Sections {
                 ctx.error_at(
                     &name,
                     Some(line),
-                    "unknown section (known: site, listener, auth, limits, uplink, map, outbox, log)",
+                    "unknown section (known: site, listener, auth, limits, uplink, map, outbox, log, metrics)",
                 );
             }
         }
@@ -157,6 +161,11 @@ impl Config {
             mappings: Vec::new(),
             outbox: outbox_default(),
             log_level: file::default_log_level(),
+            metrics: Some(MetricsSettings {
+                bind: MetricsBind::Tcp(SocketAddr::from(([127, 0, 0, 1], 9883))),
+                required: false,
+                degraded_after: std::time::Duration::from_secs(file::default_degraded_after_s()),
+            }),
             warnings: Vec::new(),
         }
     }

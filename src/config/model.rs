@@ -20,6 +20,8 @@ pub struct Config {
     pub mappings: Vec<Mapping>,
     pub outbox: OutboxSettings,
     pub log_level: String,
+    /// The metrics and health endpoint; `None` when `[metrics] bind = ""`.
+    pub metrics: Option<MetricsSettings>,
     /// Insecure-but-valid settings found while loading.
     pub warnings: Vec<Diagnostic>,
 }
@@ -203,4 +205,31 @@ pub struct OutboxSettings {
     pub max_bytes: u64,
     pub max_age: Duration,
     pub on_full: OnFull,
+}
+
+/// Where the metrics and health endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsBind {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for MetricsBind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricsBind::Tcp(a) => write!(f, "{a}"),
+            MetricsBind::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// `[metrics]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    pub bind: MetricsBind,
+    /// `[metrics]` was written in the file: failing to bind stops the appliance. Otherwise (the
+    /// default 127.0.0.1:9883) a port already taken is a warning and the appliance runs without it.
+    pub required: bool,
+    /// `/healthz` is degraded when the oldest unsent message is older than this.
+    pub degraded_after: Duration,
 }

@@ -69,8 +69,22 @@ impl<'a> Ctx<'a> {
     }
 
     /// A path that must name a readable file; warns when a secret file is group/world readable.
+    /// `cred:NAME` names a systemd credential (`LoadCredential=NAME:...`): the file
+    /// `$CREDENTIALS_DIRECTORY/NAME`.
     pub fn file(&mut self, key: &str, p: &Path, secret: bool) -> Option<PathBuf> {
-        let path = self.resolve(p);
+        let path = match p.to_str().and_then(|s| s.strip_prefix(CREDENTIAL_PREFIX)) {
+            Some(name) => {
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+                match credential_path(name, dir.as_deref()) {
+                    Ok(path) => path,
+                    Err(e) => {
+                        self.error(key, e);
+                        return None;
+                    }
+                }
+            }
+            None => self.resolve(p),
+        };
         match std::fs::metadata(&path) {
             Ok(m) if m.is_file() => {
                 if secret {
@@ -93,6 +107,33 @@ impl<'a> Ctx<'a> {
 
     pub fn has_errors(&self) -> bool {
         self.diags.iter().any(|d| d.severity == Severity::Error)
+    }
+}
+
+/// Prefix of a path that names a systemd credential instead of a file.
+pub const CREDENTIAL_PREFIX: &str = "cred:";
+
+/// Where credential `name` lives, given `$CREDENTIALS_DIRECTORY` (set by systemd when the unit has
+/// `LoadCredential=` or `SetCredential=`).
+pub fn credential_path(name: &str, dir: Option<&Path>) -> Result<PathBuf, String> {
+    let valid = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.len() <= 255
+        && !name.contains(['/', '\0'])
+        && !name.chars().any(char::is_whitespace);
+    if !valid {
+        return Err(format!(
+            "`{CREDENTIAL_PREFIX}{name}`: a credential name is one file name (no `/`, no spaces)"
+        ));
+    }
+    match dir {
+        Some(d) if d.is_absolute() => Ok(d.join(name)),
+        _ => Err(format!(
+            "`{CREDENTIAL_PREFIX}{name}` names a systemd credential, but $CREDENTIALS_DIRECTORY is not set: \
+             run under systemd with `LoadCredential={name}:/etc/mqtt-uplink/credentials/{name}`, \
+             or give a file path instead"
+        )),
     }
 }
 
@@ -119,6 +160,9 @@ pub struct Sections {
     pub maps: Vec<(usize, MapFile)>,
     pub outbox: Option<OutboxFile>,
     pub log: Option<LogFile>,
+    pub metrics: Option<MetricsFile>,
+    /// `[metrics]` was present: a metrics endpoint that cannot bind is then fatal.
+    pub metrics_declared: bool,
     /// `[[listener]]` was present (even if an entry failed), so no default listener is added.
     pub listener_declared: bool,
     pub uplink_declared: bool,
@@ -143,6 +187,7 @@ pub fn validate(ctx: &mut Ctx<'_>, s: Sections) -> Option<Config> {
             format!("`{log_level}` is not a log filter (try \"info\" or \"debug\")"),
         );
     }
+    let metrics = metrics(ctx, s.metrics, s.metrics_declared);
     if ctx.has_errors() {
         return None;
     }
@@ -157,6 +202,7 @@ pub fn validate(ctx: &mut Ctx<'_>, s: Sections) -> Option<Config> {
         mappings,
         outbox,
         log_level,
+        metrics,
         warnings,
     })
 }
@@ -480,6 +526,13 @@ fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
     let password = f.password_file.as_ref().and_then(|p| {
         let path = ctx.file("uplink.password_file", p, true)?;
         match std::fs::read_to_string(&path) {
+            Ok(s) if s.trim().is_empty() => {
+                ctx.error(
+                    "uplink.password_file",
+                    format!("{} is empty: put the uplink password in it", path.display()),
+                );
+                None
+            }
             Ok(s) => Some(Secret::new(s.trim_end_matches(['\n', '\r']).to_string())),
             Err(e) => {
                 ctx.error(
@@ -849,6 +902,51 @@ fn outbox(ctx: &mut Ctx<'_>, f: OutboxFile) -> OutboxSettings {
     }
 }
 
+/// `[metrics]`: the Prometheus and health endpoint. Absent: 127.0.0.1:9883, not fatal if taken.
+fn metrics(ctx: &mut Ctx<'_>, f: Option<MetricsFile>, declared: bool) -> Option<MetricsSettings> {
+    let f = f.unwrap_or_default();
+    if f.degraded_after_s == 0 {
+        ctx.error("metrics.degraded_after_s", "must be at least 1");
+    }
+    if f.bind.is_empty() {
+        return None;
+    }
+    let bind = if let Ok(addr) = f.bind.parse::<SocketAddr>() {
+        if !addr.ip().is_loopback() && !f.allow_non_loopback {
+            ctx.error(
+                "metrics.bind",
+                format!(
+                    "`{addr}` is not a loopback address: metrics and health reveal the site's traffic; \
+                     set allow_non_loopback = true to serve them there anyway"
+                ),
+            );
+        }
+        MetricsBind::Tcp(addr)
+    } else if let Some(path) = f.bind.strip_prefix("unix:") {
+        if path.is_empty() {
+            ctx.error(
+                "metrics.bind",
+                "`unix:` needs a socket path, e.g. \"unix:/run/mqtt-uplink/metrics.sock\"",
+            );
+        }
+        MetricsBind::Unix(ctx.resolve(Path::new(path)))
+    } else {
+        ctx.error(
+            "metrics.bind",
+            format!(
+                "`{}`: expected an address like \"127.0.0.1:9883\", \"unix:PATH\", or \"\" for no endpoint",
+                f.bind
+            ),
+        );
+        return None;
+    };
+    Some(MetricsSettings {
+        bind,
+        required: declared,
+        degraded_after: Duration::from_secs(f.degraded_after_s),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -866,6 +964,21 @@ mod tests {
         assert!(parse_broker_url("http://h:1").is_err());
         assert!(parse_broker_url("mqtts://:1").is_err());
         assert!(parse_broker_url("mqtts://h:x").is_err());
+    }
+
+    #[test]
+    fn credential_paths() {
+        let dir = Path::new("/run/credentials/mqtt-uplink.service");
+        assert_eq!(
+            credential_path("uplink-password", Some(dir)).unwrap(),
+            dir.join("uplink-password")
+        );
+        assert!(credential_path("../etc/shadow", Some(dir)).is_err());
+        assert!(credential_path("..", Some(dir)).is_err());
+        assert!(credential_path("", Some(dir)).is_err());
+        let unset = credential_path("uplink-password", None).unwrap_err();
+        assert!(unset.contains("CREDENTIALS_DIRECTORY"), "{unset}");
+        assert!(credential_path("x", Some(Path::new("relative"))).is_err());
     }
 
     #[test]

@@ -1,7 +1,12 @@
-//! Operations: logging setup and signals.
+//! Operations: logging setup, signals, sd_notify, metrics and health, live reload.
 
+pub mod health;
+pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
+pub mod reload;
+pub mod status;
 
 use tokio_util::sync::CancellationToken;
 

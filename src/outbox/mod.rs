@@ -208,6 +208,16 @@ impl Outbox {
         self.state().bytes
     }
 
+    /// When the oldest waiting QoS ≥ 1 message was accepted (ms since the Unix epoch), if any.
+    pub fn oldest_accepted_ms(&self) -> Option<u64> {
+        self.state().queue.first_key_value().map(|(_, m)| m.accepted_ms)
+    }
+
+    /// QoS 0 messages waiting in the best-effort lane.
+    pub fn qos0_depth(&self) -> usize {
+        self.state().qos0.len()
+    }
+
     pub fn counters(&self) -> &Counters {
         &self.inner.counters
     }

@@ -103,6 +103,11 @@ impl Cloud {
         }
     }
 
+    /// The mosquitto process id, while it runs (to SIGSTOP/SIGCONT it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL, no goodbye.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -5,6 +5,7 @@
 
 pub mod certs;
 pub mod cloud;
+pub mod daemon;
 pub mod raw;
 pub mod sshd;
 pub mod wgpeer;

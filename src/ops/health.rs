@@ -1,0 +1,332 @@
+//! The appliance's state as operators see it: one [`Snapshot`] feeds `/metrics` (gauges), `/healthz`
+//! (ok or degraded, with the reasons), systemd's `STATUS=` line and `mqtt-uplink status`.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use crate::broker::Broker;
+use crate::outbox::Outbox;
+use crate::uplink::UplinkState;
+
+/// The uplink's last session, kept by [`track_uplink`].
+#[derive(Debug, Default)]
+struct Link {
+    /// The transport of the current session and when it was established.
+    up: Option<(&'static str, Instant)>,
+    /// The transport of the previous session, to count switches.
+    last_transport: Option<&'static str>,
+}
+
+/// Reads the running appliance's state. Cheap to clone.
+#[derive(Clone)]
+pub struct Probe {
+    pub(crate) outbox: Outbox,
+    pub(crate) uplink: watch::Receiver<UplinkState>,
+    pub(crate) uplink_configured: bool,
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) degraded_after: Duration,
+    link: Arc<Mutex<Link>>,
+}
+
+/// The state at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub uplink_configured: bool,
+    pub uplink: UplinkState,
+    /// How long the current uplink session has been up (since its MQTT handshake).
+    pub handshake_age: Option<Duration>,
+    pub devices: isize,
+    pub outbox_depth: usize,
+    pub outbox_bytes: u64,
+    pub qos0_depth: usize,
+    /// Age of the oldest unsent QoS ≥ 1 message.
+    pub oldest_age: Option<Duration>,
+    pub accepted: u64,
+    pub acked: u64,
+    pub degraded_after: Duration,
+}
+
+/// What `/healthz` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    /// Each reason is one line, e.g. "no transport up (uplink in backoff)".
+    Degraded(Vec<String>),
+}
+
+impl Probe {
+    pub(crate) fn new(
+        outbox: Outbox,
+        uplink: watch::Receiver<UplinkState>,
+        uplink_configured: bool,
+        broker: Arc<Broker>,
+        degraded_after: Duration,
+    ) -> Probe {
+        Probe {
+            outbox,
+            uplink,
+            uplink_configured,
+            broker,
+            degraded_after,
+            link: Arc::default(),
+        }
+    }
+
+    /// Follows the uplink state until the uplink stops: records when each session came up and counts
+    /// connects by transport and switches between transports.
+    pub(crate) async fn track_uplink(self) {
+        let mut rx = self.uplink.clone();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            {
+                let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
+                match state {
+                    UplinkState::Connected { transport } => {
+                        if link.up.is_none() {
+                            let m = crate::ops::metrics::get();
+                            m.uplink_connects.with_label_values(&[transport]).inc();
+                            if link.last_transport.is_some_and(|t| t != transport) {
+                                m.transport_switches.inc();
+                            }
+                            link.up = Some((transport, Instant::now()));
+                            link.last_transport = Some(transport);
+                        }
+                    }
+                    _ => link.up = None,
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The state now.
+    pub async fn snapshot(&self) -> Snapshot {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_millis() as u64;
+        let handshake_age = self
+            .link
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .up
+            .map(|(_, since)| since.elapsed());
+        let uplink = self.uplink.borrow().clone();
+        let devices = self.broker.sessions().await;
+        let c = self.outbox.counters();
+        use std::sync::atomic::Ordering::Relaxed;
+        Snapshot {
+            uplink_configured: self.uplink_configured,
+            uplink,
+            handshake_age,
+            devices,
+            outbox_depth: self.outbox.depth(),
+            outbox_bytes: self.outbox.bytes(),
+            qos0_depth: self.outbox.qos0_depth(),
+            oldest_age: self
+                .outbox
+                .oldest_accepted_ms()
+                .map(|ms| Duration::from_millis(now_ms.saturating_sub(ms))),
+            accepted: c.accepted.load(Relaxed),
+            acked: c.acked.load(Relaxed),
+            degraded_after: self.degraded_after,
+        }
+    }
+}
+
+fn state_name(s: &UplinkState) -> &'static str {
+    match s {
+        UplinkState::Connecting => "connecting",
+        UplinkState::Connected { .. } => "connected",
+        UplinkState::Backoff => "backoff",
+        UplinkState::Stopped => "stopped",
+    }
+}
+
+impl Snapshot {
+    /// Degraded when an uplink is configured but no transport is up, or when the oldest unsent
+    /// message is older than `[metrics] degraded_after_s`.
+    pub fn health(&self) -> Health {
+        let mut reasons = Vec::new();
+        if self.uplink_configured && !matches!(self.uplink, UplinkState::Connected { .. }) {
+            reasons.push(format!("no transport up (uplink {})", state_name(&self.uplink)));
+        }
+        if let Some(age) = self.oldest_age.filter(|a| *a > self.degraded_after) {
+            reasons.push(format!(
+                "oldest unsent message is {} s old (threshold {} s)",
+                age.as_secs(),
+                self.degraded_after.as_secs()
+            ));
+        }
+        if reasons.is_empty() {
+            Health::Ok
+        } else {
+            Health::Degraded(reasons)
+        }
+    }
+
+    /// One line for systemd's `STATUS=` and the logs.
+    pub fn summary(&self) -> String {
+        let uplink = match (&self.uplink, self.uplink_configured) {
+            (_, false) => "no uplink".to_string(),
+            (UplinkState::Connected { transport }, _) => format!("uplink up via {transport}"),
+            (s, _) => format!("uplink {}", state_name(s)),
+        };
+        format!(
+            "{uplink}; outbox {} queued; {} device(s) connected",
+            self.outbox_depth, self.devices
+        )
+    }
+
+    /// The state gauges in Prometheus text format (the counters come from the registry).
+    pub fn render_gauges(&self) -> String {
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, samples: &[(&str, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        gauge(
+            "mqtt_uplink_connections",
+            "Connected device sessions",
+            &[("", self.devices as f64)],
+        );
+        gauge(
+            "mqtt_uplink_outbox_depth",
+            "QoS 1 messages waiting for the cloud",
+            &[("", self.outbox_depth as f64)],
+        );
+        gauge(
+            "mqtt_uplink_outbox_bytes",
+            "Bytes held by waiting QoS 1 messages",
+            &[("", self.outbox_bytes as f64)],
+        );
+        gauge(
+            "mqtt_uplink_outbox_qos0_depth",
+            "QoS 0 messages waiting in the best-effort lane",
+            &[("", self.qos0_depth as f64)],
+        );
+        gauge(
+            "mqtt_uplink_outbox_oldest_age_seconds",
+            "Age of the oldest unsent QoS 1 message (0 when empty)",
+            &[("", self.oldest_age.map_or(0.0, |a| a.as_secs_f64()))],
+        );
+        gauge(
+            "mqtt_uplink_outbox_accepted",
+            "QoS 1 messages the outbox took since start",
+            &[("", self.accepted as f64)],
+        );
+        gauge(
+            "mqtt_uplink_outbox_acked",
+            "QoS 1 messages the cloud acknowledged since start",
+            &[("", self.acked as f64)],
+        );
+        let current = state_name(&self.uplink);
+        let states: Vec<(String, f64)> = ["connecting", "connected", "backoff", "stopped"]
+            .iter()
+            .map(|s| (format!("{{state=\"{s}\"}}"), f64::from(u8::from(*s == current))))
+            .collect();
+        let states: Vec<(&str, f64)> = states.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        gauge(
+            "mqtt_uplink_uplink_state",
+            "Uplink state (1 for the current one)",
+            &states,
+        );
+        let transport = match &self.uplink {
+            UplinkState::Connected { transport } => format!("{{transport=\"{transport}\"}}"),
+            _ => "{transport=\"none\"}".to_string(),
+        };
+        gauge(
+            "mqtt_uplink_transport_up",
+            "1 while an uplink session is up, labelled with its transport",
+            &[(
+                transport.as_str(),
+                f64::from(u8::from(matches!(self.uplink, UplinkState::Connected { .. }))),
+            )],
+        );
+        if let Some(age) = self.handshake_age {
+            gauge(
+                "mqtt_uplink_handshake_age_seconds",
+                "Time since the current uplink session's handshake",
+                &[("", age.as_secs_f64())],
+            );
+        }
+        gauge(
+            "mqtt_uplink_healthy",
+            "1 when /healthz reports ok, 0 when degraded",
+            &[("", f64::from(u8::from(self.health() == Health::Ok)))],
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap() -> Snapshot {
+        Snapshot {
+            uplink_configured: true,
+            uplink: UplinkState::Connected { transport: "ssh" },
+            handshake_age: Some(Duration::from_secs(3)),
+            devices: 2,
+            outbox_depth: 0,
+            outbox_bytes: 0,
+            qos0_depth: 0,
+            oldest_age: None,
+            accepted: 0,
+            acked: 0,
+            degraded_after: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn health_reasons() {
+        assert_eq!(snap().health(), Health::Ok);
+        let mut s = snap();
+        s.uplink = UplinkState::Backoff;
+        s.oldest_age = Some(Duration::from_secs(61));
+        let Health::Degraded(r) = s.health() else {
+            panic!("should be degraded")
+        };
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r[0].contains("no transport up"), "{r:?}");
+        assert!(r[1].contains("61 s old"), "{r:?}");
+        s.uplink_configured = false;
+        s.oldest_age = None;
+        assert_eq!(
+            s.health(),
+            Health::Ok,
+            "a local-only broker is healthy without an uplink"
+        );
+    }
+
+    #[test]
+    fn summary_and_gauges() {
+        let s = snap();
+        assert_eq!(
+            s.summary(),
+            "uplink up via ssh; outbox 0 queued; 2 device(s) connected"
+        );
+        let g = s.render_gauges();
+        assert!(
+            g.contains("mqtt_uplink_transport_up{transport=\"ssh\"} 1\n"),
+            "{g}"
+        );
+        assert!(
+            g.contains("mqtt_uplink_uplink_state{state=\"connected\"} 1\n"),
+            "{g}"
+        );
+        assert!(
+            g.contains("mqtt_uplink_uplink_state{state=\"backoff\"} 0\n"),
+            "{g}"
+        );
+        assert!(g.contains("mqtt_uplink_handshake_age_seconds 3\n"), "{g}");
+    }
+}

@@ -1,0 +1,106 @@
+//! Live reload (SIGHUP, or [`crate::Appliance::reload`]): mappings, ACL and passwords are swapped in
+//! without touching device connections or the uplink session. A new config that does not load is
+//! refused whole and the old one stays. Settings that only take effect at a restart (listeners, the
+//! uplink, limits, outbox, metrics) are reported as such.
+
+use std::sync::{Arc, Mutex};
+
+use crate::bridge::hooks::SharedRoutes;
+use crate::bridge::Routes;
+use crate::config::Config;
+use crate::guard::{Guard, Policy};
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Parts now in effect (e.g. "mappings", "acl and passwords").
+    pub applied: Vec<&'static str>,
+    /// Changed sections that keep their old value until the appliance restarts.
+    pub needs_restart: Vec<&'static str>,
+    /// `in` mapping subscriptions changed: they take effect at the next uplink session.
+    pub subscriptions_changed: bool,
+}
+
+/// Swaps the live parts of the config. Cheap to clone.
+#[derive(Clone)]
+pub struct Reloader {
+    pub(crate) guard: Guard,
+    pub(crate) routes: SharedRoutes,
+    pub(crate) current: Arc<Mutex<Config>>,
+}
+
+impl Reloader {
+    /// Applies `new`: loads its password and ACL files first (any error refuses the whole reload and
+    /// keeps the old rules), then swaps the policy and the mappings.
+    pub fn reload(&self, new: Config) -> anyhow::Result<ReloadReport> {
+        let policy = Policy::load(&new.auth)?;
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut report = ReloadReport::default();
+        let old_subs = Routes::new(current.mappings.clone()).remote_subscriptions();
+        let new_subs = Routes::new(new.mappings.clone()).remote_subscriptions();
+        self.guard.replace(policy);
+        report.applied.push("auth (passwords, ACL, client-id policy)");
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Routes::new(new.mappings.clone()));
+        report.applied.push("mappings");
+        report.subscriptions_changed = old_subs != new_subs;
+        let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        if differs(&current.listeners, &new.listeners) {
+            report.needs_restart.push("listener");
+        }
+        let secret = |c: &Config| {
+            c.uplink
+                .as_ref()
+                .and_then(|u| u.password.as_ref().map(|p| p.expose().to_string()))
+        };
+        if differs(&current.uplink, &new.uplink) || secret(&current) != secret(&new) {
+            report.needs_restart.push("uplink");
+        }
+        if differs(&current.limits, &new.limits) {
+            report.needs_restart.push("limits");
+        }
+        if differs(&current.outbox, &new.outbox) {
+            report.needs_restart.push("outbox");
+        }
+        if differs(&current.metrics, &new.metrics) {
+            report.needs_restart.push("metrics");
+        }
+        if differs(&current.site, &new.site) {
+            report.needs_restart.push("site");
+        }
+        if current.log_level != new.log_level {
+            report.needs_restart.push("log");
+        }
+        // Keep the running values of what did not change live, so the next comparison is against
+        // what is actually in effect.
+        let keep = current.clone();
+        *current = Config {
+            listeners: keep.listeners,
+            uplink: keep.uplink,
+            limits: keep.limits,
+            outbox: keep.outbox,
+            metrics: keep.metrics,
+            site: keep.site,
+            log_level: keep.log_level,
+            ..new
+        };
+        Ok(report)
+    }
+}
+
+impl ReloadReport {
+    /// Logs the outcome: one info line, and a warning per section that needs a restart.
+    pub fn log(&self) {
+        tracing::info!(applied = ?self.applied, "configuration reloaded; connections kept");
+        if self.subscriptions_changed {
+            tracing::info!(
+                "`in` mappings changed: the cloud subscriptions follow at the next uplink session"
+            );
+        }
+        for section in &self.needs_restart {
+            tracing::warn!(
+                section,
+                "changed, but takes effect only after a restart (systemctl restart mqtt-uplink)"
+            );
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The Debian package: `[package.metadata.deb]` checked statically (every asset exists, lands where
+//! the unit expects it, with the right mode; the maintainer scripts parse; the installed default
+//! config is valid and safe). Building the .deb needs a release build (minutes), so CI does not; when
+//! a `target/debian/mqtt-uplink_*.deb` is present (after `cargo deb`), its contents are checked too.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn deb_metadata() -> toml::Table {
+    let cargo: toml::Table = std::fs::read_to_string(root().join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    cargo["package"]["metadata"]["deb"].as_table().unwrap().clone()
+}
+
+/// (source, destination, mode) for every asset.
+fn assets(meta: &toml::Table) -> Vec<(String, String, String)> {
+    meta["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_array().unwrap();
+            let s = |i: usize| a[i].as_str().unwrap().to_string();
+            (s(0), s(1), s(2))
+        })
+        .collect()
+}
+
+/// What the package installs, and with which mode.
+const EXPECTED: &[(&str, &str)] = &[
+    ("usr/bin/mqtt-uplink", "755"),
+    ("etc/mqtt-uplink/mqtt-uplink.toml", "640"),
+    ("etc/mqtt-uplink/acl", "640"),
+    ("usr/share/doc/mqtt-uplink/mqtt-uplink.toml.example", "644"),
+    ("usr/share/doc/mqtt-uplink/README.md", "644"),
+];
+
+#[test]
+fn deb_metadata_is_complete() {
+    let meta = deb_metadata();
+    let assets = assets(&meta);
+    assert!(!assets.is_empty());
+    for (src, dest, _) in &assets {
+        if !src.starts_with("target/") {
+            assert!(root().join(src).is_file(), "asset {src} does not exist");
+        }
+        assert!(
+            !dest.starts_with('/'),
+            "{dest}: cargo-deb destinations are relative"
+        );
+    }
+    for (path, mode) in EXPECTED {
+        let found = assets.iter().find(|(src, dest, _)| {
+            let name = Path::new(src).file_name().unwrap().to_str().unwrap();
+            dest == path || (dest.ends_with('/') && format!("{dest}{name}") == *path)
+        });
+        let (_, _, m) = found.unwrap_or_else(|| panic!("no asset installs {path}"));
+        assert_eq!(m, mode, "{path}");
+    }
+    // The unit comes from systemd/ through cargo-deb's systemd-units (enable + start snippets).
+    let units = meta["systemd-units"].as_table().unwrap();
+    let dir = units["unit-scripts"].as_str().unwrap();
+    assert!(root().join(dir).join("mqtt-uplink.service").is_file());
+    // ...and the sysusers.d file next to it (installed as usr/lib/sysusers.d/mqtt-uplink.conf).
+    assert!(root().join(dir).join("mqtt-uplink.sysusers").is_file());
+    assert_eq!(units["enable"].as_bool(), Some(true));
+    let conf: Vec<&str> = meta["conf-files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(conf.contains(&"/etc/mqtt-uplink/mqtt-uplink.toml"));
+
+    // The unit runs as the user the sysusers.d file creates.
+    let unit = std::fs::read_to_string(root().join("systemd/mqtt-uplink.service")).unwrap();
+    let sysusers = std::fs::read_to_string(root().join("systemd/mqtt-uplink.sysusers")).unwrap();
+    assert!(unit.contains("User=mqtt-uplink") && sysusers.contains("u mqtt-uplink "));
+    assert!(unit.contains("ExecStart=/usr/bin/mqtt-uplink run --config /etc/mqtt-uplink/mqtt-uplink.toml"));
+}
+
+#[test]
+fn maintainer_scripts_parse_and_set_permissions() {
+    let dir = root().join(deb_metadata()["maintainer-scripts"].as_str().unwrap());
+    let postinst = dir.join("postinst");
+    for script in [&postinst, &dir.join("postrm")] {
+        let text = std::fs::read_to_string(script).unwrap();
+        assert_eq!(
+            text.matches("#DEBHELPER#").count(),
+            1,
+            "{}: exactly one #DEBHELPER# (cargo-deb replaces every occurrence)",
+            script.display()
+        );
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(script).unwrap().permissions());
+        assert!(mode & 0o111 != 0, "{} is not executable", script.display());
+        let out = Command::new("sh").arg("-n").arg(script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = std::fs::read_to_string(&postinst).unwrap();
+    for needed in [
+        "systemd-sysusers mqtt-uplink.conf",
+        "chown root:mqtt-uplink /etc/mqtt-uplink",
+        "chmod 0750 /etc/mqtt-uplink",
+        "-o mqtt-uplink -g mqtt-uplink /dev/null /etc/mqtt-uplink/passwords",
+        "install -d -m 0700 -o root -g root /etc/mqtt-uplink/credentials",
+    ] {
+        assert!(text.contains(needed), "postinst lacks `{needed}`");
+    }
+    // Our part runs before the debhelper snippet that starts the service.
+    assert!(text.find("systemd-sysusers").unwrap() < text.find("\n#DEBHELPER#\n").unwrap());
+}
+
+#[test]
+fn installed_default_config_is_valid_and_safe() {
+    let dir = support::tempdir();
+    for f in ["mqtt-uplink.toml", "acl"] {
+        std::fs::copy(root().join("config/package").join(f), dir.path().join(f)).unwrap();
+    }
+    // postinst creates the password file empty, 0600.
+    support::write_secret(&dir.path().join("passwords"), "");
+    let config = mqtt_uplink::config::load(&dir.path().join("mqtt-uplink.toml"))
+        .unwrap_or_else(|e| panic!("the packaged default config is invalid:\n{e}"));
+    assert!(config.uplink.is_none(), "no uplink by default");
+    assert!(config.listeners.iter().all(|l| l.bind.ip().is_loopback()));
+    assert!(!config.auth.allow_anonymous);
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    match config.metrics.map(|m| m.bind) {
+        Some(mqtt_uplink::config::MetricsBind::Tcp(a)) => assert!(a.ip().is_loopback()),
+        other => panic!("metrics: {other:?}"),
+    }
+}
+
+/// Checks a built .deb, if there is one (after `cargo deb`); says so loudly when there is none.
+#[test]
+fn built_deb_contents() {
+    let debs: Vec<PathBuf> = std::fs::read_dir(root().join("target/debian"))
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("mqtt-uplink_") && n.ends_with("_amd64.deb"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let Some(deb) = debs.last() else {
+        eprintln!("\n*** built_deb_contents: no target/debian/mqtt-uplink_*_amd64.deb (run `cargo deb`); static checks only ***\n");
+        return;
+    };
+    let out = Command::new("dpkg-deb")
+        .arg("--contents")
+        .arg(deb)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for (path, mode) in EXPECTED {
+        let line = listing
+            .lines()
+            .find(|l| l.ends_with(&format!("./{path}")))
+            .unwrap_or_else(|| panic!("{path} not in {}:\n{listing}", deb.display()));
+        let perms = match *mode {
+            "755" => "-rwxr-xr-x",
+            "644" => "-rw-r--r--",
+            "640" => "-rw-r-----",
+            m => panic!("mode {m}"),
+        };
+        assert!(line.starts_with(perms), "{line}");
+        assert!(
+            line.contains(" 0/0 ") || line.contains("root/root"),
+            "owned by root: {line}"
+        );
+    }
+    for path in [
+        "systemd/system/mqtt-uplink.service",
+        "usr/lib/sysusers.d/mqtt-uplink.conf",
+    ] {
+        assert!(listing.contains(path), "{path} missing:\n{listing}");
+    }
+    let out = Command::new("dpkg-deb").arg("--field").arg(deb).output().unwrap();
+    let fields = String::from_utf8_lossy(&out.stdout);
+    assert!(fields.contains("Architecture: amd64"), "{fields}");
+    let out = Command::new("dpkg-deb")
+        .args(["--ctrl-tarfile"])
+        .arg(deb)
+        .output()
+        .unwrap();
+    let ctrl = Command::new("tar")
+        .args(["-tf", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&out.stdout)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let ctrl = String::from_utf8_lossy(&ctrl.stdout);
+    for f in ["postinst", "postrm", "conffiles"] {
+        assert!(ctrl.contains(f), "control lacks {f}: {ctrl}");
+    }
+}
