@@ -32,6 +32,9 @@ fn site(dir: &Path, extra_auth: &str) -> String {
     write_certs(dir, &["127.0.0.2".to_string()]);
     format!(
         r#"
+[metrics]
+bind = "127.0.0.1:0"
+
 [site]
 id = "hostile"
 state_dir = "state"

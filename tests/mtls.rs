@@ -37,6 +37,9 @@ fn site(dir: &Path) -> String {
     let rogue = client_ca(dir, "rogue-ca", "someone else's CA");
     client_cert(dir, &rogue, "rogue-dev", Some("dev"));
     r#"
+[metrics]
+bind = "127.0.0.1:0"
+
 [site]
 id = "mtls"
 state_dir = "state"

@@ -109,6 +109,12 @@ impl App {
     /// Writes `toml` as `dir/mqtt-uplink.toml`, validates it and starts the appliance.
     pub async fn start(dir: &Path, toml: &str) -> App {
         let path = dir.join("mqtt-uplink.toml");
+        // Tests never use the fixed default metrics port: an ephemeral one unless the test sets it.
+        let toml = if toml.contains("[metrics]") {
+            toml.to_string()
+        } else {
+            format!("{toml}\n[metrics]\nbind = \"127.0.0.1:0\"\n")
+        };
         std::fs::write(&path, toml).unwrap();
         let config = mqtt_uplink::config::load(&path).unwrap_or_else(|e| panic!("config invalid:\n{e}"));
         let shutdown = CancellationToken::new();
