@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod appliance;
 pub mod cloud;
 pub mod sshd;
 pub mod wgpeer;
