@@ -91,7 +91,7 @@ fn autosave(cloud: &mut Cloud) {
 /// (so that it survives a SIGKILL of the cloud).
 async fn accounting_sub(cloud: &Cloud, id: &str) -> Sub {
     let since = SystemTime::now();
-    let sub = cloud.subscribe_persistent("sites/plant-7/#", id);
+    let sub = cloud.subscribe_persistent_forever("sites/plant-7/#", id);
     let db = cloud.dir.join("mosquitto.db");
     let saved = support::wait_until(Duration::from_secs(10), || {
         std::fs::metadata(&db)
@@ -146,12 +146,17 @@ async fn qos1_at_1000_per_s_survives_a_10s_cloud_sigkill() {
     let acked_during_outage = publisher.acked_count();
     cloud.start_again();
     assert!(
-        publisher.wait_acked(total as usize, Duration::from_secs(60)).await,
+        publisher
+            .wait_acked(total as usize, Duration::from_secs(60))
+            .await,
         "the device was not acknowledged every message: {} of {total}",
         publisher.acked_count()
     );
     let acked = publisher.stop().await;
-    assert!(acked_during_outage > 2000, "the outbox did not take messages while the cloud was down");
+    assert!(
+        acked_during_outage > 2000,
+        "the outbox did not take messages while the cloud was down"
+    );
     let missing = wait_all_arrive(&mut sub, &acked, Duration::from_secs(60)).await;
     assert!(missing.is_empty(), "{}\n{}", summary(&missing), app.log());
     assert!(app.log().contains("uplink connected"));
@@ -172,7 +177,9 @@ async fn ten_thousand_acked_while_cloud_down_survive_an_appliance_sigkill() {
     let total = 10_000;
     let publisher = Publisher::start(port, "dev1", DEV_PW, LOCAL, 0, total);
     assert!(
-        publisher.wait_acked(total as usize, Duration::from_secs(90)).await,
+        publisher
+            .wait_acked(total as usize, Duration::from_secs(90))
+            .await,
         "only {} of {total} acknowledged:\n{}",
         publisher.acked_count(),
         app.log()
@@ -212,7 +219,9 @@ async fn appliance_sigkilled_at_random_points_of_a_burst_loses_nothing() {
         app.start_again();
     }
     assert!(
-        publisher.wait_acked(total as usize, Duration::from_secs(90)).await,
+        publisher
+            .wait_acked(total as usize, Duration::from_secs(90))
+            .await,
         "only {} of {total} acknowledged after {kills} kills",
         publisher.acked_count()
     );
@@ -221,7 +230,10 @@ async fn appliance_sigkilled_at_random_points_of_a_burst_loses_nothing() {
     assert!(missing.is_empty(), "{}\n{}", summary(&missing), app.log());
     let log = app.log();
     assert_eq!(app.starts, kills + 1);
-    assert!(!log.contains("outbox store"), "the store reported a problem:\n{log}");
+    assert!(
+        !log.contains("outbox store"),
+        "the store reported a problem:\n{log}"
+    );
 }
 
 fn dropped_metric(reason: &str) -> u64 {
@@ -271,7 +283,10 @@ async fn reject_new_refuses_with_0x97_or_no_puback_and_counts_every_refusal() {
     assert!(ok > 0 && quota > 0, "ok {ok}, quota {quota}");
     assert_eq!(app.outbox.depth(), ok);
     let c = app.outbox.counters();
-    assert_eq!(c.rejected_full.load(std::sync::atomic::Ordering::Relaxed), quota as u64);
+    assert_eq!(
+        c.rejected_full.load(std::sync::atomic::Ordering::Relaxed),
+        quota as u64
+    );
 
     // MQTT 3.1.1: no PUBACK for a refused message; the device is disconnected instead.
     let mut opts = rumqttc::MqttOptions::new("dev1-v4", "127.0.0.1", app.port());
@@ -320,8 +335,9 @@ async fn drop_oldest_counts_every_drop_and_delivers_the_newest() {
 
     let mut opts = rumqttc::MqttOptions::new("dev1-drop", "127.0.0.1", app.port());
     opts.set_credentials("dev1", DEV_PW);
-    let (client, mut ev) = rumqttc::AsyncClient::new(opts, 200);
     let n = 150u64;
+    // Room for every request: nobody polls the event loop until all are queued.
+    let (client, mut ev) = rumqttc::AsyncClient::new(opts, 2 * n as usize + 10);
     for i in 0..n {
         // Payload `i` padded to ~1000 bytes: "<i> <padding>" parses back as `i` after the topic.
         client
@@ -350,8 +366,15 @@ async fn drop_oldest_counts_every_drop_and_delivers_the_newest() {
         .dropped_oldest
         .load(std::sync::atomic::Ordering::Relaxed);
     assert!(dropped > 0);
-    assert_eq!(depth + dropped, 2 * n, "every message is either queued or counted");
-    assert_eq!(dropped_metric(mqtt_uplink::outbox::reason::DROP_OLDEST) - before, dropped);
+    assert_eq!(
+        depth + dropped,
+        2 * n,
+        "every message is either queued or counted"
+    );
+    assert_eq!(
+        dropped_metric(mqtt_uplink::outbox::reason::DROP_OLDEST) - before,
+        dropped
+    );
 
     // The survivors are the newest, in order.
     let queued: Vec<u64> = app
@@ -374,7 +397,18 @@ async fn drop_oldest_counts_every_drop_and_delivers_the_newest() {
 
 fn device_pub(port: u16, topic: &str, msg: &str) {
     let out = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-u", "dev1", "-P", DEV_PW, "-q", "1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-u",
+            "dev1",
+            "-P",
+            DEV_PW,
+            "-q",
+            "1",
+        ])
         .args(["-t", topic, "-m", msg])
         .output()
         .unwrap();
@@ -384,7 +418,16 @@ fn device_pub(port: u16, topic: &str, msg: &str) {
 fn device_sub(port: u16, filter: &str) -> Sub {
     let mut sub = Sub::spawn(
         Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-u", "dev1", "-P", DEV_PW])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-u",
+                "dev1",
+                "-P",
+                DEV_PW,
+            ])
             .args(["-v", "-q", "1", "-t", filter, "-t", "probe/dev1"]),
     );
     for _ in 0..50 {
@@ -475,7 +518,10 @@ async fn wireguard_cut_fails_over_to_ssh_without_loss_and_returns() {
         let state = app.state.clone();
         move || state.borrow().transport() == Some(t)
     };
-    assert!(support::wait_until(T, on("wireguard")).await, "never connected over wireguard");
+    assert!(
+        support::wait_until(T, on("wireguard")).await,
+        "never connected over wireguard"
+    );
     let mut sub = accounting_sub(&cloud, "acct-failover").await;
     let switches = mqtt_uplink::ops::metrics::get().transport_switches.get();
 
@@ -504,7 +550,11 @@ async fn wireguard_cut_fails_over_to_ssh_without_loss_and_returns() {
         "did not return to wireguard"
     );
     let returned = restored.elapsed();
-    assert!(publisher.wait_acked(total as usize, Duration::from_secs(60)).await);
+    assert!(
+        publisher
+            .wait_acked(total as usize, Duration::from_secs(60))
+            .await
+    );
     let acked = publisher.stop().await;
     let missing = wait_all_arrive(&mut sub, &acked, Duration::from_secs(60)).await;
     assert!(missing.is_empty(), "{}", summary(&missing));

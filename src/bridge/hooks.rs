@@ -85,7 +85,10 @@ impl Handler for OutHandler {
                             PushError::Full => (PublishAckReason::QuotaExceeded, "outbox full"),
                             PushError::Storage(_) => {
                                 tracing::error!(client = %session.id, "outbox refused a message: {e}");
-                                (PublishAckReason::ImplementationSpecificError, "outbox store failed")
+                                (
+                                    PublishAckReason::ImplementationSpecificError,
+                                    "outbox store failed",
+                                )
                             }
                         };
                         let refused =

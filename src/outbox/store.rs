@@ -247,7 +247,9 @@ fn decode(rec: &[u8]) -> Option<OutMessage> {
     let retain = rec[6] != 0;
     let accepted_ms = u64::from_le_bytes(rec[7..15].try_into().ok()?);
     let tlen = u16::from_le_bytes(rec[15..17].try_into().ok()?) as usize;
-    let topic = std::str::from_utf8(rec.get(HEADER..HEADER + tlen)?).ok()?.to_string();
+    let topic = std::str::from_utf8(rec.get(HEADER..HEADER + tlen)?)
+        .ok()?
+        .to_string();
     let payload = Bytes::copy_from_slice(&rec[HEADER + tlen..]);
     Some(OutMessage {
         mapping,

@@ -178,12 +178,7 @@ impl UplinkTask {
     }
 
     /// One pass down the chain from `start` (wrapping round once); runs the session it gets.
-    async fn attempt(
-        &self,
-        start: usize,
-        last: &mut Option<usize>,
-        shutdown: &CancellationToken,
-    ) -> Ended {
+    async fn attempt(&self, start: usize, last: &mut Option<usize>, shutdown: &CancellationToken) -> Ended {
         self.state.send_replace(UplinkState::Connecting);
         let n = self.transports.len();
         let mut last_err = anyhow::anyhow!("no transport configured");
@@ -310,9 +305,12 @@ impl UplinkTask {
                 .map_err(|_| anyhow::anyhow!("TLS handshake: timed out after {deadline:?}"))??,
             None => stream,
         };
-        tokio::time::timeout(deadline + self.identity.health_timeout, session::probe(stream, &self.identity))
-            .await
-            .map_err(|_| anyhow::anyhow!("probe timed out"))?
+        tokio::time::timeout(
+            deadline + self.identity.health_timeout,
+            session::probe(stream, &self.identity),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("probe timed out"))?
     }
 
     async fn open(&self, t: &dyn Transport) -> anyhow::Result<(Conn, bool)> {

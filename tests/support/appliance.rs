@@ -1,6 +1,6 @@
 //! The appliance as a real child process (the built `mqtt-uplink` binary) that can be SIGKILLed and
-//! started again on the same port and state dir, and a rumqttc QoS 1 device that publishes numbered
-//! messages at a fixed rate and records exactly which numbers it got a PUBACK for.
+//! started again on the same port and state dir, and a QoS 1 device that publishes numbered messages
+//! at a fixed rate and records exactly which numbers it got a PUBACK for.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -95,11 +95,15 @@ impl Drop for ChildApp {
     }
 }
 
-/// A rumqttc MQTT 3.1.1 device publishing payloads `0`, `1`, `2`, … at QoS 1.
+/// A minimal MQTT 3.1.1 QoS 1 device (rmqtt's codec over TCP) publishing payloads `0`, `1`, `2`, …
+/// with up to 100 in flight. It keeps its own accounting: a number is "acked" exactly when a PUBACK
+/// for the packet carrying it came back. Unacknowledged messages are resent after a reconnect. (A
+/// rumqttc device silently drops its unacknowledged messages when the new CONNACK says "no session",
+/// which the appliance's says after a restart; that would make the accounting unreliable.)
 pub struct Publisher {
     /// Sequence numbers the appliance acknowledged (PUBACK received).
     pub acked: Arc<Mutex<BTreeSet<u64>>>,
-    /// Publishes handed to the client so far.
+    /// Publishes written so far (with resends).
     pub submitted: Arc<AtomicU64>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -107,88 +111,48 @@ pub struct Publisher {
 
 impl Publisher {
     /// Publishes `total` messages to `topic` at about `rate` per second (0: as fast as it goes).
-    /// Reconnects by itself when the appliance goes away; unacknowledged messages are resent by
-    /// rumqttc on the new connection.
     pub fn start(port: u16, user: &str, password: &str, topic: &str, rate: u64, total: u64) -> Publisher {
-        let mut opts = rumqttc::MqttOptions::new(format!("pub-{}", std::process::id()), "127.0.0.1", port);
-        opts.set_credentials(user, password);
-        opts.set_keep_alive(Duration::from_secs(5));
-        opts.set_inflight(100);
-        let (client, mut ev) = rumqttc::AsyncClient::new(opts, 1000);
         let acked = Arc::new(Mutex::new(BTreeSet::new()));
         let submitted = Arc::new(AtomicU64::new(0));
-        // Sequence numbers in the order they were handed to the client = the order rumqttc assigns
-        // packet ids to them.
-        let fifo = Arc::new(Mutex::new(VecDeque::new()));
         let stop = CancellationToken::new();
-
-        let (f, s, st) = (fifo.clone(), submitted.clone(), stop.clone());
-        let topic = topic.to_string();
-        let producer = tokio::spawn(async move {
+        let (a, s, st) = (acked.clone(), submitted.clone(), stop.clone());
+        let (user, password, topic) = (user.to_string(), password.to_string(), topic.to_string());
+        let task = tokio::spawn(async move {
             let start = Instant::now();
-            for seq in 0..total {
-                if st.is_cancelled() {
-                    break;
+            let mut next = 0u64;
+            let mut unacked: VecDeque<u64> = VecDeque::new();
+            while !st.is_cancelled() && (next < total || !unacked.is_empty()) {
+                let r = session(
+                    port,
+                    &user,
+                    &password,
+                    &topic,
+                    rate,
+                    total,
+                    start,
+                    &mut next,
+                    &mut unacked,
+                    &a,
+                    &s,
+                    &st,
+                )
+                .await;
+                if r.is_err() {
+                    tokio::select! {
+                        _ = st.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
                 }
-                if rate > 0 {
-                    let due = start + Duration::from_micros(seq * 1_000_000 / rate);
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                f.lock().unwrap().push_back(seq);
-                let sent = tokio::select! {
-                    _ = st.cancelled() => break,
-                    r = client.publish(topic.as_str(), rumqttc::QoS::AtLeastOnce, false, seq.to_string()) => r,
-                };
-                if sent.is_err() {
-                    break;
-                }
-                s.fetch_add(1, Ordering::Relaxed);
             }
-            // Keep the client alive (dropping it ends the event loop's requests) until stopped.
             st.cancelled().await;
-            drop(client);
-        });
-
-        let (a, st) = (acked.clone(), stop.clone());
-        let events = tokio::spawn(async move {
-            let mut inflight: HashMap<u16, u64> = HashMap::new();
-            loop {
-                let ev = tokio::select! {
-                    _ = st.cancelled() => break,
-                    e = ev.poll() => e,
-                };
-                match ev {
-                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
-                        // A retransmission keeps its packet id; only a new id takes the next number.
-                        if let std::collections::hash_map::Entry::Vacant(e) = inflight.entry(pkid) {
-                            if let Some(seq) = fifo.lock().unwrap().pop_front() {
-                                e.insert(seq);
-                            }
-                        }
-                    }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(p))) => {
-                        if let Some(seq) = inflight.remove(&p.pkid) {
-                            a.lock().unwrap().insert(seq);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        tokio::select! {
-                            _ = st.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                        }
-                    }
-                }
-            }
         });
         Publisher {
             acked,
             submitted,
             stop,
-            tasks: vec![producer, events],
+            tasks: vec![task],
         }
     }
-
     pub fn acked_count(&self) -> usize {
         self.acked.lock().unwrap().len()
     }
@@ -207,6 +171,119 @@ impl Publisher {
         let acked = self.acked.lock().unwrap().clone();
         acked
     }
+}
+
+/// One connection of the publisher: resend `unacked` (in order), then go on from `next`.
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    port: u16,
+    user: &str,
+    password: &str,
+    topic: &str,
+    rate: u64,
+    total: u64,
+    start: Instant,
+    next: &mut u64,
+    unacked: &mut VecDeque<u64>,
+    acked: &Mutex<BTreeSet<u64>>,
+    submitted: &AtomicU64,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    use futures_util::{SinkExt, StreamExt};
+    use rmqtt::codec::types::{Publish, QoS};
+    use rmqtt::codec::v3::{Codec, Connect, Packet};
+    const WINDOW: usize = 100;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut conn = tokio_util::codec::Framed::new(stream, Codec::new(1 << 20));
+    let connect = Connect {
+        clean_session: true,
+        keep_alive: 30,
+        client_id: format!("pub-{}", std::process::id()).into(),
+        username: Some(user.to_string().into()),
+        password: Some(bytes::Bytes::copy_from_slice(password.as_bytes())),
+        ..Connect::default()
+    };
+    conn.send(Packet::Connect(Box::new(connect)))
+        .await
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(10), conn.next()).await {
+        Ok(Some(Ok((Packet::ConnectAck(_), _)))) => {}
+        other => return Err(format!("no CONNACK: {other:?}")),
+    }
+    // packet id -> sequence number, for what is in flight on this connection.
+    let mut inflight: HashMap<u16, u64> = HashMap::new();
+    let mut resend: VecDeque<u64> = std::mem::take(unacked);
+    let mut pid: u16 = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let result = loop {
+        // Fill the window: resends first, then new numbers that are due.
+        let mut wrote = false;
+        let mut failed = None;
+        while inflight.len() < WINDOW {
+            let seq = if let Some(seq) = resend.pop_front() {
+                seq
+            } else if *next < total
+                && (rate == 0 || start + Duration::from_micros(*next * 1_000_000 / rate) <= Instant::now())
+            {
+                *next += 1;
+                *next - 1
+            } else {
+                break;
+            };
+            pid = pid.wrapping_add(1).max(1);
+            while inflight.contains_key(&pid) {
+                pid = pid.wrapping_add(1).max(1);
+            }
+            let p = Publish {
+                dup: false,
+                retain: false,
+                qos: QoS::AtLeastOnce,
+                topic: topic.to_string().into(),
+                packet_id: std::num::NonZeroU16::new(pid),
+                payload: seq.to_string().into(),
+                properties: None,
+            };
+            inflight.insert(pid, seq);
+            if let Err(e) = conn.feed(Packet::Publish(Box::new(p))).await {
+                failed = Some(e.to_string());
+                break;
+            }
+            submitted.fetch_add(1, Ordering::Relaxed);
+            wrote = true;
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+        if wrote {
+            if let Err(e) = conn.flush().await {
+                break Err(e.to_string());
+            }
+        }
+        if *next >= total && inflight.is_empty() && resend.is_empty() {
+            break Ok(());
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            _ = tick.tick() => {}
+            p = conn.next() => match p {
+                Some(Ok((Packet::PublishAck { packet_id }, _))) => {
+                    if let Some(seq) = inflight.remove(&packet_id.get()) {
+                        acked.lock().unwrap().insert(seq);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break Err(format!("{e:?}")),
+                None => break Err("closed".into()),
+            },
+        }
+    };
+    // Whatever was not acknowledged goes again on the next connection, oldest first.
+    let mut left: Vec<u64> = inflight.into_values().chain(resend).collect();
+    left.sort_unstable();
+    unacked.extend(left);
+    result
 }
 
 /// Sequence numbers in `lines` (`topic payload`) published on `topic`.
