@@ -4,9 +4,9 @@
 //! it durably (fsync), then wakes the pushers waiting on that commit. Under load many messages share
 //! one commit, so the cost of a sync is spread over the batch.
 //!
-//! Deletions alone do not force a sync: a batch with no insert is committed without durability and
-//! made durable by the next insert batch or after [`IDLE_SYNC`] of quiet. A crash may therefore bring
-//! back a few messages the cloud had already acknowledged (sent again: a duplicate, never a loss).
+//! Deletions alone do not get a commit: they are held by the writer and applied with the next insert
+//! batch, or after [`IDLE_SYNC`] of quiet. A crash may therefore bring back a few messages the cloud
+//! had already acknowledged (sent again: a duplicate, never a loss).
 //!
 //! redb is copy-on-write with checksummed commit slots, so the file reopens in a consistent state after
 //! a SIGKILL or power loss at any point (it repairs its allocator state on open when needed).
@@ -150,14 +150,16 @@ impl Store {
 
 /// The writer thread: group commit until every sender is gone.
 fn writer(db: Arc<Database>, path: PathBuf, rx: mpsc::Receiver<Op>, committed: Arc<Notify>) {
-    let mut unsynced = false;
+    // Deletions wait for the next insert batch (or IDLE_SYNC of quiet): a commit costs several pages
+    // however small it is, so deletions never get one of their own while inserts keep coming.
+    let mut dels: Vec<u64> = Vec::new();
     loop {
         let first = match rx.recv_timeout(IDLE_SYNC) {
             Ok(op) => op,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if unsynced {
-                    match commit(&db, &[], true) {
-                        Ok(()) => unsynced = false,
+                if !dels.is_empty() {
+                    match commit(&db, &[], &dels) {
+                        Ok(()) => dels.clear(),
                         Err(e) => tracing::error!(path = %path.display(), "outbox sync failed: {e:#}"),
                     }
                 }
@@ -165,52 +167,52 @@ fn writer(db: Arc<Database>, path: PathBuf, rx: mpsc::Receiver<Op>, committed: A
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        let mut puts = Vec::new();
+        let mut take = |op: Op| match op {
+            Op::Put(seq, rec, w) => puts.push((seq, rec, w)),
+            Op::Del(seq) => dels.push(seq),
+        };
+        take(first);
+        for _ in 1..MAX_BATCH {
             match rx.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(op) => take(op),
                 Err(_) => break,
             }
         }
-        let durable = batch.iter().any(|op| matches!(op, Op::Put(..)));
-        let result = commit(&db, &batch, durable);
+        if puts.is_empty() && dels.len() < MAX_BATCH {
+            continue;
+        }
+        let result = commit(&db, &puts, &dels);
         match &result {
-            Ok(()) => unsynced = !durable,
+            Ok(()) => dels.clear(),
             Err(e) => tracing::error!(path = %path.display(), "outbox commit failed: {e:#}"),
         }
-        for op in batch {
-            if let Op::Put(_, _, w) = op {
-                let _ = w.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
-            }
+        for (_, _, w) in puts {
+            let _ = w.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
         }
         committed.notify_waiters();
         committed.notify_one();
     }
     // Last words: make pending deletions durable so a clean stop replays nothing.
-    if unsynced {
-        let _ = commit(&db, &[], true);
+    if !dels.is_empty() {
+        let _ = commit(&db, &[], &dels);
     }
 }
 
-/// Applies `batch` in one transaction; a durable commit is synced before this returns.
-fn commit(db: &Database, batch: &[Op], durable: bool) -> anyhow::Result<()> {
+type Put = (u64, Vec<u8>, oneshot::Sender<Result<(), String>>);
+
+/// Inserts `puts`, then deletes `dels` (a message put and acknowledged in the same batch never
+/// stays), in one durable transaction: synced before this returns.
+fn commit(db: &Database, puts: &[Put], dels: &[u64]) -> anyhow::Result<()> {
     let mut txn = db.begin_write()?;
-    txn.set_durability(if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    })?;
+    txn.set_durability(Durability::Immediate)?;
     {
         let mut t = txn.open_table(TABLE)?;
-        for op in batch {
-            match op {
-                Op::Put(seq, rec, _) => {
-                    t.insert(*seq, rec.as_slice())?;
-                }
-                Op::Del(seq) => {
-                    t.remove(*seq)?;
-                }
-            }
+        for (seq, rec, _) in puts {
+            t.insert(*seq, rec.as_slice())?;
+        }
+        for seq in dels {
+            t.remove(*seq)?;
         }
     }
     txn.commit()?;
