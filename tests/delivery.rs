@@ -546,7 +546,7 @@ async fn wireguard_cut_fails_over_to_ssh_without_loss_and_returns() {
     peer.restore();
     let restored = Instant::now();
     assert!(
-        support::wait_until(Duration::from_secs(30), on("wireguard")).await,
+        support::wait_until(Duration::from_secs(60), on("wireguard")).await,
         "did not return to wireguard"
     );
     let returned = restored.elapsed();
