@@ -69,7 +69,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let policy = Policy::load(&config.auth)?;
     let guard = Guard::with_settings(policy, guard_settings(&config));
     let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::new(config.mappings.clone()))));
-    let outbox = Outbox::new(config.outbox.clone());
+    // Durable only with an uplink: the local-only default must not need a writable state dir.
+    let outbox = match &config.uplink {
+        Some(_) => Outbox::open(&config.site.state_dir, config.outbox.clone()).context("outbox")?,
+        None => Outbox::memory(config.outbox.clone()),
+    };
 
     let mut broker = Broker::new(&config.limits).await;
     guard::hooks::register(broker.hooks(), &guard, broker.context()).await;

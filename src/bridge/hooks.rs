@@ -2,6 +2,8 @@
 //! ACL allowed and an `out` mapping matches is queued in the outbox *before* rmqtt sends the PUBACK
 //! (the publish-ACL hook is awaited before the acknowledgement). Wills, which rmqtt publishes without
 //! a publish-ACL check (the guard checks them at CONNECT), are taken from the publish hook instead.
+//! A message the outbox refuses is answered PUBACK 0x97 (MQTT 5); an MQTT 3.1.1 device, which has no
+//! negative PUBACK, is disconnected without one so that it sends the message again.
 //! Messages the bridge itself publishes locally pass neither hook, so they never go back out.
 
 use std::sync::{Arc, RwLock};
@@ -12,7 +14,7 @@ use rmqtt::hook::{Handler, HookResult, Parameter, Register, ReturnType, Type};
 use rmqtt::types::{FromType, Publish, PublishAclResult, PublishResult};
 
 use super::Routes;
-use crate::outbox::{OutMessage, Outbox};
+use crate::outbox::{OutMessage, Outbox, PushError};
 
 /// Below the guard, so the ACL has decided first.
 pub const BRIDGE_PRIORITY: u32 = 100;
@@ -38,7 +40,7 @@ struct OutHandler {
 
 impl OutHandler {
     /// Queues the message if a mapping sends it out. `Err` when the outbox refuses it.
-    async fn enqueue(&self, p: &Publish) -> Result<(), ()> {
+    async fn enqueue(&self, p: &Publish) -> Result<(), PushError> {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(route) = routes.route_out(&p.topic, p.qos.value()) else {
             return Ok(());
@@ -51,7 +53,7 @@ impl OutHandler {
             retain: p.retain,
             accepted_ms: 0,
         };
-        self.outbox.push(msg).await.map_err(|_| ())?;
+        self.outbox.push(msg).await?;
         crate::ops::metrics::get()
             .messages_out
             .with_label_values(&[&route.mapping.to_string()])
@@ -64,7 +66,7 @@ impl OutHandler {
 impl Handler for OutHandler {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         match param {
-            Parameter::MessagePublishCheckAcl(_, publish) => {
+            Parameter::MessagePublishCheckAcl(session, publish) => {
                 let allowed = match &acc {
                     Some(HookResult::PublishAclResult(r)) => r.is_allow(),
                     _ => true,
@@ -74,12 +76,23 @@ impl Handler for OutHandler {
                 }
                 match self.enqueue(publish).await {
                     Ok(()) => (true, acc),
-                    Err(()) => {
-                        let refused = PublishAclResult(PublishResult::reason_code(
-                            PublishAckReason::QuotaExceeded,
-                            Some("outbox full".into()),
-                            false,
-                        ));
+                    Err(e) => {
+                        // rmqtt answers an MQTT 3.1.1 refusal with a plain PUBACK (v3 has no reason
+                        // code), which the device would take as delivered. So a v3 device is
+                        // disconnected instead, without a PUBACK: it resends after reconnecting.
+                        let v5 = matches!(session.protocol().await, Ok(5));
+                        let (code, text) = match e {
+                            PushError::Full => (PublishAckReason::QuotaExceeded, "outbox full"),
+                            PushError::Storage(_) => {
+                                tracing::error!(client = %session.id, "outbox refused a message: {e}");
+                                (
+                                    PublishAckReason::ImplementationSpecificError,
+                                    "outbox store failed",
+                                )
+                            }
+                        };
+                        let refused =
+                            PublishAclResult(PublishResult::reason_code(code, Some(text.into()), !v5));
                         (false, Some(HookResult::PublishAclResult(refused)))
                     }
                 }

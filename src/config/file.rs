@@ -195,6 +195,18 @@ pub struct UplinkFile {
     pub backoff_min_ms: u64,
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
+    /// An MQTT round trip (PINGREQ/PINGRESP) is made this often to check the active transport.
+    #[serde(default = "default_health_interval_s")]
+    pub health_interval_s: u64,
+    /// ... and must complete within this, or the transport is declared unhealthy.
+    #[serde(default = "default_health_timeout_ms")]
+    pub health_timeout_ms: u64,
+    /// While on a fallback transport, a preferred one is probed this often.
+    #[serde(default = "default_probe_interval_s")]
+    pub probe_interval_s: u64,
+    /// A preferred transport healthy in every probe for this long gets the session back.
+    #[serde(default = "default_return_after_s")]
+    pub return_after_s: u64,
     pub ssh: Option<SshFile>,
     pub wireguard: Option<WireguardFile>,
 }
@@ -266,6 +278,18 @@ pub fn default_backoff_min_ms() -> u64 {
 }
 pub fn default_backoff_max_ms() -> u64 {
     30_000
+}
+pub fn default_health_interval_s() -> u64 {
+    5
+}
+pub fn default_health_timeout_ms() -> u64 {
+    3_000
+}
+pub fn default_probe_interval_s() -> u64 {
+    10
+}
+pub fn default_return_after_s() -> u64 {
+    60
 }
 
 /// One `[[map]]`, with mosquitto bridge semantics.

@@ -148,6 +148,14 @@ pub struct Uplink {
     pub connect_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// How often the active transport's health is checked with an MQTT round trip.
+    pub health_interval: Duration,
+    /// Deadline for that round trip.
+    pub health_timeout: Duration,
+    /// How often a preferred transport is probed while a fallback carries the session.
+    pub probe_interval: Duration,
+    /// How long a preferred transport must stay healthy before the session returns to it.
+    pub return_after: Duration,
     pub ssh: Option<crate::transport::ssh::SshConfig>,
     pub wireguard: Option<crate::transport::wireguard::WgConfig>,
 }

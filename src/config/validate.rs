@@ -590,6 +590,24 @@ fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
     if f.connect_timeout_s == 0 {
         ctx.error("uplink.connect_timeout_s", "must be at least 1");
     }
+    if f.health_interval_s == 0 {
+        ctx.error("uplink.health_interval_s", "must be at least 1");
+    }
+    if f.health_timeout_ms < 100 || f.health_timeout_ms > f.health_interval_s.saturating_mul(1000) {
+        ctx.error(
+            "uplink.health_timeout_ms",
+            "must be at least 100 and not above health_interval_s",
+        );
+    }
+    if f.probe_interval_s == 0 {
+        ctx.error("uplink.probe_interval_s", "must be at least 1");
+    }
+    if f.return_after_s < f.probe_interval_s {
+        ctx.error(
+            "uplink.return_after_s",
+            "must be at least probe_interval_s: one good probe is not \"healthy for a while\"",
+        );
+    }
     let connect_timeout = Duration::from_secs(f.connect_timeout_s);
     let uses = |k| transports.contains(&k);
     let ssh = match (&f.ssh, uses(TransportKind::Ssh)) {
@@ -636,6 +654,10 @@ fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         connect_timeout,
         backoff_min: Duration::from_millis(f.backoff_min_ms),
         backoff_max: Duration::from_millis(f.backoff_max_ms),
+        health_interval: Duration::from_secs(f.health_interval_s),
+        health_timeout: Duration::from_millis(f.health_timeout_ms),
+        probe_interval: Duration::from_secs(f.probe_interval_s),
+        return_after: Duration::from_secs(f.return_after_s),
         ssh,
         wireguard,
     })

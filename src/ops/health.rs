@@ -16,8 +16,6 @@ use crate::uplink::UplinkState;
 struct Link {
     /// The transport of the current session and when it was established.
     up: Option<(&'static str, Instant)>,
-    /// The transport of the previous session, to count switches.
-    last_transport: Option<&'static str>,
 }
 
 /// Reads the running appliance's state. Cheap to clone.
@@ -75,8 +73,8 @@ impl Probe {
         }
     }
 
-    /// Follows the uplink state until the uplink stops: records when each session came up and counts
-    /// connects by transport and switches between transports.
+    /// Follows the uplink state until the uplink stops: records when each session came up (for the
+    /// handshake age).
     pub(crate) async fn track_uplink(self) {
         let mut rx = self.uplink.clone();
         loop {
@@ -85,14 +83,9 @@ impl Probe {
                 let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
                 match state {
                     UplinkState::Connected { transport } => {
+                        // Connects and switches are counted by the uplink itself, where they happen.
                         if link.up.is_none() {
-                            let m = crate::ops::metrics::get();
-                            m.uplink_connects.with_label_values(&[transport]).inc();
-                            if link.last_transport.is_some_and(|t| t != transport) {
-                                m.transport_switches.inc();
-                            }
                             link.up = Some((transport, Instant::now()));
-                            link.last_transport = Some(transport);
                         }
                     }
                     _ => link.up = None,

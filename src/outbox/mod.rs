@@ -1,23 +1,44 @@
 //! The outbox: the queue between the site and the uplink. QoS ≥ 1 messages enter it before the device
 //! gets its PUBACK and leave it only after the cloud broker's PUBACK. Bounded by bytes and age with an
 //! explicit `on_full` policy; every message a limit drops is counted by reason. QoS 0 messages take a
-//! separate small best-effort lane that never blocks QoS 1.
+//! separate small best-effort lane in memory that never blocks QoS 1.
 //!
-//! This version keeps the queue in memory: acknowledged messages survive tunnel drops and cloud
-//! restarts, not a crash of the appliance. The on-disk store is the delivery-guarantees issue.
+//! With a store ([`Outbox::open`], used whenever an `[uplink]` is configured) every QoS ≥ 1 message is
+//! committed to `state_dir/outbox.redb` before [`Outbox::push`] returns (group commit, see `store`), and
+//! the queue is read back at start: acknowledged messages survive tunnel drops, cloud restarts and
+//! appliance crashes. Without one ([`Outbox::memory`], the local-only broker) nothing touches the disk.
+//!
+//! In memory the outbox keeps an index of every queued message (sequence number, size, age) and the
+//! content of the newest ones up to [`CACHE_BYTES`]; older content is read from the store when the
+//! uplink gets to it, so a long backlog costs disk, not RAM.
+
+mod store;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::config::{OnFull, OutboxSettings};
+pub use store::StoreError;
+use store::{Op, Store};
 
 /// QoS 0 messages waiting for the uplink at most; more are dropped (counted).
 const QOS0_LANE: usize = 10_000;
+/// Message content kept in memory at most (the rest is read back from the store on demand).
+pub const CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Drop reasons, as they appear in `mqtt_uplink_dropped_total{reason=..}` and the log.
+pub mod reason {
+    pub const DROP_OLDEST: &str = "outbox full, oldest message dropped";
+    pub const REJECT_NEW: &str = "outbox full, new message rejected";
+    pub const EXPIRED: &str = "message older than max_age";
+    pub const QOS0_FULL: &str = "qos0 lane full";
+}
 
 /// A message on its way to the cloud.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,16 +53,19 @@ pub struct OutMessage {
 }
 
 impl OutMessage {
+    /// Logical size, the unit of `max_bytes`.
     fn size(&self) -> u64 {
         (self.topic.len() + self.payload.len() + 32) as u64
     }
 }
 
-/// Why a message was not queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// Why a message was not queued. Either way the device must not be acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
     #[error("outbox full (max_bytes reached, on_full = reject-new)")]
     Full,
+    #[error("outbox store failed: {0}")]
+    Storage(String),
 }
 
 /// Counters of what the outbox did, for metrics and tests.
@@ -53,24 +77,47 @@ pub struct Counters {
     pub rejected_full: AtomicU64,
     pub expired: AtomicU64,
     pub qos0_dropped: AtomicU64,
+    /// Pushes refused because the store could not commit them.
+    pub storage_errors: AtomicU64,
+}
+
+/// One queued QoS ≥ 1 message in the index.
+struct Entry {
+    size: u64,
+    accepted_ms: u64,
+    /// The content, while it is in the cache; otherwise it is in the store.
+    msg: Option<OutMessage>,
 }
 
 struct State {
-    queue: BTreeMap<u64, OutMessage>,
+    queue: BTreeMap<u64, Entry>,
     bytes: u64,
+    cached: u64,
     next_seq: u64,
     qos0: VecDeque<OutMessage>,
 }
 
-struct Inner {
-    state: Mutex<State>,
-    /// Woken whenever a message is queued (either lane).
-    ready: Notify,
-    settings: OutboxSettings,
-    counters: Counters,
+impl State {
+    fn remove(&mut self, seq: u64) -> Option<Entry> {
+        let e = self.queue.remove(&seq)?;
+        self.bytes -= e.size;
+        if e.msg.is_some() {
+            self.cached -= e.size;
+        }
+        Some(e)
+    }
 }
 
-/// Handle to the outbox; cheap to clone.
+struct Inner {
+    state: Mutex<State>,
+    /// Woken whenever a message is queued (either lane) and after every store commit.
+    ready: Arc<Notify>,
+    settings: OutboxSettings,
+    counters: Counters,
+    store: Option<Store>,
+}
+
+/// Handle to the outbox; cheap to clone. The store's writer stops when the last handle is dropped.
 #[derive(Clone)]
 pub struct Outbox {
     inner: Arc<Inner>,
@@ -84,38 +131,94 @@ fn now_ms() -> u64 {
 }
 
 impl Outbox {
-    pub fn new(settings: OutboxSettings) -> Self {
+    /// An outbox in memory only (no uplink, or tests): nothing survives the process.
+    pub fn memory(settings: OutboxSettings) -> Self {
+        Self::with_store(settings, None, Arc::new(Notify::new()), Vec::new())
+    }
+
+    /// Opens the durable outbox in `state_dir` (created if missing) and loads what a previous run left.
+    pub fn open(state_dir: &Path, settings: OutboxSettings) -> Result<Self, StoreError> {
+        let ready = Arc::new(Notify::new());
+        let (store, index) = Store::open(state_dir, ready.clone())?;
+        let o = Self::with_store(settings, Some(store), ready, index);
+        if o.depth() > 0 {
+            tracing::info!(
+                queued = o.depth(),
+                bytes = o.bytes(),
+                path = %state_dir.display(),
+                "outbox reopened with messages from the previous run"
+            );
+        }
+        Ok(o)
+    }
+
+    fn with_store(
+        settings: OutboxSettings,
+        store: Option<Store>,
+        ready: Arc<Notify>,
+        index: Vec<store::Indexed>,
+    ) -> Self {
+        let mut st = State {
+            queue: BTreeMap::new(),
+            bytes: 0,
+            cached: 0,
+            next_seq: 1,
+            qos0: VecDeque::new(),
+        };
+        for i in index {
+            st.bytes += i.size;
+            st.next_seq = st.next_seq.max(i.seq + 1);
+            st.queue.insert(
+                i.seq,
+                Entry {
+                    size: i.size,
+                    accepted_ms: i.accepted_ms,
+                    msg: None,
+                },
+            );
+        }
         Outbox {
             inner: Arc::new(Inner {
-                state: Mutex::new(State {
-                    queue: BTreeMap::new(),
-                    bytes: 0,
-                    next_seq: 1,
-                    qos0: VecDeque::new(),
-                }),
-                ready: Notify::new(),
+                state: Mutex::new(st),
+                ready,
                 settings,
                 counters: Counters::default(),
+                store,
             }),
         }
+    }
+
+    /// True when messages are written to disk before they are acknowledged.
+    pub fn is_durable(&self) -> bool {
+        self.inner.store.is_some()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a message. QoS ≥ 1: returns once the message is held by the outbox (the caller may then
-    /// acknowledge it to the device), or `Full` under `reject-new`. QoS 0: best effort, never fails.
+    /// Tells the store to forget `seq` (no-op in memory).
+    fn forget(&self, seq: u64) {
+        if let Some(s) = &self.inner.store {
+            let _ = s.send(Op::Del(seq));
+        }
+    }
+
+    /// Queues a message. QoS ≥ 1: returns once the message is held by the outbox (committed to disk
+    /// when durable), after which the caller may acknowledge it to the device; `Full` under
+    /// `reject-new`, `Storage` when the disk failed. QoS 0: best effort, never fails.
     pub async fn push(&self, mut msg: OutMessage) -> Result<(), PushError> {
         msg.accepted_ms = now_ms();
         let c = &self.inner.counters;
+        let mut committed: Option<(u64, oneshot::Receiver<Result<(), String>>)> = None;
+        let qos1 = msg.qos > 0;
         {
             let mut st = self.state();
             if msg.qos == 0 {
                 if st.qos0.len() >= QOS0_LANE {
                     st.qos0.pop_front();
                     c.qos0_dropped.fetch_add(1, Ordering::Relaxed);
-                    log_drop("qos0 lane full", 1);
+                    log_drop(reason::QOS0_FULL, 1);
                 }
                 st.qos0.push_back(msg);
             } else {
@@ -124,59 +227,125 @@ impl Outbox {
                     match self.inner.settings.on_full {
                         OnFull::RejectNew => {
                             c.rejected_full.fetch_add(1, Ordering::Relaxed);
-                            log_drop("outbox full, new message rejected", 1);
+                            log_drop(reason::REJECT_NEW, 1);
                             return Err(PushError::Full);
                         }
                         OnFull::DropOldest => {
-                            let Some((_, old)) = st.queue.pop_first() else {
+                            let Some(&seq) = st.queue.keys().next() else {
                                 break;
                             };
-                            st.bytes -= old.size();
+                            st.remove(seq);
+                            self.forget(seq);
                             c.dropped_oldest.fetch_add(1, Ordering::Relaxed);
-                            log_drop("outbox full, oldest message dropped", 1);
+                            log_drop(reason::DROP_OLDEST, 1);
                         }
                     }
                 }
                 let seq = st.next_seq;
                 st.next_seq += 1;
+                if let Some(s) = &self.inner.store {
+                    // Sent under the lock: the writer sees puts and deletes in queue order.
+                    let (tx, rx) = oneshot::channel();
+                    if s.send(Op::Put(seq, store::encode(&msg), tx)).is_err() {
+                        c.storage_errors.fetch_add(1, Ordering::Relaxed);
+                        return Err(PushError::Storage("the outbox writer has stopped".into()));
+                    }
+                    committed = Some((seq, rx));
+                }
+                let cache = st.cached + size <= CACHE_BYTES;
+                if cache {
+                    st.cached += size;
+                }
                 st.bytes += size;
-                st.queue.insert(seq, msg);
-                c.accepted.fetch_add(1, Ordering::Relaxed);
+                st.queue.insert(
+                    seq,
+                    Entry {
+                        size,
+                        accepted_ms: msg.accepted_ms,
+                        msg: cache.then_some(msg),
+                    },
+                );
             }
         }
         self.inner.ready.notify_waiters();
         self.inner.ready.notify_one();
+        if let Some((seq, rx)) = committed {
+            let outcome = rx
+                .await
+                .unwrap_or_else(|_| Err("the outbox writer has stopped".into()));
+            if let Err(e) = outcome {
+                self.state().remove(seq);
+                c.storage_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(PushError::Storage(e));
+            }
+        }
+        if qos1 {
+            c.accepted.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
     /// Up to `max` QoS ≥ 1 messages with a sequence number above `after`, oldest first. Messages older
-    /// than `max_age` are dropped (counted) on the way.
+    /// than `max_age` are dropped (counted) on the way. Content not in the cache is read from the
+    /// store; the list stops early at a message whose commit is still under way.
     pub fn pending_after(&self, after: u64, max: usize) -> Vec<(u64, OutMessage)> {
-        let mut st = self.state();
         let cutoff = now_ms().saturating_sub(self.inner.settings.max_age.as_millis() as u64);
-        let expired: Vec<u64> = st
-            .queue
-            .iter()
-            .take_while(|(_, m)| m.accepted_ms < cutoff)
-            .map(|(s, _)| *s)
-            .collect();
-        if !expired.is_empty() {
-            for s in &expired {
-                if let Some(m) = st.queue.remove(s) {
-                    st.bytes -= m.size();
+        let picked: Vec<(u64, Option<OutMessage>)> = {
+            let mut st = self.state();
+            let expired: Vec<u64> = st
+                .queue
+                .iter()
+                .take_while(|(_, e)| e.accepted_ms < cutoff)
+                .map(|(s, _)| *s)
+                .collect();
+            if !expired.is_empty() {
+                for &s in &expired {
+                    st.remove(s);
+                    self.forget(s);
+                }
+                self.inner
+                    .counters
+                    .expired
+                    .fetch_add(expired.len() as u64, Ordering::Relaxed);
+                log_drop(reason::EXPIRED, expired.len() as u64);
+            }
+            st.queue
+                .range(after + 1..)
+                .take(max)
+                .map(|(s, e)| (*s, e.msg.clone()))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(picked.len());
+        let mut i = 0;
+        while i < picked.len() {
+            if let (seq, Some(m)) = &picked[i] {
+                out.push((*seq, m.clone()));
+                i += 1;
+                continue;
+            }
+            // A run of uncached messages: one read transaction for all of them.
+            let run: Vec<u64> = picked[i..]
+                .iter()
+                .take_while(|(_, m)| m.is_none())
+                .map(|(s, _)| *s)
+                .collect();
+            let Some(store) = &self.inner.store else { break };
+            match store.read(&run) {
+                Ok(msgs) => {
+                    let complete = msgs.len() == run.len();
+                    out.extend(run.iter().copied().zip(msgs));
+                    if !complete {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("reading the outbox: {e:#}");
+                    break;
                 }
             }
-            self.inner
-                .counters
-                .expired
-                .fetch_add(expired.len() as u64, Ordering::Relaxed);
-            log_drop("message older than max_age", expired.len() as u64);
+            i += run.len();
         }
-        st.queue
-            .range(after + 1..)
-            .take(max)
-            .map(|(s, m)| (*s, m.clone()))
-            .collect()
+        out
     }
 
     /// Takes the next QoS 0 message, if any.
@@ -184,16 +353,17 @@ impl Outbox {
         self.state().qos0.pop_front()
     }
 
-    /// The cloud acknowledged message `seq`: forget it.
+    /// The cloud acknowledged message `seq`: forget it (the deletion is batched with other writes).
     pub fn ack(&self, seq: u64) {
         let mut st = self.state();
-        if let Some(m) = st.queue.remove(&seq) {
-            st.bytes -= m.size();
+        if st.remove(seq).is_some() {
+            self.forget(seq);
             self.inner.counters.acked.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Waits until something is queued (returns at once if a push happened since the last wait).
+    /// Waits until something is queued or committed (returns at once if that happened since the last
+    /// wait).
     pub async fn ready(&self) {
         self.inner.ready.notified().await
     }
@@ -203,19 +373,42 @@ impl Outbox {
         self.state().queue.len()
     }
 
-    /// Bytes held by QoS ≥ 1 messages.
+    /// Bytes held by QoS ≥ 1 messages (logical size: topic + payload + 32 per message).
     pub fn bytes(&self) -> u64 {
         self.state().bytes
     }
 
     /// When the oldest waiting QoS ≥ 1 message was accepted (ms since the Unix epoch), if any.
     pub fn oldest_accepted_ms(&self) -> Option<u64> {
-        self.state().queue.first_key_value().map(|(_, m)| m.accepted_ms)
+        self.state().queue.first_key_value().map(|(_, e)| e.accepted_ms)
+    }
+
+    /// Age of the oldest QoS ≥ 1 message waiting, if any.
+    pub fn oldest_age(&self) -> Option<Duration> {
+        let st = self.state();
+        let (_, e) = st.queue.first_key_value()?;
+        Some(Duration::from_millis(now_ms().saturating_sub(e.accepted_ms)))
     }
 
     /// QoS 0 messages waiting in the best-effort lane.
     pub fn qos0_depth(&self) -> usize {
         self.state().qos0.len()
+    }
+
+    /// Size of the store's file on disk (0 in memory).
+    pub fn store_file_bytes(&self) -> u64 {
+        self.inner.store.as_ref().map_or(0, Store::file_len)
+    }
+
+    /// Messages dropped by a limit so far, by reason (the labels of `mqtt_uplink_dropped_total`).
+    pub fn drops(&self) -> [(&'static str, u64); 4] {
+        let c = &self.inner.counters;
+        [
+            (reason::DROP_OLDEST, c.dropped_oldest.load(Ordering::Relaxed)),
+            (reason::REJECT_NEW, c.rejected_full.load(Ordering::Relaxed)),
+            (reason::EXPIRED, c.expired.load(Ordering::Relaxed)),
+            (reason::QOS0_FULL, c.qos0_dropped.load(Ordering::Relaxed)),
+        ]
     }
 
     pub fn counters(&self) -> &Counters {
@@ -264,7 +457,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_order_until_acked() {
-        let o = Outbox::new(settings(1 << 20, OnFull::RejectNew));
+        let o = Outbox::memory(settings(1 << 20, OnFull::RejectNew));
         for p in [b"1", b"2", b"3"] {
             o.push(msg(1, p)).await.unwrap();
         }
@@ -281,7 +474,7 @@ mod tests {
 
     #[tokio::test]
     async fn reject_new_counts_every_refusal() {
-        let o = Outbox::new(settings(100, OnFull::RejectNew));
+        let o = Outbox::memory(settings(100, OnFull::RejectNew));
         assert!(o.push(msg(1, &[0; 50])).await.is_ok());
         assert_eq!(o.push(msg(1, &[0; 50])).await, Err(PushError::Full));
         assert_eq!(o.counters().rejected_full.load(Ordering::Relaxed), 1);
@@ -290,7 +483,7 @@ mod tests {
 
     #[tokio::test]
     async fn drop_oldest_counts_every_drop() {
-        let o = Outbox::new(settings(100, OnFull::DropOldest));
+        let o = Outbox::memory(settings(100, OnFull::DropOldest));
         o.push(msg(1, b"old-old-old-old-old-old-old-old-old"))
             .await
             .unwrap();
@@ -301,6 +494,116 @@ mod tests {
         assert_eq!(
             o.pending_after(0, 10)[0].1.payload,
             "new-new-new-new-new-new-new-new-new"
+        );
+    }
+}
+
+/// Figures for the report, not a test: `cargo test --release --lib outbox::measure -- --ignored
+/// --nocapture`. Push latency (durable commit) at 1,000 msg/s from 8 concurrent publishers, bytes
+/// written to disk per message (`/proc/self/io`), and the time to drain a 100,000-message backlog.
+#[cfg(test)]
+mod measure {
+    use super::*;
+    use std::time::Instant;
+
+    fn write_bytes() -> u64 {
+        std::fs::read_to_string("/proc/self/io")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("write_bytes: ").map(|v| v.trim().parse().ok()))
+            })
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    fn msg(i: u64) -> OutMessage {
+        OutMessage {
+            mapping: 0,
+            topic: "sites/plant-7/sensors/room1/temp".into(),
+            payload: Bytes::from(format!("{{\"seq\":{i},\"t\":21.5,\"pad\":\"{:040}\"}}", 0)),
+            qos: 1,
+            retain: false,
+            accepted_ms: 0,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = OutboxSettings {
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(3600),
+            on_full: OnFull::RejectNew,
+        };
+        let o = Outbox::open(dir.path(), settings).unwrap();
+        // 1,000 msg/s for 5 s, acked 5 ms later as the uplink would.
+        let n = 5000u64;
+        let w0 = write_bytes();
+        let start = Instant::now();
+        let mut lat = Vec::with_capacity(n as usize);
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let due = start + Duration::from_micros(i * 1000);
+            tokio::time::sleep_until(due.into()).await;
+            let o2 = o.clone();
+            handles.push(tokio::spawn(async move {
+                let t = Instant::now();
+                o2.push(msg(i)).await.unwrap();
+                t.elapsed()
+            }));
+            for (seq, _) in o.pending_after(0, 64) {
+                o.ack(seq);
+            }
+        }
+        for h in handles {
+            lat.push(h.await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await; // idle sync of the last deletions
+        let written = write_bytes() - w0;
+        lat.sort();
+        let size = msg(0).topic.len() + msg(0).payload.len();
+        eprintln!(
+            "1000 msg/s, {size} B messages: push p50 {:?} p99 {:?} max {:?}; disk {} B/msg ({:.1}x); file {} B",
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100],
+            lat[lat.len() - 1],
+            written / n,
+            (written / n) as f64 / size as f64,
+            o.store_file_bytes()
+        );
+
+        // A 100,000-message backlog: fill as fast as possible (64 concurrent pushers), then drain.
+        let backlog = 100_000u64;
+        let t = Instant::now();
+        let w0 = write_bytes();
+        let mut set = tokio::task::JoinSet::new();
+        for k in 0..64 {
+            let o = o.clone();
+            set.spawn(async move {
+                for i in (k..backlog).step_by(64) {
+                    o.push(msg(i)).await.unwrap();
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+        let fill = t.elapsed();
+        let fill_bytes = write_bytes() - w0;
+        let t = Instant::now();
+        let mut cursor = 0;
+        while o.depth() > 0 {
+            let batch = o.pending_after(cursor, 256);
+            for (seq, _) in &batch {
+                o.ack(*seq);
+                cursor = *seq;
+            }
+        }
+        eprintln!(
+            "backlog of {backlog}: filled in {fill:?} ({:.0} msg/s durable, {} B/msg written), drained (read + ack) in {:?}",
+            backlog as f64 / fill.as_secs_f64(),
+            fill_bytes / backlog,
+            t.elapsed()
         );
     }
 }

@@ -36,6 +36,10 @@ pub struct Identity {
     pub keepalive: Duration,
     pub max_inflight: u16,
     pub connect_timeout: Duration,
+    /// An MQTT round trip is made this often (at most every keepalive) ...
+    pub health_interval: Duration,
+    /// ... and must complete within this, or the session is declared unhealthy and ends.
+    pub health_timeout: Duration,
 }
 
 /// What the session needs from the rest of the appliance.
@@ -49,11 +53,40 @@ type Conn = Framed<BoxStream, Codec>;
 
 /// Sends CONNECT and waits for a successful CONNACK. Returns the connection and `session_present`.
 pub async fn connect(stream: BoxStream, id: &Identity) -> anyhow::Result<(Conn, bool)> {
+    connect_as(stream, id, &id.client_id, false).await
+}
+
+/// A health probe of a transport that does not carry the session: CONNECT as `<client_id>-probe` with
+/// a clean session (so the real session is left alone), one PINGREQ/PINGRESP within
+/// `health_timeout`, DISCONNECT.
+pub async fn probe(stream: BoxStream, id: &Identity) -> anyhow::Result<()> {
+    let (mut conn, _) = connect_as(stream, id, &format!("{}-probe", id.client_id), true).await?;
+    conn.send(Packet::PingRequest).await.context("sending PINGREQ")?;
+    let deadline = Instant::now() + id.health_timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.next()).await {
+            Err(_) => bail!("no PINGRESP within {:?}", id.health_timeout),
+            Ok(Some(Ok((Packet::PingResponse, _)))) => break,
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => bail!("reading PINGRESP: {e}"),
+            Ok(None) => bail!("connection closed before PINGRESP"),
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.send(Packet::Disconnect)).await;
+    Ok(())
+}
+
+async fn connect_as(
+    stream: BoxStream,
+    id: &Identity,
+    client_id: &str,
+    clean_session: bool,
+) -> anyhow::Result<(Conn, bool)> {
     let mut conn = Framed::new(stream, Codec::new(MAX_INBOUND_PACKET));
     let connect = Connect {
-        clean_session: false,
+        clean_session,
         keep_alive: id.keepalive.as_secs().min(u16::MAX as u64) as u16,
-        client_id: id.client_id.clone().into(),
+        client_id: client_id.to_string().into(),
         username: id.username.clone().map(Into::into),
         password: id
             .password
@@ -108,9 +141,12 @@ pub async fn run(
     // Highest sequence number sent in this session; a new session starts again from the oldest.
     let mut cursor = 0u64;
     let max_inflight = id.max_inflight as usize;
-    let mut ping = interval_at(Instant::now() + id.keepalive, id.keepalive);
+    // Health: an MQTT round trip every `every`, answered within `health_timeout`. This also serves
+    // as the keepalive (`every` is never longer than it).
+    let every = id.health_interval.min(id.keepalive);
+    let mut ping = interval_at(Instant::now() + every, every);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut ping_outstanding = false;
+    let mut ping_deadline: Option<Instant> = None;
 
     loop {
         // Fill the window from the outbox, then a bounded batch of QoS 0, then flush once.
@@ -162,12 +198,12 @@ pub async fn run(
                 return Ok(());
             }
             _ = w.outbox.ready(), if inflight.len() < max_inflight => {}
-            _ = ping.tick() => {
-                if ping_outstanding {
-                    bail!("no PINGRESP within {:?}: the link is dead", id.keepalive);
-                }
+            _ = ping.tick(), if ping_deadline.is_none() => {
                 conn.send(Packet::PingRequest).await.context("sending PINGREQ")?;
-                ping_outstanding = true;
+                ping_deadline = Some(Instant::now() + id.health_timeout);
+            }
+            _ = tokio::time::sleep_until(ping_deadline.unwrap_or_else(Instant::now)), if ping_deadline.is_some() => {
+                bail!("health check failed: no PINGRESP within {:?}", id.health_timeout);
             }
             packet = conn.next() => {
                 let packet = match packet {
@@ -182,7 +218,7 @@ pub async fn run(
                         }
                     }
                     Packet::Publish(p) => incoming(&mut conn, &w, *p).await?,
-                    Packet::PingResponse => ping_outstanding = false,
+                    Packet::PingResponse => ping_deadline = None,
                     Packet::SubscribeAck { status, .. } => {
                         for ((filter, _), st) in subs.iter().zip(status) {
                             match st {

@@ -205,6 +205,30 @@ impl Cloud {
         panic!("the cloud subscriber never became ready");
     }
 
+    /// Like [`Cloud::subscribe_persistent`], but survives the cloud's death: mosquitto_sub exits when
+    /// its connection is lost, so a shell loop starts it again (same client id, so the same session)
+    /// every 200 ms. It ends when the cloud is gone for good and the `Sub` is dropped.
+    pub fn subscribe_persistent_forever(&self, filter: &str, id: &str) -> Sub {
+        let probe = format!("probe/{}/{id}", std::process::id());
+        let script = format!(
+            "while true; do mosquitto_sub -h {h} -p {p} -q 1 -v -c -i {id} -t '{filter}' -t '{probe}' \\
+             -u {u} -P {pw} --cafile {ca}; sleep 0.2; done",
+            h = self.host,
+            p = self.port,
+            u = OBSERVER_USER,
+            pw = OBSERVER_PASSWORD,
+            ca = self.dir.join("ca.pem").display()
+        );
+        let mut sub = Sub::spawn(self.cmd("bash").args(["-c", &script]));
+        for _ in 0..50 {
+            self.publish(&probe, "probe", 0);
+            if sub.wait_probe(&probe, Duration::from_millis(200)) {
+                return sub;
+            }
+        }
+        panic!("the cloud subscriber never became ready");
+    }
+
     /// Like [`Cloud::subscribe`], but returns only once the subscription is live (a probe published on
     /// `probe/ID` has come back; probe lines are not kept).
     pub fn subscribe_ready(&self, filter: &str) -> Sub {

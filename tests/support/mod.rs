@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod appliance;
 pub mod certs;
 pub mod cloud;
 pub mod daemon;

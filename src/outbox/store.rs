@@ -1,0 +1,284 @@
+//! The outbox on disk: one redb table `seq -> record` in `state_dir/outbox.redb`, written by a single
+//! group-commit writer thread. Pushes and deletions (cloud PUBACKs, limit drops) are sent to the writer
+//! in order over one channel; it takes everything queued, applies it in one write transaction, commits
+//! it durably (fsync), then wakes the pushers waiting on that commit. Under load many messages share
+//! one commit, so the cost of a sync is spread over the batch.
+//!
+//! Deletions alone do not get a commit: they are held by the writer and applied with the next insert
+//! batch, or after [`IDLE_SYNC`] of quiet. A crash may therefore bring back a few messages the cloud
+//! had already acknowledged (sent again: a duplicate, never a loss).
+//!
+//! redb is copy-on-write with checksummed commit slots, so the file reopens in a consistent state after
+//! a SIGKILL or power loss at any point (it repairs its allocator state on open when needed).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{oneshot, Notify};
+
+use super::OutMessage;
+
+const TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// Record format version (first byte of every record).
+const FORMAT: u8 = 1;
+/// Fixed part of a record: format, mapping, qos, retain, accepted_ms, topic length.
+const HEADER: usize = 1 + 4 + 1 + 1 + 8 + 2;
+/// Operations applied per transaction at most (bounds the latency of one commit).
+const MAX_BATCH: usize = 8192;
+/// Quiet time after which non-durable deletions are synced.
+pub const IDLE_SYNC: Duration = Duration::from_secs(1);
+/// redb's page cache.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why the store could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("outbox store {path}: {source}")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("outbox store {path}: record {seq} is malformed")]
+    Malformed { path: PathBuf, seq: u64 },
+}
+
+/// What the writer thread is asked to do.
+pub(super) enum Op {
+    /// Insert a record; the sender learns whether its commit succeeded.
+    Put(u64, Vec<u8>, oneshot::Sender<Result<(), String>>),
+    /// Delete a record (acknowledged upstream, or dropped by a limit).
+    Del(u64),
+}
+
+/// Handle to the open store; cloning shares the database and the writer.
+pub(super) struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+    tx: mpsc::Sender<Op>,
+}
+
+/// One record as read back at open: sequence number, size and acceptance time.
+pub(super) struct Indexed {
+    pub seq: u64,
+    pub size: u64,
+    pub accepted_ms: u64,
+}
+
+fn db_err(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Db {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    }
+}
+
+impl Store {
+    /// Opens (or creates) `dir/outbox.redb`, starts the writer thread and returns every stored record's
+    /// index entry, oldest first. `committed` is notified after every commit.
+    pub fn open(dir: &Path, committed: Arc<Notify>) -> Result<(Store, Vec<Indexed>), StoreError> {
+        let path = dir.join("outbox.redb");
+        std::fs::create_dir_all(dir).map_err(|e| db_err(dir, e))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| db_err(&path, e))?;
+        // Make sure the table exists, so readers never see "table does not exist".
+        let txn = db.begin_write().map_err(|e| db_err(&path, e))?;
+        txn.open_table(TABLE).map_err(|e| db_err(&path, e))?;
+        txn.commit().map_err(|e| db_err(&path, e))?;
+
+        let mut index = Vec::new();
+        {
+            let r = db.begin_read().map_err(|e| db_err(&path, e))?;
+            let t = r.open_table(TABLE).map_err(|e| db_err(&path, e))?;
+            for item in t.iter().map_err(|e| db_err(&path, e))? {
+                let (k, v) = item.map_err(|e| db_err(&path, e))?;
+                let (seq, rec) = (k.value(), v.value());
+                let Some((accepted_ms, size)) = peek(rec) else {
+                    return Err(StoreError::Malformed { path, seq });
+                };
+                index.push(Indexed {
+                    seq,
+                    size,
+                    accepted_ms,
+                });
+            }
+        }
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let writer_db = db.clone();
+        let writer_path = path.clone();
+        std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn(move || writer(writer_db, writer_path, rx, committed))
+            .map_err(|e| db_err(dir, e))?;
+        Ok((Store { db, path, tx }, index))
+    }
+
+    /// Queues an operation for the writer. Fails only when the writer has died (after an I/O error).
+    pub fn send(&self, op: Op) -> Result<(), ()> {
+        self.tx.send(op).map_err(|_| ())
+    }
+
+    /// Reads records by sequence number, stopping at the first one not (yet) committed.
+    pub fn read(&self, seqs: &[u64]) -> Result<Vec<OutMessage>, StoreError> {
+        let r = self.db.begin_read().map_err(|e| db_err(&self.path, e))?;
+        let t = r.open_table(TABLE).map_err(|e| db_err(&self.path, e))?;
+        let mut out = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            let Some(v) = t.get(seq).map_err(|e| db_err(&self.path, e))? else {
+                break;
+            };
+            let m = decode(v.value()).ok_or_else(|| StoreError::Malformed {
+                path: self.path.clone(),
+                seq,
+            })?;
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    /// Size of the database file.
+    pub fn file_len(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// The writer thread: group commit until every sender is gone.
+fn writer(db: Arc<Database>, path: PathBuf, rx: mpsc::Receiver<Op>, committed: Arc<Notify>) {
+    // Deletions wait for the next insert batch (or IDLE_SYNC of quiet): a commit costs several pages
+    // however small it is, so deletions never get one of their own while inserts keep coming.
+    let mut dels: Vec<u64> = Vec::new();
+    loop {
+        let first = match rx.recv_timeout(IDLE_SYNC) {
+            Ok(op) => op,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if !dels.is_empty() {
+                    match commit(&db, &[], &dels) {
+                        Ok(()) => dels.clear(),
+                        Err(e) => tracing::error!(path = %path.display(), "outbox sync failed: {e:#}"),
+                    }
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut puts = Vec::new();
+        let mut take = |op: Op| match op {
+            Op::Put(seq, rec, w) => puts.push((seq, rec, w)),
+            Op::Del(seq) => dels.push(seq),
+        };
+        take(first);
+        for _ in 1..MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => take(op),
+                Err(_) => break,
+            }
+        }
+        if puts.is_empty() && dels.len() < MAX_BATCH {
+            continue;
+        }
+        let result = commit(&db, &puts, &dels);
+        match &result {
+            Ok(()) => dels.clear(),
+            Err(e) => tracing::error!(path = %path.display(), "outbox commit failed: {e:#}"),
+        }
+        for (_, _, w) in puts {
+            let _ = w.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+        }
+        committed.notify_waiters();
+        committed.notify_one();
+    }
+    // Last words: make pending deletions durable so a clean stop replays nothing.
+    if !dels.is_empty() {
+        let _ = commit(&db, &[], &dels);
+    }
+}
+
+type Put = (u64, Vec<u8>, oneshot::Sender<Result<(), String>>);
+
+/// Inserts `puts`, then deletes `dels` (a message put and acknowledged in the same batch never
+/// stays), in one durable transaction: synced before this returns.
+fn commit(db: &Database, puts: &[Put], dels: &[u64]) -> anyhow::Result<()> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    {
+        let mut t = txn.open_table(TABLE)?;
+        for (seq, rec, _) in puts {
+            t.insert(*seq, rec.as_slice())?;
+        }
+        for seq in dels {
+            t.remove(*seq)?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// The record for a message: a fixed little-endian header, the topic, the payload.
+pub(super) fn encode(m: &OutMessage) -> Vec<u8> {
+    let topic = m.topic.as_bytes();
+    let mut v = Vec::with_capacity(HEADER + topic.len() + m.payload.len());
+    v.push(FORMAT);
+    v.extend_from_slice(&(m.mapping as u32).to_le_bytes());
+    v.push(m.qos);
+    v.push(m.retain as u8);
+    v.extend_from_slice(&m.accepted_ms.to_le_bytes());
+    v.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+    v.extend_from_slice(topic);
+    v.extend_from_slice(&m.payload);
+    v
+}
+
+/// Acceptance time and logical size of a record, without copying it.
+fn peek(rec: &[u8]) -> Option<(u64, u64)> {
+    let m = decode(rec)?;
+    Some((m.accepted_ms, m.size()))
+}
+
+fn decode(rec: &[u8]) -> Option<OutMessage> {
+    if rec.len() < HEADER || rec[0] != FORMAT {
+        return None;
+    }
+    let mapping = u32::from_le_bytes(rec[1..5].try_into().ok()?) as usize;
+    let qos = rec[5];
+    let retain = rec[6] != 0;
+    let accepted_ms = u64::from_le_bytes(rec[7..15].try_into().ok()?);
+    let tlen = u16::from_le_bytes(rec[15..17].try_into().ok()?) as usize;
+    let topic = std::str::from_utf8(rec.get(HEADER..HEADER + tlen)?)
+        .ok()?
+        .to_string();
+    let payload = Bytes::copy_from_slice(&rec[HEADER + tlen..]);
+    Some(OutMessage {
+        mapping,
+        topic,
+        payload,
+        qos,
+        retain,
+        accepted_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let m = OutMessage {
+            mapping: 7,
+            topic: "sites/a/b".into(),
+            payload: Bytes::from_static(b"\x00\x01payload"),
+            qos: 1,
+            retain: true,
+            accepted_ms: 1_700_000_000_123,
+        };
+        assert_eq!(decode(&encode(&m)), Some(m));
+        assert_eq!(decode(b"\x02short"), None);
+        assert_eq!(decode(&[FORMAT, 0, 0]), None);
+    }
+}
