@@ -110,6 +110,12 @@ impl App {
     /// Writes `toml` as `dir/mqtt-uplink.toml`, validates it and starts the appliance.
     pub async fn start(dir: &Path, toml: &str) -> App {
         let path = dir.join("mqtt-uplink.toml");
+        // Tests never write to the default state dir (/var/lib/mqtt-uplink): the test's own folder.
+        let toml = if toml.contains("[site]") {
+            toml.to_string()
+        } else {
+            format!("[site]\nid = \"test\"\nstate_dir = \"state\"\n\n{toml}")
+        };
         // Tests never use the fixed default metrics port: an ephemeral one unless the test sets it.
         let toml = if toml.contains("[metrics]") {
             toml.to_string()
