@@ -289,3 +289,48 @@ async fn bridge_over_userspace_wireguard_both_ways_and_after_a_link_cut() {
     both_ways(&app, &cloud, "after-cut").await;
     app.stop().await;
 }
+
+/// A QoS 1 burst through the SSH uplink: the session must keep reading the cloud's PUBACKs while its
+/// writes wait on the SSH window, or the channel wedges (the benchmark found this: the appliance kept
+/// acknowledging devices and stopped delivering).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_uplink_carries_a_qos1_burst_without_wedging() {
+    use support::appliance::{received, Publisher};
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    site_files(dir.path());
+    let (_sshd, section) = ssh_setup(dir.path(), &cloud);
+    // A wide in-flight window: many PUBACKs can be on their way back while the uplink writes.
+    let section = format!("max_inflight = 4000\n{section}");
+    let app = App::start(dir.path(), &config(cloud.port, "[\"ssh\"]", &section)).await;
+    assert!(app.wait_connected(T).await);
+    let mut up = cloud.subscribe_ready("sites/plant-7/#");
+    let total = 40_000u64;
+    let publisher = Publisher::start(app.port(), "dev1", DEV_PW, "sensors/seq", 0, total);
+    assert!(
+        publisher
+            .wait_acked(total as usize, Duration::from_secs(90))
+            .await,
+        "only {} of {total} acknowledged",
+        publisher.acked_count()
+    );
+    let acked = publisher.stop().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let got = received(
+            up.wait_lines(usize::MAX, Duration::from_millis(300)),
+            "sites/plant-7/sensors/seq",
+        );
+        let missing: Vec<u64> = acked.difference(&got).copied().collect();
+        if missing.is_empty() || std::time::Instant::now() >= deadline {
+            break missing;
+        }
+    };
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages never arrived (of {})",
+        missing.len(),
+        acked.len()
+    );
+    app.stop().await;
+}

@@ -321,6 +321,9 @@ pub struct OutboxFile {
     pub max_age_s: u64,
     #[serde(default = "default_on_full")]
     pub on_full: String,
+    /// How long the writer waits for more messages before a durable commit (group commit window).
+    #[serde(default = "default_commit_window_ms")]
+    pub commit_window_ms: u64,
 }
 
 impl Default for OutboxFile {
@@ -329,6 +332,7 @@ impl Default for OutboxFile {
             max_bytes: default_outbox_max_bytes(),
             max_age_s: default_outbox_max_age_s(),
             on_full: default_on_full(),
+            commit_window_ms: default_commit_window_ms(),
         }
     }
 }
@@ -339,6 +343,13 @@ pub fn default_outbox_max_bytes() -> u64 {
 pub fn default_outbox_max_age_s() -> u64 {
     7 * 24 * 3600
 }
+/// 0: commit as soon as the writer is free (messages that arrive during a sync share the next one).
+/// rmqtt handles one connection's publishes one after another, so a window caps a single device at
+/// about 1/window messages per second; it is an opt-in for SD cards with many slow devices.
+pub fn default_commit_window_ms() -> u64 {
+    0
+}
+
 pub fn default_on_full() -> String {
     "reject-new".into()
 }

@@ -198,5 +198,6 @@ fn outbox_default() -> OutboxSettings {
         max_bytes: file::default_outbox_max_bytes(),
         max_age: std::time::Duration::from_secs(file::default_outbox_max_age_s()),
         on_full: OnFull::RejectNew,
+        commit_window: std::time::Duration::from_millis(file::default_commit_window_ms()),
     }
 }

@@ -213,6 +213,8 @@ pub struct OutboxSettings {
     pub max_bytes: u64,
     pub max_age: Duration,
     pub on_full: OnFull,
+    /// Group-commit window: the writer collects messages this long before one durable commit.
+    pub commit_window: Duration,
 }
 
 /// Where the metrics and health endpoint listens.

@@ -914,6 +914,12 @@ fn outbox(ctx: &mut Ctx<'_>, f: OutboxFile) -> OutboxSettings {
     if f.max_bytes < 64 * 1024 {
         ctx.error("outbox.max_bytes", "must be at least 65536");
     }
+    if f.commit_window_ms > 1000 {
+        ctx.error(
+            "outbox.commit_window_ms",
+            "at most 1000: a device's PUBACK waits this long",
+        );
+    }
     if f.max_age_s == 0 {
         ctx.error("outbox.max_age_s", "must be at least 1");
     }
@@ -921,6 +927,7 @@ fn outbox(ctx: &mut Ctx<'_>, f: OutboxFile) -> OutboxSettings {
         max_bytes: f.max_bytes,
         max_age: Duration::from_secs(f.max_age_s),
         on_full,
+        commit_window: Duration::from_millis(f.commit_window_ms),
     }
 }
 

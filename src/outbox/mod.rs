@@ -139,7 +139,7 @@ impl Outbox {
     /// Opens the durable outbox in `state_dir` (created if missing) and loads what a previous run left.
     pub fn open(state_dir: &Path, settings: OutboxSettings) -> Result<Self, StoreError> {
         let ready = Arc::new(Notify::new());
-        let (store, index) = Store::open(state_dir, ready.clone())?;
+        let (store, index) = Store::open(state_dir, ready.clone(), settings.commit_window)?;
         let o = Self::with_store(settings, Some(store), ready, index);
         if o.depth() > 0 {
             tracing::info!(
@@ -441,6 +441,7 @@ mod tests {
             max_bytes,
             max_age: Duration::from_secs(3600),
             on_full,
+            commit_window: Duration::from_millis(5),
         }
     }
 
@@ -536,6 +537,7 @@ mod measure {
             max_bytes: 1 << 30,
             max_age: Duration::from_secs(3600),
             on_full: OnFull::RejectNew,
+            commit_window: Duration::from_millis(5),
         };
         let o = Outbox::open(dir.path(), settings).unwrap();
         // 1,000 msg/s for 5 s, acked 5 ms later as the uplink would.

@@ -79,7 +79,11 @@ fn db_err(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> Sto
 impl Store {
     /// Opens (or creates) `dir/outbox.redb`, starts the writer thread and returns every stored record's
     /// index entry, oldest first. `committed` is notified after every commit.
-    pub fn open(dir: &Path, committed: Arc<Notify>) -> Result<(Store, Vec<Indexed>), StoreError> {
+    pub fn open(
+        dir: &Path,
+        committed: Arc<Notify>,
+        window: Duration,
+    ) -> Result<(Store, Vec<Indexed>), StoreError> {
         let path = dir.join("outbox.redb");
         std::fs::create_dir_all(dir).map_err(|e| db_err(dir, e))?;
         let db = Database::builder()
@@ -114,7 +118,7 @@ impl Store {
         let writer_path = path.clone();
         std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || writer(writer_db, writer_path, rx, committed))
+            .spawn(move || writer(writer_db, writer_path, rx, committed, window))
             .map_err(|e| db_err(dir, e))?;
         Ok((Store { db, path, tx }, index))
     }
@@ -149,7 +153,13 @@ impl Store {
 }
 
 /// The writer thread: group commit until every sender is gone.
-fn writer(db: Arc<Database>, path: PathBuf, rx: mpsc::Receiver<Op>, committed: Arc<Notify>) {
+fn writer(
+    db: Arc<Database>,
+    path: PathBuf,
+    rx: mpsc::Receiver<Op>,
+    committed: Arc<Notify>,
+    window: Duration,
+) {
     // Deletions wait for the next insert batch (or IDLE_SYNC of quiet): a commit costs several pages
     // however small it is, so deletions never get one of their own while inserts keep coming.
     let mut dels: Vec<u64> = Vec::new();
@@ -167,16 +177,27 @@ fn writer(db: Arc<Database>, path: PathBuf, rx: mpsc::Receiver<Op>, committed: A
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        let mut puts = Vec::new();
-        let mut take = |op: Op| match op {
+        let mut puts: Vec<Put> = Vec::new();
+        let take = |op: Op, puts: &mut Vec<Put>, dels: &mut Vec<u64>| match op {
             Op::Put(seq, rec, w) => puts.push((seq, rec, w)),
             Op::Del(seq) => dels.push(seq),
         };
-        take(first);
+        take(first, &mut puts, &mut dels);
+        // Group commit: once an insert is waiting, collect for up to `window` more (or MAX_BATCH ops)
+        // so that several messages share one sync.
+        let deadline = std::time::Instant::now() + window;
         for _ in 1..MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => take(op),
-                Err(_) => break,
+            let op = if puts.is_empty() {
+                rx.try_recv().ok()
+            } else {
+                match deadline.checked_duration_since(std::time::Instant::now()) {
+                    Some(left) if !left.is_zero() => rx.recv_timeout(left).ok(),
+                    _ => rx.try_recv().ok(),
+                }
+            };
+            match op {
+                Some(op) => take(op, &mut puts, &mut dels),
+                None => break,
             }
         }
         if puts.is_empty() && dels.len() < MAX_BATCH {

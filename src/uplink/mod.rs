@@ -10,6 +10,7 @@
 //! chain fails, the uplink backs off and starts again from the most preferred transport.
 
 pub mod backoff;
+pub mod link;
 pub mod session;
 pub mod tls;
 
@@ -81,7 +82,7 @@ enum Ended {
     Return { to: usize },
 }
 
-type Conn = tokio_util::codec::Framed<crate::transport::BoxStream, rmqtt::codec::v3::Codec>;
+use session::Conn;
 
 impl UplinkTask {
     /// Builds the task for a validated `[uplink]`.

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use rmqtt::codec::types::{Publish, QoS};
-use rmqtt::codec::v3::{Codec, Connect, ConnectAckReason, Packet, SubscribeReturnCode};
+use rmqtt::codec::v3::{Connect, ConnectAckReason, Packet, SubscribeReturnCode};
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
+
+use super::link::Link;
 
 use crate::bridge::hooks::SharedRoutes;
 use crate::broker::Broker;
@@ -49,7 +49,8 @@ pub struct Wiring<'a> {
     pub broker: &'a Broker,
 }
 
-type Conn = Framed<BoxStream, Codec>;
+/// The connection a session runs on.
+pub type Conn = Link;
 
 /// Sends CONNECT and waits for a successful CONNACK. Returns the connection and `session_present`.
 pub async fn connect(stream: BoxStream, id: &Identity) -> anyhow::Result<(Conn, bool)> {
@@ -66,7 +67,7 @@ pub async fn probe(stream: BoxStream, id: &Identity) -> anyhow::Result<()> {
     loop {
         match tokio::time::timeout_at(deadline, conn.next()).await {
             Err(_) => bail!("no PINGRESP within {:?}", id.health_timeout),
-            Ok(Some(Ok((Packet::PingResponse, _)))) => break,
+            Ok(Some(Ok(Packet::PingResponse))) => break,
             Ok(Some(Ok(_))) => continue,
             Ok(Some(Err(e))) => bail!("reading PINGRESP: {e}"),
             Ok(None) => bail!("connection closed before PINGRESP"),
@@ -82,7 +83,8 @@ async fn connect_as(
     client_id: &str,
     clean_session: bool,
 ) -> anyhow::Result<(Conn, bool)> {
-    let mut conn = Framed::new(stream, Codec::new(MAX_INBOUND_PACKET));
+    // A write may wait on flow control, never longer than a keepalive plus the health deadline.
+    let mut conn = Link::new(stream, MAX_INBOUND_PACKET, id.keepalive + id.health_timeout);
     let connect = Connect {
         clean_session,
         keep_alive: id.keepalive.as_secs().min(u16::MAX as u64) as u16,
@@ -101,13 +103,13 @@ async fn connect_as(
         .await
         .map_err(|_| anyhow!("no CONNACK within {:?}", id.connect_timeout))?;
     match reply {
-        Some(Ok((Packet::ConnectAck(ack), _))) => {
+        Some(Ok(Packet::ConnectAck(ack))) => {
             if ack.return_code != ConnectAckReason::ConnectionAccepted {
                 bail!("cloud broker refused the uplink: {}", ack.return_code.reason());
             }
             Ok((conn, ack.session_present))
         }
-        Some(Ok((other, _))) => bail!("expected CONNACK, got {other:?}"),
+        Some(Ok(other)) => bail!("expected CONNACK, got {other:?}"),
         Some(Err(e)) => bail!("reading CONNACK: {e}"),
         None => bail!("connection closed before CONNACK"),
     }
@@ -207,7 +209,7 @@ pub async fn run(
             }
             packet = conn.next() => {
                 let packet = match packet {
-                    Some(Ok((p, _))) => p,
+                    Some(Ok(p)) => p,
                     Some(Err(e)) => bail!("reading from the cloud broker: {e}"),
                     None => bail!("the cloud broker closed the connection"),
                 };
