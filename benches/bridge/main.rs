@@ -297,19 +297,6 @@ async fn run_impl(
         wakeups_per_s: (procstat::ctxt_switches(&pids) - ctx0) as f64 / secs,
     });
 
-    for (qos, size) in TPUT_CASES {
-        match throughput(&ctx, &edge, qos, size, s).await {
-            Ok(t) => {
-                progress(&format!(
-                    "  q{qos} {size} B: {:.0} msg/s, lost {}, {:.1} µs CPU/msg, peak RSS {} KiB",
-                    t.msgs_per_s, t.lost, t.cpu_us_per_msg, t.peak_rss_kb
-                ));
-                res.tput.push(t)
-            }
-            Err(e) => res.error(format!("{} q{qos} {size}: {e:#}", ctx.run)),
-        }
-        check_alive(&mut edge)?;
-    }
     for (qos, size) in LAT_CASES {
         match latency(&ctx, qos, size, s).await {
             Ok(l) => {
@@ -335,6 +322,32 @@ async fn run_impl(
             Err(e) => res.error(format!("{} outage: {e:#}", ctx.run)),
         }
         check_alive(&mut edge)?;
+    }
+    // Throughput last: it is the heaviest, and an edge that wedges under it leaves the others measured.
+    for (qos, size) in TPUT_CASES {
+        let healthy = match throughput(&ctx, &edge, qos, size, s).await {
+            Ok(t) => {
+                progress(&format!(
+                    "  q{qos} {size} B: {:.0} msg/s, lost {}, {:.1} µs CPU/msg, peak RSS {} KiB",
+                    t.msgs_per_s, t.lost, t.cpu_us_per_msg, t.peak_rss_kb
+                ));
+                let clean = t.lost == 0;
+                res.tput.push(t);
+                clean
+            }
+            Err(e) => {
+                res.error(format!("{} q{qos} {size}: {e:#}", ctx.run));
+                false
+            }
+        };
+        check_alive(&mut edge)?;
+        if !healthy && !still_delivers(&ctx).await {
+            bail!(
+                "after q{qos} {size} B the edge accepts messages but no longer delivers any upstream \
+                 (remaining throughput cases skipped); its log:\n{}",
+                tail(&edge.log)
+            );
+        }
     }
     if ctx.path == PathKind::Direct && !s.conns.is_empty() {
         match connections(&edge, s).await {
@@ -364,9 +377,28 @@ fn tail(path: &std::path::Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
+/// Whether a fresh probe still gets through the edge within 10 s.
+async fn still_delivers(ctx: &Ctx) -> bool {
+    let Ok((sub, _)) = subscriber_within(ctx, "alive", Duration::from_secs(10)).await else {
+        return false;
+    };
+    sub.stop().await;
+    true
+}
+
 /// Publishes QoS 0 probes on `{topic}/probe` until the subscriber sees one (30 s at most).
 async fn wait_probe(target: &Target, creds: &Creds, st: &SubState, topic: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_probe_within(target, creds, st, topic, Duration::from_secs(30)).await
+}
+
+async fn wait_probe_within(
+    target: &Target,
+    creds: &Creds,
+    st: &SubState,
+    topic: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
     let mut last_err = None;
     while Instant::now() < deadline {
         if let Err(e) = gen::probe(target, creds, "bench-probe", &format!("{topic}/probe")).await {
@@ -401,6 +433,10 @@ async fn drain(st: &SubState, expected: u64, idle: Duration, cap: Duration) {
 }
 
 async fn subscriber(ctx: &Ctx, name: &str) -> anyhow::Result<(Subscriber, String)> {
+    subscriber_within(ctx, name, Duration::from_secs(30)).await
+}
+
+async fn subscriber_within(ctx: &Ctx, name: &str, within: Duration) -> anyhow::Result<(Subscriber, String)> {
     let topic = format!("sensors/{}/{name}", ctx.run);
     let sub = Subscriber::start(
         ctx.cloud.clone(),
@@ -409,7 +445,10 @@ async fn subscriber(ctx: &Ctx, name: &str) -> anyhow::Result<(Subscriber, String
         observer(),
     )
     .await?;
-    wait_probe(&ctx.edge, &dev(), &sub.st, &topic).await?;
+    if let Err(e) = wait_probe_within(&ctx.edge, &dev(), &sub.st, &topic, within).await {
+        sub.stop().await;
+        return Err(e);
+    }
     Ok((sub, topic))
 }
 
