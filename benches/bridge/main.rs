@@ -1,0 +1,578 @@
+//! Benchmark: mqtt-uplink against mosquitto 2.0's bridge (defaults, and tuned) on the same paths in the
+//! same run, alternating, several repetitions. Reports medians with ranges and the ratios as markdown,
+//! JSON and SVG plots.
+//!
+//! ```sh
+//! cargo bench --bench bridge               # full run (3 repetitions) -> docs/benchmarks/
+//! cargo bench --bench bridge -- --quick    # a few seconds per scenario, 1 repetition -> target/bench-quick/
+//! ```
+//! Options: `--reps N`, `--paths direct,ssh,wireguard`, `--out DIR`, `--no-outage`, `--no-conns`.
+//! Needs root (network namespaces for the WireGuard path), mosquitto 2.0, OpenSSH, wireguard-go, wg, ip.
+//! Only loopback and the benchmark's own namespace are used.
+
+#![forbid(unsafe_code)]
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+mod gen;
+mod lab;
+mod procstat;
+mod report;
+mod svg;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use gen::{Creds, Mode, SubState, Subscriber, Target};
+use lab::{Edge, Impl, PathKind, PathLab, DEV_PASSWORD, DEV_USER};
+use report::{Conns, Idle, Lat, Outage, Results, Tput};
+use support::cloud::{OBSERVER_PASSWORD, OBSERVER_USER};
+
+/// Benchmark settings (see `--quick`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Settings {
+    pub quick: bool,
+    pub reps: usize,
+    #[serde(skip)]
+    pub paths: Vec<PathKind>,
+    #[serde(skip)]
+    pub out: PathBuf,
+    /// Seconds each max-throughput run publishes.
+    pub tput_secs: f64,
+    /// Messages outstanding end to end (sent, not yet delivered upstream) in max-throughput runs.
+    pub window: u64,
+    pub lat_rate: f64,
+    pub lat_secs: f64,
+    pub idle_secs: f64,
+    pub outage: bool,
+    pub outage_secs: f64,
+    pub outage_pre_secs: f64,
+    pub outage_post_secs: f64,
+    /// Upper bound on the wait for the backlog after the outage.
+    pub outage_drain_cap_secs: f64,
+    pub conns: Vec<usize>,
+}
+
+const TPUT_CASES: [(u8, usize); 4] = [(1, 64), (1, 1024), (0, 64), (0, 1024)];
+const LAT_CASES: [(u8, usize); 2] = [(1, 64), (0, 64)];
+
+fn parse_args() -> anyhow::Result<Option<Settings>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing: then do not run anything.
+    if !args
+        .iter()
+        .any(|a| a == "--bench" || a == "--quick" || a == "--run")
+    {
+        println!("bridge benchmark: run it with `cargo bench --bench bridge [-- --quick]`");
+        return Ok(None);
+    }
+    let mut s = Settings {
+        quick,
+        reps: if quick { 1 } else { 3 },
+        paths: vec![PathKind::Direct, PathKind::Ssh, PathKind::Wireguard],
+        out: if quick {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-quick")
+        } else {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks")
+        },
+        tput_secs: if quick { 1.0 } else { 2.0 },
+        window: 1000,
+        lat_rate: 1000.0,
+        lat_secs: if quick { 1.0 } else { 3.0 },
+        idle_secs: if quick { 1.0 } else { 2.0 },
+        outage: true,
+        outage_secs: 10.0,
+        outage_pre_secs: if quick { 1.0 } else { 2.0 },
+        outage_post_secs: 1.0,
+        outage_drain_cap_secs: if quick { 30.0 } else { 60.0 },
+        conns: vec![1000, 10_000],
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" | "--bench" | "--run" => {}
+            "--reps" => s.reps = it.next().context("--reps N")?.parse()?,
+            "--out" => s.out = PathBuf::from(it.next().context("--out DIR")?),
+            "--no-outage" => s.outage = false,
+            "--no-conns" => s.conns.clear(),
+            "--paths" => {
+                s.paths = it
+                    .next()
+                    .context("--paths LIST")?
+                    .split(',')
+                    .map(|p| PathKind::parse(p).with_context(|| format!("unknown path {p}")))
+                    .collect::<anyhow::Result<_>>()?
+            }
+            other => bail!("unknown option {other}"),
+        }
+    }
+    Ok(Some(s))
+}
+
+fn main() -> anyhow::Result<()> {
+    let Some(settings) = parse_args()? else {
+        return Ok(());
+    };
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    gen::now_ns();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let mut results = Results {
+        load_start: procstat::loadavg1(),
+        ..Results::default()
+    };
+    rt.block_on(run_all(&settings, &mut results));
+    results.load_end = procstat::loadavg1();
+    results.wall_s = started.elapsed().as_secs_f64();
+    report::write(&settings, &results)?;
+    Ok(())
+}
+
+fn dev() -> Creds {
+    Creds {
+        user: DEV_USER.into(),
+        password: DEV_PASSWORD.into(),
+    }
+}
+
+fn observer() -> Creds {
+    Creds {
+        user: OBSERVER_USER.into(),
+        password: OBSERVER_PASSWORD.into(),
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("[bench {:>7.1}s] {msg}", gen::now_ns() as f64 / 1e9);
+}
+
+async fn run_all(s: &Settings, res: &mut Results) {
+    for rep in 0..s.reps {
+        for (pi, &path) in s.paths.iter().enumerate() {
+            let mut lab = match PathLab::start(path) {
+                Ok(Some(l)) => l,
+                Ok(None) => {
+                    res.error(format!(
+                        "{}: path unavailable on this machine (skipped)",
+                        path.name()
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    res.error(format!("{}: lab setup failed: {e:#}", path.name()));
+                    continue;
+                }
+            };
+            res.load_samples.push(procstat::loadavg1());
+            if let Err(e) = baseline(&lab, rep, s, res).await {
+                res.error(format!("{} baseline rep {rep}: {e:#}", path.name()));
+            }
+            // Alternate: each repetition and path starts with a different implementation.
+            let mut order = Impl::ALL.to_vec();
+            let n = order.len();
+            order.rotate_left((rep + pi) % n);
+            for imp in order {
+                progress(&format!(
+                    "rep {}/{} {} {}",
+                    rep + 1,
+                    s.reps,
+                    path.name(),
+                    imp.name()
+                ));
+                res.load_samples.push(procstat::loadavg1());
+                if let Err(e) = run_impl(&mut lab, imp, rep, s, res).await {
+                    progress(&format!("  failed: {e:#}"));
+                    res.error(format!("{} {} rep {rep}: {e:#}", path.name(), imp.name()));
+                }
+            }
+        }
+    }
+}
+
+/// The cloud broker's own latency (publisher straight to the cloud), to subtract from the edges'.
+async fn baseline(lab: &PathLab, rep: usize, s: &Settings, res: &mut Results) -> anyhow::Result<()> {
+    let cloud = Target::Tls {
+        addr: lab.cloud.client_addr,
+        ca: lab.cloud.ca(),
+    };
+    let run = format!("base{rep}");
+    let topic = format!("sites/p7/sensors/{run}");
+    let sub = Subscriber::start(
+        cloud.clone(),
+        format!("sub-{run}"),
+        format!("{topic}/#"),
+        observer(),
+    )
+    .await?;
+    wait_probe(&cloud, &observer(), &sub.st, &topic).await?;
+    let r = gen::publish(
+        &cloud,
+        &observer(),
+        &format!("pub-{run}"),
+        &format!("{topic}/x"),
+        1,
+        64,
+        Mode::Rate {
+            rate: s.lat_rate,
+            secs: s.lat_secs,
+        },
+        &sub.st,
+    )
+    .await?;
+    drain(&sub.st, r.acked, Duration::from_secs(2), Duration::from_secs(10)).await;
+    let lat = Lat::from_samples(lab.kind, "baseline", 1, 64, rep, &sub.st, &r);
+    sub.stop().await;
+    res.lat.push(lat);
+    Ok(())
+}
+
+struct Ctx {
+    edge: Target,
+    cloud: Target,
+    path: PathKind,
+    imp: Impl,
+    rep: usize,
+    run: String,
+}
+
+async fn run_impl(
+    lab: &mut PathLab,
+    imp: Impl,
+    rep: usize,
+    s: &Settings,
+    res: &mut Results,
+) -> anyhow::Result<()> {
+    let mut edge = lab.start_edge(imp)?;
+    let ctx = Ctx {
+        edge: Target::Plain(edge.addr()),
+        cloud: Target::Tls {
+            addr: lab.cloud.client_addr,
+            ca: lab.cloud.ca(),
+        },
+        path: lab.kind,
+        imp,
+        rep,
+        run: format!("{}-{}-{rep}", lab.kind.name(), imp.name()),
+    };
+    // Ready: a probe published on the edge arrives at the cloud.
+    let ready = Instant::now();
+    let sub = Subscriber::start(
+        ctx.cloud.clone(),
+        format!("sub-{}-ready", ctx.run),
+        format!("sites/p7/sensors/{}/ready/#", ctx.run),
+        observer(),
+    )
+    .await?;
+    wait_probe(&ctx.edge, &dev(), &sub.st, &format!("sensors/{}/ready", ctx.run))
+        .await
+        .with_context(|| format!("the edge never delivered a probe; its log:\n{}", tail(&edge.log)))?;
+    sub.stop().await;
+    progress(&format!("  ready in {:.1} s", ready.elapsed().as_secs_f64()));
+
+    // Idle: memory, CPU and wake-ups of the edge (and its tunnel) with the uplink up and nothing to do.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pids = edge.pids();
+    let (cpu0, ctx0, t0) = (
+        procstat::sched_ns(&pids),
+        procstat::ctxt_switches(&pids),
+        Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs_f64(s.idle_secs)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    res.idle.push(Idle {
+        path: ctx.path,
+        imp,
+        rep,
+        rss_kb: procstat::rss_kb(&pids),
+        cpu_pct: (procstat::sched_ns(&pids) - cpu0) as f64 / 1e9 / secs * 100.0,
+        wakeups_per_s: (procstat::ctxt_switches(&pids) - ctx0) as f64 / secs,
+    });
+
+    for (qos, size) in LAT_CASES {
+        match latency(&ctx, qos, size, s).await {
+            Ok(l) => {
+                progress(&format!(
+                    "  latency q{qos} {size} B: p50 {} µs p99 {} µs p99.9 {} µs",
+                    l.p50_us, l.p99_us, l.p999_us
+                ));
+                res.lat.push(l)
+            }
+            Err(e) => res.error(format!("{} latency q{qos}: {e:#}", ctx.run)),
+        }
+        check_alive(&mut edge)?;
+    }
+    if s.outage {
+        match outage(&ctx, lab, s).await {
+            Ok(o) => {
+                progress(&format!(
+                    "  outage: acked {} delivered {} lost {} drain {:?} s",
+                    o.acked, o.delivered, o.lost, o.drain_s
+                ));
+                res.outage.push(o)
+            }
+            Err(e) => res.error(format!("{} outage: {e:#}", ctx.run)),
+        }
+        check_alive(&mut edge)?;
+    }
+    // Throughput last: it is the heaviest, and an edge that wedges under it leaves the others measured.
+    for (qos, size) in TPUT_CASES {
+        let healthy = match throughput(&ctx, &edge, qos, size, s).await {
+            Ok(t) => {
+                progress(&format!(
+                    "  q{qos} {size} B: {:.0} msg/s, lost {}, {:.1} µs CPU/msg, peak RSS {} KiB",
+                    t.msgs_per_s, t.lost, t.cpu_us_per_msg, t.peak_rss_kb
+                ));
+                let clean = t.lost == 0;
+                res.tput.push(t);
+                clean
+            }
+            Err(e) => {
+                res.error(format!("{} q{qos} {size}: {e:#}", ctx.run));
+                false
+            }
+        };
+        check_alive(&mut edge)?;
+        if !healthy && !still_delivers(&ctx).await {
+            bail!(
+                "after q{qos} {size} B the edge accepts messages but no longer delivers any upstream \
+                 (remaining throughput cases skipped); its log:\n{}",
+                tail(&edge.log)
+            );
+        }
+    }
+    if ctx.path == PathKind::Direct && !s.conns.is_empty() {
+        match connections(&edge, s).await {
+            Ok(v) => {
+                for c in v {
+                    progress(&format!("  {} idle connections: RSS {} KiB", c.n, c.rss_kb));
+                    res.conns.push(Conns { imp, rep, ..c });
+                }
+            }
+            Err(e) => res.error(format!("{} connections: {e:#}", ctx.run)),
+        }
+    }
+    edge.stop();
+    Ok(())
+}
+
+fn check_alive(edge: &mut Edge) -> anyhow::Result<()> {
+    if !edge.alive() {
+        bail!("the edge process died; its log:\n{}", tail(&edge.log));
+    }
+    Ok(())
+}
+
+fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Whether a fresh probe still gets through the edge within 10 s.
+async fn still_delivers(ctx: &Ctx) -> bool {
+    let Ok((sub, _)) = subscriber_within(ctx, "alive", Duration::from_secs(10)).await else {
+        return false;
+    };
+    sub.stop().await;
+    true
+}
+
+/// Publishes QoS 0 probes on `{topic}/probe` until the subscriber sees one (30 s at most).
+async fn wait_probe(target: &Target, creds: &Creds, st: &SubState, topic: &str) -> anyhow::Result<()> {
+    wait_probe_within(target, creds, st, topic, Duration::from_secs(30)).await
+}
+
+async fn wait_probe_within(
+    target: &Target,
+    creds: &Creds,
+    st: &SubState,
+    topic: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    let mut last_err = None;
+    while Instant::now() < deadline {
+        if let Err(e) = gen::probe(target, creds, "bench-probe", &format!("{topic}/probe")).await {
+            last_err = Some(e);
+        }
+        for _ in 0..10 {
+            if st.probe.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    bail!("probe on {topic} never arrived (last error: {last_err:?})")
+}
+
+/// Waits until `expected` messages are delivered, delivery stops progressing for `idle`, or `cap`.
+async fn drain(st: &SubState, expected: u64, idle: Duration, cap: Duration) {
+    let deadline = Instant::now() + cap;
+    let mut last = (st.delivered.load(Ordering::Relaxed), Instant::now());
+    while Instant::now() < deadline {
+        let d = st.delivered.load(Ordering::Relaxed);
+        if d >= expected {
+            return;
+        }
+        if d != last.0 {
+            last = (d, Instant::now());
+        } else if last.1.elapsed() > idle {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn subscriber(ctx: &Ctx, name: &str) -> anyhow::Result<(Subscriber, String)> {
+    subscriber_within(ctx, name, Duration::from_secs(30)).await
+}
+
+async fn subscriber_within(ctx: &Ctx, name: &str, within: Duration) -> anyhow::Result<(Subscriber, String)> {
+    let topic = format!("sensors/{}/{name}", ctx.run);
+    let sub = Subscriber::start(
+        ctx.cloud.clone(),
+        format!("sub-{}-{name}", ctx.run),
+        format!("sites/p7/{topic}/#"),
+        observer(),
+    )
+    .await?;
+    if let Err(e) = wait_probe_within(&ctx.edge, &dev(), &sub.st, &topic, within).await {
+        sub.stop().await;
+        return Err(e);
+    }
+    Ok((sub, topic))
+}
+
+async fn throughput(ctx: &Ctx, edge: &Edge, qos: u8, size: usize, s: &Settings) -> anyhow::Result<Tput> {
+    let (sub, topic) = subscriber(ctx, &format!("t{qos}s{size}")).await?;
+    let pids = edge.pids();
+    let peak = procstat::PeakRss::start(pids.clone());
+    let cpu0 = procstat::cpu_us(&pids);
+    let r = gen::publish(
+        &ctx.edge,
+        &dev(),
+        &format!("dev-t{qos}s{size}"),
+        &format!("{topic}/x"),
+        qos,
+        size,
+        Mode::Max {
+            secs: s.tput_secs,
+            window: s.window,
+        },
+        &sub.st,
+    )
+    .await?;
+    let expected = if qos == 1 { r.acked } else { r.sent };
+    drain(&sub.st, expected, Duration::from_secs(2), Duration::from_secs(20)).await;
+    let cpu = procstat::cpu_us(&pids) - cpu0;
+    let peak_rss_kb = peak.finish();
+    let t = Tput::new(
+        ctx.path,
+        ctx.imp,
+        qos,
+        size,
+        ctx.rep,
+        &r,
+        &sub.st,
+        cpu,
+        peak_rss_kb,
+    );
+    sub.stop().await;
+    Ok(t)
+}
+
+async fn latency(ctx: &Ctx, qos: u8, size: usize, s: &Settings) -> anyhow::Result<Lat> {
+    let (sub, topic) = subscriber(ctx, &format!("l{qos}s{size}")).await?;
+    let r = gen::publish(
+        &ctx.edge,
+        &dev(),
+        &format!("dev-l{qos}s{size}"),
+        &format!("{topic}/x"),
+        qos,
+        size,
+        Mode::Rate {
+            rate: s.lat_rate,
+            secs: s.lat_secs,
+        },
+        &sub.st,
+    )
+    .await?;
+    let expected = if qos == 1 { r.acked } else { r.sent };
+    drain(&sub.st, expected, Duration::from_secs(2), Duration::from_secs(10)).await;
+    let l = Lat::from_samples(ctx.path, ctx.imp.name(), qos, size, ctx.rep, &sub.st, &r);
+    sub.stop().await;
+    Ok(l)
+}
+
+/// QoS 1 at 1,000 msg/s; the cloud broker is stopped for `outage_secs` and started again on the same
+/// port; publishing goes on throughout. Lost = acknowledged by the edge, never delivered upstream.
+async fn outage(ctx: &Ctx, lab: &mut PathLab, s: &Settings) -> anyhow::Result<Outage> {
+    let (sub, topic) = subscriber(ctx, "outage").await?;
+    let st: Arc<SubState> = sub.st.clone();
+    let (edge, st2, topic2) = (ctx.edge.clone(), st.clone(), format!("{topic}/x"));
+    let total = s.outage_pre_secs + s.outage_secs + s.outage_post_secs;
+    let rate = s.lat_rate;
+    let publisher = tokio::spawn(async move {
+        gen::publish(
+            &edge,
+            &dev(),
+            "dev-outage",
+            &topic2,
+            1,
+            64,
+            Mode::Rate { rate, secs: total },
+            &st2,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs_f64(s.outage_pre_secs)).await;
+    let down = Instant::now();
+    lab.cloud.stop();
+    tokio::time::sleep(Duration::from_secs_f64(s.outage_secs).saturating_sub(down.elapsed())).await;
+    lab.cloud.start_again()?;
+    let restart_ns = gen::now_ns();
+    let r = publisher.await??;
+    // A bridge may still be in its reconnect back-off: wait for 15 s without progress (or the cap).
+    drain(
+        &st,
+        r.acked,
+        Duration::from_secs(15),
+        Duration::from_secs_f64(s.outage_drain_cap_secs),
+    )
+    .await;
+    let o = Outage::new(ctx.path, ctx.imp, ctx.rep, &r, &st, restart_ns, rate);
+    sub.stop().await;
+    Ok(o)
+}
+
+async fn connections(edge: &Edge, s: &Settings) -> anyhow::Result<Vec<Conns>> {
+    let pids = edge.pids();
+    let mut held = Vec::new();
+    let mut out = Vec::new();
+    for &n in &s.conns {
+        let t0 = Instant::now();
+        let more = gen::open_idle(edge.addr(), &dev(), held.len(), n - held.len(), 64).await?;
+        // Keep only the sockets, not the codec buffers.
+        held.extend(more.into_iter().map(|c| c.into_inner()));
+        let connect_s = t0.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        out.push(Conns {
+            imp: edge.imp,
+            rep: 0,
+            n,
+            rss_kb: procstat::rss_kb(&pids),
+            connect_s,
+        });
+    }
+    drop(held);
+    Ok(out)
+}

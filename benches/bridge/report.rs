@@ -1,0 +1,859 @@
+//! Measurements, their medians and ranges, the targets, and the output: one JSON file per run, a
+//! markdown report (`results.md`) and the plots, all under the output folder.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::process::Command;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::gen::{PubResult, SubState};
+use crate::lab::{Impl, PathKind};
+use crate::{Settings, LAT_CASES, TPUT_CASES};
+
+fn path_ser<S: serde::Serializer>(p: &PathKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(p.name())
+}
+fn impl_ser<S: serde::Serializer>(i: &Impl, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(i.name())
+}
+
+/// One max-throughput run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tput {
+    #[serde(serialize_with = "path_ser")]
+    pub path: PathKind,
+    #[serde(rename = "impl", serialize_with = "impl_ser")]
+    pub imp: Impl,
+    pub qos: u8,
+    pub payload: usize,
+    pub rep: usize,
+    pub msgs_per_s: f64,
+    pub sent: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub stalls: u64,
+    pub cpu_us_per_msg: f64,
+    pub peak_rss_kb: u64,
+}
+
+/// Acknowledged (QoS 1) or sent (QoS 0) and never delivered upstream.
+fn lost(qos: u8, r: &PubResult, st: &SubState) -> u64 {
+    if qos == 0 {
+        return r
+            .sent
+            .saturating_sub(st.delivered.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    let seen = st.seen_bits();
+    (1..=r.sent)
+        .filter(|s| r.acked_seqs.get(*s) && !seen.get(*s))
+        .count() as u64
+}
+
+impl Tput {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        path: PathKind,
+        imp: Impl,
+        qos: u8,
+        payload: usize,
+        rep: usize,
+        r: &PubResult,
+        st: &SubState,
+        cpu_us: u64,
+        peak_rss_kb: u64,
+    ) -> Tput {
+        use std::sync::atomic::Ordering::Relaxed;
+        let delivered = st.delivered.load(Relaxed);
+        let span = st.last_ns.load(Relaxed).saturating_sub(r.first_ns) as f64 / 1e9;
+        Tput {
+            path,
+            imp,
+            qos,
+            payload,
+            rep,
+            msgs_per_s: if span > 0.0 { delivered as f64 / span } else { 0.0 },
+            sent: r.sent,
+            acked: r.acked,
+            delivered,
+            lost: lost(qos, r, st),
+            duplicates: st.dups.load(Relaxed),
+            stalls: r.stalls,
+            cpu_us_per_msg: if delivered > 0 {
+                cpu_us as f64 / delivered as f64
+            } else {
+                f64::NAN
+            },
+            peak_rss_kb,
+        }
+    }
+}
+
+/// One fixed-rate latency run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Lat {
+    #[serde(serialize_with = "path_ser")]
+    pub path: PathKind,
+    #[serde(rename = "impl")]
+    pub imp: String,
+    pub qos: u8,
+    pub payload: usize,
+    pub rep: usize,
+    pub samples: usize,
+    pub lost: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    #[serde(skip)]
+    pub lat_us: Vec<u64>,
+}
+
+fn pct(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((q * sorted.len() as f64) as usize).min(sorted.len() - 1)]
+}
+
+impl Lat {
+    pub fn from_samples(
+        path: PathKind,
+        imp: &str,
+        qos: u8,
+        payload: usize,
+        rep: usize,
+        st: &SubState,
+        r: &PubResult,
+    ) -> Lat {
+        let mut v: Vec<u64> = st.latencies_ns().iter().map(|n| n / 1000).collect();
+        v.sort_unstable();
+        Lat {
+            path,
+            imp: imp.to_string(),
+            qos,
+            payload,
+            rep,
+            samples: v.len(),
+            lost: lost(qos, r, st),
+            p50_us: pct(&v, 0.5),
+            p99_us: pct(&v, 0.99),
+            p999_us: pct(&v, 0.999),
+            max_us: v.last().copied().unwrap_or(0),
+            lat_us: v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Idle {
+    #[serde(serialize_with = "path_ser")]
+    pub path: PathKind,
+    #[serde(rename = "impl", serialize_with = "impl_ser")]
+    pub imp: Impl,
+    pub rep: usize,
+    pub rss_kb: u64,
+    pub cpu_pct: f64,
+    pub wakeups_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Conns {
+    #[serde(rename = "impl", serialize_with = "impl_ser")]
+    pub imp: Impl,
+    pub rep: usize,
+    pub n: usize,
+    pub rss_kb: u64,
+    pub connect_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Outage {
+    #[serde(serialize_with = "path_ser")]
+    pub path: PathKind,
+    #[serde(rename = "impl", serialize_with = "impl_ser")]
+    pub imp: Impl,
+    pub rep: usize,
+    pub sent: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    /// From the cloud's restart until every message acknowledged before it was delivered; `None` when
+    /// some of them never were (then they are counted in `lost`) and nothing was delivered.
+    pub drain_s: Option<f64>,
+}
+
+impl Outage {
+    pub fn new(
+        path: PathKind,
+        imp: Impl,
+        rep: usize,
+        r: &PubResult,
+        st: &SubState,
+        restart_ns: u64,
+        rate: f64,
+    ) -> Outage {
+        // Messages are paced: message n is sent at first_ns + (n - 1) / rate.
+        let before = ((restart_ns.saturating_sub(r.first_ns)) as f64 / 1e9 * rate) as u64 + 1;
+        let last = (1..=before.min(r.sent))
+            .filter(|s| r.acked_seqs.get(*s))
+            .filter_map(|s| st.delivered_at(s))
+            .max();
+        Outage {
+            path,
+            imp,
+            rep,
+            sent: r.sent,
+            acked: r.acked,
+            delivered: st.delivered.load(std::sync::atomic::Ordering::Relaxed),
+            lost: lost(1, r, st),
+            drain_s: last.map(|t| t.saturating_sub(restart_ns) as f64 / 1e9),
+        }
+    }
+}
+
+/// Everything measured in one run.
+#[derive(Debug, Default)]
+pub struct Results {
+    pub tput: Vec<Tput>,
+    pub lat: Vec<Lat>,
+    pub idle: Vec<Idle>,
+    pub conns: Vec<Conns>,
+    pub outage: Vec<Outage>,
+    pub errors: Vec<String>,
+    pub load_start: f64,
+    pub load_end: f64,
+    pub load_samples: Vec<f64>,
+    pub wall_s: f64,
+}
+
+impl Results {
+    pub fn error(&mut self, e: String) {
+        eprintln!("[bench] ERROR {e}");
+        self.errors.push(e);
+    }
+}
+
+/// Median, min, max.
+#[derive(Debug, Clone, Copy)]
+pub struct Stat {
+    pub med: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+pub fn stat(v: impl IntoIterator<Item = f64>) -> Option<Stat> {
+    let mut v: Vec<f64> = v.into_iter().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    let med = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Stat {
+        med,
+        min: v[0],
+        max: v[n - 1],
+        n,
+    })
+}
+
+fn jstat(s: Option<Stat>) -> (Value, Value) {
+    match s {
+        Some(s) => (json!(round(s.med)), json!([round(s.min), round(s.max)])),
+        None => (Value::Null, Value::Null),
+    }
+}
+
+fn round(x: f64) -> f64 {
+    if x.abs() >= 100.0 {
+        x.round()
+    } else {
+        (x * 100.0).round() / 100.0
+    }
+}
+
+fn cmd_line(prog: &str, args: &[&str]) -> String {
+    Command::new(prog)
+        .args(args)
+        .output()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s.lines().next().unwrap_or_default().trim().to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn machine(res: &Results) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    let mem_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let root = env!("CARGO_MANIFEST_DIR");
+    let rev = cmd_line("git", &["-C", root, "rev-parse", "HEAD"]);
+    let dirty = !cmd_line(
+        "git",
+        &["-C", root, "status", "--porcelain", "--untracked-files=no"],
+    )
+    .is_empty();
+    let loads = stat(res.load_samples.iter().copied());
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": model,
+        "memory_mb": mem_kb / 1024,
+        "kernel": cmd_line("uname", &["-r"]),
+        "mosquitto": cmd_line("mosquitto", &["-h"]),
+        "openssh": cmd_line("ssh", &["-V"]),
+        "wireguard_go": cmd_line("wireguard-go", &["--version"]),
+        "rustc": cmd_line("rustc", &["-V"]),
+        "git_rev": rev,
+        "git_dirty": dirty,
+        "loadavg_1m": {
+            "start": res.load_start,
+            "end": res.load_end,
+            "during_median": loads.map(|s| s.med),
+            "during_min": loads.map(|s| s.min),
+            "during_max": loads.map(|s| s.max),
+        },
+        "wall_s": res.wall_s.round(),
+    })
+}
+
+/// Aggregates used by the JSON, the markdown and the plots.
+pub struct Agg<'a> {
+    pub res: &'a Results,
+    pub paths: Vec<PathKind>,
+}
+
+impl<'a> Agg<'a> {
+    pub fn tput(&self, p: PathKind, i: Impl, qos: u8, size: usize) -> impl Iterator<Item = &'a Tput> + '_ {
+        self.res
+            .tput
+            .iter()
+            .filter(move |t| t.path == p && t.imp == i && t.qos == qos && t.payload == size)
+    }
+    pub fn rate(&self, p: PathKind, i: Impl, qos: u8, size: usize) -> Option<Stat> {
+        stat(self.tput(p, i, qos, size).map(|t| t.msgs_per_s))
+    }
+    pub fn lat(&self, p: PathKind, imp: &str, qos: u8, size: usize) -> impl Iterator<Item = &'a Lat> + '_ {
+        let imp = imp.to_string();
+        self.res
+            .lat
+            .iter()
+            .filter(move |l| l.path == p && l.imp == imp && l.qos == qos && l.payload == size)
+    }
+    pub fn lat_stat(&self, p: PathKind, imp: &str, qos: u8, size: usize, f: fn(&Lat) -> u64) -> Option<Stat> {
+        stat(self.lat(p, imp, qos, size).map(|l| f(l) as f64))
+    }
+    /// All latency samples of every repetition, sorted.
+    pub fn lat_samples(&self, p: PathKind, imp: &str, qos: u8, size: usize) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .lat(p, imp, qos, size)
+            .flat_map(|l| l.lat_us.iter().copied())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+    pub fn idle(&self, p: PathKind, i: Impl, f: fn(&Idle) -> f64) -> Option<Stat> {
+        stat(self.res.idle.iter().filter(|x| x.path == p && x.imp == i).map(f))
+    }
+    pub fn conns(&self, i: Impl, n: usize) -> Option<Stat> {
+        stat(
+            self.res
+                .conns
+                .iter()
+                .filter(|c| c.imp == i && c.n == n)
+                .map(|c| c.rss_kb as f64),
+        )
+    }
+    pub fn outages(&self, p: PathKind, i: Impl) -> impl Iterator<Item = &'a Outage> + '_ {
+        self.res.outage.iter().filter(move |o| o.path == p && o.imp == i)
+    }
+}
+
+fn ratio(a: Option<Stat>, b: Option<Stat>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b.med > 0.0 => Some(a.med / b.med),
+        _ => None,
+    }
+}
+
+fn fmt_stat(s: Option<Stat>, unit: &str) -> String {
+    match s {
+        None => "–".into(),
+        Some(s) if s.n == 1 || (s.min - s.max).abs() < f64::EPSILON => format!("{}{unit}", num(s.med)),
+        Some(s) => format!("{}{unit} ({}–{})", num(s.med), num(s.min), num(s.max)),
+    }
+}
+
+fn num(x: f64) -> String {
+    if x.abs() >= 100.0 {
+        format!("{:.0}", x)
+    } else if x.abs() >= 10.0 {
+        format!("{:.1}", x)
+    } else {
+        format!("{:.2}", x)
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.2}×")).unwrap_or_else(|| "–".into())
+}
+
+/// One target: what it is, whether it was met, the evidence.
+struct Target {
+    name: &'static str,
+    met: Option<bool>,
+    detail: String,
+}
+
+fn targets(a: &Agg) -> Vec<Target> {
+    let mut out = Vec::new();
+    // 1. Zero acknowledged QoS 1 messages lost by mqtt-uplink, in every scenario.
+    let mut lost = 0;
+    let mut scen = 0;
+    for t in a.res.tput.iter().filter(|t| t.imp == Impl::Uplink && t.qos == 1) {
+        lost += t.lost;
+        scen += 1;
+    }
+    for l in a
+        .res
+        .lat
+        .iter()
+        .filter(|l| l.imp == Impl::Uplink.name() && l.qos == 1)
+    {
+        lost += l.lost;
+        scen += 1;
+    }
+    for o in a.res.outage.iter().filter(|o| o.imp == Impl::Uplink) {
+        lost += o.lost;
+        scen += 1;
+    }
+    out.push(Target {
+        name: "zero acknowledged QoS 1 messages lost (mqtt-uplink, every scenario)",
+        met: (scen > 0).then_some(lost == 0),
+        detail: format!("{lost} lost over {scen} QoS 1 runs (throughput, latency, outage)"),
+    });
+    // 2. QoS 1 throughput ≥ 1.5× tuned mosquitto over the same path.
+    let mut worst: Option<f64> = None;
+    let mut parts = Vec::new();
+    for &p in &a.paths {
+        for size in [64, 1024] {
+            if let Some(r) = ratio(
+                a.rate(p, Impl::Uplink, 1, size),
+                a.rate(p, Impl::MosqTuned, 1, size),
+            ) {
+                worst = Some(worst.map_or(r, |w: f64| w.min(r)));
+                parts.push(format!("{} {size} B {r:.2}×", p.name()));
+            }
+        }
+    }
+    out.push(Target {
+        name: "QoS 1 throughput ≥ 1.5× tuned mosquitto's bridge on the same path",
+        met: worst.map(|w| w >= 1.5),
+        detail: parts.join(", "),
+    });
+    // 3. p50 latency added at 1,000 msg/s over SSH < 200 µs.
+    let up = a.lat_stat(PathKind::Ssh, Impl::Uplink.name(), 1, 64, |l| l.p50_us);
+    let base = a.lat_stat(PathKind::Ssh, "baseline", 1, 64, |l| l.p50_us);
+    let added = match (up, base) {
+        (Some(u), Some(b)) => Some(u.med - b.med),
+        _ => None,
+    };
+    out.push(Target {
+        name: "p50 latency added by the appliance at 1,000 msg/s over SSH < 200 µs",
+        met: added.map(|x| x < 200.0),
+        detail: match (up, base, added) {
+            (Some(u), Some(b), Some(x)) => format!(
+                "end-to-end p50 {} µs, cloud-only baseline p50 {} µs: added {} µs",
+                num(u.med),
+                num(b.med),
+                num(x)
+            ),
+            _ => "not measured".into(),
+        },
+    });
+    // 4. Idle RSS of the whole appliance below mosquitto + ssh.
+    let up = a.idle(PathKind::Ssh, Impl::Uplink, |i| i.rss_kb as f64);
+    let mo = a.idle(PathKind::Ssh, Impl::MosqDefault, |i| i.rss_kb as f64);
+    out.push(Target {
+        name: "idle RSS of the whole appliance below mosquitto + ssh (SSH path)",
+        met: match (up, mo) {
+            (Some(u), Some(m)) => Some(u.med < m.med),
+            _ => None,
+        },
+        detail: format!(
+            "mqtt-uplink {} KiB, mosquitto + ssh {} KiB",
+            up.map(|s| num(s.med)).unwrap_or("–".into()),
+            mo.map(|s| num(s.med)).unwrap_or("–".into())
+        ),
+    });
+    // 5. No busy loops at idle: below 1 % of a core on every path.
+    let mut worst: Option<(f64, f64, PathKind)> = None;
+    for &p in &a.paths {
+        if let (Some(c), Some(w)) = (
+            a.idle(p, Impl::Uplink, |i| i.cpu_pct),
+            a.idle(p, Impl::Uplink, |i| i.wakeups_per_s),
+        ) {
+            if worst.is_none_or(|(wc, _, _)| c.med > wc) {
+                worst = Some((c.med, w.med, p));
+            }
+        }
+    }
+    out.push(Target {
+        name: "no busy loops at idle (mqtt-uplink below 1 % of a core on every path)",
+        met: worst.map(|(c, _, _)| c < 1.0),
+        detail: worst
+            .map(|(c, w, p)| format!("highest: {} — {c:.3} % CPU, {w:.0} wake-ups/s", p.name()))
+            .unwrap_or_else(|| "not measured".into()),
+    });
+    out
+}
+
+fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) -> String {
+    let mut o = String::new();
+    let l = &m["loadavg_1m"];
+    let _ = writeln!(o, "# Benchmark: mqtt-uplink vs mosquitto 2.0's bridge\n");
+    let _ = writeln!(
+        o,
+        "Generated by `cargo bench --bench bridge{}` ({} repetition(s), implementations alternating). \
+         Raw figures: [`{json_name}`]({json_name}).\n",
+        if s.quick { " -- --quick" } else { "" },
+        s.reps
+    );
+    let _ = writeln!(
+        o,
+        "**Machine:** {} cores, {}, {} MB RAM, Linux {}; {}; {}; {}. mqtt-uplink at `{}`{} (in-memory outbox).  \n\
+         **Load average (1 min)** at start {:.2}, during the run median {:.2} (min {:.2}, max {:.2}), at end {:.2}. \
+         The benchmark itself, the cloud broker, the edge and the tunnel share these cores: figures are \
+         relative, taken on the same machine in the same run.\n",
+        m["cores"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["memory_mb"],
+        m["kernel"].as_str().unwrap_or(""),
+        m["mosquitto"].as_str().unwrap_or(""),
+        m["openssh"].as_str().unwrap_or(""),
+        m["wireguard_go"].as_str().unwrap_or(""),
+        m["git_rev"].as_str().unwrap_or("").get(..10).unwrap_or(""),
+        if m["git_dirty"].as_bool() == Some(true) { " (with uncommitted changes)" } else { "" },
+        l["start"].as_f64().unwrap_or(f64::NAN),
+        l["during_median"].as_f64().unwrap_or(f64::NAN),
+        l["during_min"].as_f64().unwrap_or(f64::NAN),
+        l["during_max"].as_f64().unwrap_or(f64::NAN),
+        l["end"].as_f64().unwrap_or(f64::NAN),
+    );
+    let _ = writeln!(o, "## Targets\n\n| target | met | measured |\n|---|---|---|");
+    for t in tg {
+        let met = match t.met {
+            Some(true) => "**yes**",
+            Some(false) => "**no**",
+            None => "not measured",
+        };
+        let _ = writeln!(o, "| {} | {met} | {} |", t.name, t.detail);
+    }
+    let _ = writeln!(
+        o,
+        "\n## Throughput: max sustained delivered msg/s (median (min–max)), lost\n\n\
+         The publisher keeps at most {} messages outstanding end to end (sent, not yet delivered upstream) \
+         for {} s per run, then waits for the tail. Lost = acknowledged to the publisher (QoS 1) or sent \
+         (QoS 0) and never delivered upstream, summed over repetitions.\n\n![throughput](throughput.svg)\n",
+        s.window, s.tput_secs
+    );
+    let _ = writeln!(
+        o,
+        "| path | QoS | payload | mqtt-uplink | mosquitto-default | mosquitto-tuned | lost (uplink / default / tuned) | uplink ÷ tuned | uplink ÷ default |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for &p in &a.paths {
+        for (qos, size) in TPUT_CASES {
+            let r: Vec<Option<Stat>> = Impl::ALL.iter().map(|i| a.rate(p, *i, qos, size)).collect();
+            let lost: Vec<String> = Impl::ALL
+                .iter()
+                .map(|i| a.tput(p, *i, qos, size).map(|t| t.lost).sum::<u64>().to_string())
+                .collect();
+            let _ = writeln!(
+                o,
+                "| {} | {qos} | {size} B | {} | {} | {} | {} | {} | {} |",
+                p.name(),
+                fmt_stat(r[0], ""),
+                fmt_stat(r[1], ""),
+                fmt_stat(r[2], ""),
+                lost.join(" / "),
+                fmt_ratio(ratio(r[0], r[2])),
+                fmt_ratio(ratio(r[0], r[1])),
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\n## CPU per message (µs, edge + its tunnel process, QoS 1 throughput runs)\n\n\
+         | path | payload | mqtt-uplink | mosquitto-default | mosquitto-tuned | uplink ÷ tuned |\n|---|---|---|---|---|---|"
+    );
+    for &p in &a.paths {
+        for size in [64, 1024] {
+            let c: Vec<Option<Stat>> = Impl::ALL
+                .iter()
+                .map(|i| stat(a.tput(p, *i, 1, size).map(|t| t.cpu_us_per_msg)))
+                .collect();
+            let _ = writeln!(
+                o,
+                "| {} | {size} B | {} | {} | {} | {} |",
+                p.name(),
+                fmt_stat(c[0], ""),
+                fmt_stat(c[1], ""),
+                fmt_stat(c[2], ""),
+                fmt_ratio(ratio(c[0], c[2]))
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\n## Latency at {} msg/s, 64 B (µs; p50 / p99 / p99.9, medians over repetitions)\n\n\
+         Send time in the payload, monotonic clock, publisher and subscriber in the same process. \
+         *baseline* publishes straight to the cloud broker (no edge): the cloud's and the load \
+         generator's own share.\n",
+        s.lat_rate
+    );
+    let _ = writeln!(
+        o,
+        "| path | QoS | baseline | mqtt-uplink | mosquitto-default | mosquitto-tuned |\n|---|---|---|---|---|---|"
+    );
+    for &p in &a.paths {
+        for (qos, size) in LAT_CASES {
+            let mut cells = Vec::new();
+            for imp in ["baseline", "mqtt-uplink", "mosquitto-default", "mosquitto-tuned"] {
+                let g = |f: fn(&Lat) -> u64| a.lat_stat(p, imp, qos, size, f).map(|s| num(s.med));
+                cells.push(match (g(|l| l.p50_us), g(|l| l.p99_us), g(|l| l.p999_us)) {
+                    (Some(a), Some(b), Some(c)) => format!("{a} / {b} / {c}"),
+                    _ => "–".into(),
+                });
+            }
+            let _ = writeln!(o, "| {} | {qos} | {} |", p.name(), cells.join(" | "));
+        }
+    }
+    for &p in &a.paths {
+        let _ = writeln!(o, "\n![latency CDF {}](latency-cdf-{}.svg)", p.name(), p.name());
+    }
+    let _ = writeln!(
+        o,
+        "\n## Memory and idle cost (edge + its tunnel process: ssh or wireguard-go for mosquitto)\n\n\
+         | path | impl | idle RSS KiB | peak RSS in the bursts KiB | idle CPU % | idle wake-ups/s |\n|---|---|---|---|---|---|"
+    );
+    for &p in &a.paths {
+        for i in Impl::ALL {
+            let peak = stat(
+                a.res
+                    .tput
+                    .iter()
+                    .filter(|t| t.path == p && t.imp == i)
+                    .map(|t| t.peak_rss_kb as f64),
+            );
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} |",
+                p.name(),
+                i.name(),
+                fmt_stat(a.idle(p, i, |x| x.rss_kb as f64), ""),
+                peak.map(|s| num(s.max)).unwrap_or("–".into()),
+                fmt_stat(a.idle(p, i, |x| x.cpu_pct), ""),
+                fmt_stat(a.idle(p, i, |x| x.wakeups_per_s), ""),
+            );
+        }
+    }
+    if !a.res.conns.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n### RSS with idle device connections (direct path, KiB)\n\n| connections | mqtt-uplink | mosquitto-default | mosquitto-tuned |\n|---|---|---|---|"
+        );
+        for &n in &s.conns {
+            let c: Vec<String> = Impl::ALL.iter().map(|i| fmt_stat(a.conns(*i, n), "")).collect();
+            let _ = writeln!(o, "| {n} | {} |", c.join(" | "));
+        }
+    }
+    if !a.res.outage.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n## Outage: {} s cloud outage at {} msg/s QoS 1\n\n\
+             The cloud broker is stopped (SIGTERM) and started again on the same port after {} s while the \
+             publisher goes on. Lost = acknowledged by the edge, never delivered. Drain = from the restart \
+             until the last message acknowledged before it was delivered.\n\n\
+             | path | impl | acknowledged | lost (per repetition) | drain s |\n|---|---|---|---|---|",
+            s.outage_secs, s.lat_rate, s.outage_secs
+        );
+        for &p in &a.paths {
+            for i in Impl::ALL {
+                let v: Vec<&Outage> = a.outages(p, i).collect();
+                if v.is_empty() {
+                    continue;
+                }
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} |",
+                    p.name(),
+                    i.name(),
+                    fmt_stat(stat(v.iter().map(|x| x.acked as f64)), ""),
+                    v.iter()
+                        .map(|x| x.lost.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    fmt_stat(stat(v.iter().filter_map(|x| x.drain_s)), ""),
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\n## Setup\n\n\
+         - Cloud: mosquitto with TLS, password file, persistence, `max_queued_messages 0`, \
+         `max_inflight_messages 0`, `set_tcp_nodelay true` in every scenario, so that no loss or delay \
+         measured is the cloud's own towards the benchmark's subscriber.\n\
+         - mqtt-uplink: the release binary as a child process, its defaults except `[limits] max_connections \
+         = 20000` and `[log] level = \"warn\"`; its own TLS, SSH (russh) or userspace WireGuard.\n\
+         - mosquitto-default: a bridge with `topic sensors/# out 1 \"\" sites/p7/`, `bridge_cafile`, \
+         `bridge_insecure false`, `remote_username`/`remote_password`, `cleansession false`; nothing else.\n\
+         - mosquitto-tuned: the same plus `max_queued_messages 0`, `set_tcp_nodelay true`, \
+         `restart_timeout 1`, `persistence true`.\n\
+         - Paths: *direct* TLS over loopback; *ssh*: a real OpenSSH sshd (mosquitto through `ssh -N -L`, \
+         same key, host key pinned); *wireguard*: a wireguard-go hub in a network namespace made by the \
+         benchmark, mosquitto through a wireguard-go interface with the same key.\n\
+         - Devices: raw MQTT 3.1.1 clients (tokio + rmqtt's codec), password-authenticated against the same \
+         mosquitto `$7$` password file and ACL on both edges.\n"
+    );
+    if !a.res.errors.is_empty() {
+        let _ = writeln!(o, "\n## Errors during this run\n");
+        for e in &a.res.errors {
+            let _ = writeln!(o, "- {}", e.lines().next().unwrap_or(""));
+        }
+    }
+    o
+}
+
+/// Writes `run-<time>.json`, `results.md` and the SVG plots into `s.out`.
+pub fn write(s: &Settings, res: &Results) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&s.out)?;
+    let a = Agg {
+        res,
+        paths: s.paths.clone(),
+    };
+    let m = machine(res);
+    let stamp = cmd_line("date", &["-u", "+%Y%m%dT%H%M%SZ"]);
+    let json_name = format!("run-{stamp}.json");
+
+    let mut rows = Vec::new();
+    for &p in &s.paths {
+        for i in Impl::ALL {
+            for (qos, size) in TPUT_CASES {
+                let runs: Vec<&Tput> = a.tput(p, i, qos, size).collect();
+                if runs.is_empty() {
+                    continue;
+                }
+                let (mps, mps_r) = jstat(stat(runs.iter().map(|t| t.msgs_per_s)));
+                let (cpu, cpu_r) = jstat(stat(runs.iter().map(|t| t.cpu_us_per_msg)));
+                let (rss, rss_r) = jstat(stat(runs.iter().map(|t| t.peak_rss_kb as f64)));
+                let (p50, p50_r) = jstat(a.lat_stat(p, i.name(), qos, size, |l| l.p50_us));
+                let (p99, p99_r) = jstat(a.lat_stat(p, i.name(), qos, size, |l| l.p99_us));
+                let (p999, p999_r) = jstat(a.lat_stat(p, i.name(), qos, size, |l| l.p999_us));
+                rows.push(json!({
+                    "path": p.name(), "impl": i.name(), "qos": qos, "payload": size,
+                    "msgs_per_s": mps, "msgs_per_s_range": mps_r,
+                    "lost": runs.iter().map(|t| t.lost).sum::<u64>(),
+                    "p50_us": p50, "p50_us_range": p50_r,
+                    "p99_us": p99, "p99_us_range": p99_r,
+                    "p999_us": p999, "p999_us_range": p999_r,
+                    "rss_kb": rss, "rss_kb_range": rss_r,
+                    "cpu_us_per_msg": cpu, "cpu_us_per_msg_range": cpu_r,
+                    "reps": runs.len(),
+                }));
+            }
+        }
+    }
+    let mut ratios = Vec::new();
+    for &p in &s.paths {
+        for (qos, size) in TPUT_CASES {
+            let u = a.rate(p, Impl::Uplink, qos, size);
+            ratios.push(json!({
+                "path": p.name(), "qos": qos, "payload": size,
+                "uplink_over_tuned": ratio(u, a.rate(p, Impl::MosqTuned, qos, size)).map(round),
+                "uplink_over_default": ratio(u, a.rate(p, Impl::MosqDefault, qos, size)).map(round),
+            }));
+        }
+    }
+    let mut cdf = BTreeMap::new();
+    for &p in &s.paths {
+        for imp in ["baseline", "mqtt-uplink", "mosquitto-default", "mosquitto-tuned"] {
+            let v = a.lat_samples(p, imp, 1, 64);
+            if v.is_empty() {
+                continue;
+            }
+            let qs: Vec<f64> = (0..=100)
+                .map(|k| k as f64 / 100.0)
+                .chain([0.995, 0.999, 0.9999])
+                .collect();
+            let pts: Vec<Value> = qs.iter().map(|q| json!([q, pct(&v, *q)])).collect();
+            cdf.insert(format!("{}/{imp}", p.name()), pts);
+        }
+    }
+    let tg = targets(&a);
+    let doc = json!({
+        "machine": m,
+        "settings": s,
+        "rows": rows,
+        "ratios": ratios,
+        "targets": tg.iter().map(|t| json!({"target": t.name, "met": t.met, "measured": t.detail})).collect::<Vec<_>>(),
+        "idle": res.idle,
+        "connections": res.conns,
+        "outage": res.outage,
+        "latency_cdf_qos1_64B": cdf,
+        "raw": { "throughput": res.tput, "latency": res.lat },
+        "errors": res.errors,
+    });
+    std::fs::write(s.out.join(&json_name), serde_json::to_string_pretty(&doc)? + "\n")?;
+    std::fs::write(s.out.join("results.md"), markdown(s, &a, &m, &json_name, &tg))?;
+    std::fs::write(s.out.join("throughput.svg"), crate::svg::throughput(&a))?;
+    for &p in &s.paths {
+        let curves: Vec<(String, Vec<u64>)> =
+            ["baseline", "mqtt-uplink", "mosquitto-default", "mosquitto-tuned"]
+                .iter()
+                .map(|imp| (imp.to_string(), a.lat_samples(p, imp, 1, 64)))
+                .filter(|(_, v)| !v.is_empty())
+                .collect();
+        std::fs::write(
+            s.out.join(format!("latency-cdf-{}.svg", p.name())),
+            crate::svg::cdf(
+                &format!(
+                    "{} path: latency CDF, QoS 1, 64 B at {} msg/s",
+                    p.name(),
+                    s.lat_rate
+                ),
+                &curves,
+            ),
+        )?;
+    }
+    eprintln!("\n{}", std::fs::read_to_string(s.out.join("results.md"))?);
+    eprintln!(
+        "[bench] wrote {} and results.md, plots in {}",
+        json_name,
+        s.out.display()
+    );
+    Ok(())
+}
