@@ -21,7 +21,7 @@ gid=$(awk -F: '$1 == "mqtt-uplink" { print $3 }' "$root/etc/group")
 [ -n "$gid" ] || { echo "assemble.sh: no mqtt-uplink group in the image" >&2; exit 1; }
 chown -R "0:$gid" "$root/etc/mqtt-uplink"
 chmod 0750 "$root/etc/mqtt-uplink"
-chmod 0640 "$root/etc/mqtt-uplink/mqtt-uplink.toml"
+chmod 0640 "$root/etc/mqtt-uplink/mqtt-uplink.toml" "$root/etc/mqtt-uplink/acl"
 
 # Services. ssh.service stays enabled as Debian ships it; its drop-in keeps it off without keys.
 systemctl --root="$root" --quiet enable mqtt-uplink.service mqtt-uplink-provision.service \
@@ -47,12 +47,14 @@ FSTAB
 
 # raspi-firmware writes cmdline.txt from /etc/default/raspi-firmware at every kernel update; point it at
 # the label, then write the current one the same way.
-sed -i -E 's|^#?ROOTPART=.*|ROOTPART=LABEL=RASPIROOT|' "$root/etc/default/raspi-firmware"
-grep -q '^ROOTPART=LABEL=RASPIROOT$' "$root/etc/default/raspi-firmware" \
-  || echo 'ROOTPART=LABEL=RASPIROOT' >> "$root/etc/default/raspi-firmware"
+# Consoles: HDMI and the GPIO serial port (ttyS1 on the Pi 3, Pi 4 and Zero 2 W; enable_uart=1).
+defaults=$root/etc/default/raspi-firmware
+sed -i -E -e 's|^#?ROOTPART=.*|ROOTPART=LABEL=RASPIROOT|' -e 's|^#?CONSOLES=.*|CONSOLES="tty0 ttyS1,115200"|' "$defaults"
+grep -qx 'ROOTPART=LABEL=RASPIROOT' "$defaults" || { echo "assemble.sh: cannot set ROOTPART in $defaults" >&2; exit 1; }
+grep -qx 'CONSOLES="tty0 ttyS1,115200"' "$defaults" || { echo "assemble.sh: cannot set CONSOLES in $defaults" >&2; exit 1; }
 cmdline=$root/boot/firmware/cmdline.txt
 [ -f "$cmdline" ] || { echo "assemble.sh: raspi-firmware wrote no $cmdline" >&2; exit 1; }
-sed -i -E 's|root=[^ ]*|root=LABEL=RASPIROOT|' "$cmdline"
+sed -i -E -e 's|root=[^ ]*|root=LABEL=RASPIROOT|' -e 's|console=[^ ]* ?||g' -e 's|^|console=tty0 console=ttyS1,115200 |' "$cmdline"
 grep -q 'root=LABEL=RASPIROOT' "$cmdline" || { echo "assemble.sh: no root= in $cmdline" >&2; exit 1; }
 
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb

@@ -2,8 +2,8 @@
 # Builds the Raspberry Pi image: out/mqtt-uplink-<version>-rpi-arm64.img.xz and its .sha256.
 #
 # Run as root on a Debian (bookworm) x86_64 machine; no Docker, no loop devices. Stages:
-#   1. cross-compile mqtt-uplink for aarch64 with Debian's rustc-web/cargo-web
-#   2. the base root: mmdebstrap (bookworm arm64, Debian packages only), cached on the package list
+#   1. the base root: mmdebstrap (bookworm arm64, Debian packages only), cached on the package list
+#   2. cross-compile mqtt-uplink for aarch64 with Debian's rustc-web/cargo-web
 #   3. our layer on a copy of the base: binary, unit, overlay, users, locked root, enabled services
 #   4. the image file: FAT boot partition (mtools) + ext4 root (mkfs.ext4 -d), placed with dd into an
 #      sfdisk-partitioned file, compressed with xz, with its sha256
@@ -87,7 +87,7 @@ binfmt_setup() {
   log "registered qemu-aarch64 binfmt (removed again on exit)"
 }
 
-# --- 2. the base root, cached on the package list ---------------------------------------------------
+# --- 1. the base root, cached on the package list ---------------------------------------------------
 mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$here/packages.txt" | grep -v '^$')
 components="main non-free-firmware"
 sources=(
@@ -127,7 +127,7 @@ if [ "$base_only" = 1 ]; then
   exit 0
 fi
 
-# --- 1. the binary -------------------------------------------------------------------------------
+# --- 2. the binary -------------------------------------------------------------------------------
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)
 [ -n "$version" ] || die "no version in $repo/Cargo.toml"
 name=mqtt-uplink-$version-rpi-arm64
@@ -175,9 +175,9 @@ rm -f "$boot_img" "$root_img"
 t_assemble=$(( $(date +%s) - t0 ))
 
 t0=$(date +%s)
-rm -f "$OUT/$name.img" "$OUT/$name.img.xz" "$OUT/$name.img.xz.sha256"
+rm -f "$OUT/$name.img" "$OUT/$name.img.sha256" "$OUT/$name.img.xz" "$OUT/$name.img.xz.sha256"
 if [ "$compress" = 1 ]; then
-  xz -T0 -6 -c "$img" > "$OUT/$name.img.xz.tmp"
+  xz -T0 -3 -c "$img" > "$OUT/$name.img.xz.tmp"
   mv "$OUT/$name.img.xz.tmp" "$OUT/$name.img.xz"
   (cd "$OUT" && sha256sum "$name.img.xz" > "$name.img.xz.sha256")
   artifact=$OUT/$name.img.xz

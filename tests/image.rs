@@ -35,7 +35,9 @@ fn find_tool(names: &[&str]) -> Option<PathBuf> {
     names.iter().find_map(|n| {
         dirs.iter().map(|d| d.join(n)).find(|p| {
             use std::os::unix::fs::PermissionsExt as _;
-            p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
         })
     })
 }
@@ -46,18 +48,31 @@ fn run(cmd: &mut Command) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Every shell script of the image: build, first boot, test.
 fn image_scripts() -> Vec<PathBuf> {
     let image = repo().join("image");
     let mut scripts = Vec::new();
-    for dir in [image.clone(), image.join("test"), image.join("overlay/usr/lib/mqtt-uplink-image")] {
+    for dir in [
+        image.clone(),
+        image.join("test"),
+        image.join("overlay/usr/lib/mqtt-uplink-image"),
+    ] {
         for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
             let p = entry.unwrap().path();
-            let first = std::fs::read(&p).ok().and_then(|b| b.split(|c| *c == b'\n').next().map(<[u8]>::to_vec));
-            if p.is_file() && first.is_some_and(|l| l.starts_with(b"#!/bin/bash") || l.starts_with(b"#!/usr/bin/env bash")) {
+            let first = std::fs::read(&p)
+                .ok()
+                .and_then(|b| b.split(|c| *c == b'\n').next().map(<[u8]>::to_vec));
+            if p.is_file()
+                && first
+                    .is_some_and(|l| l.starts_with(b"#!/bin/bash") || l.starts_with(b"#!/usr/bin/env bash"))
+            {
                 scripts.push(p);
             }
         }
@@ -69,7 +84,12 @@ fn image_scripts() -> Vec<PathBuf> {
 #[test]
 fn image_scripts_pass_shellcheck() {
     let scripts = image_scripts();
-    for must in ["build.sh", "assemble.sh", "test/boot.sh", "overlay/usr/lib/mqtt-uplink-image/provision"] {
+    for must in [
+        "build.sh",
+        "assemble.sh",
+        "test/boot.sh",
+        "overlay/usr/lib/mqtt-uplink-image/provision",
+    ] {
         assert!(
             scripts.iter().any(|s| s.ends_with(must)),
             "image/{must} not among the scripts found: {scripts:?}"
@@ -78,7 +98,10 @@ fn image_scripts_pass_shellcheck() {
     let Some(shellcheck) = find_tool(&["shellcheck"]) else {
         return skip("image_scripts_pass_shellcheck", "shellcheck not installed");
     };
-    let out = run(Command::new(shellcheck).arg("-x").args(&scripts).current_dir(repo().join("image")));
+    let out = run(Command::new(shellcheck)
+        .arg("-x")
+        .args(&scripts)
+        .current_dir(repo().join("image")));
     assert!(out.status.success(), "shellcheck found problems:\n{}", text(&out));
 }
 
@@ -105,7 +128,11 @@ fn cross_binary() -> Result<&'static Path, String> {
             .arg("--dev")
             .arg(&dest)
             .env("CROSS_TARGET_DIR", &target_dir));
-        assert!(out.status.success(), "cross-compiling for aarch64 failed:\n{}", text(&out));
+        assert!(
+            out.status.success(),
+            "cross-compiling for aarch64 failed:\n{}",
+            text(&out)
+        );
         Ok(dest)
     })
     .as_ref()
@@ -115,7 +142,8 @@ fn cross_binary() -> Result<&'static Path, String> {
 
 fn qemu_aarch64(bin: &Path) -> Command {
     let mut cmd = Command::new("timeout");
-    cmd.args(["60", "qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu"]).arg(bin);
+    cmd.args(["60", "qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu"])
+        .arg(bin);
     cmd
 }
 
@@ -127,44 +155,83 @@ fn cross_compiled_binary_runs_under_qemu_aarch64() {
     };
     let file = std::fs::read(bin).unwrap();
     assert_eq!(&file[..4], b"\x7fELF");
-    assert_eq!(u16::from_le_bytes([file[18], file[19]]), 183, "not an aarch64 ELF (e_machine)");
+    assert_eq!(
+        u16::from_le_bytes([file[18], file[19]]),
+        183,
+        "not an aarch64 ELF (e_machine)"
+    );
 
     let out = run(qemu_aarch64(bin).arg("--version"));
-    assert!(out.status.success(), "--version under qemu-aarch64 failed:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "--version under qemu-aarch64 failed:\n{}",
+        text(&out)
+    );
     assert!(text(&out).contains(env!("CARGO_PKG_VERSION")), "{}", text(&out));
 
     // The safe default the image ships is valid...
     let shipped = repo().join("image/overlay/etc/mqtt-uplink/mqtt-uplink.toml");
     let out = run(qemu_aarch64(bin).arg("check").arg("--config").arg(&shipped));
-    assert!(out.status.success(), "the image's default config fails `check`:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "the image's default config fails `check`:\n{}",
+        text(&out)
+    );
 
     // ...and a broken one is refused with the config exit code, so `check` really ran.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[site]\nid = \"x\"\n[[listener]]\nbind = \"0.0.0.0:1883\"\nno_such_key = 1\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[site]\nid = \"x\"\n[[listener]]\nbind = \"0.0.0.0:1883\"\nno_such_key = 1\n",
+    )
+    .unwrap();
     let out = run(qemu_aarch64(bin).arg("check").arg("--config").arg(&bad));
-    assert_eq!(out.status.code(), Some(64), "a broken config should exit 64:\n{}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "a broken config should exit 64:\n{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn image_units_pass_systemd_analyze_verify() {
     let Some(analyze) = find_tool(&["systemd-analyze"]) else {
-        return skip("image_units_pass_systemd_analyze_verify", "systemd-analyze not installed");
+        return skip(
+            "image_units_pass_systemd_analyze_verify",
+            "systemd-analyze not installed",
+        );
     };
     let bin = match cross_binary() {
         Ok(b) => b,
         Err(why) => return skip("image_units_pass_systemd_analyze_verify", &why),
     };
-    // A root with the units where the image puts them, and the binaries their Exec lines name.
+    // A root with systemd's own units (from this host: the targets ours order against), our units
+    // where the image puts them, and the binaries their Exec lines name.
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
+    let system = r.join("usr/lib/systemd/system");
+    std::fs::create_dir_all(&system).unwrap();
+    let out = run(Command::new("cp")
+        .arg("-a")
+        .arg("/lib/systemd/system/.")
+        .arg(&system));
+    assert!(
+        out.status.success(),
+        "copying the host's systemd units: {}",
+        text(&out)
+    );
     let copy = |from: &Path, to: &str| {
         let to = r.join(to);
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(from, &to).unwrap_or_else(|e| panic!("{} -> {}: {e}", from.display(), to.display()));
     };
     let overlay = repo().join("image/overlay");
-    copy(&repo().join("systemd/mqtt-uplink.service"), "usr/lib/systemd/system/mqtt-uplink.service");
+    copy(
+        &repo().join("systemd/mqtt-uplink.service"),
+        "usr/lib/systemd/system/mqtt-uplink.service",
+    );
     copy(bin, "usr/bin/mqtt-uplink");
     let mut units = vec![r.join("usr/lib/systemd/system/mqtt-uplink.service")];
     for dir in ["usr/lib/systemd/system", "usr/lib/mqtt-uplink-image"] {
@@ -177,7 +244,18 @@ fn image_units_pass_systemd_analyze_verify() {
             }
         }
     }
-    assert!(units.len() >= 3, "expected the repo's unit and the image's units: {units:?}");
-    let out = run(Command::new(analyze).arg("verify").arg(format!("--root={}", r.display())).arg("--man=no").args(&units));
-    assert!(out.status.success() && text(&out).trim().is_empty(), "systemd-analyze verify:\n{}", text(&out));
+    assert!(
+        units.len() >= 3,
+        "expected the repo's unit and the image's units: {units:?}"
+    );
+    let out = run(Command::new(analyze)
+        .arg("verify")
+        .arg(format!("--root={}", r.display()))
+        .arg("--man=no")
+        .args(&units));
+    assert!(
+        out.status.success() && text(&out).trim().is_empty(),
+        "systemd-analyze verify:\n{}",
+        text(&out)
+    );
 }
