@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# Boots the built image under qemu-system-aarch64 -M virt (Debian's kernel and initrd, taken from the
+# image's boot partition) with provisioning files on the boot partition, and checks from the host:
+#   - the listener answers MQTT through a loopback port forward, with the provisioned credentials
+#     (the safe default listens on the device's loopback only, so an answer proves provisioning),
+#     and refuses a wrong password;
+#   - over SSH (enabled by the provisioned authorized_keys, also through a loopback forward):
+#     mqtt-uplink.service is active, /etc/mqtt-uplink has the right owners and modes, root is
+#     locked, the firewall opens only the listener and SSH, the root filesystem grew to the disk;
+#   - after a clean poweroff, reading the boot partition from the host: the provisioning folder and
+#     authorized_keys are gone, the report is there and holds no secret.
+# Forwards use qemu user networking on 127.0.0.1 with host port 0 (the kernel picks a free port;
+# read back with the monitor's `info usernet`): never a fixed port, loopback only.
+#
+# Usage: image/test/boot.sh [IMAGE]   (IMAGE: .img or .img.xz; default: the newest in image/out)
+# Environment: BOOT_TIMEOUT (seconds to service ready, default 600), QEMU_SMP (default 2).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+image_dir=$(dirname "$here")
+BOOT_TIMEOUT=${BOOT_TIMEOUT:-600}
+QEMU_SMP=${QEMU_SMP:-2}
+
+log() { printf '[boot %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+fail() { printf 'boot.sh: FAIL: %s\n' "$*" >&2; exit 1; }
+pass() { printf 'boot.sh: ok: %s\n' "$*" >&2; }
+
+missing=$("$image_dir/deps.sh" --check boot) || fail "missing tools; install them with: $image_dir/deps.sh boot  (packages: $missing)"
+
+img_src=${1:-$(find "$image_dir/out" -maxdepth 1 \( -name 'mqtt-uplink-*-rpi-arm64.img.xz' -o -name 'mqtt-uplink-*-rpi-arm64.img' \) \
+  -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2-)}
+{ [ -n "$img_src" ] && [ -f "$img_src" ]; } || fail "no image: build one with image/build.sh or pass its path"
+
+work=$(mktemp -d /var/tmp/mqtt-uplink-boot.XXXXXX)
+qemu_pid=
+ssh_ok=0
+cleanup() {
+  local rc=$?
+  if [ "$rc" -ne 0 ] && [ "$ssh_ok" = 1 ] && kill -0 "$qemu_pid" 2>/dev/null; then
+    echo "---- the guest's journal for our units ----" >&2
+    guest journalctl -b --no-pager -o cat -u mqtt-uplink-provision -u mqtt-uplink-growroot -u nftables \
+      -u mqtt-uplink 2>&1 | tail -n 80 >&2 || true
+  fi
+  if [ -n "$qemu_pid" ] && kill -0 "$qemu_pid" 2>/dev/null; then
+    kill "$qemu_pid" 2>/dev/null || true
+    wait "$qemu_pid" 2>/dev/null || true
+  fi
+  if [ -f "$work/console.log" ]; then
+    mkdir -p "$image_dir/out"
+    cp "$work/console.log" "$image_dir/out/boot-test-console.log" || true
+    if [ "$rc" -ne 0 ]; then
+      echo "---- last 60 lines of the serial console (all: image/out/boot-test-console.log) ----" >&2
+      tail -n 60 "$work/console.log" >&2 || true
+    fi
+  fi
+  rm -rf "$work"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- the disk: a copy of the image, 1 GiB larger so the first boot has something to grow ----------
+log "image: $img_src"
+if [ -f "$img_src.sha256" ]; then
+  (cd "$(dirname "$img_src")" && sha256sum --quiet -c "$(basename "$img_src").sha256") || fail "sha256 mismatch for $img_src"
+  pass "sha256 matches"
+fi
+disk=$work/disk.img
+case $img_src in
+  *.xz) xz -dc -T0 "$img_src" | dd of="$disk" bs=4M conv=sparse status=none ;;
+  *) cp --sparse=always "$img_src" "$disk" ;;
+esac
+image_bytes=$(stat -c %s "$disk")
+truncate -s $(( image_bytes + 1024 * 1024 * 1024 )) "$disk"
+
+part_start() { sfdisk -d "$disk" | awk -v p="$disk$1" '$1 == p { gsub(/[^0-9]/, "", $4); print $4 }'; }
+boot_off=$(( $(part_start 1) * 512 ))
+root_start=$(part_start 2)
+{ [ "$boot_off" -gt 0 ] && [ -n "$root_start" ]; } || fail "unexpected partition table: $(sfdisk -d "$disk")"
+fat="$disk@@$boot_off"
+root_sectors_before=$(sfdisk -d "$disk" | awk -v p="${disk}2" '$1 == p { gsub(/[^0-9]/, "", $6); print $6 }')
+
+# --- provisioning files ---------------------------------------------------------------------------
+prov=$work/prov
+mkdir -p "$prov/mqtt-uplink"
+mqtt_user=boot-device
+mqtt_pass="Boot-Test-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')"
+cat > "$prov/mqtt-uplink/mqtt-uplink.toml" <<'EOF'
+[site]
+id = "boot-test"
+state_dir = "/var/lib/mqtt-uplink"
+
+[[listener]]
+bind = "0.0.0.0:1883"
+allow_plaintext = true
+
+[auth]
+password_file = "passwords"
+acl_file = "acl"
+EOF
+printf 'user %s\ntopic readwrite boot/#\n' "$mqtt_user" > "$prov/mqtt-uplink/acl"
+touch "$prov/mqtt-uplink/passwords"
+mosquitto_passwd -b "$prov/mqtt-uplink/passwords" "$mqtt_user" "$mqtt_pass"
+ssh-keygen -q -t ed25519 -N '' -C boot-test -f "$work/id_ed25519"
+cp "$work/id_ed25519.pub" "$prov/authorized_keys"
+mcopy -s -i "$fat" "$prov/mqtt-uplink" "$prov/authorized_keys" ::/
+
+# The kernel and initrd raspi-firmware put on the boot partition.
+mapfile -t fat_files < <(mdir -b -i "$fat" ::/ | sed -e 's|^::/||' -e 's|/$||')
+kernel=$(printf '%s\n' "${fat_files[@]}" | grep -m1 '^vmlinuz-' || true)
+initrd=$(printf '%s\n' "${fat_files[@]}" | grep -m1 '^initrd.img-' || true)
+{ [ -n "$kernel" ] && [ -n "$initrd" ]; } || fail "no vmlinuz-*/initrd.img-* on the boot partition: ${fat_files[*]}"
+mcopy -i "$fat" "::/$kernel" "$work/vmlinuz"
+mcopy -i "$fat" "::/$initrd" "$work/initrd"
+log "kernel $kernel, initrd $initrd"
+
+# --- boot ---------------------------------------------------------------------------------------
+mkfifo "$work/mon.in" "$work/mon.out"
+t_start=$(date +%s)
+qemu-system-aarch64 -M virt -cpu cortex-a53 -smp "$QEMU_SMP" -m 1024 \
+  -display none -nodefaults -no-reboot \
+  -serial "file:$work/console.log" \
+  -chardev "pipe,id=mon,path=$work/mon" -mon chardev=mon,mode=readline \
+  -kernel "$work/vmlinuz" -initrd "$work/initrd" \
+  -append "root=LABEL=RASPIROOT rw console=ttyAMA0 rootwait net.ifnames=1" \
+  -drive "file=$disk,format=raw,if=none,id=d0,cache=writeback" -device virtio-blk-pci,drive=d0 \
+  -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:0-:1883,hostfwd=tcp:127.0.0.1:0-:22" \
+  -device virtio-net-pci,netdev=n0,romfile= \
+  -device virtio-rng-pci \
+  2> "$work/qemu.err" &
+qemu_pid=$!
+exec 3> "$work/mon.in" 4< "$work/mon.out"
+echo "info usernet" >&3
+usernet=$(timeout 5 cat <&4 || true)
+fwd_port() { printf '%s\n' "$usernet" | tr -d '\r' | awk -v g="$1" '/HOST_FORWARD/ && $6 == g { print $4 }'; }
+mqtt_port=$(fwd_port 1883)
+ssh_port=$(fwd_port 22)
+{ [ -n "$mqtt_port" ] && [ -n "$ssh_port" ]; } || fail "no port forwards from qemu: $usernet $(cat "$work/qemu.err")"
+log "qemu pid $qemu_pid; 127.0.0.1:$mqtt_port -> guest 1883, 127.0.0.1:$ssh_port -> guest 22"
+
+# --- service ready: an authenticated MQTT round trip through the forward ----------------------------
+mqtt_ok() {
+  timeout 10 mosquitto_pub -h 127.0.0.1 -p "$mqtt_port" -u "$mqtt_user" -P "$mqtt_pass" -i boot-probe \
+    -t boot/probe -m ready -q 1 >/dev/null 2>&1
+}
+deadline=$(( t_start + BOOT_TIMEOUT ))
+until mqtt_ok; do
+  kill -0 "$qemu_pid" 2>/dev/null || fail "qemu exited: $(cat "$work/qemu.err")"
+  [ "$(date +%s)" -lt "$deadline" ] || fail "no MQTT answer within ${BOOT_TIMEOUT}s"
+  sleep 2
+done
+t_ready=$(( $(date +%s) - t_start ))
+pass "MQTT listener answers with the provisioned credentials, ${t_ready}s after power-on"
+
+if timeout 10 mosquitto_pub -h 127.0.0.1 -p "$mqtt_port" -u "$mqtt_user" -P wrong-password -i boot-bad \
+  -t boot/probe -m x -q 1 >/dev/null 2>&1; then
+  fail "a wrong password was accepted"
+fi
+pass "a wrong password is refused"
+
+sub_out=$work/sub.out
+timeout 20 mosquitto_sub -h 127.0.0.1 -p "$mqtt_port" -u "$mqtt_user" -P "$mqtt_pass" -i boot-sub \
+  -t 'boot/#' -C 1 -W 15 > "$sub_out" 2>&1 &
+sub_pid=$!
+got=0
+for _ in $(seq 1 10); do
+  timeout 10 mosquitto_pub -h 127.0.0.1 -p "$mqtt_port" -u "$mqtt_user" -P "$mqtt_pass" -i boot-pub \
+    -t boot/echo -m round-trip -q 1 >/dev/null 2>&1 || true
+  if ! kill -0 "$sub_pid" 2>/dev/null; then break; fi
+  sleep 1
+done
+wait "$sub_pid" 2>/dev/null || true
+grep -qx round-trip "$sub_out" && got=1
+[ "$got" = 1 ] || fail "publish/subscribe round trip through the broker failed: $(cat "$sub_out")"
+pass "publish -> subscribe round trip through the appliance's broker"
+
+# --- inside, over SSH ------------------------------------------------------------------------------
+guest() {
+  timeout 30 ssh -q -p "$ssh_port" -i "$work/id_ed25519" -o IdentitiesOnly=yes -o BatchMode=yes \
+    -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 root@127.0.0.1 "$@"
+}
+for _ in $(seq 1 30); do guest true && break; sleep 2; done
+guest true || fail "no SSH login with the provisioned authorized_keys"
+ssh_ok=1
+pass "SSH login with the provisioned key"
+
+[ "$(guest systemctl is-active mqtt-uplink.service)" = active ] || fail "mqtt-uplink.service is not active"
+pass "mqtt-uplink.service is active"
+[ "$(guest systemctl is-active mqtt-uplink-provision.service)" = active ] || fail "provisioning unit did not succeed"
+
+perms=$(guest 'stat -c "%n %U:%G %a" /etc/mqtt-uplink /etc/mqtt-uplink/mqtt-uplink.toml /etc/mqtt-uplink/passwords /etc/mqtt-uplink/acl')
+expected="/etc/mqtt-uplink root:mqtt-uplink 750
+/etc/mqtt-uplink/mqtt-uplink.toml root:mqtt-uplink 640
+/etc/mqtt-uplink/passwords mqtt-uplink:mqtt-uplink 600
+/etc/mqtt-uplink/acl mqtt-uplink:mqtt-uplink 600"
+[ "$perms" = "$expected" ] || fail "owners/modes in /etc/mqtt-uplink: got
+$perms
+expected
+$expected"
+guest "grep -qx 'id = \"boot-test\"' /etc/mqtt-uplink/mqtt-uplink.toml" || fail "the provisioned TOML is not installed"
+pass "provisioned config installed with the right owners and modes"
+
+guest 'ls -A /boot/firmware' > "$work/fat-live"
+if grep -qx -e mqtt-uplink -e authorized_keys "$work/fat-live"; then fail "secrets still on the boot partition: $(cat "$work/fat-live")"; fi
+pass "secrets removed from the boot partition (seen from the device)"
+
+[ "$(guest 'passwd -S root | cut -d" " -f2')" = L ] || fail "root is not locked"
+pass "root is locked"
+
+ruleset=$(guest nft list ruleset)
+printf '%s\n' "$ruleset" | grep -q 'policy drop' || fail "firewall input policy is not drop: $ruleset"
+printf '%s\n' "$ruleset" | grep -q 'tcp dport { 22, 1883 } accept' || fail "firewall does not open exactly 1883 and 22: $ruleset"
+opened=$(printf '%s\n' "$ruleset" | grep -c 'tcp dport .* accept' || true)
+[ "$opened" = 2 ] || fail "unexpected accept rules (want 2 tcp rules: ip and ip6 for 22,1883): $ruleset"
+pass "firewall: input policy drop, only tcp 22 and 1883 from the LAN"
+
+root_sectors_after=$(guest "cat /sys/class/block/\$(basename \$(readlink -f \$(findmnt -no SOURCE /)))/size")
+[ "$root_sectors_after" -gt $(( root_sectors_before + 1024 * 2048 * 9 / 10 )) ] \
+  || fail "root partition did not grow: $root_sectors_before -> $root_sectors_after sectors"
+fs_mib=$(guest "df -BM --output=size / | tail -n1 | tr -dc 0-9")
+[ "$fs_mib" -gt $(( root_sectors_before / 2048 + 800 )) ] || fail "root filesystem did not grow: ${fs_mib} MiB"
+pass "root partition and filesystem grew to the disk ($(( root_sectors_before / 2048 )) -> ${fs_mib} MiB)"
+
+guest systemd-analyze > "$work/analyze" 2>&1 || true
+log "guest: $(head -n1 "$work/analyze")"
+
+# --- clean poweroff, then the boot partition from the host --------------------------------------------
+guest systemctl poweroff >/dev/null 2>&1 || true
+for _ in $(seq 1 120); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 1; done
+if kill -0 "$qemu_pid" 2>/dev/null; then fail "the guest did not power off within 120s"; fi
+wait "$qemu_pid" 2>/dev/null || true
+qemu_pid=
+
+mdir -b -i "$fat" ::/ | sed -e 's|^::/||' -e 's|/$||' > "$work/fat-after"
+if grep -qix -e mqtt-uplink -e authorized_keys "$work/fat-after"; then fail "secrets still on the boot partition after poweroff"; fi
+grep -qix 'mqtt-uplink-provisioned.txt' "$work/fat-after" || fail "no provisioning report on the boot partition"
+mcopy -i "$fat" ::/mqtt-uplink-provisioned.txt "$work/report.txt"
+grep -q 'installed as /etc/mqtt-uplink' "$work/report.txt" || fail "report does not say the config was installed: $(cat "$work/report.txt")"
+if grep -qF "$mqtt_pass" "$work/report.txt"; then fail "the provisioning report contains the password"; fi
+if grep -qF "$(cut -d' ' -f2 "$work/id_ed25519.pub")" "$work/report.txt"; then fail "the report contains the key"; fi
+pass "after poweroff: boot partition holds the report, no secrets"
+
+echo "boot.sh: PASS: image $(basename "$img_src"), $(( image_bytes / 1048576 )) MiB raw; power-on to MQTT ready ${t_ready}s (qemu TCG, $QEMU_SMP vCPUs)"

@@ -1,0 +1,261 @@
+//! The Raspberry Pi image's fast check, for every CI run. The full build (`image/build.sh`, minutes to
+//! tens of minutes) and the emulated boot (`image/test/boot.sh`) are too slow for that; this checks what
+//! breaks them most often:
+//! - the build, first-boot and test scripts pass shellcheck;
+//! - the repo's unit and the image's units pass `systemd-analyze verify`, in a root holding the real
+//!   aarch64 binary;
+//! - mqtt-uplink cross-compiled for aarch64 (Debian's rustc-web, as `image/build.sh` does) runs under
+//!   qemu-aarch64, and accepts the safe default config the image ships.
+//!
+//! Each test skips, loudly (on the real stderr, past the harness's capture), when its tools are
+//! missing; `image/deps.sh check` (run by `.ci/deps`) installs them.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Says on the real stderr that a test did not run, and why.
+fn skip(test: &str, why: &str) {
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED image::{test}: {why} (install with: image/deps.sh check) ***"
+    );
+}
+
+/// The first of `names` found as an executable on PATH (or in /usr/sbin, /sbin).
+fn find_tool(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    dirs.extend(["/usr/sbin", "/sbin"].map(PathBuf::from));
+    names.iter().find_map(|n| {
+        dirs.iter().map(|d| d.join(n)).find(|p| {
+            use std::os::unix::fs::PermissionsExt as _;
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+    })
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let shown = format!("{cmd:?}");
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {shown}: {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Every shell script of the image: build, first boot, test.
+fn image_scripts() -> Vec<PathBuf> {
+    let image = repo().join("image");
+    let mut scripts = Vec::new();
+    for dir in [
+        image.clone(),
+        image.join("test"),
+        image.join("overlay/usr/lib/mqtt-uplink-image"),
+    ] {
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let p = entry.unwrap().path();
+            let first = std::fs::read(&p)
+                .ok()
+                .and_then(|b| b.split(|c| *c == b'\n').next().map(<[u8]>::to_vec));
+            if p.is_file()
+                && first
+                    .is_some_and(|l| l.starts_with(b"#!/bin/bash") || l.starts_with(b"#!/usr/bin/env bash"))
+            {
+                scripts.push(p);
+            }
+        }
+    }
+    scripts.sort();
+    scripts
+}
+
+#[test]
+fn image_scripts_pass_shellcheck() {
+    let scripts = image_scripts();
+    for must in [
+        "build.sh",
+        "assemble.sh",
+        "test/boot.sh",
+        "overlay/usr/lib/mqtt-uplink-image/provision",
+    ] {
+        assert!(
+            scripts.iter().any(|s| s.ends_with(must)),
+            "image/{must} not among the scripts found: {scripts:?}"
+        );
+    }
+    let Some(shellcheck) = find_tool(&["shellcheck"]) else {
+        return skip("image_scripts_pass_shellcheck", "shellcheck not installed");
+    };
+    let out = run(Command::new(shellcheck)
+        .arg("-x")
+        .args(&scripts)
+        .current_dir(repo().join("image")));
+    assert!(out.status.success(), "shellcheck found problems:\n{}", text(&out));
+}
+
+/// The aarch64 binary, cross-compiled once per test run (dev profile, incremental in
+/// target/aarch64-cross), or why it cannot be.
+fn cross_binary() -> Result<&'static Path, String> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let missing = Command::new(repo().join("image/deps.sh"))
+            .args(["--check", "check"])
+            .output()
+            .map_err(|e| format!("cannot run image/deps.sh: {e}"))?;
+        if !missing.status.success() {
+            return Err(format!("missing packages: {}", text(&missing).trim()));
+        }
+        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target"))
+            .join("aarch64-cross");
+        let dest = target_dir.join("mqtt-uplink");
+        let out = run(Command::new("timeout")
+            .arg("1800")
+            .arg(repo().join("image/cross-build.sh"))
+            .arg("--dev")
+            .arg(&dest)
+            .env("CROSS_TARGET_DIR", &target_dir));
+        assert!(
+            out.status.success(),
+            "cross-compiling for aarch64 failed:\n{}",
+            text(&out)
+        );
+        Ok(dest)
+    })
+    .as_ref()
+    .map(PathBuf::as_path)
+    .map_err(Clone::clone)
+}
+
+fn qemu_aarch64(bin: &Path) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["60", "qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu"])
+        .arg(bin);
+    cmd
+}
+
+#[test]
+fn cross_compiled_binary_runs_under_qemu_aarch64() {
+    let bin = match cross_binary() {
+        Ok(b) => b,
+        Err(why) => return skip("cross_compiled_binary_runs_under_qemu_aarch64", &why),
+    };
+    let file = std::fs::read(bin).unwrap();
+    assert_eq!(&file[..4], b"\x7fELF");
+    assert_eq!(
+        u16::from_le_bytes([file[18], file[19]]),
+        183,
+        "not an aarch64 ELF (e_machine)"
+    );
+
+    let out = run(qemu_aarch64(bin).arg("--version"));
+    assert!(
+        out.status.success(),
+        "--version under qemu-aarch64 failed:\n{}",
+        text(&out)
+    );
+    assert!(text(&out).contains(env!("CARGO_PKG_VERSION")), "{}", text(&out));
+
+    // The safe default the image ships is valid...
+    let shipped = repo().join("image/overlay/etc/mqtt-uplink/mqtt-uplink.toml");
+    let out = run(qemu_aarch64(bin).arg("check").arg("--config").arg(&shipped));
+    assert!(
+        out.status.success(),
+        "the image's default config fails `check`:\n{}",
+        text(&out)
+    );
+
+    // ...and a broken one is refused with the config exit code, so `check` really ran.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[site]\nid = \"x\"\n[[listener]]\nbind = \"0.0.0.0:1883\"\nno_such_key = 1\n",
+    )
+    .unwrap();
+    let out = run(qemu_aarch64(bin).arg("check").arg("--config").arg(&bad));
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "a broken config should exit 64:\n{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn image_units_pass_systemd_analyze_verify() {
+    let Some(analyze) = find_tool(&["systemd-analyze"]) else {
+        return skip(
+            "image_units_pass_systemd_analyze_verify",
+            "systemd-analyze not installed",
+        );
+    };
+    let bin = match cross_binary() {
+        Ok(b) => b,
+        Err(why) => return skip("image_units_pass_systemd_analyze_verify", &why),
+    };
+    // A root with systemd's own units (from this host: the targets ours order against), our units
+    // where the image puts them, and the binaries their Exec lines name.
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let system = r.join("usr/lib/systemd/system");
+    std::fs::create_dir_all(&system).unwrap();
+    let out = run(Command::new("cp")
+        .arg("-a")
+        .arg("/lib/systemd/system/.")
+        .arg(&system));
+    assert!(
+        out.status.success(),
+        "copying the host's systemd units: {}",
+        text(&out)
+    );
+    let copy = |from: &Path, to: &str| {
+        let to = r.join(to);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("{} -> {}: {e}", from.display(), to.display()));
+    };
+    let overlay = repo().join("image/overlay");
+    copy(
+        &repo().join("systemd/mqtt-uplink.service"),
+        "usr/lib/systemd/system/mqtt-uplink.service",
+    );
+    copy(bin, "usr/bin/mqtt-uplink");
+    let mut units = vec![r.join("usr/lib/systemd/system/mqtt-uplink.service")];
+    for dir in ["usr/lib/systemd/system", "usr/lib/mqtt-uplink-image"] {
+        for entry in std::fs::read_dir(overlay.join(dir)).unwrap() {
+            let p = entry.unwrap().path();
+            let rel = p.strip_prefix(&overlay).unwrap().to_str().unwrap().to_string();
+            copy(&p, &rel);
+            if rel.ends_with(".service") {
+                units.push(r.join(rel));
+            }
+        }
+    }
+    assert!(
+        units.len() >= 3,
+        "expected the repo's unit and the image's units: {units:?}"
+    );
+    let out = run(Command::new(analyze)
+        .arg("verify")
+        .arg(format!("--root={}", r.display()))
+        .arg("--man=no")
+        .args(&units));
+    assert!(
+        out.status.success() && text(&out).trim().is_empty(),
+        "systemd-analyze verify:\n{}",
+        text(&out)
+    );
+}
