@@ -109,6 +109,12 @@ pub struct App {
 impl App {
     /// Writes `toml` as `dir/mqtt-uplink.toml`, validates it and starts the appliance.
     pub async fn start(dir: &Path, toml: &str) -> App {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let path = dir.join("mqtt-uplink.toml");
         // Tests never write to the default state dir (/var/lib/mqtt-uplink): the test's own folder.
         let toml = if toml.contains("[site]") {

@@ -44,12 +44,22 @@ const MIN_MTU: usize = 576;
 #[derive(Debug, Clone)]
 pub struct WgTransport {
     cfg: Arc<WgConfig>,
+    /// When the last connect began: handshakes are spaced (see [`HANDSHAKE_SPACING`]).
+    last_connect: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
+
+/// A hub drops a peer's handshake initiations that come closer together than 20 ms (wireguard-go's
+/// flood protection), and the initiator only retries after 5 s. A probe followed at once by the real
+/// connect would hit that, so connects of one transport start at least this far apart.
+pub const HANDSHAKE_SPACING: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl WgTransport {
     /// Creates a transport for `cfg`. Nothing is resolved or bound until `connect`.
     pub fn new(cfg: WgConfig) -> Self {
-        Self { cfg: Arc::new(cfg) }
+        Self {
+            cfg: Arc::new(cfg),
+            last_connect: Arc::default(),
+        }
     }
 
     /// The configuration this transport uses.
@@ -63,6 +73,14 @@ impl WgTransport {
     /// Bounded: the handshake and the TCP connect each take at most `handshake_timeout`.
     /// Cancel safe: dropping the future stops the tunnel task and closes the UDP socket.
     pub async fn connect(&self) -> Result<WgStream, WgError> {
+        let wait_until = {
+            let mut last = self.last_connect.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tokio::time::Instant::now();
+            let start = last.map_or(now, |t| (t + HANDSHAKE_SPACING).max(now));
+            *last = Some(start);
+            start
+        };
+        tokio::time::sleep_until(wait_until).await;
         let cfg = &self.cfg;
         if cfg.mtu < MIN_MTU || cfg.mtu > 65_000 {
             return Err(WgError::Config(format!(
