@@ -335,6 +335,8 @@ acl_file = "{dir}/acl"
 
 [limits]
 max_connections = 20000
+# Every benchmark device connects from 127.0.0.1.
+max_connections_per_address = 20000
 
 [uplink]
 broker = "mqtts://localhost:{cloud_port}"

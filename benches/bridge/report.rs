@@ -728,7 +728,7 @@ fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) ->
          `max_inflight_messages 0`, `set_tcp_nodelay true` in every scenario, so that no loss or delay \
          measured is the cloud's own towards the benchmark's subscriber.\n\
          - mqtt-uplink: the release binary as a child process, its defaults except `[limits] max_connections \
-         = 20000` and `[log] level = \"warn\"`; its own TLS, SSH (russh) or userspace WireGuard.\n\
+         = 20000` and `max_connections_per_address = 20000` (every device connects from 127.0.0.1) and `[log] level = \"warn\"`; its own TLS, SSH (russh) or userspace WireGuard.\n\
          - mosquitto-default: a bridge with `topic sensors/# out 1 \"\" sites/p7/`, `bridge_cafile`, \
          `bridge_insecure false`, `remote_username`/`remote_password`, `cleansession false`; nothing else.\n\
          - mosquitto-tuned: the same plus `max_queued_messages 0`, `set_tcp_nodelay true`, \
