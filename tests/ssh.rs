@@ -352,7 +352,7 @@ async fn t8_keygen_mode_no_overwrite_and_line() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("ssh");
-    let line = keygen(&keys, "10.0.0.5:8883").unwrap();
+    let line = keygen(&keys, "10.0.0.5:28883").unwrap();
     let mode = std::fs::metadata(keys.join("id_ed25519"))
         .unwrap()
         .permissions()
@@ -360,7 +360,7 @@ async fn t8_keygen_mode_no_overwrite_and_line() {
         & 0o777;
     assert_eq!(mode, 0o600);
     assert!(
-        line.starts_with("restrict,port-forwarding,permitopen=\"10.0.0.5:8883\" ssh-ed25519 AAAA"),
+        line.starts_with("restrict,port-forwarding,permitopen=\"10.0.0.5:28883\" ssh-ed25519 AAAA"),
         "{line}"
     );
     assert!(line.ends_with(" mqtt-uplink"), "{line}");
@@ -379,7 +379,7 @@ async fn t8_keygen_mode_no_overwrite_and_line() {
     assert_eq!(first_two(&derived), first_two(&public));
 
     let before = std::fs::read(keys.join("id_ed25519")).unwrap();
-    let err = keygen(&keys, "10.0.0.5:8883").unwrap_err();
+    let err = keygen(&keys, "10.0.0.5:28883").unwrap_err();
     assert!(matches!(err, SshError::Key(_)), "{err:?}");
     assert!(err.to_string().contains("id_ed25519"), "{err}");
     assert_eq!(
