@@ -110,21 +110,34 @@ fn wildcard_writes_fail_and_a_missing_client_id_pattern_warns() {
 
 #[test]
 fn a_listener_on_every_interface_with_an_uplink_fails() {
+    // The shipped example and its files, copied with the secrets at 0600 (git does not keep modes).
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    let (code, json) = audit(&shipped.join("mqtt-uplink.toml"));
+    let dir = support::tempdir();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(shipped.join("example"))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for secret in [
+        "example/passwords",
+        "example/uplink.password",
+        "example/tls/server.key",
+    ] {
+        std::fs::set_permissions(dir.path().join(secret), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let text = std::fs::read_to_string(shipped.join("mqtt-uplink.toml")).unwrap();
+    let config = dir.path().join("mqtt-uplink.toml");
+    std::fs::write(&config, &text).unwrap();
+    let (code, json) = audit(&config);
     assert_eq!(
         status_of(&json, 7),
         "pass",
         "the shipped example binds a site-side address (exit {code})"
     );
     // The same config bound to 0.0.0.0: the uplink side could reach the listener.
-    let dir = support::tempdir();
-    let text = std::fs::read_to_string(shipped.join("mqtt-uplink.toml"))
-        .unwrap()
-        .replace("192.168.10.2:8883", "0.0.0.0:8883")
-        .replace("\"example/", &format!("\"{}/example/", shipped.display()));
-    let config = dir.path().join("mqtt-uplink.toml");
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(&config, text.replace("192.168.10.2:8883", "0.0.0.0:8883")).unwrap();
     let (code, json) = audit(&config);
     assert_eq!(code, 1);
     assert_eq!(status_of(&json, 7), "fail");
