@@ -137,7 +137,7 @@ fn a_listener_on_every_interface_with_an_uplink_fails() {
         "the shipped example binds a site-side address (exit {code})"
     );
     // The same config bound to 0.0.0.0: the uplink side could reach the listener.
-    std::fs::write(&config, text.replace("192.168.10.2:8883", "0.0.0.0:8883")).unwrap();
+    std::fs::write(&config, text.replace("192.168.10.2:", "0.0.0.0:")).unwrap();
     let (code, json) = audit(&config);
     assert_eq!(code, 1);
     assert_eq!(status_of(&json, 7), "fail");

@@ -86,7 +86,7 @@ fn unknown_section_is_named_with_its_line() {
 #[test]
 fn bad_filter_is_named_with_its_line() {
     let e = errors(
-        "[uplink]\nbroker = \"mqtts://h:8883\"\nclient_id = \"c\"\n\n[[map]]\ndirection = \"out\"\ntopic = \"a/#/b\"\n",
+        "[uplink]\nbroker = \"mqtts://h:28883\"\nclient_id = \"c\"\n\n[[map]]\ndirection = \"out\"\ntopic = \"a/#/b\"\n",
     );
     let d = e
         .iter()

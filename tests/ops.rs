@@ -688,7 +688,7 @@ fn uplink_password_from_a_systemd_credential() {
     write_secret(&creds.join("uplink-password"), "from-the-credential\n");
     support::write_certs(dir.path(), &[]);
     let text = site(dir.path(), None, ACL_ALL, 0, "127.0.0.1:0")
-        + "\n[uplink]\nbroker = \"mqtts://localhost:8883\"\nclient_id = \"c\"\nusername = \"u\"\n\
+        + "\n[uplink]\nbroker = \"mqtts://localhost:28883\"\nclient_id = \"c\"\nusername = \"u\"\n\
            password_file = \"cred:uplink-password\"\nca_file = \"ca.pem\"\n";
     let config = write_config(dir.path(), &text);
     let check = |env: Option<&Path>| {

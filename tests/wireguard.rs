@@ -510,7 +510,7 @@ fn keygen_and_key_files() {
         preshared_key: Some([2; 32]),
         endpoint: "vpn.example.com:51820".into(),
         address: IpAddr::V4(Ipv4Addr::new(10, 8, 0, 7)),
-        broker: "10.8.0.1:8883".parse().unwrap(),
+        broker: "10.8.0.1:28883".parse().unwrap(),
         persistent_keepalive: Some(Duration::from_secs(25)),
         mtu: 1420,
         handshake_timeout: Duration::from_secs(5),
