@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::device::Device;
 use support::{mosquitto_passwd, tempdir, write_secret, App};
 
 const T: Duration = Duration::from_secs(20);
@@ -74,57 +75,22 @@ qos = 1
 
 /// mosquitto_pub as a device; returns (success, stderr).
 fn device_pub(app: &App, user: &str, pw: &str, topic: &str, msg: &str, extra: &[&str]) -> (bool, String) {
-    let out = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &app.port().to_string(),
-            "-u",
-            user,
-            "-P",
-            pw,
-            "-t",
-            topic,
-            "-m",
-            msg,
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    Device {
+        port: app.port(),
+        user,
+        password: pw,
+    }
+    .publish(topic, msg, extra)
 }
 
-/// mosquitto_sub as a device, returned once its subscription is live (probe on probe/..).
+/// mosquitto_sub as a device, returned once its subscription is live (probe on probe/USER).
 fn device_sub_ready(app: &App, user: &str, pw: &str, filter: &str) -> Sub {
-    let probe = format!("probe/{user}");
-    let mut sub = Sub::spawn(
-        Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &app.port().to_string(),
-                "-u",
-                user,
-                "-P",
-                pw,
-                "-v",
-                "-q",
-                "1",
-            ])
-            .args(["-t", filter, "-t", &probe]),
-    );
-    for _ in 0..50 {
-        device_pub(app, user, pw, &probe, "probe", &[]);
-        if sub.wait_probe(&probe, Duration::from_millis(200)) {
-            return sub;
-        }
+    Device {
+        port: app.port(),
+        user,
+        password: pw,
     }
-    panic!("device subscriber never became ready");
+    .subscribe_ready(filter, &format!("probe/{user}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,10 +5,10 @@ mod support;
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::device::Device;
 use support::{mosquitto_passwd, tempdir, write_secret, App};
 
 const T: Duration = Duration::from_secs(20);
@@ -31,58 +31,26 @@ fn config(dir: &Path, cloud: &Cloud) -> String {
     )
 }
 
+fn device(app: &App) -> Device<'static> {
+    Device {
+        port: app.port(),
+        user: "dev1",
+        password: PW,
+    }
+}
+
 fn sub(app: &App, filter: &str, extra: &[&str]) -> Sub {
-    Sub::spawn(
-        Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &app.port().to_string(),
-                "-u",
-                "dev1",
-                "-P",
-                PW,
-                "-v",
-                "-q",
-                "1",
-            ])
-            .args(["-t", filter])
-            .args(extra),
-    )
+    device(app).subscribe(filter, extra)
 }
 
 /// Like `sub`, returned once the subscription is live (a probe on local/probe came back).
 fn sub_ready(app: &App, filter: &str) -> Sub {
-    let mut s = sub(app, filter, &["-t", "local/probe"]);
-    for _ in 0..50 {
-        publish(app, "local/probe", "probe", &[]);
-        if s.wait_probe("local/probe", Duration::from_millis(200)) {
-            return s;
-        }
-    }
-    panic!("local subscriber never became ready");
+    device(app).subscribe_ready(filter, "local/probe")
 }
 
 fn publish(app: &App, topic: &str, msg: &str, extra: &[&str]) {
-    let out = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &app.port().to_string(),
-            "-u",
-            "dev1",
-            "-P",
-            PW,
-            "-q",
-            "1",
-        ])
-        .args(["-t", topic, "-m", msg])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, err) = device(app).publish(topic, msg, &[&["-q", "1"], extra].concat());
+    assert!(ok, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::device::Device;
 use support::sshd::Sshd;
 use support::wgpeer::WgPeer;
 use support::{mosquitto_passwd, tempdir, write_secret, App};
@@ -68,51 +69,21 @@ remote_prefix = "sites/plant-7/"
     )
 }
 
+fn device(app: &App) -> Device<'static> {
+    Device {
+        port: app.port(),
+        user: "dev1",
+        password: DEV_PW,
+    }
+}
+
 fn device_pub(app: &App, topic: &str, msg: &str) {
-    let out = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &app.port().to_string(),
-            "-u",
-            "dev1",
-            "-P",
-            DEV_PW,
-            "-q",
-            "1",
-        ])
-        .args(["-t", topic, "-m", msg])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, err) = device(app).publish(topic, msg, &["-q", "1"]);
+    assert!(ok, "{err}");
 }
 
 fn device_sub(app: &App, filter: &str) -> Sub {
-    let mut sub = Sub::spawn(
-        Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &app.port().to_string(),
-                "-u",
-                "dev1",
-                "-P",
-                DEV_PW,
-                "-v",
-                "-q",
-                "1",
-            ])
-            .args(["-t", filter, "-t", "probe/dev1"]),
-    );
-    for _ in 0..50 {
-        device_pub(app, "probe/dev1", "probe");
-        if sub.wait_probe("probe/dev1", Duration::from_millis(200)) {
-            return sub;
-        }
-    }
-    panic!("device subscriber never became ready");
+    device(app).subscribe_ready(filter, "probe/dev1")
 }
 
 /// Device → cloud and cloud → device through whatever the app's transport is.
