@@ -69,6 +69,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let policy = Policy::load(&config.auth)?;
     let guard = Guard::with_settings(policy, guard_settings(&config));
     let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::new(config.mappings.clone()))));
+    let (wanted_tx, wanted_rx) = watch::channel(uplink::subscriptions::wanted(
+        &routes.read().unwrap_or_else(|e| e.into_inner()),
+    ));
     // Durable only with an uplink: the local-only default must not need a writable state dir.
     let outbox = match &config.uplink {
         Some(_) => Outbox::open(&config.site.state_dir, config.outbox.clone()).context("outbox")?,
@@ -94,6 +97,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 u,
                 transports,
                 routes.clone(),
+                wanted_rx,
+                Some(&config.site.state_dir),
                 outbox.clone(),
                 broker.clone(),
                 state_tx,
@@ -145,6 +150,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let reloader = ops::reload::Reloader {
         guard: guard.clone(),
         routes: routes.clone(),
+        subscriptions: Arc::new(wanted_tx),
         current: Arc::new(std::sync::Mutex::new(config)),
     };
 
@@ -219,6 +225,14 @@ impl Appliance {
             .is_err()
         {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace ran out; stopping anyway");
+        }
+        // Acknowledged messages are deleted durably now, not up to a second later: the next start
+        // sends nothing twice.
+        if tokio::time::timeout(Duration::from_secs(5), self.outbox.sync())
+            .await
+            .is_err()
+        {
+            tracing::warn!("outbox sync at stop timed out");
         }
         let left = self.outbox.depth() + self.outbox.qos0_depth();
         if left > 0 {

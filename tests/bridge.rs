@@ -7,9 +7,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::daemon::Daemon;
 use support::device::Device;
-use support::{mosquitto_passwd, tempdir, write_secret, App};
+use support::{free_port, mosquitto_passwd, tempdir, write_secret, App};
 
 const T: Duration = Duration::from_secs(20);
 const DEV1_PW: &str = "dev1-Passw0rd-long";
@@ -221,6 +223,115 @@ async fn in_mapping_reaches_a_local_subscriber() {
         local.seen
     );
     app.stop().await;
+}
+
+/// Publishes `topic` on the cloud until the local subscriber sees `expect` (the uplink's
+/// subscription may not be live yet); true when it came through.
+fn cloud_until_local(cloud: &Cloud, local: &mut Sub, topic: &str, expect: &str) -> bool {
+    for i in 0..40 {
+        cloud.publish(topic, &format!("try-{i}"), 1);
+        if local
+            .wait_lines(local.seen.len() + 1, Duration::from_millis(500))
+            .iter()
+            .any(|l| l.starts_with(expect))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Waits until the local subscriber has seen `line`; returns everything it saw.
+fn wait_for_line(local: &mut Sub, line: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + T;
+    while !local.seen.iter().any(|l| l == line) && std::time::Instant::now() < deadline {
+        local.wait_lines(local.seen.len() + 1, Duration::from_millis(200));
+    }
+    local.seen.clone()
+}
+
+/// The appliance as a real process, started on `dir/mqtt-uplink.toml`, once its uplink is up.
+fn daemon(dir: &Path) -> Daemon {
+    let config = dir.join("mqtt-uplink.toml");
+    let d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    assert!(d.wait_log("uplink connected", T), "{}", d.log());
+    d
+}
+
+#[test]
+fn reload_and_restart_change_the_cloud_subscriptions() {
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    let port = free_port();
+    let v1 = site(dir.path(), &cloud).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        + "\n[metrics]\nbind = \"127.0.0.1:0\"\n";
+    // v2 takes `cfg/#` from the cloud instead of `cmd/#`.
+    let v2 = v1.replace("topic = \"cmd/#\"", "topic = \"cfg/#\"");
+    assert_ne!(v1, v2);
+    let config = dir.path().join("mqtt-uplink.toml");
+    std::fs::write(&config, &v1).unwrap();
+    let mut d = daemon(dir.path());
+    let dev = Device {
+        port,
+        user: "dev1",
+        password: DEV1_PW,
+    };
+    let mut local = dev.subscribe_ready("control/#", "probe/dev1");
+    assert!(
+        cloud_until_local(&cloud, &mut local, "sites/plant-7/cmd/a", "control/cmd/a "),
+        "v1 command never arrived: {:?}",
+        local.seen
+    );
+
+    // SIGHUP with v2: the running session unsubscribes cmd/# and subscribes cfg/#, no reconnect.
+    std::fs::write(&config, &v2).unwrap();
+    d.signal(Signal::SIGHUP);
+    assert!(d.wait_log("configuration reloaded", T), "{}", d.log());
+    assert!(
+        cloud_until_local(&cloud, &mut local, "sites/plant-7/cfg/b", "control/cfg/b "),
+        "the new `in` mapping never took effect: {:?}\n{}",
+        local.seen,
+        d.log()
+    );
+    // cmd/# is gone on the cloud: a command is not even sent to the appliance (which would log it as
+    // matching no mapping). The cloud delivers in order: once the later cfg message is here, the
+    // command would have been too.
+    cloud.publish("sites/plant-7/cmd/after-reload", "x", 1);
+    cloud.publish("sites/plant-7/cfg/c", "x", 1);
+    let seen = wait_for_line(&mut local, "control/cfg/c x");
+    assert!(seen.iter().any(|l| l == "control/cfg/c x"), "{seen:?}");
+    let log = d.log();
+    assert!(log.contains("unsubscribed on the cloud broker"), "{log}");
+    assert!(
+        !log.contains("after-reload"),
+        "cmd/# still subscribed after the reload:\n{log}"
+    );
+    assert_eq!(log.matches("uplink connected").count(), 1, "reconnected:\n{log}");
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(T).is_some_and(|s| s.success()), "{}", d.log());
+    drop(local);
+
+    // Back to v1 while stopped: the next session finds cfg/# in the ledger (state dir) and takes it
+    // back from the cloud's persistent session.
+    std::fs::write(&config, &v1).unwrap();
+    let mut d = daemon(dir.path());
+    let mut local = dev.subscribe_ready("control/#", "probe/dev1");
+    assert!(
+        cloud_until_local(&cloud, &mut local, "sites/plant-7/cmd/d", "control/cmd/d "),
+        "v1 command never arrived after the restart: {:?}",
+        local.seen
+    );
+    cloud.publish("sites/plant-7/cfg/after-restart", "x", 1);
+    cloud.publish("sites/plant-7/cmd/e", "x", 1);
+    let seen = wait_for_line(&mut local, "control/cmd/e x");
+    assert!(seen.iter().any(|l| l == "control/cmd/e x"), "{seen:?}");
+    let log = d.log();
+    assert!(
+        !log.contains("after-restart"),
+        "cfg/# still subscribed after the restart:\n{log}"
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(T).is_some_and(|s| s.success()), "{}", d.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

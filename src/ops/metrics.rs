@@ -17,7 +17,7 @@ pub struct Metrics {
     pub messages_out: IntCounterVec,
     /// Messages delivered from the cloud into the local broker, by mapping index.
     pub messages_in: IntCounterVec,
-    /// Messages dropped by a limit, by reason.
+    /// Messages dropped (by a limit, or from the cloud with no `in` mapping), by reason.
     pub dropped: IntCounterVec,
     /// Uplink transport switches (failover and return).
     pub transport_switches: IntCounter,
@@ -63,7 +63,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         dropped: counter_vec(
             &registry,
             "mqtt_uplink_dropped_total",
-            "Messages dropped by a limit",
+            "Messages dropped, by reason",
             "reason",
         ),
         uplink_connects: counter_vec(

@@ -5,10 +5,13 @@
 
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
+
 use crate::bridge::hooks::SharedRoutes;
 use crate::bridge::Routes;
 use crate::config::Config;
 use crate::guard::{Guard, Policy};
+use crate::uplink::subscriptions::{self, Filters};
 
 /// What a reload did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -17,7 +20,8 @@ pub struct ReloadReport {
     pub applied: Vec<&'static str>,
     /// Changed sections that keep their old value until the appliance restarts.
     pub needs_restart: Vec<&'static str>,
-    /// `in` mapping subscriptions changed: they take effect at the next uplink session.
+    /// `in` mapping subscriptions changed: the running uplink session subscribes and unsubscribes on
+    /// the cloud broker at once (or the next session does, when the uplink is down).
     pub subscriptions_changed: bool,
 }
 
@@ -26,6 +30,8 @@ pub struct ReloadReport {
 pub struct Reloader {
     pub(crate) guard: Guard,
     pub(crate) routes: SharedRoutes,
+    /// The cloud subscriptions the `in` mappings want, watched by the uplink session.
+    pub(crate) subscriptions: Arc<watch::Sender<Filters>>,
     pub(crate) current: Arc<Mutex<Config>>,
 }
 
@@ -36,13 +42,18 @@ impl Reloader {
         let policy = Policy::load(&new.auth)?;
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let mut report = ReloadReport::default();
-        let old_subs = Routes::new(current.mappings.clone()).remote_subscriptions();
-        let new_subs = Routes::new(new.mappings.clone()).remote_subscriptions();
+        let routes = Arc::new(Routes::new(new.mappings.clone()));
+        let new_subs = subscriptions::wanted(&routes);
         self.guard.replace(policy);
         report.applied.push("auth (passwords, ACL, client-id policy)");
-        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Routes::new(new.mappings.clone()));
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = routes;
         report.applied.push("mappings");
-        report.subscriptions_changed = old_subs != new_subs;
+        // The routes are swapped first: a message from a new subscription finds its mapping.
+        report.subscriptions_changed = self.subscriptions.send_if_modified(|subs| {
+            let changed = *subs != new_subs;
+            *subs = new_subs;
+            changed
+        });
         let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
         if differs(&current.listeners, &new.listeners) {
             report.needs_restart.push("listener");
@@ -92,9 +103,7 @@ impl ReloadReport {
     pub fn log(&self) {
         tracing::info!(applied = ?self.applied, "configuration reloaded; connections kept");
         if self.subscriptions_changed {
-            tracing::info!(
-                "`in` mappings changed: the cloud subscriptions follow at the next uplink session"
-            );
+            tracing::info!("`in` mappings changed: the uplink updates its cloud subscriptions now");
         }
         for section in &self.needs_restart {
             tracing::warn!(

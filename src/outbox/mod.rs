@@ -204,6 +204,17 @@ impl Outbox {
         }
     }
 
+    /// Makes every deletion so far durable (they are otherwise held back up to a second, see `store`),
+    /// so a clean stop replays nothing the cloud already acknowledged. No-op in memory.
+    pub async fn sync(&self) {
+        if let Some(s) = &self.inner.store {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if s.send(Op::Sync(tx)).is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+
     /// Queues a message. QoS ≥ 1: returns once the message is held by the outbox (committed to disk
     /// when durable), after which the caller may acknowledge it to the device; `Full` under
     /// `reject-new`, `Storage` when the disk failed. QoS 0: best effort, never fails.
@@ -496,6 +507,31 @@ mod tests {
             o.pending_after(0, 10)[0].1.payload,
             "new-new-new-new-new-new-new-new-new"
         );
+    }
+
+    /// What is on disk right now: a copy of the file, opened as a second store.
+    fn on_disk(dir: &std::path::Path) -> usize {
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.join("outbox.redb"), copy.path().join("outbox.redb")).unwrap();
+        Outbox::open(copy.path(), settings(1 << 20, OnFull::RejectNew))
+            .unwrap()
+            .depth()
+    }
+
+    #[tokio::test]
+    async fn sync_makes_acknowledgements_durable_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), settings(1 << 20, OnFull::RejectNew)).unwrap();
+        for p in [b"1", b"2", b"3"] {
+            o.push(msg(1, p)).await.unwrap();
+        }
+        assert_eq!(on_disk(dir.path()), 3);
+        for (seq, _) in o.pending_after(0, 2) {
+            o.ack(seq);
+        }
+        // Deletions alone are held back up to a second, unless synced, as a clean stop does.
+        o.sync().await;
+        assert_eq!(on_disk(dir.path()), 1);
     }
 }
 

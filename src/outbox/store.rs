@@ -53,6 +53,8 @@ pub(super) enum Op {
     Put(u64, Vec<u8>, oneshot::Sender<Result<(), String>>),
     /// Delete a record (acknowledged upstream, or dropped by a limit).
     Del(u64),
+    /// Make every earlier operation durable (the deletions held back included), then answer.
+    Sync(oneshot::Sender<()>),
 }
 
 /// Handle to the open store; cloning shares the database and the writer.
@@ -178,11 +180,13 @@ fn writer(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let mut puts: Vec<Put> = Vec::new();
-        let take = |op: Op, puts: &mut Vec<Put>, dels: &mut Vec<u64>| match op {
+        let mut syncs: Vec<oneshot::Sender<()>> = Vec::new();
+        let take = |op: Op, puts: &mut Vec<Put>, dels: &mut Vec<u64>, syncs: &mut Vec<_>| match op {
             Op::Put(seq, rec, w) => puts.push((seq, rec, w)),
             Op::Del(seq) => dels.push(seq),
+            Op::Sync(w) => syncs.push(w),
         };
-        take(first, &mut puts, &mut dels);
+        take(first, &mut puts, &mut dels, &mut syncs);
         // Group commit: once an insert is waiting, collect for up to `window` more (or MAX_BATCH ops)
         // so that several messages share one sync.
         let deadline = std::time::Instant::now() + window;
@@ -196,20 +200,27 @@ fn writer(
                 }
             };
             match op {
-                Some(op) => take(op, &mut puts, &mut dels),
+                Some(op) => take(op, &mut puts, &mut dels, &mut syncs),
                 None => break,
             }
         }
-        if puts.is_empty() && dels.len() < MAX_BATCH {
+        if puts.is_empty() && dels.len() < MAX_BATCH && syncs.is_empty() {
             continue;
         }
-        let result = commit(&db, &puts, &dels);
+        let result = if puts.is_empty() && dels.is_empty() {
+            Ok(())
+        } else {
+            commit(&db, &puts, &dels)
+        };
         match &result {
             Ok(()) => dels.clear(),
             Err(e) => tracing::error!(path = %path.display(), "outbox commit failed: {e:#}"),
         }
         for (_, _, w) in puts {
             let _ = w.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+        }
+        for w in syncs {
+            let _ = w.send(());
         }
         committed.notify_waiters();
         committed.notify_one();

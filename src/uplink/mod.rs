@@ -12,9 +12,11 @@
 pub mod backoff;
 pub mod link;
 pub mod session;
+pub mod subscriptions;
 pub mod tls;
 
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -27,6 +29,7 @@ use crate::outbox::Outbox;
 use crate::transport::Transport;
 use backoff::{Backoff, HEALTHY_RESET};
 use session::{Identity, Wiring};
+use subscriptions::{Filters, Ledger};
 use tls::TlsClient;
 
 /// What the uplink is doing, for health, metrics and tests.
@@ -62,6 +65,10 @@ pub struct UplinkTask {
     /// `None` for a plaintext `mqtt://` broker.
     pub tls: Option<TlsClient>,
     pub routes: SharedRoutes,
+    /// The cloud subscriptions the `in` mappings want (updated by a reload).
+    pub wanted: watch::Receiver<Filters>,
+    /// What the cloud's persistent session may hold (saved in the state dir).
+    pub ledger: Mutex<Ledger>,
     pub outbox: Outbox,
     pub broker: Arc<Broker>,
     pub state: watch::Sender<UplinkState>,
@@ -85,11 +92,14 @@ enum Ended {
 use session::Conn;
 
 impl UplinkTask {
-    /// Builds the task for a validated `[uplink]`.
+    /// Builds the task for a validated `[uplink]`; `state_dir` keeps the subscription ledger.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &config::Uplink,
         transports: Vec<Arc<dyn Transport>>,
         routes: SharedRoutes,
+        wanted: watch::Receiver<Filters>,
+        state_dir: Option<&Path>,
         outbox: Outbox,
         broker: Arc<Broker>,
         state: watch::Sender<UplinkState>,
@@ -114,6 +124,8 @@ impl UplinkTask {
             transports,
             tls,
             routes,
+            wanted,
+            ledger: Mutex::new(Ledger::load(state_dir)),
             outbox,
             broker,
             state,
@@ -221,20 +233,28 @@ impl UplinkTask {
             );
             self.state
                 .send_replace(UplinkState::Connected { transport: t.name() });
-            return self.carry(i, conn, shutdown).await;
+            return self.carry(i, conn, session_present, shutdown).await;
         }
         Ended::Pass(Err(last_err))
     }
 
     /// Runs the session over transport `i`; while `i` is a fallback, probes the preferred ones.
-    async fn carry(&self, i: usize, conn: Conn, shutdown: &CancellationToken) -> Ended {
+    async fn carry(
+        &self,
+        i: usize,
+        conn: Conn,
+        session_present: bool,
+        shutdown: &CancellationToken,
+    ) -> Ended {
         let stop = shutdown.child_token();
         let wiring = Wiring {
             routes: &self.routes,
             outbox: &self.outbox,
             broker: &self.broker,
+            wanted: self.wanted.clone(),
+            ledger: &self.ledger,
         };
-        let session = session::run(conn, &self.identity, wiring, &stop);
+        let session = session::run(conn, session_present, &self.identity, wiring, &stop);
         let prober = async {
             let to = self.probe_preferred(i, &stop).await;
             stop.cancel();

@@ -5,22 +5,28 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU16;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use bytes::Bytes;
 use rmqtt::codec::types::{Publish, QoS};
 use rmqtt::codec::v3::{Connect, ConnectAckReason, Packet, SubscribeReturnCode};
+use tokio::sync::watch;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::link::Link;
+use super::subscriptions::{Change, Filters, Ledger};
 
 use crate::bridge::hooks::SharedRoutes;
 use crate::broker::Broker;
 use crate::outbox::Outbox;
 use crate::secret::Secret;
 use crate::transport::BoxStream;
+
+/// The drop reason of a cloud message that no `in` mapping takes.
+pub const NO_IN_MAPPING: &str = "cloud message matches no in mapping";
 
 /// Largest packet accepted from the cloud broker.
 const MAX_INBOUND_PACKET: u32 = 16 * 1024 * 1024;
@@ -47,6 +53,16 @@ pub struct Wiring<'a> {
     pub routes: &'a SharedRoutes,
     pub outbox: &'a Outbox,
     pub broker: &'a Broker,
+    /// The cloud subscriptions the `in` mappings want; changes on a reload.
+    pub wanted: watch::Receiver<Filters>,
+    /// What the cloud's persistent session may hold.
+    pub ledger: &'a Mutex<Ledger>,
+}
+
+/// A SUBSCRIBE or UNSUBSCRIBE waiting for its acknowledgement.
+enum Pending {
+    Subscribe(Vec<(String, u8)>),
+    Unsubscribe(Vec<String>),
 }
 
 /// The connection a session runs on.
@@ -115,28 +131,41 @@ async fn connect_as(
     }
 }
 
-/// Runs an established session until shutdown (`Ok`) or failure (`Err`).
+/// Runs an established session until shutdown (`Ok`) or failure (`Err`). `session_present` is the
+/// CONNACK's: without it the cloud holds no subscription of ours.
 pub async fn run(
     mut conn: Conn,
+    session_present: bool,
     id: &Identity,
-    w: Wiring<'_>,
+    mut w: Wiring<'_>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let subs = w
-        .routes
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .remote_subscriptions();
     let mut pids = PacketIds::default();
-    if !subs.is_empty() {
-        let filters = subs.iter().map(|(f, q)| (f.as_str().into(), qos(*q))).collect();
-        conn.send(Packet::Subscribe {
-            packet_id: pids.next_free(&HashMap::new()),
-            topic_filters: filters,
-        })
-        .await
-        .context("sending SUBSCRIBE")?;
-    }
+    // SUBSCRIBE/UNSUBSCRIBE awaiting their acknowledgement, by packet id.
+    let mut pending: HashMap<NonZeroU16, Pending> = HashMap::new();
+    // Every wanted filter is subscribed again (the cloud may have lost it); filters only the ledger
+    // remembers are taken back.
+    let mut subscribed = w.wanted.borrow_and_update().clone();
+    let start = {
+        let mut ledger = w.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        if !session_present {
+            ledger.forget_all();
+        }
+        let held = ledger.held().clone();
+        Change {
+            unsubscribe: Change::between(&held, &subscribed).unsubscribe,
+            subscribe: subscribed.iter().map(|(f, q)| (f.clone(), *q)).collect(),
+        }
+    };
+    apply(
+        &mut conn,
+        &mut pids,
+        &mut pending,
+        &HashMap::new(),
+        w.ledger,
+        start,
+    )
+    .await?;
 
     // In flight: packet id -> outbox sequence number.
     let mut inflight: HashMap<NonZeroU16, u64> = HashMap::new();
@@ -149,13 +178,14 @@ pub async fn run(
     let mut ping = interval_at(Instant::now() + every, every);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut ping_deadline: Option<Instant> = None;
+    let mut watching = true;
 
     loop {
         // Fill the window from the outbox, then a bounded batch of QoS 0, then flush once.
         let mut wrote = false;
         if inflight.len() < max_inflight {
             for (seq, m) in w.outbox.pending_after(cursor, max_inflight - inflight.len()) {
-                let pid = pids.next_free(&inflight);
+                let pid = pids.next_free(|id| inflight.contains_key(&id) || pending.contains_key(&id));
                 let p = Publish {
                     dup: false,
                     retain: m.retain,
@@ -200,6 +230,23 @@ pub async fn run(
                 return Ok(());
             }
             _ = w.outbox.ready(), if inflight.len() < max_inflight => {}
+            changed = w.wanted.changed(), if watching => {
+                // Without a reloader (its owner gone) the set cannot change again.
+                watching = changed.is_ok();
+                if watching {
+                    let wanted = w.wanted.borrow_and_update().clone();
+                    let change = Change::between(&subscribed, &wanted);
+                    if !change.is_empty() {
+                        tracing::info!(
+                            unsubscribe = ?change.unsubscribe,
+                            subscribe = ?change.subscribe,
+                            "`in` mappings changed: updating the cloud subscriptions"
+                        );
+                        apply(&mut conn, &mut pids, &mut pending, &inflight, w.ledger, change).await?;
+                    }
+                    subscribed = wanted;
+                }
+            }
             _ = ping.tick(), if ping_deadline.is_none() => {
                 conn.send(Packet::PingRequest).await.context("sending PINGREQ")?;
                 ping_deadline = Some(Instant::now() + id.health_timeout);
@@ -221,18 +268,30 @@ pub async fn run(
                     }
                     Packet::Publish(p) => incoming(&mut conn, &w, *p).await?,
                     Packet::PingResponse => ping_deadline = None,
-                    Packet::SubscribeAck { status, .. } => {
-                        for ((filter, _), st) in subs.iter().zip(status) {
-                            match st {
-                                SubscribeReturnCode::Success(q) => {
-                                    tracing::info!(filter = %filter, qos = q.value(), "subscribed on the cloud broker")
-                                }
-                                SubscribeReturnCode::Failure => {
-                                    tracing::error!(filter = %filter, "cloud broker refused the subscription")
+                    Packet::SubscribeAck { packet_id, status } => match pending.remove(&packet_id) {
+                        Some(Pending::Subscribe(filters)) => {
+                            for ((filter, _), st) in filters.iter().zip(status) {
+                                match st {
+                                    SubscribeReturnCode::Success(q) => {
+                                        tracing::info!(filter = %filter, qos = q.value(), "subscribed on the cloud broker")
+                                    }
+                                    SubscribeReturnCode::Failure => {
+                                        tracing::error!(filter = %filter, "cloud broker refused the subscription")
+                                    }
                                 }
                             }
                         }
-                    }
+                        _ => tracing::debug!(packet_id, "unexpected SUBACK from the cloud broker"),
+                    },
+                    Packet::UnsubscribeAck { packet_id } => match pending.remove(&packet_id) {
+                        Some(Pending::Unsubscribe(filters)) => {
+                            for filter in &filters {
+                                tracing::info!(filter = %filter, "unsubscribed on the cloud broker");
+                            }
+                            w.ledger.lock().unwrap_or_else(|e| e.into_inner()).unsubscribed(&filters);
+                        }
+                        _ => tracing::debug!(packet_id, "unexpected UNSUBACK from the cloud broker"),
+                    },
                     Packet::PublishRelease { packet_id } => {
                         conn.send(Packet::PublishComplete { packet_id }).await?;
                     }
@@ -241,6 +300,49 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Sends `change`: UNSUBSCRIBE first, then SUBSCRIBE, each one packet, recorded as pending; the ledger
+/// learns of a subscription before it is sent.
+async fn apply(
+    conn: &mut Conn,
+    pids: &mut PacketIds,
+    pending: &mut HashMap<NonZeroU16, Pending>,
+    inflight: &HashMap<NonZeroU16, u64>,
+    ledger: &Mutex<Ledger>,
+    change: Change,
+) -> anyhow::Result<()> {
+    if !change.unsubscribe.is_empty() {
+        let packet_id = pids.next_free(|id| inflight.contains_key(&id) || pending.contains_key(&id));
+        let topic_filters = change.unsubscribe.iter().map(|f| f.as_str().into()).collect();
+        conn.send(Packet::Unsubscribe {
+            packet_id,
+            topic_filters,
+        })
+        .await
+        .context("sending UNSUBSCRIBE")?;
+        pending.insert(packet_id, Pending::Unsubscribe(change.unsubscribe));
+    }
+    if !change.subscribe.is_empty() {
+        ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .subscribing(&change.subscribe);
+        let packet_id = pids.next_free(|id| inflight.contains_key(&id) || pending.contains_key(&id));
+        let topic_filters = change
+            .subscribe
+            .iter()
+            .map(|(f, q)| (f.as_str().into(), qos(*q)))
+            .collect();
+        conn.send(Packet::Subscribe {
+            packet_id,
+            topic_filters,
+        })
+        .await
+        .context("sending SUBSCRIBE")?;
+        pending.insert(packet_id, Pending::Subscribe(change.subscribe));
+    }
+    Ok(())
 }
 
 /// A message from the cloud: publish it locally, then acknowledge it upstream.
@@ -265,7 +367,13 @@ async fn incoming(conn: &mut Conn, w: &Wiring<'_>, p: Publish) -> anyhow::Result
                 .with_label_values(&[&r.mapping.to_string()])
                 .inc();
         }
-        None => tracing::warn!(topic = %p.topic, "message from the cloud matches no `in` mapping; dropped"),
+        None => {
+            tracing::warn!(topic = %p.topic, "message from the cloud matches no `in` mapping; dropped");
+            crate::ops::metrics::get()
+                .dropped
+                .with_label_values(&[NO_IN_MAPPING])
+                .inc();
+        }
     }
     match (p.qos, p.packet_id) {
         (QoS::AtLeastOnce, Some(packet_id)) => conn.send(Packet::PublishAck { packet_id }).await?,
@@ -283,18 +391,19 @@ fn qos(q: u8) -> QoS {
     }
 }
 
-/// Packet identifiers, handed out in rotation, skipping those in flight.
+/// Packet identifiers, handed out in rotation, skipping those in use.
 #[derive(Default)]
 struct PacketIds {
     last: u16,
 }
 
 impl PacketIds {
-    fn next_free(&mut self, inflight: &HashMap<NonZeroU16, u64>) -> NonZeroU16 {
+    /// The next id for which `in_use` is false (the window is far below 65,535, so one exists).
+    fn next_free(&mut self, in_use: impl Fn(NonZeroU16) -> bool) -> NonZeroU16 {
         loop {
             self.last = self.last.wrapping_add(1);
             if let Some(id) = NonZeroU16::new(self.last) {
-                if !inflight.contains_key(&id) {
+                if !in_use(id) {
                     return id;
                 }
             }

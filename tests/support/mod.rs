@@ -103,6 +103,7 @@ pub struct App {
     pub addr: std::net::SocketAddr,
     pub outbox: mqtt_uplink::outbox::Outbox,
     pub state: tokio::sync::watch::Receiver<mqtt_uplink::uplink::UplinkState>,
+    pub reloader: mqtt_uplink::ops::reload::Reloader,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -138,11 +139,13 @@ impl App {
         let addr = app.local_addrs[0];
         let outbox = app.outbox.clone();
         let state = app.uplink_state.clone();
+        let reloader = app.reloader();
         let task = tokio::spawn(app.wait());
         App {
             addr,
             outbox,
             state,
+            reloader,
             shutdown,
             task: Some(task),
         }
