@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Cross-compiles mqtt-uplink for aarch64-unknown-linux-gnu and copies the binary to DEST.
-# Usage: cross-build.sh [--dev] DEST   (--dev: the dev profile, for the fast CI check; default release)
+# Usage: cross-build.sh [--check] DEST   (--check: the cross-check profile, unoptimised, for the fast
+#        CI check; default release)
 # Uses Debian's toolchain, not rustup's: rustc-web/cargo-web (1.96, bookworm-security) with the arm64
 # standard library from libstd-rust-web-dev:arm64, and gcc-aarch64-linux-gnu as linker and as the C
 # compiler for aws-lc-sys. Its own target dir (CROSS_TARGET_DIR) so it never fights the x86 builds.
@@ -9,8 +10,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 profile=release
-if [ "${1:-}" = --dev ]; then profile=dev; shift; fi
-dest=${1:?usage: cross-build.sh [--dev] DEST}
+if [ "${1:-}" = --check ]; then profile=cross-check; shift; fi
+dest=${1:?usage: cross-build.sh [--check] DEST}
 target=aarch64-unknown-linux-gnu
 export CARGO_TARGET_DIR=${CROSS_TARGET_DIR:-/var/cache/mqtt-uplink-image/target}
 export RUSTC=/usr/bin/rustc
@@ -32,6 +33,4 @@ fi
 
 mkdir -p "$CARGO_TARGET_DIR"
 (cd "$repo" && /usr/bin/cargo build --profile "$profile" --locked --target "$target" --bin mqtt-uplink)
-out=release
-[ "$profile" = dev ] && out=debug
-install -m 0755 "$CARGO_TARGET_DIR/$target/$out/mqtt-uplink" "$dest"
+install -m 0755 "$CARGO_TARGET_DIR/$target/$profile/mqtt-uplink" "$dest"

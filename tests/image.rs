@@ -5,10 +5,14 @@
 //! - the repo's unit and the image's units pass `systemd-analyze verify`, in a root holding the real
 //!   aarch64 binary;
 //! - mqtt-uplink cross-compiled for aarch64 (Debian's rustc-web, as `image/build.sh` does) runs under
-//!   qemu-aarch64, and accepts the safe default config the image ships.
+//!   qemu-aarch64, and accepts the safe default config the image ships;
+//! - the arm64 Debian package, packed by cargo-deb from that binary, holds what it should.
 //!
 //! Each test skips, loudly (on the real stderr, past the harness's capture), when its tools are
-//! missing; `image/deps.sh check` (run by `.ci/deps`) installs them.
+//! missing; `.ci/deps` installs them (`image/deps.sh check`, cargo-deb). A cold cross-build takes
+//! minutes (see `[profile.cross-check]`); it is incremental after that.
+
+mod support;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -105,20 +109,19 @@ fn image_scripts_pass_shellcheck() {
     assert!(out.status.success(), "shellcheck found problems:\n{}", text(&out));
 }
 
-/// The aarch64 binary, cross-compiled once per test run (dev profile, incremental in
-/// target/aarch64-cross), or why it cannot be.
+/// Where the aarch64 cross-build goes (its own target dir: another compiler, another target).
+fn cross_target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"))
+        .join("aarch64-cross")
+}
+
+/// The aarch64 binary, cross-compiled once per test run (the cross-check profile: unoptimised, built
+/// for compile time; incremental in target/aarch64-cross), or why it cannot be.
 fn cross_binary() -> Result<&'static Path, String> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| {
-        // A cold aarch64 cross-build of the whole dependency tree takes 15-25 minutes on two cores,
-        // more than the whole suite may: it runs when asked for (the image build does it anyway).
-        if std::env::var_os("MQTT_UPLINK_CROSS_TEST").is_none() {
-            return Err(
-                "set MQTT_UPLINK_CROSS_TEST=1 to cross-compile for aarch64 and run it under \
-                        qemu-aarch64 (image/deps.sh check installs the toolchain)"
-                    .into(),
-            );
-        }
         let missing = Command::new(repo().join("image/deps.sh"))
             .args(["--check", "check"])
             .output()
@@ -126,15 +129,12 @@ fn cross_binary() -> Result<&'static Path, String> {
         if !missing.status.success() {
             return Err(format!("missing packages: {}", text(&missing).trim()));
         }
-        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo().join("target"))
-            .join("aarch64-cross");
+        let target_dir = cross_target_dir();
         let dest = target_dir.join("mqtt-uplink");
         let out = run(Command::new("timeout")
             .arg("1800")
             .arg(repo().join("image/cross-build.sh"))
-            .arg("--dev")
+            .arg("--check")
             .arg(&dest)
             .env("CROSS_TARGET_DIR", &target_dir));
         assert!(
@@ -269,4 +269,33 @@ fn image_units_pass_systemd_analyze_verify() {
         "systemd-analyze verify:\n{}",
         text(&out)
     );
+}
+
+/// The arm64 Debian package: cargo-deb packs the cross-compiled binary (stripped with
+/// aarch64-linux-gnu-strip); the package holds what the amd64 one does, for arm64, and its binary runs
+/// under qemu-aarch64.
+#[test]
+fn arm64_deb_is_built_from_the_cross_compiled_binary() {
+    let name = "arm64_deb_is_built_from_the_cross_compiled_binary";
+    if let Err(why) = support::deb::cargo_deb() {
+        return skip(name, &why);
+    }
+    if let Err(why) = cross_binary() {
+        return skip(name, &why);
+    }
+    let out = tempfile::tempdir().unwrap();
+    let target_dir = cross_target_dir();
+    let pkg = support::deb::build(
+        out.path(),
+        "cross-check",
+        Some(("aarch64-unknown-linux-gnu", target_dir.as_path())),
+    );
+    assert!(pkg.to_str().unwrap().ends_with("_arm64.deb"), "{}", pkg.display());
+    let unpacked = tempfile::tempdir().unwrap();
+    support::deb::check(&pkg, "arm64", unpacked.path());
+    let bin = unpacked.path().join("usr/bin/mqtt-uplink");
+    assert_eq!(support::deb::elf_machine(&bin), 183, "not an aarch64 binary");
+    let out = run(qemu_aarch64(&bin).arg("--version"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(env!("CARGO_PKG_VERSION")), "{}", text(&out));
 }

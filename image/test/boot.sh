@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Boots the built image under qemu-system-aarch64 -M virt (Debian's kernel and initrd, taken from the
-# image's boot partition) with provisioning files on the boot partition, and checks from the host:
+# image's boot partition), once per scenario, and checks it from the host.
+#
+# provisioned: provisioning files on the boot partition (a TOML with a LAN listener, passwords, ACL,
+#   authorized_keys):
 #   - the listener answers MQTT through a loopback port forward, with the provisioned credentials
 #     (the safe default listens on the device's loopback only, so an answer proves provisioning),
 #     and refuses a wrong password;
@@ -9,10 +12,18 @@
 #     locked, the firewall opens only the listener and SSH, the root filesystem grew to the disk;
 #   - after a clean poweroff, reading the boot partition from the host: the provisioning folder and
 #     authorized_keys are gone, the report is there and holds no secret.
+# unprovisioned: the card as flashed, nothing added:
+#   - systemd reports mqtt-uplink.service started (READY=1: config valid, listener bound) on the
+#     serial console, and the provisioning unit says the firewall opens nothing;
+#   - from the LAN side nothing answers: no SSH banner (sshd off without keys), no MQTT (the safe
+#     default listens on loopback only);
+#   - after power-off, the boot partition holds a report saying nothing was provisioned.
 # Forwards use qemu user networking on 127.0.0.1 with host port 0 (the kernel picks a free port;
 # read back with the monitor's `info usernet`): never a fixed port, loopback only.
 #
-# Usage: image/test/boot.sh [IMAGE]   (IMAGE: .img or .img.xz; default: the newest in image/out)
+# Usage: image/test/boot.sh [--scenario provisioned|unprovisioned] [IMAGE]
+#        (default: both scenarios, one after the other; IMAGE: .img or .img.xz; default: the newest in
+#        image/out)
 # Environment: BOOT_TIMEOUT (seconds to service ready, default 600), QEMU_SMP (default 2).
 set -euo pipefail
 
@@ -21,9 +32,20 @@ image_dir=$(dirname "$here")
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-600}
 QEMU_SMP=${QEMU_SMP:-2}
 
-log() { printf '[boot %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-fail() { printf 'boot.sh: FAIL: %s\n' "$*" >&2; exit 1; }
-pass() { printf 'boot.sh: ok: %s\n' "$*" >&2; }
+log() { printf '[boot %s %(%H:%M:%S)T] %s\n' "$scenario" -1 "$*" >&2; }
+fail() { printf 'boot.sh: %s: FAIL: %s\n' "$scenario" "$*" >&2; exit 1; }
+pass() { printf 'boot.sh: %s: ok: %s\n' "$scenario" "$*" >&2; }
+
+scenario=
+if [ "${1:-}" = --scenario ]; then scenario=$2; shift 2; fi
+case $scenario in
+  "")
+    "$0" --scenario provisioned "$@"
+    exec "$0" --scenario unprovisioned "$@"
+    ;;
+  provisioned|unprovisioned) ;;
+  *) echo "boot.sh: unknown scenario: $scenario (provisioned or unprovisioned)" >&2; exit 64 ;;
+esac
 
 missing=$("$image_dir/deps.sh" --check boot) || fail "missing tools; install them with: $image_dir/deps.sh boot  (packages: $missing)"
 
@@ -81,11 +103,12 @@ fat="$disk@@$boot_off"
 root_sectors_before=$(sfdisk -d "$disk" | awk -v p="${disk}2" '$1 == p { gsub(/[^0-9]/, "", $6); print $6 }')
 
 # --- provisioning files ---------------------------------------------------------------------------
-prov=$work/prov
-mkdir -p "$prov/mqtt-uplink"
-mqtt_user=boot-device
-mqtt_pass="Boot-Test-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')"
-cat > "$prov/mqtt-uplink/mqtt-uplink.toml" <<'EOF'
+if [ "$scenario" = provisioned ]; then
+  prov=$work/prov
+  mkdir -p "$prov/mqtt-uplink"
+  mqtt_user=boot-device
+  mqtt_pass="Boot-Test-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')"
+  cat > "$prov/mqtt-uplink/mqtt-uplink.toml" <<'EOF'
 [site]
 id = "boot-test"
 state_dir = "/var/lib/mqtt-uplink"
@@ -98,12 +121,13 @@ allow_plaintext = true
 password_file = "passwords"
 acl_file = "acl"
 EOF
-printf 'user %s\ntopic readwrite boot/#\n' "$mqtt_user" > "$prov/mqtt-uplink/acl"
-touch "$prov/mqtt-uplink/passwords"
-mosquitto_passwd -b "$prov/mqtt-uplink/passwords" "$mqtt_user" "$mqtt_pass"
-ssh-keygen -q -t ed25519 -N '' -C boot-test -f "$work/id_ed25519"
-cp "$work/id_ed25519.pub" "$prov/authorized_keys"
-mcopy -s -i "$fat" "$prov/mqtt-uplink" "$prov/authorized_keys" ::/
+  printf 'user %s\ntopic readwrite boot/#\n' "$mqtt_user" > "$prov/mqtt-uplink/acl"
+  touch "$prov/mqtt-uplink/passwords"
+  mosquitto_passwd -b "$prov/mqtt-uplink/passwords" "$mqtt_user" "$mqtt_pass"
+  ssh-keygen -q -t ed25519 -N '' -C boot-test -f "$work/id_ed25519"
+  cp "$work/id_ed25519.pub" "$prov/authorized_keys"
+  mcopy -s -i "$fat" "$prov/mqtt-uplink" "$prov/authorized_keys" ::/
+fi
 
 # The kernel and initrd raspi-firmware put on the boot partition.
 mapfile -t fat_files < <(mdir -b -i "$fat" ::/ | sed -e 's|^::/||' -e 's|/$||')
@@ -137,6 +161,46 @@ mqtt_port=$(fwd_port 1883)
 ssh_port=$(fwd_port 22)
 { [ -n "$mqtt_port" ] && [ -n "$ssh_port" ]; } || fail "no port forwards from qemu: $usernet $(cat "$work/qemu.err")"
 log "qemu pid $qemu_pid; 127.0.0.1:$mqtt_port -> guest 1883, 127.0.0.1:$ssh_port -> guest 22"
+
+if [ "$scenario" = unprovisioned ]; then
+  # --- the flashed card as it is: ready on the console, nothing reachable from the LAN ------------
+  deadline=$(( t_start + BOOT_TIMEOUT ))
+  until grep -q 'Started mqtt-uplink.service' "$work/console.log" 2>/dev/null; do
+    kill -0 "$qemu_pid" 2>/dev/null || fail "qemu exited: $(cat "$work/qemu.err")"
+    if grep -q 'Failed to start mqtt-uplink.service' "$work/console.log"; then fail "mqtt-uplink.service failed to start"; fi
+    [ "$(date +%s)" -lt "$deadline" ] || fail "mqtt-uplink.service not started within ${BOOT_TIMEOUT}s"
+    sleep 2
+  done
+  t_ready=$(( $(date +%s) - t_start ))
+  pass "mqtt-uplink.service started on the safe default (READY=1), ${t_ready}s after power-on"
+  grep -q 'mqtt-uplink-provision: firewall: inbound tcp none from the LAN' "$work/console.log" \
+    || fail "the provisioning unit did not report a closed firewall: $(grep mqtt-uplink-provision "$work/console.log")"
+  grep -q 'nothing to provision on the boot partition' "$work/console.log" || fail "no 'nothing to provision' line on the console"
+  pass "console: nothing to provision, firewall opens no port"
+  # Let the rest of the boot settle (sshd would start after the service), then knock from outside.
+  for _ in $(seq 1 60); do grep -q 'login:' "$work/console.log" && break; sleep 1; done
+  banner=$(timeout 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$ssh_port && timeout 5 head -c 4 <&3" 2>/dev/null || true)
+  [ -z "$banner" ] || fail "something answers on the SSH port without authorized_keys: $banner"
+  pass "no SSH banner from the LAN (sshd off without authorized_keys)"
+  if timeout 15 mosquitto_pub -h 127.0.0.1 -p "$mqtt_port" -i boot-probe -t boot/probe -m x -q 1 >/dev/null 2>&1; then
+    fail "the safe default's broker answered from the LAN"
+  fi
+  pass "no MQTT from the LAN (the safe default listens on loopback only)"
+  # Power button (the virt machine's GPIO key, handled by systemd-logind); a hard stop after 120 s.
+  echo system_powerdown >&3
+  for _ in $(seq 1 120); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 1; done
+  if kill -0 "$qemu_pid" 2>/dev/null; then
+    log "no power-off within 120s of the power button; stopping qemu (the report was synced at boot)"
+    kill "$qemu_pid"
+  fi
+  wait "$qemu_pid" 2>/dev/null || true
+  qemu_pid=
+  mcopy -i "$fat" ::/mqtt-uplink-provisioned.txt "$work/report.txt" 2>/dev/null || fail "no report on the boot partition"
+  grep -q 'nothing to provision' "$work/report.txt" || fail "the report does not say nothing was provisioned: $(cat "$work/report.txt")"
+  pass "after power-off: the boot partition holds a report saying nothing was provisioned"
+  echo "boot.sh: unprovisioned: PASS: image $(basename "$img_src"); power-on to service ready ${t_ready}s (qemu TCG, $QEMU_SMP vCPUs)"
+  exit 0
+fi
 
 # --- service ready: an authenticated MQTT round trip through the forward ----------------------------
 mqtt_ok() {
@@ -240,4 +304,4 @@ if grep -qF "$mqtt_pass" "$work/report.txt"; then fail "the provisioning report 
 if grep -qF "$(cut -d' ' -f2 "$work/id_ed25519.pub")" "$work/report.txt"; then fail "the report contains the key"; fi
 pass "after poweroff: boot partition holds the report, no secrets"
 
-echo "boot.sh: PASS: image $(basename "$img_src"), $(( image_bytes / 1048576 )) MiB raw; power-on to MQTT ready ${t_ready}s (qemu TCG, $QEMU_SMP vCPUs)"
+echo "boot.sh: provisioned: PASS: image $(basename "$img_src"), $(( image_bytes / 1048576 )) MiB raw; power-on to MQTT ready ${t_ready}s (qemu TCG, $QEMU_SMP vCPUs)"

@@ -7,6 +7,7 @@ pub mod appliance;
 pub mod certs;
 pub mod cloud;
 pub mod daemon;
+pub mod deb;
 pub mod device;
 pub mod raw;
 pub mod sshd;
