@@ -272,6 +272,94 @@ async fn idle_sockets_do_not_lock_out_a_device() {
     app2.wait().await;
 }
 
+/// Reads from `s` until the appliance closes it; how long that took, or `None` if it stayed open
+/// for `limit`.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, limit: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout_at((start + limit).into(), s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_are_closed_after_the_handshake_timeout() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use tokio::io::AsyncWriteExt;
+    let dir = tempdir();
+    let path = dir.path().join("mqtt-uplink.toml");
+    std::fs::write(
+        &path,
+        site(dir.path(), "") + "\n[limits]\nhandshake_timeout_s = 1\n",
+    )
+    .unwrap();
+    let cfg = mqtt_uplink::config::load(&path).unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let app = mqtt_uplink::start(cfg, shutdown.clone()).await.unwrap();
+    let (plain, tls) = (app.local_addrs[0], app.local_addrs[1]);
+
+    // Plaintext: nothing at all, and half a CONNECT.
+    let mut silent = tokio::net::TcpStream::connect(plain).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(plain).await.unwrap();
+    half.write_all(&[0x10, 0x20, 0x00]).await.unwrap();
+    // TLS: no handshake at all, and a finished handshake followed by silence.
+    let mut no_hello = tokio::net::TcpStream::connect(tls).await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.path().join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(tls).await.unwrap();
+    let mut tls_silent = connector
+        .connect(ServerName::from(tls.ip()), tcp)
+        .await
+        .expect("TLS handshake");
+
+    let timeouts = || {
+        mqtt_uplink::ops::metrics::get()
+            .refusals
+            .with_label_values(&[mqtt_uplink::guard::Refusal::HandshakeTimeout.as_str()])
+            .get()
+    };
+    let before = timeouts();
+    let limit = Duration::from_secs(10);
+    let (a, b, c, d) = tokio::join!(
+        closed_within(&mut silent, limit),
+        closed_within(&mut half, limit),
+        closed_within(&mut no_hello, limit),
+        closed_within(&mut tls_silent, limit),
+    );
+    println!("closed after: silent {a:?}, half CONNECT {b:?}, no TLS hello {c:?}, TLS then silent {d:?}");
+    assert!(a.is_some(), "a silent plaintext socket stayed open");
+    assert!(b.is_some(), "half a CONNECT kept its socket open");
+    assert!(c.is_some(), "a socket without a TLS hello stayed open");
+    assert!(d.is_some(), "a TLS session without a CONNECT stayed open");
+    // Each one is a refusal: counted (and logged with its address, rate-limited per address).
+    assert!(timeouts() >= before + 4, "{before} -> {}", timeouts());
+
+    // The listener still serves a real device.
+    let mut dev = Raw::connect(plain).await;
+    assert_eq!(
+        dev.login(&raw::connect(b"after-silence", true, Some("dev"), Some(PW)))
+            .await,
+        Some(0)
+    );
+    shutdown.cancel();
+    app.wait().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_may_keep_1000_qos1_messages_in_flight() {
     let dir = tempdir();

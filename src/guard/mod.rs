@@ -96,6 +96,8 @@ pub enum Refusal {
     TooManyFromAddress,
     /// On a `use_identity_as_username` listener, the username differs from the certificate's CN.
     IdentityMismatch,
+    /// No TLS handshake, or no CONNECT, within `limits.handshake_timeout_s`: the socket is closed.
+    HandshakeTimeout,
 }
 
 impl Refusal {
@@ -114,6 +116,7 @@ impl Refusal {
             Refusal::ClientIdTakeover => "client id taken over (duplicate_client_id = takeover)",
             Refusal::TooManyFromAddress => "too many connections from this address",
             Refusal::IdentityMismatch => "username differs from the client certificate's CN",
+            Refusal::HandshakeTimeout => "no TLS handshake or CONNECT within the handshake timeout",
         }
     }
 
