@@ -299,3 +299,36 @@ fn arm64_deb_is_built_from_the_cross_compiled_binary() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(env!("CARGO_PKG_VERSION")), "{}", text(&out));
 }
+
+/// The unit's credentials are loaded from /etc/mqtt-uplink/credentials/NAME, which systemd requires to
+/// exist: the image's provisioning creates every one the unit names (it reads the names from the
+/// unit), and the package's postinst creates the same files.
+#[test]
+fn every_credential_the_unit_loads_is_created_by_the_image_and_the_package() {
+    let unit = std::fs::read_to_string(repo().join("systemd/mqtt-uplink.service")).unwrap();
+    let creds: Vec<(&str, &str)> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("LoadCredential="))
+        .map(|v| v.split_once(':').expect("LoadCredential=NAME:PATH"))
+        .collect();
+    assert!(!creds.is_empty(), "the unit loads no credential");
+    let provision =
+        std::fs::read_to_string(repo().join("image/overlay/usr/lib/mqtt-uplink-image/provision")).unwrap();
+    assert!(
+        provision.contains("UNIT=/usr/lib/systemd/system/mqtt-uplink.service")
+            && provision.contains("ensure_credentials \"$ETC\""),
+        "provision must create the unit's credential files at every boot"
+    );
+    let postinst = std::fs::read_to_string(repo().join("debian/postinst")).unwrap();
+    for (name, path) in creds {
+        assert_eq!(
+            path,
+            format!("/etc/mqtt-uplink/credentials/{name}"),
+            "provision creates credentials/NAME only"
+        );
+        assert!(
+            postinst.contains(name),
+            "postinst does not create the credential {name}"
+        );
+    }
+}

@@ -146,7 +146,7 @@ qemu-system-aarch64 -M virt -cpu cortex-a53 -smp "$QEMU_SMP" -m 1024 \
   -serial "file:$work/console.log" \
   -chardev "pipe,id=mon,path=$work/mon" -mon chardev=mon,mode=readline \
   -kernel "$work/vmlinuz" -initrd "$work/initrd" \
-  -append "root=LABEL=RASPIROOT rw console=ttyAMA0 rootwait net.ifnames=1" \
+  -append "root=LABEL=RASPIROOT rw console=ttyAMA0 rootwait net.ifnames=1 systemd.status_unit_format=name" \
   -drive "file=$disk,format=raw,if=none,id=d0,cache=writeback" -device virtio-blk-pci,drive=d0 \
   -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:0-:1883,hostfwd=tcp:127.0.0.1:0-:22" \
   -device virtio-net-pci,netdev=n0,romfile= \
@@ -161,24 +161,32 @@ mqtt_port=$(fwd_port 1883)
 ssh_port=$(fwd_port 22)
 { [ -n "$mqtt_port" ] && [ -n "$ssh_port" ]; } || fail "no port forwards from qemu: $usernet $(cat "$work/qemu.err")"
 log "qemu pid $qemu_pid; 127.0.0.1:$mqtt_port -> guest 1883, 127.0.0.1:$ssh_port -> guest 22"
+# systemd's status lines on the serial console (unit names, see systemd.status_unit_format= above,
+# wrapped in colour codes).
+console_has() { grep -aqE "$1" "$work/console.log" 2>/dev/null; }
+service_failed='Failed to start .{0,16}mqtt-uplink\.service'
+guest() {
+  timeout 30 ssh -q -p "$ssh_port" -i "$work/id_ed25519" -o IdentitiesOnly=yes -o BatchMode=yes \
+    -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 root@127.0.0.1 "$@"
+}
 
 if [ "$scenario" = unprovisioned ]; then
   # --- the flashed card as it is: ready on the console, nothing reachable from the LAN ------------
   deadline=$(( t_start + BOOT_TIMEOUT ))
-  until grep -q 'Started mqtt-uplink.service' "$work/console.log" 2>/dev/null; do
+  until console_has 'Started .{0,16}mqtt-uplink\.service'; do
     kill -0 "$qemu_pid" 2>/dev/null || fail "qemu exited: $(cat "$work/qemu.err")"
-    if grep -q 'Failed to start mqtt-uplink.service' "$work/console.log"; then fail "mqtt-uplink.service failed to start"; fi
+    if console_has "$service_failed"; then fail "mqtt-uplink.service failed to start (see the console below)"; fi
     [ "$(date +%s)" -lt "$deadline" ] || fail "mqtt-uplink.service not started within ${BOOT_TIMEOUT}s"
     sleep 2
   done
   t_ready=$(( $(date +%s) - t_start ))
   pass "mqtt-uplink.service started on the safe default (READY=1), ${t_ready}s after power-on"
-  grep -q 'mqtt-uplink-provision: firewall: inbound tcp none from the LAN' "$work/console.log" \
+  console_has 'mqtt-uplink-provision: firewall: inbound tcp none from the LAN' \
     || fail "the provisioning unit did not report a closed firewall: $(grep mqtt-uplink-provision "$work/console.log")"
-  grep -q 'nothing to provision on the boot partition' "$work/console.log" || fail "no 'nothing to provision' line on the console"
+  console_has 'nothing to provision on the boot partition' || fail "no 'nothing to provision' line on the console"
   pass "console: nothing to provision, firewall opens no port"
   # Let the rest of the boot settle (sshd would start after the service), then knock from outside.
-  for _ in $(seq 1 60); do grep -q 'login:' "$work/console.log" && break; sleep 1; done
+  for _ in $(seq 1 60); do console_has 'login:' && break; sleep 1; done
   banner=$(timeout 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$ssh_port && timeout 5 head -c 4 <&3" 2>/dev/null || true)
   [ -z "$banner" ] || fail "something answers on the SSH port without authorized_keys: $banner"
   pass "no SSH banner from the LAN (sshd off without authorized_keys)"
@@ -210,6 +218,10 @@ mqtt_ok() {
 deadline=$(( t_start + BOOT_TIMEOUT ))
 until mqtt_ok; do
   kill -0 "$qemu_pid" 2>/dev/null || fail "qemu exited: $(cat "$work/qemu.err")"
+  if console_has "$service_failed"; then
+    for _ in 1 2 3; do guest true && { ssh_ok=1; break; }; sleep 2; done
+    fail "mqtt-uplink.service failed to start (its journal follows when SSH answers)"
+  fi
   [ "$(date +%s)" -lt "$deadline" ] || fail "no MQTT answer within ${BOOT_TIMEOUT}s"
   sleep 2
 done
@@ -239,10 +251,6 @@ grep -qx round-trip "$sub_out" && got=1
 pass "publish -> subscribe round trip through the appliance's broker"
 
 # --- inside, over SSH ------------------------------------------------------------------------------
-guest() {
-  timeout 30 ssh -q -p "$ssh_port" -i "$work/id_ed25519" -o IdentitiesOnly=yes -o BatchMode=yes \
-    -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 root@127.0.0.1 "$@"
-}
 for _ in $(seq 1 30); do guest true && break; sleep 2; done
 guest true || fail "no SSH login with the provisioned authorized_keys"
 ssh_ok=1
