@@ -295,6 +295,14 @@ pass "root partition and filesystem grew to the disk ($(( root_sectors_before / 
 
 guest systemd-analyze > "$work/analyze" 2>&1 || true
 log "guest: $(head -n1 "$work/analyze")"
+# The running service at rest (no clients): resident memory, and CPU time over 30 s (under TCG
+# emulation a tick costs far more host time than on a Pi, so any busy loop would show).
+pid=$(guest systemctl show -p MainPID --value mqtt-uplink.service)
+rss_kib=$(guest "awk '/^VmRSS/ { print \$2 }' /proc/$pid/status")
+ticks0=$(guest "awk '{ print \$14 + \$15 }' /proc/$pid/stat")
+sleep 30
+ticks1=$(guest "awk '{ print \$14 + \$15 }' /proc/$pid/stat")
+log "service at rest: RSS ${rss_kib} KiB, CPU $(( ticks1 - ticks0 )) ticks (1/100 s) in 30 s"
 
 # --- clean poweroff, then the boot partition from the host --------------------------------------------
 guest systemctl poweroff >/dev/null 2>&1 || true
