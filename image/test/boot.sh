@@ -18,12 +18,17 @@
 #   - from the LAN side nothing answers: no SSH banner (sshd off without keys), no MQTT (the safe
 #     default listens on loopback only);
 #   - after power-off, the boot partition holds a report saying nothing was provisioned.
+# package: the arm64 Debian package on a live systemd (only authorized_keys provisioned, for SSH):
+#   the image's own copy is removed, `apt install ./mqtt-uplink_*_arm64.deb` creates the user, the
+#   files with their owners and modes and starts the service; `mqtt-uplink status` answers;
+#   `apt purge` stops it and removes the unit, the secrets and the state. The package is
+#   $BOOT_DEB, or the newest target/debian/mqtt-uplink_*_arm64.deb (debian/build-deb.sh arm64).
 # Forwards use qemu user networking on 127.0.0.1 with host port 0 (the kernel picks a free port;
 # read back with the monitor's `info usernet`): never a fixed port, loopback only.
 #
-# Usage: image/test/boot.sh [--scenario provisioned|unprovisioned] [IMAGE]
-#        (default: both scenarios, one after the other; IMAGE: .img or .img.xz; default: the newest in
-#        image/out)
+# Usage: image/test/boot.sh [--scenario provisioned|unprovisioned|package] [IMAGE]
+#        (default: every scenario, one after the other, package only when there is a package; IMAGE:
+#        .img or .img.xz; default: the newest in image/out)
 # Environment: BOOT_TIMEOUT (seconds to service ready, default 600), QEMU_SMP (default 2).
 set -euo pipefail
 
@@ -38,13 +43,19 @@ pass() { printf 'boot.sh: %s: ok: %s\n' "$scenario" "$*" >&2; }
 
 scenario=
 if [ "${1:-}" = --scenario ]; then scenario=$2; shift 2; fi
+deb=${BOOT_DEB:-$(find "$(dirname "$image_dir")/target/debian" -maxdepth 1 -name 'mqtt-uplink_*_arm64.deb' \
+  -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2-)}
 case $scenario in
   "")
     "$0" --scenario provisioned "$@"
-    exec "$0" --scenario unprovisioned "$@"
+    "$0" --scenario unprovisioned "$@"
+    if [ -n "$deb" ]; then exec "$0" --scenario package "$@"; fi
+    echo "boot.sh: package scenario skipped: no arm64 package (debian/build-deb.sh arm64, or BOOT_DEB=)" >&2
+    exit 0
     ;;
   provisioned|unprovisioned) ;;
-  *) echo "boot.sh: unknown scenario: $scenario (provisioned or unprovisioned)" >&2; exit 64 ;;
+  package) { [ -n "$deb" ] && [ -f "$deb" ]; } || fail "no arm64 package: build one with debian/build-deb.sh arm64 or set BOOT_DEB" ;;
+  *) echo "boot.sh: unknown scenario: $scenario (provisioned, unprovisioned or package)" >&2; exit 64 ;;
 esac
 
 missing=$("$image_dir/deps.sh" --check boot) || fail "missing tools; install them with: $image_dir/deps.sh boot  (packages: $missing)"
@@ -129,6 +140,12 @@ EOF
   mcopy -s -i "$fat" "$prov/mqtt-uplink" "$prov/authorized_keys" ::/
 fi
 
+if [ "$scenario" = package ]; then
+  ssh-keygen -q -t ed25519 -N '' -C boot-test -f "$work/id_ed25519"
+  cp "$work/id_ed25519.pub" "$work/authorized_keys"
+  mcopy -i "$fat" "$work/authorized_keys" ::/
+fi
+
 # The kernel and initrd raspi-firmware put on the boot partition.
 mapfile -t fat_files < <(mdir -b -i "$fat" ::/ | sed -e 's|^::/||' -e 's|/$||')
 kernel=$(printf '%s\n' "${fat_files[@]}" | grep -m1 '^vmlinuz-' || true)
@@ -165,10 +182,60 @@ log "qemu pid $qemu_pid; 127.0.0.1:$mqtt_port -> guest 1883, 127.0.0.1:$ssh_port
 # wrapped in colour codes).
 console_has() { grep -aqE "$1" "$work/console.log" 2>/dev/null; }
 service_failed='Failed to start .{0,16}mqtt-uplink\.service'
+# A command on the guest as root, over SSH; GUEST_TIMEOUT seconds at most (apt under TCG is slow).
 guest() {
-  timeout 30 ssh -q -p "$ssh_port" -i "$work/id_ed25519" -o IdentitiesOnly=yes -o BatchMode=yes \
-    -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 root@127.0.0.1 "$@"
+  timeout "${GUEST_TIMEOUT:-30}" ssh -q -p "$ssh_port" -i "$work/id_ed25519" -o IdentitiesOnly=yes \
+    -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 \
+    root@127.0.0.1 "$@"
 }
+
+if [ "$scenario" = package ]; then
+  # --- the Debian package on a live systemd ---------------------------------------------------------
+  deadline=$(( t_start + BOOT_TIMEOUT ))
+  until guest true; do
+    kill -0 "$qemu_pid" 2>/dev/null || fail "qemu exited: $(cat "$work/qemu.err")"
+    [ "$(date +%s)" -lt "$deadline" ] || fail "no SSH login within ${BOOT_TIMEOUT}s"
+    sleep 2
+  done
+  ssh_ok=1
+  log "package: $deb"
+  # A plain Debian with systemd: the image's own copy goes (its user stays, as sysusers would make it).
+  guest 'systemctl disable --now mqtt-uplink.service >/dev/null 2>&1; rm -rf /usr/bin/mqtt-uplink \
+    /usr/lib/systemd/system/mqtt-uplink.service /etc/mqtt-uplink /var/lib/mqtt-uplink && systemctl daemon-reload' \
+    || fail "removing the image's copy"
+  guest 'cat > /tmp/mqtt-uplink.deb' < "$deb" || fail "copying the package"
+  out=$(GUEST_TIMEOUT=300 guest 'DEBIAN_FRONTEND=noninteractive apt-get install -y /tmp/mqtt-uplink.deb 2>&1') \
+    || fail "apt install ./$(basename "$deb") failed: $out"
+  pass "apt install ./$(basename "$deb")"
+  for _ in $(seq 1 30); do [ "$(guest systemctl is-active mqtt-uplink.service)" = active ] && break; sleep 2; done
+  [ "$(guest systemctl is-active mqtt-uplink.service)" = active ] || fail "the package's service is not active: $(guest systemctl status mqtt-uplink.service --no-pager)"
+  [ "$(guest systemctl is-enabled mqtt-uplink.service)" = enabled ] || fail "the package's service is not enabled"
+  pass "the service is enabled and active (READY=1) after the install"
+  perms=$(guest 'stat -c "%n %U:%G %a" /etc/mqtt-uplink /etc/mqtt-uplink/mqtt-uplink.toml /etc/mqtt-uplink/acl /etc/mqtt-uplink/passwords /etc/mqtt-uplink/credentials /etc/mqtt-uplink/credentials/uplink-password')
+  expected="/etc/mqtt-uplink root:mqtt-uplink 750
+/etc/mqtt-uplink/mqtt-uplink.toml root:mqtt-uplink 640
+/etc/mqtt-uplink/acl root:mqtt-uplink 640
+/etc/mqtt-uplink/passwords mqtt-uplink:mqtt-uplink 600
+/etc/mqtt-uplink/credentials root:root 700
+/etc/mqtt-uplink/credentials/uplink-password root:root 600"
+  [ "$perms" = "$expected" ] || fail "owners/modes after install: got
+$perms
+expected
+$expected"
+  pass "owners and modes in /etc/mqtt-uplink"
+  status=$(guest mqtt-uplink status 2>&1) || fail "mqtt-uplink status failed: $status"
+  printf '%s\n' "$status" | grep -q '127.0.0.1:9883  health: ok' || fail "status does not report a healthy service: $status"
+  pass "mqtt-uplink status answers from the running service"
+  out=$(GUEST_TIMEOUT=300 guest 'DEBIAN_FRONTEND=noninteractive apt-get purge -y mqtt-uplink 2>&1') \
+    || fail "apt purge failed: $out"
+  left=$(guest 'ls -d /etc/mqtt-uplink /var/lib/mqtt-uplink /usr/bin/mqtt-uplink /usr/lib/systemd/system/mqtt-uplink.service /lib/systemd/system/mqtt-uplink.service 2>/dev/null; systemctl is-active mqtt-uplink.service' || true)
+  [ "$left" = inactive ] || fail "left after apt purge: $left"
+  pass "apt purge stops the service and removes the binary, unit, config, secrets and state"
+  guest systemctl poweroff >/dev/null 2>&1 || true
+  for _ in $(seq 1 120); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 1; done
+  echo "boot.sh: package: PASS: $(basename "$deb") installed, running and purged on the image's systemd"
+  exit 0
+fi
 
 if [ "$scenario" = unprovisioned ]; then
   # --- the flashed card as it is: ready on the console, nothing reachable from the LAN ------------
