@@ -342,7 +342,7 @@ fn reload_on_sighup(
                     for w in &new.warnings {
                         tracing::warn!("{w}");
                     }
-                    match reloader.reload(new) {
+                    match reloader.reload(new).await {
                         Ok(report) => report.log(),
                         Err(e) => tracing::error!("reload refused, keeping the running config: {e:#}"),
                     }

@@ -151,6 +151,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         guard: guard.clone(),
         routes: routes.clone(),
         subscriptions: Arc::new(wanted_tx),
+        scx: broker.context(),
         current: Arc::new(std::sync::Mutex::new(config)),
     };
 
@@ -270,9 +271,10 @@ impl Appliance {
     }
 
     /// Applies a new config live: passwords, ACL and mappings change without dropping device
-    /// connections or the uplink. On error nothing changes. See [`ops::reload`].
-    pub fn reload(&self, new: Config) -> anyhow::Result<ops::reload::ReloadReport> {
-        self.reloader.reload(new)
+    /// connections (except those the new rules revoke) or the uplink. On error nothing changes. See
+    /// [`ops::reload`].
+    pub async fn reload(&self, new: Config) -> anyhow::Result<ops::reload::ReloadReport> {
+        self.reloader.reload(new).await
     }
 
     /// A handle that reloads this appliance (for the SIGHUP task).

@@ -577,11 +577,14 @@ async fn reload_under_load_keeps_connections_and_swaps_the_acl() {
     std::fs::write(dir.path().join("acl"), ACL_V2).unwrap();
     let v2 = mqtt_uplink::config::load(&path).unwrap();
     std::fs::write(dir.path().join("acl"), "user dev1\ntopic scribble sensors/#\n").unwrap();
-    assert!(app.reload(v2).is_err(), "a broken ACL must be refused");
+    assert!(app.reload(v2).await.is_err(), "a broken ACL must be refused");
     assert_eq!(try_pub("sensors/a/2").await, PubAckReason::Success);
     // ...then the new ACL takes effect: a denied topic becomes allowed, an allowed one denied.
     std::fs::write(dir.path().join("acl"), ACL_V2).unwrap();
-    let report = app.reload(mqtt_uplink::config::load(&path).unwrap()).unwrap();
+    let report = app
+        .reload(mqtt_uplink::config::load(&path).unwrap())
+        .await
+        .unwrap();
     assert!(report.needs_restart.is_empty(), "{report:?}");
     assert_eq!(try_pub("sensors/b/2").await, PubAckReason::Success);
     assert_eq!(try_pub("sensors/a/3").await, PubAckReason::NotAuthorized);
@@ -620,6 +623,95 @@ async fn reload_under_load_keeps_connections_and_swaps_the_acl() {
         !uplink_flapped.await.unwrap_or(false),
         "the uplink reconnected during reload"
     );
+    shutdown.cancel();
+    app.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_disconnects_revoked_logins_and_removes_denied_subscriptions() {
+    use support::raw::{self, Raw};
+    const ACL_V1: &str = "user dev1\ntopic readwrite sensors/#\n\
+                          user dev2\ntopic read sensors/#\ntopic read alerts/#\n\
+                          user dev3\ntopic write sensors/#\ntopic write alerts/#\n";
+    const ACL_V2: &str = "user dev1\ntopic readwrite sensors/#\n\
+                          user dev2\ntopic read sensors/#\n\
+                          user dev3\ntopic write sensors/#\ntopic write alerts/#\n";
+    let dir = tempdir();
+    let toml = site(dir.path(), None, ACL_V1, 0, "127.0.0.1:0");
+    mosquitto_passwd(&dir.path().join("passwords"), "dev3", DEV_PW);
+    let path = write_config(dir.path(), &toml);
+    let shutdown = CancellationToken::new();
+    let app = mqtt_uplink::start(mqtt_uplink::config::load(&path).unwrap(), shutdown.clone())
+        .await
+        .unwrap();
+    let addr = app.local_addrs[0];
+    let login = |id: &'static [u8], user: &'static str| async move {
+        let mut c = Raw::connect(addr).await;
+        assert_eq!(
+            c.login(&raw::connect(id, true, Some(user), Some(DEV_PW))).await,
+            Some(0)
+        );
+        c
+    };
+    let mut dev1 = login(b"dev1-a", "dev1").await;
+    let mut dev2 = login(b"dev2-a", "dev2").await;
+    let mut dev3 = login(b"dev3-a", "dev3").await;
+    for (id, filter) in [(1, "sensors/#"), (2, "alerts/#")] {
+        dev2.send(&raw::subscribe(id, filter, 0)).await.unwrap();
+        let (kind, body) = dev2.read(T).await.expect("SUBACK");
+        assert_eq!((kind, body.last().copied()), (0x90, Some(0)), "{filter} granted");
+    }
+
+    // v2: dev1's password entry is gone, dev2 may no longer read alerts/#.
+    let out = Command::new("mosquitto_passwd")
+        .arg("-D")
+        .arg(dir.path().join("passwords"))
+        .arg("dev1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::write(dir.path().join("acl"), ACL_V2).unwrap();
+    let report = app
+        .reload(mqtt_uplink::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.revoked.disconnected, report.revoked.unsubscribed),
+        (1, 1),
+        "{report:?}"
+    );
+    assert!(dev1.closed_within(T).await, "the removed user is still connected");
+
+    // dev2 keeps its connection and sensors/#, but alerts/# is gone: the later sensors message
+    // arrives, the earlier alert does not.
+    dev3.send(&raw::publish(b"alerts/fire", b"a", 0, false, 0))
+        .await
+        .unwrap();
+    dev3.send(&raw::publish(b"sensors/t", b"s", 0, false, 0))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some((kind, body)) = dev2.read(T).await {
+        assert_eq!(kind & 0xf0, 0x30, "unexpected packet {kind:#x}");
+        got.push(String::from_utf8_lossy(&body).to_string());
+        if got.last().is_some_and(|b| b.contains("sensors/t")) {
+            break;
+        }
+    }
+    assert!(got.iter().any(|b| b.contains("sensors/t")), "{got:?}");
+    assert!(
+        !got.iter().any(|b| b.contains("alerts/fire")),
+        "revoked subscription delivered: {got:?}"
+    );
+    assert_eq!(app.sessions().await, 2, "dev2 and dev3 stay connected");
+    let refused = |reason: mqtt_uplink::guard::Refusal| {
+        mqtt_uplink::ops::metrics::get()
+            .refusals
+            .with_label_values(&[reason.as_str()])
+            .get()
+    };
+    assert!(refused(mqtt_uplink::guard::Refusal::BadCredentials) >= 1);
+    assert!(refused(mqtt_uplink::guard::Refusal::SubscribeDenied) >= 1);
     shutdown.cancel();
     app.wait().await;
 }

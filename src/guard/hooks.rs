@@ -134,9 +134,25 @@ impl GuardHandler {
     }
 }
 
+/// Did the session log in with its verified certificate (an identity listener, a CN, and no other
+/// username claimed)?
+pub(crate) async fn session_cert_identity(guard: &Guard, session: &Session) -> bool {
+    if !guard.identity_listener(session.id.lid) {
+        return false;
+    }
+    let Ok(ci) = session.connect_info().await else {
+        return false;
+    };
+    match (cert_cn(&ci), &session.id.username) {
+        (Some(_), None) => true,
+        (Some(cn), Some(u)) => cn == <_ as AsRef<str>>::as_ref(u),
+        (None, _) => false,
+    }
+}
+
 /// The username the ACL applies to: the session's own, or on an identity listener the verified
 /// certificate's CN when the client sent none (the CONNECT check made sure they never differ).
-async fn session_user<'a>(guard: &Guard, session: &'a Session) -> Option<Cow<'a, str>> {
+pub(crate) async fn session_user<'a>(guard: &Guard, session: &'a Session) -> Option<Cow<'a, str>> {
     if let Some(u) = &session.id.username {
         return Some(Cow::Borrowed(u.as_ref()));
     }

@@ -7,6 +7,7 @@ pub mod acl;
 pub mod hooks;
 pub mod passwords;
 pub mod ratelimit;
+pub mod revalidate;
 pub mod throttle;
 pub mod verify;
 

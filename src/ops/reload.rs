@@ -1,10 +1,13 @@
 //! Live reload (SIGHUP, or [`crate::Appliance::reload`]): mappings, ACL and passwords are swapped in
-//! without touching device connections or the uplink session. A new config that does not load is
+//! without dropping device connections or the uplink session. Sessions already connected are then
+//! held to the new rules ([`crate::guard::revalidate`]): a client whose login was revoked is
+//! disconnected, a subscription the new ACL refuses is removed. A new config that does not load is
 //! refused whole and the old one stays. Settings that only take effect at a restart (listeners, the
 //! uplink, limits, outbox, metrics) are reported as such.
 
 use std::sync::{Arc, Mutex};
 
+use rmqtt::context::ServerContext;
 use tokio::sync::watch;
 
 use crate::bridge::hooks::SharedRoutes;
@@ -23,6 +26,8 @@ pub struct ReloadReport {
     /// `in` mapping subscriptions changed: the running uplink session subscribes and unsubscribes on
     /// the cloud broker at once (or the next session does, when the uplink is down).
     pub subscriptions_changed: bool,
+    /// Sessions held to the new rules: clients disconnected, subscriptions removed.
+    pub revoked: crate::guard::revalidate::Revalidation,
 }
 
 /// Swaps the live parts of the config. Cheap to clone.
@@ -32,14 +37,27 @@ pub struct Reloader {
     pub(crate) routes: SharedRoutes,
     /// The cloud subscriptions the `in` mappings want, watched by the uplink session.
     pub(crate) subscriptions: Arc<watch::Sender<Filters>>,
+    /// The broker, whose sessions are revalidated.
+    pub(crate) scx: ServerContext,
     pub(crate) current: Arc<Mutex<Config>>,
 }
 
 impl Reloader {
     /// Applies `new`: loads its password and ACL files first (any error refuses the whole reload and
-    /// keeps the old rules), then swaps the policy and the mappings.
-    pub fn reload(&self, new: Config) -> anyhow::Result<ReloadReport> {
+    /// keeps the old rules), then swaps the policy and the mappings, then holds the sessions already
+    /// in the broker to the new policy.
+    pub async fn reload(&self, new: Config) -> anyhow::Result<ReloadReport> {
         let policy = Policy::load(&new.auth)?;
+        let old_policy = self.guard.policy();
+        let mut report = self.swap(new, policy);
+        let new_policy = self.guard.policy();
+        report.revoked =
+            crate::guard::revalidate::revalidate(&self.guard, &self.scx, &old_policy, &new_policy).await;
+        Ok(report)
+    }
+
+    /// Installs the new policy and mappings; reports what changed.
+    fn swap(&self, new: Config, policy: Policy) -> ReloadReport {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let mut report = ReloadReport::default();
         let routes = Arc::new(Routes::new(new.mappings.clone()));
@@ -94,14 +112,19 @@ impl Reloader {
             log_level: keep.log_level,
             ..new
         };
-        Ok(report)
+        report
     }
 }
 
 impl ReloadReport {
     /// Logs the outcome: one info line, and a warning per section that needs a restart.
     pub fn log(&self) {
-        tracing::info!(applied = ?self.applied, "configuration reloaded; connections kept");
+        tracing::info!(
+            applied = ?self.applied,
+            disconnected = self.revoked.disconnected,
+            unsubscribed = self.revoked.unsubscribed,
+            "configuration reloaded; connections kept unless the new rules revoke them"
+        );
         if self.subscriptions_changed {
             tracing::info!("`in` mappings changed: the uplink updates its cloud subscriptions now");
         }
