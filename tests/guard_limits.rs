@@ -208,3 +208,49 @@ max_connections_per_address = 3
     assert!(freed, "a closed connection frees its slot");
     app.stop().await;
 }
+
+/// A CONNECT refused by rmqtt itself (the session limit) is a refusal like the guard's: counted
+/// with its reason, and the device gets "server unavailable".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_limit_refusals_are_counted() {
+    let dir = tempdir();
+    let hash = hash_argon2id(PW.as_bytes());
+    write_secret(&dir.path().join("passwords"), &format!("dev:{hash}\n"));
+    std::fs::write(dir.path().join("acl"), "user dev\ntopic read x\n").unwrap();
+    let app = App::start(
+        dir.path(),
+        r#"
+[site]
+id = "limits"
+state_dir = "state"
+
+[[listener]]
+bind = "127.0.0.1:0"
+
+[auth]
+password_file = "passwords"
+acl_file = "acl"
+
+[limits]
+max_connections = 2
+"#,
+    )
+    .await;
+    let counted = || {
+        mqtt_uplink::ops::metrics::get()
+            .refusals
+            .with_label_values(&[mqtt_uplink::guard::Refusal::SessionLimit.as_str()])
+            .get()
+    };
+    let before = counted();
+    let one = Ipv4Addr::new(127, 0, 0, 1);
+    let (_a, code) = login_from(&app, one, "full-a").await;
+    assert_eq!(code, Some(0));
+    let (_b, code) = login_from(&app, one, "full-b").await;
+    assert_eq!(code, Some(0));
+    let (mut third, code) = login_from(&app, one, "full-c").await;
+    assert_eq!(code, Some(3), "the third session is refused: server unavailable");
+    assert!(third.closed_within(Duration::from_secs(15)).await);
+    assert_eq!(counted(), before + 1, "counted once");
+    app.stop().await;
+}

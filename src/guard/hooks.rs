@@ -35,6 +35,7 @@ pub async fn register(register: &dyn Register, guard: &Guard, scx: ServerContext
         Type::MessagePublishCheckAcl,
         Type::ClientConnected,
         Type::ClientDisconnected,
+        Type::ClientConnect,
     ] {
         register
             .add_priority(
@@ -180,6 +181,25 @@ impl Handler for GuardHandler {
                     Err(()) => AuthResult::NotAuthorized,
                 };
                 (false, Some(HookResult::AuthResult(result)))
+            }
+            // rmqtt refuses a CONNECT over its session limit itself, right after this hook and
+            // before authentication, without telling any hook: the same test, to log and count it.
+            Parameter::ClientConnect(ci) => {
+                let id = ci.id();
+                let max = self.scx.mqtt_max_sessions;
+                if max > 0
+                    && self.scx.sessions.count() >= max
+                    && !self.scx.extends.shared().await.entry(id.clone()).exist()
+                {
+                    log_refusal(
+                        id.remote_addr,
+                        id.client_id.as_ref(),
+                        ci.username().map(|u| u.as_ref()),
+                        Refusal::SessionLimit,
+                        &format!("limits.max_connections ({max}) reached"),
+                    );
+                }
+                (true, acc)
             }
             Parameter::ClientConnected(session) => {
                 if let Some(a) = session.id.remote_addr {

@@ -99,6 +99,8 @@ pub enum Refusal {
     IdentityMismatch,
     /// No TLS handshake, or no CONNECT, within `limits.handshake_timeout_s`: the socket is closed.
     HandshakeTimeout,
+    /// rmqtt refused the CONNECT itself: `limits.max_connections` sessions are connected.
+    SessionLimit,
 }
 
 impl Refusal {
@@ -118,6 +120,7 @@ impl Refusal {
             Refusal::TooManyFromAddress => "too many connections from this address",
             Refusal::IdentityMismatch => "username differs from the client certificate's CN",
             Refusal::HandshakeTimeout => "no TLS handshake or CONNECT within the handshake timeout",
+            Refusal::SessionLimit => "session limit reached (limits.max_connections)",
         }
     }
 
