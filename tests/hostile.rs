@@ -162,6 +162,13 @@ async fn hostile_packets_close_only_their_connection_and_memory_stays_flat() {
             raw::packet(0xf0, &[0x18, 0]),
         ),
     ];
+    let protocol_errors = || {
+        mqtt_uplink::ops::metrics::get()
+            .refusals
+            .with_label_values(&[mqtt_uplink::guard::Refusal::ProtocolError.as_str()])
+            .get()
+    };
+    let errors_before = protocol_errors();
     let rss_before = raw::rss_kib();
     let rounds = 5;
     for round in 0..rounds {
@@ -182,6 +189,24 @@ async fn hostile_packets_close_only_their_connection_and_memory_stays_flat() {
         rounds * cases.len()
     );
     assert!(rss_after < rss_before + 64 * 1024, "memory bounded");
+    // A bad packet from a logged-in client is a refusal: counted, logged with its peer. (Topics with
+    // wildcards or NUL are refused by the guard's publish check, counted as "publish denied".)
+    let malformed = [
+        "CONNACK from a client",
+        "SUBACK from a client",
+        "AUTH in MQTT 3.1.1",
+        "invalid UTF-8 topic",
+    ];
+    assert!(malformed
+        .iter()
+        .all(|m| cases.iter().any(|(name, _, _)| name == m)));
+    let expected = (rounds * malformed.len()) as u64;
+    assert!(
+        protocol_errors() >= errors_before + expected,
+        "protocol errors counted: {} -> {} (want +{expected})",
+        errors_before,
+        protocol_errors()
+    );
     // The bystander was not disturbed and the broker still routes.
     still_routes(&app, "after-hostile").await;
     let mut got = false;

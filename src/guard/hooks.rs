@@ -17,8 +17,9 @@ use async_trait::async_trait;
 use rmqtt::codec::v5::SubscribeAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, Register, ReturnType, Type};
+use rmqtt::net::MqttError;
 use rmqtt::session::Session;
-use rmqtt::types::{AuthResult, ConnectInfo, LastWill, PublishAclResult, SubscribeAclResult};
+use rmqtt::types::{AuthResult, ConnectInfo, LastWill, PublishAclResult, Reason, SubscribeAclResult};
 
 use super::{log_refusal, Guard, Login, Refusal};
 use crate::config::DuplicatePolicy;
@@ -164,6 +165,20 @@ pub(crate) async fn session_user<'a>(guard: &Guard, session: &'a Session) -> Opt
     cert_cn(&ci).map(|cn| Cow::Owned(cn.to_string()))
 }
 
+/// Why rmqtt closed a session for what the client sent (a malformed, unsupported or unexpected
+/// packet), if it did; normal closes, timeouts, kicks and the guard's own refusals are not.
+fn protocol_error(reason: &Reason) -> Option<String> {
+    match reason {
+        Reason::Reasons(all) => all.iter().find_map(protocol_error),
+        Reason::ProtocolError(s) | Reason::Error(s) => Some(s.to_string()),
+        // A refused v3 publish closes the session; the guard logged it as "publish denied".
+        Reason::MqttError(MqttError::PublishAckReason(..)) => None,
+        Reason::MqttError(MqttError::ReadTimeout | MqttError::WriteTimeout) => None,
+        Reason::MqttError(e) => Some(e.to_string()),
+        _ => None,
+    }
+}
+
 fn will_topic(ci: &ConnectInfo) -> Option<String> {
     ci.last_will().map(|lw| match lw {
         LastWill::V3(w) => w.topic.to_string(),
@@ -207,9 +222,20 @@ impl Handler for GuardHandler {
                 }
                 (true, acc)
             }
-            Parameter::ClientDisconnected(session, _) => {
+            Parameter::ClientDisconnected(session, reason) => {
                 if let Some(a) = session.id.remote_addr {
                     self.guard.disconnected(a.ip());
+                }
+                if let Some(detail) = protocol_error(reason) {
+                    let user = session.id.username.as_ref().map(|u| u.as_ref());
+                    let client_id: &str = session.id.client_id.as_ref();
+                    log_refusal(
+                        session.id.remote_addr,
+                        client_id,
+                        user,
+                        Refusal::ProtocolError,
+                        &detail,
+                    );
                 }
                 (true, acc)
             }

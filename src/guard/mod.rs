@@ -101,6 +101,8 @@ pub enum Refusal {
     HandshakeTimeout,
     /// rmqtt refused the CONNECT itself: `limits.max_connections` sessions are connected.
     SessionLimit,
+    /// A malformed, unsupported or unexpected packet: rmqtt closed that connection.
+    ProtocolError,
 }
 
 impl Refusal {
@@ -121,6 +123,7 @@ impl Refusal {
             Refusal::IdentityMismatch => "username differs from the client certificate's CN",
             Refusal::HandshakeTimeout => "no TLS handshake or CONNECT within the handshake timeout",
             Refusal::SessionLimit => "session limit reached (limits.max_connections)",
+            Refusal::ProtocolError => "malformed or unexpected packet (connection closed)",
         }
     }
 
