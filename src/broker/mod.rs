@@ -69,10 +69,18 @@ impl Broker {
 
     /// Binds every listener (so errors surface before READY), enables the hooks, starts accepting.
     pub async fn listen(&mut self, listeners: &[Listener], limits: &Limits) -> anyhow::Result<()> {
-        // Sockets closed by the handshake timeout (our patch of rmqtt-net, vendor/README.md) are
-        // refusals like the guard's: counted, and logged with the peer address.
-        rmqtt::net::on_handshake_timeout(|peer| {
-            crate::guard::log_refusal(Some(peer), "-", None, crate::guard::Refusal::HandshakeTimeout, "")
+        // Connections closed before their CONNECT was read (our patch of rmqtt-net,
+        // vendor/README.md) are refusals like the guard's: counted, and logged with the peer.
+        rmqtt::net::on_handshake_refused(|peer, why| {
+            use crate::guard::{log_refusal, Refusal};
+            match why {
+                rmqtt::net::HandshakeRefusal::Timeout => {
+                    log_refusal(Some(peer), "-", None, Refusal::HandshakeTimeout, "")
+                }
+                rmqtt::net::HandshakeRefusal::Malformed(detail) => {
+                    log_refusal(Some(peer), "-", None, Refusal::ProtocolError, detail)
+                }
+            }
         });
         let mut server = MqttServer::new(self.scx.clone());
         let mut local_addrs = Vec::new();

@@ -857,7 +857,7 @@ where
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => {
                 // mqtt-uplink patch: report the timeout (see `on_handshake_timeout`).
-                crate::stream::handshake_timed_out(self.remote_addr);
+                crate::stream::handshake_refused(self.remote_addr, crate::stream::HandshakeRefusal::Timeout);
                 return Err(crate::MqttError::ReadTimeout.into());
             }
         };
@@ -907,7 +907,7 @@ where
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => {
                 // mqtt-uplink patch: report the timeout (see `on_handshake_timeout`).
-                crate::stream::handshake_timed_out(self.remote_addr);
+                crate::stream::handshake_refused(self.remote_addr, crate::stream::HandshakeRefusal::Timeout);
                 return Err(crate::MqttError::ReadTimeout.into());
             }
         };

@@ -65,8 +65,8 @@ pub use rustls::crypto::ring as tls_provider;
 /// MQTT protocol implementations and stream handling
 pub use stream::{v3, v5, MqttStream};
 
-/// mqtt-uplink patch: a hook for connections closed by the handshake timeout.
-pub use stream::on_handshake_timeout;
+/// mqtt-uplink patch: a hook for connections closed before their CONNECT was read.
+pub use stream::{on_handshake_refused, HandshakeRefusal};
 
 /// Convenience type alias for generic errors
 pub type Error = anyhow::Error;

@@ -23,18 +23,37 @@ use rmqtt_codec::v5::Codec as CodecV5;
 use rmqtt_codec::version::{ProtocolVersion, VersionCodec};
 use rmqtt_codec::{MqttCodec, MqttPacket};
 
-/// mqtt-uplink patch: told the peer's address whenever a connection is closed because its TLS
-/// handshake or its first MQTT packet did not complete within `handshake_timeout`.
-static HANDSHAKE_TIMEOUT_HOOK: std::sync::OnceLock<fn(SocketAddr)> = std::sync::OnceLock::new();
-
-/// mqtt-uplink patch: sets the function called on every handshake timeout (once per process).
-pub fn on_handshake_timeout(hook: fn(SocketAddr)) {
-    let _ = HANDSHAKE_TIMEOUT_HOOK.set(hook);
+/// mqtt-uplink patch: why a connection was closed before its session started.
+#[derive(Debug, Clone, Copy)]
+pub enum HandshakeRefusal<'a> {
+    /// No TLS handshake, first packet or CONNECT within `handshake_timeout`.
+    Timeout,
+    /// The first packet or the CONNECT could not be decoded, or was not a CONNECT.
+    Malformed(&'a str),
 }
 
-pub(crate) fn handshake_timed_out(peer: SocketAddr) {
-    if let Some(hook) = HANDSHAKE_TIMEOUT_HOOK.get() {
-        hook(peer);
+/// mqtt-uplink patch: told the peer's address and the reason whenever a connection is closed before
+/// its CONNECT was read (see [`HandshakeRefusal`]).
+static HANDSHAKE_REFUSED_HOOK: std::sync::OnceLock<fn(SocketAddr, HandshakeRefusal<'_>)> =
+    std::sync::OnceLock::new();
+
+/// mqtt-uplink patch: sets the function called on every refused handshake (once per process).
+pub fn on_handshake_refused(hook: fn(SocketAddr, HandshakeRefusal<'_>)) {
+    let _ = HANDSHAKE_REFUSED_HOOK.set(hook);
+}
+
+pub(crate) fn handshake_refused(peer: SocketAddr, why: HandshakeRefusal<'_>) {
+    if let Some(hook) = HANDSHAKE_REFUSED_HOOK.get() {
+        hook(peer, why);
+    }
+}
+
+/// mqtt-uplink patch: reports a failed CONNECT read (a peer that closed is not reported).
+fn report_connect_error(peer: SocketAddr, e: &anyhow::Error) {
+    if matches!(e.downcast_ref::<MqttError>(), Some(MqttError::ReadTimeout)) {
+        handshake_refused(peer, HandshakeRefusal::Timeout);
+    } else {
+        handshake_refused(peer, HandshakeRefusal::Malformed(&e.to_string()));
     }
 }
 
@@ -96,12 +115,22 @@ where
         let first = match tokio::time::timeout(self.cfg.handshake_timeout, self.io.next()).await {
             Ok(first) => first,
             Err(_) => {
-                handshake_timed_out(self.remote_addr);
+                handshake_refused(self.remote_addr, HandshakeRefusal::Timeout);
                 return Err(crate::MqttError::ReadTimeout.into());
             }
         };
-        let Some(Ok((MqttPacket::Version(ver), _))) = first else {
-            return Err(anyhow!(DecodeError::InvalidProtocol));
+        let ver = match first {
+            Some(Ok((MqttPacket::Version(ver), _))) => ver,
+            None => return Err(anyhow!(DecodeError::InvalidProtocol)),
+            Some(Err(e)) => {
+                let e = anyhow::Error::from(e);
+                handshake_refused(self.remote_addr, HandshakeRefusal::Malformed(&e.to_string()));
+                return Err(e);
+            }
+            Some(Ok(_)) => {
+                handshake_refused(self.remote_addr, HandshakeRefusal::Malformed("first packet is not a CONNECT"));
+                return Err(anyhow!(DecodeError::InvalidProtocol));
+            }
         };
 
         let codec = match ver {
@@ -325,9 +354,19 @@ pub mod v3 {
                     connect
                 }
                 Err(e) => {
+                    // mqtt-uplink patch: report it.
+                    super::report_connect_error(self.remote_addr, &e);
                     return Err(e);
                 }
-                _ => {
+                Ok(None) => {
+                    return Err(MqttError::InvalidProtocol.into());
+                }
+                Ok(Some(_)) => {
+                    // mqtt-uplink patch: report it.
+                    super::handshake_refused(
+                        self.remote_addr,
+                        super::HandshakeRefusal::Malformed("expected CONNECT, got another packet"),
+                    );
                     return Err(MqttError::InvalidProtocol.into());
                 }
             };
@@ -552,9 +591,19 @@ pub mod v5 {
                     connect
                 }
                 Err(e) => {
+                    // mqtt-uplink patch: report it.
+                    super::report_connect_error(self.remote_addr, &e);
                     return Err(e);
                 }
-                _ => {
+                Ok(None) => {
+                    return Err(MqttError::InvalidProtocol.into());
+                }
+                Ok(Some(_)) => {
+                    // mqtt-uplink patch: report it.
+                    super::handshake_refused(
+                        self.remote_addr,
+                        super::HandshakeRefusal::Malformed("expected CONNECT, got another packet"),
+                    );
                     return Err(MqttError::InvalidProtocol.into());
                 }
             };
