@@ -1,0 +1,359 @@
+//! `[uplink]` and its transports (`[uplink.ssh]`, `[uplink.wireguard]`): broker URL, identity,
+//! timers, keys and the chain order.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use super::Ctx;
+use crate::config::file::*;
+use crate::config::model::*;
+use crate::secret::Secret;
+
+/// Parses `mqtt://host:port` or `mqtts://host:port` (IPv6 in brackets; port defaults to 1883/8883).
+pub fn parse_broker_url(s: &str) -> Result<BrokerUrl, String> {
+    let (tls, rest) = if let Some(r) = s.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = s.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!(
+            "`{s}`: expected mqtts://HOST:PORT (or mqtt:// for plaintext)"
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+        let (h, after) = r.split_once(']').ok_or_else(|| format!("`{s}`: unclosed `[`"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (h, p.parse::<u16>().map_err(|_| format!("`{s}`: bad port"))?),
+            None if after.is_empty() => (h, default_port),
+            None => return Err(format!("`{s}`: unexpected text after `]`")),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("`{s}`: bad port `{p}`"))?),
+            None => (rest, default_port),
+        }
+    };
+    if host.is_empty() || host.contains(['/', '@', ' ']) {
+        return Err(format!("`{s}`: bad host"));
+    }
+    if port == 0 {
+        return Err(format!("`{s}`: port 0"));
+    }
+    Ok(BrokerUrl {
+        tls,
+        host: host.to_string(),
+        port,
+    })
+}
+
+pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
+    let broker = match parse_broker_url(&f.broker) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            ctx.error("uplink.broker", e);
+            None
+        }
+    };
+    if let Some(b) = &broker {
+        if !b.tls {
+            let loopback = b
+                .host
+                .parse::<IpAddr>()
+                .map(|ip| ip.is_loopback())
+                .unwrap_or(b.host == "localhost");
+            if !loopback {
+                ctx.warn(
+                    "uplink.broker",
+                    "plaintext MQTT to the cloud broker: use mqtts://",
+                );
+            }
+        }
+    }
+    if f.client_id.is_empty() || f.client_id.len() > 65535 {
+        ctx.error("uplink.client_id", "must be non-empty");
+    }
+    let password = f.password_file.as_ref().and_then(|p| {
+        let path = ctx.file("uplink.password_file", p, true)?;
+        match std::fs::read_to_string(&path) {
+            Ok(s) if s.trim().is_empty() => {
+                ctx.error(
+                    "uplink.password_file",
+                    format!("{} is empty: put the uplink password in it", path.display()),
+                );
+                None
+            }
+            Ok(s) => Some(Secret::new(s.trim_end_matches(['\n', '\r']).to_string())),
+            Err(e) => {
+                ctx.error(
+                    "uplink.password_file",
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                None
+            }
+        }
+    });
+    if password.is_some() && f.username.is_none() {
+        ctx.error("uplink.username", "a password_file needs a username");
+    }
+    let ca_file = f
+        .ca_file
+        .as_ref()
+        .and_then(|p| ctx.file("uplink.ca_file", p, false));
+    let mut transports = Vec::new();
+    if f.transports.is_empty() {
+        ctx.error("uplink.transports", "name at least one transport, e.g. [\"tls\"]");
+    }
+    for t in &f.transports {
+        let kind = match t.as_str() {
+            "tls" => TransportKind::Tls,
+            "ssh" => TransportKind::Ssh,
+            "wireguard" => TransportKind::Wireguard,
+            other => {
+                ctx.error(
+                    "uplink.transports",
+                    format!("unknown transport `{other}` (known: \"tls\", \"ssh\", \"wireguard\")"),
+                );
+                continue;
+            }
+        };
+        if transports.contains(&kind) {
+            ctx.error("uplink.transports", format!("`{t}` is listed twice"));
+        }
+        transports.push(kind);
+    }
+    if f.keepalive_s < 5 {
+        ctx.error(
+            "uplink.keepalive_s",
+            "must be at least 5: the keepalive is how a dead link is found",
+        );
+    }
+    if f.max_inflight == 0 {
+        ctx.error("uplink.max_inflight", "must be at least 1");
+    }
+    if f.backoff_min_ms == 0 || f.backoff_min_ms > f.backoff_max_ms {
+        ctx.error(
+            "uplink.backoff_min_ms",
+            "must be at least 1 and not above backoff_max_ms",
+        );
+    }
+    if f.connect_timeout_s == 0 {
+        ctx.error("uplink.connect_timeout_s", "must be at least 1");
+    }
+    if f.health_interval_s == 0 {
+        ctx.error("uplink.health_interval_s", "must be at least 1");
+    }
+    if f.health_timeout_ms < 100 || f.health_timeout_ms > f.health_interval_s.saturating_mul(1000) {
+        ctx.error(
+            "uplink.health_timeout_ms",
+            "must be at least 100 and not above health_interval_s",
+        );
+    }
+    if f.probe_interval_s == 0 {
+        ctx.error("uplink.probe_interval_s", "must be at least 1");
+    }
+    if f.return_after_s < f.probe_interval_s {
+        ctx.error(
+            "uplink.return_after_s",
+            "must be at least probe_interval_s: one good probe is not \"healthy for a while\"",
+        );
+    }
+    let connect_timeout = Duration::from_secs(f.connect_timeout_s);
+    let uses = |k| transports.contains(&k);
+    let ssh = match (&f.ssh, uses(TransportKind::Ssh)) {
+        (Some(s), used) => {
+            if !used {
+                ctx.warn("uplink.ssh", "configured but \"ssh\" is not in uplink.transports");
+            }
+            ssh(ctx, s, connect_timeout)
+        }
+        (None, true) => {
+            ctx.error("uplink.transports", "\"ssh\" needs an [uplink.ssh] section");
+            None
+        }
+        (None, false) => None,
+    };
+    let wireguard = match (&f.wireguard, uses(TransportKind::Wireguard)) {
+        (Some(w), used) => {
+            if !used {
+                ctx.warn(
+                    "uplink.wireguard",
+                    "configured but \"wireguard\" is not in uplink.transports",
+                );
+            }
+            wireguard(ctx, w, connect_timeout)
+        }
+        (None, true) => {
+            ctx.error(
+                "uplink.transports",
+                "\"wireguard\" needs an [uplink.wireguard] section",
+            );
+            None
+        }
+        (None, false) => None,
+    };
+    Some(Uplink {
+        broker: broker?,
+        client_id: f.client_id,
+        username: f.username,
+        password,
+        ca_file,
+        transports,
+        keepalive: Duration::from_secs(f.keepalive_s.into()),
+        max_inflight: f.max_inflight,
+        connect_timeout,
+        backoff_min: Duration::from_millis(f.backoff_min_ms),
+        backoff_max: Duration::from_millis(f.backoff_max_ms),
+        health_interval: Duration::from_secs(f.health_interval_s),
+        health_timeout: Duration::from_millis(f.health_timeout_ms),
+        probe_interval: Duration::from_secs(f.probe_interval_s),
+        return_after: Duration::from_secs(f.return_after_s),
+        ssh,
+        wireguard,
+    })
+}
+
+/// Splits `HOST:PORT` (`[v6]:PORT` for IPv6 literals).
+fn host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = match s.strip_prefix('[') {
+        Some(r) => {
+            let (h, p) = r.split_once("]:")?;
+            (h, p)
+        }
+        None => s.rsplit_once(':')?,
+    };
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    (!host.is_empty() && !host.contains(['/', ' ', '@'])).then(|| (host.to_string(), port))
+}
+
+fn ssh(
+    ctx: &mut Ctx<'_>,
+    f: &SshFile,
+    connect_timeout: Duration,
+) -> Option<crate::transport::ssh::SshConfig> {
+    if f.server.is_empty() || f.server.contains(['/', ' ', '@']) {
+        ctx.error(
+            "uplink.ssh.server",
+            format!("`{}`: expected HOST:PORT (the port defaults to 22)", f.server),
+        );
+    }
+    let forward = host_port(&f.forward_to);
+    if forward.is_none() {
+        ctx.error(
+            "uplink.ssh.forward_to",
+            format!("`{}`: expected HOST:PORT", f.forward_to),
+        );
+    }
+    if f.user.is_empty() {
+        ctx.error("uplink.ssh.user", "must be non-empty");
+    }
+    let key_file = ctx.file("uplink.ssh.key_file", &f.key_file, true);
+    let known_hosts = ctx.resolve(&f.known_hosts);
+    if !known_hosts.exists() && !f.trust_on_first_use {
+        ctx.error(
+            "uplink.ssh.known_hosts",
+            format!(
+                "{} does not exist: pin the bastion's host key there (ssh-keyscan), or set trust_on_first_use = true",
+                known_hosts.display()
+            ),
+        );
+    }
+    if f.keepalive_interval_s == 0 {
+        ctx.error(
+            "uplink.ssh.keepalive_interval_s",
+            "must be at least 1: keepalives are how a dead bastion is found",
+        );
+    }
+    if f.trust_on_first_use {
+        ctx.warn(
+            "uplink.ssh.trust_on_first_use",
+            "an unknown bastion host key will be trusted on first contact",
+        );
+    }
+    let (forward_to_host, forward_to_port) = forward?;
+    Some(crate::transport::ssh::SshConfig {
+        server: f.server.clone(),
+        user: f.user.clone(),
+        key_file: key_file?,
+        known_hosts,
+        forward_to_host,
+        forward_to_port,
+        keepalive_interval: Duration::from_secs(f.keepalive_interval_s),
+        keepalive_max: f.keepalive_max,
+        connect_timeout,
+        trust_on_first_use: f.trust_on_first_use,
+    })
+}
+
+fn wireguard(
+    ctx: &mut Ctx<'_>,
+    f: &WireguardFile,
+    connect_timeout: Duration,
+) -> Option<crate::transport::wireguard::WgConfig> {
+    use crate::transport::wireguard::{parse_key, read_key_file};
+    let private_key = ctx
+        .file("uplink.wireguard.private_key_file", &f.private_key_file, true)
+        .and_then(|p| {
+            read_key_file(&p)
+                .map_err(|e| ctx.error("uplink.wireguard.private_key_file", e.to_string()))
+                .ok()
+        });
+    let peer_public_key = parse_key(&f.peer_public_key)
+        .map_err(|e| ctx.error("uplink.wireguard.peer_public_key", e.to_string()))
+        .ok();
+    let preshared_key = match &f.preshared_key_file {
+        Some(p) => match ctx.file("uplink.wireguard.preshared_key_file", p, true) {
+            Some(path) => match read_key_file(&path) {
+                Ok(k) => Some(Some(k)),
+                Err(e) => {
+                    ctx.error("uplink.wireguard.preshared_key_file", e.to_string());
+                    None
+                }
+            },
+            None => None,
+        },
+        None => Some(None),
+    };
+    if host_port(&f.endpoint).is_none() {
+        ctx.error(
+            "uplink.wireguard.endpoint",
+            format!("`{}`: expected HOST:PORT", f.endpoint),
+        );
+    }
+    let address: Option<IpAddr> = f
+        .address
+        .parse()
+        .map_err(|_| {
+            ctx.error(
+                "uplink.wireguard.address",
+                format!("`{}` is not an IP address", f.address),
+            )
+        })
+        .ok();
+    let broker: Option<SocketAddr> = f
+        .broker
+        .parse()
+        .map_err(|_| {
+            ctx.error(
+                "uplink.wireguard.broker",
+                format!("`{}`: expected IP:PORT", f.broker),
+            )
+        })
+        .ok();
+    if !(576..=9000).contains(&f.mtu) {
+        ctx.error("uplink.wireguard.mtu", "must be between 576 and 9000");
+    }
+    Some(crate::transport::wireguard::WgConfig {
+        private_key: private_key?,
+        peer_public_key: peer_public_key?,
+        preshared_key: preshared_key?,
+        endpoint: f.endpoint.clone(),
+        address: address?,
+        broker: broker?,
+        persistent_keepalive: (f.persistent_keepalive_s > 0)
+            .then(|| Duration::from_secs(f.persistent_keepalive_s)),
+        mtu: f.mtu,
+        handshake_timeout: connect_timeout,
+    })
+}
