@@ -314,15 +314,21 @@ async fn idle_wakeups_bounded() {
     assert!(idle < 60, "{idle} wake-ups in 3 s of idle: busy loop?");
 }
 
-/// 6. Upload backpressure: 50 MB to a reader that pauses for 5 s. The bytes queued between the
-/// writer and TCP stay bounded (channel capacity), so memory does not grow with the upload.
-/// Also measures upload throughput to a non-pausing reader.
+/// 6. Upload backpressure: 50 MiB (or `MQTT_UPLINK_WG_UPLOAD_MIB`, e.g. 1024 for the 1 GiB figure) to
+/// a reader that pauses for 5 s. The bytes queued between the writer and TCP stay bounded (channel
+/// capacity), so memory does not grow with the upload. Also measures upload throughput to a
+/// non-pausing reader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_backpressure_and_throughput() {
     let Some((private, peer)) = peer_with(|k| WgPeer::builder(k).pause_reader(5.0)) else {
         return;
     };
-    const TOTAL: usize = 50 * 1024 * 1024;
+    let mib: usize = std::env::var("MQTT_UPLINK_WG_UPLOAD_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|m| (1..=4096).contains(m))
+        .unwrap_or(50);
+    let total: usize = mib * 1024 * 1024;
     let block = pattern(64 * 1024, 11);
     let transport = WgTransport::new(config(private, &peer, WgPeer::PAUSED_PORT));
 
@@ -333,7 +339,7 @@ async fn upload_backpressure_and_throughput() {
     let sampler = tokio::spawn(async move {
         let mut max_rss = 0;
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(120) && sampler_stats.bytes_up() < TOTAL as u64 {
+        while t0.elapsed() < Duration::from_secs(600) && sampler_stats.bytes_up() < total as u64 {
             max_rss = max_rss.max(rss_kib().0);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -342,7 +348,7 @@ async fn upload_backpressure_and_throughput() {
     let t0 = Instant::now();
     let mut sent = 0;
     let mut blocked_at = None;
-    while sent < TOTAL {
+    while sent < total {
         // A write that takes long is the writer being held back by backpressure.
         let w0 = Instant::now();
         tokio::time::timeout(Duration::from_secs(60), stream.write_all(&block))
@@ -363,7 +369,7 @@ async fn upload_backpressure_and_throughput() {
     let line = peer
         .wait_server_line("PAUSED_COUNT", Duration::from_secs(30))
         .unwrap();
-    assert_eq!(line, format!("PAUSED_COUNT {TOTAL}"));
+    assert_eq!(line, format!("PAUSED_COUNT {total}"));
     let bound = 32 * 16 * 1024 + 16 * 1024;
     eprintln!(
         "paused upload: writer blocked after {:?} bytes; max queued {} B (bound {bound}); \
@@ -385,17 +391,17 @@ async fn upload_backpressure_and_throughput() {
     let transport = WgTransport::new(config(private, &peer, WgPeer::COUNT_PORT));
     let mut stream = transport.connect().await.unwrap();
     let t0 = Instant::now();
-    for _ in 0..TOTAL / block.len() {
+    for _ in 0..total / block.len() {
         stream.write_all(&block).await.unwrap();
     }
-    tokio::time::timeout(Duration::from_secs(120), stream.shutdown())
+    tokio::time::timeout(Duration::from_secs(600), stream.shutdown())
         .await
         .unwrap()
         .unwrap();
     let secs = t0.elapsed().as_secs_f64();
     eprintln!(
-        "upload throughput: 50 MiB in {secs:.2} s = {:.1} MiB/s ({} build)",
-        50.0 / secs,
+        "upload throughput: {mib} MiB in {secs:.2} s = {:.1} MiB/s ({} build)",
+        mib as f64 / secs,
         if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -404,7 +410,7 @@ async fn upload_backpressure_and_throughput() {
     );
     assert_eq!(
         peer.wait_server_line("COUNT", Duration::from_secs(30)).unwrap(),
-        format!("COUNT {TOTAL}")
+        format!("COUNT {total}")
     );
 }
 
