@@ -5,7 +5,9 @@ use libfuzzer_sys::fuzz_target;
 use mqtt_uplink::guard::acl::Acl;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     // The ACL, then (after a NUL) a user, a client id and a topic, one per line.
     let (acl, probe) = text.split_once('\0').unwrap_or((text, "dev\ndev-1\nsensors/a"));
     let Ok(acl) = Acl::parse(acl) else { return };
@@ -14,7 +16,10 @@ fuzz_target!(|data: &[u8]| {
     let client_id = parts.next().unwrap_or("");
     let topic = parts.next().unwrap_or("");
     if acl.check_publish(user, client_id, topic).allowed {
-        assert!(mqtt_uplink::topic::validate_name(topic).is_ok(), "published to {topic:?}");
+        assert!(
+            mqtt_uplink::topic::validate_name(topic).is_ok(),
+            "published to {topic:?}"
+        );
     }
     let _ = acl.check_subscribe(user, client_id, topic);
 });

@@ -4,7 +4,9 @@ use libfuzzer_sys::fuzz_target;
 use mqtt_uplink::guard::passwords::PasswordFile;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(file) = PasswordFile::parse(text) {
         for user in file.users() {
             assert!(file.hash_text(user).is_some(), "{user:?} without a hash");

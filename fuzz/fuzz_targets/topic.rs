@@ -8,7 +8,9 @@ use libfuzzer_sys::fuzz_target;
 use mqtt_uplink::topic::{covers, intersects, matches, validate_filter};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let mut parts = text.splitn(3, '\n');
     let (a, b, t) = (
         parts.next().unwrap_or(""),
@@ -16,10 +18,16 @@ fuzz_target!(|data: &[u8]| {
         parts.next().unwrap_or(""),
     );
     if covers(a, b) && matches(b, t) {
-        assert!(matches(a, t), "{a:?} covers {b:?} which matches {t:?}, but {a:?} does not");
+        assert!(
+            matches(a, t),
+            "{a:?} covers {b:?} which matches {t:?}, but {a:?} does not"
+        );
     }
     if matches(a, t) && matches(b, t) {
-        assert!(intersects(a, b), "{a:?} and {b:?} both match {t:?} but do not intersect");
+        assert!(
+            intersects(a, b),
+            "{a:?} and {b:?} both match {t:?} but do not intersect"
+        );
     }
     if validate_filter(a).is_ok() {
         assert!(covers(a, a), "{a:?} does not cover itself");
