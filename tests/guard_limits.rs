@@ -129,31 +129,22 @@ async fn login_from(app: &App, src: Ipv4Addr, client_id: &str) -> (Raw, Option<u
     (c, code)
 }
 
+/// The appliance with one password user `dev` and `[limits] LIMIT`.
+async fn limited_site(dir: &std::path::Path, limit: &str) -> App {
+    let hash = hash_argon2id(PW.as_bytes());
+    write_secret(&dir.join("passwords"), &format!("dev:{hash}\n"));
+    std::fs::write(dir.join("acl"), "user dev\ntopic read x\n").unwrap();
+    let toml = format!(
+        "[site]\nid = \"limits\"\nstate_dir = \"state\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n\
+         [auth]\npassword_file = \"passwords\"\nacl_file = \"acl\"\n\n[limits]\n{limit}\n"
+    );
+    App::start(dir, &toml).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_address_are_limited_per_address() {
     let dir = tempdir();
-    let hash = hash_argon2id(PW.as_bytes());
-    write_secret(&dir.path().join("passwords"), &format!("dev:{hash}\n"));
-    std::fs::write(dir.path().join("acl"), "user dev\ntopic read x\n").unwrap();
-    let app = App::start(
-        dir.path(),
-        r#"
-[site]
-id = "limits"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[limits]
-max_connections_per_address = 3
-"#,
-    )
-    .await;
+    let app = limited_site(dir.path(), "max_connections_per_address = 3").await;
     let counted = || {
         mqtt_uplink::ops::metrics::get()
             .refusals
@@ -214,28 +205,7 @@ max_connections_per_address = 3
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_limit_refusals_are_counted() {
     let dir = tempdir();
-    let hash = hash_argon2id(PW.as_bytes());
-    write_secret(&dir.path().join("passwords"), &format!("dev:{hash}\n"));
-    std::fs::write(dir.path().join("acl"), "user dev\ntopic read x\n").unwrap();
-    let app = App::start(
-        dir.path(),
-        r#"
-[site]
-id = "limits"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[limits]
-max_connections = 2
-"#,
-    )
-    .await;
+    let app = limited_site(dir.path(), "max_connections = 2").await;
     let counted = || {
         mqtt_uplink::ops::metrics::get()
             .refusals
