@@ -156,7 +156,7 @@ impl Config {
                 duplicate_client_id: DuplicatePolicy::Takeover,
                 throttle: Default::default(),
             },
-            limits: limits_default(),
+            limits: Limits::from(&file::LimitsFile::default()),
             uplink: None,
             mappings: Vec::new(),
             outbox: outbox_default(),
@@ -177,19 +177,6 @@ impl Config {
             .and_then(Path::parent)
             .map(Path::to_path_buf)
             .unwrap_or_default()
-    }
-}
-
-fn limits_default() -> Limits {
-    let f = file::LimitsFile::default();
-    Limits {
-        max_packet_size: f.max_packet_size,
-        max_connections: f.max_connections,
-        max_inflight: f.max_inflight,
-        max_queued_messages: f.max_queued_messages,
-        max_subscriptions: f.max_subscriptions,
-        handshake_timeout: std::time::Duration::from_secs(f.handshake_timeout_s),
-        max_connections_per_address: f.max_connections_per_address,
     }
 }
 

@@ -93,6 +93,20 @@ pub struct Limits {
     pub max_connections_per_address: usize,
 }
 
+impl From<&super::file::LimitsFile> for Limits {
+    fn from(f: &super::file::LimitsFile) -> Self {
+        Limits {
+            max_packet_size: f.max_packet_size,
+            max_connections: f.max_connections,
+            max_inflight: f.max_inflight,
+            max_queued_messages: f.max_queued_messages,
+            max_subscriptions: f.max_subscriptions,
+            handshake_timeout: std::time::Duration::from_secs(f.handshake_timeout_s),
+            max_connections_per_address: f.max_connections_per_address,
+        }
+    }
+}
+
 /// The cloud broker's address as the operator wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {

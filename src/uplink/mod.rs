@@ -316,18 +316,9 @@ impl UplinkTask {
 
     /// One health probe over `t`: stream, TLS, an MQTT round trip as `<client_id>-probe`.
     async fn probe(&self, t: &dyn Transport) -> anyhow::Result<()> {
-        let deadline = self.identity.connect_timeout;
-        let stream = tokio::time::timeout(deadline, t.connect())
-            .await
-            .map_err(|_| anyhow::anyhow!("{} transport: no stream within {deadline:?}", t.name()))??;
-        let stream = match &self.tls {
-            Some(tls) => tokio::time::timeout(deadline, tls.wrap(stream))
-                .await
-                .map_err(|_| anyhow::anyhow!("TLS handshake: timed out after {deadline:?}"))??,
-            None => stream,
-        };
+        let stream = self.stream(t).await?;
         tokio::time::timeout(
-            deadline + self.identity.health_timeout,
+            self.identity.connect_timeout + self.identity.health_timeout,
             session::probe(stream, &self.identity),
         )
         .await
@@ -335,16 +326,21 @@ impl UplinkTask {
     }
 
     async fn open(&self, t: &dyn Transport) -> anyhow::Result<(Conn, bool)> {
+        let stream = self.stream(t).await?;
+        session::connect(stream, &self.identity).await
+    }
+
+    /// A stream over `t`, wrapped in TLS for an `mqtts://` broker; each step within `connect_timeout`.
+    async fn stream(&self, t: &dyn Transport) -> anyhow::Result<crate::transport::BoxStream> {
         let deadline = self.identity.connect_timeout;
         let stream = tokio::time::timeout(deadline, t.connect())
             .await
             .map_err(|_| anyhow::anyhow!("{} transport: no stream within {deadline:?}", t.name()))??;
-        let stream = match &self.tls {
+        Ok(match &self.tls {
             Some(tls) => tokio::time::timeout(deadline, tls.wrap(stream))
                 .await
                 .map_err(|_| anyhow::anyhow!("TLS handshake: timed out after {deadline:?}"))??,
             None => stream,
-        };
-        session::connect(stream, &self.identity).await
+        })
     }
 }

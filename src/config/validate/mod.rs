@@ -454,15 +454,7 @@ fn limits(ctx: &mut Ctx<'_>, f: LimitsFile) -> Limits {
     if f.handshake_timeout_s == 0 {
         ctx.error("limits.handshake_timeout_s", "must be at least 1");
     }
-    Limits {
-        max_packet_size: f.max_packet_size,
-        max_connections: f.max_connections,
-        max_inflight: f.max_inflight,
-        max_queued_messages: f.max_queued_messages,
-        max_subscriptions: f.max_subscriptions,
-        handshake_timeout: Duration::from_secs(f.handshake_timeout_s),
-        max_connections_per_address: f.max_connections_per_address,
-    }
+    Limits::from(&f)
 }
 
 fn outbox(ctx: &mut Ctx<'_>, f: OutboxFile) -> OutboxSettings {
