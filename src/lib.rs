@@ -183,6 +183,8 @@ fn guard_settings(config: &Config) -> guard::GuardSettings {
             .map(|(i, _)| i as u16)
             .collect(),
         max_connections_per_address: config.limits.max_connections_per_address,
+        max_sessions_per_user: config.limits.max_sessions_per_user,
+        max_topic_levels: config.limits.max_topic_levels,
     }
 }
 

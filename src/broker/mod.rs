@@ -21,6 +21,10 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Limits, Listener};
 
+/// How long an MQTT 3.1.1 persistent session is kept offline (rmqtt's default), at most
+/// `limits.max_session_expiry_s`.
+const V3_SESSION_EXPIRY: std::time::Duration = std::time::Duration::from_secs(2 * 60 * 60);
+
 /// Retained topics kept at most (a flood of retained publishes must not grow memory without bound).
 const MAX_RETAINED_TOPICS: usize = 100_000;
 
@@ -152,6 +156,10 @@ fn bind(l: &Listener, limits: &Limits, index: usize) -> anyhow::Result<rmqtt::ne
         .max_mqueue_len(limits.max_queued_messages)
         .max_subscriptions(limits.max_subscriptions)
         .handshake_timeout(limits.handshake_timeout)
+        // MQTT 5 clients ask for a session expiry (up to 136 years); MQTT 3.1.1 persistent sessions
+        // get rmqtt's two hours. Both are capped: an offline session holds a slot of max_connections.
+        .max_session_expiry_interval(limits.max_session_expiry)
+        .session_expiry_interval(limits.max_session_expiry.min(V3_SESSION_EXPIRY))
         .allow_anonymous(false)
         .allow_zero_keepalive(true)
         .nodelay(true)

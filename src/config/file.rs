@@ -134,6 +134,16 @@ pub struct LimitsFile {
     /// Connected sessions from one peer address at most (0: no limit).
     #[serde(default = "default_max_connections_per_address")]
     pub max_connections_per_address: usize,
+    /// Topic levels a topic name or filter may have at most (deeper ones are refused by the guard).
+    #[serde(default = "default_max_topic_levels")]
+    pub max_topic_levels: usize,
+    /// Sessions, connected or kept offline (persistent), one user may hold at most (0: no limit).
+    #[serde(default = "default_max_sessions_per_user")]
+    pub max_sessions_per_user: usize,
+    /// Longest session expiry granted, in seconds (MQTT 5 asks; MQTT 3.1.1 persistent sessions get
+    /// the smaller of this and two hours).
+    #[serde(default = "default_max_session_expiry_s")]
+    pub max_session_expiry_s: u64,
 }
 
 impl Default for LimitsFile {
@@ -146,6 +156,9 @@ impl Default for LimitsFile {
             max_subscriptions: default_max_subscriptions(),
             handshake_timeout_s: default_handshake_timeout_s(),
             max_connections_per_address: default_max_connections_per_address(),
+            max_topic_levels: default_max_topic_levels(),
+            max_sessions_per_user: default_max_sessions_per_user(),
+            max_session_expiry_s: default_max_session_expiry_s(),
         }
     }
 }
@@ -171,6 +184,18 @@ pub fn default_handshake_timeout_s() -> u64 {
 }
 pub fn default_max_connections_per_address() -> usize {
     256
+}
+/// Far above any real topic tree, far below the depth at which rmqtt's recursive topic trie
+/// overflows a worker thread's stack (about 10,000 levels).
+pub fn default_max_topic_levels() -> usize {
+    128
+}
+pub fn default_max_sessions_per_user() -> usize {
+    256
+}
+/// A day: a device offline longer than that starts a new session.
+pub fn default_max_session_expiry_s() -> u64 {
+    86_400
 }
 
 /// `[uplink]`: the one session to the cloud broker.

@@ -89,8 +89,14 @@ pub struct Limits {
     pub max_queued_messages: usize,
     pub max_subscriptions: usize,
     pub handshake_timeout: Duration,
-    /// Connected sessions per peer address at most (0: no limit).
+    /// Sessions per peer address at most, connected or kept offline (0: no limit).
     pub max_connections_per_address: usize,
+    /// Topic levels at most in a topic name, topic filter or will topic.
+    pub max_topic_levels: usize,
+    /// Sessions per user at most, connected or kept offline (0: no limit).
+    pub max_sessions_per_user: usize,
+    /// Longest session expiry granted to a client.
+    pub max_session_expiry: Duration,
 }
 
 impl From<&super::file::LimitsFile> for Limits {
@@ -103,6 +109,9 @@ impl From<&super::file::LimitsFile> for Limits {
             max_subscriptions: f.max_subscriptions,
             handshake_timeout: std::time::Duration::from_secs(f.handshake_timeout_s),
             max_connections_per_address: f.max_connections_per_address,
+            max_topic_levels: f.max_topic_levels,
+            max_sessions_per_user: f.max_sessions_per_user,
+            max_session_expiry: std::time::Duration::from_secs(f.max_session_expiry_s),
         }
     }
 }

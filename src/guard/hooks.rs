@@ -19,7 +19,9 @@ use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, Register, ReturnType, Type};
 use rmqtt::net::MqttError;
 use rmqtt::session::Session;
-use rmqtt::types::{AuthResult, ConnectInfo, LastWill, PublishAclResult, Reason, SubscribeAclResult};
+use rmqtt::types::{
+    AuthResult, ConnectInfo, FromType, LastWill, PublishAclResult, Reason, SubscribeAclResult,
+};
 
 use super::{log_refusal, Guard, Login, Refusal};
 use crate::config::DuplicatePolicy;
@@ -34,9 +36,12 @@ pub async fn register(register: &dyn Register, guard: &Guard, scx: ServerContext
         Type::ClientAuthenticate,
         Type::ClientSubscribeCheckAcl,
         Type::MessagePublishCheckAcl,
-        Type::ClientConnected,
         Type::ClientDisconnected,
         Type::ClientConnect,
+        Type::SessionCreated,
+        Type::SessionTerminated,
+        Type::MessagePublish,
+        Type::MessageExpiryCheck,
     ] {
         register
             .add_priority(
@@ -103,6 +108,16 @@ impl GuardHandler {
             return Err(());
         }
         if let Some(topic) = will_topic(ci) {
+            if let Err(detail) = self.guard.check_levels(&topic) {
+                log_refusal(
+                    id.remote_addr,
+                    client_id,
+                    user,
+                    Refusal::TopicTooDeep,
+                    &format!("will: {detail}"),
+                );
+                return Err(());
+            }
             if !self.guard.check_publish(user, client_id, &topic).allowed {
                 log_refusal(id.remote_addr, client_id, user, Refusal::WillDenied, &topic);
                 return Err(());
@@ -133,6 +148,31 @@ impl GuardHandler {
             }
         }
         Ok(())
+    }
+}
+
+impl GuardHandler {
+    /// Would the current policy refuse this will? `Some((user, detail))` when its client may no
+    /// longer write the topic. The user is the one the session was created with (the certificate's
+    /// CN on identity listeners), so a will is judged exactly as at CONNECT.
+    fn will_refusal(&self, from: &rmqtt::types::From, topic: &str) -> Option<(Option<String>, String)> {
+        let client_id: &str = from.id.client_id.as_ref();
+        let user = self
+            .guard
+            .sessions()
+            .user_of(client_id)
+            .or_else(|| from.id.username.as_ref().map(|u| u.to_string()));
+        if self
+            .guard
+            .check_publish(user.as_deref(), client_id, topic)
+            .allowed
+        {
+            return None;
+        }
+        Some((
+            user,
+            format!("will on {topic:?} no longer writable (revoked by reload)"),
+        ))
     }
 }
 
@@ -216,16 +256,48 @@ impl Handler for GuardHandler {
                 }
                 (true, acc)
             }
-            Parameter::ClientConnected(session) => {
-                if let Some(a) = session.id.remote_addr {
-                    self.guard.connected(a.ip());
-                }
+            Parameter::SessionCreated(session) => {
+                let user = session_user(&self.guard, session).await;
+                self.guard.sessions().created(
+                    session.id.client_id.as_ref(),
+                    user.as_deref(),
+                    session.id.remote_addr.map(|a| a.ip()),
+                    session.id.create_time,
+                );
                 (true, acc)
             }
-            Parameter::ClientDisconnected(session, reason) => {
-                if let Some(a) = session.id.remote_addr {
-                    self.guard.disconnected(a.ip());
+            Parameter::SessionTerminated(session, _) => {
+                self.guard
+                    .sessions()
+                    .terminated(session.id.client_id.as_ref(), session.id.create_time);
+                (true, acc)
+            }
+            // rmqtt publishes a will without a publish-ACL check, and the rights may have changed
+            // since CONNECT (a reload): a will its client may no longer write is dropped here, before
+            // the bridge could queue it for the cloud (the chain stops), and at each delivery below.
+            Parameter::MessagePublish(_, from, publish) if matches!(from.typ(), FromType::LastWill) => {
+                let topic: &str = publish.topic.as_ref();
+                match self.will_refusal(from, topic) {
+                    None => (true, acc),
+                    Some((user, detail)) => {
+                        log_refusal(
+                            from.id.remote_addr,
+                            from.id.client_id.as_ref(),
+                            user.as_deref(),
+                            Refusal::WillDenied,
+                            &detail,
+                        );
+                        (false, acc)
+                    }
                 }
+            }
+            Parameter::MessageExpiryCheck(_, from, publish) if matches!(from.typ(), FromType::LastWill) => {
+                match self.will_refusal(from, publish.topic.as_ref()) {
+                    None => (true, acc),
+                    Some(_) => (false, Some(HookResult::MessageExpiry)),
+                }
+            }
+            Parameter::ClientDisconnected(session, reason) => {
                 if let Some(detail) = protocol_error(reason) {
                     let user = session.id.username.as_ref().map(|u| u.as_ref());
                     let client_id: &str = session.id.client_id.as_ref();
@@ -244,6 +316,18 @@ impl Handler for GuardHandler {
                 let user = user.as_deref();
                 let client_id: &str = session.id.client_id.as_ref();
                 let filter: &str = sub.topic_filter.as_ref();
+                // Before rmqtt inserts the filter in its recursive topic trie.
+                if let Err(detail) = self.guard.check_levels(filter) {
+                    log_refusal(
+                        session.id.remote_addr,
+                        client_id,
+                        user,
+                        Refusal::TopicTooDeep,
+                        &detail,
+                    );
+                    let no = SubscribeAclResult::new_failure(SubscribeAckReason::TopicFilterInvalid);
+                    return (false, Some(HookResult::SubscribeAclResult(no)));
+                }
                 let d = self.guard.check_subscribe(user, client_id, filter);
                 if d.allowed {
                     let ok = SubscribeAclResult::new_success(sub.opts.qos(), None);
@@ -274,6 +358,23 @@ impl Handler for GuardHandler {
                         user,
                         Refusal::PublishDenied,
                         &format!("invalid topic name: {e}"),
+                    );
+                    return (
+                        false,
+                        Some(HookResult::PublishAclResult(PublishAclResult::rejected(
+                            true, None,
+                        ))),
+                    );
+                }
+                // Deeper than the limit: a protocol abuse (rmqtt's topic trie recurses per level),
+                // refused and the connection closed.
+                if let Err(detail) = self.guard.check_levels(topic) {
+                    log_refusal(
+                        session.id.remote_addr,
+                        client_id,
+                        user,
+                        Refusal::TopicTooDeep,
+                        &detail,
                     );
                     return (
                         false,

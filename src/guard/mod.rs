@@ -8,13 +8,14 @@ pub mod hooks;
 pub mod passwords;
 pub mod ratelimit;
 pub mod revalidate;
+pub mod sessions;
 pub mod throttle;
 pub mod verify;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -103,6 +104,10 @@ pub enum Refusal {
     SessionLimit,
     /// A malformed, unsupported or unexpected packet: rmqtt closed that connection.
     ProtocolError,
+    /// `limits.max_sessions_per_user` sessions (connected or offline) are held for this user.
+    TooManySessionsForUser,
+    /// A topic name, topic filter or will topic deeper than `limits.max_topic_levels`.
+    TopicTooDeep,
 }
 
 impl Refusal {
@@ -124,6 +129,8 @@ impl Refusal {
             Refusal::HandshakeTimeout => "no TLS handshake or CONNECT within the handshake timeout",
             Refusal::SessionLimit => "session limit reached (limits.max_connections)",
             Refusal::ProtocolError => "malformed or unexpected packet (connection closed)",
+            Refusal::TooManySessionsForUser => "too many sessions for this user",
+            Refusal::TopicTooDeep => "topic has too many levels",
         }
     }
 
@@ -154,8 +161,12 @@ pub struct GuardSettings {
     pub throttle: throttle::ThrottleSettings,
     /// Listener indexes (config order) with `use_identity_as_username = true`.
     pub identity_listeners: HashSet<u16>,
-    /// Authenticated connections per peer address at most; 0 means no limit.
+    /// Sessions (connected or offline) per peer address at most; 0 means no limit.
     pub max_connections_per_address: usize,
+    /// Sessions (connected or offline) per user at most; 0 means no limit.
+    pub max_sessions_per_user: usize,
+    /// Topic levels at most in a topic name, filter or will topic; 0 means no limit.
+    pub max_topic_levels: usize,
 }
 
 /// The guard's shared state: the current policy. Cheap to clone.
@@ -164,8 +175,8 @@ pub struct Guard {
     policy: Arc<RwLock<Arc<Policy>>>,
     settings: Arc<GuardSettings>,
     throttle: Arc<throttle::Throttle>,
-    /// Connected sessions per peer address (kept by the connected/disconnected hooks).
-    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Sessions held, connected or offline, per user and address (kept by the session hooks).
+    sessions: Arc<sessions::SessionTable>,
     /// Recent successful password checks (keyed hashes); cleared when the policy is replaced.
     verified: Arc<verify::VerifyCache>,
     /// Password hash computations run (cache misses), for tests and figures.
@@ -183,7 +194,7 @@ impl Guard {
             policy: Arc::new(RwLock::new(Arc::new(policy))),
             throttle: Arc::new(throttle::Throttle::new(settings.throttle.clone())),
             settings: Arc::new(settings),
-            per_address: Arc::new(Mutex::new(HashMap::new())),
+            sessions: Arc::new(sessions::SessionTable::default()),
             verified: Arc::new(verify::VerifyCache::new()),
             hash_runs: Arc::new(AtomicU64::new(0)),
         }
@@ -199,35 +210,29 @@ impl Guard {
         &self.throttle
     }
 
-    /// A session from `ip` connected.
-    pub fn connected(&self, ip: IpAddr) {
-        *self
-            .per_address
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(ip)
-            .or_default() += 1;
+    /// The sessions held, connected or offline, per user and address.
+    pub fn sessions(&self) -> &sessions::SessionTable {
+        &self.sessions
     }
 
-    /// A session from `ip` went away.
-    pub fn disconnected(&self, ip: IpAddr) {
-        let mut map = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&ip);
-            }
-        }
-    }
-
-    /// Connected sessions from `ip`.
+    /// Sessions held (connected or offline) that were opened from `ip`.
     pub fn connections_from(&self, ip: IpAddr) -> usize {
-        self.per_address
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&ip)
-            .copied()
-            .unwrap_or(0)
+        self.sessions.from_ip(ip)
+    }
+
+    /// Is `topic` (a name or a filter) within `limits.max_topic_levels`? `Err` carries the detail
+    /// for the refusal's log line.
+    pub fn check_levels(&self, topic: &str) -> Result<(), String> {
+        let max = self.settings.max_topic_levels;
+        if max == 0 {
+            return Ok(());
+        }
+        // Counted without splitting: a 65,535-byte topic of slashes is cheap to reject.
+        let levels = topic.bytes().filter(|&b| b == b'/').count() + 1;
+        if levels > max {
+            return Err(format!("{levels} levels (limits.max_topic_levels = {max})"));
+        }
+        Ok(())
     }
 
     /// Password hash computations run so far (logins that missed the verification cache).
@@ -248,15 +253,17 @@ impl Guard {
         self.verified.clear();
     }
 
-    /// Checks a CONNECT: per-address limit, throttle, credentials (or the verified certificate
-    /// identity), client-id pattern. Password hashing is deliberately slow (and argon2id needs ~19 MiB),
+    /// Checks a CONNECT: per-address session limit, throttle, credentials (or the verified certificate
+    /// identity), client-id pattern, per-user session limit. A client id that already holds a session
+    /// resumes or takes it over, so it is never counted twice against either limit. Password hashing is deliberately slow (and argon2id needs ~19 MiB),
     /// so it runs on the two password-check threads ([`verify::POOL`]), and a success is cached. A
     /// credential failure is recorded against the peer address.
     pub async fn authenticate(&self, login: Login<'_>) -> Result<(), Refusal> {
         let ip = login.peer.map(|p| p.ip());
+        let resumes = self.sessions.holds(login.client_id);
         if let Some(ip) = ip {
             let max = self.settings.max_connections_per_address;
-            if max > 0 && self.connections_from(ip) >= max {
+            if max > 0 && !resumes && self.connections_from(ip) >= max {
                 return Err(Refusal::TooManyFromAddress);
             }
             match self.throttle.gate(ip, Instant::now()) {
@@ -272,7 +279,15 @@ impl Guard {
                 self.throttle.failure(ip, Instant::now());
             }
         }
-        result
+        result?;
+        // After the credentials, so that the limit cannot be probed for users one cannot log in as.
+        let max = self.settings.max_sessions_per_user;
+        if let Some(user) = login.user {
+            if max > 0 && !resumes && self.sessions.of_user(user) >= max {
+                return Err(Refusal::TooManySessionsForUser);
+            }
+        }
+        Ok(())
     }
 
     async fn check_credentials(&self, login: &Login<'_>) -> Result<(), Refusal> {
@@ -366,7 +381,7 @@ pub fn log_refusal(
     tracing::warn!(
         target: "mqtt_uplink::guard",
         peer = %peer,
-        client_id = %client_id,
+        client_id = ?client_id,
         user = user.unwrap_or("-"),
         reason = reason.as_str(),
         detail,

@@ -438,6 +438,10 @@ fn valid_client_id_pattern(p: &str) -> bool {
     !p.is_empty() && !body.contains('*') && body.replace("%u", "").chars().all(|c| c != '%')
 }
 
+/// The deepest `limits.max_topic_levels` accepted: well below the depth at which rmqtt's recursive
+/// topic trie overflows a worker thread's stack (measured: 8,000 levels survive, 10,000 abort).
+pub const MAX_TOPIC_LEVELS_CEILING: usize = 1024;
+
 fn limits(ctx: &mut Ctx<'_>, f: LimitsFile) -> Limits {
     if !(64..=268_435_455).contains(&f.max_packet_size) {
         ctx.error("limits.max_packet_size", "must be between 64 and 268435455 bytes");
@@ -453,6 +457,22 @@ fn limits(ctx: &mut Ctx<'_>, f: LimitsFile) -> Limits {
     }
     if f.handshake_timeout_s == 0 {
         ctx.error("limits.handshake_timeout_s", "must be at least 1");
+    }
+    // rmqtt's topic trie recurses once per level: about 10,000 levels overflow a worker's stack.
+    if !(1..=MAX_TOPIC_LEVELS_CEILING).contains(&f.max_topic_levels) {
+        ctx.error(
+            "limits.max_topic_levels",
+            format!("must be between 1 and {MAX_TOPIC_LEVELS_CEILING}"),
+        );
+    }
+    if f.max_session_expiry_s == 0 {
+        ctx.error("limits.max_session_expiry_s", "must be at least 1");
+    }
+    if f.max_session_expiry_s > u32::MAX as u64 {
+        ctx.error(
+            "limits.max_session_expiry_s",
+            "must be at most 4294967295 (MQTT's largest session expiry)",
+        );
     }
     Limits::from(&f)
 }
