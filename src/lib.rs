@@ -126,39 +126,41 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         ),
     );
     tracker.spawn(probe.clone().track_uplink());
-    let metrics_addr = match &config.metrics {
-        Some(m) => match ops::http::Endpoint::bind(&m.bind).await {
-            Ok(endpoint) => {
-                let local = endpoint.local();
-                tracing::info!(addr = %local, "serving /metrics and /healthz");
-                tracker.spawn(endpoint.serve(probe.clone(), shutdown.child_token()));
-                Some(local)
-            }
-            Err(e) if m.required => {
-                uplink_stop.cancel();
-                broker.stop().await;
-                let hint = match e.kind() {
-                    std::io::ErrorKind::AddrInUse => format!(
+    let metrics_addr =
+        match &config.metrics {
+            Some(m) => match ops::http::Endpoint::bind(&m.bind).await {
+                Ok(endpoint) => {
+                    let local = endpoint.local();
+                    tracing::info!(addr = %local, "serving /metrics and /healthz");
+                    tracker.spawn(endpoint.serve(probe.clone(), shutdown.child_token()));
+                    Some(local)
+                }
+                Err(e) if m.required => {
+                    uplink_stop.cancel();
+                    broker.stop().await;
+                    let hint =
+                        match e.kind() {
+                            std::io::ErrorKind::AddrInUse => format!(
                         ": probably another mqtt-uplink (or another program) already serves there; stop \
                          it, or give this one its own address with [metrics] bind in {} (bind = \"\" \
                          turns the endpoint off)",
                         config.source.as_ref().map_or("the config".into(), |p| p.display().to_string())
                     ),
-                    _ => String::new(),
-                };
-                return Err(anyhow::anyhow!("metrics endpoint {}: {e}{hint}", m.bind));
-            }
-            Err(e) => {
-                tracing::warn!(
-                    addr = %m.bind,
-                    "metrics endpoint not started: {e} (the default address; set [metrics] bind to \
-                     choose another, or bind = \"\" for none)"
-                );
-                None
-            }
-        },
-        None => None,
-    };
+                            _ => String::new(),
+                        };
+                    return Err(anyhow::anyhow!("metrics endpoint {}: {e}{hint}", m.bind));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        addr = %m.bind,
+                        "metrics endpoint not started: {e} (the default address; set [metrics] bind to \
+                         choose another, or bind = \"\" for none)"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
     tracker.close();
     let reloader = ops::reload::Reloader {
         guard: guard.clone(),

@@ -153,7 +153,13 @@ mod tests {
         )
         .unwrap();
         let text = render(&c);
-        for want in ["duplicates takeover", "on_full reject-new", "max 64 MiB", "packet 256 KiB", "[tcp (plaintext)]"] {
+        for want in [
+            "duplicates takeover",
+            "on_full reject-new",
+            "max 64 MiB",
+            "packet 256 KiB",
+            "[tcp (plaintext)]",
+        ] {
             assert!(text.contains(want), "{want}: {text}");
         }
         for internal in ["Takeover", "RejectNew", "67108864", "tls,", "[tls]"] {

@@ -197,11 +197,7 @@ impl Snapshot {
     /// The state gauges in Prometheus text format (the counters come from the registry).
     pub fn render_gauges(&self) -> String {
         let mut out = String::new();
-        let escape = |v: &str| {
-            v.replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n")
-        };
+        let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
         let _ = writeln!(
             out,
             "# HELP mqtt_uplink_info The site id and the cloud broker (\"\" without an uplink)\n\

@@ -258,7 +258,9 @@ pub fn status(endpoint: &MetricsBind, source: &Source, wait: Option<std::time::D
                 Some(w) => format!(" (waited {} s)", w.as_secs()),
                 None => String::new(),
             };
-            eprintln!("mqtt-uplink status: cannot reach the metrics endpoint {endpoint}{waited}: {e:#}\n({advice})");
+            eprintln!(
+                "mqtt-uplink status: cannot reach the metrics endpoint {endpoint}{waited}: {e:#}\n({advice})"
+            );
             return 2;
         }
     };
@@ -309,7 +311,10 @@ mod tests {
             200,
             "ok\n",
         );
-        assert!(out.starts_with("mqtt-uplink  site plant7  at 127.0.0.1:9883  health: ok\n"), "{out}");
+        assert!(
+            out.starts_with("mqtt-uplink  site plant7  at 127.0.0.1:9883  health: ok\n"),
+            "{out}"
+        );
         assert!(
             out.contains("connected via ssh (plaintext MQTT) to mqtt://10.0.0.5:1883, session up 1m15s"),
             "{out}"

@@ -338,7 +338,8 @@ fn auth(ctx: &mut Ctx<'_>, f: Option<AuthFile>, listeners: &[Listener]) -> Auth 
         let resolved = ctx.resolve(p);
         let credential = p.to_str().is_some_and(|s| s.starts_with(CREDENTIAL_PREFIX));
         if !credential
-            && std::fs::symlink_metadata(&resolved).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            && std::fs::symlink_metadata(&resolved).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        {
             ctx.error(
                 "auth.password_file",
                 format!(
