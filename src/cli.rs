@@ -439,3 +439,58 @@ fn ignore_sighup() -> anyhow::Result<()> {
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// Every argument of every command says what it is; `--log-format` is shown once, under `run`.
+    #[test]
+    fn every_argument_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>, log_format: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+                if id == "log_format" {
+                    log_format.push(path.to_string());
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &format!("{path} {}", sub.get_name()), missing, log_format);
+                }
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let (mut missing, mut log_format) = (Vec::new(), Vec::new());
+        walk(&cmd, "mqtt-uplink", &mut missing, &mut log_format);
+        assert!(missing.is_empty(), "arguments without a description: {missing:?}");
+        assert_eq!(log_format, ["mqtt-uplink run"]);
+        cmd.debug_assert();
+    }
+
+    /// `check`, `audit` and `explain` take the config from `$MQTT_UPLINK_CONFIG` as `run` and
+    /// `status` do.
+    #[test]
+    fn config_from_the_environment_for_every_command() {
+        for cmd in ["check", "audit", "explain"] {
+            let arg = Cli::command()
+                .find_subcommand(cmd)
+                .and_then(|c| c.get_arguments().find(|a| a.get_id() == "config").cloned())
+                .unwrap_or_else(|| panic!("{cmd} has --config"));
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some("MQTT_UPLINK_CONFIG"),
+                "{cmd}"
+            );
+        }
+    }
+}

@@ -164,3 +164,202 @@ fn readme_walkthrough_runs_as_pasted() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The first hour's messages: each one says what to do next.
+
+/// Runs the binary; (exit code, stdout + stderr).
+fn cli(args: &[&str], env: &[(&str, &Path)], dir: &Path) -> (Option<i32>, String) {
+    let mut cmd = Command::new(support::bin());
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .env_remove("MQTT_UPLINK_CONFIG")
+        .env_remove("CREDENTIALS_DIRECTORY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `passwd passwords sensor1 --password-stdin` in `dir`, the password piped in; its stderr.
+fn set_password(dir: &Path) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(support::bin())
+        .args(["passwd", "passwords", "sensor1", "--password-stdin"])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"First-Hour-Passw0rd\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{text}");
+    text
+}
+
+/// A valid local-only config in `dir`, with a device user; `extra` is appended.
+fn local_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let port = support::free_port();
+    std::fs::write(dir.join("acl"), "user sensor1\ntopic write sensors/room1/temp\n").unwrap();
+    set_password(dir);
+    let path = dir.join("mqtt-uplink.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[site]\nid = \"first-hour\"\nstate_dir = \"state\"\n\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n\n\
+             [auth]\npassword_file = \"passwords\"\nacl_file = \"acl\"\n{extra}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn passwd_says_what_to_do() {
+    let dir = support::tempdir();
+    // No terminal to prompt on (setsid: no controlling terminal, stdin is /dev/null).
+    let out = Command::new("setsid")
+        .args(["-w"])
+        .arg(support::bin())
+        .args(["passwd", "passwords", "sensor1"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{text}");
+            assert!(text.contains("--password-stdin"), "{text}");
+            assert!(text.contains("no terminal"), "{text}");
+        }
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must have `setsid` (util-linux): {e}"
+            );
+            eprintln!("*** SKIPPED the no-terminal case: setsid: {e}");
+        }
+    }
+    // A change reminds to reload a running appliance.
+    let text = set_password(dir.path());
+    assert!(
+        text.contains("systemctl reload mqtt-uplink") && text.contains("HUP"),
+        "{text}"
+    );
+    let (code, text) = cli(&["passwd", "passwords", "sensor1", "--delete"], &[], dir.path());
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("systemctl reload mqtt-uplink"), "{text}");
+}
+
+#[test]
+fn config_messages_say_what_to_do() {
+    let dir = support::tempdir();
+    let d = dir.path();
+    let config = local_config(d, "");
+
+    // check, audit and explain take the config from $MQTT_UPLINK_CONFIG, as run and status do.
+    for args in [&["check"][..], &["audit"], &["explain", "sensors/x"]] {
+        let (code, out) = cli(args, &[("MQTT_UPLINK_CONFIG", &config)], d);
+        assert_eq!(code, Some(0), "{args:?}: {out}");
+    }
+    // check speaks the config's language.
+    let (_, out) = cli(&["check", "--config", "mqtt-uplink.toml"], &[], d);
+    for want in [
+        "duplicates takeover",
+        "on_full reject-new",
+        "max 64 MiB",
+        "packet 256 KiB",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    for internal in ["Takeover", "RejectNew", "67108864"] {
+        assert!(!out.contains(internal), "{internal}: {out}");
+    }
+
+    // audit names the fix for client ids.
+    let (_, out) = cli(&["audit", "--config", "mqtt-uplink.toml"], &[], d);
+    assert!(out.contains(r#"client_id_pattern = "%u-*""#), "{out}");
+
+    // A missing password file: how to create it.
+    std::fs::rename(d.join("passwords"), d.join("passwords.away")).unwrap();
+    let (code, out) = cli(&["check", "--config", "mqtt-uplink.toml"], &[], d);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(
+        out.contains("mqtt-uplink passwd") && out.contains("passwords USER"),
+        "{out}"
+    );
+    std::fs::rename(d.join("passwords.away"), d.join("passwords")).unwrap();
+
+    // `cred:` outside systemd: --credentials-dir, named in the error.
+    let creds = d.join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    support::write_secret(&creds.join("uplink-password"), "cloud-secret\n");
+    let with_cred = local_config(
+        d,
+        "\n[uplink]\nbroker = \"mqtt://127.0.0.1:1\"\nclient_id = \"c\"\nusername = \"u\"\n\
+         password_file = \"cred:uplink-password\"\n",
+    );
+    let with_cred = with_cred.to_str().unwrap();
+    let (code, out) = cli(&["check", "--config", with_cred], &[], d);
+    if !Path::new("/etc/mqtt-uplink/credentials").exists() {
+        assert_eq!(code, Some(64), "{out}");
+        assert!(out.contains("--credentials-dir"), "{out}");
+    }
+    let (code, out) = cli(
+        &["check", "--config", with_cred, "--credentials-dir", "credentials"],
+        &[],
+        d,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("cloud-secret"), "{out}");
+    // A plaintext uplink is shown as plaintext.
+    assert!(out.contains("transports [tcp (plaintext)]"), "{out}");
+    assert!(!out.contains("[tls]"), "{out}");
+}
+
+#[test]
+fn metrics_and_status_messages_say_what_to_do() {
+    let dir = support::tempdir();
+    let d = dir.path();
+
+    // status --config with port 0: why it cannot know the address, not "pass --config".
+    local_config(d, "\n[metrics]\nbind = \"127.0.0.1:0\"\n");
+    let (code, out) = cli(&["status", "--config", "mqtt-uplink.toml"], &[], d);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("port 0") && out.contains("--endpoint"), "{out}");
+    assert!(!out.contains("pass --config"), "{out}");
+
+    // The metrics address taken: probably another instance; the key to change.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = local_config(d, &format!("\n[metrics]\nbind = \"{addr}\"\n"));
+    let mut app = support::daemon::Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    let status = app.wait_exit(Duration::from_secs(30));
+    let log = app.log();
+    assert!(status.is_some_and(|s| !s.success()), "must stop: {log}");
+    assert!(
+        log.contains("another mqtt-uplink") && log.contains("[metrics] bind"),
+        "{log}"
+    );
+
+    // Unreachable, the address from the config: says which config, not "pass --config".
+    drop(taken);
+    let (code, out) = cli(&["status", "--config", "mqtt-uplink.toml"], &[], d);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("mqtt-uplink.toml") && !out.contains("pass --config"),
+        "{out}"
+    );
+}
