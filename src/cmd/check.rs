@@ -129,7 +129,7 @@ pub fn duplicate_name(d: DuplicatePolicy) -> &'static str {
 /// A byte count in the largest binary unit that divides it exactly (`64 MiB`, `256 KiB`, `1000 B`).
 pub fn bytes(n: u64) -> String {
     for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if n >= size && n % size == 0 {
+        if n >= size && n.is_multiple_of(size) {
             return format!("{} {unit}", n / size);
         }
     }
