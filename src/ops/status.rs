@@ -259,7 +259,8 @@ pub fn status(endpoint: &MetricsBind, source: &Source, wait: Option<std::time::D
                 None => String::new(),
             };
             eprintln!(
-                "mqtt-uplink status: cannot reach the metrics endpoint {endpoint}{waited}: {e:#}\n({advice})"
+                "mqtt-uplink status: cannot reach the metrics endpoint {endpoint}{waited}: {}\n({advice})",
+                e.root_cause()
             );
             return 2;
         }
