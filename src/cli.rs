@@ -16,11 +16,48 @@ use crate::ops::notify::Notifier;
     about = "Secure MQTT edge appliance: local broker, durable bridge, outbound-only uplink"
 )]
 pub struct Cli {
-    /// Log output format (`auto`: journald under systemd, else text).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
-    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Where the one-shot commands find the config; `MQTT_UPLINK_CONFIG` as for `run` and `status`.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    /// The config file.
+    #[arg(short, long, env = "MQTT_UPLINK_CONFIG")]
+    pub config: PathBuf,
+    /// Where `cred:NAME` secrets are read outside systemd (default: $CREDENTIALS_DIRECTORY, else
+    /// /etc/mqtt-uplink/credentials when it exists).
+    #[arg(long, value_name = "DIR")]
+    pub credentials_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// Makes `cred:NAME` resolvable for this one-shot command, then returns the config path.
+    fn prepare(&self) -> &std::path::Path {
+        use_credentials_dir(self.credentials_dir.as_deref());
+        &self.config
+    }
+}
+
+/// The packaged unit's credential store (`LoadCredential=NAME:/etc/mqtt-uplink/credentials/NAME`).
+pub const PACKAGED_CREDENTIALS_DIR: &str = "/etc/mqtt-uplink/credentials";
+
+/// Outside systemd, `cred:NAME` reads `$CREDENTIALS_DIRECTORY/NAME`: set it from `--credentials-dir`,
+/// or to the packaged store when it exists and nothing else is set, so that the packaged config's
+/// own `check` works on a gateway. Called before any thread starts (the one-shot commands run none).
+fn use_credentials_dir(dir: Option<&std::path::Path>) {
+    let dir = match dir {
+        Some(d) => Some(std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf())),
+        None if std::env::var_os("CREDENTIALS_DIRECTORY").is_none() => {
+            let packaged = std::path::Path::new(PACKAGED_CREDENTIALS_DIR);
+            packaged.is_dir().then(|| packaged.to_path_buf())
+        }
+        None => None,
+    };
+    if let Some(d) = dir {
+        std::env::set_var("CREDENTIALS_DIRECTORY", d);
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -28,28 +65,29 @@ pub enum Command {
     /// Run the appliance. Without --config: the safe embedded default (broker on 127.0.0.1:1883
     /// only, anonymous loopback clients, no uplink).
     Run {
+        /// The config file (re-read on SIGHUP).
         #[arg(short, long, env = "MQTT_UPLINK_CONFIG")]
         config: Option<PathBuf>,
+        /// Log output format (`auto`: journald under systemd, else text).
+        #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
+        log_format: LogFormat,
     },
     /// Validate a config: print the effective settings (secrets masked) and the mappings; every
     /// problem at once with file, line and key. Exit 64 when invalid.
-    Check {
-        #[arg(short, long)]
-        config: PathBuf,
-    },
+    Check(ConfigArgs),
     /// The ten security practices: pass, warn or fail each, with the reason and the config line;
     /// checks key and password file owners and modes. Exit 1 on any fail, 64 on an invalid config.
     Audit {
-        #[arg(short, long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
         /// `text` or `json`.
         #[arg(long, value_enum, default_value_t = AuditFormat::Text)]
         format: AuditFormat,
     },
     /// Which mapping a local or remote topic hits, what it becomes on the other side, and the QoS.
     Explain {
-        #[arg(short, long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
         /// A topic name (local or remote).
         topic: String,
     },
@@ -60,10 +98,12 @@ pub enum Command {
         kind: KeygenKind,
     },
     /// Add or change a user in a password file (argon2id by default; `--mosquitto` writes the
-    /// PBKDF2-SHA512 `$7$` format that mosquitto 2 also reads).
+    /// PBKDF2-SHA512 `$7$` format that mosquitto 2 also reads). A running appliance picks the change
+    /// up on reload (`systemctl reload mqtt-uplink` or SIGHUP).
     Passwd {
         /// The password file (created with mode 0600 if missing).
         file: PathBuf,
+        /// The username (no `:`, no control characters).
         user: String,
         /// Read the password from the first line of standard input instead of prompting.
         #[arg(long)]
@@ -78,8 +118,8 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["password_stdin", "mosquitto", "force"])]
         delete: bool,
     },
-    /// One screen from the running appliance's metrics endpoint: uplink, devices, outbox, refusals.
-    /// Exit 0 healthy, 1 degraded, 2 unreachable.
+    /// One screen from the running appliance's metrics endpoint: site, uplink, devices, outbox,
+    /// refusals. Exit 0 healthy, 1 degraded, 2 unreachable.
     Status(StatusArgs),
 }
 
@@ -92,6 +132,10 @@ pub struct StatusArgs {
     /// The endpoint itself: `IP:PORT` or `unix:PATH` (default 127.0.0.1:9883).
     #[arg(long, conflicts_with = "config")]
     pub endpoint: Option<String>,
+    /// Wait up to SECONDS for the appliance to be up and healthy (a readiness check for scripts);
+    /// then report as usual.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub wait: Option<u64>,
 }
 
 /// Output of `audit`.
@@ -105,6 +149,7 @@ pub enum AuditFormat {
 pub enum KeygenKind {
     /// Writes DIR/id_ed25519 (0600) and DIR/id_ed25519.pub.
     Ssh {
+        /// Where to write the key pair (created 0700 if missing).
         dir: PathBuf,
         /// The cloud broker as the bastion sees it; the key may forward there and nowhere else.
         #[arg(long)]
@@ -112,6 +157,7 @@ pub enum KeygenKind {
     },
     /// Writes DIR/private.key (0600) and DIR/public.key, as `wg genkey`/`wg pubkey` would.
     Wireguard {
+        /// Where to write the key pair (created 0700 if missing).
         dir: PathBuf,
         /// This appliance's tunnel address, for the AllowedIPs line of the printed [Peer] block.
         #[arg(long)]
@@ -123,10 +169,12 @@ pub enum KeygenKind {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(config, cli.log_format),
-        Command::Check { config } => crate::cmd::check::check(&config),
-        Command::Audit { config, format } => crate::cmd::audit::audit(&config, format == AuditFormat::Json),
-        Command::Explain { config, topic } => crate::cmd::explain::explain(&config, &topic),
+        Command::Run { config, log_format } => run(config, log_format),
+        Command::Check(config) => crate::cmd::check::check(config.prepare()),
+        Command::Audit { config, format } => {
+            crate::cmd::audit::audit(config.prepare(), format == AuditFormat::Json)
+        }
+        Command::Explain { config, topic } => crate::cmd::explain::explain(config.prepare(), &topic),
         Command::Keygen { kind } => keygen(kind),
         Command::Passwd {
             file,
@@ -142,11 +190,12 @@ pub fn main() -> i32 {
 
 fn status(args: StatusArgs) -> i32 {
     use crate::config::MetricsBind;
-    let endpoint = match (&args.endpoint, &args.config) {
+    use crate::ops::status::Source;
+    let (endpoint, source) = match (&args.endpoint, &args.config) {
         (Some(e), _) => match e.strip_prefix("unix:") {
-            Some(p) => MetricsBind::Unix(p.into()),
+            Some(p) => (MetricsBind::Unix(p.into()), Source::Endpoint),
             None => match e.parse() {
-                Ok(a) => MetricsBind::Tcp(a),
+                Ok(a) => (MetricsBind::Tcp(a), Source::Endpoint),
                 Err(_) => {
                     eprintln!("mqtt-uplink status: --endpoint `{e}`: expected IP:PORT or unix:PATH");
                     return EXIT_CONFIG;
@@ -155,9 +204,24 @@ fn status(args: StatusArgs) -> i32 {
         },
         (None, Some(p)) => match config::load(p) {
             Ok(c) => match c.metrics {
-                Some(m) => m.bind,
+                Some(m) if matches!(m.bind, MetricsBind::Tcp(a) if a.port() == 0) => {
+                    eprintln!(
+                        "mqtt-uplink status: {} sets [metrics] bind = \"{}\": port 0 is picked afresh at \
+                         each start, so the address cannot be read from the config. Set a fixed port \
+                         there, or pass --endpoint with the address the appliance logged (\"serving \
+                         /metrics and /healthz\").",
+                        p.display(),
+                        m.bind
+                    );
+                    return EXIT_CONFIG;
+                }
+                Some(m) => (m.bind, Source::Config(p.clone())),
                 None => {
-                    eprintln!("mqtt-uplink status: {} sets no metrics endpoint", p.display());
+                    eprintln!(
+                        "mqtt-uplink status: {} turns the metrics endpoint off ([metrics] bind = \"\"), \
+                         which `status` reads: set [metrics] bind, e.g. \"127.0.0.1:9883\"",
+                        p.display()
+                    );
                     return EXIT_CONFIG;
                 }
             },
@@ -166,9 +230,10 @@ fn status(args: StatusArgs) -> i32 {
                 return EXIT_CONFIG;
             }
         },
-        (None, None) => MetricsBind::Tcp(([127, 0, 0, 1], 9883).into()),
+        (None, None) => (MetricsBind::Tcp(([127, 0, 0, 1], 9883).into()), Source::Default),
     };
-    crate::ops::status::status(&endpoint)
+    let wait = args.wait.map(std::time::Duration::from_secs);
+    crate::ops::status::status(&endpoint, &source, wait)
 }
 
 fn keygen(kind: KeygenKind) -> i32 {
@@ -373,4 +438,59 @@ fn ignore_sighup() -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// Every argument of every command says what it is; `--log-format` is shown once, under `run`.
+    #[test]
+    fn every_argument_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>, log_format: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+                if id == "log_format" {
+                    log_format.push(path.to_string());
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &format!("{path} {}", sub.get_name()), missing, log_format);
+                }
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let (mut missing, mut log_format) = (Vec::new(), Vec::new());
+        walk(&cmd, "mqtt-uplink", &mut missing, &mut log_format);
+        assert!(missing.is_empty(), "arguments without a description: {missing:?}");
+        assert_eq!(log_format, ["mqtt-uplink run"]);
+        cmd.debug_assert();
+    }
+
+    /// `check`, `audit` and `explain` take the config from `$MQTT_UPLINK_CONFIG` as `run` and
+    /// `status` do.
+    #[test]
+    fn config_from_the_environment_for_every_command() {
+        for cmd in ["check", "audit", "explain"] {
+            let arg = Cli::command()
+                .find_subcommand(cmd)
+                .and_then(|c| c.get_arguments().find(|a| a.get_id() == "config").cloned())
+                .unwrap_or_else(|| panic!("{cmd} has --config"));
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some("MQTT_UPLINK_CONFIG"),
+                "{cmd}"
+            );
+        }
+    }
 }

@@ -120,32 +120,47 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.uplink.is_some(),
         broker.clone(),
         Duration::from_secs(degraded_after),
+        (
+            config.site.id.clone(),
+            config.uplink.as_ref().map(|u| u.broker.to_string()),
+        ),
     );
     tracker.spawn(probe.clone().track_uplink());
-    let metrics_addr = match &config.metrics {
-        Some(m) => match ops::http::Endpoint::bind(&m.bind).await {
-            Ok(endpoint) => {
-                let local = endpoint.local();
-                tracing::info!(addr = %local, "serving /metrics and /healthz");
-                tracker.spawn(endpoint.serve(probe.clone(), shutdown.child_token()));
-                Some(local)
-            }
-            Err(e) if m.required => {
-                uplink_stop.cancel();
-                broker.stop().await;
-                return Err(anyhow::anyhow!("metrics endpoint {}: {e}", m.bind));
-            }
-            Err(e) => {
-                tracing::warn!(
-                    addr = %m.bind,
-                    "metrics endpoint not started: {e} (the default address; set [metrics] bind to \
-                     choose another, or bind = \"\" for none)"
-                );
-                None
-            }
-        },
-        None => None,
-    };
+    let metrics_addr =
+        match &config.metrics {
+            Some(m) => match ops::http::Endpoint::bind(&m.bind).await {
+                Ok(endpoint) => {
+                    let local = endpoint.local();
+                    tracing::info!(addr = %local, "serving /metrics and /healthz");
+                    tracker.spawn(endpoint.serve(probe.clone(), shutdown.child_token()));
+                    Some(local)
+                }
+                Err(e) if m.required => {
+                    uplink_stop.cancel();
+                    broker.stop().await;
+                    let hint =
+                        match e.kind() {
+                            std::io::ErrorKind::AddrInUse => format!(
+                        ": probably another mqtt-uplink (or another program) already serves there; stop \
+                         it, or give this one its own address with [metrics] bind in {} (bind = \"\" \
+                         turns the endpoint off)",
+                        config.source.as_ref().map_or("the config".into(), |p| p.display().to_string())
+                    ),
+                            _ => String::new(),
+                        };
+                    return Err(anyhow::anyhow!("metrics endpoint {}: {e}{hint}", m.bind));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        addr = %m.bind,
+                        "metrics endpoint not started: {e} (the default address; set [metrics] bind to \
+                         choose another, or bind = \"\" for none)"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
     tracker.close();
     let reloader = ops::reload::Reloader {
         guard: guard.clone(),
@@ -193,11 +208,10 @@ fn transports(u: &config::Uplink) -> Vec<Arc<dyn Transport>> {
     let mut out: Vec<Arc<dyn Transport>> = Vec::new();
     for k in &u.transports {
         match k {
-            TransportKind::Tls => out.push(Arc::new(transport::tcp::TcpTransport::new(
-                &u.broker.host,
-                u.broker.port,
-                u.connect_timeout,
-            ))),
+            TransportKind::Tls => out.push(Arc::new(
+                transport::tcp::TcpTransport::new(&u.broker.host, u.broker.port, u.connect_timeout)
+                    .plaintext(!u.broker.tls),
+            )),
             TransportKind::Ssh => {
                 if let Some(c) = &u.ssh {
                     out.push(Arc::new(transport::ssh::SshTransport::new(c.clone())));

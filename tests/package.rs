@@ -134,6 +134,17 @@ fn installed_default_config_is_valid_and_safe() {
         Some(mqtt_uplink::config::MetricsBind::Tcp(a)) => assert!(a.ip().is_loopback()),
         other => panic!("metrics: {other:?}"),
     }
+    // `audit` passes it without a single warning (the password file's mode is 0600 here, as
+    // postinst makes it).
+    let out = Command::new(support::bin())
+        .args(["audit", "--format", "json", "--config"])
+        .arg(dir.path().join("mqtt-uplink.toml"))
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    assert_eq!(json["summary"]["warn"], 0, "{json:#}");
+    assert_eq!(json["summary"]["fail"], 0, "{json:#}");
 }
 
 /// The real package: cargo-deb packs the binary this test run built (dev profile; a release build

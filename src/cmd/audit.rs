@@ -203,7 +203,8 @@ impl Audit<'_> {
                 2,
                 Status::Warn,
                 "auth",
-                "no password_file: no device can log in with a password",
+                "no password_file: no device can log in with a password (create one with \
+                 `mqtt-uplink passwd FILE USER` and set [auth] password_file)",
             ),
         }
     }
@@ -357,7 +358,8 @@ impl Audit<'_> {
                 6,
                 Status::Warn,
                 "auth",
-                "no client_id_pattern: any user may take any client id",
+                "no client_id_pattern: any user may take any client id; bind ids to users with \
+                 `client_id_pattern = \"%u-*\"` in [auth]",
             ),
         }
         self.push(
@@ -365,8 +367,8 @@ impl Audit<'_> {
             Status::Pass,
             "auth.duplicate_client_id",
             format!(
-                "duplicates: {:?}, logged with both peers",
-                c.auth.duplicate_client_id
+                "duplicates: {}, logged with both peers",
+                crate::cmd::check::duplicate_name(c.auth.duplicate_client_id)
             ),
         );
     }

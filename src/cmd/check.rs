@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::config::{self, AclSource, Config, EXIT_CONFIG};
+use crate::config::{self, AclSource, Config, DuplicatePolicy, OnFull, TransportKind, EXIT_CONFIG};
 
 pub fn check(path: &Path) -> i32 {
     match config::load(path) {
@@ -45,7 +45,7 @@ pub fn render(c: &Config) -> String {
         AclSource::AllowAll => "built-in allow-all (embedded default)".into(),
     };
     s += &format!(
-        "auth: passwords {}, acl {acl}, anonymous {}, client ids {}, duplicates {:?}\n",
+        "auth: passwords {}, acl {acl}, anonymous {}, client ids {}, duplicates {}\n",
         c.auth
             .password_file
             .as_ref()
@@ -57,38 +57,46 @@ pub fn render(c: &Config) -> String {
             "refused"
         },
         c.auth.client_id_pattern.as_deref().unwrap_or("any"),
-        c.auth.duplicate_client_id,
+        duplicate_name(c.auth.duplicate_client_id),
     );
     s += &format!(
-        "limits: packet {} B, connections {}, inflight {}, queue {}, subscriptions {}, handshake {:?}\n",
-        c.limits.max_packet_size,
+        "limits: packet {}, connections {}, inflight {}, queue {}, subscriptions {}, handshake {} s\n",
+        bytes(u64::from(c.limits.max_packet_size)),
         c.limits.max_connections,
         c.limits.max_inflight,
         c.limits.max_queued_messages,
         c.limits.max_subscriptions,
-        c.limits.handshake_timeout
+        c.limits.handshake_timeout.as_secs()
     );
     match &c.uplink {
         Some(u) => {
             s += &format!(
-                "uplink: {} as {} (user {}, password {}), transports [{}], keepalive {:?}\n",
+                "uplink: {} as {} (user {}, password {}), transports [{}], keepalive {} s\n",
                 u.broker,
                 u.client_id,
                 u.username.as_deref().unwrap_or("-"),
                 if u.password.is_some() { "***" } else { "none" },
                 u.transports
                     .iter()
-                    .map(|t| t.name())
+                    .map(|t| match t {
+                        TransportKind::Tls if !u.broker.tls => "tcp (plaintext)",
+                        t => t.name(),
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
-                u.keepalive
+                u.keepalive.as_secs(),
             );
         }
         None => s += "uplink: none (local broker only)\n",
     }
     s += &format!(
-        "outbox: max {} B, max age {:?}, on_full {:?}\n",
-        c.outbox.max_bytes, c.outbox.max_age, c.outbox.on_full
+        "outbox: max {}, max age {} s, on_full {}\n",
+        bytes(c.outbox.max_bytes),
+        c.outbox.max_age.as_secs(),
+        match c.outbox.on_full {
+            OnFull::RejectNew => "reject-new",
+            OnFull::DropOldest => "drop-oldest",
+        }
     );
     if !c.mappings.is_empty() {
         s += &format!(
@@ -108,4 +116,54 @@ pub fn render(c: &Config) -> String {
         }
     }
     s
+}
+
+/// `duplicate_client_id` as the config spells it.
+pub fn duplicate_name(d: DuplicatePolicy) -> &'static str {
+    match d {
+        DuplicatePolicy::Takeover => "takeover",
+        DuplicatePolicy::Reject => "reject",
+    }
+}
+
+/// A byte count in the largest binary unit that divides it exactly (`64 MiB`, `256 KiB`, `1000 B`).
+pub fn bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    format!("{n} B")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_spellings() {
+        assert_eq!(bytes(64 * 1024 * 1024), "64 MiB");
+        assert_eq!(bytes(262_144), "256 KiB");
+        assert_eq!(bytes(100_000), "100000 B");
+        assert_eq!(bytes(0), "0 B");
+        let c = config::parse(
+            std::path::Path::new("/nonexistent/x.toml"),
+            "[[listener]]\nbind = \"127.0.0.1:1883\"\n[auth]\nallow_anonymous = true\n\
+             [uplink]\nbroker = \"mqtt://127.0.0.1:1\"\nclient_id = \"x\"\n",
+        )
+        .unwrap();
+        let text = render(&c);
+        for want in [
+            "duplicates takeover",
+            "on_full reject-new",
+            "max 64 MiB",
+            "packet 256 KiB",
+            "[tcp (plaintext)]",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        for internal in ["Takeover", "RejectNew", "67108864", "tls,", "[tls]"] {
+            assert!(!text.contains(internal), "{internal}: {text}");
+        }
+    }
 }

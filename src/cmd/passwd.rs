@@ -40,15 +40,15 @@ fn passwd_inner(
             anyhow::bail!("no user `{user}` in {}", file.display());
         }
         write_file(file, &pf.render())?;
-        return Ok(format!("removed `{user}` from {}", file.display()));
+        return Ok(format!("removed `{user}` from {}{}", file.display(), RELOAD));
     }
     let password = if stdin {
         let mut line = String::new();
         std::io::stdin().lock().read_line(&mut line)?;
         line.trim_end_matches(['\n', '\r']).to_string()
     } else {
-        let a = rpassword::prompt_password(format!("password for {user}: "))?;
-        let b = rpassword::prompt_password("again: ")?;
+        let a = rpassword::prompt_password(format!("password for {user}: ")).map_err(no_terminal)?;
+        let b = rpassword::prompt_password("again: ").map_err(no_terminal)?;
         if a != b {
             anyhow::bail!("the passwords differ");
         }
@@ -70,7 +70,19 @@ fn passwd_inner(
     };
     pf.set(user, hash)?;
     write_file(file, &pf.render())?;
-    Ok(format!("set `{user}` in {}", file.display()))
+    Ok(format!("set `{user}` in {}{}", file.display(), RELOAD))
+}
+
+/// After a change: a running appliance reads the file again only on reload.
+const RELOAD: &str = "\nan appliance already running with this file uses it after a reload: \
+                      `systemctl reload mqtt-uplink`, or `kill -HUP PID` outside systemd";
+
+/// Prompting needs a terminal; without one (a script, a pipe, ssh without -t) say what to do instead.
+fn no_terminal(e: std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot prompt for the password: no terminal ({e}); pass it on standard input with \
+         --password-stdin, e.g. `printf '%s\\n' \"$PASSWORD\" | mqtt-uplink passwd FILE USER --password-stdin`"
+    )
 }
 
 /// Writes atomically (temp file + rename) with mode 0600. An existing file's owner and group are

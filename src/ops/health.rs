@@ -26,12 +26,18 @@ pub struct Probe {
     pub(crate) uplink_configured: bool,
     pub(crate) broker: Arc<Broker>,
     pub(crate) degraded_after: Duration,
+    /// The site id and the cloud broker's URL, for `mqtt_uplink_info` (which `status` shows).
+    pub(crate) identity: Arc<(String, Option<String>)>,
     link: Arc<Mutex<Link>>,
 }
 
 /// The state at one moment.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
+    /// `[site] id`.
+    pub site: String,
+    /// The cloud broker as configured (`mqtts://…` or plaintext `mqtt://…`), when there is an uplink.
+    pub broker: Option<String>,
     pub uplink_configured: bool,
     pub uplink: UplinkState,
     /// How long the current uplink session has been up (since its MQTT handshake).
@@ -62,6 +68,7 @@ impl Probe {
         uplink_configured: bool,
         broker: Arc<Broker>,
         degraded_after: Duration,
+        identity: (String, Option<String>),
     ) -> Probe {
         Probe {
             outbox,
@@ -69,6 +76,7 @@ impl Probe {
             uplink_configured,
             broker,
             degraded_after,
+            identity: Arc::new(identity),
             link: Arc::default(),
         }
     }
@@ -114,6 +122,8 @@ impl Probe {
         let c = self.outbox.counters();
         use std::sync::atomic::Ordering::Relaxed;
         Snapshot {
+            site: self.identity.0.clone(),
+            broker: self.identity.1.clone(),
             uplink_configured: self.uplink_configured,
             uplink,
             handshake_age,
@@ -167,6 +177,9 @@ impl Snapshot {
     pub fn summary(&self) -> String {
         let uplink = match (&self.uplink, self.uplink_configured) {
             (_, false) => "no uplink".to_string(),
+            (UplinkState::Connected { transport }, _) if self.plaintext() => {
+                format!("uplink up via {transport} (plaintext MQTT)")
+            }
             (UplinkState::Connected { transport }, _) => format!("uplink up via {transport}"),
             (s, _) => format!("uplink {}", state_name(s)),
         };
@@ -176,9 +189,22 @@ impl Snapshot {
         )
     }
 
+    /// The uplink speaks plaintext MQTT to the cloud broker (`mqtt://`, no TLS of its own).
+    pub fn plaintext(&self) -> bool {
+        self.broker.as_deref().is_some_and(|b| b.starts_with("mqtt://"))
+    }
+
     /// The state gauges in Prometheus text format (the counters come from the registry).
     pub fn render_gauges(&self) -> String {
         let mut out = String::new();
+        let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let _ = writeln!(
+            out,
+            "# HELP mqtt_uplink_info The site id and the cloud broker (\"\" without an uplink)\n\
+             # TYPE mqtt_uplink_info gauge\nmqtt_uplink_info{{site=\"{}\",broker=\"{}\"}} 1",
+            escape(&self.site),
+            escape(self.broker.as_deref().unwrap_or(""))
+        );
         let mut gauge = |name: &str, help: &str, samples: &[(&str, f64)]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             for (labels, v) in samples {
@@ -265,6 +291,8 @@ mod tests {
 
     fn snap() -> Snapshot {
         Snapshot {
+            site: "plant\"7".into(),
+            broker: Some("mqtts://cloud.example:8883".into()),
             uplink_configured: true,
             uplink: UplinkState::Connected { transport: "ssh" },
             handshake_age: Some(Duration::from_secs(3)),
@@ -321,5 +349,19 @@ mod tests {
             "{g}"
         );
         assert!(g.contains("mqtt_uplink_handshake_age_seconds 3\n"), "{g}");
+        assert!(
+            g.contains("mqtt_uplink_info{site=\"plant\\\"7\",broker=\"mqtts://cloud.example:8883\"} 1\n"),
+            "{g}"
+        );
+        let parsed = crate::ops::status::parse(&g).unwrap();
+        let info = parsed.iter().find(|x| x.name == "mqtt_uplink_info").unwrap();
+        assert_eq!(info.label("site"), Some("plant\"7"));
+        let mut plain = snap();
+        plain.broker = Some("mqtt://127.0.0.1:1883".into());
+        plain.uplink = UplinkState::Connected { transport: "tcp" };
+        assert_eq!(
+            plain.summary(),
+            "uplink up via tcp (plaintext MQTT); outbox 0 queued; 2 device(s) connected"
+        );
     }
 }

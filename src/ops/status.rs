@@ -114,7 +114,10 @@ fn duration(secs: f64) -> String {
 pub fn render(endpoint: &MetricsBind, metrics: &[Sample], health_code: u16, health: &str) -> String {
     let mut o = String::new();
     let verdict = if health_code == 200 { "ok" } else { "DEGRADED" };
-    let _ = writeln!(o, "mqtt-uplink  {endpoint}  health: {verdict}");
+    let info = metrics.iter().find(|s| s.name == "mqtt_uplink_info");
+    let site = info.and_then(|s| s.label("site")).unwrap_or("?");
+    let broker = info.and_then(|s| s.label("broker")).unwrap_or("");
+    let _ = writeln!(o, "mqtt-uplink  site {site}  at {endpoint}  health: {verdict}");
     if health_code != 200 {
         for reason in health.lines().skip(1) {
             let _ = writeln!(o, "  ! {reason}");
@@ -136,7 +139,12 @@ pub fn render(endpoint: &MetricsBind, metrics: &[Sample], health_code: u16, heal
                 .iter()
                 .find(|s| s.name == "mqtt_uplink_handshake_age_seconds")
                 .map_or("?".into(), |s| duration(s.value));
-            format!("connected via {t}, session up {age}")
+            let plain = if broker.starts_with("mqtt://") {
+                " (plaintext MQTT)"
+            } else {
+                ""
+            };
+            format!("connected via {t}{plain} to {broker}, session up {age}")
         }
         (s, None) => s.to_string(),
     };
@@ -190,8 +198,23 @@ pub fn render(endpoint: &MetricsBind, metrics: &[Sample], health_code: u16, heal
     o
 }
 
-/// Scrapes `endpoint` and prints the summary; exit 0 healthy, 1 degraded, 2 unreachable.
-pub fn status(endpoint: &MetricsBind) -> i32 {
+/// Where `status` took the endpoint from, for the advice when it cannot reach it.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// `--endpoint`.
+    Endpoint,
+    /// `[metrics] bind` of this config (`--config` or `$MQTT_UPLINK_CONFIG`).
+    Config(std::path::PathBuf),
+    /// Neither was given: the default address.
+    Default,
+}
+
+/// How often `--wait` asks again.
+const WAIT_STEP: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Scrapes `endpoint` and prints the summary; exit 0 healthy, 1 degraded, 2 unreachable. With
+/// `wait`, scrapes again (every 200 ms, at most that long) until the appliance answers healthy.
+pub fn status(endpoint: &MetricsBind, source: &Source, wait: Option<std::time::Duration>) -> i32 {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -199,17 +222,45 @@ pub fn status(endpoint: &MetricsBind) -> i32 {
             return 2;
         }
     };
+    let deadline = std::time::Instant::now() + wait.unwrap_or_default();
     let scraped = runtime.block_on(async {
-        let (_, metrics) = crate::ops::http::get(endpoint, "/metrics").await?;
-        let (code, health) = crate::ops::http::get(endpoint, "/healthz").await?;
-        anyhow::Ok((metrics, code, health))
+        loop {
+            let once = async {
+                let (_, metrics) = crate::ops::http::get(endpoint, "/metrics").await?;
+                let (code, health) = crate::ops::http::get(endpoint, "/healthz").await?;
+                anyhow::Ok((metrics, code, health))
+            };
+            let r = tokio::time::timeout(std::time::Duration::from_secs(5), once)
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 5 s")));
+            let healthy = matches!(&r, Ok((_, 200, _)));
+            if healthy || std::time::Instant::now() + WAIT_STEP > deadline {
+                return r;
+            }
+            tokio::time::sleep(WAIT_STEP).await;
+        }
     });
     let (metrics, code, health) = match scraped {
         Ok(s) => s,
         Err(e) => {
+            let advice = match source {
+                Source::Endpoint => "is the appliance running, and serving its metrics there?".to_string(),
+                Source::Config(p) => format!(
+                    "is the appliance running with {}? that address is its [metrics] bind",
+                    p.display()
+                ),
+                Source::Default => "is the appliance running? this is the default address; for an \
+                                    appliance with another [metrics] bind pass --config FILE or \
+                                    --endpoint ADDR"
+                    .to_string(),
+            };
+            let waited = match wait {
+                Some(w) => format!(" (waited {} s)", w.as_secs()),
+                None => String::new(),
+            };
             eprintln!(
-                "mqtt-uplink status: cannot reach the metrics endpoint {endpoint}: {e:#}\n\
-                 (is the appliance running? is [metrics] bind set elsewhere? pass --config or --endpoint)"
+                "mqtt-uplink status: cannot reach the metrics endpoint {endpoint}{waited}: {}\n({advice})",
+                e.root_cause()
             );
             return 2;
         }
@@ -249,7 +300,8 @@ mod tests {
 
     #[test]
     fn renders_one_screen() {
-        let text = "mqtt_uplink_uplink_state{state=\"connected\"} 1\n\
+        let text = "mqtt_uplink_info{site=\"plant7\",broker=\"mqtt://10.0.0.5:1883\"} 1\n\
+                    mqtt_uplink_uplink_state{state=\"connected\"} 1\n\
                     mqtt_uplink_transport_up{transport=\"ssh\"} 1\n\
                     mqtt_uplink_handshake_age_seconds 75\n\
                     mqtt_uplink_connections 3\n\
@@ -260,7 +312,14 @@ mod tests {
             200,
             "ok\n",
         );
-        assert!(out.contains("connected via ssh, session up 1m15s"), "{out}");
+        assert!(
+            out.starts_with("mqtt-uplink  site plant7  at 127.0.0.1:9883  health: ok\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("connected via ssh (plaintext MQTT) to mqtt://10.0.0.5:1883, session up 1m15s"),
+            "{out}"
+        );
         assert!(out.contains("devices:    3 connected"), "{out}");
         assert!(out.contains("publish denied (ACL) 2"), "{out}");
         assert!(out.lines().count() <= 24, "one screen:\n{out}");

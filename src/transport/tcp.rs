@@ -1,4 +1,6 @@
-//! The direct transport (`transports = ["tls"]`): outbound TCP to the broker; the uplink adds TLS.
+//! The direct transport (`transports = ["tls"]`): outbound TCP to the broker; the uplink adds TLS
+//! (for an `mqtts://` broker). Named `tls`, or `tcp` when the broker is plaintext `mqtt://`, so logs,
+//! metrics and `status` never call a plaintext session "tls".
 
 use std::time::Duration;
 
@@ -13,6 +15,7 @@ pub struct TcpTransport {
     host: String,
     port: u16,
     timeout: Duration,
+    plaintext: bool,
 }
 
 impl TcpTransport {
@@ -21,14 +24,25 @@ impl TcpTransport {
             host: host.into(),
             port,
             timeout,
+            plaintext: false,
         }
+    }
+
+    /// The session on top is plaintext MQTT (an `mqtt://` broker): the transport is named `tcp`.
+    pub fn plaintext(mut self, plaintext: bool) -> Self {
+        self.plaintext = plaintext;
+        self
     }
 }
 
 #[async_trait]
 impl Transport for TcpTransport {
     fn name(&self) -> &'static str {
-        "tls"
+        if self.plaintext {
+            "tcp"
+        } else {
+            "tls"
+        }
     }
 
     async fn connect(&self) -> anyhow::Result<BoxStream> {

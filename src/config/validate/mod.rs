@@ -139,7 +139,8 @@ pub fn credential_path(name: &str, dir: Option<&Path>) -> Result<PathBuf, String
         _ => Err(format!(
             "`{CREDENTIAL_PREFIX}{name}` names a systemd credential, but $CREDENTIALS_DIRECTORY is not set: \
              run under systemd with `LoadCredential={name}:/etc/mqtt-uplink/credentials/{name}`, \
-             or give a file path instead"
+             or give a file path instead; to check the config outside systemd, point to the \
+             credentials: `mqtt-uplink check --credentials-dir /etc/mqtt-uplink/credentials`"
         )),
     }
 }
@@ -333,10 +334,24 @@ fn auth(ctx: &mut Ctx<'_>, f: Option<AuthFile>, listeners: &[Listener]) -> Auth 
         duplicate_client_id: default_duplicate_client_id(),
         throttle: ThrottleFile::default(),
     });
-    let password_file = f
-        .password_file
-        .as_ref()
-        .and_then(|p| ctx.file("auth.password_file", p, true));
+    let password_file = f.password_file.as_ref().and_then(|p| {
+        let resolved = ctx.resolve(p);
+        let credential = p.to_str().is_some_and(|s| s.starts_with(CREDENTIAL_PREFIX));
+        if !credential
+            && std::fs::symlink_metadata(&resolved).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        {
+            ctx.error(
+                "auth.password_file",
+                format!(
+                    "{} does not exist: create it with `mqtt-uplink passwd {} USER`",
+                    resolved.display(),
+                    resolved.display()
+                ),
+            );
+            return None;
+        }
+        ctx.file("auth.password_file", p, true)
+    });
     if let Some(p) = &password_file {
         if let Err(e) = crate::guard::passwords::PasswordFile::load(p) {
             ctx.error("auth.password_file", e.to_string());
