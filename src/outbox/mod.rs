@@ -332,7 +332,8 @@ impl Outbox {
                 let share = self.inner.settings.max_bytes_per_user;
                 let on_full = self.inner.settings.on_full;
                 // The user's share first: a device over it refuses or evicts its own messages only.
-                while st.user_bytes(&msg.user) + size > share {
+                // (A share of all of `max_bytes` is no share: the outbox limit below applies.)
+                while share < self.inner.settings.max_bytes && st.user_bytes(&msg.user) + size > share {
                     let oldest = match on_full {
                         OnFull::DropOldest => st.oldest_of(&msg.user),
                         OnFull::RejectNew => None,
