@@ -26,7 +26,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
 use crate::config::{OnFull, OutboxSettings};
-pub use store::StoreError;
+pub use store::{private_dir, private_file, StoreError};
 use store::{Op, Store};
 
 /// QoS 0 messages waiting for the uplink at most; more are dropped (counted).

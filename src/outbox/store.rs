@@ -93,7 +93,8 @@ impl Store {
         window: Duration,
     ) -> Result<(Store, Vec<Indexed>), StoreError> {
         let path = dir.join("outbox.redb");
-        std::fs::create_dir_all(dir).map_err(|e| db_err(dir, e))?;
+        private_dir(dir).map_err(|e| db_err(dir, e))?;
+        private_file(&path).map_err(|e| db_err(&path, e))?;
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(&path)
@@ -159,6 +160,50 @@ impl Store {
     pub fn file_len(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
     }
+}
+
+/// Creates the state directory (and missing parents) 0700, whatever the umask: the outbox holds
+/// device payloads. A directory that already exists is left as it is (systemd creates it with
+/// `StateDirectoryMode=0700`; an operator's own choice is theirs), with a warning when other users can
+/// enter it.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    match std::fs::metadata(dir) {
+        Ok(m) => {
+            if m.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %dir.display(),
+                    mode = format!("{:o}", m.permissions().mode() & 0o7777),
+                    "the state directory is open to other users (it holds queued device messages); \
+                     chmod 700 it"
+                );
+            }
+            Ok(())
+        }
+        Err(_) => {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            // The umask may only have removed bits; make sure of 0700 exactly.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        }
+    }
+}
+
+/// Creates `path` 0600 if missing, and takes group and other permissions off it if present (it is
+/// the appliance's own file).
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mode = f.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
 }
 
 /// The writer thread: group commit until every sender is gone.
