@@ -14,7 +14,7 @@ use crate::config::source::SourceMap;
 mod mappings;
 mod uplink;
 
-use mappings::{cycles, mappings};
+use mappings::{cycles, in_overlaps, mappings};
 pub use uplink::parse_broker_url;
 use uplink::uplink;
 
@@ -186,6 +186,7 @@ pub fn validate(ctx: &mut Ctx<'_>, s: Sections) -> Option<Config> {
         ctx.error("map", "mappings need an [uplink] section to carry them");
     }
     cycles(ctx, &mappings);
+    in_overlaps(ctx, &mappings);
     let outbox = outbox(ctx, s.outbox.unwrap_or_default());
     let log_level = s.log.unwrap_or_default().level;
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
