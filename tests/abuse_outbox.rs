@@ -265,9 +265,15 @@ async fn the_qos0_lane_is_capped_in_bytes_with_the_uplink_down() {
     let payload = vec![b'q'; 200 * 1024];
     let mut dev = login_v3(&app, "qos0-flood", "hog").await;
     for i in 0..n {
-        dev.send(&raw::publish(format!("sensors/bulk/{i}").as_bytes(), &payload, 0, false, 0))
-            .await
-            .unwrap();
+        dev.send(&raw::publish(
+            format!("sensors/bulk/{i}").as_bytes(),
+            &payload,
+            0,
+            false,
+            0,
+        ))
+        .await
+        .unwrap();
     }
     let c = app.outbox.counters();
     let all = support::wait_until(Duration::from_secs(120), || {
@@ -342,7 +348,10 @@ async fn one_device_cannot_fill_the_outbox_for_the_others_and_local_delivery_con
     }
     let got = received(&mut local, 270, T).await;
     let hog_seen = got.iter().filter(|t| t == &b"sensors/hog").count();
-    assert_eq!(hog_seen, 250, "local subscribers get every hog message, refused ones too");
+    assert_eq!(
+        hog_seen, 250,
+        "local subscribers get every hog message, refused ones too"
+    );
     assert_eq!(got.len(), 270);
     app.stop().await;
 
@@ -367,11 +376,7 @@ async fn one_device_cannot_fill_the_outbox_for_the_others_and_local_delivery_con
         Some(("dev2", &b"keep"[..])),
         "dev2's message survives the flood"
     );
-    let evicted = app
-        .outbox
-        .counters()
-        .user_dropped_oldest
-        .load(Ordering::Relaxed);
+    let evicted = app.outbox.counters().user_dropped_oldest.load(Ordering::Relaxed);
     eprintln!("drop-oldest: hog's own oldest evicted {evicted} times");
     assert!(evicted > 0);
     app.stop().await;
@@ -467,9 +472,13 @@ async fn state_dir_and_files_are_private_whatever_the_umask() {
     let cloud = Cloud::start(dir.path());
     site_files(dir.path());
     let config_path = dir.path().join("mqtt-uplink.toml");
-    let toml = config(free_port(), cloud.port, "")
-        .replace("state_dir = \"state\"", "state_dir = \"state/outbox\"");
-    std::fs::write(&config_path, format!("{toml}\n[metrics]\nbind = \"127.0.0.1:0\"\n")).unwrap();
+    let toml =
+        config(free_port(), cloud.port, "").replace("state_dir = \"state\"", "state_dir = \"state/outbox\"");
+    std::fs::write(
+        &config_path,
+        format!("{toml}\n[metrics]\nbind = \"127.0.0.1:0\"\n"),
+    )
+    .unwrap();
     let log = std::fs::File::create(dir.path().join("appliance.log")).unwrap();
     let mut child = Command::new("sh")
         .arg("-c")
@@ -496,7 +505,13 @@ async fn state_dir_and_files_are_private_whatever_the_umask() {
     ];
     for (what, path, want) in modes {
         eprintln!("{what}: {:o}", mode(&path));
-        assert_eq!(mode(&path), want, "{what} {} is {:o}", path.display(), mode(&path));
+        assert_eq!(
+            mode(&path),
+            want,
+            "{what} {} is {:o}",
+            path.display(),
+            mode(&path)
+        );
     }
     drop(cloud);
 }

@@ -128,10 +128,9 @@ impl Handler for OutHandler {
                 let v5 = matches!(session.protocol().await, Ok(5));
                 let (code, text) = match &refused {
                     Refused::Outbox(PushError::Full) => (PublishAckReason::QuotaExceeded, "outbox full"),
-                    Refused::Outbox(PushError::UserFull) => (
-                        PublishAckReason::QuotaExceeded,
-                        "outbox share of this user full",
-                    ),
+                    Refused::Outbox(PushError::UserFull) => {
+                        (PublishAckReason::QuotaExceeded, "outbox share of this user full")
+                    }
                     Refused::Outbox(e @ PushError::Storage(_)) => {
                         tracing::error!(client = ?&*session.id.client_id, "outbox refused a message: {e}");
                         (

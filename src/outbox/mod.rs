@@ -565,7 +565,10 @@ impl Outbox {
             (reason::REJECT_NEW, c.rejected_full.load(Ordering::Relaxed)),
             (reason::EXPIRED, c.expired.load(Ordering::Relaxed)),
             (reason::QOS0_FULL, c.qos0_dropped.load(Ordering::Relaxed)),
-            (reason::USER_DROP_OLDEST, c.user_dropped_oldest.load(Ordering::Relaxed)),
+            (
+                reason::USER_DROP_OLDEST,
+                c.user_dropped_oldest.load(Ordering::Relaxed),
+            ),
             (reason::USER_REJECT_NEW, c.user_rejected.load(Ordering::Relaxed)),
             (reason::UNDELIVERABLE, c.undeliverable.load(Ordering::Relaxed)),
         ]
@@ -631,7 +634,10 @@ mod tests {
         for _ in 0..3 {
             o.push(user_msg("hog", 1, &[0; 50])).await.unwrap();
         }
-        assert_eq!(o.push(user_msg("hog", 1, &[0; 50])).await, Err(PushError::UserFull));
+        assert_eq!(
+            o.push(user_msg("hog", 1, &[0; 50])).await,
+            Err(PushError::UserFull)
+        );
         o.push(user_msg("other", 1, &[0; 50])).await.unwrap();
         assert_eq!(o.counters().user_rejected.load(Ordering::Relaxed), 1);
 
@@ -642,7 +648,10 @@ mod tests {
             o.push(user_msg("hog", 1, &[0; 50])).await.unwrap();
         }
         let left = o.pending_after(0, 100);
-        assert_eq!(left[0].1.payload, "keep", "another user's message is never evicted");
+        assert_eq!(
+            left[0].1.payload, "keep",
+            "another user's message is never evicted"
+        );
         assert_eq!(left.len(), 1 + 3);
         assert_eq!(o.counters().user_dropped_oldest.load(Ordering::Relaxed), 7);
         assert_eq!(o.user_bytes("hog"), 3 * 83);

@@ -181,7 +181,10 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
             Ok(())
         }
         Err(_) => {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
             // The umask may only have removed bits; make sure of 0700 exactly.
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         }
@@ -417,6 +420,9 @@ mod tests {
         v.extend_from_slice(&3u16.to_le_bytes());
         v.extend_from_slice(b"a/bpayload");
         let m = decode(&v).unwrap();
-        assert_eq!((m.mapping, m.topic.as_str(), &m.payload[..], m.user.as_str()), (3, "a/b", &b"payload"[..], ""));
+        assert_eq!(
+            (m.mapping, m.topic.as_str(), &m.payload[..], m.user.as_str()),
+            (3, "a/b", &b"payload"[..], "")
+        );
     }
 }
