@@ -247,6 +247,76 @@ async fn a_remote_topic_too_long_is_refused_and_never_blocks_the_uplink() {
     app.stop().await;
 }
 
+/// Finding 2, after a restart: a message whose remote topic is longer than 65,535 bytes, queued while
+/// the cloud was away (as an older version did), used to come back from the store with its topic length
+/// cut to 16 bits, i.e. on `sites/plant-7` (a prefix of `remote_prefix`), retained, and was sent there.
+/// Now the record keeps the whole topic and the uplink drops it with a count; only the ordinary
+/// message behind it reaches the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_too_long_topic_comes_back_whole_after_a_restart_and_is_dropped_not_cut() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    site_files(dir.path());
+    let mut cloud_sub = cloud.subscribe_ready("sites/#");
+
+    // What an earlier run left in the durable outbox (written through the store itself): the long
+    // message, then an ordinary one.
+    let settings = mqtt_uplink::config::OutboxSettings {
+        max_bytes: 64 << 20,
+        max_age: Duration::from_secs(3600),
+        on_full: mqtt_uplink::config::OnFull::RejectNew,
+        commit_window: Duration::ZERO,
+        qos0_max_bytes: 8 << 20,
+        max_bytes_per_user: 16 << 20,
+    };
+    let long = format!("sensors/{}", "x".repeat(u16::MAX as usize - "sensors/".len()));
+    let earlier = mqtt_uplink::outbox::Outbox::open(&dir.path().join("state"), settings).unwrap();
+    for (topic, payload) in [
+        (format!("sites/plant-7/{long}"), "stuck"),
+        ("sites/plant-7/sensors/after".to_string(), "after"),
+    ] {
+        earlier
+            .push(mqtt_uplink::outbox::OutMessage {
+                mapping: 0,
+                topic,
+                payload: payload.into(),
+                qos: 1,
+                retain: true,
+                accepted_ms: 0,
+                user: "hog".into(),
+            })
+            .await
+            .unwrap();
+    }
+    earlier.sync().await;
+    drop(earlier);
+    // The store's writer thread lets go of the file as soon as the last handle is gone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The appliance starts on that state dir, the cloud reachable.
+    let app = App::start(dir.path(), &config(0, cloud.port, "")).await;
+    let queued = app.outbox.pending_after(0, 10);
+    assert_eq!(queued.len(), 2);
+    assert_eq!(
+        queued[0].1.topic.len(),
+        "sites/plant-7/".len() + long.len(),
+        "topic kept whole"
+    );
+    let lines = cloud_sub.wait_lines(1, T).to_vec();
+    assert_eq!(lines, vec!["sites/plant-7/sensors/after after".to_string()]);
+    assert!(support::wait_until(T, || app.outbox.depth() == 0).await);
+    assert_eq!(app.outbox.counters().undeliverable.load(Ordering::Relaxed), 1);
+    let lines = cloud_sub.wait_lines(2, Duration::from_secs(2)).to_vec();
+    assert_eq!(
+        lines.len(),
+        1,
+        "nothing on a cut-off topic: {:?}",
+        lines.iter().map(|l| &l[..l.len().min(40)]).collect::<Vec<_>>()
+    );
+    app.stop().await;
+}
+
 /// Finding 4: with the uplink down, 1,000 QoS 0 messages of 200 KiB (200 MB) used to stay in the QoS 0
 /// lane (capped at 10,000 messages, not bytes). Now the lane holds at most `qos0_max_bytes` (8 MiB by
 /// default); the rest is dropped and counted.
