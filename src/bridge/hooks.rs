@@ -10,7 +10,8 @@
 //! cloud copy only (see docs/architecture.md, "Where the outbox is fed").
 //! Messages the bridge itself publishes locally pass neither hook, so they never go back out.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rmqtt::codec::v5::PublishAckReason;
@@ -69,14 +70,7 @@ impl OutHandler {
                 .dropped
                 .with_label_values(&[REMOTE_TOPIC_TOO_LONG])
                 .inc();
-            tracing::warn!(
-                peer = %id.remote_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
-                client = ?&*id.client_id,
-                user = ?id.username_ref(),
-                mapping = route.mapping,
-                bytes = route.remote_topic.len(),
-                "device message refused: its remote topic would be longer than MQTT allows"
-            );
+            log_refused(id, REMOTE_TOPIC_TOO_LONG);
             return Err(Refused::TopicTooLong);
         }
         let msg = OutMessage {
@@ -102,6 +96,29 @@ impl OutHandler {
         let from = From::from_custom(id.clone());
         if let Err(e) = SessionState::forwards(&self.scx, from, p.clone(), false, None).await {
             tracing::warn!(client = ?&*id.client_id, topic = ?&*p.topic, "local delivery of a message the outbox refused failed: {e}");
+        }
+    }
+}
+
+/// Logs a device message the cloud side refused, with the device's address, client id and user: at
+/// most one line a second, carrying how many were held back (a flooding device must not flood the
+/// log). The count per reason is in `mqtt_uplink_dropped_total` (kept by the outbox, or above).
+fn log_refused(id: &Id, reason: &str) {
+    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    match &mut *last {
+        Some((t, n)) if now.duration_since(*t) < Duration::from_secs(1) => *n += 1,
+        other => {
+            tracing::warn!(
+                peer = %id.remote_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                client = ?&*id.client_id,
+                user = ?id.username_ref(),
+                reason,
+                suppressed = other.map_or(0, |(_, n)| n),
+                "device message not taken for the cloud (still delivered locally)"
+            );
+            *other = Some((now, 0));
         }
     }
 }
@@ -143,6 +160,9 @@ impl Handler for OutHandler {
                         "remote topic too long for MQTT",
                     ),
                 };
+                if let Refused::Outbox(e @ (PushError::Full | PushError::UserFull)) = &refused {
+                    log_refused(&session.id, &e.to_string());
+                }
                 // The refusal concerns the cloud copy: local subscribers still get the message.
                 self.deliver_locally(&session.id, publish).await;
                 let refused = PublishAclResult(PublishResult::reason_code(code, Some(text.into()), !v5));
