@@ -312,18 +312,17 @@ impl Outbox {
             if msg.qos == 0 {
                 let size = msg.size();
                 let cap = self.inner.settings.qos0_max_bytes;
-                while !st.qos0.is_empty() && (st.qos0.len() >= QOS0_LANE || st.qos0_bytes + size > cap) {
-                    if let Some(old) = st.qos0.pop_front() {
-                        st.qos0_bytes -= old.size();
-                    }
-                    c.qos0_dropped.fetch_add(1, Ordering::Relaxed);
-                    log_drop(reason::QOS0_FULL, 1);
-                }
                 if size > cap {
-                    // Larger than the whole lane: dropped at once.
+                    // Larger than the whole lane: dropped at once, the lane left as it is.
                     c.qos0_dropped.fetch_add(1, Ordering::Relaxed);
                     log_drop(reason::QOS0_FULL, 1);
                     return Ok(());
+                }
+                while st.qos0.len() >= QOS0_LANE || st.qos0_bytes + size > cap {
+                    let Some(old) = st.qos0.pop_front() else { break };
+                    st.qos0_bytes -= old.size();
+                    c.qos0_dropped.fetch_add(1, Ordering::Relaxed);
+                    log_drop(reason::QOS0_FULL, 1);
                 }
                 st.qos0_bytes += size;
                 st.qos0.push_back(msg);
@@ -670,6 +669,13 @@ mod tests {
         assert_eq!(
             o.counters().qos0_dropped.load(Ordering::Relaxed),
             100 - 1000 / 133
+        );
+        // A message larger than the whole lane is dropped alone; the lane keeps what it has.
+        o.push(msg(0, &[0; 2000])).await.unwrap();
+        assert_eq!(o.qos0_depth(), 1000 / 133);
+        assert_eq!(
+            o.counters().qos0_dropped.load(Ordering::Relaxed),
+            100 - 1000 / 133 + 1
         );
         while o.pop_qos0().is_some() {}
         assert_eq!(o.qos0_bytes(), 0);
