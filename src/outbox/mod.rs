@@ -338,6 +338,11 @@ impl Outbox {
                         OnFull::RejectNew => None,
                     };
                     let Some(seq) = oldest else {
+                        if on_full == OnFull::DropOldest {
+                            // Nothing of its own left: one message alone may exceed the share, as
+                            // it may exceed `max_bytes` below.
+                            break;
+                        }
                         c.user_rejected.fetch_add(1, Ordering::Relaxed);
                         log_drop(reason::USER_REJECT_NEW, 1);
                         return Err(PushError::UserFull);
