@@ -80,7 +80,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     let mut broker = Broker::new(&config.limits).await;
     guard::hooks::register(broker.hooks(), &guard, broker.context()).await;
-    bridge::hooks::register(broker.hooks(), routes.clone(), outbox.clone()).await;
+    bridge::hooks::register(broker.hooks(), routes.clone(), outbox.clone(), broker.context()).await;
     broker.listen(&config.listeners, &config.limits).await?;
     let broker = Arc::new(broker);
     for addr in &broker.local_addrs {

@@ -252,7 +252,7 @@ async fn reject_new_refuses_with_0x97_or_no_puback_and_counts_every_refusal() {
     let dir = tempdir();
     site_files(dir.path());
     let cloud = Cloud::start(dir.path()); // for the CA only; the uplink points at a closed port
-    let extra = "[outbox]\nmax_bytes = 65536\non_full = \"reject-new\"\n";
+    let extra = "[outbox]\nmax_bytes = 65536\nmax_bytes_per_user = 65536\non_full = \"reject-new\"\n";
     let app = App::start(dir.path(), &config(0, free_port(), "[\"tls\"]", extra)).await;
     drop(cloud);
     let before = dropped_metric(mqtt_uplink::outbox::reason::REJECT_NEW);
@@ -329,7 +329,7 @@ async fn drop_oldest_counts_every_drop_and_delivers_the_newest() {
     site_files(dir.path());
     let mut sub = accounting_sub(&cloud, "acct-drop").await;
     cloud.kill();
-    let extra = "[outbox]\nmax_bytes = 65536\non_full = \"drop-oldest\"\n";
+    let extra = "[outbox]\nmax_bytes = 65536\nmax_bytes_per_user = 65536\non_full = \"drop-oldest\"\n";
     let app = App::start(dir.path(), &config(0, cloud.port, "[\"tls\"]", extra)).await;
     let before = dropped_metric(mqtt_uplink::outbox::reason::DROP_OLDEST);
 

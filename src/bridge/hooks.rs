@@ -2,19 +2,29 @@
 //! ACL allowed and an `out` mapping matches is queued in the outbox *before* rmqtt sends the PUBACK
 //! (the publish-ACL hook is awaited before the acknowledgement). Wills, which rmqtt publishes without
 //! a publish-ACL check (the guard checks them at CONNECT), are taken from the publish hook instead.
-//! A message the outbox refuses is answered PUBACK 0x97 (MQTT 5); an MQTT 3.1.1 device, which has no
-//! negative PUBACK, is disconnected without one so that it sends the message again.
+//!
+//! A message the cloud side refuses (outbox full, the user's share full, the store failed, or a remote
+//! topic longer than MQTT allows) is answered PUBACK 0x97 / 0x80 / 0x90 (MQTT 5); an MQTT 3.1.1
+//! device, which has no negative PUBACK, is disconnected without one so that it sends the message
+//! again. Either way the message is still delivered to local subscribers: the refusal concerns the
+//! cloud copy only (see docs/architecture.md, "Where the outbox is fed").
 //! Messages the bridge itself publishes locally pass neither hook, so they never go back out.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rmqtt::codec::v5::PublishAckReason;
+use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, Register, ReturnType, Type};
-use rmqtt::types::{FromType, Publish, PublishAclResult, PublishResult};
+use rmqtt::session::SessionState;
+use rmqtt::types::{From, FromType, Id, Publish, PublishAclResult, PublishResult};
 
 use super::Routes;
-use crate::outbox::{OutMessage, Outbox, PushError};
+use crate::outbox::{OutMessage, Outbox, PushError, MAX_TOPIC_LEN};
+
+/// The drop reason of a device message whose remote topic (prefix + topic) MQTT cannot carry.
+pub const REMOTE_TOPIC_TOO_LONG: &str = "remote topic too long (over 65535 bytes), not sent out";
 
 /// Below the guard, so the ACL has decided first.
 pub const BRIDGE_PRIORITY: u32 = 100;
@@ -22,12 +32,13 @@ pub const BRIDGE_PRIORITY: u32 = 100;
 /// The live mapping set, swapped whole on reload.
 pub type SharedRoutes = Arc<RwLock<Arc<Routes>>>;
 
-/// Registers the outbound bridge handler.
-pub async fn register(register: &dyn Register, routes: SharedRoutes, outbox: Outbox) {
+/// Registers the outbound bridge handler. `scx` delivers locally what the outbox refuses.
+pub async fn register(register: &dyn Register, routes: SharedRoutes, outbox: Outbox, scx: ServerContext) {
     for typ in [Type::MessagePublishCheckAcl, Type::MessagePublish] {
         let h = OutHandler {
             routes: routes.clone(),
             outbox: outbox.clone(),
+            scx: scx.clone(),
         };
         register.add_priority(typ, BRIDGE_PRIORITY, Box::new(h)).await;
     }
@@ -36,15 +47,32 @@ pub async fn register(register: &dyn Register, routes: SharedRoutes, outbox: Out
 struct OutHandler {
     routes: SharedRoutes,
     outbox: Outbox,
+    scx: ServerContext,
+}
+
+/// Why a device's message was not taken for the cloud.
+enum Refused {
+    Outbox(PushError),
+    /// The remote topic (prefix + topic) is longer than an MQTT packet can carry.
+    TopicTooLong,
 }
 
 impl OutHandler {
-    /// Queues the message if a mapping sends it out. `Err` when the outbox refuses it.
-    async fn enqueue(&self, p: &Publish) -> Result<(), PushError> {
+    /// Queues the message if a mapping sends it out. `Err` when the cloud side refuses it.
+    async fn enqueue(&self, id: &Id, p: &Publish) -> Result<(), Refused> {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(route) = routes.route_out(&p.topic, p.qos.value()) else {
             return Ok(());
         };
+        if route.remote_topic.len() > MAX_TOPIC_LEN {
+            // Refused at mapping time: queued, it could never be sent, and would block the outbox.
+            crate::ops::metrics::get()
+                .dropped
+                .with_label_values(&[REMOTE_TOPIC_TOO_LONG])
+                .inc();
+            log_refused(id, REMOTE_TOPIC_TOO_LONG);
+            return Err(Refused::TopicTooLong);
+        }
         let msg = OutMessage {
             mapping: route.mapping,
             topic: route.remote_topic.clone(),
@@ -52,13 +80,46 @@ impl OutHandler {
             qos: route.qos,
             retain: p.retain,
             accepted_ms: 0,
+            user: id.username_ref().to_string(),
         };
-        self.outbox.push(msg).await?;
+        self.outbox.push(msg).await.map_err(Refused::Outbox)?;
         crate::ops::metrics::get()
             .messages_out
             .with_label_values(&[&route.mapping.to_string()])
             .inc();
         Ok(())
+    }
+
+    /// Delivers a message the cloud side refused to local subscribers anyway (as the device itself,
+    /// so it passes neither hook and is not offered to the outbox again).
+    async fn deliver_locally(&self, id: &Id, p: &Publish) {
+        let from = From::from_custom(id.clone());
+        if let Err(e) = SessionState::forwards(&self.scx, from, p.clone(), false, None).await {
+            tracing::warn!(client = ?&*id.client_id, topic = ?&*p.topic, "local delivery of a message the outbox refused failed: {e}");
+        }
+    }
+}
+
+/// Logs a device message the cloud side refused, with the device's address, client id and user: at
+/// most one line a second, carrying how many were held back (a flooding device must not flood the
+/// log). The count per reason is in `mqtt_uplink_dropped_total` (kept by the outbox, or above).
+fn log_refused(id: &Id, reason: &str) {
+    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    match &mut *last {
+        Some((t, n)) if now.duration_since(*t) < Duration::from_secs(1) => *n += 1,
+        other => {
+            tracing::warn!(
+                peer = %id.remote_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                client = ?&*id.client_id,
+                user = ?id.username_ref(),
+                reason,
+                suppressed = other.map_or(0, |(_, n)| n),
+                "device message not taken for the cloud (still delivered locally)"
+            );
+            *other = Some((now, 0));
+        }
     }
 }
 
@@ -74,32 +135,43 @@ impl Handler for OutHandler {
                 if !allowed {
                     return (false, acc);
                 }
-                match self.enqueue(publish).await {
-                    Ok(()) => (true, acc),
-                    Err(e) => {
-                        // rmqtt answers an MQTT 3.1.1 refusal with a plain PUBACK (v3 has no reason
-                        // code), which the device would take as delivered. So a v3 device is
-                        // disconnected instead, without a PUBACK: it resends after reconnecting.
-                        let v5 = matches!(session.protocol().await, Ok(5));
-                        let (code, text) = match e {
-                            PushError::Full => (PublishAckReason::QuotaExceeded, "outbox full"),
-                            PushError::Storage(_) => {
-                                tracing::error!(client = %session.id, "outbox refused a message: {e}");
-                                (
-                                    PublishAckReason::ImplementationSpecificError,
-                                    "outbox store failed",
-                                )
-                            }
-                        };
-                        let refused =
-                            PublishAclResult(PublishResult::reason_code(code, Some(text.into()), !v5));
-                        (false, Some(HookResult::PublishAclResult(refused)))
+                let refused = match self.enqueue(&session.id, publish).await {
+                    Ok(()) => return (true, acc),
+                    Err(r) => r,
+                };
+                // rmqtt answers an MQTT 3.1.1 refusal with a plain PUBACK (v3 has no reason code),
+                // which the device would take as delivered. So a v3 device is disconnected instead,
+                // without a PUBACK: it resends after reconnecting.
+                let v5 = matches!(session.protocol().await, Ok(5));
+                let (code, text) = match &refused {
+                    Refused::Outbox(PushError::Full) => (PublishAckReason::QuotaExceeded, "outbox full"),
+                    Refused::Outbox(PushError::UserFull) => {
+                        (PublishAckReason::QuotaExceeded, "outbox share of this user full")
                     }
+                    Refused::Outbox(e @ PushError::Storage(_)) => {
+                        tracing::error!(client = ?&*session.id.client_id, "outbox refused a message: {e}");
+                        (
+                            PublishAckReason::ImplementationSpecificError,
+                            "outbox store failed",
+                        )
+                    }
+                    Refused::TopicTooLong => (
+                        PublishAckReason::TopicNameInvalid,
+                        "remote topic too long for MQTT",
+                    ),
+                };
+                if let Refused::Outbox(e @ (PushError::Full | PushError::UserFull)) = &refused {
+                    log_refused(&session.id, &e.to_string());
                 }
+                // The refusal concerns the cloud copy: local subscribers still get the message.
+                self.deliver_locally(&session.id, publish).await;
+                let refused = PublishAclResult(PublishResult::reason_code(code, Some(text.into()), !v5));
+                (false, Some(HookResult::PublishAclResult(refused)))
             }
             Parameter::MessagePublish(_, from, publish) if matches!(from.typ(), FromType::LastWill) => {
-                // A will cannot be refused any more; a full outbox has counted and logged the drop.
-                let _ = self.enqueue(publish).await;
+                // A will cannot be refused any more; the outbox has counted and logged the drop. It
+                // counts under its device's user.
+                let _ = self.enqueue(&from.id, publish).await;
                 (true, acc)
             }
             _ => (true, acc),

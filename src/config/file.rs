@@ -349,6 +349,12 @@ pub struct OutboxFile {
     /// How long the writer waits for more messages before a durable commit (group commit window).
     #[serde(default = "default_commit_window_ms")]
     pub commit_window_ms: u64,
+    /// Byte cap of the QoS 0 lane, which lives in memory.
+    #[serde(default = "default_qos0_max_bytes")]
+    pub qos0_max_bytes: u64,
+    /// One user's share of `max_bytes`; absent: [`default_max_bytes_per_user`].
+    #[serde(default)]
+    pub max_bytes_per_user: Option<u64>,
 }
 
 impl Default for OutboxFile {
@@ -358,6 +364,8 @@ impl Default for OutboxFile {
             max_age_s: default_outbox_max_age_s(),
             on_full: default_on_full(),
             commit_window_ms: default_commit_window_ms(),
+            qos0_max_bytes: default_qos0_max_bytes(),
+            max_bytes_per_user: None,
         }
     }
 }
@@ -373,6 +381,18 @@ pub fn default_outbox_max_age_s() -> u64 {
 /// about 1/window messages per second; it is an opt-in for SD cards with many slow devices.
 pub fn default_commit_window_ms() -> u64 {
     0
+}
+
+/// 8 MiB: the QoS 0 lane is held in RAM, and the unit runs with `MemoryMax=256M`.
+pub fn default_qos0_max_bytes() -> u64 {
+    8 * 1024 * 1024
+}
+
+/// A quarter of `max_bytes`: one device (or one compromised credential) can hold at most a quarter of
+/// the backlog, so at least three quarters stay for everyone else, and a single device still gets
+/// 16 MiB of the default 64 MiB (hours of ordinary telemetry).
+pub fn default_max_bytes_per_user(max_bytes: u64) -> u64 {
+    max_bytes / 4
 }
 
 pub fn default_on_full() -> String {

@@ -186,5 +186,7 @@ fn outbox_default() -> OutboxSettings {
         max_age: std::time::Duration::from_secs(file::default_outbox_max_age_s()),
         on_full: OnFull::RejectNew,
         commit_window: std::time::Duration::from_millis(file::default_commit_window_ms()),
+        qos0_max_bytes: file::default_qos0_max_bytes(),
+        max_bytes_per_user: file::default_max_bytes_per_user(file::default_outbox_max_bytes()),
     }
 }

@@ -1,14 +1,19 @@
 //! The metrics and health endpoint: a deliberately small HTTP/1.1 responder for `GET /metrics`
 //! (Prometheus text format) and `GET /healthz` (200 ok / 503 degraded, with the reasons in the body),
 //! on TCP (loopback by default) or a unix socket. One request per connection; the request head is
-//! bounded in size and time, and a few connections are served at once (more wait to be accepted).
+//! bounded in size and time ([`HEAD_TIMEOUT`]), and up to [`CONCURRENT`] connections are served at
+//! once. Every connection is accepted at once: when all slots are taken, the connection that has been
+//! waiting longest for its request head is closed to make room (counted and logged), so slow or idle
+//! clients cannot starve `/healthz` (issue 20, finding 12).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MetricsBind;
@@ -16,10 +21,77 @@ use crate::ops::health::{Health, Probe};
 
 /// Largest request head read; longer ones get 431.
 const MAX_HEAD: usize = 4096;
-/// A client must send its request head and take the answer within this.
+/// A client must send its request head within this ...
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// ... and take the answer within this (from the start).
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once.
-const CONCURRENT: usize = 8;
+/// Connections served at once; beyond, the oldest one still sending its head is closed.
+pub const CONCURRENT: usize = 64;
+/// The refusal reason (`mqtt_uplink_refusals_total`) of a connection closed to make room.
+pub const EVICTED: &str = "metrics endpoint: slow request closed to make room";
+/// ... of one refused because every slot is busy answering ...
+pub const BUSY: &str = "metrics endpoint: every slot busy";
+/// ... and of one that sent no complete request head within [`HEAD_TIMEOUT`].
+pub const SLOW_HEAD: &str = "metrics endpoint: no request head within 2 s";
+
+/// The open connections, oldest first: peer, still reading its head, how to close it.
+#[derive(Default)]
+struct Slots {
+    next: u64,
+    open: BTreeMap<u64, (Option<IpAddr>, Arc<AtomicBool>, CancellationToken)>,
+}
+
+impl Slots {
+    /// Takes a slot for a new connection from `peer`, closing the oldest slow one if all are taken.
+    /// `None` when every slot is busy answering (the new connection is then closed).
+    fn admit(&mut self, peer: Option<IpAddr>) -> Option<(u64, Arc<AtomicBool>, CancellationToken)> {
+        if self.open.len() >= CONCURRENT {
+            let oldest = self
+                .open
+                .iter()
+                .find(|(_, (_, reading, _))| reading.load(Ordering::Relaxed))
+                .map(|(id, _)| *id);
+            let Some(id) = oldest else {
+                refused(peer, BUSY);
+                return None;
+            };
+            if let Some((old_peer, _, stop)) = self.open.remove(&id) {
+                stop.cancel();
+                refused(old_peer, EVICTED);
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let reading = Arc::new(AtomicBool::new(true));
+        let stop = CancellationToken::new();
+        self.open.insert(id, (peer, reading.clone(), stop.clone()));
+        Some((id, reading, stop))
+    }
+}
+
+/// Counts a refused metrics connection; logs at most once a second (with the count held back).
+fn refused(peer: Option<IpAddr>, reason: &'static str) {
+    crate::ops::metrics::get()
+        .refusals
+        .with_label_values(&[reason])
+        .inc();
+    static LAST: Mutex<Option<(std::time::Instant, u64)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    match &mut *last {
+        Some((t, n)) if now.duration_since(*t) < Duration::from_secs(1) => *n += 1,
+        other => {
+            let held = other.map_or(0, |(_, n)| n);
+            tracing::warn!(
+                peer = %peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
+                reason,
+                suppressed = held,
+                "metrics endpoint connection closed"
+            );
+            *other = Some((now, 0));
+        }
+    }
+}
 
 /// A bound endpoint, not yet serving.
 pub enum Endpoint {
@@ -55,17 +127,11 @@ impl Endpoint {
 
     /// Serves until `shutdown`.
     pub async fn serve(self, probe: Probe, shutdown: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(CONCURRENT));
+        let slots = Arc::new(Mutex::new(Slots::default()));
         loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                p = slots.clone().acquire_owned() => p,
-            };
-            let Ok(permit) = permit else { break };
-            let probe = probe.clone();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.accept_one(probe, permit) => {
+                r = self.accept_one(&probe, &slots) => {
                     if let Err(e) = r {
                         tracing::debug!("metrics endpoint: accept: {e}");
                         // Out of file descriptors and the like: do not spin.
@@ -79,38 +145,56 @@ impl Endpoint {
         }
     }
 
-    async fn accept_one(
-        &self,
-        probe: Probe,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> std::io::Result<()> {
+    async fn accept_one(&self, probe: &Probe, slots: &Arc<Mutex<Slots>>) -> std::io::Result<()> {
         match self {
             Endpoint::Tcp(l) => {
-                let (s, _) = l.accept().await?;
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    handle(s, &probe).await;
-                });
+                let (s, peer) = l.accept().await?;
+                spawn(s, Some(peer.ip()), probe, slots);
             }
             Endpoint::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    handle(s, &probe).await;
-                });
+                spawn(s, None, probe, slots);
             }
         }
         Ok(())
     }
 }
 
-/// Reads one request head, answers, closes.
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, probe: &Probe) {
+/// Serves one accepted connection in its own task, if it gets a slot.
+fn spawn<S>(s: S, peer: Option<IpAddr>, probe: &Probe, slots: &Arc<Mutex<Slots>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let admitted = slots.lock().unwrap_or_else(|e| e.into_inner()).admit(peer);
+    let Some((id, reading, stop)) = admitted else {
+        return; // dropped: closed
+    };
+    let probe = probe.clone();
+    let slots = slots.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = handle(s, peer, &probe, &reading) => {}
+        }
+        slots.lock().unwrap_or_else(|e| e.into_inner()).open.remove(&id);
+    });
+}
+
+/// Reads one request head, answers, closes. `reading` is cleared once the head is in.
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    peer: Option<IpAddr>,
+    probe: &Probe,
+    reading: &AtomicBool,
+) {
     let work = async {
-        let response = match read_head(&mut s).await {
-            Ok(head) => respond(&head, probe).await,
-            Err(HeadError::TooLarge) => reply(431, "text/plain", "request header too large\n"),
-            Err(HeadError::Io) => return,
+        let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut s)).await;
+        reading.store(false, Ordering::Relaxed);
+        let response = match head {
+            Ok(Ok(head)) => respond(&head, probe).await,
+            Ok(Err(HeadError::TooLarge)) => reply(431, "text/plain", "request header too large\n"),
+            Ok(Err(HeadError::Io)) => return,
+            Err(_) => return refused(peer, SLOW_HEAD),
         };
         let _ = s.write_all(response.as_bytes()).await;
         let _ = s.shutdown().await;

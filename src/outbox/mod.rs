@@ -1,7 +1,9 @@
 //! The outbox: the queue between the site and the uplink. QoS ≥ 1 messages enter it before the device
 //! gets its PUBACK and leave it only after the cloud broker's PUBACK. Bounded by bytes and age with an
-//! explicit `on_full` policy; every message a limit drops is counted by reason. QoS 0 messages take a
-//! separate small best-effort lane in memory that never blocks QoS 1.
+//! explicit `on_full` policy; every message a limit drops is counted by reason. Each user (the device's
+//! username; wills count under their device's) holds at most `max_bytes_per_user` of it, so that one
+//! device cannot fill the outbox for everyone. QoS 0 messages take a separate best-effort lane in memory,
+//! bounded in count and in bytes (`qos0_max_bytes`), that never blocks QoS 1.
 //!
 //! With a store ([`Outbox::open`], used whenever an `[uplink]` is configured) every QoS ≥ 1 message is
 //! committed to `state_dir/outbox.redb` before [`Outbox::push`] returns (group commit, see `store`), and
@@ -14,7 +16,7 @@
 
 mod store;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +26,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
 use crate::config::{OnFull, OutboxSettings};
-pub use store::StoreError;
+pub use store::{private_dir, private_file, StoreError};
 use store::{Op, Store};
 
 /// QoS 0 messages waiting for the uplink at most; more are dropped (counted).
@@ -38,7 +40,15 @@ pub mod reason {
     pub const REJECT_NEW: &str = "outbox full, new message rejected";
     pub const EXPIRED: &str = "message older than max_age";
     pub const QOS0_FULL: &str = "qos0 lane full";
+    pub const USER_DROP_OLDEST: &str = "outbox share of this user full, its oldest message dropped";
+    pub const USER_REJECT_NEW: &str = "outbox share of this user full, new message rejected";
+    pub const UNDELIVERABLE: &str = "undeliverable to the cloud (remote topic or packet too long), dropped";
 }
+
+/// Longest topic an MQTT packet can carry (its length is a 16-bit field).
+pub const MAX_TOPIC_LEN: usize = u16::MAX as usize;
+/// Largest MQTT packet (remaining length, a 4-byte variable integer).
+pub const MAX_PACKET_LEN: usize = 268_435_455;
 
 /// A message on its way to the cloud.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,12 +60,28 @@ pub struct OutMessage {
     pub retain: bool,
     /// Milliseconds since the Unix epoch when the appliance accepted it.
     pub accepted_ms: u64,
+    /// Whose share of the outbox it counts against: the publishing device's username ("" when
+    /// anonymous). A will counts under its device's user.
+    pub user: String,
 }
 
 impl OutMessage {
     /// Logical size, the unit of `max_bytes`.
     fn size(&self) -> u64 {
         (self.topic.len() + self.payload.len() + 32) as u64
+    }
+
+    /// Why this message can never be sent as an MQTT 3.1.1 PUBLISH, if it cannot.
+    pub fn undeliverable(&self) -> Option<String> {
+        if self.topic.len() > MAX_TOPIC_LEN {
+            return Some(format!(
+                "remote topic of {} bytes (MQTT allows {MAX_TOPIC_LEN})",
+                self.topic.len()
+            ));
+        }
+        // Fixed header aside: topic length field, topic, packet id, payload.
+        let len = 2 + self.topic.len() + 2 + self.payload.len();
+        (len > MAX_PACKET_LEN).then(|| format!("PUBLISH of {len} bytes (MQTT allows {MAX_PACKET_LEN})"))
     }
 }
 
@@ -64,6 +90,8 @@ impl OutMessage {
 pub enum PushError {
     #[error("outbox full (max_bytes reached, on_full = reject-new)")]
     Full,
+    #[error("outbox share of this user full (max_bytes_per_user reached)")]
+    UserFull,
     #[error("outbox store failed: {0}")]
     Storage(String),
 }
@@ -77,6 +105,12 @@ pub struct Counters {
     pub rejected_full: AtomicU64,
     pub expired: AtomicU64,
     pub qos0_dropped: AtomicU64,
+    /// Messages of a user over its share: its oldest dropped (drop-oldest) ...
+    pub user_dropped_oldest: AtomicU64,
+    /// ... or the new one refused (reject-new).
+    pub user_rejected: AtomicU64,
+    /// Messages the uplink could not send at all (topic or packet too long for MQTT), dropped.
+    pub undeliverable: AtomicU64,
     /// Pushes refused because the store could not commit them.
     pub storage_errors: AtomicU64,
 }
@@ -85,8 +119,16 @@ pub struct Counters {
 struct Entry {
     size: u64,
     accepted_ms: u64,
+    user: Arc<str>,
     /// The content, while it is in the cache; otherwise it is in the store.
     msg: Option<OutMessage>,
+}
+
+/// What one user holds in the outbox.
+#[derive(Default)]
+struct Share {
+    bytes: u64,
+    seqs: BTreeSet<u64>,
 }
 
 struct State {
@@ -95,16 +137,56 @@ struct State {
     cached: u64,
     next_seq: u64,
     qos0: VecDeque<OutMessage>,
+    /// Logical size of the QoS 0 lane (same unit as `bytes`).
+    qos0_bytes: u64,
+    /// Per user: bytes held and their messages' sequence numbers.
+    users: HashMap<Arc<str>, Share>,
 }
 
 impl State {
+    fn insert(&mut self, seq: u64, e: Entry) {
+        self.bytes += e.size;
+        if e.msg.is_some() {
+            self.cached += e.size;
+        }
+        let share = self.users.entry(e.user.clone()).or_default();
+        share.bytes += e.size;
+        share.seqs.insert(seq);
+        self.queue.insert(seq, e);
+    }
+
     fn remove(&mut self, seq: u64) -> Option<Entry> {
         let e = self.queue.remove(&seq)?;
         self.bytes -= e.size;
         if e.msg.is_some() {
             self.cached -= e.size;
         }
+        if let Some(share) = self.users.get_mut(&e.user) {
+            share.bytes -= e.size;
+            share.seqs.remove(&seq);
+            if share.seqs.is_empty() {
+                self.users.remove(&e.user);
+            }
+        }
         Some(e)
+    }
+
+    fn user_bytes(&self, user: &str) -> u64 {
+        self.users.get(user).map_or(0, |s| s.bytes)
+    }
+
+    /// The oldest message of `user`.
+    fn oldest_of(&self, user: &str) -> Option<u64> {
+        self.users.get(user)?.seqs.first().copied()
+    }
+
+    /// The oldest message of the user holding the most bytes (ties: the oldest message).
+    fn oldest_of_heaviest(&self) -> Option<u64> {
+        self.users
+            .values()
+            .filter_map(|s| Some((s.bytes, std::cmp::Reverse(*s.seqs.first()?))))
+            .max()
+            .map(|(_, std::cmp::Reverse(seq))| seq)
     }
 }
 
@@ -164,15 +246,17 @@ impl Outbox {
             cached: 0,
             next_seq: 1,
             qos0: VecDeque::new(),
+            qos0_bytes: 0,
+            users: HashMap::new(),
         };
         for i in index {
-            st.bytes += i.size;
             st.next_seq = st.next_seq.max(i.seq + 1);
-            st.queue.insert(
+            st.insert(
                 i.seq,
                 Entry {
                     size: i.size,
                     accepted_ms: i.accepted_ms,
+                    user: i.user.into(),
                     msg: None,
                 },
             );
@@ -226,23 +310,58 @@ impl Outbox {
         {
             let mut st = self.state();
             if msg.qos == 0 {
-                if st.qos0.len() >= QOS0_LANE {
-                    st.qos0.pop_front();
+                let size = msg.size();
+                let cap = self.inner.settings.qos0_max_bytes;
+                if size > cap {
+                    // Larger than the whole lane: dropped at once, the lane left as it is.
+                    c.qos0_dropped.fetch_add(1, Ordering::Relaxed);
+                    log_drop(reason::QOS0_FULL, 1);
+                    return Ok(());
+                }
+                while st.qos0.len() >= QOS0_LANE || st.qos0_bytes + size > cap {
+                    let Some(old) = st.qos0.pop_front() else { break };
+                    st.qos0_bytes -= old.size();
                     c.qos0_dropped.fetch_add(1, Ordering::Relaxed);
                     log_drop(reason::QOS0_FULL, 1);
                 }
+                st.qos0_bytes += size;
                 st.qos0.push_back(msg);
             } else {
                 let size = msg.size();
+                let share = self.inner.settings.max_bytes_per_user;
+                let on_full = self.inner.settings.on_full;
+                // The user's share first: a device over it refuses or evicts its own messages only.
+                // (A share of all of `max_bytes` is no share: the outbox limit below applies.)
+                while share < self.inner.settings.max_bytes && st.user_bytes(&msg.user) + size > share {
+                    let oldest = match on_full {
+                        OnFull::DropOldest => st.oldest_of(&msg.user),
+                        OnFull::RejectNew => None,
+                    };
+                    let Some(seq) = oldest else {
+                        if on_full == OnFull::DropOldest {
+                            // Nothing of its own left: one message alone may exceed the share, as
+                            // it may exceed `max_bytes` below.
+                            break;
+                        }
+                        c.user_rejected.fetch_add(1, Ordering::Relaxed);
+                        log_drop(reason::USER_REJECT_NEW, 1);
+                        return Err(PushError::UserFull);
+                    };
+                    st.remove(seq);
+                    self.forget(seq);
+                    c.user_dropped_oldest.fetch_add(1, Ordering::Relaxed);
+                    log_drop(reason::USER_DROP_OLDEST, 1);
+                }
                 while st.bytes + size > self.inner.settings.max_bytes {
-                    match self.inner.settings.on_full {
+                    match on_full {
                         OnFull::RejectNew => {
                             c.rejected_full.fetch_add(1, Ordering::Relaxed);
                             log_drop(reason::REJECT_NEW, 1);
                             return Err(PushError::Full);
                         }
                         OnFull::DropOldest => {
-                            let Some(&seq) = st.queue.keys().next() else {
+                            // The heaviest user pays first, so one device's flood evicts its own.
+                            let Some(seq) = st.oldest_of_heaviest() else {
                                 break;
                             };
                             st.remove(seq);
@@ -264,15 +383,13 @@ impl Outbox {
                     committed = Some((seq, rx));
                 }
                 let cache = st.cached + size <= CACHE_BYTES;
-                if cache {
-                    st.cached += size;
-                }
-                st.bytes += size;
-                st.queue.insert(
+                let user: Arc<str> = msg.user.as_str().into();
+                st.insert(
                     seq,
                     Entry {
                         size,
                         accepted_ms: msg.accepted_ms,
+                        user,
                         msg: cache.then_some(msg),
                     },
                 );
@@ -361,7 +478,30 @@ impl Outbox {
 
     /// Takes the next QoS 0 message, if any.
     pub fn pop_qos0(&self) -> Option<OutMessage> {
-        self.state().qos0.pop_front()
+        let mut st = self.state();
+        let m = st.qos0.pop_front()?;
+        st.qos0_bytes -= m.size();
+        Some(m)
+    }
+
+    /// The uplink cannot send message `seq` at all (`why`): it is dropped, counted and logged, so that
+    /// it does not block the messages behind it.
+    pub fn discard_undeliverable(&self, seq: u64, why: &str) {
+        let mut st = self.state();
+        if let Some(e) = st.remove(seq) {
+            self.forget(seq);
+            self.inner.counters.undeliverable.fetch_add(1, Ordering::Relaxed);
+            crate::ops::metrics::get()
+                .dropped
+                .with_label_values(&[reason::UNDELIVERABLE])
+                .inc();
+            tracing::error!(
+                seq,
+                user = ?e.user,
+                bytes = e.size,
+                "outbox message cannot be sent to the cloud ({why}); dropped"
+            );
+        }
     }
 
     /// The cloud acknowledged message `seq`: forget it (the deletion is batched with other writes).
@@ -406,19 +546,35 @@ impl Outbox {
         self.state().qos0.len()
     }
 
+    /// Logical size of the QoS 0 lane (topic + payload + 32 per message).
+    pub fn qos0_bytes(&self) -> u64 {
+        self.state().qos0_bytes
+    }
+
+    /// Bytes held by `user`'s QoS ≥ 1 messages.
+    pub fn user_bytes(&self, user: &str) -> u64 {
+        self.state().user_bytes(user)
+    }
+
     /// Size of the store's file on disk (0 in memory).
     pub fn store_file_bytes(&self) -> u64 {
         self.inner.store.as_ref().map_or(0, Store::file_len)
     }
 
     /// Messages dropped by a limit so far, by reason (the labels of `mqtt_uplink_dropped_total`).
-    pub fn drops(&self) -> [(&'static str, u64); 4] {
+    pub fn drops(&self) -> [(&'static str, u64); 7] {
         let c = &self.inner.counters;
         [
             (reason::DROP_OLDEST, c.dropped_oldest.load(Ordering::Relaxed)),
             (reason::REJECT_NEW, c.rejected_full.load(Ordering::Relaxed)),
             (reason::EXPIRED, c.expired.load(Ordering::Relaxed)),
             (reason::QOS0_FULL, c.qos0_dropped.load(Ordering::Relaxed)),
+            (
+                reason::USER_DROP_OLDEST,
+                c.user_dropped_oldest.load(Ordering::Relaxed),
+            ),
+            (reason::USER_REJECT_NEW, c.user_rejected.load(Ordering::Relaxed)),
+            (reason::UNDELIVERABLE, c.undeliverable.load(Ordering::Relaxed)),
         ]
     }
 
@@ -453,10 +609,16 @@ mod tests {
             max_age: Duration::from_secs(3600),
             on_full,
             commit_window: Duration::from_millis(5),
+            qos0_max_bytes: 1 << 20,
+            max_bytes_per_user: max_bytes,
         }
     }
 
     fn msg(qos: u8, payload: &'static [u8]) -> OutMessage {
+        user_msg("u", qos, payload)
+    }
+
+    fn user_msg(user: &str, qos: u8, payload: &'static [u8]) -> OutMessage {
         OutMessage {
             mapping: 0,
             topic: "t".into(),
@@ -464,7 +626,64 @@ mod tests {
             qos,
             retain: false,
             accepted_ms: 0,
+            user: user.into(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_user_over_its_share_refuses_or_evicts_only_its_own() {
+        let mut s = settings(1000, OnFull::RejectNew);
+        s.max_bytes_per_user = 250;
+        let o = Outbox::memory(s.clone());
+        for _ in 0..3 {
+            o.push(user_msg("hog", 1, &[0; 50])).await.unwrap();
+        }
+        assert_eq!(
+            o.push(user_msg("hog", 1, &[0; 50])).await,
+            Err(PushError::UserFull)
+        );
+        o.push(user_msg("other", 1, &[0; 50])).await.unwrap();
+        assert_eq!(o.counters().user_rejected.load(Ordering::Relaxed), 1);
+
+        s.on_full = OnFull::DropOldest;
+        let o = Outbox::memory(s);
+        o.push(user_msg("other", 1, b"keep")).await.unwrap();
+        for _ in 0..10 {
+            o.push(user_msg("hog", 1, &[0; 50])).await.unwrap();
+        }
+        let left = o.pending_after(0, 100);
+        assert_eq!(
+            left[0].1.payload, "keep",
+            "another user's message is never evicted"
+        );
+        assert_eq!(left.len(), 1 + 3);
+        assert_eq!(o.counters().user_dropped_oldest.load(Ordering::Relaxed), 7);
+        assert_eq!(o.user_bytes("hog"), 3 * 83);
+    }
+
+    #[tokio::test]
+    async fn the_qos0_lane_is_capped_in_bytes() {
+        let mut s = settings(1 << 20, OnFull::RejectNew);
+        s.qos0_max_bytes = 1000;
+        let o = Outbox::memory(s);
+        for _ in 0..100 {
+            o.push(msg(0, &[0; 100])).await.unwrap();
+        }
+        assert!(o.qos0_bytes() <= 1000, "{}", o.qos0_bytes());
+        assert_eq!(o.qos0_depth(), 1000 / 133);
+        assert_eq!(
+            o.counters().qos0_dropped.load(Ordering::Relaxed),
+            100 - 1000 / 133
+        );
+        // A message larger than the whole lane is dropped alone; the lane keeps what it has.
+        o.push(msg(0, &[0; 2000])).await.unwrap();
+        assert_eq!(o.qos0_depth(), 1000 / 133);
+        assert_eq!(
+            o.counters().qos0_dropped.load(Ordering::Relaxed),
+            100 - 1000 / 133 + 1
+        );
+        while o.pop_qos0().is_some() {}
+        assert_eq!(o.qos0_bytes(), 0);
     }
 
     #[tokio::test]
@@ -562,6 +781,7 @@ mod measure {
             qos: 1,
             retain: false,
             accepted_ms: 0,
+            user: "dev".into(),
         }
     }
 
@@ -574,6 +794,8 @@ mod measure {
             max_age: Duration::from_secs(3600),
             on_full: OnFull::RejectNew,
             commit_window: Duration::from_millis(5),
+            qos0_max_bytes: 1 << 20,
+            max_bytes_per_user: 1 << 30,
         };
         let o = Outbox::open(dir.path(), settings).unwrap();
         // 1,000 msg/s for 5 s, acked 5 ms later as the uplink would.

@@ -23,10 +23,15 @@ use tokio::sync::{oneshot, Notify};
 use super::OutMessage;
 
 const TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-/// Record format version (first byte of every record).
-const FORMAT: u8 = 1;
-/// Fixed part of a record: format, mapping, qos, retain, accepted_ms, topic length.
-const HEADER: usize = 1 + 4 + 1 + 1 + 8 + 2;
+/// Record format version (first byte of every record). Version 1 (read, no longer written) had a
+/// 16-bit topic length and no user; version 2 has a 32-bit topic length (never truncated) and the user.
+const FORMAT: u8 = 2;
+const FORMAT_V1: u8 = 1;
+/// Fixed part of a version 1 record: format, mapping, qos, retain, accepted_ms, topic length (u16).
+const HEADER_V1: usize = 1 + 4 + 1 + 1 + 8 + 2;
+/// Fixed part of a record: format, mapping, qos, retain, accepted_ms, topic length (u32), user length
+/// (u16).
+const HEADER: usize = 1 + 4 + 1 + 1 + 8 + 4 + 2;
 /// Operations applied per transaction at most (bounds the latency of one commit).
 const MAX_BATCH: usize = 8192;
 /// Quiet time after which non-durable deletions are synced.
@@ -69,6 +74,7 @@ pub(super) struct Indexed {
     pub seq: u64,
     pub size: u64,
     pub accepted_ms: u64,
+    pub user: String,
 }
 
 fn db_err(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -87,7 +93,8 @@ impl Store {
         window: Duration,
     ) -> Result<(Store, Vec<Indexed>), StoreError> {
         let path = dir.join("outbox.redb");
-        std::fs::create_dir_all(dir).map_err(|e| db_err(dir, e))?;
+        private_dir(dir).map_err(|e| db_err(dir, e))?;
+        private_file(&path).map_err(|e| db_err(&path, e))?;
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(&path)
@@ -104,13 +111,14 @@ impl Store {
             for item in t.iter().map_err(|e| db_err(&path, e))? {
                 let (k, v) = item.map_err(|e| db_err(&path, e))?;
                 let (seq, rec) = (k.value(), v.value());
-                let Some((accepted_ms, size)) = peek(rec) else {
+                let Some(m) = decode(rec) else {
                     return Err(StoreError::Malformed { path, seq });
                 };
                 index.push(Indexed {
                     seq,
-                    size,
-                    accepted_ms,
+                    size: m.size(),
+                    accepted_ms: m.accepted_ms,
+                    user: m.user,
                 });
             }
         }
@@ -152,6 +160,53 @@ impl Store {
     pub fn file_len(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
     }
+}
+
+/// Creates the state directory (and missing parents) 0700, whatever the umask: the outbox holds
+/// device payloads. A directory that already exists is left as it is (systemd creates it with
+/// `StateDirectoryMode=0700`; an operator's own choice is theirs), with a warning when other users can
+/// enter it.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    match std::fs::metadata(dir) {
+        Ok(m) => {
+            if m.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %dir.display(),
+                    mode = format!("{:o}", m.permissions().mode() & 0o7777),
+                    "the state directory is open to other users (it holds queued device messages); \
+                     chmod 700 it"
+                );
+            }
+            Ok(())
+        }
+        Err(_) => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            // The umask may only have removed bits; make sure of 0700 exactly.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        }
+    }
+}
+
+/// Creates `path` 0600 if missing, and takes group and other permissions off it if present (it is
+/// the appliance's own file).
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mode = f.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
 }
 
 /// The writer thread: group commit until every sender is gone.
@@ -251,40 +306,60 @@ fn commit(db: &Database, puts: &[Put], dels: &[u64]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The record for a message: a fixed little-endian header, the topic, the payload.
+/// The record for a message: a fixed little-endian header, the user, the topic, the payload. Lengths
+/// are stored in full: a topic longer than any MQTT packet can carry is kept as it is (the uplink then
+/// drops it as undeliverable), never truncated into another topic. A user name longer than 65,535
+/// bytes cannot exist (MQTT strings are at most that long); it would be cut at a character boundary.
 pub(super) fn encode(m: &OutMessage) -> Vec<u8> {
     let topic = m.topic.as_bytes();
-    let mut v = Vec::with_capacity(HEADER + topic.len() + m.payload.len());
+    let mut user = m.user.as_str();
+    while user.len() > u16::MAX as usize {
+        let mut end = u16::MAX as usize;
+        while !user.is_char_boundary(end) {
+            end -= 1;
+        }
+        user = &user[..end];
+    }
+    let tlen = u32::try_from(topic.len()).expect("a topic is at most a packet long (< 4 GiB)");
+    let mut v = Vec::with_capacity(HEADER + user.len() + topic.len() + m.payload.len());
     v.push(FORMAT);
     v.extend_from_slice(&(m.mapping as u32).to_le_bytes());
     v.push(m.qos);
     v.push(m.retain as u8);
     v.extend_from_slice(&m.accepted_ms.to_le_bytes());
-    v.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+    v.extend_from_slice(&tlen.to_le_bytes());
+    v.extend_from_slice(&(user.len() as u16).to_le_bytes());
+    v.extend_from_slice(user.as_bytes());
     v.extend_from_slice(topic);
     v.extend_from_slice(&m.payload);
     v
 }
 
-/// Acceptance time and logical size of a record, without copying it.
-fn peek(rec: &[u8]) -> Option<(u64, u64)> {
-    let m = decode(rec)?;
-    Some((m.accepted_ms, m.size()))
-}
-
 fn decode(rec: &[u8]) -> Option<OutMessage> {
-    if rec.len() < HEADER || rec[0] != FORMAT {
-        return None;
-    }
+    let (header, tlen, ulen) = match *rec.first()? {
+        FORMAT if rec.len() >= HEADER => (
+            HEADER,
+            u32::from_le_bytes(rec[15..19].try_into().ok()?) as usize,
+            u16::from_le_bytes(rec[19..21].try_into().ok()?) as usize,
+        ),
+        FORMAT_V1 if rec.len() >= HEADER_V1 => (
+            HEADER_V1,
+            u16::from_le_bytes(rec[15..17].try_into().ok()?) as usize,
+            0,
+        ),
+        _ => return None,
+    };
     let mapping = u32::from_le_bytes(rec[1..5].try_into().ok()?) as usize;
     let qos = rec[5];
     let retain = rec[6] != 0;
     let accepted_ms = u64::from_le_bytes(rec[7..15].try_into().ok()?);
-    let tlen = u16::from_le_bytes(rec[15..17].try_into().ok()?) as usize;
-    let topic = std::str::from_utf8(rec.get(HEADER..HEADER + tlen)?)
+    let user_end = header.checked_add(ulen)?;
+    let topic_end = user_end.checked_add(tlen)?;
+    let user = std::str::from_utf8(rec.get(header..user_end)?).ok()?.to_string();
+    let topic = std::str::from_utf8(rec.get(user_end..topic_end)?)
         .ok()?
         .to_string();
-    let payload = Bytes::copy_from_slice(&rec[HEADER + tlen..]);
+    let payload = Bytes::copy_from_slice(&rec[topic_end..]);
     Some(OutMessage {
         mapping,
         topic,
@@ -292,6 +367,7 @@ fn decode(rec: &[u8]) -> Option<OutMessage> {
         qos,
         retain,
         accepted_ms,
+        user,
     })
 }
 
@@ -308,9 +384,45 @@ mod tests {
             qos: 1,
             retain: true,
             accepted_ms: 1_700_000_000_123,
+            user: "dev1".into(),
         };
         assert_eq!(decode(&encode(&m)), Some(m));
-        assert_eq!(decode(b"\x02short"), None);
+        assert_eq!(decode(b"\x03short"), None);
         assert_eq!(decode(&[FORMAT, 0, 0]), None);
+        assert_eq!(decode(&[FORMAT_V1, 0, 0]), None);
+    }
+
+    /// Issue 20, finding 2: a topic longer than 65,535 bytes was stored with its length cut to 16 bits,
+    /// so after a restart the message came back on a prefix of its topic (and the rest of the topic in
+    /// its payload).
+    #[test]
+    fn long_topics_are_stored_without_truncation() {
+        let m = OutMessage {
+            mapping: 0,
+            topic: format!("sites/plant-7/{}", "t".repeat(70_000)),
+            payload: Bytes::from_static(b"payload"),
+            qos: 1,
+            retain: true,
+            accepted_ms: 1,
+            user: "dev1".into(),
+        };
+        let back = decode(&encode(&m)).unwrap();
+        assert_eq!(back.topic.len(), m.topic.len());
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn version_1_records_still_read() {
+        let mut v = vec![FORMAT_V1];
+        v.extend_from_slice(&3u32.to_le_bytes());
+        v.extend_from_slice(&[1, 0]);
+        v.extend_from_slice(&5u64.to_le_bytes());
+        v.extend_from_slice(&3u16.to_le_bytes());
+        v.extend_from_slice(b"a/bpayload");
+        let m = decode(&v).unwrap();
+        assert_eq!(
+            (m.mapping, m.topic.as_str(), &m.payload[..], m.user.as_str()),
+            (3, "a/b", &b"payload"[..], "")
+        );
     }
 }

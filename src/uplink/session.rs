@@ -185,6 +185,12 @@ pub async fn run(
         let mut wrote = false;
         if inflight.len() < max_inflight {
             for (seq, m) in w.outbox.pending_after(cursor, max_inflight - inflight.len()) {
+                cursor = seq;
+                // One message MQTT cannot carry must not fail every session and block the queue.
+                if let Some(why) = m.undeliverable() {
+                    w.outbox.discard_undeliverable(seq, &why);
+                    continue;
+                }
                 let pid = pids.next_free(|id| inflight.contains_key(&id) || pending.contains_key(&id));
                 let p = Publish {
                     dup: false,
@@ -199,12 +205,19 @@ pub async fn run(
                     .await
                     .context("sending PUBLISH")?;
                 inflight.insert(pid, seq);
-                cursor = seq;
                 wrote = true;
             }
         }
         for _ in 0..QOS0_BATCH {
             let Some(m) = w.outbox.pop_qos0() else { break };
+            if let Some(why) = m.undeliverable() {
+                tracing::error!("QoS 0 message cannot be sent to the cloud ({why}); dropped");
+                crate::ops::metrics::get()
+                    .dropped
+                    .with_label_values(&[crate::outbox::reason::UNDELIVERABLE])
+                    .inc();
+                continue;
+            }
             let p = Publish {
                 dup: false,
                 retain: m.retain,

@@ -124,7 +124,10 @@ impl Ledger {
         let Some(path) = &self.path else { return };
         let text: String = self.held.iter().map(|(f, q)| format!("{q} {f}\n")).collect();
         let tmp = path.with_extension("tmp");
-        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+        // 0600 whatever the umask, like everything in the state directory.
+        let written = crate::outbox::private_file(&tmp)
+            .and_then(|()| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, path));
         if let Err(e) = written {
             tracing::warn!(
                 path = %path.display(),

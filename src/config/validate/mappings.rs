@@ -97,3 +97,28 @@ pub(super) fn cycles(ctx: &mut Ctx<'_>, maps: &[Mapping]) {
         }
     }
 }
+
+/// Two `in` (or `both`) mappings whose local topic spaces overlap let two different cloud subtrees
+/// write the same local topics: a subscriber cannot tell which cloud topic a message came from, and
+/// whoever may publish under one remote prefix can reach the devices of the other. Allowed (a fan-in
+/// can be intended), but `check` warns.
+pub(super) fn in_overlaps(ctx: &mut Ctx<'_>, maps: &[Mapping]) {
+    let ins: Vec<&Mapping> = maps.iter().filter(|m| m.direction.comes_in()).collect();
+    for (i, a) in ins.iter().enumerate() {
+        for b in &ins[i + 1..] {
+            let a_local = format!("{}{}", a.local_prefix, a.topic);
+            let b_local = format!("{}{}", b.local_prefix, b.topic);
+            if topic::intersects(&a_local, &b_local) {
+                ctx.warn(
+                    &format!("map[{}]", b.index),
+                    format!(
+                        "overlaps map[{}] in the local topic space: `{}{}` and `{}{}` from the cloud both land \
+                         on `{b_local}` / `{a_local}`, so local subscribers cannot tell which cloud topic a \
+                         message came from",
+                        a.index, b.remote_prefix, b.topic, a.remote_prefix, a.topic
+                    ),
+                );
+            }
+        }
+    }
+}

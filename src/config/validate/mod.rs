@@ -14,7 +14,7 @@ use crate::config::source::SourceMap;
 mod mappings;
 mod uplink;
 
-use mappings::{cycles, mappings};
+use mappings::{cycles, in_overlaps, mappings};
 pub use uplink::parse_broker_url;
 use uplink::uplink;
 
@@ -187,6 +187,7 @@ pub fn validate(ctx: &mut Ctx<'_>, s: Sections) -> Option<Config> {
         ctx.error("map", "mappings need an [uplink] section to carry them");
     }
     cycles(ctx, &mappings);
+    in_overlaps(ctx, &mappings);
     let outbox = outbox(ctx, s.outbox.unwrap_or_default());
     let log_level = s.log.unwrap_or_default().level;
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
@@ -516,11 +517,25 @@ fn outbox(ctx: &mut Ctx<'_>, f: OutboxFile) -> OutboxSettings {
     if f.max_age_s == 0 {
         ctx.error("outbox.max_age_s", "must be at least 1");
     }
+    if f.qos0_max_bytes < 64 * 1024 {
+        ctx.error("outbox.qos0_max_bytes", "must be at least 65536");
+    }
+    let per_user = f
+        .max_bytes_per_user
+        .unwrap_or_else(|| default_max_bytes_per_user(f.max_bytes));
+    if f.max_bytes_per_user.is_some() && !(4096..=f.max_bytes).contains(&per_user) {
+        ctx.error(
+            "outbox.max_bytes_per_user",
+            format!("must be between 4096 and max_bytes ({})", f.max_bytes),
+        );
+    }
     OutboxSettings {
         max_bytes: f.max_bytes,
         max_age: Duration::from_secs(f.max_age_s),
         on_full,
         commit_window: Duration::from_millis(f.commit_window_ms),
+        qos0_max_bytes: f.qos0_max_bytes,
+        max_bytes_per_user: per_user,
     }
 }
 
