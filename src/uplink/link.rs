@@ -19,6 +19,7 @@ use rmqtt::codec::v3::{Codec, Packet};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use super::decode::{Inbound, InboundCodec};
 use crate::transport::BoxStream;
 
 /// Packets read during writes and not yet handled, at most.
@@ -26,18 +27,19 @@ const MAX_BACKLOG: usize = 65_536;
 
 /// A framed MQTT 3.1.1 connection, split so reads go on during writes.
 pub struct Link {
-    rx: FramedRead<ReadHalf<BoxStream>, Codec>,
+    rx: FramedRead<ReadHalf<BoxStream>, InboundCodec>,
     tx: FramedWrite<WriteHalf<BoxStream>, Codec>,
-    backlog: VecDeque<Packet>,
+    backlog: VecDeque<Inbound>,
     write_timeout: Duration,
 }
 
 impl Link {
-    /// `max_inbound` bounds the packets accepted from the broker.
+    /// `max_inbound` bounds the remaining length of packets taken from the broker: a PUBLISH over it
+    /// is skipped and reported as [`Inbound::Discarded`], anything else over it ends the stream.
     pub fn new(stream: BoxStream, max_inbound: u32, write_timeout: Duration) -> Self {
         let (r, w) = tokio::io::split(stream);
         Link {
-            rx: FramedRead::new(r, Codec::new(max_inbound)),
+            rx: FramedRead::new(r, InboundCodec::new(max_inbound)),
             tx: FramedWrite::new(w, Codec::new(0)),
             backlog: VecDeque::new(),
             write_timeout,
@@ -46,14 +48,11 @@ impl Link {
 
     /// The next packet from the broker: first those read during writes, then the wire.
     /// `None` when the broker closed the connection.
-    pub async fn next(&mut self) -> Option<anyhow::Result<Packet>> {
+    pub async fn next(&mut self) -> Option<anyhow::Result<Inbound>> {
         if let Some(p) = self.backlog.pop_front() {
             return Some(Ok(p));
         }
-        self.rx
-            .next()
-            .await
-            .map(|r| r.map(|(p, _)| p).map_err(|e| anyhow!("{e}")))
+        self.rx.next().await.map(|r| r.map_err(|e| anyhow!("{e}")))
     }
 
     /// Buffers a packet (writing out when the buffer is full).
@@ -93,8 +92,8 @@ impl Link {
 /// Runs `write` to completion while reading into `backlog`.
 async fn drive<E: std::fmt::Display>(
     write: impl Future<Output = Result<(), E>>,
-    rx: &mut FramedRead<ReadHalf<BoxStream>, Codec>,
-    backlog: &mut VecDeque<Packet>,
+    rx: &mut FramedRead<ReadHalf<BoxStream>, InboundCodec>,
+    backlog: &mut VecDeque<Inbound>,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     tokio::pin!(write);
@@ -106,7 +105,7 @@ async fn drive<E: std::fmt::Display>(
             r = &mut write => return r.map_err(|e| anyhow!("writing to the cloud broker: {e}")),
             _ = &mut stalled => bail!("writing to the cloud broker made no progress for {timeout:?}"),
             p = rx.next(), if reading => match p {
-                Some(Ok((p, _))) => {
+                Some(Ok(p)) => {
                     if backlog.len() >= MAX_BACKLOG {
                         bail!("the cloud broker sent more than {MAX_BACKLOG} packets during one write");
                     }

@@ -454,6 +454,15 @@ fn limits(ctx: &mut Ctx<'_>, f: LimitsFile) -> Limits {
     if f.handshake_timeout_s == 0 {
         ctx.error("limits.handshake_timeout_s", "must be at least 1");
     }
+    if f.max_retained_bytes < u64::from(f.max_packet_size) {
+        ctx.warn(
+            "limits.max_retained_bytes",
+            format!(
+                "{}: below limits.max_packet_size ({}): the largest messages can never be retained",
+                f.max_retained_bytes, f.max_packet_size
+            ),
+        );
+    }
     Limits::from(&f)
 }
 
