@@ -701,8 +701,19 @@ retain = "drop"
         "[[map]]\ndirection = \"out\"\ntopic = \"sensors/keep/#\"",
         1,
     );
+    let in_before = |m: &str| {
+        mqtt_uplink::ops::metrics::get()
+            .messages_in
+            .with_label_values(&[m])
+            .get()
+    };
+    let (cfg_in, keep_in) = (in_before("1"), in_before("2"));
     let app = App::start(dir.path(), &toml).await;
     assert!(app.wait_connected(T).await);
+    assert!(
+        wait_until(T, || in_before("1") > cfg_in && in_before("2") > keep_in).await,
+        "both retained messages came down"
+    );
 
     // Down: the keep mapping's message is retained locally, the drop mapping's is not.
     let mut keep = device(&app, "dev-keep", "keep/#").await;
@@ -745,7 +756,7 @@ async fn a_retained_flood_from_the_cloud_is_capped_by_max_retained_bytes() {
     let _serial = serial().await;
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    const N: usize = 1500;
+    const N: usize = 3000;
     const SIZE: usize = 128 * 1024;
     {
         let mut c = CloudClient::connect(&cloud).await;
@@ -809,8 +820,10 @@ async fn a_retained_flood_from_the_cloud_is_capped_by_max_retained_bytes() {
     );
     // 16 MiB holds 127 of them: the rest are delivered live but not retained.
     assert!(refused >= (N - 130) as u64, "only {refused} refused");
+    // Without the cap the store alone holds the whole flood (375 MiB); with it, 16 MiB, and the rest
+    // of the peak is messages in transit and the allocator (measured +20 to +115 MiB).
     assert!(
-        peak.saturating_sub(base) < 120 * 1024,
+        peak.saturating_sub(base) < 200 * 1024,
         "RSS grew by {} MiB (the flood is {} MiB)",
         peak.saturating_sub(base) / 1024,
         N * SIZE / (1 << 20)
@@ -921,10 +934,21 @@ async fn cloud_topics_are_logged_escaped_and_unmapped_warnings_are_rate_limited(
     assert_eq!(dropped(NO_IN_MAPPING) - before, N + 2, "every drop is counted");
 
     // The burst's summary comes on a later health tick, once the 10 s interval has passed.
-    let summary = wait_until(Duration::from_secs(25), || {
-        String::from_utf8_lossy(&LOG.lock().unwrap()).contains("held back from the log")
-    })
-    .await;
+    // The fake answers the uplink's PINGREQs meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let summary = loop {
+        let log = String::from_utf8_lossy(&LOG.lock().unwrap()).into_owned();
+        if log
+            .lines()
+            .any(|l| l.contains("held back from the log") && l.contains(NO_IN_MAPPING))
+        {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        let _ = s.next(Duration::from_millis(200)).await;
+    };
     let log = LOG.lock().unwrap().clone();
     let text = String::from_utf8_lossy(&log);
     let lines: Vec<&str> = text

@@ -114,6 +114,10 @@ impl RetainStorage for RetainedStore {
             }
             return Ok(());
         }
+        // A payload decoded from a connection shares that connection's read buffer; a copy keeps the
+        // store from pinning more than it counts.
+        let mut retain = retain;
+        retain.publish.payload = bytes::Bytes::copy_from_slice(&retain.publish.payload);
         tree.insert(&t, TimedValue::new(retain, expiry));
         let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak.fetch_max(n, Ordering::Relaxed);
