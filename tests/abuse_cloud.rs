@@ -612,7 +612,7 @@ async fn cloud_messages_over_max_packet_size_never_reach_a_device() {
     let toml = site(
         dir.path(),
         &mosquitto_uplink(dir.path(), &cloud, ""),
-        "max_packet_size = 65536\nmax_retained_bytes = 1048576",
+        "max_packet_size = 65536",
         CMD_MAP,
     );
     let app = App::start(dir.path(), &toml).await;
