@@ -60,18 +60,19 @@ pub fn render(c: &Config) -> String {
         c.auth.duplicate_client_id,
     );
     s += &format!(
-        "limits: packet {} B, connections {}, inflight {}, queue {}, subscriptions {}, handshake {:?}\n",
+        "limits: packet {} B, connections {}, inflight {}, queue {}, subscriptions {}, handshake {:?}, retained {} B\n",
         c.limits.max_packet_size,
         c.limits.max_connections,
         c.limits.max_inflight,
         c.limits.max_queued_messages,
         c.limits.max_subscriptions,
-        c.limits.handshake_timeout
+        c.limits.handshake_timeout,
+        c.limits.max_retained_bytes
     );
     match &c.uplink {
         Some(u) => {
             s += &format!(
-                "uplink: {} as {} (user {}, password {}), transports [{}], keepalive {:?}\n",
+                "uplink: {} as {} (user {}, password {}), transports [{}], keepalive {:?}, in at most {} msg/s\n",
                 u.broker,
                 u.client_id,
                 u.username.as_deref().unwrap_or("-"),
@@ -81,7 +82,8 @@ pub fn render(c: &Config) -> String {
                     .map(|t| t.name())
                     .collect::<Vec<_>>()
                     .join(", "),
-                u.keepalive
+                u.keepalive,
+                u.max_in_msgs_per_s
             );
         }
         None => s += "uplink: none (local broker only)\n",
@@ -105,6 +107,9 @@ pub fn render(c: &Config) -> String {
                 format!("{}{}", m.remote_prefix, m.topic),
                 m.qos
             );
+            if m.retain == crate::config::RetainPolicy::Drop {
+                s.insert_str(s.len() - 1, " (retain flag dropped)");
+            }
         }
     }
     s

@@ -137,7 +137,7 @@ fn publish_problem(first: u8, body: &[u8]) -> Option<Why> {
     if std::str::from_utf8(topic).is_err() {
         return Some(Why::TopicNotUtf8);
     }
-    if qos > 0 && !body.get(2 + tlen..4 + tlen).is_some_and(|b| b != [0, 0]) {
+    if qos > 0 && body.get(2 + tlen..4 + tlen).is_none_or(|b| b == [0, 0]) {
         return Some(Why::Malformed("no packet id".into()));
     }
     None
