@@ -603,3 +603,37 @@ impl PacketIds {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_in_rate_allows_a_one_second_burst_then_paces() {
+        let t0 = Instant::now();
+        let mut r = InRate::new(10, t0);
+        for _ in 0..10 {
+            assert_eq!(r.take(t0), None, "the burst");
+        }
+        let until = r.take(t0).expect("over the rate: pause");
+        assert_eq!(until - t0, Duration::from_millis(100), "one token's time");
+        assert_eq!(r.resumed(until), Duration::from_millis(100));
+        // A token came back while paused; the next one is spent again.
+        assert!(r.take(until).is_some());
+        // After a quiet second the burst is back, not more.
+        let later = until + Duration::from_secs(5);
+        for _ in 0..10 {
+            assert_eq!(r.take(later), None);
+        }
+        assert!(r.take(later).is_some());
+    }
+
+    #[test]
+    fn the_local_size_is_what_a_device_would_be_sent() {
+        // Fixed header aside: topic length, topic, packet id at QoS > 0, payload.
+        assert_eq!(local_packet_size("a/b", 1, 10), 2 + 3 + 2 + 10);
+        assert_eq!(local_packet_size("a/b", 0, 10), 2 + 3 + 10);
+        assert_eq!(inbound_limit(u32::MAX), MQTT_MAX_REMAINING);
+        assert_eq!(inbound_limit(1000), 1000 + 65_535);
+    }
+}
