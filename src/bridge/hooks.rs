@@ -78,7 +78,7 @@ impl OutHandler {
             topic: route.remote_topic.clone(),
             payload: p.payload.clone(),
             qos: route.qos,
-            retain: p.retain,
+            retain: route.retain.apply(p.retain),
             accepted_ms: 0,
             user: id.username_ref().to_string(),
         };

@@ -4,7 +4,7 @@
 
 pub mod hooks;
 
-use crate::config::Mapping;
+use crate::config::{Mapping, RetainPolicy};
 use crate::topic;
 
 /// Where a local message goes upstream.
@@ -15,6 +15,8 @@ pub struct OutRoute {
     pub remote_topic: String,
     /// min(message QoS, mapping QoS).
     pub qos: u8,
+    /// What the mapping does with the retain flag.
+    pub retain: RetainPolicy,
 }
 
 /// Where a cloud message lands locally.
@@ -23,6 +25,34 @@ pub struct InRoute {
     pub mapping: usize,
     pub local_topic: String,
     pub qos: u8,
+    /// What the mapping does with the retain flag.
+    pub retain: RetainPolicy,
+}
+
+/// Why a cloud message does not come in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotRouted {
+    /// No `in` mapping matches the remote topic (or it is not a valid topic name).
+    NoMapping,
+    /// The mapping that matches would make a local topic longer than MQTT allows (a `local_prefix`
+    /// longer than the `remote_prefix`); delivering it would break every matching local subscriber.
+    LocalTopicTooLong { mapping: usize, len: usize },
+}
+
+impl NotRouted {
+    /// The reason, as counted in `mqtt_uplink_dropped_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NotRouted::NoMapping => reason::NO_IN_MAPPING,
+            NotRouted::LocalTopicTooLong { .. } => reason::LOCAL_TOPIC_TOO_LONG,
+        }
+    }
+}
+
+/// Drop reasons of cloud messages (labels of `mqtt_uplink_dropped_total`).
+pub mod reason {
+    pub const NO_IN_MAPPING: &str = "cloud message matches no in mapping";
+    pub const LOCAL_TOPIC_TOO_LONG: &str = "cloud message local topic too long";
 }
 
 /// The mapping set, ready to route. The first matching mapping wins, in file order.
@@ -53,19 +83,37 @@ impl Routes {
                 mapping: m.index,
                 remote_topic: format!("{}{rest}", m.remote_prefix),
                 qos: qos.min(m.qos),
+                retain: m.retain,
             })
         })
     }
 
-    /// A remote topic received at `qos`: where does it land locally?
-    pub fn route_in(&self, remote_topic: &str, qos: u8) -> Option<InRoute> {
-        self.maps.iter().filter(|m| m.direction.comes_in()).find_map(|m| {
-            let rest = remote_topic.strip_prefix(m.remote_prefix.as_str())?;
-            topic::matches(&m.topic, rest).then(|| InRoute {
-                mapping: m.index,
-                local_topic: format!("{}{rest}", m.local_prefix),
-                qos: qos.min(m.qos),
+    /// A remote topic received at `qos`: where does it land locally? The first matching mapping
+    /// decides; a local topic it would make too long is refused, not passed to the next mapping.
+    pub fn route_in(&self, remote_topic: &str, qos: u8) -> Result<InRoute, NotRouted> {
+        let m = self
+            .maps
+            .iter()
+            .filter(|m| m.direction.comes_in())
+            .find(|m| {
+                remote_topic
+                    .strip_prefix(m.remote_prefix.as_str())
+                    .is_some_and(|rest| topic::matches(&m.topic, rest))
             })
+            .ok_or(NotRouted::NoMapping)?;
+        let rest = &remote_topic[m.remote_prefix.len()..];
+        let len = m.local_prefix.len() + rest.len();
+        if len > topic::MAX_TOPIC_LEN {
+            return Err(NotRouted::LocalTopicTooLong {
+                mapping: m.index,
+                len,
+            });
+        }
+        Ok(InRoute {
+            mapping: m.index,
+            local_topic: format!("{}{rest}", m.local_prefix),
+            qos: qos.min(m.qos),
+            retain: m.retain,
         })
     }
 
@@ -93,6 +141,7 @@ mod tests {
             local_prefix: local.into(),
             remote_prefix: remote.into(),
             qos,
+            retain: RetainPolicy::Keep,
         }
     }
 
@@ -111,8 +160,8 @@ mod tests {
         assert!(r.route_out("other/x", 1).is_none());
         let i = r.route_in("sites/p7/cmd/reboot", 1).unwrap();
         assert_eq!((i.local_topic.as_str(), i.qos), ("local/cmd/reboot", 0));
-        assert!(r.route_in("sites/p8/cmd/reboot", 1).is_none());
-        assert!(r.route_in("sites/p7/cmd/a/b", 1).is_none());
+        assert_eq!(r.route_in("sites/p8/cmd/reboot", 1), Err(NotRouted::NoMapping));
+        assert_eq!(r.route_in("sites/p7/cmd/a/b", 1), Err(NotRouted::NoMapping));
         assert_eq!(r.remote_subscriptions(), vec![("sites/p7/cmd/+".to_string(), 0)]);
     }
 
@@ -125,5 +174,28 @@ mod tests {
         assert_eq!(r.route_out("a/b", 1).unwrap().remote_topic, "first/a/b");
         assert_eq!(r.route_out("a/c", 1).unwrap().remote_topic, "second/a/c");
         assert_eq!(r.route_in("second/a/z", 1).unwrap().local_topic, "a/z");
+    }
+
+    #[test]
+    fn a_local_topic_over_the_mqtt_limit_is_refused() {
+        let long_local = "l".repeat(100);
+        let r = Routes::new(vec![
+            map(0, Direction::In, "cmd/#", &format!("{long_local}/"), "r/", 1),
+            map(1, Direction::In, "#", "", "r/", 1),
+        ]);
+        let fits = format!("r/cmd/{}", "x".repeat(topic::MAX_TOPIC_LEN - 101 - 4));
+        assert_eq!(
+            r.route_in(&fits, 1).unwrap().local_topic.len(),
+            topic::MAX_TOPIC_LEN
+        );
+        let over = format!("r/cmd/{}", "x".repeat(topic::MAX_TOPIC_LEN - 101 - 3));
+        assert_eq!(
+            r.route_in(&over, 1),
+            Err(NotRouted::LocalTopicTooLong {
+                mapping: 0,
+                len: topic::MAX_TOPIC_LEN + 1
+            }),
+            "refused by the first match, not carried by the second"
+        );
     }
 }

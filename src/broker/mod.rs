@@ -1,6 +1,7 @@
 //! The local broker: rmqtt embedded as a library (pinned exactly; it changes its API often). We own its
 //! listeners, limits and hook registrations; rmqtt owns sessions, retained messages and wills.
 
+pub mod drops;
 pub mod retain;
 
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ pub struct Broker {
     /// Origin of messages the bridge publishes locally; they never pass the publish-ACL hook, so they
     /// can never be sent out again (loop prevention).
     bridge_id: Id,
+    /// `[limits] max_packet_size`: cloud messages are held to it like device messages.
+    max_packet_size: u32,
     server: std::sync::Mutex<Option<JoinHandle<()>>>,
     register: Box<dyn Register>,
 }
@@ -49,13 +52,17 @@ impl Broker {
             .mqtt_max_sessions(limits.max_connections as isize)
             .build()
             .await;
-        *scx.extends.retain_mut().await = Box::new(retain::RetainedStore::new(MAX_RETAINED_TOPICS));
+        *scx.extends.retain_mut().await = Box::new(retain::RetainedStore::new(
+            MAX_RETAINED_TOPICS,
+            limits.max_retained_bytes,
+        ));
         let register = scx.extends.hook_mgr().register();
         let bridge_id = Id::new(0, 0, None, None, "mqtt-uplink-bridge".into(), None);
         Broker {
             scx,
             local_addrs: Vec::new(),
             bridge_id,
+            max_packet_size: limits.max_packet_size,
             server: std::sync::Mutex::new(None),
             register,
         }
@@ -103,6 +110,11 @@ impl Broker {
         *self.server.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         self.local_addrs = local_addrs;
         Ok(())
+    }
+
+    /// The largest PUBLISH (remaining length) devices may send, and cloud messages may bring.
+    pub fn max_packet_size(&self) -> u32 {
+        self.max_packet_size
     }
 
     /// Publishes a message that came down from the cloud into the local broker.

@@ -60,18 +60,24 @@ pub fn render(c: &Config) -> String {
         duplicate_name(c.auth.duplicate_client_id),
     );
     s += &format!(
-        "limits: packet {}, connections {}, inflight {}, queue {}, subscriptions {}, handshake {} s\n",
+        "limits: packet {}, connections {} ({} per address, {} per user), inflight {}, queue {}, \
+         subscriptions {}, handshake {} s, topic levels {}, session expiry {} s, retained {}\n",
         bytes(u64::from(c.limits.max_packet_size)),
         c.limits.max_connections,
+        c.limits.max_connections_per_address,
+        c.limits.max_sessions_per_user,
         c.limits.max_inflight,
         c.limits.max_queued_messages,
         c.limits.max_subscriptions,
-        c.limits.handshake_timeout.as_secs()
+        c.limits.handshake_timeout.as_secs(),
+        c.limits.max_topic_levels,
+        c.limits.max_session_expiry.as_secs(),
+        bytes(c.limits.max_retained_bytes)
     );
     match &c.uplink {
         Some(u) => {
             s += &format!(
-                "uplink: {} as {} (user {}, password {}), transports [{}], keepalive {} s\n",
+                "uplink: {} as {} (user {}, password {}), transports [{}], keepalive {} s, in at most {} msg/s\n",
                 u.broker,
                 u.client_id,
                 u.username.as_deref().unwrap_or("-"),
@@ -85,13 +91,16 @@ pub fn render(c: &Config) -> String {
                     .collect::<Vec<_>>()
                     .join(", "),
                 u.keepalive.as_secs(),
+                u.max_in_msgs_per_s
             );
         }
         None => s += "uplink: none (local broker only)\n",
     }
     s += &format!(
-        "outbox: max {}, max age {} s, on_full {}\n",
+        "outbox: max {} ({} per user), QoS 0 lane {}, max age {} s, on_full {}\n",
         bytes(c.outbox.max_bytes),
+        bytes(c.outbox.max_bytes_per_user),
+        bytes(c.outbox.qos0_max_bytes),
         c.outbox.max_age.as_secs(),
         match c.outbox.on_full {
             OnFull::RejectNew => "reject-new",
@@ -113,6 +122,9 @@ pub fn render(c: &Config) -> String {
                 format!("{}{}", m.remote_prefix, m.topic),
                 m.qos
             );
+            if m.retain == crate::config::RetainPolicy::Drop {
+                s.insert_str(s.len() - 1, " (retain flag dropped)");
+            }
         }
     }
     s

@@ -44,7 +44,7 @@ pub fn describe(routes: &Routes, topic: &str) -> String {
         None => s += "as a local topic: no `out` mapping matches; it stays on site\n",
     }
     match routes.route_in(topic, 1) {
-        Some(r) => {
+        Ok(r) => {
             s += &format!(
                 "as a remote topic: comes in by map[{}] (line {}) to local topic `{}` at QoS {}\n",
                 r.mapping,
@@ -55,7 +55,14 @@ pub fn describe(routes: &Routes, topic: &str) -> String {
                 r.qos
             );
         }
-        None => s += "as a remote topic: no `in` mapping matches; the uplink does not subscribe to it\n",
+        Err(crate::bridge::NotRouted::LocalTopicTooLong { mapping, len }) => {
+            s += &format!(
+                "as a remote topic: map[{mapping}] would make a local topic of {len} bytes (over 65535); dropped\n"
+            )
+        }
+        Err(crate::bridge::NotRouted::NoMapping) => {
+            s += "as a remote topic: no `in` mapping matches; the uplink does not subscribe to it\n"
+        }
     }
     s
 }

@@ -144,6 +144,10 @@ pub struct LimitsFile {
     /// the smaller of this and two hours).
     #[serde(default = "default_max_session_expiry_s")]
     pub max_session_expiry_s: u64,
+    /// Topic + payload bytes of all retained messages at most; a retained message over it is still
+    /// delivered, but not retained.
+    #[serde(default = "default_max_retained_bytes")]
+    pub max_retained_bytes: u64,
 }
 
 impl Default for LimitsFile {
@@ -159,6 +163,7 @@ impl Default for LimitsFile {
             max_topic_levels: default_max_topic_levels(),
             max_sessions_per_user: default_max_sessions_per_user(),
             max_session_expiry_s: default_max_session_expiry_s(),
+            max_retained_bytes: default_max_retained_bytes(),
         }
     }
 }
@@ -197,6 +202,10 @@ pub fn default_max_sessions_per_user() -> usize {
 pub fn default_max_session_expiry_s() -> u64 {
     86_400
 }
+/// Far above what a site's state topics need, far below the 256 MiB the unit allows the process.
+pub fn default_max_retained_bytes() -> u64 {
+    16 * 1024 * 1024
+}
 
 /// `[uplink]`: the one session to the cloud broker.
 #[derive(Debug, Deserialize)]
@@ -232,6 +241,9 @@ pub struct UplinkFile {
     /// A preferred transport healthy in every probe for this long gets the session back.
     #[serde(default = "default_return_after_s")]
     pub return_after_s: u64,
+    /// Messages taken from the cloud per second at most; over it the session pauses reading.
+    #[serde(default = "default_max_in_msgs_per_s")]
+    pub max_in_msgs_per_s: u32,
     pub ssh: Option<SshFile>,
     pub wireguard: Option<WireguardFile>,
 }
@@ -316,6 +328,12 @@ pub fn default_probe_interval_s() -> u64 {
 pub fn default_return_after_s() -> u64 {
     60
 }
+/// Cloud -> site traffic is commands and configuration, far below this; the limit bounds the CPU and
+/// the device queues a flooding cloud can fill, and a legitimate burst is only slowed (the cloud keeps
+/// what is not read yet), never lost.
+pub fn default_max_in_msgs_per_s() -> u32 {
+    1000
+}
 
 /// One `[[map]]`, with mosquitto bridge semantics.
 #[derive(Debug, Deserialize)]
@@ -329,6 +347,13 @@ pub struct MapFile {
     pub remote_prefix: String,
     #[serde(default = "default_map_qos")]
     pub qos: u8,
+    /// `"keep"` or `"drop"`: whether messages keep their retain flag across the bridge (both ways).
+    #[serde(default = "default_map_retain")]
+    pub retain: String,
+}
+
+pub fn default_map_retain() -> String {
+    "keep".into()
 }
 
 /// QoS 1 unless told otherwise: the appliance exists to not lose messages.

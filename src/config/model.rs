@@ -97,6 +97,8 @@ pub struct Limits {
     pub max_sessions_per_user: usize,
     /// Longest session expiry granted to a client.
     pub max_session_expiry: Duration,
+    /// Topic + payload bytes of all retained messages at most.
+    pub max_retained_bytes: u64,
 }
 
 impl From<&super::file::LimitsFile> for Limits {
@@ -112,6 +114,7 @@ impl From<&super::file::LimitsFile> for Limits {
             max_topic_levels: f.max_topic_levels,
             max_sessions_per_user: f.max_sessions_per_user,
             max_session_expiry: std::time::Duration::from_secs(f.max_session_expiry_s),
+            max_retained_bytes: f.max_retained_bytes,
         }
     }
 }
@@ -179,6 +182,8 @@ pub struct Uplink {
     pub probe_interval: Duration,
     /// How long a preferred transport must stay healthy before the session returns to it.
     pub return_after: Duration,
+    /// Cloud messages taken per second at most (the session pauses reading over it).
+    pub max_in_msgs_per_s: u32,
     pub ssh: Option<crate::transport::ssh::SshConfig>,
     pub wireguard: Option<crate::transport::wireguard::WgConfig>,
 }
@@ -220,6 +225,30 @@ pub struct Mapping {
     pub remote_prefix: String,
     /// 0 or 1.
     pub qos: u8,
+    /// What happens to the retain flag of messages it carries, both ways.
+    pub retain: RetainPolicy,
+}
+
+/// A mapping's `retain`: keep the flag, or clear it (the message is delivered, never retained).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetainPolicy {
+    #[default]
+    Keep,
+    Drop,
+}
+
+impl RetainPolicy {
+    /// The retain flag a message carries on the other side.
+    pub fn apply(self, retain: bool) -> bool {
+        retain && self == RetainPolicy::Keep
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RetainPolicy::Keep => "keep",
+            RetainPolicy::Drop => "drop",
+        }
+    }
 }
 
 /// What the outbox does when it reaches `max_bytes`.

@@ -5,9 +5,10 @@
 //! the other side can block the very messages (an SSH window adjust) that would let the write go on:
 //! russh stops reading its socket when a channel's receive buffer is full, and the link wedges. So every
 //! write here is driven together with the reader; packets read during a write wait in a backlog that
-//! [`Link::next`] hands out first. The backlog is bounded (the cloud's in-flight window keeps it
-//! small; a broker that floods past the bound ends the session). A write that makes no progress for
-//! `write_timeout` ends the session too, so a dead peer cannot hold it forever.
+//! [`Link::next`] hands out first. The backlog is bounded in packets and bytes (the cloud's in-flight
+//! window keeps it small): a broker that floods past the bound is not read from until the write is
+//! done, and a write that makes no progress for `write_timeout` ends the session, so neither a flood
+//! nor a dead peer can hold memory or the session forever.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -19,41 +20,73 @@ use rmqtt::codec::v3::{Codec, Packet};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use super::decode::{Inbound, InboundCodec};
 use crate::transport::BoxStream;
 
-/// Packets read during writes and not yet handled, at most.
+/// Packets read during writes and not yet handled, at most ...
 const MAX_BACKLOG: usize = 65_536;
+/// ... and their bytes (topics and payloads), at most.
+const MAX_BACKLOG_BYTES: usize = 32 * 1024 * 1024;
+
+/// Packets read during writes, with their size.
+#[derive(Default)]
+struct Backlog {
+    q: VecDeque<Inbound>,
+    bytes: usize,
+}
+
+fn size(p: &Inbound) -> usize {
+    match p {
+        Inbound::Packet(Packet::Publish(p)) => 64 + p.topic.len() + p.payload.len(),
+        _ => 64,
+    }
+}
+
+impl Backlog {
+    fn push(&mut self, p: Inbound) {
+        self.bytes += size(&p);
+        self.q.push_back(p);
+    }
+
+    fn pop(&mut self) -> Option<Inbound> {
+        let p = self.q.pop_front()?;
+        self.bytes -= size(&p);
+        Some(p)
+    }
+
+    fn has_room(&self) -> bool {
+        self.q.len() < MAX_BACKLOG && self.bytes < MAX_BACKLOG_BYTES
+    }
+}
 
 /// A framed MQTT 3.1.1 connection, split so reads go on during writes.
 pub struct Link {
-    rx: FramedRead<ReadHalf<BoxStream>, Codec>,
+    rx: FramedRead<ReadHalf<BoxStream>, InboundCodec>,
     tx: FramedWrite<WriteHalf<BoxStream>, Codec>,
-    backlog: VecDeque<Packet>,
+    backlog: Backlog,
     write_timeout: Duration,
 }
 
 impl Link {
-    /// `max_inbound` bounds the packets accepted from the broker.
+    /// `max_inbound` bounds the remaining length of packets taken from the broker: a PUBLISH over it
+    /// is skipped and reported as [`Inbound::Discarded`], anything else over it ends the stream.
     pub fn new(stream: BoxStream, max_inbound: u32, write_timeout: Duration) -> Self {
         let (r, w) = tokio::io::split(stream);
         Link {
-            rx: FramedRead::new(r, Codec::new(max_inbound)),
+            rx: FramedRead::new(r, InboundCodec::new(max_inbound)),
             tx: FramedWrite::new(w, Codec::new(0)),
-            backlog: VecDeque::new(),
+            backlog: Backlog::default(),
             write_timeout,
         }
     }
 
     /// The next packet from the broker: first those read during writes, then the wire.
     /// `None` when the broker closed the connection.
-    pub async fn next(&mut self) -> Option<anyhow::Result<Packet>> {
-        if let Some(p) = self.backlog.pop_front() {
+    pub async fn next(&mut self) -> Option<anyhow::Result<Inbound>> {
+        if let Some(p) = self.backlog.pop() {
             return Some(Ok(p));
         }
-        self.rx
-            .next()
-            .await
-            .map(|r| r.map(|(p, _)| p).map_err(|e| anyhow!("{e}")))
+        self.rx.next().await.map(|r| r.map_err(|e| anyhow!("{e}")))
     }
 
     /// Buffers a packet (writing out when the buffer is full).
@@ -93,8 +126,8 @@ impl Link {
 /// Runs `write` to completion while reading into `backlog`.
 async fn drive<E: std::fmt::Display>(
     write: impl Future<Output = Result<(), E>>,
-    rx: &mut FramedRead<ReadHalf<BoxStream>, Codec>,
-    backlog: &mut VecDeque<Packet>,
+    rx: &mut FramedRead<ReadHalf<BoxStream>, InboundCodec>,
+    backlog: &mut Backlog,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     tokio::pin!(write);
@@ -105,17 +138,71 @@ async fn drive<E: std::fmt::Display>(
         tokio::select! {
             r = &mut write => return r.map_err(|e| anyhow!("writing to the cloud broker: {e}")),
             _ = &mut stalled => bail!("writing to the cloud broker made no progress for {timeout:?}"),
-            p = rx.next(), if reading => match p {
-                Some(Ok((p, _))) => {
-                    if backlog.len() >= MAX_BACKLOG {
-                        bail!("the cloud broker sent more than {MAX_BACKLOG} packets during one write");
-                    }
-                    backlog.push_back(p);
-                }
+            // A full backlog is not added to: the rest waits on the wire (or in the transport)
+            // until the write is done and the session has taken what is read.
+            p = rx.next(), if reading && backlog.has_room() => match p {
+                Some(Ok(p)) => backlog.push(p),
                 Some(Err(e)) => bail!("reading from the cloud broker: {e}"),
                 // Closed for reading: let the write finish or fail on its own.
                 None => reading = false,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use rmqtt::codec::types::{Publish, QoS};
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::Encoder;
+
+    /// A cloud that does not read (so our write cannot finish) and floods 200 x 256 KiB meanwhile:
+    /// the backlog stops at its byte bound and the write ends by its timeout.
+    #[tokio::test]
+    async fn a_flood_during_a_blocked_write_is_not_read_past_the_backlog_bound() {
+        let (ours, mut cloud) = tokio::io::duplex(64 * 1024);
+        let mut link = Link::new(Box::new(ours), 1 << 20, Duration::from_millis(500));
+        let flood = tokio::spawn(async move {
+            let mut enc = Codec::new(0);
+            for i in 0..200u32 {
+                let mut b = bytes::BytesMut::new();
+                let p = Publish {
+                    dup: false,
+                    retain: false,
+                    qos: QoS::AtMostOnce,
+                    topic: format!("flood/{i}").into(),
+                    packet_id: None,
+                    payload: Bytes::from(vec![b'x'; 256 * 1024]),
+                    properties: None,
+                };
+                enc.encode(Packet::Publish(Box::new(p)), &mut b).unwrap();
+                if cloud.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+            cloud
+        });
+        let big = Publish {
+            dup: false,
+            retain: false,
+            qos: QoS::AtMostOnce,
+            topic: "up".into(),
+            packet_id: None,
+            payload: Bytes::from(vec![b'y'; 4 << 20]),
+            properties: None,
+        };
+        let r = link.send(Packet::Publish(Box::new(big))).await;
+        assert!(r.is_err(), "the write cannot finish: the cloud does not read");
+        let held = link.backlog.bytes;
+        println!(
+            "backlog after the flood: {} packets, {} KiB",
+            link.backlog.q.len(),
+            held / 1024
+        );
+        assert!(held <= MAX_BACKLOG_BYTES + 300 * 1024, "{held} bytes held");
+        assert!(link.backlog.q.len() < 200, "not everything was read");
+        flood.abort();
     }
 }

@@ -10,11 +10,14 @@
 //! chain fails, the uplink backs off and starts again from the most preferred transport.
 
 pub mod backoff;
+pub mod decode;
 pub mod link;
 pub mod session;
 pub mod subscriptions;
 pub mod tls;
 
+use std::collections::HashSet;
+use std::num::NonZeroU16;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,6 +72,8 @@ pub struct UplinkTask {
     pub wanted: watch::Receiver<Filters>,
     /// What the cloud's persistent session may hold (saved in the state dir).
     pub ledger: Mutex<Ledger>,
+    /// QoS 2 packet ids from the cloud awaiting their PUBREL (see [`Wiring::qos2`]).
+    pub qos2: Mutex<HashSet<NonZeroU16>>,
     pub outbox: Outbox,
     pub broker: Arc<Broker>,
     pub state: watch::Sender<UplinkState>,
@@ -119,6 +124,8 @@ impl UplinkTask {
                 connect_timeout: cfg.connect_timeout,
                 health_interval: cfg.health_interval,
                 health_timeout: cfg.health_timeout,
+                max_packet_size: broker.max_packet_size(),
+                max_in_msgs_per_s: cfg.max_in_msgs_per_s,
             },
             broker_label: cfg.broker.to_string(),
             transports,
@@ -126,6 +133,7 @@ impl UplinkTask {
             routes,
             wanted,
             ledger: Mutex::new(Ledger::load(state_dir)),
+            qos2: Mutex::new(HashSet::new()),
             outbox,
             broker,
             state,
@@ -253,6 +261,7 @@ impl UplinkTask {
             broker: &self.broker,
             wanted: self.wanted.clone(),
             ledger: &self.ledger,
+            qos2: &self.qos2,
         };
         let session = session::run(conn, session_present, &self.identity, wiring, &stop);
         let prober = async {

@@ -3,7 +3,7 @@
 //! window and take messages from the cloud into the local broker. Outbox entries are acknowledged
 //! (deleted) only on the cloud's PUBACK; everything unacknowledged is sent again on the next session.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU16;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -16,20 +16,37 @@ use tokio::sync::watch;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use super::decode::{Discarded, Inbound, Why, MQTT_MAX_REMAINING};
 use super::link::Link;
 use super::subscriptions::{Change, Filters, Ledger};
 
 use crate::bridge::hooks::SharedRoutes;
-use crate::broker::Broker;
+use crate::bridge::NotRouted;
+use crate::broker::{drops, Broker};
 use crate::outbox::Outbox;
 use crate::secret::Secret;
 use crate::transport::BoxStream;
 
 /// The drop reason of a cloud message that no `in` mapping takes.
-pub const NO_IN_MAPPING: &str = "cloud message matches no in mapping";
+pub use crate::bridge::reason::NO_IN_MAPPING;
 
-/// Largest packet accepted from the cloud broker.
-const MAX_INBOUND_PACKET: u32 = 16 * 1024 * 1024;
+/// Drop reasons of cloud messages discarded here (labels of `mqtt_uplink_dropped_total`).
+pub mod reason {
+    pub const TOO_LARGE: &str = "cloud message larger than max_packet_size";
+    pub const TOPIC_NOT_UTF8: &str = "cloud message topic not UTF-8";
+    pub const MALFORMED: &str = "cloud message malformed";
+}
+
+/// The remaining length past which the decoder skips a PUBLISH unread: over the local limit even if
+/// its topic shrank by the most a mapping can take off (a topic is at most 65,535 bytes).
+fn inbound_limit(max_packet_size: u32) -> u32 {
+    max_packet_size.saturating_add(65_535).min(MQTT_MAX_REMAINING)
+}
+
+/// Remaining length of the PUBLISH a local subscriber would get.
+fn local_packet_size(topic: &str, qos: u8, payload: usize) -> u64 {
+    (2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload) as u64
+}
 /// QoS 0 messages sent per loop turn, so they never starve QoS 1 traffic or acknowledgements.
 const QOS0_BATCH: usize = 256;
 
@@ -46,6 +63,10 @@ pub struct Identity {
     pub health_interval: Duration,
     /// ... and must complete within this, or the session is declared unhealthy and ends.
     pub health_timeout: Duration,
+    /// `[limits] max_packet_size`: cloud messages larger than devices may send are dropped.
+    pub max_packet_size: u32,
+    /// Cloud messages taken per second at most; over it the session pauses reading (backpressure).
+    pub max_in_msgs_per_s: u32,
 }
 
 /// What the session needs from the rest of the appliance.
@@ -57,6 +78,9 @@ pub struct Wiring<'a> {
     pub wanted: watch::Receiver<Filters>,
     /// What the cloud's persistent session may hold.
     pub ledger: &'a Mutex<Ledger>,
+    /// QoS 2 packet ids received from the cloud and not yet released (PUBREL): a resend of one is
+    /// acknowledged, not delivered again. Kept across sessions, as the cloud's session persists.
+    pub qos2: &'a Mutex<HashSet<NonZeroU16>>,
 }
 
 /// A SUBSCRIBE or UNSUBSCRIBE waiting for its acknowledgement.
@@ -83,7 +107,7 @@ pub async fn probe(stream: BoxStream, id: &Identity) -> anyhow::Result<()> {
     loop {
         match tokio::time::timeout_at(deadline, conn.next()).await {
             Err(_) => bail!("no PINGRESP within {:?}", id.health_timeout),
-            Ok(Some(Ok(Packet::PingResponse))) => break,
+            Ok(Some(Ok(Inbound::Packet(Packet::PingResponse)))) => break,
             Ok(Some(Ok(_))) => continue,
             Ok(Some(Err(e))) => bail!("reading PINGRESP: {e}"),
             Ok(None) => bail!("connection closed before PINGRESP"),
@@ -100,7 +124,11 @@ async fn connect_as(
     clean_session: bool,
 ) -> anyhow::Result<(Conn, bool)> {
     // A write may wait on flow control, never longer than a keepalive plus the health deadline.
-    let mut conn = Link::new(stream, MAX_INBOUND_PACKET, id.keepalive + id.health_timeout);
+    let mut conn = Link::new(
+        stream,
+        inbound_limit(id.max_packet_size),
+        id.keepalive + id.health_timeout,
+    );
     let connect = Connect {
         clean_session,
         keep_alive: id.keepalive.as_secs().min(u16::MAX as u64) as u16,
@@ -119,7 +147,7 @@ async fn connect_as(
         .await
         .map_err(|_| anyhow!("no CONNACK within {:?}", id.connect_timeout))?;
     match reply {
-        Some(Ok(Packet::ConnectAck(ack))) => {
+        Some(Ok(Inbound::Packet(Packet::ConnectAck(ack)))) => {
             if ack.return_code != ConnectAckReason::ConnectionAccepted {
                 bail!("cloud broker refused the uplink: {}", ack.return_code.reason());
             }
@@ -150,6 +178,8 @@ pub async fn run(
         let mut ledger = w.ledger.lock().unwrap_or_else(|e| e.into_inner());
         if !session_present {
             ledger.forget_all();
+            // A new cloud session holds no QoS 2 exchange of ours half done.
+            w.qos2.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
         let held = ledger.held().clone();
         Change {
@@ -179,6 +209,9 @@ pub async fn run(
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut ping_deadline: Option<Instant> = None;
     let mut watching = true;
+    // Cloud -> site rate: over it, reading stops until `paused_until` (the cloud keeps the rest).
+    let mut rate = InRate::new(id.max_in_msgs_per_s, Instant::now());
+    let mut paused_until: Option<Instant> = None;
 
     loop {
         // Fill the window from the outbox, then a bounded batch of QoS 0, then flush once.
@@ -263,13 +296,28 @@ pub async fn run(
             _ = ping.tick(), if ping_deadline.is_none() => {
                 conn.send(Packet::PingRequest).await.context("sending PINGREQ")?;
                 ping_deadline = Some(Instant::now() + id.health_timeout);
+                drops::flush();
+            }
+            _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
+                // Time spent not reading on purpose does not count against the PINGRESP, which may
+                // be queued behind the very messages the pause holds back.
+                let paused = rate.resumed(Instant::now());
+                if let Some(d) = ping_deadline.as_mut() {
+                    *d += paused;
+                }
+                paused_until = None;
             }
             _ = tokio::time::sleep_until(ping_deadline.unwrap_or_else(Instant::now)), if ping_deadline.is_some() => {
                 bail!("health check failed: no PINGRESP within {:?}", id.health_timeout);
             }
-            packet = conn.next() => {
+            packet = conn.next(), if paused_until.is_none() => {
                 let packet = match packet {
-                    Some(Ok(p)) => p,
+                    Some(Ok(Inbound::Packet(p))) => p,
+                    Some(Ok(Inbound::Discarded(d))) => {
+                        discarded(&mut conn, d).await?;
+                        paused_until = rate.take(Instant::now());
+                        continue;
+                    }
                     Some(Err(e)) => bail!("reading from the cloud broker: {e}"),
                     None => bail!("the cloud broker closed the connection"),
                 };
@@ -279,7 +327,10 @@ pub async fn run(
                             w.outbox.ack(seq);
                         }
                     }
-                    Packet::Publish(p) => incoming(&mut conn, &w, *p).await?,
+                    Packet::Publish(p) => {
+                        incoming(&mut conn, &w, *p).await?;
+                        paused_until = rate.take(Instant::now());
+                    }
                     Packet::PingResponse => ping_deadline = None,
                     Packet::SubscribeAck { packet_id, status } => match pending.remove(&packet_id) {
                         Some(Pending::Subscribe(filters)) => {
@@ -306,6 +357,12 @@ pub async fn run(
                         _ => tracing::debug!(packet_id, "unexpected UNSUBACK from the cloud broker"),
                     },
                     Packet::PublishRelease { packet_id } => {
+                        // Answered even for an id we do not know (MQTT-4.3.3: the receiver MUST answer
+                        // PUBREL with PUBCOMP): after our restart the cloud resends PUBRELs we no
+                        // longer remember, and without the PUBCOMP its session would hold them forever.
+                        if !w.qos2.lock().unwrap_or_else(|e| e.into_inner()).remove(&packet_id) {
+                            tracing::debug!(packet_id, "PUBREL for a packet id not awaiting release");
+                        }
                         conn.send(Packet::PublishComplete { packet_id }).await?;
                     }
                     other => tracing::debug!(?other, "ignored packet from the cloud broker"),
@@ -358,42 +415,178 @@ async fn apply(
     Ok(())
 }
 
-/// A message from the cloud: publish it locally, then acknowledge it upstream.
+/// A message from the cloud: publish it locally, then acknowledge it upstream. One that cannot be
+/// delivered (no mapping, a local topic too long, larger than `max_packet_size`) is acknowledged,
+/// counted and logged: sent again, it would fail again. A QoS 2 resend of a packet id not yet released
+/// is acknowledged again and not delivered twice.
 async fn incoming(conn: &mut Conn, w: &Wiring<'_>, p: Publish) -> anyhow::Result<()> {
+    let qos2_id = p.packet_id.filter(|_| p.qos == QoS::ExactlyOnce);
+    if let Some(id) = qos2_id {
+        if w.qos2.lock().unwrap_or_else(|e| e.into_inner()).contains(&id) {
+            tracing::debug!(
+                packet_id = id,
+                "QoS 2 resend from the cloud broker; acknowledged, not delivered again"
+            );
+            return acknowledge(conn, p.qos, p.packet_id).await;
+        }
+    }
     let route = w
         .routes
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .route_in(&p.topic, p.qos.value());
     match route {
-        Some(r) => {
-            if let Err(e) = w
-                .broker
-                .publish(&r.local_topic, p.payload.clone(), r.qos, p.retain)
-                .await
-            {
-                // Not acknowledged upstream: the cloud sends it again on the next session.
-                return Err(e.context("delivering a cloud message locally"));
+        Ok(r) => {
+            let size = local_packet_size(&r.local_topic, r.qos, p.payload.len());
+            if size > u64::from(w.broker.max_packet_size()) {
+                if let Some(suppressed) = drops::dropped(reason::TOO_LARGE) {
+                    tracing::warn!(
+                        topic = ?&*p.topic,
+                        mapping = r.mapping,
+                        size,
+                        max = w.broker.max_packet_size(),
+                        suppressed,
+                        "message from the cloud larger than max_packet_size; dropped"
+                    );
+                }
+            } else {
+                let retain = r.retain.apply(p.retain);
+                if let Err(e) = w
+                    .broker
+                    .publish(&r.local_topic, p.payload.clone(), r.qos, retain)
+                    .await
+                {
+                    // Not acknowledged upstream: the cloud sends it again on the next session.
+                    return Err(e.context("delivering a cloud message locally"));
+                }
+                crate::ops::metrics::get()
+                    .messages_in
+                    .with_label_values(&[&r.mapping.to_string()])
+                    .inc();
             }
-            crate::ops::metrics::get()
-                .messages_in
-                .with_label_values(&[&r.mapping.to_string()])
-                .inc();
         }
-        None => {
-            tracing::warn!(topic = %p.topic, "message from the cloud matches no `in` mapping; dropped");
-            crate::ops::metrics::get()
-                .dropped
-                .with_label_values(&[NO_IN_MAPPING])
-                .inc();
+        Err(why) => {
+            if let Some(suppressed) = drops::dropped(why.reason()) {
+                match why {
+                    NotRouted::NoMapping => tracing::warn!(
+                        topic = ?&*p.topic,
+                        suppressed,
+                        "message from the cloud matches no `in` mapping; dropped"
+                    ),
+                    NotRouted::LocalTopicTooLong { mapping, len } => tracing::warn!(
+                        topic = ?truncated(&p.topic),
+                        mapping,
+                        local_topic_len = len,
+                        suppressed,
+                        "message from the cloud would get a local topic over 65535 bytes; dropped"
+                    ),
+                }
+            }
         }
     }
-    match (p.qos, p.packet_id) {
-        (QoS::AtLeastOnce, Some(packet_id)) => conn.send(Packet::PublishAck { packet_id }).await?,
-        (QoS::ExactlyOnce, Some(packet_id)) => conn.send(Packet::PublishReceived { packet_id }).await?,
-        _ => {}
+    if let Some(id) = qos2_id {
+        w.qos2.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
     }
-    Ok(())
+    acknowledge(conn, p.qos, p.packet_id).await
+}
+
+/// A PUBLISH the decoder read and discarded whole: acknowledged (so the cloud does not send it at
+/// every reconnect), counted and logged.
+async fn discarded(conn: &mut Conn, d: Discarded) -> anyhow::Result<()> {
+    let reason = match d.why {
+        Why::TooLarge { .. } => reason::TOO_LARGE,
+        Why::TopicNotUtf8 => reason::TOPIC_NOT_UTF8,
+        Why::Malformed(_) => reason::MALFORMED,
+    };
+    if let Some(suppressed) = drops::dropped(reason) {
+        tracing::warn!(
+            topic = ?d.topic,
+            qos = d.qos,
+            packet_id = d.packet_id.map(NonZeroU16::get),
+            detail = ?d.why,
+            suppressed,
+            "message from the cloud dropped: {reason}"
+        );
+    }
+    match QoS::try_from(d.qos) {
+        Ok(qos) => acknowledge(conn, qos, d.packet_id).await,
+        Err(_) => Ok(()),
+    }
+}
+
+async fn acknowledge(conn: &mut Conn, qos: QoS, packet_id: Option<NonZeroU16>) -> anyhow::Result<()> {
+    match (qos, packet_id) {
+        (QoS::AtLeastOnce, Some(packet_id)) => conn.send(Packet::PublishAck { packet_id }).await,
+        (QoS::ExactlyOnce, Some(packet_id)) => conn.send(Packet::PublishReceived { packet_id }).await,
+        _ => Ok(()),
+    }
+}
+
+/// At most the first 256 bytes of a topic, for a log line.
+fn truncated(topic: &str) -> &str {
+    let mut end = topic.len().min(256);
+    while !topic.is_char_boundary(end) {
+        end -= 1;
+    }
+    &topic[..end]
+}
+
+/// The cloud -> site rate: a token bucket holding one second's worth. Each message takes a token;
+/// when none is left, [`InRate::take`] says until when to stop reading.
+struct InRate {
+    per_s: f64,
+    tokens: f64,
+    at: Instant,
+    paused_at: Option<Instant>,
+    /// Pauses since the last log line about them, and when that was.
+    pauses: u64,
+    logged: Option<Instant>,
+}
+
+impl InRate {
+    fn new(per_s: u32, now: Instant) -> Self {
+        let per_s = f64::from(per_s.max(1));
+        InRate {
+            per_s,
+            tokens: per_s,
+            at: now,
+            paused_at: None,
+            pauses: 0,
+            logged: None,
+        }
+    }
+
+    /// One message taken at `now`: `Some(until)` when reading must pause until then.
+    fn take(&mut self, now: Instant) -> Option<Instant> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_s).min(self.per_s) - 1.0;
+        self.at = now;
+        if self.tokens >= 0.0 {
+            return None;
+        }
+        self.paused_at = Some(now);
+        self.pauses += 1;
+        if self
+            .logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= drops::LOG_INTERVAL)
+        {
+            tracing::info!(
+                max_in_msgs_per_s = self.per_s,
+                pauses = self.pauses,
+                "cloud messages over max_in_msgs_per_s: reading from the cloud paused (nothing is lost)"
+            );
+            self.logged = Some(now);
+            self.pauses = 0;
+        }
+        Some(now + Duration::from_secs_f64(-self.tokens / self.per_s))
+    }
+
+    /// Reading resumes at `now`; returns how long it was paused.
+    fn resumed(&mut self, now: Instant) -> Duration {
+        self.paused_at
+            .take()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+    }
 }
 
 fn qos(q: u8) -> QoS {
@@ -421,5 +614,39 @@ impl PacketIds {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_in_rate_allows_a_one_second_burst_then_paces() {
+        let t0 = Instant::now();
+        let mut r = InRate::new(10, t0);
+        for _ in 0..10 {
+            assert_eq!(r.take(t0), None, "the burst");
+        }
+        let until = r.take(t0).expect("over the rate: pause");
+        assert_eq!(until - t0, Duration::from_millis(100), "one token's time");
+        assert_eq!(r.resumed(until), Duration::from_millis(100));
+        // A token came back while paused; the next one is spent again.
+        assert!(r.take(until).is_some());
+        // After a quiet second the burst is back, not more.
+        let later = until + Duration::from_secs(5);
+        for _ in 0..10 {
+            assert_eq!(r.take(later), None);
+        }
+        assert!(r.take(later).is_some());
+    }
+
+    #[test]
+    fn the_local_size_is_what_a_device_would_be_sent() {
+        // Fixed header aside: topic length, topic, packet id at QoS > 0, payload.
+        assert_eq!(local_packet_size("a/b", 1, 10), 2 + 3 + 2 + 10);
+        assert_eq!(local_packet_size("a/b", 0, 10), 2 + 3 + 10);
+        assert_eq!(inbound_limit(u32::MAX), MQTT_MAX_REMAINING);
+        assert_eq!(inbound_limit(1000), 1000 + 65_535);
     }
 }

@@ -49,6 +49,18 @@ pub(super) fn mappings(ctx: &mut Ctx<'_>, files: Vec<(usize, MapFile)>) -> Vec<M
             );
             ok = false;
         }
+        let retain = match f.retain.as_str() {
+            "keep" => RetainPolicy::Keep,
+            "drop" => RetainPolicy::Drop,
+            other => {
+                ctx.error(
+                    &format!("{key}.retain"),
+                    format!("`{other}`: expected \"keep\" or \"drop\""),
+                );
+                ok = false;
+                RetainPolicy::Keep
+            }
+        };
         if ok {
             out.push(Mapping {
                 index: i,
@@ -58,6 +70,7 @@ pub(super) fn mappings(ctx: &mut Ctx<'_>, files: Vec<(usize, MapFile)>) -> Vec<M
                 local_prefix: f.local_prefix,
                 remote_prefix: f.remote_prefix,
                 qos: f.qos,
+                retain,
             });
         }
     }

@@ -490,6 +490,15 @@ fn limits(ctx: &mut Ctx<'_>, f: LimitsFile) -> Limits {
             "must be at most 4294967295 (MQTT's largest session expiry)",
         );
     }
+    if f.max_retained_bytes < u64::from(f.max_packet_size) {
+        ctx.warn(
+            "limits.max_retained_bytes",
+            format!(
+                "{}: below limits.max_packet_size ({}): the largest messages can never be retained",
+                f.max_retained_bytes, f.max_packet_size
+            ),
+        );
+    }
     Limits::from(&f)
 }
 

@@ -159,6 +159,9 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
             "must be at least probe_interval_s: one good probe is not \"healthy for a while\"",
         );
     }
+    if f.max_in_msgs_per_s == 0 {
+        ctx.error("uplink.max_in_msgs_per_s", "must be at least 1");
+    }
     let connect_timeout = Duration::from_secs(f.connect_timeout_s);
     let uses = |k| transports.contains(&k);
     let ssh = match (&f.ssh, uses(TransportKind::Ssh)) {
@@ -209,6 +212,7 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         health_timeout: Duration::from_millis(f.health_timeout_ms),
         probe_interval: Duration::from_secs(f.probe_interval_s),
         return_after: Duration::from_secs(f.return_after_s),
+        max_in_msgs_per_s: f.max_in_msgs_per_s,
         ssh,
         wireguard,
     })

@@ -1,0 +1,130 @@
+//! Messages dropped on the way into the local broker (from the cloud, or by the retained store): every
+//! one is counted in `mqtt_uplink_dropped_total{reason}`, and logged at most once per
+//! [`LOG_INTERVAL`] per reason, the line carrying how many were held back since the last one
+//! (`suppressed`). A burst that ended is summed up by the next call of any reason, or by [`flush`]
+//! (the uplink session calls it on its health tick), so a flood of 20,000 is a handful of lines.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One log line per reason per this interval.
+pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    since: Instant,
+    suppressed: u64,
+}
+
+/// The per-reason table (reasons are a small fixed set of constants).
+#[derive(Default)]
+pub struct DropLog {
+    slots: Mutex<HashMap<&'static str, Slot>>,
+}
+
+impl DropLog {
+    /// One drop of `reason` at `now`: `Some(suppressed)` when it is to be logged (with the number held
+    /// back before it), `None` when it is held back.
+    pub fn admit(&self, reason: &'static str, now: Instant) -> Option<u64> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        match slots.get_mut(reason) {
+            Some(s) if now.saturating_duration_since(s.since) < LOG_INTERVAL => {
+                s.suppressed += 1;
+                None
+            }
+            Some(s) => {
+                let suppressed = s.suppressed;
+                *s = Slot {
+                    since: now,
+                    suppressed: 0,
+                };
+                Some(suppressed)
+            }
+            None => {
+                slots.insert(
+                    reason,
+                    Slot {
+                        since: now,
+                        suppressed: 0,
+                    },
+                );
+                Some(0)
+            }
+        }
+    }
+
+    /// Reasons whose interval has passed with drops held back, and how many; those slots are cleared.
+    pub fn ended(&self, now: Instant) -> Vec<(&'static str, u64)> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        slots.retain(|reason, s| {
+            if now.saturating_duration_since(s.since) < LOG_INTERVAL {
+                return true;
+            }
+            if s.suppressed > 0 {
+                out.push((*reason, s.suppressed));
+            }
+            false
+        });
+        out
+    }
+}
+
+static LOG: std::sync::LazyLock<DropLog> = std::sync::LazyLock::new(DropLog::default);
+
+/// Counts one drop of `reason`; returns `Some(suppressed)` when the caller should log it (at `warn`,
+/// with `suppressed` and its own fields, untrusted strings as `?field`).
+pub fn dropped(reason: &'static str) -> Option<u64> {
+    crate::ops::metrics::get()
+        .dropped
+        .with_label_values(&[reason])
+        .inc();
+    let now = Instant::now();
+    summarize(now);
+    LOG.admit(reason, now)
+}
+
+/// Logs the summary of bursts that ended.
+pub fn flush() {
+    summarize(Instant::now());
+}
+
+fn summarize(now: Instant) {
+    for (reason, suppressed) in LOG.ended(now) {
+        tracing::warn!(
+            reason,
+            suppressed,
+            "dropped messages held back from the log in the last interval"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_is_one_line_then_one_summary() {
+        let log = DropLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.admit("a", t0), Some(0));
+        for i in 0..20_000 {
+            assert_eq!(log.admit("a", t0 + Duration::from_micros(i)), None);
+        }
+        assert_eq!(log.admit("b", t0), Some(0), "per reason");
+        assert!(log.ended(t0 + Duration::from_secs(5)).is_empty());
+        assert_eq!(log.ended(t0 + LOG_INTERVAL), vec![("a", 20_000)]);
+        assert_eq!(log.admit("a", t0 + LOG_INTERVAL), Some(0));
+    }
+
+    #[test]
+    fn the_next_line_after_the_interval_carries_the_count() {
+        let log = DropLog::default();
+        let t0 = Instant::now();
+        log.admit("a", t0);
+        log.admit("a", t0);
+        log.admit("a", t0);
+        assert_eq!(log.admit("a", t0 + LOG_INTERVAL), Some(2));
+    }
+}
