@@ -56,6 +56,11 @@ fn validate_common(s: &str) -> Result<(), TopicError> {
 /// Validates a PUBLISH topic name: non-empty, at most 65535 bytes, no NUL, no `+` or `#`.
 ///
 /// Empty levels (`a//b`, `/a`) are legal, as MQTT allows them.
+/// Levels in a topic name or filter (`a/b` has two), counted without splitting.
+pub fn levels(topic: &str) -> usize {
+    topic.bytes().filter(|&b| b == b'/').count() + 1
+}
+
 pub fn validate_name(topic: &str) -> Result<(), TopicError> {
     validate_common(topic)?;
     if topic.contains(['+', '#']) {

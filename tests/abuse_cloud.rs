@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use mqtt_uplink::bridge::reason::{LOCAL_TOPIC_TOO_LONG, NO_IN_MAPPING};
 use mqtt_uplink::broker::retain::reason::TOO_MANY_BYTES;
-use mqtt_uplink::uplink::session::reason::{TOO_LARGE, TOPIC_NOT_UTF8};
+use mqtt_uplink::uplink::session::reason::{TOO_DEEP, TOO_LARGE, TOPIC_NOT_UTF8};
 use support::cloud::{Cloud, OBSERVER_PASSWORD, OBSERVER_USER, UPLINK_PASSWORD, UPLINK_USER};
 use support::raw::{self, rss_kib, Raw};
 use support::{tempdir, wait_until, write_secret, App};
@@ -598,6 +598,40 @@ async fn a_remote_topic_that_maps_past_65535_bytes_is_dropped_and_local_subscrib
     assert_eq!(dropped(LOCAL_TOPIC_TOO_LONG) - before, 1);
     assert_eq!(connects(), sessions, "the uplink kept its session");
     site_to_cloud_works(&app, &cloud, "after-long").await;
+    app.stop().await;
+}
+
+/// Finding 1, from the cloud's side: a retained cloud message with 10,000 topic levels would be
+/// inserted in rmqtt's recursive retained tree and overflow a worker's stack, aborting the process.
+/// Cloud messages are held to `limits.max_topic_levels` like device messages: acknowledged, dropped,
+/// counted, and the session goes on. mosquitto refuses topics deeper than 200 levels itself, so a
+/// hostile cloud is stood in by the fake: no real broker sends this.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_message_with_too_many_topic_levels_is_dropped() {
+    let _serial = serial().await;
+    let dir = tempdir();
+    let fake = FakeCloud::start().await;
+    let toml = site(dir.path(), &fake.uplink(""), "", CMD_MAP);
+    let app = App::start(dir.path(), &toml).await;
+    let mut s = fake.accept().await;
+    let mut dev = device(&app, "dev-deep", "control/#").await;
+    let before = dropped(TOO_DEEP);
+
+    let deep = format!("sites/plant-7/cmd/{}end", "x/".repeat(10_000));
+    s.send(&raw::publish(deep.as_bytes(), b"deep", 1, true, 7)).await;
+    s.expect(0x40, 7).await;
+    s.send(&raw::publish(b"sites/plant-7/cmd/ok", b"good", 1, false, 8))
+        .await;
+    s.expect(0x40, 8).await;
+
+    let got = msgs_until(&mut dev, "control/cmd/ok").await;
+    assert_eq!(got.len(), 1, "only the next message arrives");
+    assert_eq!(dropped(TOO_DEEP) - before, 1, "counted once");
+    site_to_fake_works(&app, &mut s, "after-deep").await;
+    assert!(
+        !fake.reconnects_within(Duration::from_millis(500)).await,
+        "one session throughout"
+    );
     app.stop().await;
 }
 

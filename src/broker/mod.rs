@@ -40,6 +40,8 @@ pub struct Broker {
     bridge_id: Id,
     /// `[limits] max_packet_size`: cloud messages are held to it like device messages.
     max_packet_size: u32,
+    /// `[limits] max_topic_levels`: cloud messages are held to it like device messages.
+    max_topic_levels: usize,
     server: std::sync::Mutex<Option<JoinHandle<()>>>,
     register: Box<dyn Register>,
 }
@@ -63,6 +65,7 @@ impl Broker {
             local_addrs: Vec::new(),
             bridge_id,
             max_packet_size: limits.max_packet_size,
+            max_topic_levels: limits.max_topic_levels,
             server: std::sync::Mutex::new(None),
             register,
         }
@@ -115,6 +118,12 @@ impl Broker {
     /// The largest PUBLISH (remaining length) devices may send, and cloud messages may bring.
     pub fn max_packet_size(&self) -> u32 {
         self.max_packet_size
+    }
+
+    /// The deepest topic devices may use, and cloud messages may bring (rmqtt's topic trees recurse
+    /// once per level).
+    pub fn max_topic_levels(&self) -> usize {
+        self.max_topic_levels
     }
 
     /// Publishes a message that came down from the cloud into the local broker.

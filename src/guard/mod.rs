@@ -227,8 +227,7 @@ impl Guard {
         if max == 0 {
             return Ok(());
         }
-        // Counted without splitting: a 65,535-byte topic of slashes is cheap to reject.
-        let levels = topic.bytes().filter(|&b| b == b'/').count() + 1;
+        let levels = crate::topic::levels(topic);
         if levels > max {
             return Err(format!("{levels} levels (limits.max_topic_levels = {max})"));
         }

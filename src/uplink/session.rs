@@ -35,6 +35,7 @@ pub mod reason {
     pub const TOO_LARGE: &str = "cloud message larger than max_packet_size";
     pub const TOPIC_NOT_UTF8: &str = "cloud message topic not UTF-8";
     pub const MALFORMED: &str = "cloud message malformed";
+    pub const TOO_DEEP: &str = "cloud message topic has too many levels";
 }
 
 /// The remaining length past which the decoder skips a PUBLISH unread: over the local limit even if
@@ -438,7 +439,20 @@ async fn incoming(conn: &mut Conn, w: &Wiring<'_>, p: Publish) -> anyhow::Result
     match route {
         Ok(r) => {
             let size = local_packet_size(&r.local_topic, r.qos, p.payload.len());
-            if size > u64::from(w.broker.max_packet_size()) {
+            let levels = crate::topic::levels(&r.local_topic);
+            if levels > w.broker.max_topic_levels() {
+                // rmqtt's topic trees recurse once per level: 10,000 levels overflow a stack.
+                if let Some(suppressed) = drops::dropped(reason::TOO_DEEP) {
+                    tracing::warn!(
+                        topic = ?truncated(&p.topic),
+                        mapping = r.mapping,
+                        levels,
+                        max = w.broker.max_topic_levels(),
+                        suppressed,
+                        "message from the cloud has too many topic levels; dropped"
+                    );
+                }
+            } else if size > u64::from(w.broker.max_packet_size()) {
                 if let Some(suppressed) = drops::dropped(reason::TOO_LARGE) {
                     tracing::warn!(
                         topic = ?&*p.topic,
