@@ -181,10 +181,13 @@ async fn a_subscriber_that_stops_reading_is_bounded_dropped_and_disconnected() {
     let started = Instant::now();
     for i in 0..FLOOD {
         let id = (i % 60_000 + 1) as u16;
-        tokio::time::timeout(T, wr.write_all(&raw::publish(b"sensors/flood", &payload, 1, false, id)))
-            .await
-            .expect("the flooder can write")
-            .unwrap();
+        tokio::time::timeout(
+            T,
+            wr.write_all(&raw::publish(b"sensors/flood", &payload, 1, false, id)),
+        )
+        .await
+        .expect("the flooder can write")
+        .unwrap();
         if (i + 1) % TICK_EVERY == 0 {
             // The bystander still gets its messages during the flood.
             let tag = format!("tick-{}", i + 1);
@@ -208,7 +211,10 @@ async fn a_subscriber_that_stops_reading_is_bounded_dropped_and_disconnected() {
          (+{} KiB), {rss_flood} KiB after the flood",
         rss_peak.saturating_sub(rss_before)
     );
-    assert_eq!(acked, FLOOD, "every flood message was acknowledged to the publisher");
+    assert_eq!(
+        acked, FLOOD,
+        "every flood message was acknowledged to the publisher"
+    );
     // The flood is 400 MB; the slow subscriber may hold its byte budgets (1 MiB queued, 1 MiB in
     // flight) and a message in its socket writer. The rest is allocator and test noise.
     assert!(

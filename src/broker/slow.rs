@@ -59,10 +59,7 @@ fn write_timed_out(reason: &Reason) -> bool {
 
 /// Counts every drop; logs at most once a second, with the count since the last line.
 fn log_drop(why: &'static str, peer: Option<SocketAddr>, client_id: &str, topic: &str) {
-    crate::ops::metrics::get()
-        .dropped
-        .with_label_values(&[why])
-        .inc();
+    crate::ops::metrics::get().dropped.with_label_values(&[why]).inc();
     static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
     let now = Instant::now();
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
