@@ -95,12 +95,16 @@ async fn bystander_gets(bystander: &mut Raw, tag: &str) {
     panic!("the bystander never got {tag}");
 }
 
+/// The tests run one at a time: RSS and the drop counters are process-wide.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn metric(counter: &prometheus::IntCounterVec, reason: &str) -> u64 {
     counter.with_label_values(&[reason]).get()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_stops_reading_is_bounded_dropped_and_disconnected() {
+    let _serial = SERIAL.lock().await;
     let dir = tempdir();
     let app = App::start(dir.path(), &site(dir.path())).await;
     let metrics = mqtt_uplink::ops::metrics::get();
@@ -312,6 +316,7 @@ async fn flood(app: &App, client_id: &str, topic: &'static [u8], n: usize) -> us
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_never_acknowledges_holds_at_most_its_inflight_bytes() {
+    let _serial = SERIAL.lock().await;
     let dir = tempdir();
     let app = App::start(dir.path(), &site(dir.path())).await;
     // Reads everything, acknowledges nothing.
