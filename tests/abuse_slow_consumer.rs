@@ -356,3 +356,29 @@ async fn a_subscriber_that_never_acknowledges_holds_at_most_its_inflight_bytes()
     );
     app.stop().await;
 }
+
+#[test]
+fn zero_byte_budgets_are_refused_with_their_line() {
+    let dir = tempdir();
+    let path = dir.path().join("mqtt-uplink.toml");
+    std::fs::write(
+        &path,
+        "[site]\nid = \"a\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n\
+         [limits]\nmax_queued_bytes = 0\nmax_inflight_bytes = 0\n",
+    )
+    .unwrap();
+    let e = match mqtt_uplink::config::load(&path) {
+        Ok(_) => panic!("a byte budget of 0 (no bound) was accepted"),
+        Err(e) => e.0,
+    };
+    let found = |key: &str, line: usize| {
+        e.iter().any(|d| {
+            d.key == key && d.line == Some(line) && d.message.contains("at least 1") && d.file == path
+        })
+    };
+    assert!(found("limits.max_queued_bytes", 8), "{e:?}");
+    assert!(found("limits.max_inflight_bytes", 9), "{e:?}");
+    // The defaults are the documented 1 MiB each.
+    let f = mqtt_uplink::config::file::LimitsFile::default();
+    assert_eq!((f.max_queued_bytes, f.max_inflight_bytes), (BUDGET, BUDGET));
+}
