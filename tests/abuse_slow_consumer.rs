@@ -6,7 +6,9 @@
 //! in rmqtt's unbounded per-session channel: about 400 MB for this test.
 //!
 //! A second test: a subscriber that reads but never acknowledges holds at most `max_inflight_bytes`
-//! in flight (before the fix: `max_inflight` = 1,024 messages, 200 MB at this size).
+//! in flight (before the fix: `max_inflight` = 1,024 messages, 200 MB at this size). A third: a
+//! persistent session whose device is away keeps at most `max_queued_bytes` for it (before:
+//! `max_queued_messages` = 1,000 messages, 200 MB). A fourth: a byte budget of 0 is refused.
 
 mod support;
 
@@ -381,4 +383,70 @@ fn zero_byte_budgets_are_refused_with_their_line() {
     // The defaults are the documented 1 MiB each.
     let f = mqtt_uplink::config::file::LimitsFile::default();
     assert_eq!((f.max_queued_bytes, f.max_inflight_bytes), (BUDGET, BUDGET));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_persistent_session_holds_at_most_its_queued_bytes() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempdir();
+    let app = App::start(dir.path(), &site(dir.path())).await;
+    let metrics = mqtt_uplink::ops::metrics::get();
+    let slow_reason = mqtt_uplink::broker::slow::reason::SLOW_CONSUMER;
+    let dropped_before = metric(&metrics.dropped, slow_reason);
+    // A device with a persistent session subscribes QoS 1, then goes away.
+    let persistent = raw::connect(b"away", false, Some("watcher"), Some(PW));
+    let mut away = Raw::connect(app.addr).await;
+    assert_eq!(away.login(&persistent).await, Some(0));
+    away.send(&raw::subscribe(1, "sensors/away", 1)).await.unwrap();
+    let (first, _) = away.read(T).await.expect("SUBACK");
+    assert_eq!(first, 0x90);
+    drop(away);
+    // Let the broker see the close (the flood below is bounded either way: a session that is still
+    // closing keeps the same budget).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let rss_before = raw::rss_kib();
+    let n = 1_500;
+    let acked = flood(&app, "flooder3", b"sensors/away", n).await;
+    assert_eq!(acked, n, "every flood message was acknowledged to the publisher");
+    let rss_flood = raw::rss_kib();
+    let dropped = metric(&metrics.dropped, slow_reason) - dropped_before;
+
+    // The device comes back and takes what was kept for it, acknowledging each message.
+    let mut back = Raw::connect(app.addr).await;
+    assert_eq!(back.login(&persistent).await, Some(0));
+    let mut received = 0usize;
+    for _ in 0..2 * n {
+        match back.read(Duration::from_secs(2)).await {
+            Some((first, body)) if first & 0xf0 == 0x30 => {
+                received += 1;
+                if first & 0x06 != 0 {
+                    back.send(&raw::packet(0x40, &packet_id(&body))).await.unwrap();
+                }
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    // What waits for an absent device: `max_queued_bytes`, one message over it at most.
+    let kept = BUDGET / PAYLOAD + 1;
+    println!(
+        "offline session: {n} x {PAYLOAD} B QoS 1 while away, {dropped} dropped as \
+         \"{slow_reason}\", {received} delivered on return (budget {BUDGET} B = {kept} messages); \
+         RSS {rss_before} KiB -> {rss_flood} KiB"
+    );
+    assert!(received >= 1, "messages were kept for the absent device");
+    assert!(
+        received <= kept,
+        "at most max_queued_bytes kept for an absent device: {received} messages"
+    );
+    assert!(
+        dropped >= (n / 2) as u64,
+        "drops counted as \"{slow_reason}\": {dropped}"
+    );
+    assert!(
+        rss_flood < rss_before + 128 * 1024,
+        "memory bounded for an absent device: {rss_before} KiB -> {rss_flood} KiB"
+    );
+    app.stop().await;
 }
