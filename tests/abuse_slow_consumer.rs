@@ -8,7 +8,9 @@
 //! A second test: a subscriber that reads but never acknowledges holds at most `max_inflight_bytes`
 //! in flight (before the fix: `max_inflight` = 1,024 messages, 200 MB at this size). A third: a
 //! persistent session whose device is away keeps at most `max_queued_bytes` for it (before:
-//! `max_queued_messages` = 1,000 messages, 200 MB). A fourth: a byte budget of 0 is refused.
+//! `max_queued_messages` = 1,000 messages, 200 MB). A fourth: tiny messages waiting for non-readers
+//! do not hold the large read buffers they were decoded from (before: +114 MB for 12 KB of
+//! messages). A fifth: a byte budget of 0 is refused.
 
 mod support;
 
@@ -125,27 +127,7 @@ async fn a_subscriber_that_stops_reading_is_bounded_dropped_and_disconnected() {
     assert_eq!(first, 0x90);
 
     // The slow subscriber: a small receive buffer, reads its CONNACK and SUBACK, then never again.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket.connect(app.addr).await.unwrap();
-    slow.write_all(&raw::connect(b"slow", true, Some("watcher"), Some(PW)))
-        .await
-        .unwrap();
-    let mut connack = [0u8; 4];
-    tokio::time::timeout(T, slow.read_exact(&mut connack))
-        .await
-        .expect("CONNACK in time")
-        .unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0], "the slow subscriber logs in");
-    slow.write_all(&raw::subscribe(1, "sensors/flood", 1))
-        .await
-        .unwrap();
-    let mut suback = [0u8; 5];
-    tokio::time::timeout(T, slow.read_exact(&mut suback))
-        .await
-        .expect("SUBACK in time")
-        .unwrap();
-    assert_eq!(suback, [0x90, 3, 0, 1, 1], "the slow subscriber is granted QoS 1");
+    let mut slow = non_reader(&app, "slow", "sensors/flood").await;
 
     // The peak RSS during the flood, sampled every 20 ms.
     let rss_before = raw::rss_kib();
@@ -448,5 +430,96 @@ async fn an_offline_persistent_session_holds_at_most_its_queued_bytes() {
         rss_flood < rss_before + 128 * 1024,
         "memory bounded for an absent device: {rss_before} KiB -> {rss_flood} KiB"
     );
+    app.stop().await;
+}
+
+/// A subscriber that reads its CONNACK and SUBACK and nothing more, with a small receive buffer.
+async fn non_reader(app: &App, client_id: &str, filter: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(app.addr).await.unwrap();
+    s.write_all(&raw::connect(
+        client_id.as_bytes(),
+        true,
+        Some("watcher"),
+        Some(PW),
+    ))
+    .await
+    .unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(T, s.read_exact(&mut connack))
+        .await
+        .expect("CONNACK in time")
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "{client_id} logs in");
+    s.write_all(&raw::subscribe(1, filter, 1)).await.unwrap();
+    let mut suback = [0u8; 5];
+    tokio::time::timeout(T, s.read_exact(&mut suback))
+        .await
+        .expect("SUBACK in time")
+        .unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 1], "{client_id} is granted QoS 1");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_queued_messages_do_not_pin_large_read_buffers() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempdir();
+    let app = App::start(dir.path(), &site(dir.path())).await;
+    // Subscribers that never read, each on its own topic.
+    let subscribers = 6;
+    let mut slow = Vec::new();
+    for k in 0..subscribers {
+        slow.push(non_reader(&app, &format!("pinned-{k}"), &format!("sensors/small/{k}")).await);
+    }
+    // Each write: a large message nobody subscribed to, then a tiny one for a slow subscriber, so
+    // the tiny one is decoded from a read buffer shared with the large one. Within the counts
+    // (max_inflight + max_queued_messages) and far within the byte budgets.
+    let rss_before = raw::rss_kib();
+    let mut flooder = login(&app, "pinner", "dev").await;
+    let big = vec![0x11u8; 64 * 1024];
+    let per_subscriber = 2_000;
+    let n = subscribers * per_subscriber;
+    let mut acked = 0;
+    for i in 0..n {
+        let id = (i % 60_000 + 1) as u16;
+        let topic = format!("sensors/small/{}", i % subscribers);
+        let mut bytes = raw::publish(b"sensors/nobody", &big, 0, false, 0);
+        bytes.extend(raw::publish(topic.as_bytes(), b"x", 1, false, id));
+        tokio::time::timeout(T, flooder.send(&bytes))
+            .await
+            .expect("the flooder can write")
+            .unwrap();
+        // Take the PUBACKs as they come, so the flooder's own socket never fills.
+        if i % 500 == 499 {
+            while acked < i + 1 - 100 {
+                match flooder.read(T).await {
+                    Some((0x40, _)) => acked += 1,
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+    }
+    while acked < n {
+        match flooder.read(T).await {
+            Some((0x40, _)) => acked += 1,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let rss_flood = raw::rss_kib();
+    println!(
+        "pinning: {n} x (64 KiB unsubscribed + 1 B for one of {subscribers} non-readers), {acked} \
+         acknowledged; RSS {rss_before} KiB -> {rss_flood} KiB (+{} KiB)",
+        rss_flood.saturating_sub(rss_before)
+    );
+    assert_eq!(acked, n);
+    assert!(
+        rss_flood < rss_before + 64 * 1024,
+        "tiny queued messages hold only their own bytes: {rss_before} KiB -> {rss_flood} KiB"
+    );
+    drop(slow);
     app.stop().await;
 }

@@ -1776,10 +1776,12 @@ impl SessionState {
     pub async fn forwards(
         scx: &ServerContext,
         from: From,
-        publish: Publish,
+        mut publish: Publish,
         #[allow(unused_variables)] message_storage_available: bool,
         #[allow(unused_variables)] message_expiry_interval: Option<Duration>,
     ) -> Result<()> {
+        // mqtt-uplink patch: the message no longer holds its connection's read buffer.
+        publish.own_bytes();
         //delayed publish
         #[cfg(feature = "delayed")]
         if publish.delay_interval.is_some() {

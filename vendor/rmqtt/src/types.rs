@@ -1327,6 +1327,29 @@ pub struct Publish {
 }
 
 impl Publish {
+    /// mqtt-uplink patch: makes the message own exactly its bytes. A decoded message's topic,
+    /// payload and properties are slices of its connection's read buffer, so one that waits for a
+    /// slow subscriber (queued, in flight) would keep that whole buffer alive, out of sight of the
+    /// byte budgets: a message of a few bytes could hold a buffer as large as a maximum-size packet.
+    /// Done once per message as it enters routing (`SessionState::forwards`), shared by every
+    /// subscriber after that.
+    pub fn own_bytes(&mut self) {
+        fn own(s: &ByteString) -> ByteString {
+            ByteString::from(&**s)
+        }
+        self.inner.topic = own(&self.inner.topic);
+        self.inner.payload = Bytes::copy_from_slice(&self.inner.payload);
+        if let Some(props) = self.inner.properties.as_mut() {
+            props.correlation_data = props.correlation_data.as_deref().map(Bytes::copy_from_slice);
+            props.content_type = props.content_type.as_ref().map(own);
+            props.response_topic = props.response_topic.as_ref().map(own);
+            for (k, v) in props.user_properties.iter_mut() {
+                *k = own(k);
+                *v = own(v);
+            }
+        }
+    }
+
     #[inline]
     pub fn target_clientid(mut self, target_clientid: ClientId) -> Self {
         self.target_clientid = Some(target_clientid);
