@@ -2034,6 +2034,11 @@ async fn _send_retain_messages(
     retains: Vec<(TopicName, Retain)>,
     qos: QoS,
 ) -> Result<()> {
+    // mqtt-uplink patch: the burst is allowed as a whole when the session is within its byte budget
+    // as it starts (`SessionTx::forward_retained`); otherwise each message meets the plain budget.
+    let tx = scx.extends.shared().await.entry(id.clone()).tx();
+    let burst: usize = retains.iter().map(|(t, r)| r.publish.payload.len() + t.len()).sum();
+    let within = tx.as_ref().is_some_and(|tx| tx.queued_bytes() <= tx.max_queued_bytes_limit());
     for (topic, mut retain) in retains {
         log::debug!("{:?} topic:{:?}, retain:{:?}", id, topic, retain);
 
@@ -2046,9 +2051,11 @@ async fn _send_retain_messages(
 
         log::debug!("{:?} retain.publish: {:?}", id, retain.publish);
 
-        if let Err((from, p, reason)) =
-            scx.extends.shared().await.entry(id.clone()).publish(retain.from, retain.publish).await
-        {
+        let sent = match (&tx, within) {
+            (Some(tx), true) => tx.forward_retained(retain.from, retain.publish, burst),
+            _ => scx.extends.shared().await.entry(id.clone()).publish(retain.from, retain.publish).await,
+        };
+        if let Err((from, p, reason)) = sent {
             scx.extends.hook_mgr().message_dropped(Some(id.clone()), from, p, reason).await;
         }
     }

@@ -161,6 +161,16 @@ impl SessionTx {
         self
     }
 
+    /// mqtt-uplink patch: the budget of queued bytes (0 = unlimited).
+    #[inline]
+    pub fn max_queued_bytes_limit(&self) -> usize {
+        if self.max_queued_bytes == 0 {
+            usize::MAX
+        } else {
+            self.max_queued_bytes
+        }
+    }
+
     /// mqtt-uplink patch: bytes forwarded to this session and not yet taken out of its deliver queue.
     #[inline]
     pub fn queued_bytes(&self) -> usize {
@@ -173,10 +183,34 @@ impl SessionTx {
     /// message to a session goes through here, and each byte counted here is released once (taken out
     /// of the deliver queue, or dropped from it), so the count cannot drift upward.
     pub fn forward(&self, from: From, p: Publish) -> std::result::Result<(), (From, Publish, Reason)> {
+        self.forward_within(from, p, self.max_queued_bytes)
+    }
+
+    /// mqtt-uplink patch: the retained messages a SUBSCRIBE brings are sent at once, before the
+    /// client could read any of them: a session that is within its budget when they start takes the
+    /// whole burst (at most the retained store's size), so a subscriber that reads is never refused
+    /// retained state. A session already over its budget gets the ordinary budget.
+    pub fn forward_retained(
+        &self,
+        from: From,
+        p: Publish,
+        burst: usize,
+    ) -> std::result::Result<(), (From, Publish, Reason)> {
+        let budget = if self.max_queued_bytes == 0 { 0 } else { self.max_queued_bytes.saturating_add(burst) };
+        self.forward_within(from, p, budget)
+    }
+
+    #[inline]
+    fn forward_within(
+        &self,
+        from: From,
+        p: Publish,
+        budget: usize,
+    ) -> std::result::Result<(), (From, Publish, Reason)> {
         use std::sync::atomic::Ordering;
         let n = publish_bytes(&p);
         let prev = self.queued_bytes.fetch_add(n, Ordering::AcqRel);
-        if self.max_queued_bytes > 0 && prev > 0 && prev + n > self.max_queued_bytes {
+        if budget > 0 && prev > 0 && prev + n > budget {
             self.release(n);
             return Err((from, p, Reason::from_static(SLOW_CONSUMER)));
         }
