@@ -121,7 +121,10 @@ async fn delivery_resumes_promptly_after_a_60s_cloud_outage() {
         &(0..50).collect(),
         Instant::now() + Duration::from_secs(30),
     );
-    assert!(missing.is_empty(), "no delivery through the healthy session: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "no delivery through the healthy session: {missing:?}"
+    );
     tokio::time::sleep(HEALTHY.saturating_sub(connected.elapsed())).await;
 
     cloud.stop();

@@ -99,11 +99,17 @@ mod tests {
         for _ in 0..50 {
             let _ = b.prompt_delay();
         }
-        assert!(b.next_delay() <= Duration::from_millis(100), "attempt not advanced");
+        assert!(
+            b.next_delay() <= Duration::from_millis(100),
+            "attempt not advanced"
+        );
 
         let b = Backoff::new(Duration::from_millis(50), Duration::from_millis(200));
         for _ in 0..50 {
-            assert!(b.prompt_delay() <= Duration::from_millis(200), "capped at backoff_max");
+            assert!(
+                b.prompt_delay() <= Duration::from_millis(200),
+                "capped at backoff_max"
+            );
         }
     }
 }

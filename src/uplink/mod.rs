@@ -95,7 +95,10 @@ enum Ended {
     Shutdown,
     /// No transport of the pass gave a session. `refused`: at least one reached something that said
     /// no (TLS, CONNACK, SSH login or host key), so the uplink backs off as usual.
-    NoSession { error: anyhow::Error, refused: bool },
+    NoSession {
+        error: anyhow::Error,
+        refused: bool,
+    },
     /// The session on transport `from` failed its health check or its stream after `lasted`: try
     /// the next one now.
     Failed {
@@ -104,7 +107,9 @@ enum Ended {
         lasted: Duration,
     },
     /// A preferred transport has been healthy for `return_after`: go back to it now.
-    Return { to: usize },
+    Return {
+        to: usize,
+    },
 }
 
 /// Why one transport gave no session.
@@ -318,9 +323,19 @@ impl UplinkTask {
                 Ok(c) => c,
                 Err(e) => {
                     if loud {
-                        tracing::warn!(transport = t.name(), refused = e.refused, "uplink transport failed: {:#}", e.error);
+                        tracing::warn!(
+                            transport = t.name(),
+                            refused = e.refused,
+                            "uplink transport failed: {:#}",
+                            e.error
+                        );
                     } else {
-                        tracing::debug!(transport = t.name(), refused = e.refused, "uplink transport failed: {:#}", e.error);
+                        tracing::debug!(
+                            transport = t.name(),
+                            refused = e.refused,
+                            "uplink transport failed: {:#}",
+                            e.error
+                        );
                     }
                     refused |= e.refused;
                     last_err = e.error;
@@ -480,7 +495,10 @@ impl UplinkTask {
     }
 
     /// TLS over `stream` for an `mqtts://` broker, within `connect_timeout`.
-    async fn secure(&self, stream: crate::transport::BoxStream) -> anyhow::Result<crate::transport::BoxStream> {
+    async fn secure(
+        &self,
+        stream: crate::transport::BoxStream,
+    ) -> anyhow::Result<crate::transport::BoxStream> {
         let deadline = self.identity.connect_timeout;
         Ok(match &self.tls {
             Some(tls) => tokio::time::timeout(deadline, tls.wrap(stream))
