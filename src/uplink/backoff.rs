@@ -1,20 +1,20 @@
 //! Reconnect delays: exponential with full jitter, reset once a connection has been healthy for a
 //! while, so a flapping link backs off but a long-lived one that drops once reconnects quickly.
 //!
-//! After a healthy session is lost, a cloud that cannot be *reached* (connection refused or timed out,
-//! tunnel down) is retried every [`PROMPT_MIN`]..[`PROMPT_MAX`] for [`RECOVERY_WINDOW`]
-//! ([`Backoff::prompt_delay`]), so delivery resumes within about a second of the cloud coming back
-//! from an outage of up to 10 minutes. A cloud that *answers and refuses* (TLS, CONNACK, SSH login)
-//! always gets the doubling delay ([`Backoff::next_delay`]): it is never hammered.
+//! After a session that worked is lost (see `UplinkTask::run`), a cloud that cannot be *reached*
+//! (connection refused or timed out, tunnel down) is retried every [`PROMPT_MIN`]..[`PROMPT_MAX`]
+//! for [`RECOVERY_WINDOW`] ([`Backoff::prompt_delay`]), so delivery resumes within about a second of
+//! the cloud coming back from an outage of up to 10 minutes. A cloud that *answers and refuses* (TLS,
+//! CONNACK, SSH login) always gets the doubling delay ([`Backoff::next_delay`]): it is never hammered.
 
 use std::time::Duration;
 
 use rand::Rng;
 
-/// A connection that stayed up this long resets the backoff.
+/// A session that stayed up this long counts as one that worked, even without traffic.
 pub const HEALTHY_RESET: Duration = Duration::from_secs(10);
 
-/// How long after a healthy session is lost an unreachable cloud is retried promptly.
+/// How long after a session that worked is lost an unreachable cloud is retried promptly.
 pub const RECOVERY_WINDOW: Duration = Duration::from_secs(600);
 
 /// Bounds of the jittered prompt retry delay (never above `backoff_max`).

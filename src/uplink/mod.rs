@@ -9,11 +9,12 @@
 //! switch is logged and counted (`mqtt_uplink_transport_switches_total`). When a whole pass down the
 //! chain fails, the uplink backs off and starts again from the most preferred transport.
 //!
-//! Reconnect delays (see `backoff`): after a session that was healthy (up for `HEALTHY_RESET`) is
-//! lost, a cloud that cannot be reached is retried every 0.5-1 s for `RECOVERY_WINDOW` (10 minutes),
-//! so delivery resumes within about a second of the cloud's return; a cloud that answers and refuses
-//! (TLS, CONNACK, SSH login) and a session that fails soon after it was set up get the jittered
-//! doubling from `backoff_min` to `backoff_max`, as does everything after the window.
+//! Reconnect delays (see `backoff`): after a session that was healthy (the cloud acknowledged a
+//! message or answered a health check, or it lasted `HEALTHY_RESET`) is lost, a cloud that cannot be
+//! reached is retried every 0.5-1 s for `RECOVERY_WINDOW` (10 minutes), so delivery resumes within
+//! about a second of the cloud's return; a cloud that answers and refuses (TLS, CONNACK, SSH login)
+//! and a session that never worked get the jittered doubling from `backoff_min` to `backoff_max`, as
+//! does everything after the window.
 
 pub mod backoff;
 pub mod decode;
@@ -25,6 +26,7 @@ pub mod tls;
 use std::collections::HashSet;
 use std::num::NonZeroU16;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,12 +101,13 @@ enum Ended {
         error: anyhow::Error,
         refused: bool,
     },
-    /// The session on transport `from` failed its health check or its stream after `lasted`: try
-    /// the next one now.
+    /// The session on transport `from` failed its health check or its stream: try the next one now.
+    /// `healthy`: before that, the cloud acknowledged a message or answered a health check, or the
+    /// session lasted `HEALTHY_RESET`.
     Failed {
         from: usize,
         error: anyhow::Error,
-        lasted: Duration,
+        healthy: bool,
     },
     /// A preferred transport has been healthy for `return_after`: go back to it now.
     Return {
@@ -237,8 +240,8 @@ impl UplinkTask {
                     start = to;
                     continue;
                 }
-                Ended::Failed { from, error, lasted } => {
-                    if lasted >= HEALTHY_RESET {
+                Ended::Failed { from, error, healthy } => {
+                    if healthy {
                         self.backoff.reset();
                         recovering = Some(Instant::now());
                         quiet = Quiet::default();
@@ -252,9 +255,9 @@ impl UplinkTask {
                         start = (from + 1) % n;
                         continue;
                     }
-                    // A session that failed soon after it was set up is treated like a refusal: a
-                    // flapping link, or a cloud that drops the uplink at once, is backed off from.
-                    (error, lasted < HEALTHY_RESET)
+                    // A session that never worked is treated like a refusal: a cloud that drops the
+                    // uplink right after CONNACK is backed off from.
+                    (error, !healthy)
                 }
                 Ended::NoSession { error, refused } => (error, refused),
             };
@@ -383,6 +386,7 @@ impl UplinkTask {
         shutdown: &CancellationToken,
     ) -> Ended {
         let since = Instant::now();
+        let proven = AtomicBool::new(false);
         let stop = shutdown.child_token();
         let wiring = Wiring {
             routes: &self.routes,
@@ -391,6 +395,7 @@ impl UplinkTask {
             wanted: self.wanted.clone(),
             ledger: &self.ledger,
             qos2: &self.qos2,
+            proven: &proven,
         };
         let session = session::run(conn, session_present, &self.identity, wiring, &stop);
         let prober = async {
@@ -414,7 +419,7 @@ impl UplinkTask {
                 error: result
                     .err()
                     .unwrap_or_else(|| anyhow::anyhow!("the session ended")),
-                lasted: since.elapsed(),
+                healthy: proven.load(Ordering::Relaxed) || since.elapsed() >= HEALTHY_RESET,
             },
         }
     }
