@@ -20,7 +20,7 @@ const REMOTE: &str = "sites/plant-7/sensors/seq";
 /// The backoff both tests configure: fixed at 40 s (`backoff_min_ms = backoff_max_ms`), so the
 /// schedule the uplink would follow without prompt retries is known exactly, not a random draw.
 const BACKOFF_MS: u64 = 40_000;
-/// Longer than `uplink::backoff::HEALTHY_RESET` (10 s): the session counts as healthy.
+/// Longer than `uplink::backoff::HEALTHY_RESET` (10 s): a session without traffic counts as healthy.
 const HEALTHY: Duration = Duration::from_secs(12);
 
 fn site_files(dir: &Path) {
@@ -87,13 +87,14 @@ fn wait_all_arrive(
 }
 
 /// The cloud is stopped for 60 s while a device keeps publishing QoS 1 (acknowledged by the appliance:
-/// held in its outbox), then started again on the same port. Every acknowledged message must reach the
+/// held in its outbox), then started again on the same port. The session before the outage carried
+/// traffic for a few seconds. Every acknowledged message must reach the
 /// cloud by 10 s after the restart.
 ///
 /// This is a delivery deadline, not a performance assertion: it sits far from both behaviours it
 /// tells apart. With the fixed 40 s backoff configured here, an uplink that only backs off retries at
 /// about 40 s and 80 s into the outage, so nothing arrives until ~20 s after the restart (measured
-/// before the fix: the test fails). An uplink that retries promptly after a healthy session reconnects
+/// before the fix: the test fails). An uplink that retries promptly after a session that worked reconnects
 /// within about a second of the restart (the figures are printed), leaving 9 s of slack for a loaded
 /// machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +111,7 @@ async fn delivery_resumes_promptly_after_a_60s_cloud_outage() {
     let connected = Instant::now();
     let mut sub = cloud.subscribe_persistent_forever("sites/plant-7/#", "acct-prompt-return");
 
-    // 25 messages a second through the healthy session and the outage, stopped at the restart.
+    // 25 messages a second through the session and the outage, stopped at the restart.
     let publisher = Publisher::start(port, "dev1", DEV_PW, LOCAL, 25, 25 * 600);
     assert!(
         publisher.wait_acked(50, Duration::from_secs(30)).await,
@@ -121,11 +122,13 @@ async fn delivery_resumes_promptly_after_a_60s_cloud_outage() {
         &(0..50).collect(),
         Instant::now() + Duration::from_secs(30),
     );
-    assert!(
-        missing.is_empty(),
-        "no delivery through the healthy session: {missing:?}"
+    assert!(missing.is_empty(), "no delivery through the session: {missing:?}");
+    // The session worked (the cloud acknowledged messages) but is younger than 10 s, as in the quick
+    // benchmark that found the defect: it counts as healthy all the same.
+    println!(
+        "session age at the outage: {:.1} s",
+        connected.elapsed().as_secs_f64()
     );
-    tokio::time::sleep(HEALTHY.saturating_sub(connected.elapsed())).await;
 
     cloud.stop();
     let stopped = Instant::now();

@@ -513,3 +513,46 @@ impl UplinkTask {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::ssh::SshError;
+    use crate::transport::wireguard::WgError;
+
+    #[test]
+    fn a_missing_cloud_is_unreachable_a_refusing_one_is_not() {
+        let io = |kind| anyhow::Error::from(std::io::Error::from(kind));
+        assert!(unreachable(&io(std::io::ErrorKind::ConnectionRefused)));
+        assert!(unreachable(
+            &io(std::io::ErrorKind::TimedOut).context("TCP connect")
+        ));
+        let ssh = |e: SshError| anyhow::Error::from(e);
+        assert!(unreachable(&ssh(SshError::ChannelOpenRefused {
+            reason: "connect failed (Connection refused)".into()
+        })));
+        assert!(!unreachable(&ssh(SshError::ChannelOpenRefused {
+            reason: "administratively prohibited (open failed)".into()
+        })));
+        assert!(!unreachable(&ssh(SshError::AuthRejected {
+            user: "u".into(),
+            key_fingerprint: "SHA256:x".into()
+        })));
+        assert!(!unreachable(&ssh(SshError::HostKeyMismatch {
+            host: "h".into(),
+            fingerprint: "SHA256:x".into()
+        })));
+        assert!(unreachable(&ssh(SshError::Timeout {
+            server: "h:22".into(),
+            after: Duration::from_secs(1)
+        })));
+        let wg = |e: WgError| anyhow::Error::from(e);
+        assert!(unreachable(&wg(WgError::TcpConnect("refused".into()))));
+        assert!(unreachable(&wg(WgError::HandshakeTimeout {
+            endpoint: "e".into(),
+            peer: "p".into(),
+            after: Duration::from_secs(1)
+        })));
+        assert!(!unreachable(&wg(WgError::Key("bad".into()))));
+    }
+}
