@@ -285,6 +285,7 @@ impl PathLab {
         let log = dir.join("edge.log");
         let d = self.dir.path().display().to_string();
         let client_id = format!("p7-{tag}");
+        let metrics = (imp == Impl::Uplink).then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
         let (child, tunnel) = match imp {
             Impl::Uplink => {
                 write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
@@ -355,7 +356,11 @@ remote_prefix = "sites/p7/"
 
 [log]
 level = "warn"
+
+[metrics]
+bind = "{metrics}"
 "#,
+                    metrics = metrics.expect("mqtt-uplink has a metrics endpoint"),
                     dir = dir.display(),
                     cloud_port = self.cloud.port,
                 );
@@ -421,6 +426,7 @@ level = "warn"
         let mut edge = Edge {
             imp,
             port,
+            metrics,
             child: Some(child),
             tunnel,
             log: log.clone(),
@@ -526,6 +532,8 @@ pub enum Tunnel {
 pub struct Edge {
     pub imp: Impl,
     pub port: u16,
+    /// mqtt-uplink's metrics endpoint (the outage scenario reads `mqtt_uplink_outbox_depth`).
+    pub metrics: Option<SocketAddr>,
     child: Option<Child>,
     tunnel: Option<Tunnel>,
     pub log: PathBuf,
@@ -544,6 +552,20 @@ impl Edge {
 
     pub fn addr(&self) -> SocketAddr {
         ([127, 0, 0, 1], self.port).into()
+    }
+
+    /// mqtt-uplink's `mqtt_uplink_outbox_depth` (messages acknowledged to devices, not yet to the
+    /// cloud); `None` for an edge without the metric or when the endpoint does not answer.
+    pub async fn outbox_depth(&self) -> Option<u64> {
+        let bind = mqtt_uplink::config::MetricsBind::Tcp(self.metrics?);
+        let (code, body) = mqtt_uplink::ops::http::get(&bind, "/metrics").await.ok()?;
+        if code != 200 {
+            return None;
+        }
+        body.lines()
+            .find_map(|l| l.strip_prefix("mqtt_uplink_outbox_depth "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
     }
 
     /// Whether the edge process is still running.
