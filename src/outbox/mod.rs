@@ -6,7 +6,8 @@
 //! bounded in count and in bytes (`qos0_max_bytes`), that never blocks QoS 1.
 //!
 //! With a store ([`Outbox::open`], used whenever an `[uplink]` is configured) every QoS ≥ 1 message is
-//! committed to `state_dir/outbox.redb` before [`Outbox::push`] returns (group commit, see `store`), and
+//! written to the log in `state_dir/outbox/` before [`Outbox::push`] returns (group commit, see `store`
+//! and `log`), and
 //! the queue is read back at start: acknowledged messages survive tunnel drops, cloud restarts and
 //! appliance crashes. Without one ([`Outbox::memory`], the local-only broker) nothing touches the disk.
 //!
@@ -14,6 +15,7 @@
 //! content of the newest ones up to [`CACHE_BYTES`]; older content is read from the store when the
 //! uplink gets to it, so a long backlog costs disk, not RAM.
 
+mod log;
 mod store;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -215,14 +217,15 @@ fn now_ms() -> u64 {
 impl Outbox {
     /// An outbox in memory only (no uplink, or tests): nothing survives the process.
     pub fn memory(settings: OutboxSettings) -> Self {
-        Self::with_store(settings, None, Arc::new(Notify::new()), Vec::new())
+        Self::with_store(settings, None, Arc::new(Notify::new()), Vec::new(), 1)
     }
 
     /// Opens the durable outbox in `state_dir` (created if missing) and loads what a previous run left.
     pub fn open(state_dir: &Path, settings: OutboxSettings) -> Result<Self, StoreError> {
         let ready = Arc::new(Notify::new());
-        let (store, index) = Store::open(state_dir, ready.clone(), settings.commit_window)?;
-        let o = Self::with_store(settings, Some(store), ready, index);
+        let (store, index, next_seq) =
+            Store::open(state_dir, ready.clone(), settings.commit_window)?;
+        let o = Self::with_store(settings, Some(store), ready, index, next_seq);
         if o.depth() > 0 {
             tracing::info!(
                 queued = o.depth(),
@@ -239,12 +242,13 @@ impl Outbox {
         store: Option<Store>,
         ready: Arc<Notify>,
         index: Vec<store::Indexed>,
+        next_seq: u64,
     ) -> Self {
         let mut st = State {
             queue: BTreeMap::new(),
             bytes: 0,
             cached: 0,
-            next_seq: 1,
+            next_seq,
             qos0: VecDeque::new(),
             qos0_bytes: 0,
             users: HashMap::new(),
@@ -731,7 +735,11 @@ mod tests {
     /// What is on disk right now: a copy of the file, opened as a second store.
     fn on_disk(dir: &std::path::Path) -> usize {
         let copy = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.join("outbox.redb"), copy.path().join("outbox.redb")).unwrap();
+        std::fs::create_dir(copy.path().join("outbox")).unwrap();
+        for f in std::fs::read_dir(dir.join("outbox")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, copy.path().join("outbox").join(f.file_name().unwrap())).unwrap();
+        }
         Outbox::open(copy.path(), settings(1 << 20, OnFull::RejectNew))
             .unwrap()
             .depth()
