@@ -478,6 +478,71 @@ fn decode(rec: &[u8]) -> Option<OutMessage> {
 mod tests {
     use super::*;
 
+    /// An `outbox.redb` as the previous version wrote it: its table, its record encoding (format 2,
+    /// and a format 1 record as the version before wrote), committed durably.
+    fn write_legacy(path: &Path, msgs: &[(u64, Vec<u8>)]) {
+        use redb::TableDefinition;
+        const TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+        let db = redb::Database::create(path).unwrap();
+        let mut txn = db.begin_write().unwrap();
+        txn.set_durability(redb::Durability::Immediate).unwrap();
+        {
+            let mut t = txn.open_table(TABLE).unwrap();
+            for (seq, rec) in msgs {
+                t.insert(*seq, rec.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    fn v1(mapping: u32, topic: &str, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![FORMAT_V1];
+        v.extend_from_slice(&mapping.to_le_bytes());
+        v.extend_from_slice(&[1, 0]);
+        v.extend_from_slice(&5u64.to_le_bytes());
+        v.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+        v.extend_from_slice(topic.as_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Issue 13 item 4: an `outbox.redb` left by the previous version is drained into the log at
+    /// start, in order, then removed; a second start finds the same messages in the log alone.
+    #[test]
+    fn a_previous_versions_outbox_is_drained_into_the_log_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = |i: u64| OutMessage {
+            mapping: 1,
+            topic: format!("sites/a/{i}"),
+            payload: Bytes::from(format!("payload {i}")),
+            qos: 1,
+            retain: false,
+            accepted_ms: 1_700_000_000_000 + i,
+            user: "dev1".into(),
+        };
+        let mut old: Vec<(u64, Vec<u8>)> = vec![(3, v1(0, "old/v1", b"first"))];
+        old.extend((10..5010).map(|i| (i, encode(&m(i)))));
+        write_legacy(&dir.path().join(LEGACY), &old);
+        let notify = Arc::new(Notify::new());
+        let (store, index, next) =
+            Store::open(dir.path(), notify.clone(), Duration::ZERO).unwrap();
+        assert!(!dir.path().join(LEGACY).exists(), "outbox.redb removed");
+        assert_eq!(index.len(), old.len());
+        assert_eq!(next, index.last().unwrap().seq + 1);
+        let seqs: Vec<u64> = index.iter().map(|i| i.seq).collect();
+        let back = store.read(&seqs).unwrap();
+        assert_eq!(back.len(), old.len());
+        assert_eq!((back[0].topic.as_str(), &back[0].payload[..]), ("old/v1", &b"first"[..]));
+        for (i, b) in (10..5010).zip(&back[1..]) {
+            assert_eq!(*b, m(i));
+        }
+        drop(store);
+        std::thread::sleep(Duration::from_millis(100));
+        let (store, index2, _) = Store::open(dir.path(), notify, Duration::ZERO).unwrap();
+        assert_eq!(index2.len(), old.len(), "the log holds them after the drain");
+        assert_eq!(store.read(&seqs).unwrap(), back);
+    }
+
     #[test]
     fn records_round_trip() {
         let m = OutMessage {
