@@ -31,7 +31,7 @@ fn msg(i: u64) -> OutMessage {
     OutMessage {
         mapping: 0,
         topic: "sites/p7/room1/temp".into(), // 19 bytes
-        payload: Bytes::from(format!("{{\"seq\":{i:>10},\"t\":21.5,\"u\":\"C\"}}  ")), // 45
+        payload: Bytes::from(format!("{:<45}", format!("{{\"seq\":{i},\"t\":21.5,\"u\":\"C\"}}"))),
         qos: 1,
         retain: false,
         accepted_ms: 0,
