@@ -15,10 +15,11 @@
 //! content of the newest ones up to [`CACHE_BYTES`]; older content is read from the store when the
 //! uplink gets to it, so a long backlog costs disk, not RAM.
 
+mod index;
 mod log;
 mod store;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -117,7 +118,7 @@ pub struct Counters {
     pub storage_errors: AtomicU64,
 }
 
-/// One queued QoS ≥ 1 message in the index.
+/// One queued QoS ≥ 1 message, as it enters or leaves the index.
 struct Entry {
     size: u64,
     accepted_ms: u64,
@@ -126,69 +127,60 @@ struct Entry {
     msg: Option<OutMessage>,
 }
 
-/// What one user holds in the outbox.
-#[derive(Default)]
-struct Share {
-    bytes: u64,
-    seqs: BTreeSet<u64>,
-}
-
 struct State {
-    queue: BTreeMap<u64, Entry>,
-    bytes: u64,
+    /// Every queued QoS ≥ 1 message (compact: see `index`), with bytes per user.
+    queue: index::Index,
+    /// Content of the newest messages, up to `CACHE_BYTES` (logical size).
+    cache: HashMap<u64, OutMessage>,
     cached: u64,
     next_seq: u64,
     qos0: VecDeque<OutMessage>,
     /// Logical size of the QoS 0 lane (same unit as `bytes`).
     qos0_bytes: u64,
-    /// Per user: bytes held and their messages' sequence numbers.
-    users: HashMap<Arc<str>, Share>,
 }
 
 impl State {
     fn insert(&mut self, seq: u64, e: Entry) {
-        self.bytes += e.size;
-        if e.msg.is_some() {
-            self.cached += e.size;
+        if !self.queue.push(seq, e.size, e.accepted_ms, &e.user) {
+            tracing::error!(seq, "outbox: a sequence number out of order was not queued");
+            return;
         }
-        let share = self.users.entry(e.user.clone()).or_default();
-        share.bytes += e.size;
-        share.seqs.insert(seq);
-        self.queue.insert(seq, e);
+        if let Some(m) = e.msg {
+            self.cached += e.size;
+            self.cache.insert(seq, m);
+        }
     }
 
     fn remove(&mut self, seq: u64) -> Option<Entry> {
-        let e = self.queue.remove(&seq)?;
-        self.bytes -= e.size;
-        if e.msg.is_some() {
-            self.cached -= e.size;
+        let meta = self.queue.remove(seq)?;
+        let msg = self.cache.remove(&seq);
+        if msg.is_some() {
+            self.cached -= meta.size;
         }
-        if let Some(share) = self.users.get_mut(&e.user) {
-            share.bytes -= e.size;
-            share.seqs.remove(&seq);
-            if share.seqs.is_empty() {
-                self.users.remove(&e.user);
-            }
-        }
-        Some(e)
+        Some(Entry {
+            size: meta.size,
+            accepted_ms: meta.accepted_ms,
+            user: meta.user,
+            msg,
+        })
+    }
+
+    fn bytes(&self) -> u64 {
+        self.queue.bytes()
     }
 
     fn user_bytes(&self, user: &str) -> u64 {
-        self.users.get(user).map_or(0, |s| s.bytes)
+        self.queue.user_bytes(user)
     }
 
     /// The oldest message of `user`.
-    fn oldest_of(&self, user: &str) -> Option<u64> {
-        self.users.get(user)?.seqs.first().copied()
+    fn oldest_of(&mut self, user: &str) -> Option<u64> {
+        self.queue.oldest_of(user)
     }
 
     /// The oldest message of the user holding the most bytes (ties: the oldest message).
-    fn oldest_of_heaviest(&self) -> Option<u64> {
-        self.users
-            .values()
-            .filter_map(|s| Some((s.bytes, std::cmp::Reverse(*s.seqs.first()?))))
-            .max()
-            .map(|(_, std::cmp::Reverse(seq))| seq)
+    fn oldest_of_heaviest(&mut self) -> Option<u64> {
+        self.queue.oldest_of_heaviest()
     }
 }
 
@@ -245,13 +237,12 @@ impl Outbox {
         next_seq: u64,
     ) -> Self {
         let mut st = State {
-            queue: BTreeMap::new(),
-            bytes: 0,
+            queue: index::Index::default(),
+            cache: HashMap::new(),
             cached: 0,
             next_seq,
             qos0: VecDeque::new(),
             qos0_bytes: 0,
-            users: HashMap::new(),
         };
         for i in index {
             st.next_seq = st.next_seq.max(i.seq + 1);
@@ -356,7 +347,7 @@ impl Outbox {
                     c.user_dropped_oldest.fetch_add(1, Ordering::Relaxed);
                     log_drop(reason::USER_DROP_OLDEST, 1);
                 }
-                while st.bytes + size > self.inner.settings.max_bytes {
+                while st.bytes() + size > self.inner.settings.max_bytes {
                     match on_full {
                         OnFull::RejectNew => {
                             c.rejected_full.fetch_add(1, Ordering::Relaxed);
@@ -424,12 +415,7 @@ impl Outbox {
         let cutoff = now_ms().saturating_sub(self.inner.settings.max_age.as_millis() as u64);
         let picked: Vec<(u64, Option<OutMessage>)> = {
             let mut st = self.state();
-            let expired: Vec<u64> = st
-                .queue
-                .iter()
-                .take_while(|(_, e)| e.accepted_ms < cutoff)
-                .map(|(s, _)| *s)
-                .collect();
+            let expired: Vec<u64> = st.queue.leading_older_than(cutoff);
             if !expired.is_empty() {
                 for &s in &expired {
                     st.remove(s);
@@ -442,9 +428,9 @@ impl Outbox {
                 log_drop(reason::EXPIRED, expired.len() as u64);
             }
             st.queue
-                .range(after + 1..)
-                .take(max)
-                .map(|(s, e)| (*s, e.msg.clone()))
+                .range(after, max)
+                .into_iter()
+                .map(|(s, _)| (s, st.cache.get(&s).cloned()))
                 .collect()
         };
         let mut out = Vec::with_capacity(picked.len());
@@ -530,19 +516,19 @@ impl Outbox {
 
     /// Bytes held by QoS ≥ 1 messages (logical size: topic + payload + 32 per message).
     pub fn bytes(&self) -> u64 {
-        self.state().bytes
+        self.state().bytes()
     }
 
     /// When the oldest waiting QoS ≥ 1 message was accepted (ms since the Unix epoch), if any.
     pub fn oldest_accepted_ms(&self) -> Option<u64> {
-        self.state().queue.first_key_value().map(|(_, e)| e.accepted_ms)
+        self.state().queue.first().map(|(_, ms)| ms)
     }
 
     /// Age of the oldest QoS ≥ 1 message waiting, if any.
     pub fn oldest_age(&self) -> Option<Duration> {
         let st = self.state();
-        let (_, e) = st.queue.first_key_value()?;
-        Some(Duration::from_millis(now_ms().saturating_sub(e.accepted_ms)))
+        let (_, accepted_ms) = st.queue.first()?;
+        Some(Duration::from_millis(now_ms().saturating_sub(accepted_ms)))
     }
 
     /// QoS 0 messages waiting in the best-effort lane.
