@@ -589,7 +589,13 @@ async fn state_dir_and_files_are_private_whatever_the_umask() {
         .collect();
     assert!(!segments.is_empty(), "the outbox log has a segment");
     for seg in segments {
-        assert_eq!(mode(&seg), 0o600, "outbox segment {} is {:o}", seg.display(), mode(&seg));
+        assert_eq!(
+            mode(&seg),
+            0o600,
+            "outbox segment {} is {:o}",
+            seg.display(),
+            mode(&seg)
+        );
     }
     drop(cloud);
 }

@@ -51,6 +51,17 @@ pub(super) struct Index {
 }
 
 impl Index {
+    /// Heap held by the index (chunk buffers and user table; map nodes estimated), for the figures.
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        let slots: usize = self
+            .chunks
+            .values()
+            .map(|c| c.slots.capacity() * std::mem::size_of::<Slot>())
+            .sum();
+        slots + self.chunks.len() * (std::mem::size_of::<(u64, Chunk)>() + 16) + self.users.capacity() * 64
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -172,11 +183,7 @@ impl Index {
     /// Up to `max` messages after `after`, in order.
     pub fn range(&self, after: u64, max: usize) -> Vec<(u64, Meta)> {
         let mut out = Vec::new();
-        let start = self
-            .chunks
-            .range(..=after)
-            .next_back()
-            .map_or(0, |(&b, _)| b);
+        let start = self.chunks.range(..=after).next_back().map_or(0, |(&b, _)| b);
         for (&base, c) in self.chunks.range(start..) {
             let from = c.slots.partition_point(|s| base + u64::from(s.dseq) <= after);
             for s in &c.slots[from..] {
@@ -211,9 +218,7 @@ impl Index {
     }
 
     pub fn user_bytes(&self, user: &str) -> u64 {
-        self.ids
-            .get(user)
-            .map_or(0, |&id| self.users[id as usize].bytes)
+        self.ids.get(user).map_or(0, |&id| self.users[id as usize].bytes)
     }
 
     /// The oldest message of `user`. Scans from the user's cursor (which only moves forward).
@@ -224,11 +229,7 @@ impl Index {
 
     fn oldest_of_id(&mut self, id: u32) -> Option<u64> {
         let cursor = self.users[id as usize].cursor;
-        let start = self
-            .chunks
-            .range(..=cursor)
-            .next_back()
-            .map_or(0, |(&b, _)| b);
+        let start = self.chunks.range(..=cursor).next_back().map_or(0, |(&b, _)| b);
         let mut found = None;
         'scan: for (&base, c) in self.chunks.range(start..) {
             let from = c.slots.partition_point(|s| base + u64::from(s.dseq) < cursor);
@@ -254,10 +255,7 @@ impl Index {
             .copied()
             .filter(|&id| self.users[id as usize].bytes == max)
             .collect();
-        heaviest
-            .into_iter()
-            .filter_map(|id| self.oldest_of_id(id))
-            .min()
+        heaviest.into_iter().filter_map(|id| self.oldest_of_id(id)).min()
     }
 }
 
@@ -300,5 +298,39 @@ mod tests {
         assert!(ix.push(2000, 10, 5_000, "rare"));
         assert_eq!(ix.oldest_of("rare"), Some(2000));
         assert_eq!(ix.len(), 1000 - 300 - 70 + 1);
+    }
+
+    fn rss_kb() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    }
+
+    /// Issue 13 item 4: a 64 MiB backlog (logical size: topic + payload + 32) of 64-byte messages,
+    /// 699,050 of them, must not cost more than 16 MB of RAM. The BTreeMap index it replaces cost
+    /// about 190 MB for it (`outbox::measure`).
+    #[test]
+    fn a_64_mib_backlog_of_64_byte_messages_costs_under_16_mb() {
+        let n = (64u64 << 20) / 96;
+        let before = rss_kb();
+        let mut ix = Index::default();
+        for seq in 1..=n {
+            let user = ["dev1", "dev2", "dev3"][(seq % 3) as usize];
+            assert!(ix.push(seq, 96, 1_700_000_000_000 + seq / 10, user));
+        }
+        let after = rss_kb();
+        let grown = after.saturating_sub(before) * 1024;
+        eprintln!(
+            "{n} messages: RSS +{} kB, index heap {} B ({:.1} B/message)",
+            grown / 1024,
+            ix.heap_bytes(),
+            ix.heap_bytes() as f64 / n as f64
+        );
+        assert_eq!(ix.len() as u64, n);
+        assert_eq!(ix.bytes(), 96 * n);
+        assert!(ix.heap_bytes() <= 16_000_000, "{} B", ix.heap_bytes());
+        assert!(grown <= 16_000_000, "RSS grew by {grown} B");
     }
 }

@@ -288,10 +288,7 @@ impl Log {
         let mut scanned = Vec::with_capacity(ids.len());
         for id in ids {
             let path = seg_path(dir, id);
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)?;
+            let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
             let file_len = file.metadata()?.len();
             let mut seg = Seg {
                 id,
@@ -446,9 +443,7 @@ impl Log {
             .open(&path)?;
         // Full size at once: appends then change no file size (fdatasync writes data only). A file
         // system without fallocate gets a sparse file of that size, and the same format.
-        if let Err(e) =
-            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, self.seg_bytes)
-        {
+        if let Err(e) = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, self.seg_bytes) {
             tracing::debug!(path = %path.display(), "fallocate: {e}; extending the file instead");
             file.set_len(self.seg_bytes)?;
         }
@@ -644,7 +639,11 @@ mod tests {
     fn body(seq: u64) -> Vec<u8> {
         // Any bytes not starting with a marker will do for the log; a message body starts with 2.
         let mut b = vec![2u8];
-        b.extend_from_slice(format!("message {seq} ").repeat(1 + (seq % 5) as usize).as_bytes());
+        b.extend_from_slice(
+            format!("message {seq} ")
+                .repeat(1 + (seq % 5) as usize)
+                .as_bytes(),
+        );
         b
     }
 
@@ -696,7 +695,10 @@ mod tests {
         let all: Vec<u64> = (1..=300).collect();
         assert_eq!(read_all(&log, &all), all);
         // Out of order, with gaps, across samples.
-        assert_eq!(read_all(&log, &[250, 3, 130, 131, 64, 65]), vec![250, 3, 130, 131, 64, 65]);
+        assert_eq!(
+            read_all(&log, &[250, 3, 130, 131, 64, 65]),
+            vec![250, 3, 130, 131, 64, 65]
+        );
         // Stops at the first message not written.
         assert_eq!(read_all(&log, &[299, 300, 301, 5]), vec![299, 300]);
         // The segment was created at full size: appends do not change the file size.
@@ -822,7 +824,11 @@ mod tests {
                 }
                 drop(f);
                 let (log, seen, next) = open(copy.path(), SEGMENT_BYTES);
-                assert_eq!(&seen[..synced.len()], &synced[..], "cut at {cut} (random {random})");
+                assert_eq!(
+                    &seen[..synced.len()],
+                    &synced[..],
+                    "cut at {cut} (random {random})"
+                );
                 let extra = &seen[synced.len()..];
                 let whole = cut == end;
                 if whole {

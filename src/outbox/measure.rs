@@ -31,7 +31,10 @@ fn msg(i: u64) -> OutMessage {
     OutMessage {
         mapping: 0,
         topic: "sites/p7/room1/temp".into(), // 19 bytes
-        payload: Bytes::from(format!("{:<45}", format!("{{\"seq\":{i},\"t\":21.5,\"u\":\"C\"}}"))),
+        payload: Bytes::from(format!(
+            "{:<45}",
+            format!("{{\"seq\":{i},\"t\":21.5,\"u\":\"C\"}}")
+        )),
         qos: 1,
         retain: false,
         accepted_ms: 0,
@@ -140,9 +143,13 @@ async fn figures() {
     }
     while set.join_next().await.is_some() {}
     let rss1 = rss_kb();
+    let (index, cached) = {
+        let st = o.state();
+        (st.queue.heap_bytes(), st.cache.len())
+    };
     eprintln!(
-        "64 MiB backlog: {} messages, {} B logical, files {} B; RSS {} kB -> {} kB (+{} kB, of which \
-         the 8 MiB content cache)",
+        "64 MiB backlog: {} messages, {} B logical, files {} B; RSS {} kB -> {} kB (+{} kB); the \
+         index holds {index} B, the content cache {cached} messages (8 MiB logical)",
         o.depth(),
         o.bytes(),
         o.store_file_bytes(),

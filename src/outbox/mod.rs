@@ -215,8 +215,7 @@ impl Outbox {
     /// Opens the durable outbox in `state_dir` (created if missing) and loads what a previous run left.
     pub fn open(state_dir: &Path, settings: OutboxSettings) -> Result<Self, StoreError> {
         let ready = Arc::new(Notify::new());
-        let (store, index, next_seq) =
-            Store::open(state_dir, ready.clone(), settings.commit_window)?;
+        let (store, index, next_seq) = Store::open(state_dir, ready.clone(), settings.commit_window)?;
         let o = Self::with_store(settings, Some(store), ready, index, next_seq);
         if o.depth() > 0 {
             tracing::info!(

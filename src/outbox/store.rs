@@ -176,11 +176,7 @@ impl Store {
     /// Bytes of the log's files.
     pub fn file_len(&self) -> u64 {
         std::fs::read_dir(&self.path)
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
+            .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
             .unwrap_or(0)
     }
 }
@@ -208,8 +204,7 @@ fn drain_legacy(
         Ok(t) => {
             let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
             let flush = |batch: &mut Vec<(u64, Vec<u8>)>, log: &mut Log| {
-                let puts: Vec<(u64, &[u8])> =
-                    batch.iter().map(|(s, b)| (*s, b.as_slice())).collect();
+                let puts: Vec<(u64, &[u8])> = batch.iter().map(|(s, b)| (*s, b.as_slice())).collect();
                 let r = log.append(&puts);
                 batch.clear();
                 r
@@ -301,13 +296,7 @@ pub fn private_file(path: &Path) -> std::io::Result<()> {
 }
 
 /// The writer thread: group commit until every sender is gone.
-fn writer(
-    mut log: Log,
-    path: PathBuf,
-    rx: mpsc::Receiver<Op>,
-    committed: Arc<Notify>,
-    window: Duration,
-) {
+fn writer(mut log: Log, path: PathBuf, rx: mpsc::Receiver<Op>, committed: Arc<Notify>, window: Duration) {
     let mut last_write = std::time::Instant::now();
     loop {
         let first = match rx.recv_timeout(IDLE_SYNC) {
@@ -353,8 +342,7 @@ fn writer(
         let later: Vec<u64> = dels.into_iter().filter(|&s| !log.remove(s)).collect();
         collect(&mut log, &path);
         let result = if !puts.is_empty() || !syncs.is_empty() {
-            let records: Vec<(u64, &[u8])> =
-                puts.iter().map(|(s, r, _)| (*s, r.as_slice())).collect();
+            let records: Vec<(u64, &[u8])> = puts.iter().map(|(s, r, _)| (*s, r.as_slice())).collect();
             let r = log.append(&records);
             last_write = std::time::Instant::now();
             if let Err(e) = &r {
@@ -524,15 +512,17 @@ mod tests {
         old.extend((10..5010).map(|i| (i, encode(&m(i)))));
         write_legacy(&dir.path().join(LEGACY), &old);
         let notify = Arc::new(Notify::new());
-        let (store, index, next) =
-            Store::open(dir.path(), notify.clone(), Duration::ZERO).unwrap();
+        let (store, index, next) = Store::open(dir.path(), notify.clone(), Duration::ZERO).unwrap();
         assert!(!dir.path().join(LEGACY).exists(), "outbox.redb removed");
         assert_eq!(index.len(), old.len());
         assert_eq!(next, index.last().unwrap().seq + 1);
         let seqs: Vec<u64> = index.iter().map(|i| i.seq).collect();
         let back = store.read(&seqs).unwrap();
         assert_eq!(back.len(), old.len());
-        assert_eq!((back[0].topic.as_str(), &back[0].payload[..]), ("old/v1", &b"first"[..]));
+        assert_eq!(
+            (back[0].topic.as_str(), &back[0].payload[..]),
+            ("old/v1", &b"first"[..])
+        );
         for (i, b) in (10..5010).zip(&back[1..]) {
             assert_eq!(*b, m(i));
         }
