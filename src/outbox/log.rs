@@ -336,7 +336,7 @@ impl Log {
                     } else if seq != seg.first_seq + seg.count {
                         break false;
                     }
-                    if seg.count % SAMPLE == 0 {
+                    if seg.count.is_multiple_of(SAMPLE) {
                         samples.push(off);
                     }
                     seg.grow(1);
@@ -508,7 +508,7 @@ impl Log {
                     roll = true;
                     break;
                 }
-                if k % SAMPLE == 0 {
+                if k.is_multiple_of(SAMPLE) {
                     samples.push(start + buf.len() as u64);
                 }
                 frame(&mut buf, act.id, seq, body);
