@@ -373,6 +373,10 @@ fn writer(mut log: Log, path: PathBuf, rx: mpsc::Receiver<Op>, committed: Arc<No
             }
             last_write = std::time::Instant::now();
         }
+        if puts.is_empty() && syncs.is_empty() {
+            // Deletions alone: nothing new for the uplink to send.
+            continue;
+        }
         for (_, _, w) in puts {
             let _ = w.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
         }
