@@ -202,3 +202,75 @@ async fn a_cut_last_record_is_dropped_and_the_rest_is_delivered() {
 async fn a_garbled_last_record_is_dropped_and_the_rest_is_delivered() {
     torn_tail_then_restart(true).await;
 }
+
+/// A record as the previous version's redb store wrote it (format 2): format, mapping, qos, retain,
+/// accepted_ms, topic length (u32), user length (u16), user, topic, payload.
+fn legacy_record(topic: &str, payload: &str, accepted_ms: u64) -> Vec<u8> {
+    let mut v = vec![2u8];
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v.extend_from_slice(&[1, 0]);
+    v.extend_from_slice(&accepted_ms.to_le_bytes());
+    v.extend_from_slice(&(topic.len() as u32).to_le_bytes());
+    v.extend_from_slice(&4u16.to_le_bytes());
+    v.extend_from_slice(b"dev1");
+    v.extend_from_slice(topic.as_bytes());
+    v.extend_from_slice(payload.as_bytes());
+    v
+}
+
+/// Issue 13 item 4: an `outbox.redb` left by the previous version (its table, its records) is moved
+/// into the log at start and removed, and its messages reach the cloud, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_versions_outbox_redb_is_delivered_and_removed() {
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    site_files(dir.path());
+    let mut sub = cloud.subscribe_ready("sites/plant-7/#");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let legacy = state.join("outbox.redb");
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let total = 200u64;
+    {
+        const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("outbox");
+        let db = redb::Database::create(&legacy).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(TABLE).unwrap();
+            for n in 0..total {
+                t.insert(100 + n, legacy_record(REMOTE, &n.to_string(), now).as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let port = free_port();
+    let app = ChildApp::start(dir.path(), &config(port, cloud.port), port);
+    let expected: BTreeSet<u64> = (0..total).collect();
+    let deadline = Instant::now() + T;
+    let lines = loop {
+        let lines = sub.wait_lines(usize::MAX, Duration::from_millis(300)).to_vec();
+        if received(&lines, REMOTE) == expected || Instant::now() >= deadline {
+            break lines;
+        }
+    };
+    let got = received(&lines, REMOTE);
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "missing: {:?}\n{}",
+        expected.difference(&got).take(20).collect::<Vec<_>>(),
+        app.log()
+    );
+    let order: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(REMOTE)?.strip_prefix(' ')?.parse().ok())
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "out of order: {order:?}");
+    assert!(!legacy.exists(), "outbox.redb is still there:\n{}", app.log());
+    assert!(app.log().contains("moved into the outbox log"), "{}", app.log());
+    assert!(!segments(&state).is_empty());
+}
