@@ -570,7 +570,7 @@ async fn state_dir_and_files_are_private_whatever_the_umask() {
     let modes = [
         ("state dir parent", dir.path().join("state"), 0o700),
         ("state dir", state.clone(), 0o700),
-        ("outbox.redb", state.join("outbox.redb"), 0o600),
+        ("outbox log directory", state.join("outbox"), 0o700),
         ("cloud-subscriptions", ledger, 0o600),
     ];
     for (what, path, want) in modes {
@@ -581,6 +581,20 @@ async fn state_dir_and_files_are_private_whatever_the_umask() {
             "{what} {} is {:o}",
             path.display(),
             mode(&path)
+        );
+    }
+    let segments: Vec<_> = std::fs::read_dir(state.join("outbox"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!segments.is_empty(), "the outbox log has a segment");
+    for seg in segments {
+        assert_eq!(
+            mode(&seg),
+            0o600,
+            "outbox segment {} is {:o}",
+            seg.display(),
+            mode(&seg)
         );
     }
     drop(cloud);

@@ -6,7 +6,8 @@
 //! bounded in count and in bytes (`qos0_max_bytes`), that never blocks QoS 1.
 //!
 //! With a store ([`Outbox::open`], used whenever an `[uplink]` is configured) every QoS ≥ 1 message is
-//! committed to `state_dir/outbox.redb` before [`Outbox::push`] returns (group commit, see `store`), and
+//! written to the log in `state_dir/outbox/` before [`Outbox::push`] returns (group commit, see `store`
+//! and `log`), and
 //! the queue is read back at start: acknowledged messages survive tunnel drops, cloud restarts and
 //! appliance crashes. Without one ([`Outbox::memory`], the local-only broker) nothing touches the disk.
 //!
@@ -14,9 +15,11 @@
 //! content of the newest ones up to [`CACHE_BYTES`]; older content is read from the store when the
 //! uplink gets to it, so a long backlog costs disk, not RAM.
 
+mod index;
+mod log;
 mod store;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -115,7 +118,7 @@ pub struct Counters {
     pub storage_errors: AtomicU64,
 }
 
-/// One queued QoS ≥ 1 message in the index.
+/// One queued QoS ≥ 1 message, as it enters or leaves the index.
 struct Entry {
     size: u64,
     accepted_ms: u64,
@@ -124,69 +127,60 @@ struct Entry {
     msg: Option<OutMessage>,
 }
 
-/// What one user holds in the outbox.
-#[derive(Default)]
-struct Share {
-    bytes: u64,
-    seqs: BTreeSet<u64>,
-}
-
 struct State {
-    queue: BTreeMap<u64, Entry>,
-    bytes: u64,
+    /// Every queued QoS ≥ 1 message (compact: see `index`), with bytes per user.
+    queue: index::Index,
+    /// Content of the newest messages, up to `CACHE_BYTES` (logical size).
+    cache: HashMap<u64, OutMessage>,
     cached: u64,
     next_seq: u64,
     qos0: VecDeque<OutMessage>,
     /// Logical size of the QoS 0 lane (same unit as `bytes`).
     qos0_bytes: u64,
-    /// Per user: bytes held and their messages' sequence numbers.
-    users: HashMap<Arc<str>, Share>,
 }
 
 impl State {
     fn insert(&mut self, seq: u64, e: Entry) {
-        self.bytes += e.size;
-        if e.msg.is_some() {
-            self.cached += e.size;
+        if !self.queue.push(seq, e.size, e.accepted_ms, &e.user) {
+            tracing::error!(seq, "outbox: a sequence number out of order was not queued");
+            return;
         }
-        let share = self.users.entry(e.user.clone()).or_default();
-        share.bytes += e.size;
-        share.seqs.insert(seq);
-        self.queue.insert(seq, e);
+        if let Some(m) = e.msg {
+            self.cached += e.size;
+            self.cache.insert(seq, m);
+        }
     }
 
     fn remove(&mut self, seq: u64) -> Option<Entry> {
-        let e = self.queue.remove(&seq)?;
-        self.bytes -= e.size;
-        if e.msg.is_some() {
-            self.cached -= e.size;
+        let meta = self.queue.remove(seq)?;
+        let msg = self.cache.remove(&seq);
+        if msg.is_some() {
+            self.cached -= meta.size;
         }
-        if let Some(share) = self.users.get_mut(&e.user) {
-            share.bytes -= e.size;
-            share.seqs.remove(&seq);
-            if share.seqs.is_empty() {
-                self.users.remove(&e.user);
-            }
-        }
-        Some(e)
+        Some(Entry {
+            size: meta.size,
+            accepted_ms: meta.accepted_ms,
+            user: meta.user,
+            msg,
+        })
+    }
+
+    fn bytes(&self) -> u64 {
+        self.queue.bytes()
     }
 
     fn user_bytes(&self, user: &str) -> u64 {
-        self.users.get(user).map_or(0, |s| s.bytes)
+        self.queue.user_bytes(user)
     }
 
     /// The oldest message of `user`.
-    fn oldest_of(&self, user: &str) -> Option<u64> {
-        self.users.get(user)?.seqs.first().copied()
+    fn oldest_of(&mut self, user: &str) -> Option<u64> {
+        self.queue.oldest_of(user)
     }
 
     /// The oldest message of the user holding the most bytes (ties: the oldest message).
-    fn oldest_of_heaviest(&self) -> Option<u64> {
-        self.users
-            .values()
-            .filter_map(|s| Some((s.bytes, std::cmp::Reverse(*s.seqs.first()?))))
-            .max()
-            .map(|(_, std::cmp::Reverse(seq))| seq)
+    fn oldest_of_heaviest(&mut self) -> Option<u64> {
+        self.queue.oldest_of_heaviest()
     }
 }
 
@@ -215,14 +209,14 @@ fn now_ms() -> u64 {
 impl Outbox {
     /// An outbox in memory only (no uplink, or tests): nothing survives the process.
     pub fn memory(settings: OutboxSettings) -> Self {
-        Self::with_store(settings, None, Arc::new(Notify::new()), Vec::new())
+        Self::with_store(settings, None, Arc::new(Notify::new()), Vec::new(), 1)
     }
 
     /// Opens the durable outbox in `state_dir` (created if missing) and loads what a previous run left.
     pub fn open(state_dir: &Path, settings: OutboxSettings) -> Result<Self, StoreError> {
         let ready = Arc::new(Notify::new());
-        let (store, index) = Store::open(state_dir, ready.clone(), settings.commit_window)?;
-        let o = Self::with_store(settings, Some(store), ready, index);
+        let (store, index, next_seq) = Store::open(state_dir, ready.clone(), settings.commit_window)?;
+        let o = Self::with_store(settings, Some(store), ready, index, next_seq);
         if o.depth() > 0 {
             tracing::info!(
                 queued = o.depth(),
@@ -239,15 +233,15 @@ impl Outbox {
         store: Option<Store>,
         ready: Arc<Notify>,
         index: Vec<store::Indexed>,
+        next_seq: u64,
     ) -> Self {
         let mut st = State {
-            queue: BTreeMap::new(),
-            bytes: 0,
+            queue: index::Index::default(),
+            cache: HashMap::new(),
             cached: 0,
-            next_seq: 1,
+            next_seq,
             qos0: VecDeque::new(),
             qos0_bytes: 0,
-            users: HashMap::new(),
         };
         for i in index {
             st.next_seq = st.next_seq.max(i.seq + 1);
@@ -352,7 +346,7 @@ impl Outbox {
                     c.user_dropped_oldest.fetch_add(1, Ordering::Relaxed);
                     log_drop(reason::USER_DROP_OLDEST, 1);
                 }
-                while st.bytes + size > self.inner.settings.max_bytes {
+                while st.bytes() + size > self.inner.settings.max_bytes {
                     match on_full {
                         OnFull::RejectNew => {
                             c.rejected_full.fetch_add(1, Ordering::Relaxed);
@@ -420,12 +414,7 @@ impl Outbox {
         let cutoff = now_ms().saturating_sub(self.inner.settings.max_age.as_millis() as u64);
         let picked: Vec<(u64, Option<OutMessage>)> = {
             let mut st = self.state();
-            let expired: Vec<u64> = st
-                .queue
-                .iter()
-                .take_while(|(_, e)| e.accepted_ms < cutoff)
-                .map(|(s, _)| *s)
-                .collect();
+            let expired: Vec<u64> = st.queue.leading_older_than(cutoff);
             if !expired.is_empty() {
                 for &s in &expired {
                     st.remove(s);
@@ -438,9 +427,9 @@ impl Outbox {
                 log_drop(reason::EXPIRED, expired.len() as u64);
             }
             st.queue
-                .range(after + 1..)
-                .take(max)
-                .map(|(s, e)| (*s, e.msg.clone()))
+                .range(after, max)
+                .into_iter()
+                .map(|(s, _)| (s, st.cache.get(&s).cloned()))
                 .collect()
         };
         let mut out = Vec::with_capacity(picked.len());
@@ -526,19 +515,19 @@ impl Outbox {
 
     /// Bytes held by QoS ≥ 1 messages (logical size: topic + payload + 32 per message).
     pub fn bytes(&self) -> u64 {
-        self.state().bytes
+        self.state().bytes()
     }
 
     /// When the oldest waiting QoS ≥ 1 message was accepted (ms since the Unix epoch), if any.
     pub fn oldest_accepted_ms(&self) -> Option<u64> {
-        self.state().queue.first_key_value().map(|(_, e)| e.accepted_ms)
+        self.state().queue.first().map(|(_, ms)| ms)
     }
 
     /// Age of the oldest QoS ≥ 1 message waiting, if any.
     pub fn oldest_age(&self) -> Option<Duration> {
         let st = self.state();
-        let (_, e) = st.queue.first_key_value()?;
-        Some(Duration::from_millis(now_ms().saturating_sub(e.accepted_ms)))
+        let (_, accepted_ms) = st.queue.first()?;
+        Some(Duration::from_millis(now_ms().saturating_sub(accepted_ms)))
     }
 
     /// QoS 0 messages waiting in the best-effort lane.
@@ -731,7 +720,11 @@ mod tests {
     /// What is on disk right now: a copy of the file, opened as a second store.
     fn on_disk(dir: &std::path::Path) -> usize {
         let copy = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.join("outbox.redb"), copy.path().join("outbox.redb")).unwrap();
+        std::fs::create_dir(copy.path().join("outbox")).unwrap();
+        for f in std::fs::read_dir(dir.join("outbox")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, copy.path().join("outbox").join(f.file_name().unwrap())).unwrap();
+        }
         Outbox::open(copy.path(), settings(1 << 20, OnFull::RejectNew))
             .unwrap()
             .depth()
@@ -754,116 +747,5 @@ mod tests {
     }
 }
 
-/// Figures for the report, not a test: `cargo test --release --lib outbox::measure -- --ignored
-/// --nocapture`. Push latency (durable commit) at 1,000 msg/s from 8 concurrent publishers, bytes
-/// written to disk per message (`/proc/self/io`), and the time to drain a 100,000-message backlog.
 #[cfg(test)]
-mod measure {
-    use super::*;
-    use std::time::Instant;
-
-    fn write_bytes() -> u64 {
-        std::fs::read_to_string("/proc/self/io")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("write_bytes: ").map(|v| v.trim().parse().ok()))
-            })
-            .flatten()
-            .unwrap_or(0)
-    }
-
-    fn msg(i: u64) -> OutMessage {
-        OutMessage {
-            mapping: 0,
-            topic: "sites/plant-7/sensors/room1/temp".into(),
-            payload: Bytes::from(format!("{{\"seq\":{i},\"t\":21.5,\"pad\":\"{:040}\"}}", 0)),
-            qos: 1,
-            retain: false,
-            accepted_ms: 0,
-            user: "dev".into(),
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore]
-    async fn figures() {
-        let dir = tempfile::tempdir().unwrap();
-        let settings = OutboxSettings {
-            max_bytes: 1 << 30,
-            max_age: Duration::from_secs(3600),
-            on_full: OnFull::RejectNew,
-            commit_window: Duration::from_millis(5),
-            qos0_max_bytes: 1 << 20,
-            max_bytes_per_user: 1 << 30,
-        };
-        let o = Outbox::open(dir.path(), settings).unwrap();
-        // 1,000 msg/s for 5 s, acked 5 ms later as the uplink would.
-        let n = 5000u64;
-        let w0 = write_bytes();
-        let start = Instant::now();
-        let mut lat = Vec::with_capacity(n as usize);
-        let mut handles = Vec::new();
-        for i in 0..n {
-            let due = start + Duration::from_micros(i * 1000);
-            tokio::time::sleep_until(due.into()).await;
-            let o2 = o.clone();
-            handles.push(tokio::spawn(async move {
-                let t = Instant::now();
-                o2.push(msg(i)).await.unwrap();
-                t.elapsed()
-            }));
-            for (seq, _) in o.pending_after(0, 64) {
-                o.ack(seq);
-            }
-        }
-        for h in handles {
-            lat.push(h.await.unwrap());
-        }
-        tokio::time::sleep(Duration::from_millis(1500)).await; // idle sync of the last deletions
-        let written = write_bytes() - w0;
-        lat.sort();
-        let size = msg(0).topic.len() + msg(0).payload.len();
-        eprintln!(
-            "1000 msg/s, {size} B messages: push p50 {:?} p99 {:?} max {:?}; disk {} B/msg ({:.1}x); file {} B",
-            lat[lat.len() / 2],
-            lat[lat.len() * 99 / 100],
-            lat[lat.len() - 1],
-            written / n,
-            (written / n) as f64 / size as f64,
-            o.store_file_bytes()
-        );
-
-        // A 100,000-message backlog: fill as fast as possible (64 concurrent pushers), then drain.
-        let backlog = 100_000u64;
-        let t = Instant::now();
-        let w0 = write_bytes();
-        let mut set = tokio::task::JoinSet::new();
-        for k in 0..64 {
-            let o = o.clone();
-            set.spawn(async move {
-                for i in (k..backlog).step_by(64) {
-                    o.push(msg(i)).await.unwrap();
-                }
-            });
-        }
-        while set.join_next().await.is_some() {}
-        let fill = t.elapsed();
-        let fill_bytes = write_bytes() - w0;
-        let t = Instant::now();
-        let mut cursor = 0;
-        while o.depth() > 0 {
-            let batch = o.pending_after(cursor, 256);
-            for (seq, _) in &batch {
-                o.ack(*seq);
-                cursor = *seq;
-            }
-        }
-        eprintln!(
-            "backlog of {backlog}: filled in {fill:?} ({:.0} msg/s durable, {} B/msg written), drained (read + ack) in {:?}",
-            backlog as f64 / fill.as_secs_f64(),
-            fill_bytes / backlog,
-            t.elapsed()
-        );
-    }
-}
+mod measure;

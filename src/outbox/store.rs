@@ -1,28 +1,29 @@
-//! The outbox on disk: one redb table `seq -> record` in `state_dir/outbox.redb`, written by a single
-//! group-commit writer thread. Pushes and deletions (cloud PUBACKs, limit drops) are sent to the writer
-//! in order over one channel; it takes everything queued, applies it in one write transaction, commits
-//! it durably (fsync), then wakes the pushers waiting on that commit. Under load many messages share
-//! one commit, so the cost of a sync is spread over the batch.
+//! The outbox on disk: an append-only log of segment files in `state_dir/outbox/` (see `log`), written
+//! by a single group-commit writer thread. Pushes and deletions (cloud PUBACKs, limit drops) are sent
+//! to the writer in order over one channel; it takes everything queued, appends the new messages (and
+//! the acknowledgement watermark when it moved) with one write and one `fdatasync`, then wakes the
+//! pushers waiting on that sync. Under load many messages share one sync.
 //!
-//! Deletions alone do not get a commit: they are held by the writer and applied with the next insert
-//! batch, or after [`IDLE_SYNC`] of quiet. A crash may therefore bring back a few messages the cloud
-//! had already acknowledged (sent again: a duplicate, never a loss).
+//! Deletions cost no write of their own: they move the watermark (every message up to it has left),
+//! which is written with the next batch of messages, or after [`IDLE_SYNC`] of quiet, and delete the
+//! segments whose messages have all left. A crash may therefore bring back a few messages the cloud had
+//! already acknowledged (sent again: a duplicate, never a loss); a clean stop ([`Op::Sync`]) also
+//! writes down the messages that left out of order, and replays nothing.
 //!
-//! redb is copy-on-write with checksummed commit slots, so the file reopens in a consistent state after
-//! a SIGKILL or power loss at any point (it repairs its allocator state on open when needed).
+//! An `outbox.redb` left by the previous version (a redb table `seq -> record`) is copied into the log
+//! at open, then removed.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{oneshot, Notify};
 
+use super::log::{self, Log};
 use super::OutMessage;
 
-const TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// Record format version (first byte of every record). Version 1 (read, no longer written) had a
 /// 16-bit topic length and no user; version 2 has a 32-bit topic length (never truncated) and the user.
 const FORMAT: u8 = 2;
@@ -32,12 +33,14 @@ const HEADER_V1: usize = 1 + 4 + 1 + 1 + 8 + 2;
 /// Fixed part of a record: format, mapping, qos, retain, accepted_ms, topic length (u32), user length
 /// (u16).
 const HEADER: usize = 1 + 4 + 1 + 1 + 8 + 4 + 2;
-/// Operations applied per transaction at most (bounds the latency of one commit).
+/// Operations taken per batch at most (bounds the latency of one sync).
 const MAX_BATCH: usize = 8192;
-/// Quiet time after which non-durable deletions are synced.
+/// Quiet time after which a moved watermark is written.
 pub const IDLE_SYNC: Duration = Duration::from_secs(1);
-/// redb's page cache.
-const CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// The log's directory in the state directory.
+pub(super) const LOG_DIR: &str = "outbox";
+/// The previous version's store, drained into the log at open.
+pub(super) const LEGACY: &str = "outbox.redb";
 
 /// Why the store could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -54,17 +57,17 @@ pub enum StoreError {
 
 /// What the writer thread is asked to do.
 pub(super) enum Op {
-    /// Insert a record; the sender learns whether its commit succeeded.
+    /// Append a record; the sender learns whether its sync succeeded.
     Put(u64, Vec<u8>, oneshot::Sender<Result<(), String>>),
-    /// Delete a record (acknowledged upstream, or dropped by a limit).
+    /// The message has left the outbox (acknowledged upstream, or dropped by a limit).
     Del(u64),
-    /// Make every earlier operation durable (the deletions held back included), then answer.
+    /// Make every earlier operation durable (deletions included), then answer.
     Sync(oneshot::Sender<()>),
 }
 
-/// Handle to the open store; cloning shares the database and the writer.
+/// Handle to the open store; cloning shares the log and the writer.
 pub(super) struct Store {
-    db: Arc<Database>,
+    shared: Arc<Mutex<log::Shared>>,
     path: PathBuf,
     tx: mpsc::Sender<Op>,
 }
@@ -85,81 +88,164 @@ fn db_err(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> Sto
 }
 
 impl Store {
-    /// Opens (or creates) `dir/outbox.redb`, starts the writer thread and returns every stored record's
-    /// index entry, oldest first. `committed` is notified after every commit.
+    /// Opens (or creates) the log in `dir/outbox/`, drains a previous version's `dir/outbox.redb` into
+    /// it, starts the writer thread and returns every stored record's index entry (oldest first) and
+    /// the next sequence number to use. `committed` is notified after every sync.
     pub fn open(
         dir: &Path,
         committed: Arc<Notify>,
         window: Duration,
-    ) -> Result<(Store, Vec<Indexed>), StoreError> {
-        let path = dir.join("outbox.redb");
-        private_dir(dir).map_err(|e| db_err(dir, e))?;
-        private_file(&path).map_err(|e| db_err(&path, e))?;
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| db_err(&path, e))?;
-        // Make sure the table exists, so readers never see "table does not exist".
-        let txn = db.begin_write().map_err(|e| db_err(&path, e))?;
-        txn.open_table(TABLE).map_err(|e| db_err(&path, e))?;
-        txn.commit().map_err(|e| db_err(&path, e))?;
+    ) -> Result<(Store, Vec<Indexed>, u64), StoreError> {
+        Self::open_with(dir, committed, window, log::SEGMENT_BYTES)
+    }
 
+    pub(super) fn open_with(
+        dir: &Path,
+        committed: Arc<Notify>,
+        window: Duration,
+        seg_bytes: u64,
+    ) -> Result<(Store, Vec<Indexed>, u64), StoreError> {
+        let path = dir.join(LOG_DIR);
+        private_dir(dir).map_err(|e| db_err(dir, e))?;
         let mut index = Vec::new();
-        {
-            let r = db.begin_read().map_err(|e| db_err(&path, e))?;
-            let t = r.open_table(TABLE).map_err(|e| db_err(&path, e))?;
-            for item in t.iter().map_err(|e| db_err(&path, e))? {
-                let (k, v) = item.map_err(|e| db_err(&path, e))?;
-                let (seq, rec) = (k.value(), v.value());
-                let Some(m) = decode(rec) else {
-                    return Err(StoreError::Malformed { path, seq });
-                };
-                index.push(Indexed {
+        let mut malformed = None;
+        let rec = Log::open(&path, seg_bytes, |seq, body| {
+            match decode(body) {
+                Some(m) => index.push(Indexed {
                     seq,
                     size: m.size(),
                     accepted_ms: m.accepted_ms,
                     user: m.user,
-                });
+                }),
+                None => malformed = malformed.or(Some(seq)),
             }
+            Ok(())
+        })
+        .map_err(|e| db_err(&path, e))?;
+        if let Some(seq) = malformed {
+            return Err(StoreError::Malformed { path, seq });
         }
-        let db = Arc::new(db);
+        if rec.torn > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                segments = rec.torn,
+                "the outbox log had torn writes (a crash or power loss during a write); \
+                 every message whose write completed is kept"
+            );
+        }
+        let mut log = rec.log;
+        let mut next_seq = rec.next_seq;
+        let legacy = dir.join(LEGACY);
+        if legacy.exists() {
+            next_seq = drain_legacy(&legacy, &mut log, next_seq, &mut index)?;
+        }
+        let shared = log.shared();
         let (tx, rx) = mpsc::channel();
-        let writer_db = db.clone();
         let writer_path = path.clone();
         std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || writer(writer_db, writer_path, rx, committed, window))
+            .spawn(move || writer(log, writer_path, rx, committed, window))
             .map_err(|e| db_err(dir, e))?;
-        Ok((Store { db, path, tx }, index))
+        Ok((Store { shared, path, tx }, index, next_seq))
     }
 
-    /// Queues an operation for the writer. Fails only when the writer has died (after an I/O error).
+    /// Queues an operation for the writer. Fails only when the writer has died.
     pub fn send(&self, op: Op) -> Result<(), ()> {
         self.tx.send(op).map_err(|_| ())
     }
 
-    /// Reads records by sequence number, stopping at the first one not (yet) committed.
+    /// Reads records by sequence number, stopping at the first one not (yet) written.
     pub fn read(&self, seqs: &[u64]) -> Result<Vec<OutMessage>, StoreError> {
-        let r = self.db.begin_read().map_err(|e| db_err(&self.path, e))?;
-        let t = r.open_table(TABLE).map_err(|e| db_err(&self.path, e))?;
         let mut out = Vec::with_capacity(seqs.len());
-        for &seq in seqs {
-            let Some(v) = t.get(seq).map_err(|e| db_err(&self.path, e))? else {
-                break;
-            };
-            let m = decode(v.value()).ok_or_else(|| StoreError::Malformed {
+        let mut bad = None;
+        log::read(&self.shared, seqs, |seq, body| match decode(&body) {
+            Some(m) if bad.is_none() => out.push(m),
+            Some(_) => {}
+            None => bad = bad.or(Some(seq)),
+        })
+        .map_err(|e| db_err(&self.path, e))?;
+        if let Some(seq) = bad {
+            return Err(StoreError::Malformed {
                 path: self.path.clone(),
                 seq,
-            })?;
-            out.push(m);
+            });
         }
         Ok(out)
     }
 
-    /// Size of the database file.
+    /// Bytes of the log's files.
     pub fn file_len(&self) -> u64 {
-        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+        std::fs::read_dir(&self.path)
+            .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0)
     }
+}
+
+/// Copies every message of the previous version's redb store into the log (with new sequence numbers
+/// from `next_seq`, in their order), makes it durable, then removes the redb file. A crash in between
+/// drains it again at the next start: duplicates, never a loss. Returns the next sequence number.
+fn drain_legacy(
+    path: &Path,
+    log: &mut Log,
+    mut next_seq: u64,
+    index: &mut Vec<Indexed>,
+) -> Result<u64, StoreError> {
+    use redb::{ReadableDatabase as _, ReadableTable as _, TableDefinition};
+    const TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+    let db = redb::Database::builder()
+        .set_cache_size(1 << 20)
+        .create(path)
+        .map_err(|e| db_err(path, e))?;
+    let r = db.begin_read().map_err(|e| db_err(path, e))?;
+    let mut drained = 0u64;
+    match r.open_table(TABLE) {
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(db_err(path, e)),
+        Ok(t) => {
+            let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+            let flush = |batch: &mut Vec<(u64, Vec<u8>)>, log: &mut Log| {
+                let puts: Vec<(u64, &[u8])> = batch.iter().map(|(s, b)| (*s, b.as_slice())).collect();
+                let r = log.append(&puts);
+                batch.clear();
+                r
+            };
+            for item in t.iter().map_err(|e| db_err(path, e))? {
+                let (k, v) = item.map_err(|e| db_err(path, e))?;
+                let Some(m) = decode(v.value()) else {
+                    return Err(StoreError::Malformed {
+                        path: path.to_path_buf(),
+                        seq: k.value(),
+                    });
+                };
+                let seq = next_seq;
+                next_seq += 1;
+                index.push(Indexed {
+                    seq,
+                    size: m.size(),
+                    accepted_ms: m.accepted_ms,
+                    user: m.user.clone(),
+                });
+                batch.push((seq, encode(&m)));
+                drained += 1;
+                if batch.len() >= 4096 {
+                    flush(&mut batch, log).map_err(|e| db_err(path, e))?;
+                }
+            }
+            flush(&mut batch, log).map_err(|e| db_err(path, e))?;
+        }
+    }
+    drop(r);
+    drop(db);
+    std::fs::remove_file(path).map_err(|e| db_err(path, e))?;
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+    }
+    tracing::info!(
+        path = %path.display(),
+        messages = drained,
+        "the previous version's outbox was moved into the outbox log and removed"
+    );
+    Ok(next_seq)
 }
 
 /// Creates the state directory (and missing parents) 0700, whatever the umask: the outbox holds
@@ -210,24 +296,15 @@ pub fn private_file(path: &Path) -> std::io::Result<()> {
 }
 
 /// The writer thread: group commit until every sender is gone.
-fn writer(
-    db: Arc<Database>,
-    path: PathBuf,
-    rx: mpsc::Receiver<Op>,
-    committed: Arc<Notify>,
-    window: Duration,
-) {
-    // Deletions wait for the next insert batch (or IDLE_SYNC of quiet): a commit costs several pages
-    // however small it is, so deletions never get one of their own while inserts keep coming.
-    let mut dels: Vec<u64> = Vec::new();
+fn writer(mut log: Log, path: PathBuf, rx: mpsc::Receiver<Op>, committed: Arc<Notify>, window: Duration) {
+    let mut last_write = std::time::Instant::now();
     loop {
         let first = match rx.recv_timeout(IDLE_SYNC) {
             Ok(op) => op,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if !dels.is_empty() {
-                    match commit(&db, &[], &dels) {
-                        Ok(()) => dels.clear(),
-                        Err(e) => tracing::error!(path = %path.display(), "outbox sync failed: {e:#}"),
+                if log.watermark_dirty() {
+                    if let Err(e) = log.append(&[]) {
+                        tracing::error!(path = %path.display(), "outbox sync failed: {e:#}");
                     }
                 }
                 continue;
@@ -235,6 +312,7 @@ fn writer(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let mut puts: Vec<Put> = Vec::new();
+        let mut dels: Vec<u64> = Vec::new();
         let mut syncs: Vec<oneshot::Sender<()>> = Vec::new();
         let take = |op: Op, puts: &mut Vec<Put>, dels: &mut Vec<u64>, syncs: &mut Vec<_>| match op {
             Op::Put(seq, rec, w) => puts.push((seq, rec, w)),
@@ -259,17 +337,45 @@ fn writer(
                 None => break,
             }
         }
-        if puts.is_empty() && dels.len() < MAX_BATCH && syncs.is_empty() {
-            continue;
-        }
-        let result = if puts.is_empty() && dels.is_empty() {
-            Ok(())
+        // Deletions of messages already in the log first (the watermark written with this batch
+        // then covers them); those of messages in this very batch after it is written.
+        let later: Vec<u64> = dels.into_iter().filter(|&s| !log.remove(s)).collect();
+        collect(&mut log, &path);
+        let result = if !puts.is_empty() || !syncs.is_empty() {
+            let records: Vec<(u64, &[u8])> = puts.iter().map(|(s, r, _)| (*s, r.as_slice())).collect();
+            let r = log.append(&records);
+            last_write = std::time::Instant::now();
+            if let Err(e) = &r {
+                tracing::error!(path = %path.display(), "outbox write failed: {e:#}");
+                // What the failed batch may have left in the log is not an outbox message: the
+                // pushers are told it failed (and their devices resend).
+                for (s, _, _) in &puts {
+                    log.remove(*s);
+                }
+            }
+            r
         } else {
-            commit(&db, &puts, &dels)
+            Ok(())
         };
-        match &result {
-            Ok(()) => dels.clear(),
-            Err(e) => tracing::error!(path = %path.display(), "outbox commit failed: {e:#}"),
+        for &s in &later {
+            log.remove(s);
+        }
+        collect(&mut log, &path);
+        if !syncs.is_empty() {
+            if let Err(e) = log.write_gone() {
+                tracing::error!(path = %path.display(), "outbox sync failed: {e:#}");
+            }
+        } else if puts.is_empty() && log.watermark_dirty() && last_write.elapsed() >= IDLE_SYNC {
+            // A long run of deletions alone (a backlog draining): the watermark is written at
+            // least every IDLE_SYNC, to bound what a crash replays.
+            if let Err(e) = log.append(&[]) {
+                tracing::error!(path = %path.display(), "outbox sync failed: {e:#}");
+            }
+            last_write = std::time::Instant::now();
+        }
+        if puts.is_empty() && syncs.is_empty() {
+            // Deletions alone: nothing new for the uplink to send.
+            continue;
         }
         for (_, _, w) in puts {
             let _ = w.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
@@ -280,30 +386,19 @@ fn writer(
         committed.notify_waiters();
         committed.notify_one();
     }
-    // Last words: make pending deletions durable so a clean stop replays nothing.
-    if !dels.is_empty() {
-        let _ = commit(&db, &[], &dels);
+    // Last words: write down what has left so that a clean stop replays nothing.
+    let _ = log.collect();
+    if let Err(e) = log.write_gone() {
+        tracing::error!(path = %path.display(), "outbox final sync failed: {e:#}");
     }
 }
 
 type Put = (u64, Vec<u8>, oneshot::Sender<Result<(), String>>);
 
-/// Inserts `puts`, then deletes `dels` (a message put and acknowledged in the same batch never
-/// stays), in one durable transaction: synced before this returns.
-fn commit(db: &Database, puts: &[Put], dels: &[u64]) -> anyhow::Result<()> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)?;
-    {
-        let mut t = txn.open_table(TABLE)?;
-        for (seq, rec, _) in puts {
-            t.insert(*seq, rec.as_slice())?;
-        }
-        for seq in dels {
-            t.remove(*seq)?;
-        }
+fn collect(log: &mut Log, path: &Path) {
+    if let Err(e) = log.collect() {
+        tracing::error!(path = %path.display(), "deleting an outbox segment: {e:#}");
     }
-    txn.commit()?;
-    Ok(())
 }
 
 /// The record for a message: a fixed little-endian header, the user, the topic, the payload. Lengths
@@ -374,6 +469,73 @@ fn decode(rec: &[u8]) -> Option<OutMessage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An `outbox.redb` as the previous version wrote it: its table, its record encoding (format 2,
+    /// and a format 1 record as the version before wrote), committed durably.
+    fn write_legacy(path: &Path, msgs: &[(u64, Vec<u8>)]) {
+        use redb::TableDefinition;
+        const TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+        let db = redb::Database::create(path).unwrap();
+        let mut txn = db.begin_write().unwrap();
+        txn.set_durability(redb::Durability::Immediate).unwrap();
+        {
+            let mut t = txn.open_table(TABLE).unwrap();
+            for (seq, rec) in msgs {
+                t.insert(*seq, rec.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    fn v1(mapping: u32, topic: &str, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![FORMAT_V1];
+        v.extend_from_slice(&mapping.to_le_bytes());
+        v.extend_from_slice(&[1, 0]);
+        v.extend_from_slice(&5u64.to_le_bytes());
+        v.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+        v.extend_from_slice(topic.as_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Issue 13 item 4: an `outbox.redb` left by the previous version is drained into the log at
+    /// start, in order, then removed; a second start finds the same messages in the log alone.
+    #[test]
+    fn a_previous_versions_outbox_is_drained_into_the_log_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = |i: u64| OutMessage {
+            mapping: 1,
+            topic: format!("sites/a/{i}"),
+            payload: Bytes::from(format!("payload {i}")),
+            qos: 1,
+            retain: false,
+            accepted_ms: 1_700_000_000_000 + i,
+            user: "dev1".into(),
+        };
+        let mut old: Vec<(u64, Vec<u8>)> = vec![(3, v1(0, "old/v1", b"first"))];
+        old.extend((10..5010).map(|i| (i, encode(&m(i)))));
+        write_legacy(&dir.path().join(LEGACY), &old);
+        let notify = Arc::new(Notify::new());
+        let (store, index, next) = Store::open(dir.path(), notify.clone(), Duration::ZERO).unwrap();
+        assert!(!dir.path().join(LEGACY).exists(), "outbox.redb removed");
+        assert_eq!(index.len(), old.len());
+        assert_eq!(next, index.last().unwrap().seq + 1);
+        let seqs: Vec<u64> = index.iter().map(|i| i.seq).collect();
+        let back = store.read(&seqs).unwrap();
+        assert_eq!(back.len(), old.len());
+        assert_eq!(
+            (back[0].topic.as_str(), &back[0].payload[..]),
+            ("old/v1", &b"first"[..])
+        );
+        for (i, b) in (10..5010).zip(&back[1..]) {
+            assert_eq!(*b, m(i));
+        }
+        drop(store);
+        std::thread::sleep(Duration::from_millis(100));
+        let (store, index2, _) = Store::open(dir.path(), notify, Duration::ZERO).unwrap();
+        assert_eq!(index2.len(), old.len(), "the log holds them after the drain");
+        assert_eq!(store.read(&seqs).unwrap(), back);
+    }
 
     #[test]
     fn records_round_trip() {
