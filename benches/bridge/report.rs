@@ -560,7 +560,7 @@ fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) ->
     );
     let _ = writeln!(
         o,
-        "**Machine:** {} cores, {}, {} MB RAM, Linux {}; {}; {}; {}. mqtt-uplink at `{}`{} (durable redb outbox).  \n\
+        "**Machine:** {} cores, {}, {} MB RAM, Linux {}; {}; {}; {}. mqtt-uplink at `{}`{} (durable outbox).  \n\
          **Load average (1 min)** at start {:.2}, during the run median {:.2} (min {:.2}, max {:.2}), at end {:.2}. \
          The benchmark itself, the cloud broker, the edge and the tunnel share these cores: figures are \
          relative, taken on the same machine in the same run.\n",
