@@ -265,23 +265,37 @@ impl PathLab {
         }))
     }
 
-    fn dev_files(dir: &Path) -> anyhow::Result<()> {
+    fn dev_files(dir: &Path, flood: bool) -> anyhow::Result<()> {
         mosquitto_passwd(&dir.join("passwords"), DEV_USER, DEV_PASSWORD);
-        std::fs::write(
-            dir.join("acl"),
-            format!("user {DEV_USER}\ntopic readwrite sensors/#\n"),
-        )?;
+        let mut acl = format!("user {DEV_USER}\ntopic readwrite sensors/#\n");
+        if flood {
+            // Local-only traffic (no mapping) and the in-mapped cloud commands.
+            acl.push_str("topic readwrite local/#\ntopic read control/#\n");
+        }
+        std::fs::write(dir.join("acl"), acl)?;
         Ok(())
     }
 
     /// Starts the edge for `imp` on this path; returns once its local listener (and tunnel) is up.
     pub fn start_edge(&mut self, imp: Impl) -> anyhow::Result<Edge> {
+        self.start_edge_with(imp, false)
+    }
+
+    /// The edge for the flood-memory scenarios: the same, plus an in mapping (`cmd/#` from the cloud's
+    /// `sites/p7/cmd/#` to local `control/cmd/#`, QoS 1, both edges) and the device's right to
+    /// `local/#` (a topic no mapping carries) and to read `control/#`.
+    pub fn start_flood_edge(&mut self, imp: Impl) -> anyhow::Result<Edge> {
+        self.start_edge_with(imp, true)
+    }
+
+    fn start_edge_with(&mut self, imp: Impl, flood: bool) -> anyhow::Result<Edge> {
         self.edges_started += 1;
         let tag = format!("{}-{}", imp.name(), self.edges_started);
         let dir = self.dir.path().join(format!("edge-{tag}"));
         std::fs::create_dir_all(&dir)?;
-        Self::dev_files(&dir)?;
+        Self::dev_files(&dir, flood)?;
         let port = free_port();
+        let mut metrics = None;
         let log = dir.join("edge.log");
         let d = self.dir.path().display().to_string();
         let client_id = format!("p7-{tag}");
@@ -319,6 +333,16 @@ impl PathLab {
                         )
                     }
                 };
+                // The metrics endpoint on a free port (its default port may be taken on a shared
+                // machine): the flood scenarios read the drop counters there.
+                let mport = free_port();
+                metrics = Some(SocketAddr::from(([127, 0, 0, 1], mport)));
+                let in_map = if flood {
+                    "[[map]]\ndirection = \"in\"\ntopic = \"cmd/#\"\nlocal_prefix = \"control/\"\n\
+                     remote_prefix = \"sites/p7/\"\n"
+                } else {
+                    ""
+                };
                 // The appliance's defaults, except what the scenarios need: 10,000 device connections
                 // and warnings-only logging (mosquitto logs errors and warnings too).
                 let toml = format!(
@@ -353,8 +377,12 @@ direction = "out"
 topic = "sensors/#"
 remote_prefix = "sites/p7/"
 
+{in_map}
 [log]
 level = "warn"
+
+[metrics]
+bind = "127.0.0.1:{mport}"
 "#,
                     dir = dir.display(),
                     cloud_port = self.cloud.port,
@@ -402,6 +430,9 @@ level = "warn"
                      bridge_cafile {d}/ca.pem\nbridge_insecure false\nremote_clientid {client_id}\n\
                      remote_username {UPLINK_USER}\nremote_password {UPLINK_PASSWORD}\ncleansession false\n"
                 ));
+                if flood {
+                    conf.push_str("topic cmd/# in 1 control/ sites/p7/\n");
+                }
                 if tuned {
                     conf.push_str("restart_timeout 1\n");
                 }
@@ -424,6 +455,7 @@ level = "warn"
             child: Some(child),
             tunnel,
             log: log.clone(),
+            metrics,
         };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         wait_listening(addr, imp.name(), edge.child.as_mut().unwrap(), &log)?;
@@ -529,6 +561,8 @@ pub struct Edge {
     child: Option<Child>,
     tunnel: Option<Tunnel>,
     pub log: PathBuf,
+    /// mqtt-uplink's metrics endpoint (`GET /metrics`); `None` for mosquitto.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Edge {
