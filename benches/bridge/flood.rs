@@ -181,7 +181,7 @@ async fn one(case: Case, messages: u64, imp: Impl, rep: usize, s: &Settings) -> 
     let out = match case.kind {
         Kind::NonReadingSubscriber => non_reading(&edge, &pids, case, messages, settle).await,
         Kind::Qos0Lane => qos0_lane(&edge, &mut lab, &pids, case, messages, settle).await,
-        Kind::CloudFlood => cloud_flood(&edge, &cloud, &pids, case, messages, settle).await,
+        Kind::CloudFlood => cloud_flood(&edge, &mut lab, &cloud, &pids, case, messages, settle).await,
     };
     let rss_after_kb = procstat::rss_kb(&pids);
     let polled = peak.finish();
@@ -272,22 +272,19 @@ async fn non_reading(
     .await?;
     match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
         Ok(Some(Ok((Packet::SubscribeAck { status, .. }, _)))) => {
-            if !matches!(status.first(), Some(rmqtt::codec::v3::SubscribeReturnCode::Success(_))) {
+            if !matches!(
+                status.first(),
+                Some(rmqtt::codec::v3::SubscribeReturnCode::Success(_))
+            ) {
                 bail!("subscription refused: {status:?}");
             }
         }
         other => bail!("no SUBACK: {other:?}"),
     }
     // From here on `sub` is never polled: its socket is not read.
-    let f = flood(
-        &target,
-        &dev(),
-        "dev-flooder",
-        1,
-        case.payload,
-        n,
-        |_| ("local/flood/x".to_string(), false),
-    )
+    let f = flood(&target, &dev(), "dev-flooder", 1, case.payload, n, |_| {
+        ("local/flood/x".to_string(), false)
+    })
     .await?;
     let rss_end_kb = procstat::rss_kb(pids);
     drop(sub);
@@ -337,9 +334,12 @@ async fn qos0_lane(
 }
 
 /// The cloud floods an in-mapped topic (every other message retained on its own topic) while one
-/// device subscribes and reads.
+/// device subscribes and reads. Then the cloud broker restarts: the edge subscribes again and gets
+/// every retained message of the flood at once, with the retain flag (live, a 3.1.1 broker clears it
+/// for an ordinary client such as mqtt-uplink; mosquitto's bridge keeps it with `try_private`).
 async fn cloud_flood(
     edge: &Edge,
+    lab: &mut PathLab,
     cloud: &Target,
     pids: &[u32],
     case: Case,
@@ -354,14 +354,9 @@ async fn cloud_flood(
     )
     .await?;
     // The in mapping works: a probe from the cloud reaches the device.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !device.st.probe.load(Ordering::Relaxed) {
-        if Instant::now() > deadline {
-            device.stop().await;
-            bail!("no probe from the cloud reached the device through the in mapping");
-        }
-        gen::probe(cloud, &observer(), "cloud-probe", "sites/p7/cmd/flood/probe").await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    if let Err(e) = probe_in(&device, cloud).await {
+        device.stop().await;
+        return Err(e);
     }
     let f = flood(cloud, &observer(), "cloud-flooder", 1, case.payload, n, |seq| {
         if seq % 2 == 0 {
@@ -373,9 +368,16 @@ async fn cloud_flood(
     .await?;
     // Delivery to the device: until all arrived, or 5 s without progress, or the flood cap.
     crate::drain(&device.st, f.sent, Duration::from_secs(5), FLOOD_CAP).await;
+    // The retained half again, all at once, at the edge's new subscription.
+    lab.cloud.stop();
+    lab.cloud.start_again()?;
+    // The replay comes before a probe published after it: once the probe is through, so is the replay.
+    let replay = probe_in(&device, cloud).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let delivered = device.st.delivered.load(Ordering::Relaxed);
     let rss_end_kb = procstat::rss_kb(pids);
     device.stop().await;
+    replay.context("after the cloud's restart")?;
     tokio::time::sleep(settle).await;
     Ok(Outcome {
         sent: f.sent,
@@ -385,6 +387,22 @@ async fn cloud_flood(
         rss_end_kb,
         note: f.error,
     })
+}
+
+/// Publishes QoS 0 probes on the cloud's `sites/p7/cmd/flood/probe` until the device has one through
+/// the in mapping (60 s at most).
+async fn probe_in(device: &Subscriber, cloud: &Target) -> anyhow::Result<()> {
+    device.st.probe.store(false, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !device.st.probe.load(Ordering::Relaxed) {
+        if Instant::now() > deadline {
+            bail!("no probe from the cloud reached the device through the in mapping in 60 s");
+        }
+        // The cloud may be starting again: an error is retried.
+        let _ = gen::probe(cloud, &observer(), "cloud-probe", "sites/p7/cmd/flood/probe").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
 }
 
 /// What a flooding publisher did.

@@ -452,7 +452,12 @@ async fn still_delivers(ctx: &Ctx) -> bool {
 }
 
 /// Publishes QoS 0 probes on `{topic}/probe` until the subscriber sees one (30 s at most).
-pub(crate) async fn wait_probe(target: &Target, creds: &Creds, st: &SubState, topic: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_probe(
+    target: &Target,
+    creds: &Creds,
+    st: &SubState,
+    topic: &str,
+) -> anyhow::Result<()> {
     wait_probe_within(target, creds, st, topic, Duration::from_secs(30)).await
 }
 

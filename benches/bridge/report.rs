@@ -8,8 +8,8 @@ use std::process::Command;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::gen::{PubResult, SubState};
 use crate::flood::Case;
+use crate::gen::{PubResult, SubState};
 use crate::lab::{Impl, PathKind};
 use crate::{Settings, LAT_CASES, TPUT_CASES};
 
@@ -554,8 +554,11 @@ fn flood_markdown(s: &Settings, a: &Agg) -> String {
          answered; *after*: {settle:.0} s later, the cloud still down.\n\
          - **cloud-flood**: the cloud (a client of the cloud broker) publishes the messages QoS 1 on \
          `sites/p7/cmd/flood/…`, every other one retained on a topic of its own, while a device \
-         subscribed to `control/cmd/flood/#` reads; *end*: when delivery to it ended (all, or 5 s \
-         without progress).\n"
+         subscribed to `control/cmd/flood/#` reads. Then the cloud broker restarts and the edge, \
+         subscribing again, gets every retained message of the flood at once with the retain flag (live, \
+         the cloud clears it for an ordinary client such as mqtt-uplink; mosquitto's bridge keeps it). \
+         *Delivered*: distinct messages the device received; *end*: when a probe published after the \
+         replay reached the device, + 1 s.\n"
     );
     let _ = writeln!(
         o,
@@ -606,8 +609,12 @@ fn flood_markdown(s: &Settings, a: &Agg) -> String {
                 continue;
             }
             let peak = stat_of(&v, |f| Some(f.peak_rss_kb)).map(|s| s.med).unwrap_or(0.0);
-            let before = stat_of(&v, |f| Some(f.rss_before_kb)).map(|s| s.med).unwrap_or(0.0);
-            let after = stat_of(&v, |f| Some(f.rss_after_kb)).map(|s| s.med).unwrap_or(0.0);
+            let before = stat_of(&v, |f| Some(f.rss_before_kb))
+                .map(|s| s.med)
+                .unwrap_or(0.0);
+            let after = stat_of(&v, |f| Some(f.rss_after_kb))
+                .map(|s| s.med)
+                .unwrap_or(0.0);
             let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
             for f in &v {
                 for (r, n) in &f.reasons {
