@@ -212,6 +212,16 @@ async fn one(case: Case, messages: u64, imp: Impl, rep: usize, s: &Settings) -> 
         (dropped, refused) = (Some(d), Some(r));
     }
     edge.stop();
+    // What the edge logged (warnings and errors), for the raw rows: the last lines, cut at 300 bytes.
+    let log: Vec<String> = crate::tail(&edge.log)
+        .lines()
+        .rev()
+        .take(6)
+        .map(|l| l.chars().take(300).collect())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     drop(lab);
     Ok(FloodMem {
         imp,
@@ -231,6 +241,7 @@ async fn one(case: Case, messages: u64, imp: Impl, rep: usize, s: &Settings) -> 
         refused,
         reasons,
         note: out.note,
+        log,
     })
 }
 

@@ -248,6 +248,8 @@ pub struct FloodMem {
     pub reasons: BTreeMap<String, u64>,
     /// Why the flood stopped early, if it did.
     pub note: Option<String>,
+    /// The last lines the edge logged (warnings and errors).
+    pub log: Vec<String>,
 }
 
 /// Everything measured in one run.
