@@ -513,9 +513,10 @@ fn flood_mechanism(kind: crate::flood::Kind) -> &'static str {
     use crate::flood::Kind;
     match kind {
         Kind::NonReadingSubscriber => {
-            "the local broker queues messages for a subscriber that does not read up to `[limits] \
-             max_queued_messages` (1,000 messages) on top of what its socket buffers and in-flight window \
-             hold, and frees them when it disconnects; the publisher goes on being acknowledged"
+            "the local broker holds, for a subscriber that does not read, up to `[limits] max_inflight` \
+             (1,024) messages sent and unacknowledged plus `[limits] max_queued_messages` (1,000) queued, \
+             bounds counted in messages, not bytes (so 2,000 × 200 KiB fit whole); the publisher goes on \
+             being acknowledged, and the memory is given back when the subscriber disconnects"
         }
         Kind::Qos0Lane => {
             "with the uplink down, QoS 0 messages for the cloud wait in an in-memory lane of at most \
