@@ -487,25 +487,21 @@ fn flood_rows(a: &Agg) -> Vec<Value> {
     rows
 }
 
-fn mib(s: Option<Stat>) -> String {
+/// Median (min–max) with `f` formatting each; the range only when it shows a difference.
+fn med_range(s: Option<Stat>, f: impl Fn(f64) -> String) -> String {
     match s {
         None => "–".into(),
-        Some(s) if s.n == 1 || (s.min - s.max).abs() < f64::EPSILON => format!("{:.0}", s.med / 1024.0),
-        Some(s) => format!(
-            "{:.0} ({:.0}–{:.0})",
-            s.med / 1024.0,
-            s.min / 1024.0,
-            s.max / 1024.0
-        ),
+        Some(s) if f(s.min) == f(s.max) => f(s.med),
+        Some(s) => format!("{} ({}–{})", f(s.med), f(s.min), f(s.max)),
     }
 }
 
+fn mib(s: Option<Stat>) -> String {
+    med_range(s, |x| format!("{:.0}", x / 1024.0))
+}
+
 fn count(s: Option<Stat>) -> String {
-    match s {
-        None => "–".into(),
-        Some(s) if s.n == 1 || (s.min - s.max).abs() < f64::EPSILON => format!("{:.0}", s.med),
-        Some(s) => format!("{:.0} ({:.0}–{:.0})", s.med, s.min, s.max),
-    }
+    med_range(s, |x| format!("{x:.0}"))
 }
 
 /// What the appliance does in each scenario (the mechanism; the figures are in the table).
