@@ -14,7 +14,6 @@
 
 mod support;
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -23,11 +22,11 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Says on the real stderr that a test did not run, and why.
+/// A test that did not run: fails with `CI` set, else says so loudly and counts it.
 fn skip(test: &str, why: &str) {
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED image::{test}: {why} (install with: image/deps.sh check) ***"
+    support::unavailable(
+        &format!("image::{test}"),
+        &format!("{why} (install with: image/deps.sh check)"),
     );
 }
 

@@ -483,7 +483,10 @@ fn keygen_and_key_files() {
         Ok(out) if out.status.success() => {
             assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), public_b64.trim())
         }
-        _ => eprintln!("\n*** SKIPPED: `wg pubkey` comparison (wireguard-tools not installed) ***\n"),
+        _ => support::unavailable(
+            "wireguard: `wg pubkey` comparison",
+            "`wg` (wireguard-tools) not installed",
+        ),
     }
 
     let again = keygen(dir.path(), None).unwrap_err();
@@ -542,7 +545,7 @@ async fn works_without_privileges() {
         .output()
         .is_err()
     {
-        eprintln!("\n*** SKIPPED: works_without_privileges needs setpriv ***\n");
+        support::unavailable("wireguard::works_without_privileges", "`setpriv` not installed");
         return;
     }
     let cfg = config(private, &peer, WgPeer::ECHO_PORT);

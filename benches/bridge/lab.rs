@@ -295,10 +295,10 @@ impl PathLab {
         std::fs::create_dir_all(&dir)?;
         Self::dev_files(&dir, flood)?;
         let port = free_port();
-        let mut metrics = None;
         let log = dir.join("edge.log");
         let d = self.dir.path().display().to_string();
         let client_id = format!("p7-{tag}");
+        let metrics = (imp == Impl::Uplink).then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
         let (child, tunnel) = match imp {
             Impl::Uplink => {
                 write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
@@ -333,10 +333,6 @@ impl PathLab {
                         )
                     }
                 };
-                // The metrics endpoint on a free port (its default port may be taken on a shared
-                // machine): the flood scenarios read the drop counters there.
-                let mport = free_port();
-                metrics = Some(SocketAddr::from(([127, 0, 0, 1], mport)));
                 let in_map = if flood {
                     "[[map]]\ndirection = \"in\"\ntopic = \"cmd/#\"\nlocal_prefix = \"control/\"\n\
                      remote_prefix = \"sites/p7/\"\n"
@@ -382,8 +378,9 @@ remote_prefix = "sites/p7/"
 level = "warn"
 
 [metrics]
-bind = "127.0.0.1:{mport}"
+bind = "{metrics}"
 "#,
+                    metrics = metrics.expect("mqtt-uplink has a metrics endpoint"),
                     dir = dir.display(),
                     cloud_port = self.cloud.port,
                 );
@@ -452,10 +449,10 @@ bind = "127.0.0.1:{mport}"
         let mut edge = Edge {
             imp,
             port,
+            metrics,
             child: Some(child),
             tunnel,
             log: log.clone(),
-            metrics,
         };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         wait_listening(addr, imp.name(), edge.child.as_mut().unwrap(), &log)?;
@@ -558,11 +555,12 @@ pub enum Tunnel {
 pub struct Edge {
     pub imp: Impl,
     pub port: u16,
+    /// mqtt-uplink's metrics endpoint (the outage scenario reads `mqtt_uplink_outbox_depth`, the
+    /// flood-memory scenarios the drop and refusal counters); `None` for mosquitto.
+    pub metrics: Option<SocketAddr>,
     child: Option<Child>,
     tunnel: Option<Tunnel>,
     pub log: PathBuf,
-    /// mqtt-uplink's metrics endpoint (`GET /metrics`); `None` for mosquitto.
-    pub metrics: Option<SocketAddr>,
 }
 
 impl Edge {
@@ -578,6 +576,20 @@ impl Edge {
 
     pub fn addr(&self) -> SocketAddr {
         ([127, 0, 0, 1], self.port).into()
+    }
+
+    /// mqtt-uplink's `mqtt_uplink_outbox_depth` (messages acknowledged to devices, not yet to the
+    /// cloud); `None` for an edge without the metric or when the endpoint does not answer.
+    pub async fn outbox_depth(&self) -> Option<u64> {
+        let bind = mqtt_uplink::config::MetricsBind::Tcp(self.metrics?);
+        let (code, body) = mqtt_uplink::ops::http::get(&bind, "/metrics").await.ok()?;
+        if code != 200 {
+            return None;
+        }
+        body.lines()
+            .find_map(|l| l.strip_prefix("mqtt_uplink_outbox_depth "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
     }
 
     /// Whether the edge process is still running.

@@ -354,11 +354,11 @@ async fn run_impl(
         }
     }
     if s.has("outage") && s.outage {
-        match outage(&ctx, lab, s).await {
+        match outage(&ctx, lab, &edge, s).await {
             Ok(o) => {
                 progress(&format!(
-                    "  outage: acked {} delivered {} lost {} drain {:?} s",
-                    o.acked, o.delivered, o.lost, o.drain_s
+                    "  outage: acked {} delivered {} lost {} late {:?} drain {:?} s",
+                    o.acked, o.delivered, o.lost, o.late, o.drain_s
                 ));
                 res.outage.push(o)
             }
@@ -584,16 +584,17 @@ async fn latency(ctx: &Ctx, qos: u8, size: usize, s: &Settings) -> anyhow::Resul
 }
 
 /// QoS 1 at 1,000 msg/s; the cloud broker is stopped for `outage_secs` and started again on the same
-/// port; publishing goes on throughout. Lost = acknowledged by the edge, never delivered upstream.
-async fn outage(ctx: &Ctx, lab: &mut PathLab, s: &Settings) -> anyhow::Result<Outage> {
+/// port; publishing goes on throughout. Of the messages acknowledged by the edge and never delivered
+/// upstream, `late` ones were still queued in the edge when the wait ended and `lost` ones were not.
+async fn outage(ctx: &Ctx, lab: &mut PathLab, edge: &Edge, s: &Settings) -> anyhow::Result<Outage> {
     let (sub, topic) = subscriber(ctx, "outage").await?;
     let st: Arc<SubState> = sub.st.clone();
-    let (edge, st2, topic2) = (ctx.edge.clone(), st.clone(), format!("{topic}/x"));
+    let (target, st2, topic2) = (ctx.edge.clone(), st.clone(), format!("{topic}/x"));
     let total = s.outage_pre_secs + s.outage_secs + s.outage_post_secs;
     let rate = s.lat_rate;
     let publisher = tokio::spawn(async move {
         gen::publish(
-            &edge,
+            &target,
             &dev(),
             "dev-outage",
             &topic2,
@@ -611,17 +612,40 @@ async fn outage(ctx: &Ctx, lab: &mut PathLab, s: &Settings) -> anyhow::Result<Ou
     lab.cloud.start_again()?;
     let restart_ns = gen::now_ns();
     let r = publisher.await??;
-    // A bridge may still be in its reconnect back-off: wait for 15 s without progress (or the cap).
-    drain(
-        &st,
-        r.acked,
-        Duration::from_secs(15),
-        Duration::from_secs_f64(s.outage_drain_cap_secs),
-    )
-    .await;
-    let o = Outage::new(ctx.path, ctx.imp, ctx.rep, &r, &st, restart_ns, rate);
+    let cap = Duration::from_secs_f64(s.outage_drain_cap_secs);
+    let queued = if edge.metrics.is_some() {
+        drain_outbox(&st, r.acked, edge, cap).await
+    } else {
+        // A mosquitto bridge shows no queue: 15 s without progress (or the cap) ends the wait.
+        drain(&st, r.acked, Duration::from_secs(15), cap).await;
+        None
+    };
+    let o = Outage::new(ctx.path, ctx.imp, ctx.rep, &r, &st, restart_ns, rate, queued);
     sub.stop().await;
     Ok(o)
+}
+
+/// Waits on mqtt-uplink's outbox: until `expected` messages are delivered, or the outbox is empty and
+/// delivery has not progressed for 2 s (what the cloud acknowledged reaches the subscriber at once), or
+/// `cap`. Returns the outbox depth when the wait ended (`None` if the metric never answered).
+async fn drain_outbox(st: &SubState, expected: u64, edge: &Edge, cap: Duration) -> Option<u64> {
+    let deadline = Instant::now() + cap;
+    let idle = Duration::from_secs(2);
+    let mut depth = None;
+    let mut last = (st.delivered.load(Ordering::Relaxed), Instant::now());
+    loop {
+        depth = edge.outbox_depth().await.or(depth);
+        let d = st.delivered.load(Ordering::Relaxed);
+        if d >= expected || Instant::now() >= deadline {
+            return depth;
+        }
+        if d != last.0 {
+            last = (d, Instant::now());
+        } else if depth == Some(0) && last.1.elapsed() > idle {
+            return depth;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn connections(edge: &Edge, s: &Settings) -> anyhow::Result<Vec<Conns>> {

@@ -3,6 +3,7 @@
 
 pub mod drops;
 pub mod retain;
+pub mod slow;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
@@ -96,6 +97,8 @@ impl Broker {
                 }
             }
         });
+        // Messages dropped for a slow subscriber, and slow subscribers disconnected: counted, logged.
+        slow::register(self.register.as_ref()).await;
         let mut server = MqttServer::new(self.scx.clone());
         let mut local_addrs = Vec::new();
         for (i, l) in listeners.iter().enumerate() {
@@ -175,6 +178,12 @@ fn bind(l: &Listener, limits: &Limits, index: usize) -> anyhow::Result<rmqtt::ne
         .max_packet_size(limits.max_packet_size)
         .max_inflight(NonZeroU16::new(limits.max_inflight).unwrap_or(NonZeroU16::MIN))
         .max_mqueue_len(limits.max_queued_messages)
+        // Byte budgets per session (our patch of rmqtt, vendor/README.md): a subscriber that stops
+        // reading holds at most this much; forwards beyond it are dropped (src/broker/slow.rs).
+        .max_queued_bytes(limits.max_queued_bytes)
+        .max_inflight_bytes(limits.max_inflight_bytes)
+        // A socket that takes no data for this long is closed (a refusal "slow consumer").
+        .send_timeout(slow::WRITE_TIMEOUT)
         .max_subscriptions(limits.max_subscriptions)
         .handshake_timeout(limits.handshake_timeout)
         // MQTT 5 clients ask for a session expiry (up to 136 years); MQTT 3.1.1 persistent sessions

@@ -127,6 +127,13 @@ pub struct LimitsFile {
     pub max_inflight: u16,
     #[serde(default = "default_max_queued_messages")]
     pub max_queued_messages: usize,
+    /// Bytes routed to one subscriber and not yet sent to it, at most (a slow consumer's forwards
+    /// beyond it are dropped, counted).
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: usize,
+    /// Bytes of QoS 1/2 messages sent to one subscriber and not yet acknowledged, at most.
+    #[serde(default = "default_max_inflight_bytes")]
+    pub max_inflight_bytes: usize,
     #[serde(default = "default_max_subscriptions")]
     pub max_subscriptions: usize,
     #[serde(default = "default_handshake_timeout_s")]
@@ -157,6 +164,8 @@ impl Default for LimitsFile {
             max_connections: default_max_connections(),
             max_inflight: default_max_inflight(),
             max_queued_messages: default_max_queued_messages(),
+            max_queued_bytes: default_max_queued_bytes(),
+            max_inflight_bytes: default_max_inflight_bytes(),
             max_subscriptions: default_max_subscriptions(),
             handshake_timeout_s: default_handshake_timeout_s(),
             max_connections_per_address: default_max_connections_per_address(),
@@ -180,6 +189,16 @@ pub fn default_max_inflight() -> u16 {
 }
 pub fn default_max_queued_messages() -> usize {
     1000
+}
+/// 1 MiB: four maximum-size packets wait for a subscriber; one that keeps up never holds more than a
+/// few messages, so 1,000 sessions in normal use stay far inside the unit's MemoryMax=256M, and a
+/// subscriber that stops reading pins at most this much (plus its in-flight budget).
+pub fn default_max_queued_bytes() -> usize {
+    1024 * 1024
+}
+/// 1 MiB: like `max_queued_bytes`, for messages sent and not yet acknowledged.
+pub fn default_max_inflight_bytes() -> usize {
+    1024 * 1024
 }
 pub fn default_max_subscriptions() -> usize {
     100

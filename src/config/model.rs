@@ -87,6 +87,10 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_inflight: u16,
     pub max_queued_messages: usize,
+    /// Bytes routed to one subscriber and not yet sent, at most (a slow consumer's excess is dropped).
+    pub max_queued_bytes: usize,
+    /// Bytes sent to one subscriber and not yet acknowledged, at most.
+    pub max_inflight_bytes: usize,
     pub max_subscriptions: usize,
     pub handshake_timeout: Duration,
     /// Sessions per peer address at most, connected or kept offline (0: no limit).
@@ -108,6 +112,8 @@ impl From<&super::file::LimitsFile> for Limits {
             max_connections: f.max_connections,
             max_inflight: f.max_inflight,
             max_queued_messages: f.max_queued_messages,
+            max_queued_bytes: f.max_queued_bytes,
+            max_inflight_bytes: f.max_inflight_bytes,
             max_subscriptions: f.max_subscriptions,
             handshake_timeout: std::time::Duration::from_secs(f.handshake_timeout_s),
             max_connections_per_address: f.max_connections_per_address,

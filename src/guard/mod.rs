@@ -108,6 +108,8 @@ pub enum Refusal {
     TooManySessionsForUser,
     /// A topic name, topic filter or will topic deeper than `limits.max_topic_levels`.
     TopicTooDeep,
+    /// A subscriber whose socket took no data for the write timeout: disconnected (src/broker/slow.rs).
+    SlowConsumer,
 }
 
 impl Refusal {
@@ -131,6 +133,7 @@ impl Refusal {
             Refusal::ProtocolError => "malformed or unexpected packet (connection closed)",
             Refusal::TooManySessionsForUser => "too many sessions for this user",
             Refusal::TopicTooDeep => "topic has too many levels",
+            Refusal::SlowConsumer => "slow consumer",
         }
     }
 

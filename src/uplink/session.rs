@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU16;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -82,6 +83,9 @@ pub struct Wiring<'a> {
     /// QoS 2 packet ids received from the cloud and not yet released (PUBREL): a resend of one is
     /// acknowledged, not delivered again. Kept across sessions, as the cloud's session persists.
     pub qos2: &'a Mutex<HashSet<NonZeroU16>>,
+    /// Set once the cloud acknowledges one of our messages or answers a health check: the session
+    /// worked (the reconnect schedule retries such a session's cloud promptly when it goes away).
+    pub proven: &'a AtomicBool,
 }
 
 /// A SUBSCRIBE or UNSUBSCRIBE waiting for its acknowledgement.
@@ -326,13 +330,17 @@ pub async fn run(
                     Packet::PublishAck { packet_id } => {
                         if let Some(seq) = inflight.remove(&packet_id) {
                             w.outbox.ack(seq);
+                            w.proven.store(true, Ordering::Relaxed);
                         }
                     }
                     Packet::Publish(p) => {
                         incoming(&mut conn, &w, *p).await?;
                         paused_until = rate.take(Instant::now());
                     }
-                    Packet::PingResponse => ping_deadline = None,
+                    Packet::PingResponse => {
+                        ping_deadline = None;
+                        w.proven.store(true, Ordering::Relaxed);
+                    }
                     Packet::SubscribeAck { packet_id, status } => match pending.remove(&packet_id) {
                         Some(Pending::Subscribe(filters)) => {
                             for ((filter, _), st) in filters.iter().zip(status) {

@@ -141,12 +141,17 @@ impl WgPeerBuilder {
         self
     }
 
-    /// Creates the namespace, veth pair, wireguard-go peer and servers. `None` (after printing
-    /// `SKIPPED: ...`) when this machine cannot do it (not root, no netns support, tools missing).
+    /// Creates the namespace, veth pair, wireguard-go peer and servers. `None` when this machine
+    /// cannot do it (not root, no netns support, tools missing): with `CI` set that fails the test
+    /// instead ([`super::unavailable`]), elsewhere the skip is printed loudly and counted.
     /// Panics if setup fails half-way for another reason (what was created is removed).
     pub fn start(self) -> Option<WgPeer> {
         let skip = |why: String| {
-            eprintln!("\n*** SKIPPED: WireGuard peer fixture unavailable: {why} ***\n");
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("a WireGuard test")
+                .to_string();
+            super::unavailable(&test, &format!("the WireGuard peer fixture: {why}"));
             None
         };
         if run(&["id", "-u"]).map(|s| s.trim() != "0").unwrap_or(true) {

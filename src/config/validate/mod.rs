@@ -471,6 +471,13 @@ fn limits(ctx: &mut Ctx<'_>, f: LimitsFile) -> Limits {
     if f.max_queued_messages == 0 {
         ctx.error("limits.max_queued_messages", "must be at least 1");
     }
+    // 0 would mean no bound at all: a subscriber that stops reading would grow memory without end.
+    if f.max_queued_bytes == 0 {
+        ctx.error("limits.max_queued_bytes", "must be at least 1");
+    }
+    if f.max_inflight_bytes == 0 {
+        ctx.error("limits.max_inflight_bytes", "must be at least 1");
+    }
     if f.handshake_timeout_s == 0 {
         ctx.error("limits.handshake_timeout_s", "must be at least 1");
     }

@@ -119,6 +119,12 @@ pub struct Builder {
     pub send_timeout: Duration,
     /// Maximum messages queued per client
     pub max_mqueue_len: usize,
+    /// mqtt-uplink patch: bytes (payload and topic) routed to a session and not yet written to its
+    /// socket, at most; more forwards to that session are dropped (0 = unlimited).
+    pub max_queued_bytes: usize,
+    /// mqtt-uplink patch: bytes (payload and topic) of QoS 1/2 messages sent to a session and not yet
+    /// acknowledged, at most; the session is sent no more until acks come (0 = unlimited).
+    pub max_inflight_bytes: usize,
     /// Rate limiting for message delivery (messages per duration)
     pub mqueue_rate_limit: (NonZeroU32, Duration),
     /// Maximum length of client identifiers
@@ -216,6 +222,9 @@ impl Builder {
             handshake_timeout: Duration::from_secs(30),
             send_timeout: Duration::from_secs(10),
             max_mqueue_len: 1000,
+            // mqtt-uplink patch: unlimited, as before.
+            max_queued_bytes: 0,
+            max_inflight_bytes: 0,
 
             mqueue_rate_limit: (nonzero!(u32::MAX), Duration::from_secs(1)),
             max_clientid_len: 65535,
@@ -359,6 +368,18 @@ impl Builder {
     /// Configures maximum message queue length
     pub fn max_mqueue_len(mut self, max_mqueue_len: usize) -> Self {
         self.max_mqueue_len = max_mqueue_len;
+        self
+    }
+
+    /// mqtt-uplink patch: sets the per-session budget of queued bytes (0 = unlimited)
+    pub fn max_queued_bytes(mut self, max_queued_bytes: usize) -> Self {
+        self.max_queued_bytes = max_queued_bytes;
+        self
+    }
+
+    /// mqtt-uplink patch: sets the per-session budget of unacknowledged bytes (0 = unlimited)
+    pub fn max_inflight_bytes(mut self, max_inflight_bytes: usize) -> Self {
+        self.max_inflight_bytes = max_inflight_bytes;
         self
     }
 

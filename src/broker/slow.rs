@@ -1,0 +1,110 @@
+//! Slow consumers: a subscriber that reads slower than messages arrive for it, or not at all.
+//!
+//! rmqtt (patched, vendor/README.md) keeps per session at most `[limits] max_queued_bytes` of messages
+//! routed to it and not yet written to its socket, and at most `max_inflight_bytes` sent and not yet
+//! acknowledged. A forward over the queued budget is dropped with reason "slow consumer", a message
+//! over `max_queued_messages` with rmqtt's "queue full"; both come through rmqtt's `message_dropped`
+//! hook, which this handler counts (`mqtt_uplink_dropped_total{reason}`) and logs with the subscriber's
+//! peer, at most once a second. A subscriber whose socket takes no data for [`WRITE_TIMEOUT`] is
+//! disconnected by rmqtt-net; this handler counts and logs that as a refusal "slow consumer".
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rmqtt::hook::{Handler, HookResult, Parameter, Register, ReturnType, Type};
+use rmqtt::net::MqttError;
+use rmqtt::types::Reason;
+
+use crate::guard::{log_refusal, Refusal};
+
+/// A write to a device's socket that makes no progress for this long closes the connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Drop reasons, as they appear in `mqtt_uplink_dropped_total{reason=..}` and the log.
+pub mod reason {
+    /// Over the subscriber's `max_queued_bytes`.
+    pub const SLOW_CONSUMER: &str = "slow consumer";
+    /// Over the subscriber's `max_queued_messages`.
+    pub const QUEUE_FULL: &str = "subscriber queue full";
+}
+
+/// Registers the handler on a broker's hook register (before it starts).
+pub async fn register(register: &dyn Register) {
+    for typ in [Type::MessageDropped, Type::ClientDisconnected] {
+        register.add(typ, Box::new(SlowConsumerHandler)).await;
+    }
+}
+
+struct SlowConsumerHandler;
+
+/// The drop reason for a message rmqtt dropped on its way to a subscriber, if it is one of ours.
+fn drop_reason(reason: &Reason) -> Option<&'static str> {
+    match reason {
+        Reason::Error(s) if &**s == rmqtt::types::SLOW_CONSUMER => Some(reason::SLOW_CONSUMER),
+        Reason::MessageQueueFull => Some(reason::QUEUE_FULL),
+        _ => None,
+    }
+}
+
+/// Did the session end because a write to its socket timed out?
+fn write_timed_out(reason: &Reason) -> bool {
+    match reason {
+        Reason::Reasons(all) => all.iter().any(write_timed_out),
+        Reason::MqttError(MqttError::WriteTimeout | MqttError::FlushTimeout) => true,
+        _ => false,
+    }
+}
+
+/// Counts every drop; logs at most once a second, with the count since the last line.
+fn log_drop(why: &'static str, peer: Option<SocketAddr>, client_id: &str, topic: &str) {
+    crate::ops::metrics::get().dropped.with_label_values(&[why]).inc();
+    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let now = Instant::now();
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let dropped = match *last {
+        Some((at, n)) if now.duration_since(at) < Duration::from_secs(1) => {
+            *last = Some((at, n + 1));
+            return;
+        }
+        Some((_, n)) => n + 1,
+        None => 1,
+    };
+    *last = Some((now, 0));
+    drop(last);
+    let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+    tracing::warn!(
+        peer = %peer,
+        client_id = ?client_id,
+        topic = ?topic,
+        reason = why,
+        dropped,
+        "message for a subscriber dropped"
+    );
+}
+
+#[async_trait]
+impl Handler for SlowConsumerHandler {
+    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+        match param {
+            Parameter::MessageDropped(Some(to), _from, publish, why) => {
+                if let Some(why) = drop_reason(why) {
+                    log_drop(why, to.remote_addr, &to.client_id, &publish.topic);
+                }
+            }
+            Parameter::ClientDisconnected(session, why) if write_timed_out(why) => {
+                let user = session.id.username.as_ref().map(|u| u.as_ref());
+                log_refusal(
+                    session.id.remote_addr,
+                    &session.id.client_id,
+                    user,
+                    Refusal::SlowConsumer,
+                    &format!("socket took no data for {} s", WRITE_TIMEOUT.as_secs()),
+                );
+            }
+            _ => {}
+        }
+        (true, acc)
+    }
+}
