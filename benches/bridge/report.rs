@@ -520,10 +520,11 @@ fn flood_mechanism(kind: crate::flood::Kind) -> &'static str {
     use crate::flood::Kind;
     match kind {
         Kind::NonReadingSubscriber => {
-            "the local broker holds, for a subscriber that does not read, up to `[limits] max_inflight` \
-             (1,024) messages sent and unacknowledged plus `[limits] max_queued_messages` (1,000) queued, \
-             bounds counted in messages, not bytes (so 2,000 × 200 KiB fit whole); the publisher goes on \
-             being acknowledged, and the memory is given back when the subscriber disconnects"
+            "per subscriber, the bytes routed to it and not yet written to its socket are capped at \
+             `[limits] max_queued_bytes` (1 MiB) and those sent and not acknowledged at \
+             `max_inflight_bytes` (1 MiB); a message over the budget is dropped for that subscriber only \
+             (counted, reason \"slow consumer\"), the publisher keeps getting its PUBACKs, and a \
+             subscriber whose socket takes no data for 10 s is disconnected"
         }
         Kind::Qos0Lane => {
             "with the uplink down, QoS 0 messages for the cloud wait in an in-memory lane of at most \
