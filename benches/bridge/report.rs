@@ -533,8 +533,10 @@ fn flood_mechanism(kind: crate::flood::Kind) -> &'static str {
         Kind::CloudFlood => {
             "cloud messages over `[limits] max_packet_size` (256 KiB) are acknowledged upstream and dropped \
              (counted, logged); the rest are read at most `[uplink] max_in_msgs_per_s` (1,000) a second \
-             by pausing reads (nothing dropped, the flood is slowed), and retained ones are kept up to \
-             `[limits] max_retained_bytes` (16 MiB; over it delivered live but not retained, counted)"
+             by pausing reads (the uplink drops nothing for the rate; a device that does not keep up is held \
+             to `max_queued_bytes` like any subscriber, the excess dropped as \"slow consumer\"), and \
+             retained ones are kept up to `[limits] max_retained_bytes` (16 MiB; over it delivered live \
+             but not retained, counted)"
         }
     }
 }
