@@ -89,7 +89,7 @@ pub async fn connect(
             Box::new(tls_connector(ca)?.connect(name, tcp).await?)
         }
     };
-    let mut conn = Framed::new(io, Codec::new(1 << 20));
+    let mut conn = Framed::new(io, Codec::new(4 << 20));
     let connect = Connect {
         clean_session: clean,
         keep_alive,

@@ -265,22 +265,35 @@ impl PathLab {
         }))
     }
 
-    fn dev_files(dir: &Path) -> anyhow::Result<()> {
+    fn dev_files(dir: &Path, flood: bool) -> anyhow::Result<()> {
         mosquitto_passwd(&dir.join("passwords"), DEV_USER, DEV_PASSWORD);
-        std::fs::write(
-            dir.join("acl"),
-            format!("user {DEV_USER}\ntopic readwrite sensors/#\n"),
-        )?;
+        let mut acl = format!("user {DEV_USER}\ntopic readwrite sensors/#\n");
+        if flood {
+            // Local-only traffic (no mapping) and the in-mapped cloud commands.
+            acl.push_str("topic readwrite local/#\ntopic read control/#\n");
+        }
+        std::fs::write(dir.join("acl"), acl)?;
         Ok(())
     }
 
     /// Starts the edge for `imp` on this path; returns once its local listener (and tunnel) is up.
     pub fn start_edge(&mut self, imp: Impl) -> anyhow::Result<Edge> {
+        self.start_edge_with(imp, false)
+    }
+
+    /// The edge for the flood-memory scenarios: the same, plus an in mapping (`cmd/#` from the cloud's
+    /// `sites/p7/cmd/#` to local `control/cmd/#`, QoS 1, both edges) and the device's right to
+    /// `local/#` (a topic no mapping carries) and to read `control/#`.
+    pub fn start_flood_edge(&mut self, imp: Impl) -> anyhow::Result<Edge> {
+        self.start_edge_with(imp, true)
+    }
+
+    fn start_edge_with(&mut self, imp: Impl, flood: bool) -> anyhow::Result<Edge> {
         self.edges_started += 1;
         let tag = format!("{}-{}", imp.name(), self.edges_started);
         let dir = self.dir.path().join(format!("edge-{tag}"));
         std::fs::create_dir_all(&dir)?;
-        Self::dev_files(&dir)?;
+        Self::dev_files(&dir, flood)?;
         let port = free_port();
         let log = dir.join("edge.log");
         let d = self.dir.path().display().to_string();
@@ -320,6 +333,12 @@ impl PathLab {
                         )
                     }
                 };
+                let in_map = if flood {
+                    "[[map]]\ndirection = \"in\"\ntopic = \"cmd/#\"\nlocal_prefix = \"control/\"\n\
+                     remote_prefix = \"sites/p7/\"\n"
+                } else {
+                    ""
+                };
                 // The appliance's defaults, except what the scenarios need: 10,000 device connections
                 // and warnings-only logging (mosquitto logs errors and warnings too).
                 let toml = format!(
@@ -354,6 +373,7 @@ direction = "out"
 topic = "sensors/#"
 remote_prefix = "sites/p7/"
 
+{in_map}
 [log]
 level = "warn"
 
@@ -407,6 +427,9 @@ bind = "{metrics}"
                      bridge_cafile {d}/ca.pem\nbridge_insecure false\nremote_clientid {client_id}\n\
                      remote_username {UPLINK_USER}\nremote_password {UPLINK_PASSWORD}\ncleansession false\n"
                 ));
+                if flood {
+                    conf.push_str("topic cmd/# in 1 control/ sites/p7/\n");
+                }
                 if tuned {
                     conf.push_str("restart_timeout 1\n");
                 }
@@ -532,7 +555,8 @@ pub enum Tunnel {
 pub struct Edge {
     pub imp: Impl,
     pub port: u16,
-    /// mqtt-uplink's metrics endpoint (the outage scenario reads `mqtt_uplink_outbox_depth`).
+    /// mqtt-uplink's metrics endpoint (the outage scenario reads `mqtt_uplink_outbox_depth`, the
+    /// flood-memory scenarios the drop and refusal counters); `None` for mosquitto.
     pub metrics: Option<SocketAddr>,
     child: Option<Child>,
     tunnel: Option<Tunnel>,

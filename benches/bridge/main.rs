@@ -6,7 +6,9 @@
 //! cargo bench --bench bridge               # full run (3 repetitions) -> docs/benchmarks/
 //! cargo bench --bench bridge -- --quick    # a few seconds per scenario, 1 repetition -> target/bench-quick/
 //! ```
-//! Options: `--reps N`, `--paths direct,ssh,wireguard`, `--out DIR`, `--no-outage`, `--no-conns`.
+//! Options: `--reps N`, `--paths direct,ssh,wireguard`, `--out DIR`, `--no-outage`, `--no-conns`,
+//! `--only SECTION[,SECTION…]` (sections: idle, latency, outage, throughput, connections, flood-memory;
+//! a partial run writes `<sections>.md` and `<sections>-run-<time>.json`, never `results.md`).
 //! Needs root (network namespaces for the WireGuard path), mosquitto 2.0, OpenSSH, wireguard-go, wg, ip.
 //! Only loopback and the benchmark's own namespace are used.
 
@@ -15,6 +17,7 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod flood;
 mod gen;
 mod lab;
 mod procstat;
@@ -56,6 +59,31 @@ pub struct Settings {
     /// Upper bound on the wait for the backlog after the outage.
     pub outage_drain_cap_secs: f64,
     pub conns: Vec<usize>,
+    /// The sections run (all of `SECTIONS` unless `--only`).
+    pub sections: Vec<&'static str>,
+    /// `--only` was given: a partial run, reported in its own file.
+    pub only: bool,
+    /// The flood-memory scenarios send their message count divided by this (`--quick`: 4).
+    pub flood_div: u64,
+    /// Seconds after a flood (after the subscriber's disconnect) when the RSS is read again.
+    pub flood_settle_secs: f64,
+}
+
+/// The benchmark's sections, in the order they run for each edge (flood-memory: after the paths, on
+/// the direct path, on fresh edges).
+pub const SECTIONS: [&str; 6] = [
+    "idle",
+    "latency",
+    "outage",
+    "throughput",
+    "connections",
+    "flood-memory",
+];
+
+impl Settings {
+    pub fn has(&self, section: &str) -> bool {
+        self.sections.contains(&section)
+    }
 }
 
 const TPUT_CASES: [(u8, usize); 4] = [(1, 64), (1, 1024), (0, 64), (0, 1024)];
@@ -92,6 +120,10 @@ fn parse_args() -> anyhow::Result<Option<Settings>> {
         outage_post_secs: 1.0,
         outage_drain_cap_secs: if quick { 30.0 } else { 60.0 },
         conns: vec![1000, 10_000],
+        sections: SECTIONS.to_vec(),
+        only: false,
+        flood_div: if quick { 4 } else { 1 },
+        flood_settle_secs: 10.0,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -101,6 +133,19 @@ fn parse_args() -> anyhow::Result<Option<Settings>> {
             "--out" => s.out = PathBuf::from(it.next().context("--out DIR")?),
             "--no-outage" => s.outage = false,
             "--no-conns" => s.conns.clear(),
+            "--only" => {
+                s.sections = it
+                    .next()
+                    .context("--only SECTION[,SECTION...]")?
+                    .split(',')
+                    .map(|x| {
+                        SECTIONS.iter().copied().find(|k| *k == x).with_context(|| {
+                            format!("unknown section {x} (sections: {})", SECTIONS.join(", "))
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                s.only = true;
+            }
             "--paths" => {
                 s.paths = it
                     .next()
@@ -137,27 +182,29 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dev() -> Creds {
+pub(crate) fn dev() -> Creds {
     Creds {
         user: DEV_USER.into(),
         password: DEV_PASSWORD.into(),
     }
 }
 
-fn observer() -> Creds {
+pub(crate) fn observer() -> Creds {
     Creds {
         user: OBSERVER_USER.into(),
         password: OBSERVER_PASSWORD.into(),
     }
 }
 
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("[bench {:>7.1}s] {msg}", gen::now_ns() as f64 / 1e9);
 }
 
 async fn run_all(s: &Settings, res: &mut Results) {
+    let per_path = s.sections.iter().any(|x| *x != "flood-memory");
     for rep in 0..s.reps {
-        for (pi, &path) in s.paths.iter().enumerate() {
+        let paths = if per_path { &s.paths[..] } else { &[] };
+        for (pi, &path) in paths.iter().enumerate() {
             let mut lab = match PathLab::start(path) {
                 Ok(Some(l)) => l,
                 Ok(None) => {
@@ -173,8 +220,10 @@ async fn run_all(s: &Settings, res: &mut Results) {
                 }
             };
             res.load_samples.push(procstat::loadavg1());
-            if let Err(e) = baseline(&lab, rep, s, res).await {
-                res.error(format!("{} baseline rep {rep}: {e:#}", path.name()));
+            if s.has("latency") {
+                if let Err(e) = baseline(&lab, rep, s, res).await {
+                    res.error(format!("{} baseline rep {rep}: {e:#}", path.name()));
+                }
             }
             // Alternate: each repetition and path starts with a different implementation.
             let mut order = Impl::ALL.to_vec();
@@ -193,6 +242,13 @@ async fn run_all(s: &Settings, res: &mut Results) {
                     progress(&format!("  failed: {e:#}"));
                     res.error(format!("{} {} rep {rep}: {e:#}", path.name(), imp.name()));
                 }
+            }
+        }
+        if s.has("flood-memory") {
+            if s.paths.contains(&PathKind::Direct) {
+                flood::run(s, rep, res).await;
+            } else if rep == 0 {
+                res.error("flood-memory runs on the direct path, which --paths left out".into());
             }
         }
     }
@@ -279,38 +335,25 @@ async fn run_impl(
     progress(&format!("  ready in {:.1} s", ready.elapsed().as_secs_f64()));
 
     // Idle: memory, CPU and wake-ups of the edge (and its tunnel) with the uplink up and nothing to do.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let pids = edge.pids();
-    let (cpu0, ctx0, t0) = (
-        procstat::sched_ns(&pids),
-        procstat::ctxt_switches(&pids),
-        Instant::now(),
-    );
-    tokio::time::sleep(Duration::from_secs_f64(s.idle_secs)).await;
-    let secs = t0.elapsed().as_secs_f64();
-    res.idle.push(Idle {
-        path: ctx.path,
-        imp,
-        rep,
-        rss_kb: procstat::rss_kb(&pids),
-        cpu_pct: (procstat::sched_ns(&pids) - cpu0) as f64 / 1e9 / secs * 100.0,
-        wakeups_per_s: (procstat::ctxt_switches(&pids) - ctx0) as f64 / secs,
-    });
-
-    for (qos, size) in LAT_CASES {
-        match latency(&ctx, qos, size, s).await {
-            Ok(l) => {
-                progress(&format!(
-                    "  latency q{qos} {size} B: p50 {} µs p99 {} µs p99.9 {} µs",
-                    l.p50_us, l.p99_us, l.p999_us
-                ));
-                res.lat.push(l)
-            }
-            Err(e) => res.error(format!("{} latency q{qos}: {e:#}", ctx.run)),
-        }
-        check_alive(&mut edge)?;
+    if s.has("idle") {
+        idle(&edge, &ctx, s, res).await;
     }
-    if s.outage {
+    if s.has("latency") {
+        for (qos, size) in LAT_CASES {
+            match latency(&ctx, qos, size, s).await {
+                Ok(l) => {
+                    progress(&format!(
+                        "  latency q{qos} {size} B: p50 {} µs p99 {} µs p99.9 {} µs",
+                        l.p50_us, l.p99_us, l.p999_us
+                    ));
+                    res.lat.push(l)
+                }
+                Err(e) => res.error(format!("{} latency q{qos}: {e:#}", ctx.run)),
+            }
+            check_alive(&mut edge)?;
+        }
+    }
+    if s.has("outage") && s.outage {
         match outage(&ctx, lab, &edge, s).await {
             Ok(o) => {
                 progress(&format!(
@@ -324,7 +367,8 @@ async fn run_impl(
         check_alive(&mut edge)?;
     }
     // Throughput last: it is the heaviest, and an edge that wedges under it leaves the others measured.
-    for (qos, size) in TPUT_CASES {
+    let tput_cases: &[(u8, usize)] = if s.has("throughput") { &TPUT_CASES } else { &[] };
+    for &(qos, size) in tput_cases {
         let healthy = match throughput(&ctx, &edge, qos, size, s).await {
             Ok(t) => {
                 progress(&format!(
@@ -349,7 +393,7 @@ async fn run_impl(
             );
         }
     }
-    if ctx.path == PathKind::Direct && !s.conns.is_empty() {
+    if ctx.path == PathKind::Direct && s.has("connections") && !s.conns.is_empty() {
         match connections(&edge, s).await {
             Ok(v) => {
                 for c in v {
@@ -364,6 +408,27 @@ async fn run_impl(
     Ok(())
 }
 
+/// After 1 s quiet, RSS, CPU and wake-ups of the edge (and its tunnel) over `idle_secs`.
+async fn idle(edge: &Edge, ctx: &Ctx, s: &Settings, res: &mut Results) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pids = edge.pids();
+    let (cpu0, ctx0, t0) = (
+        procstat::sched_ns(&pids),
+        procstat::ctxt_switches(&pids),
+        Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs_f64(s.idle_secs)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    res.idle.push(Idle {
+        path: ctx.path,
+        imp: ctx.imp,
+        rep: ctx.rep,
+        rss_kb: procstat::rss_kb(&pids),
+        cpu_pct: (procstat::sched_ns(&pids) - cpu0) as f64 / 1e9 / secs * 100.0,
+        wakeups_per_s: (procstat::ctxt_switches(&pids) - ctx0) as f64 / secs,
+    });
+}
+
 fn check_alive(edge: &mut Edge) -> anyhow::Result<()> {
     if !edge.alive() {
         bail!("the edge process died; its log:\n{}", tail(&edge.log));
@@ -371,7 +436,7 @@ fn check_alive(edge: &mut Edge) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tail(path: &std::path::Path) -> String {
+pub(crate) fn tail(path: &std::path::Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
@@ -387,7 +452,12 @@ async fn still_delivers(ctx: &Ctx) -> bool {
 }
 
 /// Publishes QoS 0 probes on `{topic}/probe` until the subscriber sees one (30 s at most).
-async fn wait_probe(target: &Target, creds: &Creds, st: &SubState, topic: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_probe(
+    target: &Target,
+    creds: &Creds,
+    st: &SubState,
+    topic: &str,
+) -> anyhow::Result<()> {
     wait_probe_within(target, creds, st, topic, Duration::from_secs(30)).await
 }
 
@@ -415,7 +485,7 @@ async fn wait_probe_within(
 }
 
 /// Waits until `expected` messages are delivered, delivery stops progressing for `idle`, or `cap`.
-async fn drain(st: &SubState, expected: u64, idle: Duration, cap: Duration) {
+pub(crate) async fn drain(st: &SubState, expected: u64, idle: Duration, cap: Duration) {
     let deadline = Instant::now() + cap;
     let mut last = (st.delivered.load(Ordering::Relaxed), Instant::now());
     while Instant::now() < deadline {

@@ -23,6 +23,12 @@ pub fn rss_kb(pids: &[u32]) -> u64 {
     pids.iter().map(|p| status_field(*p, "VmRSS:")).sum()
 }
 
+/// Peak resident set size (VmHWM, the kernel's high-water mark over the process's life) in KiB, summed
+/// over `pids`.
+pub fn hwm_kb(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| status_field(*p, "VmHWM:")).sum()
+}
+
 fn clk_tck() -> u64 {
     static TCK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *TCK.get_or_init(|| {

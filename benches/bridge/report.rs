@@ -8,6 +8,7 @@ use std::process::Command;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::flood::Case;
 use crate::gen::{PubResult, SubState};
 use crate::lab::{Impl, PathKind};
 use crate::{Settings, LAT_CASES, TPUT_CASES};
@@ -226,6 +227,42 @@ impl Outage {
     }
 }
 
+/// One flood-memory scenario run (see flood.rs).
+#[derive(Debug, Clone, Serialize)]
+pub struct FloodMem {
+    #[serde(rename = "impl", serialize_with = "impl_ser")]
+    pub imp: Impl,
+    pub scenario: &'static str,
+    pub payload: usize,
+    /// Messages the flood was to send.
+    pub messages: u64,
+    pub rep: usize,
+    pub sent: u64,
+    /// QoS 1 floods: messages the receiving broker acknowledged.
+    pub acked: Option<u64>,
+    /// Cloud flood: messages the device received.
+    pub delivered: Option<u64>,
+    pub flood_s: f64,
+    /// Edge RSS before the flood, with the uplink up and nothing to do.
+    pub rss_before_kb: u64,
+    /// The higher of the 20 ms samples and the process's VmHWM (fresh edge per scenario).
+    pub peak_rss_kb: u64,
+    /// RSS when the flood ended (cloud flood: when delivery to the device ended).
+    pub rss_end_kb: u64,
+    /// RSS `flood_settle_secs` after the flood ended (non-reading subscriber: after it disconnected).
+    pub rss_after_kb: u64,
+    /// mqtt-uplink: increase of `mqtt_uplink_dropped_total`, all reasons (mosquitto: not counted).
+    pub dropped: Option<u64>,
+    /// mqtt-uplink: increase of `mqtt_uplink_refusals_total`, all reasons.
+    pub refused: Option<u64>,
+    /// mqtt-uplink: the increases by reason ("dropped: …", "refused: …").
+    pub reasons: BTreeMap<String, u64>,
+    /// Why the flood stopped early, if it did.
+    pub note: Option<String>,
+    /// The last lines the edge logged (warnings and errors).
+    pub log: Vec<String>,
+}
+
 /// Everything measured in one run.
 #[derive(Debug, Default)]
 pub struct Results {
@@ -234,6 +271,7 @@ pub struct Results {
     pub idle: Vec<Idle>,
     pub conns: Vec<Conns>,
     pub outage: Vec<Outage>,
+    pub flood: Vec<FloodMem>,
     pub errors: Vec<String>,
     pub load_start: f64,
     pub load_end: f64,
@@ -401,6 +439,257 @@ impl<'a> Agg<'a> {
     pub fn outages(&self, p: PathKind, i: Impl) -> impl Iterator<Item = &'a Outage> + '_ {
         self.res.outage.iter().filter(move |o| o.path == p && o.imp == i)
     }
+    pub fn flood(&self, c: &Case, i: Impl) -> Vec<&'a FloodMem> {
+        let (name, payload) = (c.kind.name(), c.payload);
+        self.res
+            .flood
+            .iter()
+            .filter(|f| f.imp == i && f.scenario == name && f.payload == payload)
+            .collect()
+    }
+}
+
+fn stat_of(v: &[&FloodMem], f: fn(&FloodMem) -> Option<u64>) -> Option<Stat> {
+    stat(v.iter().filter_map(|x| f(x)).map(|x| x as f64))
+}
+
+/// The flood-memory rows of the JSON: medians and ranges over repetitions per scenario and edge.
+fn flood_rows(a: &Agg) -> Vec<Value> {
+    let mut rows = Vec::new();
+    for c in &crate::flood::CASES {
+        for i in crate::flood::IMPLS {
+            let v = a.flood(c, i);
+            if v.is_empty() {
+                continue;
+            }
+            let g = |f: fn(&FloodMem) -> Option<u64>| jstat(stat_of(&v, f));
+            let (peak, peak_r) = g(|f| Some(f.peak_rss_kb));
+            let (before, before_r) = g(|f| Some(f.rss_before_kb));
+            let (end, end_r) = g(|f| Some(f.rss_end_kb));
+            let (after, after_r) = g(|f| Some(f.rss_after_kb));
+            let (dropped, dropped_r) = g(|f| f.dropped);
+            let (refused, refused_r) = g(|f| f.refused);
+            let (sent, sent_r) = g(|f| Some(f.sent));
+            let (acked, acked_r) = g(|f| f.acked);
+            let (delivered, delivered_r) = g(|f| f.delivered);
+            let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+            for f in &v {
+                for (k, n) in &f.reasons {
+                    *reasons.entry(k.clone()).or_default() += n;
+                }
+            }
+            rows.push(json!({
+                "impl": i.name(), "scenario": c.kind.name(), "payload": c.payload,
+                "messages": v[0].messages,
+                "peak_rss_kb": peak, "peak_rss_kb_range": peak_r,
+                "rss_after_kb": after, "rss_after_kb_range": after_r,
+                "dropped": dropped, "dropped_range": dropped_r,
+                "refused": refused, "refused_range": refused_r,
+                "reasons_summed_over_reps": reasons,
+                "rss_before_kb": before, "rss_before_kb_range": before_r,
+                "rss_end_kb": end, "rss_end_kb_range": end_r,
+                "sent": sent, "sent_range": sent_r,
+                "acked": acked, "acked_range": acked_r,
+                "delivered": delivered, "delivered_range": delivered_r,
+                "reps": v.len(),
+            }));
+        }
+    }
+    rows
+}
+
+/// Median (min–max) with `f` formatting each; the range only when it shows a difference.
+fn med_range(s: Option<Stat>, f: impl Fn(f64) -> String) -> String {
+    match s {
+        None => "–".into(),
+        Some(s) if f(s.min) == f(s.max) => f(s.med),
+        Some(s) => format!("{} ({}–{})", f(s.med), f(s.min), f(s.max)),
+    }
+}
+
+fn mib(s: Option<Stat>) -> String {
+    med_range(s, |x| format!("{:.0}", x / 1024.0))
+}
+
+fn count(s: Option<Stat>) -> String {
+    med_range(s, |x| format!("{x:.0}"))
+}
+
+/// What the appliance does in each scenario (the mechanism; the figures are in the table).
+fn flood_mechanism(kind: crate::flood::Kind) -> &'static str {
+    use crate::flood::Kind;
+    match kind {
+        Kind::NonReadingSubscriber => {
+            "per subscriber, the bytes routed to it and not yet written to its socket are capped at \
+             `[limits] max_queued_bytes` (1 MiB) and those sent and not acknowledged at \
+             `max_inflight_bytes` (1 MiB); a message over the budget is dropped for that subscriber only \
+             (counted, reason \"slow consumer\"), the publisher keeps getting its PUBACKs, and a \
+             subscriber whose socket takes no data for 10 s is disconnected"
+        }
+        Kind::Qos0Lane => {
+            "with the uplink down, QoS 0 messages for the cloud wait in an in-memory lane of at most \
+             `[outbox] qos0_max_bytes` (8 MiB); beyond it the oldest are dropped, counted and logged"
+        }
+        Kind::CloudFlood => {
+            "cloud messages over `[limits] max_packet_size` (256 KiB) are acknowledged upstream and dropped \
+             (counted, logged); the rest are read at most `[uplink] max_in_msgs_per_s` (1,000) a second \
+             by pausing reads (the uplink drops nothing for the rate; a device that does not keep up is held \
+             to `max_queued_bytes` like any subscriber, the excess dropped as \"slow consumer\"), and \
+             retained ones are kept up to `[limits] max_retained_bytes` (16 MiB; over it delivered live \
+             but not retained, counted)"
+        }
+    }
+}
+
+/// The flood-memory section of the report.
+fn flood_markdown(s: &Settings, a: &Agg) -> String {
+    let mut o = String::new();
+    if a.res.flood.is_empty() {
+        return o;
+    }
+    let settle = s.flood_settle_secs;
+    let _ = writeln!(
+        o,
+        "\n## Flood memory: peak RSS under hostile devices and a hostile cloud (direct path)\n\n\
+         Each scenario runs on a fresh cloud broker and a fresh edge (mqtt-uplink with its defaults as in \
+         the rest of the benchmark, plus an in mapping `cmd/#` ← `sites/p7/cmd/#` under `control/`, QoS 1; \
+         mosquitto-tuned with the same bridge plus `topic cmd/# in 1 control/ sites/p7/`). \
+         *Peak* is the higher of the edge's VmHWM and its RSS sampled every 20 ms; *end* is the RSS when \
+         the flood ended, *after* {settle:.0} s later. Every flood is capped at 60 s. \
+         *Dropped* and *refused* are the increases of mqtt-uplink's `mqtt_uplink_dropped_total` and \
+         `mqtt_uplink_refusals_total` (all reasons) over the scenario; mosquitto does not count its \
+         drops (–). Medians (min–max) over repetitions; RSS in MiB.\n\n\
+         - **non-reading-subscriber**: a device subscribes QoS 1 to `local/flood/#` (a topic no mapping \
+         carries) and never reads its socket again; another publishes the messages QoS 1 (100 \
+         unacknowledged at most). *After*: {settle:.0} s after the subscriber disconnected.\n\
+         - **qos0-lane**: the cloud broker is stopped (SIGTERM); a device publishes the messages QoS 0 on \
+         `sensors/flood/qos0` (mapped out). *End*: after a PINGREQ sent behind the last message is \
+         answered; *after*: {settle:.0} s later, the cloud still down.\n\
+         - **cloud-flood**: the cloud (a client of the cloud broker) publishes the messages QoS 1 on \
+         `sites/p7/cmd/flood/…`, every other one retained on a topic of its own, while a device \
+         subscribed to `control/cmd/flood/#` reads. Then the cloud broker restarts and the edge, \
+         subscribing again, gets every retained message of the flood at once with the retain flag (live, \
+         the cloud clears it for an ordinary client such as mqtt-uplink; mosquitto's bridge keeps it). \
+         *Delivered*: distinct messages the device received; *end*: when a probe published after the \
+         replay reached the device, + 1 s.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| scenario | flood | edge | RSS before | **peak** | end | after | acked / sent | delivered to the device | dropped | refused |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for c in &crate::flood::CASES {
+        for i in crate::flood::IMPLS {
+            let v = a.flood(c, i);
+            if v.is_empty() {
+                continue;
+            }
+            let acked = match stat_of(&v, |f| f.acked) {
+                Some(_) => format!(
+                    "{} / {}",
+                    count(stat_of(&v, |f| f.acked)),
+                    count(stat_of(&v, |f| Some(f.sent)))
+                ),
+                None => format!("– / {}", count(stat_of(&v, |f| Some(f.sent)))),
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} × {} KiB | {} | {} | **{}** | {} | {} | {} | {} | {} | {} |",
+                c.kind.name(),
+                v[0].messages,
+                c.payload / 1024,
+                i.name(),
+                mib(stat_of(&v, |f| Some(f.rss_before_kb))),
+                mib(stat_of(&v, |f| Some(f.peak_rss_kb))),
+                mib(stat_of(&v, |f| Some(f.rss_end_kb))),
+                mib(stat_of(&v, |f| Some(f.rss_after_kb))),
+                acked,
+                count(stat_of(&v, |f| f.delivered)),
+                count(stat_of(&v, |f| f.dropped)),
+                count(stat_of(&v, |f| f.refused)),
+            );
+        }
+    }
+    let _ = writeln!(o, "\nWhat the appliance does:\n");
+    let mut kinds: Vec<crate::flood::Kind> = crate::flood::CASES.iter().map(|c| c.kind).collect();
+    kinds.dedup();
+    for k in kinds {
+        let mut figures = Vec::new();
+        for c in crate::flood::CASES.iter().filter(|c| c.kind == k) {
+            let v = a.flood(c, Impl::Uplink);
+            let m = a.flood(c, Impl::MosqTuned);
+            if v.is_empty() {
+                continue;
+            }
+            let peak = stat_of(&v, |f| Some(f.peak_rss_kb)).map(|s| s.med).unwrap_or(0.0);
+            let before = stat_of(&v, |f| Some(f.rss_before_kb))
+                .map(|s| s.med)
+                .unwrap_or(0.0);
+            let after = stat_of(&v, |f| Some(f.rss_after_kb))
+                .map(|s| s.med)
+                .unwrap_or(0.0);
+            let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+            for f in &v {
+                for (r, n) in &f.reasons {
+                    *reasons.entry(r.clone()).or_default() += n;
+                }
+            }
+            let reasons = if reasons.is_empty() {
+                "none counted".to_string()
+            } else {
+                reasons
+                    .iter()
+                    .map(|(r, n)| format!("{r} ×{n}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            let mosq = stat_of(&m, |f| Some(f.peak_rss_kb))
+                .map(|s| format!("; mosquitto-tuned peaked at {:.0} MiB", s.med / 1024.0))
+                .unwrap_or_default();
+            figures.push(format!(
+                "{} × {} KiB: peak {:.0} MiB (+{:.0} MiB over its {:.0} MiB before), {:.0} MiB after; \
+                 drops and refusals over {} repetition(s): {reasons}{mosq}",
+                v[0].messages,
+                c.payload / 1024,
+                peak / 1024.0,
+                (peak - before).max(0.0) / 1024.0,
+                before / 1024.0,
+                after / 1024.0,
+                v.len(),
+            ));
+        }
+        let _ = writeln!(
+            o,
+            "- **{}**: {}. Measured: {}.",
+            k.name(),
+            flood_mechanism(k),
+            figures.join(". ")
+        );
+    }
+    let notes: Vec<String> = a
+        .res
+        .flood
+        .iter()
+        .filter_map(|f| {
+            f.note.as_ref().map(|n| {
+                format!(
+                    "{} {} × {} KiB, {}, rep {}: {n}",
+                    f.scenario,
+                    f.messages,
+                    f.payload / 1024,
+                    f.imp.name(),
+                    f.rep
+                )
+            })
+        })
+        .collect();
+    if !notes.is_empty() {
+        let _ = writeln!(o, "\nFloods that stopped early:\n");
+        for n in notes {
+            let _ = writeln!(o, "- {n}");
+        }
+    }
+    o
 }
 
 fn ratio(a: Option<Stat>, b: Option<Stat>) -> Option<f64> {
@@ -547,15 +836,36 @@ fn targets(a: &Agg) -> Vec<Target> {
     out
 }
 
-fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) -> String {
+/// The command line that reproduces this run's settings.
+fn command(s: &Settings) -> String {
+    let mut args = Vec::new();
+    if s.quick {
+        args.push("--quick".to_string());
+    }
+    if s.only {
+        args.push(format!("--only {}", s.sections.join(",")));
+    }
+    let default_reps = if s.quick { 1 } else { 3 };
+    if s.reps != default_reps {
+        args.push(format!("--reps {}", s.reps));
+    }
+    if args.is_empty() {
+        "cargo bench --bench bridge".into()
+    } else {
+        format!("cargo bench --bench bridge -- {}", args.join(" "))
+    }
+}
+
+/// Title, command, machine and load average.
+fn header(s: &Settings, m: &Value, json_name: &str, title: &str) -> String {
     let mut o = String::new();
     let l = &m["loadavg_1m"];
-    let _ = writeln!(o, "# Benchmark: mqtt-uplink vs mosquitto 2.0's bridge\n");
+    let _ = writeln!(o, "# {title}\n");
     let _ = writeln!(
         o,
-        "Generated by `cargo bench --bench bridge{}` ({} repetition(s), implementations alternating). \
+        "Generated by `{}` ({} repetition(s), implementations alternating). \
          Raw figures: [`{json_name}`]({json_name}).\n",
-        if s.quick { " -- --quick" } else { "" },
+        command(s),
         s.reps
     );
     let _ = writeln!(
@@ -578,6 +888,45 @@ fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) ->
         l["during_min"].as_f64().unwrap_or(f64::NAN),
         l["during_max"].as_f64().unwrap_or(f64::NAN),
         l["end"].as_f64().unwrap_or(f64::NAN),
+    );
+    o
+}
+
+fn errors_markdown(res: &Results) -> String {
+    let mut o = String::new();
+    if !res.errors.is_empty() {
+        let _ = writeln!(o, "\n## Errors during this run\n");
+        for e in &res.errors {
+            let _ = writeln!(o, "- {}", e.lines().next().unwrap_or(""));
+        }
+    }
+    o
+}
+
+/// The report of a run of the flood-memory section alone.
+fn flood_only_markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str) -> String {
+    let mut o = header(
+        s,
+        m,
+        json_name,
+        "Benchmark, flood-memory section: mqtt-uplink vs mosquitto 2.0's bridge",
+    );
+    let _ = writeln!(
+        o,
+        "A partial run of the benchmark (the full report is [`results.md`](results.md)); what runs and \
+         how is in [`README.md`](README.md)."
+    );
+    o.push_str(&flood_markdown(s, a));
+    o.push_str(&errors_markdown(a.res));
+    o
+}
+
+fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) -> String {
+    let mut o = header(
+        s,
+        m,
+        json_name,
+        "Benchmark: mqtt-uplink vs mosquitto 2.0's bridge",
     );
     let _ = writeln!(o, "## Targets\n\n| target | met | measured |\n|---|---|---|");
     for t in tg {
@@ -746,6 +1095,7 @@ fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) ->
             }
         }
     }
+    o.push_str(&flood_markdown(s, a));
     let _ = writeln!(
         o,
         "\n## Setup\n\n\
@@ -764,12 +1114,7 @@ fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) ->
          - Devices: raw MQTT 3.1.1 clients (tokio + rmqtt's codec), password-authenticated against the same \
          mosquitto `$7$` password file and ACL on both edges.\n"
     );
-    if !a.res.errors.is_empty() {
-        let _ = writeln!(o, "\n## Errors during this run\n");
-        for e in &a.res.errors {
-            let _ = writeln!(o, "- {}", e.lines().next().unwrap_or(""));
-        }
-    }
+    o.push_str(&errors_markdown(a.res));
     o
 }
 
@@ -782,7 +1127,16 @@ pub fn write(s: &Settings, res: &Results) -> anyhow::Result<()> {
     };
     let m = machine(res);
     let stamp = cmd_line("date", &["-u", "+%Y%m%dT%H%M%SZ"]);
-    let json_name = format!("run-{stamp}.json");
+    // A partial run (`--only`) is reported in files of its own: the full run's stay as they are.
+    let name = s.only.then(|| s.sections.join("+"));
+    let json_name = match &name {
+        Some(n) => format!("{n}-run-{stamp}.json"),
+        None => format!("run-{stamp}.json"),
+    };
+    let md_name = match &name {
+        Some(n) => format!("{n}.md"),
+        None => "results.md".to_string(),
+    };
 
     let mut rows = Vec::new();
     for &p in &s.paths {
@@ -848,12 +1202,24 @@ pub fn write(s: &Settings, res: &Results) -> anyhow::Result<()> {
         "idle": res.idle,
         "connections": res.conns,
         "outage": res.outage,
+        "flood_memory": flood_rows(&a),
         "latency_cdf_qos1_64B": cdf,
-        "raw": { "throughput": res.tput, "latency": res.lat },
+        "raw": { "throughput": res.tput, "latency": res.lat, "flood_memory": res.flood },
         "errors": res.errors,
     });
     std::fs::write(s.out.join(&json_name), serde_json::to_string_pretty(&doc)? + "\n")?;
-    std::fs::write(s.out.join("results.md"), markdown(s, &a, &m, &json_name, &tg))?;
+    let md = if s.only && s.sections == ["flood-memory"] {
+        flood_only_markdown(s, &a, &m, &json_name)
+    } else {
+        markdown(s, &a, &m, &json_name, &tg)
+    };
+    std::fs::write(s.out.join(&md_name), md)?;
+    if s.only {
+        // The plots belong to the full report.
+        eprintln!("\n{}", std::fs::read_to_string(s.out.join(&md_name))?);
+        eprintln!("[bench] wrote {json_name} and {md_name} in {}", s.out.display());
+        return Ok(());
+    }
     std::fs::write(s.out.join("throughput.svg"), crate::svg::throughput(&a))?;
     for &p in &s.paths {
         let curves: Vec<(String, Vec<u64>)> =
