@@ -593,7 +593,9 @@ async fn retained_state_over_the_budget_reaches_a_reader_and_a_resubscribing_non
         all.extend(raw::subscribe(10 + id as u16, filter, 0));
     }
     slow.send(&all).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dropped = || metric(&mqtt_uplink::ops::metrics::get().dropped, slow_reason) - dropped_before;
+    // Waits for the refusals the assertion below expects (or the deadline), not a fixed time.
+    support::wait_until(T, || dropped() >= (3 * N) as u64).await;
     let after = raw::rss_kib();
     println!(
         "6 retained bursts of 4 MB for a non-reader: RSS {before} -> {after} KiB (+{} KiB)",
@@ -602,7 +604,7 @@ async fn retained_state_over_the_budget_reaches_a_reader_and_a_resubscribing_non
     // The payloads are shared with the retained store, so RSS shows little either way: the
     // proof is the count of messages refused to it (the first burst partly drains into the kernel's
     // socket buffers, so not every later message is refused).
-    let dropped = metric(&mqtt_uplink::ops::metrics::get().dropped, slow_reason) - dropped_before;
+    let dropped = dropped();
     assert!(
         dropped >= (3 * N) as u64,
         "bursts after the first meet the plain budget: only {dropped} dropped"

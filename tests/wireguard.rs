@@ -1,6 +1,7 @@
 //! End-to-end tests of the WireGuard uplink against a real peer (wireguard-go in a network
-//! namespace, see `support/wgpeer.rs`). Tests that need the peer print `SKIPPED:` and pass when
-//! the machine cannot create namespaces.
+//! namespace, see `support/wgpeer.rs`). With `CI` set, a test whose peer cannot be made (no root,
+//! no namespaces, a tool missing) fails naming what is missing; elsewhere it prints a loud
+//! `SKIPPED` line, is counted in `target/tmp/skipped-tests.txt`, and returns.
 
 mod support;
 

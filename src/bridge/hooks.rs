@@ -10,7 +10,7 @@
 //! cloud copy only (see docs/architecture.md, "Where the outbox is fed").
 //! Messages the bridge itself publishes locally pass neither hook, so they never go back out.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -21,6 +21,7 @@ use rmqtt::session::SessionState;
 use rmqtt::types::{From, FromType, Id, Publish, PublishAclResult, PublishResult};
 
 use super::Routes;
+use crate::broker::drops::DropLog;
 use crate::outbox::{OutMessage, Outbox, PushError, MAX_TOPIC_LEN};
 
 /// The drop reason of a device message whose remote topic (prefix + topic) MQTT cannot carry.
@@ -104,22 +105,17 @@ impl OutHandler {
 /// most one line a second, carrying how many were held back (a flooding device must not flood the
 /// log). The count per reason is in `mqtt_uplink_dropped_total` (kept by the outbox, or above).
 fn log_refused(id: &Id, reason: &str) {
-    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    let now = Instant::now();
-    match &mut *last {
-        Some((t, n)) if now.duration_since(*t) < Duration::from_secs(1) => *n += 1,
-        other => {
-            tracing::warn!(
-                peer = %id.remote_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
-                client = ?&*id.client_id,
-                user = ?id.username_ref(),
-                reason,
-                suppressed = other.map_or(0, |(_, n)| n),
-                "device message not taken for the cloud (still delivered locally)"
-            );
-            *other = Some((now, 0));
-        }
+    // One slot for every reason, as the line names its own.
+    static LOG: LazyLock<DropLog> = LazyLock::new(|| DropLog::new(Duration::from_secs(1)));
+    if let Some(suppressed) = LOG.admit("device message refused", Instant::now()) {
+        tracing::warn!(
+            peer = %id.remote_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
+            client = ?&*id.client_id,
+            user = ?id.username_ref(),
+            reason,
+            suppressed,
+            "device message not taken for the cloud (still delivered locally)"
+        );
     }
 }
 

@@ -17,19 +17,26 @@ struct Slot {
     suppressed: u64,
 }
 
-/// The per-reason table (reasons are a small fixed set of constants).
-#[derive(Default)]
+/// The per-key table (keys are a small fixed set of constants): one line per key per `interval`.
 pub struct DropLog {
+    interval: Duration,
     slots: Mutex<HashMap<&'static str, Slot>>,
 }
 
 impl DropLog {
+    pub fn new(interval: Duration) -> Self {
+        DropLog {
+            interval,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// One drop of `reason` at `now`: `Some(suppressed)` when it is to be logged (with the number held
     /// back before it), `None` when it is held back.
     pub fn admit(&self, reason: &'static str, now: Instant) -> Option<u64> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         match slots.get_mut(reason) {
-            Some(s) if now.saturating_duration_since(s.since) < LOG_INTERVAL => {
+            Some(s) if now.saturating_duration_since(s.since) < self.interval => {
                 s.suppressed += 1;
                 None
             }
@@ -59,7 +66,7 @@ impl DropLog {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         slots.retain(|reason, s| {
-            if now.saturating_duration_since(s.since) < LOG_INTERVAL {
+            if now.saturating_duration_since(s.since) < self.interval {
                 return true;
             }
             if s.suppressed > 0 {
@@ -71,7 +78,7 @@ impl DropLog {
     }
 }
 
-static LOG: std::sync::LazyLock<DropLog> = std::sync::LazyLock::new(DropLog::default);
+static LOG: std::sync::LazyLock<DropLog> = std::sync::LazyLock::new(|| DropLog::new(LOG_INTERVAL));
 
 /// Counts one drop of `reason`; returns `Some(suppressed)` when the caller should log it (at `warn`,
 /// with `suppressed` and its own fields, untrusted strings as `?field`).
@@ -106,7 +113,7 @@ mod tests {
 
     #[test]
     fn a_burst_is_one_line_then_one_summary() {
-        let log = DropLog::default();
+        let log = DropLog::new(LOG_INTERVAL);
         let t0 = Instant::now();
         assert_eq!(log.admit("a", t0), Some(0));
         for i in 0..20_000 {
@@ -120,7 +127,7 @@ mod tests {
 
     #[test]
     fn the_next_line_after_the_interval_carries_the_count() {
-        let log = DropLog::default();
+        let log = DropLog::new(LOG_INTERVAL);
         let t0 = Instant::now();
         log.admit("a", t0);
         log.admit("a", t0);

@@ -9,7 +9,7 @@
 //! disconnected by rmqtt-net; this handler counts and logs that as a refusal "slow consumer".
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -17,6 +17,7 @@ use rmqtt::hook::{Handler, HookResult, Parameter, Register, ReturnType, Type};
 use rmqtt::net::MqttError;
 use rmqtt::types::Reason;
 
+use super::drops::DropLog;
 use crate::guard::{log_refusal, Refusal};
 
 /// A write to a device's socket that makes no progress for this long closes the connection.
@@ -60,26 +61,18 @@ fn write_timed_out(reason: &Reason) -> bool {
 /// Counts every drop; logs at most once a second, with the count since the last line.
 fn log_drop(why: &'static str, peer: Option<SocketAddr>, client_id: &str, topic: &str) {
     crate::ops::metrics::get().dropped.with_label_values(&[why]).inc();
-    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
-    let now = Instant::now();
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    let dropped = match *last {
-        Some((at, n)) if now.duration_since(at) < Duration::from_secs(1) => {
-            *last = Some((at, n + 1));
-            return;
-        }
-        Some((_, n)) => n + 1,
-        None => 1,
+    // One slot for both reasons, as the line names its own.
+    static LOG: LazyLock<DropLog> = LazyLock::new(|| DropLog::new(Duration::from_secs(1)));
+    let Some(suppressed) = LOG.admit("message for a subscriber dropped", Instant::now()) else {
+        return;
     };
-    *last = Some((now, 0));
-    drop(last);
     let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
     tracing::warn!(
         peer = %peer,
         client_id = ?client_id,
         topic = ?topic,
         reason = why,
-        dropped,
+        dropped = suppressed + 1,
         "message for a subscriber dropped"
     );
 }

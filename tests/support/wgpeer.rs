@@ -13,8 +13,9 @@
 //! - [`WgPeer::PAUSED_PORT`]: like COUNT but sleeps `pause_reader` seconds before reading (a
 //!   paused consumer for backpressure tests), prints `PAUSED_COUNT <n>`.
 //!
-//! Requires root, `ip`, `wg`, `wireguard-go`, `nft`, `python3`; when namespaces cannot be made,
-//! [`WgPeerBuilder::start`] prints a loud `SKIPPED:` line and returns `None`.
+//! Requires root, `ip`, `wg`, `wireguard-go`, `nft`, `python3`. When namespaces cannot be made,
+//! [`WgPeerBuilder::start`] goes through [`super::unavailable`]: with `CI` set the test fails naming
+//! what is missing; elsewhere the skip is printed loudly, counted, and `None` returned.
 #![allow(dead_code)] // shared helper: each test binary uses a different subset
 
 use std::io::{BufRead, BufReader, Write};
