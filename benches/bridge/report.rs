@@ -942,8 +942,15 @@ fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) ->
         "\n## Throughput: max sustained delivered msg/s (median (min–max)), lost\n\n\
          The publisher keeps at most {} messages outstanding end to end (sent, not yet delivered upstream) \
          for {} s per run, then waits for the tail. Lost = acknowledged to the publisher (QoS 1) or sent \
-         (QoS 0) and never delivered upstream, summed over repetitions.\n\n![throughput](throughput.svg)\n",
-        s.window, s.tput_secs
+         (QoS 0) and never delivered upstream, summed over repetitions.\n{}",
+        s.window,
+        s.tput_secs,
+        // A partial run draws no plots: the files of that name are the full run's.
+        if s.only {
+            ""
+        } else {
+            "\n![throughput](throughput.svg)\n"
+        }
     );
     let _ = writeln!(
         o,
@@ -1016,7 +1023,7 @@ fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) ->
             let _ = writeln!(o, "| {} | {qos} | {} |", p.name(), cells.join(" | "));
         }
     }
-    for &p in &a.paths {
+    for &p in a.paths.iter().filter(|_| !s.only) {
         let _ = writeln!(o, "\n![latency CDF {}](latency-cdf-{}.svg)", p.name(), p.name());
     }
     let _ = writeln!(
