@@ -267,6 +267,7 @@ async fn a_too_long_topic_comes_back_whole_after_a_restart_and_is_dropped_not_cu
         max_age: Duration::from_secs(3600),
         on_full: mqtt_uplink::config::OnFull::RejectNew,
         commit_window: Duration::ZERO,
+        min_sync_interval: Duration::from_millis(1),
         qos0_max_bytes: 8 << 20,
         max_bytes_per_user: 16 << 20,
     };

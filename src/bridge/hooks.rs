@@ -14,15 +14,17 @@ use std::sync::{Arc, LazyLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use rmqtt::codec::types::QoS;
 use rmqtt::codec::v5::PublishAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, Register, ReturnType, Type};
+use rmqtt::session::Session;
 use rmqtt::session::SessionState;
-use rmqtt::types::{From, FromType, Id, Publish, PublishAclResult, PublishResult};
+use rmqtt::types::{DeferredAck, From, FromType, Id, Publish, PublishAclResult, PublishResult};
 
 use super::Routes;
 use crate::broker::drops::DropLog;
-use crate::outbox::{OutMessage, Outbox, PushError, MAX_TOPIC_LEN};
+use crate::outbox::{Commit, OutMessage, Outbox, PushError, MAX_TOPIC_LEN};
 
 /// The drop reason of a device message whose remote topic (prefix + topic) MQTT cannot carry.
 pub const REMOTE_TOPIC_TOO_LONG: &str = "remote topic too long (over 65535 bytes), not sent out";
@@ -59,11 +61,12 @@ enum Refused {
 }
 
 impl OutHandler {
-    /// Queues the message if a mapping sends it out. `Err` when the cloud side refuses it.
-    async fn enqueue(&self, id: &Id, p: &Publish) -> Result<(), Refused> {
+    /// Queues the message if a mapping sends it out, without waiting for the disk: the [`Commit`]
+    /// resolves once it is durable. `Err` when the cloud side refuses it.
+    fn enqueue(&self, id: &Id, p: &Publish) -> Result<Option<Commit>, Refused> {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(route) = routes.route_out(&p.topic, p.qos.value()) else {
-            return Ok(());
+            return Ok(None);
         };
         if route.remote_topic.len() > MAX_TOPIC_LEN {
             // Refused at mapping time: queued, it could never be sent, and would block the outbox.
@@ -83,12 +86,20 @@ impl OutHandler {
             accepted_ms: 0,
             user: id.username_ref().to_string(),
         };
-        self.outbox.push(msg).await.map_err(Refused::Outbox)?;
+        let commit = self.outbox.enqueue(msg).map_err(Refused::Outbox)?;
         crate::ops::metrics::get()
             .messages_out
             .with_label_values(&[&route.mapping.to_string()])
             .inc();
-        Ok(())
+        Ok(commit)
+    }
+
+    /// Queues the message and waits until it is durable.
+    async fn enqueue_durably(&self, id: &Id, p: &Publish) -> Result<(), Refused> {
+        match self.enqueue(id, p)? {
+            Some(commit) => commit.wait().await.map_err(Refused::Outbox),
+            None => Ok(()),
+        }
     }
 
     /// Delivers a message the cloud side refused to local subscribers anyway (as the device itself,
@@ -119,6 +130,45 @@ fn log_refused(id: &Id, reason: &str) {
     }
 }
 
+/// The acknowledgement of a message the outbox took: success once it is durable; if its write failed,
+/// the same refusal as an outbox that refused it at once (MQTT 5: PUBACK 0x80; MQTT 3.1.1: the
+/// connection closes without the PUBACK, and the device sends the message again).
+async fn acknowledge_when_durable(commit: Commit, session: Session) -> PublishResult {
+    match commit.wait().await {
+        Ok(()) => PublishResult::success(),
+        Err(e) => refusal(&Refused::Outbox(e), &session).await,
+    }
+}
+
+/// The answer to a device whose message the cloud side refused. rmqtt answers an MQTT 3.1.1 refusal
+/// with a plain PUBACK (v3 has no reason code), which the device would take as delivered, so a v3
+/// device is disconnected instead, without a PUBACK: it resends after reconnecting.
+async fn refusal(refused: &Refused, session: &Session) -> PublishResult {
+    let v5 = matches!(session.protocol().await, Ok(5));
+    let (code, text) = match refused {
+        Refused::Outbox(PushError::Full) => (PublishAckReason::QuotaExceeded, "outbox full"),
+        Refused::Outbox(PushError::UserFull) => {
+            (PublishAckReason::QuotaExceeded, "outbox share of this user full")
+        }
+        Refused::Outbox(e @ PushError::Storage(_)) => {
+            tracing::error!(
+                peer = %session.id.remote_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                client = ?&*session.id.client_id,
+                "outbox refused a message: {e}"
+            );
+            (
+                PublishAckReason::ImplementationSpecificError,
+                "outbox store failed",
+            )
+        }
+        Refused::TopicTooLong => (
+            PublishAckReason::TopicNameInvalid,
+            "remote topic too long for MQTT",
+        ),
+    };
+    PublishResult::reason_code(code, Some(text.into()), !v5)
+}
+
 #[async_trait]
 impl Handler for OutHandler {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
@@ -131,43 +181,43 @@ impl Handler for OutHandler {
                 if !allowed {
                     return (false, acc);
                 }
-                let refused = match self.enqueue(&session.id, publish).await {
-                    Ok(()) => return (true, acc),
+                let refused = match self.enqueue(&session.id, publish) {
+                    Ok(None) => return (true, acc),
+                    // Pipelined: the PUBACK waits for the sync, the device goes on publishing
+                    // (rmqtt sends the acknowledgements in order, see vendor/README.md).
+                    Ok(Some(commit)) if publish.qos != QoS::AtMostOnce => {
+                        let ack = DeferredAck::new(acknowledge_when_durable(commit, (*session).clone()));
+                        let allow = PublishResult {
+                            deferred: ack,
+                            ..PublishResult::success()
+                        };
+                        return (true, Some(HookResult::PublishAclResult(PublishAclResult(allow))));
+                    }
+                    // A QoS 0 publish mapped to QoS 1 has no PUBACK to defer: wait here.
+                    Ok(Some(commit)) => match commit.wait().await {
+                        Ok(()) => return (true, acc),
+                        Err(e) => Refused::Outbox(e),
+                    },
                     Err(r) => r,
                 };
                 // rmqtt answers an MQTT 3.1.1 refusal with a plain PUBACK (v3 has no reason code),
                 // which the device would take as delivered. So a v3 device is disconnected instead,
                 // without a PUBACK: it resends after reconnecting.
-                let v5 = matches!(session.protocol().await, Ok(5));
-                let (code, text) = match &refused {
-                    Refused::Outbox(PushError::Full) => (PublishAckReason::QuotaExceeded, "outbox full"),
-                    Refused::Outbox(PushError::UserFull) => {
-                        (PublishAckReason::QuotaExceeded, "outbox share of this user full")
-                    }
-                    Refused::Outbox(e @ PushError::Storage(_)) => {
-                        tracing::error!(client = ?&*session.id.client_id, "outbox refused a message: {e}");
-                        (
-                            PublishAckReason::ImplementationSpecificError,
-                            "outbox store failed",
-                        )
-                    }
-                    Refused::TopicTooLong => (
-                        PublishAckReason::TopicNameInvalid,
-                        "remote topic too long for MQTT",
-                    ),
-                };
+                let result = refusal(&refused, session).await;
                 if let Refused::Outbox(e @ (PushError::Full | PushError::UserFull)) = &refused {
                     log_refused(&session.id, &e.to_string());
                 }
                 // The refusal concerns the cloud copy: local subscribers still get the message.
                 self.deliver_locally(&session.id, publish).await;
-                let refused = PublishAclResult(PublishResult::reason_code(code, Some(text.into()), !v5));
-                (false, Some(HookResult::PublishAclResult(refused)))
+                (
+                    false,
+                    Some(HookResult::PublishAclResult(PublishAclResult(result))),
+                )
             }
             Parameter::MessagePublish(_, from, publish) if matches!(from.typ(), FromType::LastWill) => {
                 // A will cannot be refused any more; the outbox has counted and logged the drop. It
                 // counts under its device's user.
-                let _ = self.enqueue(&from.id, publish).await;
+                let _ = self.enqueue_durably(&from.id, publish).await;
                 (true, acc)
             }
             _ => (true, acc),

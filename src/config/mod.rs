@@ -186,6 +186,7 @@ fn outbox_default() -> OutboxSettings {
         max_age: std::time::Duration::from_secs(file::default_outbox_max_age_s()),
         on_full: OnFull::RejectNew,
         commit_window: std::time::Duration::from_millis(file::default_commit_window_ms()),
+        min_sync_interval: std::time::Duration::from_millis(file::default_min_sync_interval_ms()),
         qos0_max_bytes: file::default_qos0_max_bytes(),
         max_bytes_per_user: file::default_max_bytes_per_user(file::default_outbox_max_bytes()),
     }

@@ -273,6 +273,8 @@ pub struct OutboxSettings {
     pub on_full: OnFull,
     /// Group-commit window: the writer collects messages this long before one durable commit.
     pub commit_window: Duration,
+    /// Shortest time between the starts of two syncs under load.
+    pub min_sync_interval: Duration,
     /// Byte cap of the in-memory QoS 0 lane (topic + payload + 32 per message).
     pub qos0_max_bytes: u64,
     /// What one user's QoS ≥ 1 messages may hold of `max_bytes` at most.

@@ -48,6 +48,7 @@ fn settings(window_ms: u64, max_bytes: u64) -> OutboxSettings {
         max_age: Duration::from_secs(3600),
         on_full: OnFull::RejectNew,
         commit_window: Duration::from_millis(window_ms),
+        min_sync_interval: Duration::from_millis(crate::config::file::default_min_sync_interval_ms()),
         qos0_max_bytes: 1 << 20,
         max_bytes_per_user: max_bytes,
     }

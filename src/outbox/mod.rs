@@ -199,6 +199,40 @@ pub struct Outbox {
     inner: Arc<Inner>,
 }
 
+/// A queued QoS ≥ 1 message on its way to the disk (see [`Outbox::enqueue`]).
+#[must_use = "the device may be acknowledged only once the commit resolved"]
+pub struct Commit {
+    seq: u64,
+    rx: oneshot::Receiver<Result<(), String>>,
+    outbox: Outbox,
+}
+
+impl Commit {
+    /// Resolves once the message is durable (`Ok`: acknowledge the device), or its write failed
+    /// (`Storage`: the message has left the queue; do not acknowledge, the device sends it again).
+    pub async fn wait(self) -> Result<(), PushError> {
+        let outcome = self
+            .rx
+            .await
+            .unwrap_or_else(|_| Err("the outbox writer has stopped".into()));
+        let c = &self.outbox.inner.counters;
+        match outcome {
+            Ok(()) => {
+                c.accepted.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                let mut st = self.outbox.state();
+                self.outbox.reap_failed(&mut st);
+                if st.remove(self.seq).is_some() {
+                    c.storage_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(PushError::Storage(e))
+            }
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -215,7 +249,11 @@ impl Outbox {
     /// Opens the durable outbox in `state_dir` (created if missing) and loads what a previous run left.
     pub fn open(state_dir: &Path, settings: OutboxSettings) -> Result<Self, StoreError> {
         let ready = Arc::new(Notify::new());
-        let (store, index, next_seq) = Store::open(state_dir, ready.clone(), settings.commit_window)?;
+        let pacing = store::Pacing {
+            window: settings.commit_window,
+            min_interval: settings.min_sync_interval,
+        };
+        let (store, index, next_seq) = Store::open(state_dir, ready.clone(), pacing)?;
         let o = Self::with_store(settings, Some(store), ready, index, next_seq);
         if o.depth() > 0 {
             tracing::info!(
@@ -296,13 +334,25 @@ impl Outbox {
     /// Queues a message. QoS ≥ 1: returns once the message is held by the outbox (committed to disk
     /// when durable), after which the caller may acknowledge it to the device; `Full` under
     /// `reject-new`, `Storage` when the disk failed. QoS 0: best effort, never fails.
-    pub async fn push(&self, mut msg: OutMessage) -> Result<(), PushError> {
+    pub async fn push(&self, msg: OutMessage) -> Result<(), PushError> {
+        match self.enqueue(msg)? {
+            Some(commit) => commit.wait().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Queues a message without waiting for the disk: `Full`/`UserFull` are decided here, at once.
+    /// A QoS ≥ 1 message is in the queue (the uplink may already send it: a crash before the sync
+    /// then gives the cloud a duplicate, never a loss) and its [`Commit`] resolves once it is durable;
+    /// only then may the device be acknowledged. `None`: nothing to wait for (QoS 0, or no store).
+    pub fn enqueue(&self, mut msg: OutMessage) -> Result<Option<Commit>, PushError> {
         msg.accepted_ms = now_ms();
         let c = &self.inner.counters;
         let mut committed: Option<(u64, oneshot::Receiver<Result<(), String>>)> = None;
         let qos1 = msg.qos > 0;
         {
             let mut st = self.state();
+            self.reap_failed(&mut st);
             if msg.qos == 0 {
                 let size = msg.size();
                 let cap = self.inner.settings.qos0_max_bytes;
@@ -310,7 +360,7 @@ impl Outbox {
                     // Larger than the whole lane: dropped at once, the lane left as it is.
                     c.qos0_dropped.fetch_add(1, Ordering::Relaxed);
                     log_drop(reason::QOS0_FULL, 1);
-                    return Ok(());
+                    return Ok(None);
                 }
                 while st.qos0.len() >= QOS0_LANE || st.qos0_bytes + size > cap {
                     let Some(old) = st.qos0.pop_front() else { break };
@@ -391,20 +441,30 @@ impl Outbox {
         }
         self.inner.ready.notify_waiters();
         self.inner.ready.notify_one();
-        if let Some((seq, rx)) = committed {
-            let outcome = rx
-                .await
-                .unwrap_or_else(|_| Err("the outbox writer has stopped".into()));
-            if let Err(e) = outcome {
-                self.state().remove(seq);
-                c.storage_errors.fetch_add(1, Ordering::Relaxed);
-                return Err(PushError::Storage(e));
+        match committed {
+            Some((seq, rx)) => Ok(Some(Commit {
+                seq,
+                rx,
+                outbox: self.clone(),
+            })),
+            None => {
+                if qos1 {
+                    c.accepted.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(None)
             }
         }
-        if qos1 {
-            c.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes out of the queue the messages whose write failed (the writer lists them; their pushers
+    /// are told, and may be gone), counting each once.
+    fn reap_failed(&self, st: &mut State) {
+        let Some(store) = &self.inner.store else { return };
+        for seq in store.take_failed() {
+            if st.remove(seq).is_some() {
+                self.inner.counters.storage_errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        Ok(())
     }
 
     /// Up to `max` QoS ≥ 1 messages with a sequence number above `after`, oldest first. Messages older
@@ -414,6 +474,7 @@ impl Outbox {
         let cutoff = now_ms().saturating_sub(self.inner.settings.max_age.as_millis() as u64);
         let picked: Vec<(u64, Option<OutMessage>)> = {
             let mut st = self.state();
+            self.reap_failed(&mut st);
             let expired: Vec<u64> = st.queue.leading_older_than(cutoff);
             if !expired.is_empty() {
                 for &s in &expired {
@@ -598,6 +659,7 @@ mod tests {
             max_age: Duration::from_secs(3600),
             on_full,
             commit_window: Duration::from_millis(5),
+            min_sync_interval: Duration::from_millis(1),
             qos0_max_bytes: 1 << 20,
             max_bytes_per_user: max_bytes,
         }

@@ -70,6 +70,9 @@ pub(super) struct Store {
     shared: Arc<Mutex<log::Shared>>,
     path: PathBuf,
     tx: mpsc::Sender<Op>,
+    /// Messages whose write failed, for the outbox to take out of its queue (their pushers may be
+    /// gone: a device that disconnected before its acknowledgement).
+    failed: Arc<Mutex<Vec<u64>>>,
 }
 
 /// One record as read back at open: sequence number, size and acceptance time.
@@ -94,15 +97,15 @@ impl Store {
     pub fn open(
         dir: &Path,
         committed: Arc<Notify>,
-        window: Duration,
+        pacing: Pacing,
     ) -> Result<(Store, Vec<Indexed>, u64), StoreError> {
-        Self::open_with(dir, committed, window, log::SEGMENT_BYTES)
+        Self::open_with(dir, committed, pacing, log::SEGMENT_BYTES)
     }
 
     pub(super) fn open_with(
         dir: &Path,
         committed: Arc<Notify>,
-        window: Duration,
+        pacing: Pacing,
         seg_bytes: u64,
     ) -> Result<(Store, Vec<Indexed>, u64), StoreError> {
         let path = dir.join(LOG_DIR);
@@ -142,11 +145,38 @@ impl Store {
         let shared = log.shared();
         let (tx, rx) = mpsc::channel();
         let writer_path = path.clone();
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let w = Writer {
+            log,
+            path: writer_path,
+            committed,
+            pacing,
+            failed: failed.clone(),
+        };
         std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || writer(log, writer_path, rx, committed, window))
+            .spawn(move || w.run(rx))
             .map_err(|e| db_err(dir, e))?;
-        Ok((Store { shared, path, tx }, index, next_seq))
+        Ok((
+            Store {
+                shared,
+                path,
+                tx,
+                failed,
+            },
+            index,
+            next_seq,
+        ))
+    }
+
+    /// The messages whose write failed since the last call.
+    pub fn take_failed(&self) -> Vec<u64> {
+        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut *f)
+        }
     }
 
     /// Queues an operation for the writer. Fails only when the writer has died.
@@ -295,111 +325,146 @@ pub fn private_file(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The writer thread: group commit until every sender is gone.
-fn writer(mut log: Log, path: PathBuf, rx: mpsc::Receiver<Op>, committed: Arc<Notify>, window: Duration) {
-    let mut last_write = std::time::Instant::now();
-    loop {
-        let first = match rx.recv_timeout(IDLE_SYNC) {
-            Ok(op) => op,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if log.watermark_dirty() {
-                    if let Err(e) = log.append(&[]) {
-                        tracing::error!(path = %path.display(), "outbox sync failed: {e:#}");
+/// When the writer syncs. A batch is written at once when the writer was idle (the previous sync
+/// started at least `min_interval` ago), so a lone message is not delayed; under load, batches start
+/// at most every `min_interval`, so a flood does not spend a core on back-to-back syncs, and messages
+/// that arrive in between share the next one. `window` (0 by default) makes every batch wait that much
+/// longer for company.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pacing {
+    pub window: Duration,
+    pub min_interval: Duration,
+}
+
+/// The writer thread's state.
+struct Writer {
+    log: Log,
+    path: PathBuf,
+    /// Notified after every sync.
+    committed: Arc<Notify>,
+    pacing: Pacing,
+    /// Shared with the [`Store`]: messages whose write failed.
+    failed: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Writer {
+    /// Group commit until every sender is gone.
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        let mut last_write = std::time::Instant::now();
+        // When the last batch with messages started its write (pacing).
+        let mut last_sync: Option<std::time::Instant> = None;
+        loop {
+            let first = match rx.recv_timeout(IDLE_SYNC) {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.log.watermark_dirty() {
+                        if let Err(e) = self.log.append(&[]) {
+                            tracing::error!(path = %self.path.display(), "outbox sync failed: {e:#}");
+                        }
                     }
+                    continue;
                 }
-                continue;
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        let mut puts: Vec<Put> = Vec::new();
-        let mut dels: Vec<u64> = Vec::new();
-        let mut syncs: Vec<oneshot::Sender<()>> = Vec::new();
-        let take = |op: Op, puts: &mut Vec<Put>, dels: &mut Vec<u64>, syncs: &mut Vec<_>| match op {
-            Op::Put(seq, rec, w) => puts.push((seq, rec, w)),
-            Op::Del(seq) => dels.push(seq),
-            Op::Sync(w) => syncs.push(w),
-        };
-        take(first, &mut puts, &mut dels, &mut syncs);
-        // Group commit: once an insert is waiting, collect for up to `window` more (or MAX_BATCH ops)
-        // so that several messages share one sync.
-        let deadline = std::time::Instant::now() + window;
-        for _ in 1..MAX_BATCH {
-            let op = if puts.is_empty() {
-                rx.try_recv().ok()
-            } else {
-                match deadline.checked_duration_since(std::time::Instant::now()) {
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut puts: Vec<Put> = Vec::new();
+            let mut dels: Vec<u64> = Vec::new();
+            let mut syncs: Vec<oneshot::Sender<()>> = Vec::new();
+            let take = |op: Op, puts: &mut Vec<Put>, dels: &mut Vec<u64>, syncs: &mut Vec<_>| match op {
+                Op::Put(seq, rec, w) => puts.push((seq, rec, w)),
+                Op::Del(seq) => dels.push(seq),
+                Op::Sync(w) => syncs.push(w),
+            };
+            take(first, &mut puts, &mut dels, &mut syncs);
+            // Group commit: once a message waits, collect until the batch's start time (or
+            // MAX_BATCH ops): at once when the writer was idle, otherwise `min_interval` after the
+            // previous sync started; `window` later in either case.
+            let mut deadline: Option<std::time::Instant> = None;
+            for _ in 1..MAX_BATCH {
+                if deadline.is_none() && !puts.is_empty() {
+                    let now = std::time::Instant::now();
+                    let paced = last_sync.map_or(now, |t| t + self.pacing.min_interval);
+                    deadline = Some((now + self.pacing.window).max(paced));
+                }
+                let op = match deadline.and_then(|d| d.checked_duration_since(std::time::Instant::now())) {
                     Some(left) if !left.is_zero() => rx.recv_timeout(left).ok(),
                     _ => rx.try_recv().ok(),
+                };
+                match op {
+                    Some(op) => take(op, &mut puts, &mut dels, &mut syncs),
+                    None => break,
                 }
+            }
+            // Deletions of messages already in the log first (the watermark written with this
+            // batch then covers them); those of messages in this very batch after it is written.
+            let later: Vec<u64> = dels.into_iter().filter(|&s| !self.log.remove(s)).collect();
+            self.collect();
+            let result = if !puts.is_empty() || !syncs.is_empty() {
+                let records: Vec<(u64, &[u8])> = puts.iter().map(|(s, r, _)| (*s, r.as_slice())).collect();
+                if !puts.is_empty() {
+                    last_sync = Some(std::time::Instant::now());
+                }
+                let r = self.log.append(&records);
+                last_write = std::time::Instant::now();
+                if let Err(e) = &r {
+                    tracing::error!(path = %self.path.display(), "outbox write failed: {e:#}");
+                    // What the failed batch may have left in the log is not an outbox message: the
+                    // outbox takes them out of its queue, and their devices, told, send them again.
+                    for (s, _, _) in &puts {
+                        self.log.remove(*s);
+                    }
+                    self.failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(puts.iter().map(|(s, _, _)| *s));
+                }
+                r
+            } else {
+                Ok(())
             };
-            match op {
-                Some(op) => take(op, &mut puts, &mut dels, &mut syncs),
-                None => break,
+            for &s in &later {
+                self.log.remove(s);
             }
-        }
-        // Deletions of messages already in the log first (the watermark written with this batch
-        // then covers them); those of messages in this very batch after it is written.
-        let later: Vec<u64> = dels.into_iter().filter(|&s| !log.remove(s)).collect();
-        collect(&mut log, &path);
-        let result = if !puts.is_empty() || !syncs.is_empty() {
-            let records: Vec<(u64, &[u8])> = puts.iter().map(|(s, r, _)| (*s, r.as_slice())).collect();
-            let r = log.append(&records);
-            last_write = std::time::Instant::now();
-            if let Err(e) = &r {
-                tracing::error!(path = %path.display(), "outbox write failed: {e:#}");
-                // What the failed batch may have left in the log is not an outbox message: the
-                // pushers are told it failed (and their devices resend).
-                for (s, _, _) in &puts {
-                    log.remove(*s);
+            self.collect();
+            if !syncs.is_empty() {
+                if let Err(e) = self.log.write_gone() {
+                    tracing::error!(path = %self.path.display(), "outbox sync failed: {e:#}");
                 }
+            } else if puts.is_empty() && self.log.watermark_dirty() && last_write.elapsed() >= IDLE_SYNC {
+                // A long run of deletions alone (a backlog draining): the watermark is written at
+                // least every IDLE_SYNC, to bound what a crash replays.
+                if let Err(e) = self.log.append(&[]) {
+                    tracing::error!(path = %self.path.display(), "outbox sync failed: {e:#}");
+                }
+                last_write = std::time::Instant::now();
             }
-            r
-        } else {
-            Ok(())
-        };
-        for &s in &later {
-            log.remove(s);
-        }
-        collect(&mut log, &path);
-        if !syncs.is_empty() {
-            if let Err(e) = log.write_gone() {
-                tracing::error!(path = %path.display(), "outbox sync failed: {e:#}");
+            if puts.is_empty() && syncs.is_empty() {
+                // Deletions alone: nothing new for the uplink to send.
+                continue;
             }
-        } else if puts.is_empty() && log.watermark_dirty() && last_write.elapsed() >= IDLE_SYNC {
-            // A long run of deletions alone (a backlog draining): the watermark is written at
-            // least every IDLE_SYNC, to bound what a crash replays.
-            if let Err(e) = log.append(&[]) {
-                tracing::error!(path = %path.display(), "outbox sync failed: {e:#}");
+            for (_, _, w) in puts {
+                let _ = w.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
             }
-            last_write = std::time::Instant::now();
+            for w in syncs {
+                let _ = w.send(());
+            }
+            self.committed.notify_waiters();
+            self.committed.notify_one();
         }
-        if puts.is_empty() && syncs.is_empty() {
-            // Deletions alone: nothing new for the uplink to send.
-            continue;
+        // Last words: write down what has left so that a clean stop replays nothing.
+        let _ = self.log.collect();
+        if let Err(e) = self.log.write_gone() {
+            tracing::error!(path = %self.path.display(), "outbox final sync failed: {e:#}");
         }
-        for (_, _, w) in puts {
-            let _ = w.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
-        }
-        for w in syncs {
-            let _ = w.send(());
-        }
-        committed.notify_waiters();
-        committed.notify_one();
     }
-    // Last words: write down what has left so that a clean stop replays nothing.
-    let _ = log.collect();
-    if let Err(e) = log.write_gone() {
-        tracing::error!(path = %path.display(), "outbox final sync failed: {e:#}");
+
+    fn collect(&mut self) {
+        if let Err(e) = self.log.collect() {
+            tracing::error!(path = %self.path.display(), "deleting an outbox segment: {e:#}");
+        }
     }
 }
 
 type Put = (u64, Vec<u8>, oneshot::Sender<Result<(), String>>);
-
-fn collect(log: &mut Log, path: &Path) {
-    if let Err(e) = log.collect() {
-        tracing::error!(path = %path.display(), "deleting an outbox segment: {e:#}");
-    }
-}
 
 /// The record for a message: a fixed little-endian header, the user, the topic, the payload. Lengths
 /// are stored in full: a topic longer than any MQTT packet can carry is kept as it is (the uplink then
@@ -470,6 +535,11 @@ fn decode(rec: &[u8]) -> Option<OutMessage> {
 mod tests {
     use super::*;
 
+    const PACE: Pacing = Pacing {
+        window: Duration::ZERO,
+        min_interval: Duration::ZERO,
+    };
+
     /// An `outbox.redb` as the previous version wrote it: its table, its record encoding (format 2,
     /// and a format 1 record as the version before wrote), committed durably.
     fn write_legacy(path: &Path, msgs: &[(u64, Vec<u8>)]) {
@@ -516,7 +586,7 @@ mod tests {
         old.extend((10..5010).map(|i| (i, encode(&m(i)))));
         write_legacy(&dir.path().join(LEGACY), &old);
         let notify = Arc::new(Notify::new());
-        let (store, index, next) = Store::open(dir.path(), notify.clone(), Duration::ZERO).unwrap();
+        let (store, index, next) = Store::open(dir.path(), notify.clone(), PACE).unwrap();
         assert!(!dir.path().join(LEGACY).exists(), "outbox.redb removed");
         assert_eq!(index.len(), old.len());
         assert_eq!(next, index.last().unwrap().seq + 1);
@@ -532,7 +602,7 @@ mod tests {
         }
         drop(store);
         std::thread::sleep(Duration::from_millis(100));
-        let (store, index2, _) = Store::open(dir.path(), notify, Duration::ZERO).unwrap();
+        let (store, index2, _) = Store::open(dir.path(), notify, PACE).unwrap();
         assert_eq!(index2.len(), old.len(), "the log holds them after the drain");
         assert_eq!(store.read(&seqs).unwrap(), back);
     }

@@ -96,7 +96,7 @@ impl Drop for ChildApp {
 }
 
 /// A minimal MQTT 3.1.1 QoS 1 device (rmqtt's codec over TCP) publishing payloads `0`, `1`, `2`, …
-/// with up to 100 in flight. It keeps its own accounting: a number is "acked" exactly when a PUBACK
+/// with up to 1,000 in flight. It keeps its own accounting: a number is "acked" exactly when a PUBACK
 /// for the packet carrying it came back. Unacknowledged messages are resent after a reconnect. (A
 /// rumqttc device silently drops its unacknowledged messages when the new CONNACK says "no session",
 /// which the appliance's says after a restart; that would make the accounting unreliable.)
@@ -192,7 +192,7 @@ async fn session(
     use futures_util::{SinkExt, StreamExt};
     use rmqtt::codec::types::{Publish, QoS};
     use rmqtt::codec::v3::{Codec, Connect, Packet};
-    const WINDOW: usize = 100;
+    const WINDOW: usize = 1000;
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;

@@ -530,6 +530,12 @@ fn outbox(ctx: &mut Ctx<'_>, f: OutboxFile) -> OutboxSettings {
             "at most 1000: a device's PUBACK waits this long",
         );
     }
+    if f.min_sync_interval_ms > 1000 {
+        ctx.error(
+            "outbox.min_sync_interval_ms",
+            "at most 1000: a device's PUBACK may wait this long",
+        );
+    }
     if f.max_age_s == 0 {
         ctx.error("outbox.max_age_s", "must be at least 1");
     }
@@ -550,6 +556,7 @@ fn outbox(ctx: &mut Ctx<'_>, f: OutboxFile) -> OutboxSettings {
         max_age: Duration::from_secs(f.max_age_s),
         on_full,
         commit_window: Duration::from_millis(f.commit_window_ms),
+        min_sync_interval: Duration::from_millis(f.min_sync_interval_ms),
         qos0_max_bytes: f.qos0_max_bytes,
         max_bytes_per_user: per_user,
     }

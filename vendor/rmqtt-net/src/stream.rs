@@ -304,6 +304,14 @@ pub mod v3 {
             super::send(&mut self.io, MqttPacket::V3(packet), self.cfg.send_timeout).await
         }
 
+        // mqtt-uplink patch: queue a packet without flushing, so that several acknowledgements
+        // leave in one socket write (`flush` sends them).
+        /// Queues a packet in the write buffer without flushing it
+        #[inline]
+        pub async fn feed(&mut self, packet: rmqtt_codec::v3::Packet) -> Result<()> {
+            super::feed(&mut self.io, MqttPacket::V3(packet), self.cfg.send_timeout).await
+        }
+
         /// Flushes write buffers
         #[inline]
         pub async fn flush(&mut self) -> Result<()> {
@@ -541,6 +549,14 @@ pub mod v5 {
             super::send(&mut self.io, MqttPacket::V5(packet), self.cfg.send_timeout).await
         }
 
+        // mqtt-uplink patch: queue a packet without flushing, so that several acknowledgements
+        // leave in one socket write (`flush` sends them).
+        /// Queues a packet in the write buffer without flushing it
+        #[inline]
+        pub async fn feed(&mut self, packet: rmqtt_codec::v5::Packet) -> Result<()> {
+            super::feed(&mut self.io, MqttPacket::V5(packet), self.cfg.send_timeout).await
+        }
+
         /// Flushes write buffers
         #[inline]
         pub async fn flush(&mut self) -> Result<()> {
@@ -639,6 +655,25 @@ where
         Ok(())
     } else {
         match tokio::time::timeout(send_timeout, io.send(packet)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(MqttError::SendPacket(SendPacketError::Encode(e))),
+            Err(_) => Err(MqttError::WriteTimeout),
+        }?;
+        Ok(())
+    }
+}
+
+// mqtt-uplink patch: `send` without the flush (see `feed` above).
+#[inline]
+async fn feed<Io>(io: &mut Framed<Io, MqttCodec>, packet: MqttPacket, send_timeout: Duration) -> Result<()>
+where
+    Io: AsyncWrite + Unpin,
+{
+    if send_timeout.is_zero() {
+        io.feed(packet).await?;
+        Ok(())
+    } else {
+        match tokio::time::timeout(send_timeout, io.feed(packet)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(MqttError::SendPacket(SendPacketError::Encode(e))),
             Err(_) => Err(MqttError::WriteTimeout),

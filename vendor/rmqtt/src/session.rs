@@ -118,6 +118,47 @@ pub struct SessionState {
     pub server_topic_aliases: Option<Arc<ServerTopicAliases>>,
     pub client_topic_aliases: Option<Arc<ClientTopicAliases>>,
     in_inflight: InInflight,
+    // mqtt-uplink patch: pipelined acknowledgements (see `DeferredAck`).
+    /// QoS 1 PUBLISHes not acknowledged yet, in PUBLISH order: the oldest may wait for a hook's
+    /// future, the later ones wait for it.
+    pending_acks: VecDeque<PendingAck>,
+    /// Acknowledgements that may wait at once; reading stops at this many.
+    max_pending_acks: usize,
+}
+
+// mqtt-uplink patch: pipelined acknowledgements.
+/// A QoS 1 PUBLISH whose PUBACK has not been sent.
+struct PendingAck {
+    packet_id: NonZeroU16,
+    /// The packet id is in `in_inflight` (removed when the PUBACK is sent).
+    tracked: bool,
+    ack: AckState,
+}
+
+// mqtt-uplink patch: pipelined acknowledgements.
+enum AckState {
+    Ready(PublishResult),
+    /// In a mutex only to make the session state `Sync` (it is only ever used through `get_mut`).
+    Waiting(std::sync::Mutex<DeferredAckFuture>),
+}
+
+// mqtt-uplink patch: pipelined acknowledgements.
+/// Resolves once the oldest pending acknowledgement is ready to send (never, while there is none).
+async fn next_ack_ready(pending: &mut VecDeque<PendingAck>) {
+    std::future::poll_fn(|cx| {
+        let Some(front) = pending.front_mut() else {
+            return std::task::Poll::Pending;
+        };
+        if let AckState::Waiting(f) = &mut front.ack {
+            let f = f.get_mut().unwrap_or_else(|e| e.into_inner());
+            match f.as_mut().poll(cx) {
+                std::task::Poll::Ready(r) => front.ack = AckState::Ready(r),
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            }
+        }
+        std::task::Poll::Ready(())
+    })
+    .await
 }
 
 impl fmt::Debug for SessionState {
@@ -174,6 +215,9 @@ impl SessionState {
             server_topic_aliases,
             client_topic_aliases,
             in_inflight: InInflight::new(scx, max_inflight.get()),
+            // mqtt-uplink patch: pipelined acknowledgements.
+            pending_acks: VecDeque::new(),
+            max_pending_acks: max_inflight.get() as usize,
         }
     }
 
@@ -394,7 +438,14 @@ impl SessionState {
                     }
                 }
 
-                pkt = sink.recv() => {
+                // mqtt-uplink patch: the oldest waiting acknowledgement is ready: send it, and every
+                // later one that is ready too, in one write.
+                _ = next_ack_ready(&mut state.pending_acks), if !state.pending_acks.is_empty() => {
+                    state.send_ready_acks(sink).await?;
+                }
+
+                // mqtt-uplink patch: backpressure: no more reading while `max_pending_acks` wait.
+                pkt = sink.recv(), if state.pending_acks.len() < state.max_pending_acks => {
                     log::debug!("{:?} pkt: {:?}", state.id, pkt);
                     keep_alive_delay.as_mut().reset(Instant::now() + keep_alive_interval);
                     match pkt? {
@@ -987,11 +1038,21 @@ impl SessionState {
                     }
                 })?;
 
-                let ack_res = sink.send_publish_ack(packet_id, pubres).await;
-                if inflight_res {
-                    self.in_inflight.remove(&packet_id);
-                }
-                ack_res?;
+                // mqtt-uplink patch: pipelined acknowledgements. A PUBACK that waits, or that would
+                // overtake one that waits, is queued (sent in order by `send_ready_acks`).
+                let ack = match pubres.deferred.take() {
+                    Some(fut) => AckState::Waiting(std::sync::Mutex::new(fut)),
+                    None if !self.pending_acks.is_empty() => AckState::Ready(pubres),
+                    None => {
+                        let ack_res = sink.send_publish_ack(packet_id, pubres).await;
+                        if inflight_res {
+                            self.in_inflight.remove(&packet_id);
+                        }
+                        ack_res?;
+                        return Ok(());
+                    }
+                };
+                self.pending_acks.push_back(PendingAck { packet_id, tracked: inflight_res, ack });
             }
             QoS::ExactlyOnce => {
                 let packet_id = Self::packet_id(packet_id)?;
@@ -1011,6 +1072,21 @@ impl SessionState {
                     return Ok(());
                 }
                 let pub_res = self.publish(publish).await?;
+                // mqtt-uplink patch: a PUBREC that waits is sent after every earlier PUBACK, once
+                // its future resolved (QoS 2 is not pipelined).
+                let pub_res = match pub_res.deferred.take() {
+                    Some(fut) => {
+                        self.send_all_acks(sink).await?;
+                        let r = fut.await;
+                        if r.disconnect {
+                            let e: crate::Error =
+                                MqttError::PublishAckReason(r.reason_code, r.reason_string.unwrap_or_default()).into();
+                            return Err(e.into());
+                        }
+                        r
+                    }
+                    None => pub_res,
+                };
                 let inflight_res =
                     if pub_res.is_success() { self.in_inflight.add(packet_id, qos)? } else { false };
                 let rec_res = sink.send_publish_received(packet_id, pub_res).await;
@@ -1020,8 +1096,64 @@ impl SessionState {
                 rec_res?;
             }
             QoS::AtMostOnce => {
+                // mqtt-uplink patch: there is no acknowledgement to defer; a hook's future is dropped.
                 self.publish(publish).await?;
             }
+        }
+        Ok(())
+    }
+
+    // mqtt-uplink patch: pipelined acknowledgements.
+    /// Sends the pending acknowledgements that are ready, oldest first, up to the first that still
+    /// waits, in one socket write. A result with `disconnect` closes the connection without that
+    /// acknowledgement and the later ones (the client sends those messages again).
+    async fn send_ready_acks<Io>(&mut self, sink: &mut Sink<Io>) -> std::result::Result<(), Reason>
+    where
+        Io: AsyncRead + AsyncWrite + Unpin,
+    {
+        use futures::FutureExt as _;
+        let mut queued = 0usize;
+        while let Some(front) = self.pending_acks.front_mut() {
+            if let AckState::Waiting(f) = &mut front.ack {
+                let f = f.get_mut().unwrap_or_else(|e| e.into_inner());
+                match f.as_mut().now_or_never() {
+                    Some(r) => front.ack = AckState::Ready(r),
+                    None => break,
+                }
+            }
+            let Some(PendingAck { packet_id, tracked, ack: AckState::Ready(res) }) = self.pending_acks.pop_front()
+            else {
+                break;
+            };
+            if tracked {
+                self.in_inflight.remove(&packet_id);
+            }
+            if res.disconnect {
+                if queued > 0 {
+                    let _ = sink.flush().await;
+                }
+                let e: crate::Error =
+                    MqttError::PublishAckReason(res.reason_code, res.reason_string.unwrap_or_default()).into();
+                return Err(e.into());
+            }
+            sink.feed_publish_ack(packet_id, res).await?;
+            queued += 1;
+        }
+        if queued > 0 {
+            sink.flush().await?;
+        }
+        Ok(())
+    }
+
+    // mqtt-uplink patch: pipelined acknowledgements.
+    /// Waits for every pending acknowledgement and sends it.
+    async fn send_all_acks<Io>(&mut self, sink: &mut Sink<Io>) -> std::result::Result<(), Reason>
+    where
+        Io: AsyncRead + AsyncWrite + Unpin,
+    {
+        while !self.pending_acks.is_empty() {
+            next_ack_ready(&mut self.pending_acks).await;
+            self.send_ready_acks(sink).await?;
         }
         Ok(())
     }
@@ -1074,6 +1206,8 @@ impl SessionState {
         //hook, message_publish_check_acl
         let acl_result = self.hook.message_publish_check_acl(&publish).await;
         log::debug!("{:?} acl_result: {:?}", self.id, acl_result);
+        // mqtt-uplink patch: an acknowledgement a hook deferred goes back with the result.
+        let deferred = acl_result.0.deferred.clone();
         if !acl_result.is_allow() {
             #[cfg(feature = "metrics")]
             self.scx.metrics.client_publish_auth_error_inc();
@@ -1124,7 +1258,8 @@ impl SessionState {
 
         Self::forwards(&self.scx, from, publish, message_storage_available, message_expiry_interval).await?;
 
-        Ok(PublishResult::success())
+        // mqtt-uplink patch: with the acknowledgement a hook deferred.
+        Ok(PublishResult { deferred, ..PublishResult::success() })
     }
 
     #[inline]

@@ -1616,6 +1616,38 @@ where
         Ok(())
     }
 
+    // mqtt-uplink patch: several PUBACKs, one socket write.
+    /// Queues a PUBACK without flushing; [`Sink::flush`] sends what is queued.
+    #[inline]
+    pub(crate) async fn feed_publish_ack(&mut self, packet_id: NonZeroU16, pubres: PublishResult) -> Result<()> {
+        match self {
+            Sink::V3(s) => {
+                s.feed(codec::v3::Packet::PublishAck { packet_id }).await?;
+            }
+            Sink::V5(s) => {
+                let ack = PublishAckV5 {
+                    packet_id,
+                    reason_code: pubres.reason_code,
+                    properties: pubres.properties,
+                    reason_string: pubres.reason_string,
+                };
+                s.feed(codec::v5::Packet::PublishAck(ack)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    // mqtt-uplink patch: see `feed_publish_ack`.
+    /// Sends what is queued in the write buffer.
+    #[inline]
+    pub(crate) async fn flush(&mut self) -> Result<()> {
+        match self {
+            Sink::V3(s) => s.flush().await?,
+            Sink::V5(s) => s.flush().await?,
+        }
+        Ok(())
+    }
+
     #[inline]
     pub(crate) async fn send_publish_received(
         &mut self,
@@ -1684,6 +1716,42 @@ pub struct PublishResult {
     pub properties: UserProperties,
     pub reason_string: Option<ByteString>,
     pub disconnect: IsDisconnect,
+    // mqtt-uplink patch: an acknowledgement that waits (see `DeferredAck`).
+    #[serde(skip)]
+    pub deferred: DeferredAck,
+}
+
+// mqtt-uplink patch: pipelined acknowledgements.
+/// An acknowledgement that waits for something a hook started. A `MessagePublishCheckAcl` hook that
+/// allows a QoS 1 or 2 message may attach a future (for example: "the message is on disk") to the
+/// allowing `PublishResult`. The session then keeps reading the client's next packets, and sends the
+/// PUBACK with the future's result once it resolves; PUBACKs still leave in PUBLISH order
+/// [MQTT-4.6.0-2], so an acknowledgement that does not wait queues behind one that does. A result
+/// with `disconnect` closes the connection without that acknowledgement (nor any later one): the client
+/// sends those messages again. The session stops reading while `max_inflight` acknowledgements wait.
+#[derive(Clone, Default)]
+pub struct DeferredAck(Arc<std::sync::Mutex<Option<DeferredAckFuture>>>);
+
+/// What a [`DeferredAck`] waits for: the result to acknowledge the message with.
+pub type DeferredAckFuture = std::pin::Pin<Box<dyn std::future::Future<Output = PublishResult> + Send>>;
+
+impl DeferredAck {
+    /// An acknowledgement sent when `fut` resolves, with its result.
+    pub fn new(fut: impl std::future::Future<Output = PublishResult> + Send + 'static) -> Self {
+        DeferredAck(Arc::new(std::sync::Mutex::new(Some(Box::pin(fut)))))
+    }
+
+    /// Takes the future out (the session does, once).
+    pub fn take(&self) -> Option<DeferredAckFuture> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for DeferredAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let waiting = self.0.lock().map(|g| g.is_some()).unwrap_or(false);
+        write!(f, "DeferredAck({})", if waiting { "waiting" } else { "none" })
+    }
 }
 
 impl PublishResult {
@@ -1714,6 +1782,8 @@ impl Default for PublishResult {
             properties: UserProperties::default(),
             reason_string: None,
             disconnect: false,
+            // mqtt-uplink patch: no acknowledgement waits.
+            deferred: DeferredAck::default(),
         }
     }
 }
@@ -2577,6 +2647,7 @@ impl std::convert::From<Reason> for PublishResult {
                 properties: UserProperties::default(),
                 reason_string: Some("Message queue full".into()),
                 disconnect: false,
+                deferred: DeferredAck::default(), // mqtt-uplink patch
             },
 
             InflightWindowFull => Self {
@@ -2584,6 +2655,7 @@ impl std::convert::From<Reason> for PublishResult {
                 properties: UserProperties::default(),
                 reason_string: Some("Inflight window full".into()),
                 disconnect: false,
+                deferred: DeferredAck::default(), // mqtt-uplink patch
             },
 
             SubscribeRefused | DelayedPublishRefused => Self {
@@ -2591,6 +2663,7 @@ impl std::convert::From<Reason> for PublishResult {
                 properties: UserProperties::default(),
                 reason_string: Some("Publish refused".into()),
                 disconnect: false,
+                deferred: DeferredAck::default(), // mqtt-uplink patch
             },
 
             MessageExpiration => Self {
@@ -2598,6 +2671,7 @@ impl std::convert::From<Reason> for PublishResult {
                 properties: UserProperties::default(),
                 reason_string: Some("Message expired".into()),
                 disconnect: true,
+                deferred: DeferredAck::default(), // mqtt-uplink patch
             },
 
             ProtocolError(msg) => Self {
@@ -2605,6 +2679,7 @@ impl std::convert::From<Reason> for PublishResult {
                 properties: UserProperties::default(),
                 reason_string: Some(format!("Protocol error: {msg}").into()),
                 disconnect: true,
+                deferred: DeferredAck::default(), // mqtt-uplink patch
             },
 
             Error(msg) => Self {
@@ -2612,6 +2687,7 @@ impl std::convert::From<Reason> for PublishResult {
                 properties: UserProperties::default(),
                 reason_string: Some(msg),
                 disconnect: true,
+                deferred: DeferredAck::default(), // mqtt-uplink patch
             },
 
             MqttError(_) => Self {
@@ -2619,6 +2695,7 @@ impl std::convert::From<Reason> for PublishResult {
                 properties: UserProperties::default(),
                 reason_string: Some("MQTT internal error".into()),
                 disconnect: true,
+                deferred: DeferredAck::default(), // mqtt-uplink patch
             },
 
             ConnectDisconnect(_)
@@ -2637,6 +2714,7 @@ impl std::convert::From<Reason> for PublishResult {
                 properties: UserProperties::default(),
                 reason_string: Some("Connection or session related error".into()),
                 disconnect: true,
+                deferred: DeferredAck::default(), // mqtt-uplink patch
             },
         }
     }
