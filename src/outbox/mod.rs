@@ -606,6 +606,12 @@ impl Outbox {
         self.state().user_bytes(user)
     }
 
+    /// Batches of messages made durable so far (one write and one sync each; 0 in memory): with
+    /// `accepted`, how many messages a sync carries.
+    pub fn syncs(&self) -> u64 {
+        self.inner.store.as_ref().map_or(0, Store::syncs)
+    }
+
     /// Size of the store's file on disk (0 in memory).
     pub fn store_file_bytes(&self) -> u64 {
         self.inner.store.as_ref().map_or(0, Store::file_len)

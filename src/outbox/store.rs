@@ -14,6 +14,7 @@
 //! at open, then removed.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,6 +74,8 @@ pub(super) struct Store {
     /// Messages whose write failed, for the outbox to take out of its queue (their pushers may be
     /// gone: a device that disconnected before its acknowledgement).
     failed: Arc<Mutex<Vec<u64>>>,
+    /// Batches of messages written and synced so far.
+    syncs: Arc<AtomicU64>,
 }
 
 /// One record as read back at open: sequence number, size and acceptance time.
@@ -146,12 +149,14 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let writer_path = path.clone();
         let failed = Arc::new(Mutex::new(Vec::new()));
+        let syncs = Arc::new(AtomicU64::new(0));
         let w = Writer {
             log,
             path: writer_path,
             committed,
             pacing,
             failed: failed.clone(),
+            syncs: syncs.clone(),
         };
         std::thread::Builder::new()
             .name("outbox-writer".into())
@@ -163,10 +168,17 @@ impl Store {
                 path,
                 tx,
                 failed,
+                syncs,
             },
             index,
             next_seq,
         ))
+    }
+
+    /// Batches of messages written and synced so far (each one write and one `fdatasync`, or two
+    /// when the batch crossed into a new segment).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// The messages whose write failed since the last call.
@@ -345,6 +357,8 @@ struct Writer {
     pacing: Pacing,
     /// Shared with the [`Store`]: messages whose write failed.
     failed: Arc<Mutex<Vec<u64>>>,
+    /// Shared with the [`Store`]: batches of messages synced.
+    syncs: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -405,6 +419,9 @@ impl Writer {
                 }
                 let r = self.log.append(&records);
                 last_write = std::time::Instant::now();
+                if r.is_ok() && !puts.is_empty() {
+                    self.syncs.fetch_add(1, Ordering::Relaxed);
+                }
                 if let Err(e) = &r {
                     tracing::error!(path = %self.path.display(), "outbox write failed: {e:#}");
                     // What the failed batch may have left in the log is not an outbox message: the
