@@ -42,13 +42,13 @@ fn msg(i: u64) -> OutMessage {
     }
 }
 
-fn settings(window_ms: u64, max_bytes: u64) -> OutboxSettings {
+fn settings(window_ms: u64, interval_ms: u64, max_bytes: u64) -> OutboxSettings {
     OutboxSettings {
         max_bytes,
         max_age: Duration::from_secs(3600),
         on_full: OnFull::RejectNew,
         commit_window: Duration::from_millis(window_ms),
-        min_sync_interval: Duration::from_millis(crate::config::file::default_min_sync_interval_ms()),
+        min_sync_interval: Duration::from_millis(interval_ms),
         qos0_max_bytes: 1 << 20,
         max_bytes_per_user: max_bytes,
     }
@@ -58,9 +58,10 @@ fn settings(window_ms: u64, max_bytes: u64) -> OutboxSettings {
 #[ignore]
 async fn figures() {
     assert_eq!(msg(0).topic.len() + msg(0).payload.len(), 64);
-    for window in [0, 5] {
+    let default_interval = crate::config::file::default_min_sync_interval_ms();
+    for (window, interval) in [(0, 0), (0, 1), (0, 2), (0, 5), (5, default_interval)] {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path(), settings(window, 1 << 30)).unwrap();
+        let o = Outbox::open(dir.path(), settings(window, interval, 1 << 30)).unwrap();
         // 1,000 msg/s for 10 s, acked as the uplink would (right after the commit).
         let n = 10_000u64;
         let w0 = write_bytes();
@@ -83,15 +84,17 @@ async fn figures() {
         tokio::time::sleep(Duration::from_millis(1500)).await; // idle write of the last deletions
         let written = write_bytes() - w0;
         eprintln!(
-            "1000 msg/s, 64 B messages, commit_window {window} ms: {} B written/msg; files {} B",
+            "1000 msg/s, 64 B messages, commit_window {window} ms, min_sync_interval {interval} ms: \
+             {} B written/msg ({} syncs); files {} B",
             written / n,
+            o.syncs(),
             o.store_file_bytes()
         );
     }
 
     // Full rate: 64 concurrent pushers, 100,000 messages, then drained (read + ack).
     let dir = tempfile::tempdir().unwrap();
-    let o = Outbox::open(dir.path(), settings(0, 1 << 30)).unwrap();
+    let o = Outbox::open(dir.path(), settings(0, default_interval, 1 << 30)).unwrap();
     let backlog = 100_000u64;
     let t = Instant::now();
     let w0 = write_bytes();
@@ -130,7 +133,7 @@ async fn figures() {
     // A 64 MiB backlog (logical size: topic + payload + 32 per message) of 64-byte messages.
     let dir = tempfile::tempdir().unwrap();
     let max = 64 << 20;
-    let o = Outbox::open(dir.path(), settings(0, max)).unwrap();
+    let o = Outbox::open(dir.path(), settings(0, default_interval, max)).unwrap();
     let rss0 = rss_kb();
     let mut set = tokio::task::JoinSet::new();
     let total = max / 96;

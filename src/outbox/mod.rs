@@ -743,6 +743,33 @@ mod tests {
         assert_eq!(o.qos0_bytes(), 0);
     }
 
+    /// Pacing: an idle writer syncs a lone message at once; messages that arrive within
+    /// `min_sync_interval` of that sync share the next one. (Without pacing the second batch would be
+    /// written as soon as its first message arrived.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_writer_syncs_at_once_and_a_busy_one_groups_what_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(1 << 20, OnFull::RejectNew);
+        s.commit_window = Duration::ZERO;
+        s.min_sync_interval = Duration::from_millis(800);
+        let o = Outbox::open(dir.path(), s).unwrap();
+        // Idle: the first message is synced alone (its commit resolves with one sync done).
+        o.push(msg(1, b"first")).await.unwrap();
+        assert_eq!(o.syncs(), 1);
+        // Busy (a sync started less than 800 ms ago): the next ones wait for the interval, and
+        // however they trickle in meanwhile, they share one sync.
+        let mut commits = Vec::new();
+        for i in 0..5u8 {
+            commits.push(o.enqueue(msg(1, b"later")).unwrap().expect("a durable commit"));
+            tokio::time::sleep(Duration::from_millis(20 * u64::from(i))).await;
+        }
+        for c in commits {
+            c.wait().await.unwrap();
+        }
+        assert_eq!(o.syncs(), 2, "the five later messages took more than one sync");
+        assert_eq!(o.depth(), 6);
+    }
+
     #[tokio::test]
     async fn keeps_order_until_acked() {
         let o = Outbox::memory(settings(1 << 20, OnFull::RejectNew));
