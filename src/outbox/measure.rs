@@ -59,16 +59,23 @@ fn settings(window_ms: u64, interval_ms: u64, max_bytes: u64) -> OutboxSettings 
 async fn figures() {
     assert_eq!(msg(0).topic.len() + msg(0).payload.len(), 64);
     let default_interval = crate::config::file::default_min_sync_interval_ms();
-    for (window, interval) in [(0, 0), (0, 1), (0, 2), (0, 5), (5, default_interval)] {
+    for (rate, window, interval) in [
+        (1000, 0, 0),
+        (1000, 0, 1),
+        (1000, 0, 2),
+        (1000, 0, 5),
+        (1000, 5, default_interval),
+        (100, 0, default_interval),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let o = Outbox::open(dir.path(), settings(window, interval, 1 << 30)).unwrap();
-        // 1,000 msg/s for 10 s, acked as the uplink would (right after the commit).
-        let n = 10_000u64;
+        // `rate` msg/s for 10 s, acked as the uplink would (right after the commit).
+        let n = rate * 10;
         let w0 = write_bytes();
         let start = Instant::now();
         let mut handles = Vec::new();
         for i in 0..n {
-            tokio::time::sleep_until((start + Duration::from_micros(i * 1000)).into()).await;
+            tokio::time::sleep_until((start + Duration::from_micros(i * 1_000_000 / rate)).into()).await;
             let o2 = o.clone();
             handles.push(tokio::spawn(async move { o2.push(msg(i)).await.unwrap() }));
             for (seq, _) in o.pending_after(0, 64) {
@@ -84,7 +91,7 @@ async fn figures() {
         tokio::time::sleep(Duration::from_millis(1500)).await; // idle write of the last deletions
         let written = write_bytes() - w0;
         eprintln!(
-            "1000 msg/s, 64 B messages, commit_window {window} ms, min_sync_interval {interval} ms: \
+            "{rate} msg/s, 64 B messages, commit_window {window} ms, min_sync_interval {interval} ms: \
              {} B written/msg ({} syncs); files {} B",
             written / n,
             o.syncs(),
