@@ -815,3 +815,44 @@ fn time_paused_on_purpose_does_not_count_against_the_pingresp() {
     );
     assert!(r.s.handle_timeout(ms(8_000)).is_err());
 }
+
+/// What the session core costs per outbox message (offer, PUBLISH, PUBACK, acknowledgement), without
+/// I/O: `cargo test --lib uplink::core::tests::cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn cost_per_message() {
+    const N: u64 = 200_000;
+    let mut s = Session::new(settings(64), Filters::new());
+    let now = Instant::now();
+    s.connected(now, true);
+    let payload = Bytes::from_static(&[b'x'; 64]);
+    let msg = OutMessage {
+        payload,
+        ..message(0, 0)
+    };
+    let (mut next, mut acked) = (1u64, 0u64);
+    let mut in_flight = Vec::new();
+    let t = std::time::Instant::now();
+    while acked < N {
+        if let Some((_, room)) = s.outbox_wanted() {
+            let end = (next + room as u64).min(N + 1);
+            s.offer((next..end).map(|seq| (seq, msg.clone())));
+            next = end;
+        }
+        while let Some(a) = s.poll_action() {
+            match a {
+                Action::Send(Packet::Publish(p)) => in_flight.push(p.packet_id.unwrap()),
+                Action::Ack(_) => acked += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        for packet_id in in_flight.drain(..) {
+            s.handle_packet(now, Inbound::Packet(Packet::PublishAck { packet_id }));
+        }
+    }
+    let e = t.elapsed();
+    println!(
+        "{N} messages through the session core in {e:?}: {:.2} us/message",
+        e.as_secs_f64() * 1e6 / N as f64
+    );
+}
