@@ -271,12 +271,14 @@ impl Session {
     }
 
     /// Event: the connection is gone (closed, failed, or ended by the shell). Packets not yet sent
-    /// are dropped; everything in flight is sent again on the next connection. Returns whether the
-    /// connection had worked ([`proven`](Self::proven)).
+    /// and cloud messages not yet delivered are dropped (unacknowledged, the cloud sends them again);
+    /// everything in flight is sent again on the next connection. Returns whether the connection had
+    /// worked ([`proven`](Self::proven)).
     pub fn disconnected(&mut self) -> bool {
         let proven = self.proven();
         self.conn = None;
-        self.actions.retain(|a| !matches!(a, Action::Send(_)));
+        self.actions
+            .retain(|a| !matches!(a, Action::Send(_) | Action::Deliver { .. }));
         proven
     }
 

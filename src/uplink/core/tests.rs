@@ -472,7 +472,20 @@ fn a_disconnect_drops_unsent_packets_but_keeps_acknowledgements() {
     let (p1, _) = r.cloud_unacked[0];
     r.s.handle_packet(r.now, Inbound::Packet(Packet::PublishAck { packet_id: p1 }));
     r.s.offer((3..=3).map(|s| (s, message(s, 0))));
-    // Dropped before the shell performed anything.
+    r.s.handle_packet(
+        r.now,
+        Inbound::Packet(Packet::Publish(Box::new(Publish {
+            dup: false,
+            retain: false,
+            qos: QoS::ExactlyOnce,
+            topic: "sites/p7/cmd/x".into(),
+            packet_id: Some(pid(4)),
+            payload: Bytes::from_static(b"x"),
+            properties: None,
+        }))),
+    );
+    // Dropped before the shell performed anything (a write failed): the PUBLISH is not sent and the
+    // cloud message not delivered (the cloud sends it again), but the deletion stands.
     r.s.disconnected();
     let left: Vec<Action> = std::iter::from_fn(|| r.s.poll_action()).collect();
     assert!(matches!(&left[..], [Action::Ack(1)]), "{left:?}");
