@@ -1,8 +1,17 @@
-//! The topic mappings: which local topics go up and what they are called there, which remote topics
-//! come down and where they land. Pure functions of the config; the hook that feeds the outbox is in
-//! `hooks`, the uplink calls [`Routes::route_in`].
+//! The bridge owns both directions between the local broker and the cloud: the topic mappings
+//! (which local topics go up and what they are called there, which remote topics come down and where
+//! they land) and the loop prevention.
+//!
+//! - Out (site -> cloud): `hooks` sits in the broker's hook chain below the guard and queues what an
+//!   `out` mapping takes in the outbox; the uplink sends the outbox.
+//! - In (cloud -> site): `inbound` takes what the uplink received, maps it ([`Routes::take_in`]),
+//!   holds it to the local limits and publishes it locally with the bridge's origin, which passes
+//!   neither hook: a message that came in is never queued to go out again.
+//!
+//! [`Routes`] itself is a pure function of the config, swapped whole on reload.
 
 pub mod hooks;
+pub mod inbound;
 
 use crate::config::{Mapping, RetainPolicy};
 use crate::topic;
@@ -53,6 +62,10 @@ impl NotRouted {
 pub mod reason {
     pub const NO_IN_MAPPING: &str = "cloud message matches no in mapping";
     pub const LOCAL_TOPIC_TOO_LONG: &str = "cloud message local topic too long";
+    /// Over `[limits] max_packet_size` (also when the uplink's decoder skipped it unread).
+    pub const TOO_LARGE: &str = "cloud message larger than max_packet_size";
+    /// Over `[limits] max_topic_levels` once mapped.
+    pub const TOO_DEEP: &str = "cloud message topic has too many levels";
 }
 
 /// The mapping set, ready to route. The first matching mapping wins, in file order.

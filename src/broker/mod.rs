@@ -10,15 +10,10 @@ use std::num::NonZeroU16;
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
-use bytes::Bytes;
-use rmqtt::codec::types::Publish as CodecPublish;
-use rmqtt::codec::v5::PublishProperties;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::Register;
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
-use rmqtt::session::SessionState;
-use rmqtt::types::{From, Id, Publish, QoS};
 use tokio::task::JoinHandle;
 
 use crate::config::{Limits, Listener};
@@ -36,9 +31,6 @@ pub struct Broker {
     scx: ServerContext,
     /// The addresses actually bound (port 0 resolved), in config order; empty until `listen`.
     pub local_addrs: Vec<SocketAddr>,
-    /// Origin of messages the bridge publishes locally; they never pass the publish-ACL hook, so they
-    /// can never be sent out again (loop prevention).
-    bridge_id: Id,
     /// `[limits] max_packet_size`: cloud messages are held to it like device messages.
     max_packet_size: u32,
     /// `[limits] max_topic_levels`: cloud messages are held to it like device messages.
@@ -60,11 +52,9 @@ impl Broker {
             limits.max_retained_bytes,
         ));
         let register = scx.extends.hook_mgr().register();
-        let bridge_id = Id::new(0, 0, None, None, "mqtt-uplink-bridge".into(), None);
         Broker {
             scx,
             local_addrs: Vec::new(),
-            bridge_id,
             max_packet_size: limits.max_packet_size,
             max_topic_levels: limits.max_topic_levels,
             server: std::sync::Mutex::new(None),
@@ -72,7 +62,8 @@ impl Broker {
         }
     }
 
-    /// The broker's context (session registry, for the guard's duplicate client-id policy).
+    /// The broker's context (session registry, for the guard's duplicate client-id policy; message
+    /// routing, for the bridge's local deliveries).
     pub fn context(&self) -> ServerContext {
         self.scx.clone()
     }
@@ -127,30 +118,6 @@ impl Broker {
     /// once per level).
     pub fn max_topic_levels(&self) -> usize {
         self.max_topic_levels
-    }
-
-    /// Publishes a message that came down from the cloud into the local broker.
-    pub async fn publish(&self, topic: &str, payload: Bytes, qos: u8, retain: bool) -> anyhow::Result<()> {
-        let qos = QoS::try_from(qos).map_err(|_| anyhow!("bad QoS {qos}"))?;
-        let p = CodecPublish {
-            dup: false,
-            retain,
-            qos,
-            topic: topic.into(),
-            packet_id: None,
-            payload,
-            properties: Some(PublishProperties::default()),
-        };
-        let p = Publish::from(p).create_time(rmqtt::utils::timestamp_millis());
-        SessionState::forwards(
-            &self.scx,
-            From::from_bridge(self.bridge_id.clone()),
-            p,
-            false,
-            None,
-        )
-        .await
-        .map_err(|e| anyhow!("local publish to {topic}: {e}"))
     }
 
     /// Number of connected device sessions.

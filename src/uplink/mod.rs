@@ -15,31 +15,36 @@
 //! about a second of the cloud's return; a cloud that answers and refuses (TLS, CONNACK, SSH login)
 //! and a session that never worked get the jittered doubling from `backoff_min` to `backoff_max`, as
 //! does everything after the window.
+//!
+//! The decisions are made by two state machines that do no I/O, in `core`: `core::Session` (the MQTT
+//! session: window, acknowledgements, subscriptions, health check) and `core::Failover` (which
+//! transport, when to fail over, return or wait). This module and `session` are their async shell:
+//! they open transports, read, write, probe and sleep, and do what the cores say.
 
 pub mod backoff;
+pub mod core;
 pub mod decode;
 pub mod link;
 pub mod session;
 pub mod subscriptions;
 pub mod tls;
 
-use std::collections::HashSet;
-use std::num::NonZeroU16;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::hooks::SharedRoutes;
+use crate::bridge::inbound::Inbound;
 use crate::broker::Broker;
 use crate::config;
 use crate::outbox::Outbox;
-use crate::transport::Transport;
-use backoff::{Backoff, HEALTHY_RESET, RECOVERY_WINDOW};
-use session::{Identity, Wiring};
+use crate::transport::{BoxStream, Transport};
+use backoff::Backoff;
+use core::{Failover, Next, Probed, Session, Step, WaitKind};
+use session::{Conn, Identity, Wiring};
 use subscriptions::{Filters, Ledger};
 use tls::TlsClient;
 
@@ -69,50 +74,30 @@ impl UplinkState {
 
 /// Everything the uplink task needs; built by the appliance from the config.
 pub struct UplinkTask {
-    pub identity: Identity,
-    pub broker_label: String,
-    /// In order of preference.
-    pub transports: Vec<Arc<dyn Transport>>,
-    /// `None` for a plaintext `mqtt://` broker.
-    pub tls: Option<TlsClient>,
-    pub routes: SharedRoutes,
+    dialer: Dialer,
+    broker_label: String,
+    /// The cloud-to-site half of the bridge, which takes every message from the cloud.
+    bridge: Inbound,
     /// The cloud subscriptions the `in` mappings want (updated by a reload).
-    pub wanted: watch::Receiver<Filters>,
+    wanted: watch::Receiver<Filters>,
     /// What the cloud's persistent session may hold (saved in the state dir).
-    pub ledger: Mutex<Ledger>,
-    /// QoS 2 packet ids from the cloud awaiting their PUBREL (see [`Wiring::qos2`]).
-    pub qos2: Mutex<HashSet<NonZeroU16>>,
-    pub outbox: Outbox,
-    pub broker: Arc<Broker>,
-    pub state: watch::Sender<UplinkState>,
-    pub backoff: Backoff,
+    ledger: Ledger,
+    outbox: Outbox,
+    state: watch::Sender<UplinkState>,
+    backoff: Backoff,
     /// While on a fallback, how often the preferred transports are probed.
-    pub probe_interval: Duration,
+    probe_interval: Duration,
     /// How long a preferred transport must pass every probe before the session returns to it.
-    pub return_after: Duration,
+    return_after: Duration,
 }
 
-/// How a pass down the chain ended.
-enum Ended {
-    Shutdown,
-    /// No transport of the pass gave a session. `refused`: at least one reached something that said
-    /// no (TLS, CONNACK, SSH login or host key), so the uplink backs off as usual.
-    NoSession {
-        error: anyhow::Error,
-        refused: bool,
-    },
-    /// The session on transport `from` failed its health check or its stream: try the next one now.
-    /// `healthy`: before that, the cloud acknowledged a message or answered a health check, or the
-    /// session lasted `HEALTHY_RESET`.
-    Failed {
-        from: usize,
-        error: anyhow::Error,
-        healthy: bool,
-    },
-    /// A preferred transport has been healthy for `return_after`: go back to it now.
-    Return {
-        to: usize,
-    },
+/// How to reach the cloud broker: the transport chain (in order of preference), TLS, and who the
+/// uplink is there.
+struct Dialer {
+    identity: Identity,
+    transports: Vec<Arc<dyn Transport>>,
+    /// `None` for a plaintext `mqtt://` broker.
+    tls: Option<TlsClient>,
 }
 
 /// Why one transport gave no session.
@@ -121,31 +106,15 @@ struct NoSession {
     refused: bool,
 }
 
-/// Prompt retries are logged at warn level at most once per this; the ones in between at debug.
-const QUIET_LOG: Duration = Duration::from_secs(10);
-
-/// Log throttle of prompt retries: when one was last logged and how many were not since.
-#[derive(Default)]
-struct Quiet {
-    last: Option<Instant>,
-    held: u64,
-}
-
-impl Quiet {
-    fn due(&self) -> bool {
-        self.last.is_none_or(|t| t.elapsed() >= QUIET_LOG)
-    }
-
-    /// `Some(retries not logged since the last one)` when this one is to be logged.
-    fn take(&mut self) -> Option<u64> {
-        if self.due() {
-            self.last = Some(Instant::now());
-            Some(std::mem::take(&mut self.held))
-        } else {
-            self.held += 1;
-            None
-        }
-    }
+/// How a connection ended.
+enum Carried {
+    Shutdown,
+    /// It failed (or was ended for a return to a preferred transport); `proven`: the cloud had
+    /// acknowledged a message or answered a health check.
+    Ended {
+        error: anyhow::Error,
+        proven: bool,
+    },
 }
 
 /// Whether a transport's failure to give a stream means the cloud (or the way to it) is down, rather
@@ -168,8 +137,6 @@ fn unreachable(e: &anyhow::Error) -> bool {
     true
 }
 
-use session::Conn;
-
 impl UplinkTask {
     /// Builds the task for a validated `[uplink]`; `state_dir` keeps the subscription ledger.
     #[allow(clippy::too_many_arguments)]
@@ -189,27 +156,27 @@ impl UplinkTask {
             None
         };
         Ok(UplinkTask {
-            identity: Identity {
-                client_id: cfg.client_id.clone(),
-                username: cfg.username.clone(),
-                password: cfg.password.clone(),
-                keepalive: cfg.keepalive,
-                max_inflight: cfg.max_inflight,
-                connect_timeout: cfg.connect_timeout,
-                health_interval: cfg.health_interval,
-                health_timeout: cfg.health_timeout,
-                max_packet_size: broker.max_packet_size(),
-                max_in_msgs_per_s: cfg.max_in_msgs_per_s,
+            dialer: Dialer {
+                identity: Identity {
+                    client_id: cfg.client_id.clone(),
+                    username: cfg.username.clone(),
+                    password: cfg.password.clone(),
+                    keepalive: cfg.keepalive,
+                    max_inflight: cfg.max_inflight,
+                    connect_timeout: cfg.connect_timeout,
+                    health_interval: cfg.health_interval,
+                    health_timeout: cfg.health_timeout,
+                    max_packet_size: broker.max_packet_size(),
+                    max_in_msgs_per_s: cfg.max_in_msgs_per_s,
+                },
+                transports,
+                tls,
             },
             broker_label: cfg.broker.to_string(),
-            transports,
-            tls,
-            routes,
+            bridge: Inbound::new(routes, &broker),
             wanted,
-            ledger: Mutex::new(Ledger::load(state_dir)),
-            qos2: Mutex::new(HashSet::new()),
+            ledger: Ledger::load(state_dir),
             outbox,
-            broker,
             state,
             backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max),
             probe_interval: cfg.probe_interval,
@@ -217,246 +184,208 @@ impl UplinkTask {
         })
     }
 
-    /// Runs until `shutdown` is cancelled.
+    /// Runs until `shutdown` is cancelled: asks the failover core what to do, does it, and tells it
+    /// how it went.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let n = self.transports.len();
-        // Where the next pass down the chain starts, and the transport that carried the last session.
-        let mut start = 0usize;
-        let mut last: Option<usize> = None;
-        // Immediate failovers since the last backoff: at most one lap of the chain, so a chain whose
-        // every transport connects and then fails still backs off.
-        let mut hops = 0usize;
-        // When the last healthy session was lost: for RECOVERY_WINDOW after it, an unreachable cloud
-        // is retried promptly (a refusing one still gets the doubling backoff).
-        let mut recovering: Option<Instant> = None;
-        let mut quiet = Quiet::default();
+        let transports = self.dialer.transports.clone();
+        let mut failover = Failover::new(transports.len(), self.backoff.clone(), self.return_after);
+        let mut session = Session::new(self.dialer.identity.settings(), self.ledger.held().clone());
+        let mut last_error = anyhow::anyhow!("no transport configured");
         while !shutdown.is_cancelled() {
-            let in_window = recovering.is_some_and(|t| t.elapsed() < RECOVERY_WINDOW);
-            let loud = !in_window || quiet.due();
-            let (error, refused) = match self.attempt(start, &mut last, &shutdown, loud).await {
-                Ended::Shutdown => break,
-                Ended::Return { to } => {
-                    hops = 0;
-                    start = to;
-                    continue;
-                }
-                Ended::Failed { from, error, healthy } => {
-                    if healthy {
-                        self.backoff.reset();
-                        recovering = Some(Instant::now());
-                        quiet = Quiet::default();
+            match failover.poll(Instant::now()) {
+                Step::Connect {
+                    transport: i,
+                    pass_start,
+                    loud,
+                } => {
+                    if pass_start {
+                        self.state.send_replace(UplinkState::Connecting);
                     }
-                    if hops + 1 < n {
-                        hops += 1;
+                    let t = &transports[i];
+                    let opened = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        r = self.dialer.open(t.as_ref()) => r,
+                    };
+                    let (conn, session_present) = match opened {
+                        Ok(c) => c,
+                        Err(e) => {
+                            if loud {
+                                tracing::warn!(
+                                    transport = t.name(),
+                                    refused = e.refused,
+                                    "uplink transport failed: {:#}",
+                                    e.error
+                                );
+                            } else {
+                                tracing::debug!(
+                                    transport = t.name(),
+                                    refused = e.refused,
+                                    "uplink transport failed: {:#}",
+                                    e.error
+                                );
+                            }
+                            failover.connect_failed(e.refused);
+                            last_error = e.error;
+                            continue;
+                        }
+                    };
+                    if let Some(prev) = failover.connected(Instant::now()) {
+                        crate::ops::metrics::get().transport_switches.inc();
                         tracing::warn!(
-                            transport = self.transports[from].name(),
-                            "uplink transport unhealthy: {error:#}; failing over to the next one"
+                            from = transports[prev].name(),
+                            to = t.name(),
+                            "uplink transport switched"
                         );
-                        start = (from + 1) % n;
-                        continue;
                     }
-                    // A session that never worked is treated like a refusal: a cloud that drops the
-                    // uplink right after CONNACK is backed off from.
-                    (error, !healthy)
+                    crate::ops::metrics::get()
+                        .uplink_connects
+                        .with_label_values(&[t.name()])
+                        .inc();
+                    tracing::info!(
+                        transport = t.name(),
+                        broker = %self.broker_label,
+                        session_present,
+                        queued = self.outbox.depth(),
+                        "uplink connected"
+                    );
+                    self.state
+                        .send_replace(UplinkState::Connected { transport: t.name() });
+                    let (error, proven) = match self
+                        .carry(conn, session_present, &mut session, &mut failover, &shutdown)
+                        .await
+                    {
+                        Carried::Shutdown => break,
+                        Carried::Ended { error, proven } => (error, proven),
+                    };
+                    match failover.session_ended(Instant::now(), proven) {
+                        Next::Return { .. } => {}
+                        Next::FailOver { .. } => tracing::warn!(
+                            transport = t.name(),
+                            "uplink transport unhealthy: {error:#}; failing over to the next one"
+                        ),
+                        Next::Wait => last_error = error,
+                    }
                 }
-                Ended::NoSession { error, refused } => (error, refused),
-            };
-            if shutdown.is_cancelled() {
-                break;
-            }
-            start = 0;
-            hops = 0;
-            let since = recovering.map(|t| t.elapsed());
-            let prompt = !refused && since.is_some_and(|s| s < RECOVERY_WINDOW);
-            if since.is_some_and(|s| s >= RECOVERY_WINDOW) {
-                tracing::warn!(
-                    broker = %self.broker_label,
-                    window = ?RECOVERY_WINDOW,
-                    "cloud still unreachable after the recovery window; backing off as usual"
-                );
-                recovering = None;
-            }
-            let delay = if prompt {
-                self.backoff.prompt_delay()
-            } else {
-                self.backoff.next_delay()
-            };
-            self.state.send_replace(UplinkState::Backoff);
-            if !prompt {
-                tracing::warn!(broker = %self.broker_label, ?delay, refused, "uplink down: {error:#}; reconnecting");
-            } else if let Some(not_logged) = quiet.take() {
-                tracing::warn!(
-                    broker = %self.broker_label,
-                    ?delay,
-                    down_for = ?since.unwrap_or_default(),
-                    retries_not_logged = not_logged,
-                    "uplink down: {error:#}; retrying promptly after a healthy session"
-                );
-            } else {
-                tracing::debug!(broker = %self.broker_label, ?delay, "uplink down: {error:#}; retrying");
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+                Step::Wait(wait) => {
+                    if wait.window_ended {
+                        tracing::warn!(
+                            broker = %self.broker_label,
+                            window = ?backoff::RECOVERY_WINDOW,
+                            "cloud still unreachable after the recovery window; backing off as usual"
+                        );
+                    }
+                    self.state.send_replace(UplinkState::Backoff);
+                    let delay = wait.delay;
+                    let error = &last_error;
+                    match wait.kind {
+                        WaitKind::Backoff => tracing::warn!(
+                            broker = %self.broker_label,
+                            ?delay,
+                            refused = wait.refused,
+                            "uplink down: {error:#}; reconnecting"
+                        ),
+                        WaitKind::Prompt {
+                            down_for,
+                            logged: Some(not_logged),
+                        } => tracing::warn!(
+                            broker = %self.broker_label,
+                            ?delay,
+                            ?down_for,
+                            retries_not_logged = not_logged,
+                            "uplink down: {error:#}; retrying promptly after a healthy session"
+                        ),
+                        WaitKind::Prompt { logged: None, .. } => {
+                            tracing::debug!(broker = %self.broker_label, ?delay, "uplink down: {error:#}; retrying")
+                        }
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
             }
         }
         self.state.send_replace(UplinkState::Stopped);
     }
 
-    /// One pass down the chain from `start` (wrapping round once); runs the session it gets. `loud`:
-    /// a transport's failure is logged at warn level (else debug: a prompt retry between logs).
-    async fn attempt(
-        &self,
-        start: usize,
-        last: &mut Option<usize>,
-        shutdown: &CancellationToken,
-        loud: bool,
-    ) -> Ended {
-        self.state.send_replace(UplinkState::Connecting);
-        let n = self.transports.len();
-        let mut last_err = anyhow::anyhow!("no transport configured");
-        let mut refused = false;
-        for i in (0..n).map(|k| (start + k) % n) {
-            let t = &self.transports[i];
-            let opened = tokio::select! {
-                _ = shutdown.cancelled() => return Ended::Shutdown,
-                r = self.open(t.as_ref()) => r,
-            };
-            let (conn, session_present) = match opened {
-                Ok(c) => c,
-                Err(e) => {
-                    if loud {
-                        tracing::warn!(
-                            transport = t.name(),
-                            refused = e.refused,
-                            "uplink transport failed: {:#}",
-                            e.error
-                        );
-                    } else {
-                        tracing::debug!(
-                            transport = t.name(),
-                            refused = e.refused,
-                            "uplink transport failed: {:#}",
-                            e.error
-                        );
-                    }
-                    refused |= e.refused;
-                    last_err = e.error;
-                    continue;
-                }
-            };
-            if let Some(prev) = *last {
-                if prev != i {
-                    crate::ops::metrics::get().transport_switches.inc();
-                    tracing::warn!(
-                        from = self.transports[prev].name(),
-                        to = t.name(),
-                        "uplink transport switched"
-                    );
-                }
-            }
-            *last = Some(i);
-            crate::ops::metrics::get()
-                .uplink_connects
-                .with_label_values(&[t.name()])
-                .inc();
-            tracing::info!(
-                transport = t.name(),
-                broker = %self.broker_label,
-                session_present,
-                queued = self.outbox.depth(),
-                "uplink connected"
-            );
-            self.state
-                .send_replace(UplinkState::Connected { transport: t.name() });
-            return self.carry(i, conn, session_present, shutdown).await;
-        }
-        Ended::NoSession {
-            error: last_err,
-            refused,
-        }
-    }
-
-    /// Runs the session over transport `i`; while `i` is a fallback, probes the preferred ones.
+    /// Runs the session over the transport `failover` has it on; while that is a fallback, probes
+    /// the preferred ones, and ends the session (DISCONNECT) when one gets it back.
     async fn carry(
-        &self,
-        i: usize,
+        &mut self,
         conn: Conn,
         session_present: bool,
+        core: &mut Session,
+        failover: &mut Failover,
         shutdown: &CancellationToken,
-    ) -> Ended {
-        let since = Instant::now();
-        let proven = AtomicBool::new(false);
+    ) -> Carried {
         let stop = shutdown.child_token();
         let wiring = Wiring {
-            routes: &self.routes,
             outbox: &self.outbox,
-            broker: &self.broker,
+            bridge: &self.bridge,
             wanted: self.wanted.clone(),
-            ledger: &self.ledger,
-            qos2: &self.qos2,
-            proven: &proven,
+            ledger: &mut self.ledger,
         };
-        let session = session::run(conn, session_present, &self.identity, wiring, &stop);
+        let probing = !failover.probe_targets().is_empty();
+        let dialer = &self.dialer;
+        let probe_interval = self.probe_interval;
+        let session = session::run(conn, session_present, core, wiring, &stop);
         let prober = async {
-            let to = self.probe_preferred(i, &stop).await;
+            dialer.probe_preferred(failover, probe_interval, &stop).await;
             stop.cancel();
-            to
         };
         tokio::pin!(session, prober);
-        let mut back_to = None;
-        let result = loop {
+        let mut prober_done = false;
+        let ended = loop {
             tokio::select! {
-                r = &mut session => break r,
-                to = &mut prober, if i > 0 && back_to.is_none() => back_to = to,
+                ended = &mut session => break ended,
+                () = &mut prober, if probing && !prober_done => prober_done = true,
             }
         };
-        match (back_to, result) {
-            _ if shutdown.is_cancelled() => Ended::Shutdown,
-            (Some(to), _) => Ended::Return { to },
-            (None, result) => Ended::Failed {
-                from: i,
-                error: result
-                    .err()
-                    .unwrap_or_else(|| anyhow::anyhow!("the session ended")),
-                healthy: proven.load(Ordering::Relaxed) || since.elapsed() >= HEALTHY_RESET,
-            },
+        if shutdown.is_cancelled() {
+            return Carried::Shutdown;
+        }
+        Carried::Ended {
+            error: ended
+                .result
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("the session ended")),
+            proven: ended.proven,
         }
     }
+}
 
-    /// Probes transports `0..active` every `probe_interval`; returns the most preferred one that has
-    /// passed every probe for `return_after` (or `None` on cancellation).
-    async fn probe_preferred(&self, active: usize, cancel: &CancellationToken) -> Option<usize> {
-        let mut healthy_since: Vec<Option<Instant>> = vec![None; active];
+impl Dialer {
+    /// Probes the transports before the carrying one every `interval` until one has passed every
+    /// probe for `return_after` ([`Probed::Return`]) or `cancel` fires.
+    async fn probe_preferred(&self, failover: &mut Failover, interval: Duration, cancel: &CancellationToken) {
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => return None,
-                _ = tokio::time::sleep(self.probe_interval) => {}
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
             }
-            for (j, since) in healthy_since.iter_mut().enumerate() {
+            for j in failover.probe_targets() {
                 let t = &self.transports[j];
                 let ok = tokio::select! {
-                    _ = cancel.cancelled() => return None,
+                    _ = cancel.cancelled() => return,
                     r = self.probe(t.as_ref()) => r,
                 };
-                match ok {
-                    Ok(()) => {
-                        let since = *since.get_or_insert_with(Instant::now);
-                        tracing::debug!(transport = t.name(), healthy_for = ?since.elapsed(), "probe passed");
-                        if since.elapsed() >= self.return_after {
-                            tracing::info!(
-                                transport = t.name(),
-                                healthy_for = ?since.elapsed(),
-                                "preferred uplink transport is healthy again; returning to it"
-                            );
-                            return Some(j);
-                        }
+                let verdict = failover.probe_result(j, ok.is_ok(), Instant::now());
+                match (verdict, ok) {
+                    (Probed::Passed { healthy_for }, _) => {
+                        tracing::debug!(transport = t.name(), ?healthy_for, "probe passed")
                     }
-                    Err(e) => {
-                        if since.take().is_some() {
-                            tracing::info!(transport = t.name(), "probe failed again: {e:#}");
-                        }
+                    (Probed::Return { healthy_for }, _) => {
+                        tracing::info!(
+                            transport = t.name(),
+                            ?healthy_for,
+                            "preferred uplink transport is healthy again; returning to it"
+                        );
+                        return;
                     }
+                    (Probed::Failed { again: true }, Err(e)) => {
+                        tracing::info!(transport = t.name(), "probe failed again: {e:#}")
+                    }
+                    (Probed::Failed { .. }, _) => {}
                 }
             }
         }
@@ -486,13 +415,13 @@ impl UplinkTask {
     }
 
     /// A stream over `t`, wrapped in TLS for an `mqtts://` broker; each step within `connect_timeout`.
-    async fn stream(&self, t: &dyn Transport) -> anyhow::Result<crate::transport::BoxStream> {
+    async fn stream(&self, t: &dyn Transport) -> anyhow::Result<BoxStream> {
         let raw = self.raw(t).await?;
         self.secure(raw).await
     }
 
     /// The transport's own stream, within `connect_timeout`.
-    async fn raw(&self, t: &dyn Transport) -> anyhow::Result<crate::transport::BoxStream> {
+    async fn raw(&self, t: &dyn Transport) -> anyhow::Result<BoxStream> {
         let deadline = self.identity.connect_timeout;
         tokio::time::timeout(deadline, t.connect())
             .await
@@ -500,10 +429,7 @@ impl UplinkTask {
     }
 
     /// TLS over `stream` for an `mqtts://` broker, within `connect_timeout`.
-    async fn secure(
-        &self,
-        stream: crate::transport::BoxStream,
-    ) -> anyhow::Result<crate::transport::BoxStream> {
+    async fn secure(&self, stream: BoxStream) -> anyhow::Result<BoxStream> {
         let deadline = self.identity.connect_timeout;
         Ok(match &self.tls {
             Some(tls) => tokio::time::timeout(deadline, tls.wrap(stream))

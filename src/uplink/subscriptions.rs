@@ -60,8 +60,9 @@ impl Change {
 }
 
 /// The filters the cloud's persistent session may hold, saved in the state dir (`None`: memory only).
-/// Conservative: a filter is added when its SUBSCRIBE is sent and removed only on the UNSUBACK, so an
-/// interrupted session can only leave an extra, harmless UNSUBSCRIBE for the next one.
+/// What goes in is decided by the session core (`core::Session`, conservative: a filter is added
+/// when its SUBSCRIBE is about to be sent and removed only on the UNSUBACK, so an interrupted session
+/// can only leave an extra, harmless UNSUBSCRIBE for the next one); this only keeps the file.
 #[derive(Debug)]
 pub struct Ledger {
     path: Option<PathBuf>,
@@ -90,32 +91,10 @@ impl Ledger {
         &self.held
     }
 
-    /// The cloud has no session for us (CONNACK without session present): it holds nothing.
-    pub fn forget_all(&mut self) {
-        if !self.held.is_empty() {
-            self.held.clear();
-            self.save();
-        }
-    }
-
-    /// A SUBSCRIBE for `filters` is about to be sent.
-    pub fn subscribing(&mut self, filters: &[(String, u8)]) {
-        let mut changed = false;
-        for (f, q) in filters {
-            changed |= self.held.insert(f.clone(), *q) != Some(*q);
-        }
-        if changed {
-            self.save();
-        }
-    }
-
-    /// The cloud acknowledged the UNSUBSCRIBE of `filters`.
-    pub fn unsubscribed(&mut self, filters: &[String]) {
-        let before = self.held.len();
-        for f in filters {
-            self.held.remove(f);
-        }
-        if self.held.len() != before {
+    /// The cloud session may now hold `held`: written when it changed.
+    pub fn remember(&mut self, held: &Filters) {
+        if *held != self.held {
+            self.held = held.clone();
             self.save();
         }
     }
@@ -168,17 +147,20 @@ mod tests {
     }
 
     #[test]
-    fn ledger_survives_a_restart_and_drops_only_acknowledged_unsubscribes() {
+    fn ledger_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let mut l = Ledger::load(Some(dir.path()));
         assert!(l.held().is_empty());
-        l.subscribing(&[("x/cmd/#".into(), 1), ("x/cfg/+".into(), 0)]);
+        l.remember(&filters(&[("x/cmd/#", 1), ("x/cfg/+", 0)]));
         let mut again = Ledger::load(Some(dir.path()));
         assert_eq!(again.held(), &filters(&[("x/cmd/#", 1), ("x/cfg/+", 0)]));
-        again.unsubscribed(&["x/cfg/+".into()]);
+        again.remember(&filters(&[("x/cmd/#", 1)]));
         assert_eq!(Ledger::load(Some(dir.path())).held(), &filters(&[("x/cmd/#", 1)]));
-        again.forget_all();
+        again.remember(&Filters::new());
         assert!(Ledger::load(Some(dir.path())).held().is_empty());
+        let mut memory = Ledger::load(None);
+        memory.remember(&filters(&[("a", 1)]));
+        assert_eq!(memory.held(), &filters(&[("a", 1)]));
     }
 
     #[test]

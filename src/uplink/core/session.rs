@@ -1,0 +1,689 @@
+//! The uplink's MQTT 3.1.1 session to the cloud broker, as a state machine that does no I/O.
+//!
+//! One [`Session`] lives as long as the uplink, across connections and transports: what must
+//! outlive a connection (the subscriptions the cloud's persistent session may hold, the QoS 2
+//! exchanges the cloud has not released, the wanted subscriptions) is kept here; the rest (in-flight
+//! window, pending SUBSCRIBEs, health check, read pacing) is reset by [`Session::connected`] and
+//! dropped by [`Session::disconnected`].
+//!
+//! Events in: [`connected`](Session::connected) / [`disconnected`](Session::disconnected)
+//! (transport up after CONNACK / down), [`offer`](Session::offer) and
+//! [`offer_qos0`](Session::offer_qos0) (the outbox has messages),
+//! [`handle_packet`](Session::handle_packet) (packet received),
+//! [`delivered`](Session::delivered) (a cloud message reached the local broker),
+//! [`set_wanted`](Session::set_wanted) (wanted subscriptions changed) and
+//! [`handle_timeout`](Session::handle_timeout) (a tick: the time of [`poll_timeout`](Session::poll_timeout)
+//! has come). Time is always passed in.
+//!
+//! Actions out, through [`poll_action`](Session::poll_action), performed in order: send a packet,
+//! acknowledge an outbox sequence number, discard an undeliverable one, deliver to the local broker,
+//! count a drop, remember the cloud's subscriptions. The contract with the shell:
+//! - a `Deliver` is answered with [`delivered`](Session::delivered) once the local broker has the
+//!   message, before the next event; if delivery fails, the shell ends the connection instead (the
+//!   message is then not acknowledged upstream, and the cloud sends it again);
+//! - `Send` packets may be buffered, and are flushed once the queue is empty;
+//! - a failed write ends the connection ([`disconnected`](Session::disconnected)).
+//!
+//! The promises kept here: an outbox message is acknowledged (deleted) only on the cloud's PUBACK
+//! for the packet id it was sent with, so nothing the devices were acknowledged is lost across
+//! disconnects; a new connection sends again everything unacknowledged, oldest first, so order is
+//! kept per mapping (a message may arrive twice, which QoS 1 allows); at most `max_inflight` messages
+//! are unacknowledged at a time.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::num::NonZeroU16;
+use std::time::{Duration, Instant};
+
+use rmqtt::codec::types::{Publish, QoS};
+use rmqtt::codec::v3::{Packet, SubscribeReturnCode};
+
+use crate::bridge::inbound::CloudMessage;
+use crate::broker::drops;
+use crate::outbox::OutMessage;
+use crate::uplink::decode::{Discarded, Inbound, Why};
+use crate::uplink::subscriptions::{Change, Filters};
+
+/// QoS 0 messages taken per loop turn, so they never starve QoS 1 traffic or acknowledgements.
+pub const QOS0_BATCH: usize = 256;
+
+/// How the session behaves; from `[uplink]`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Outbox messages unacknowledged at a time, at most.
+    pub max_inflight: u16,
+    /// An MQTT round trip (PINGREQ/PINGRESP) is made this often; it also serves as the keepalive, so
+    /// it is never longer than the keepalive.
+    pub health_every: Duration,
+    /// ... and must complete within this, or the connection is declared unhealthy.
+    pub health_timeout: Duration,
+    /// Cloud messages taken per second at most; over it the session pauses reading.
+    pub max_in_msgs_per_s: u32,
+}
+
+/// Something the shell must do. Performed in order.
+#[derive(Debug)]
+pub enum Action {
+    /// Write this packet to the cloud broker.
+    Send(Packet),
+    /// The cloud acknowledged outbox message `seq`: delete it.
+    Ack(u64),
+    /// Outbox message `seq` can never be sent (`why`): drop it (counted and logged by the outbox).
+    Discard { seq: u64, why: String },
+    /// Hand this cloud message to the bridge for the local broker, then report
+    /// [`Session::delivered`] with `ack` (the acknowledgement upstream follows it).
+    Deliver { message: CloudMessage, ack: Delivery },
+    /// A message dropped here: count and log it.
+    Drop(Dropped),
+    /// The filters the cloud's persistent session may hold changed: persist them (the ledger), before
+    /// the packets that follow are sent.
+    Remember(Filters),
+}
+
+/// A cloud message handed out for delivery, to be reported back with [`Session::delivered`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    qos: QoS,
+    packet_id: Option<NonZeroU16>,
+}
+
+/// A message the session drops itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dropped {
+    /// A cloud PUBLISH the decoder read and discarded whole (it has been acknowledged).
+    Discarded(Discarded),
+    /// A QoS 0 outbox message MQTT cannot carry.
+    Qos0Undeliverable(String),
+}
+
+/// Drop reasons of cloud messages discarded by the uplink (labels of `mqtt_uplink_dropped_total`).
+pub mod reason {
+    pub use crate::bridge::reason::{TOO_DEEP, TOO_LARGE};
+    pub const TOPIC_NOT_UTF8: &str = "cloud message topic not UTF-8";
+    pub const MALFORMED: &str = "cloud message malformed";
+}
+
+impl Dropped {
+    /// The reason, as counted in `mqtt_uplink_dropped_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Dropped::Discarded(d) => match d.why {
+                Why::TooLarge { .. } => reason::TOO_LARGE,
+                Why::TopicNotUtf8 => reason::TOPIC_NOT_UTF8,
+                Why::Malformed(_) => reason::MALFORMED,
+            },
+            Dropped::Qos0Undeliverable(_) => crate::outbox::reason::UNDELIVERABLE,
+        }
+    }
+}
+
+/// Why a connection must end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("health check failed: no PINGRESP within {0:?}")]
+    HealthCheck(Duration),
+}
+
+/// A SUBSCRIBE or UNSUBSCRIBE waiting for its acknowledgement.
+#[derive(Debug)]
+enum Pending {
+    Subscribe(Vec<(String, u8)>),
+    Unsubscribe(Vec<String>),
+}
+
+/// The state of one connection.
+struct Connection {
+    pids: PacketIds,
+    /// SUBSCRIBE/UNSUBSCRIBE awaiting their acknowledgement, by packet id.
+    pending: HashMap<NonZeroU16, Pending>,
+    /// The filters this connection has asked for.
+    subscribed: Filters,
+    /// In flight: packet id -> outbox sequence number.
+    inflight: HashMap<NonZeroU16, u64>,
+    /// Highest sequence number sent on this connection (a new one starts again from the oldest).
+    cursor: u64,
+    /// When the next PINGREQ is due (while none is outstanding).
+    next_ping: Instant,
+    /// When the outstanding PINGREQ must have been answered.
+    ping_deadline: Option<Instant>,
+    rate: InRate,
+    /// Reading is paused until then (over `max_in_msgs_per_s`; the cloud keeps the rest).
+    paused_until: Option<Instant>,
+    /// The cloud acknowledged one of our messages or answered a health check.
+    proven: bool,
+}
+
+/// The uplink's MQTT session. See the module documentation for its events and actions.
+pub struct Session {
+    settings: Settings,
+    /// The cloud subscriptions the `in` mappings want.
+    wanted: Filters,
+    /// What the cloud's persistent session may hold: a filter is added before its SUBSCRIBE is sent
+    /// and removed only on the UNSUBACK, so an interrupted connection can only leave an extra,
+    /// harmless UNSUBSCRIBE for the next one.
+    held: Filters,
+    /// QoS 2 packet ids received from the cloud, delivered and not yet released (PUBREL): a resend of
+    /// one is acknowledged, not delivered again. Kept across connections, as the cloud's session is.
+    qos2: HashSet<NonZeroU16>,
+    conn: Option<Connection>,
+    actions: VecDeque<Action>,
+}
+
+impl Session {
+    /// A session, not connected; `held` is what the ledger says the cloud may hold.
+    pub fn new(settings: Settings, held: Filters) -> Self {
+        Session {
+            settings,
+            wanted: Filters::new(),
+            held,
+            qos2: HashSet::new(),
+            conn: None,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next action, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) is next due, if connected.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let c = self.conn.as_ref()?;
+        if let Some(p) = c.paused_until {
+            // The PINGRESP may be queued behind the very messages the pause holds back: the
+            // deadline is not checked while paused (it moves by the pause on resume).
+            return Some(p);
+        }
+        Some(c.ping_deadline.unwrap_or(c.next_ping))
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Whether to read from the cloud now (false while pacing pauses reading).
+    pub fn reading(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.paused_until.is_none())
+    }
+
+    /// Whether the current connection has worked: the cloud acknowledged a message or answered a
+    /// health check.
+    pub fn proven(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.proven)
+    }
+
+    /// Outbox messages in flight on this connection.
+    pub fn in_flight(&self) -> usize {
+        self.conn.as_ref().map_or(0, |c| c.inflight.len())
+    }
+
+    /// What the window can take from the outbox: `(after, max)`, the messages with a sequence number
+    /// above `after`, at most `max` of them. `None` when not connected or the window is full.
+    pub fn outbox_wanted(&self) -> Option<(u64, usize)> {
+        let c = self.conn.as_ref()?;
+        let room = usize::from(self.settings.max_inflight).saturating_sub(c.inflight.len());
+        (room > 0).then_some((c.cursor, room))
+    }
+
+    /// How many QoS 0 messages to offer now.
+    pub fn qos0_wanted(&self) -> usize {
+        if self.conn.is_some() {
+            QOS0_BATCH
+        } else {
+            0
+        }
+    }
+
+    /// The filters the cloud's session may hold.
+    pub fn held(&self) -> &Filters {
+        &self.held
+    }
+
+    /// Event: the transport is up and the cloud accepted the CONNECT; `session_present` is the
+    /// CONNACK's (without it the cloud holds no subscription and no QoS 2 exchange of ours).
+    pub fn connected(&mut self, now: Instant, session_present: bool) {
+        if !session_present {
+            self.qos2.clear();
+            if !self.held.is_empty() {
+                self.held.clear();
+                self.actions.push_back(Action::Remember(self.held.clone()));
+            }
+        }
+        self.conn = Some(Connection {
+            pids: PacketIds::default(),
+            pending: HashMap::new(),
+            subscribed: self.wanted.clone(),
+            inflight: HashMap::new(),
+            cursor: 0,
+            next_ping: now + self.settings.health_every,
+            ping_deadline: None,
+            rate: InRate::new(self.settings.max_in_msgs_per_s, now),
+            paused_until: None,
+            proven: false,
+        });
+        // Every wanted filter is subscribed again (the cloud may have lost it); filters only the
+        // ledger remembers are taken back.
+        let change = Change {
+            unsubscribe: Change::between(&self.held, &self.wanted).unsubscribe,
+            subscribe: self.wanted.iter().map(|(f, q)| (f.clone(), *q)).collect(),
+        };
+        self.apply(change);
+    }
+
+    /// Event: the connection is gone (closed, failed, or ended by the shell). Packets not yet sent
+    /// and cloud messages not yet delivered are dropped (unacknowledged, the cloud sends them again);
+    /// everything in flight is sent again on the next connection. Returns whether the connection had
+    /// worked ([`proven`](Self::proven)).
+    pub fn disconnected(&mut self) -> bool {
+        let proven = self.proven();
+        self.conn = None;
+        self.actions
+            .retain(|a| !matches!(a, Action::Send(_) | Action::Deliver { .. }));
+        proven
+    }
+
+    /// Event: the `in` mappings want these cloud subscriptions. On a live connection the difference
+    /// is sent at once (UNSUBSCRIBE, then SUBSCRIBE); otherwise the next connection subscribes them.
+    pub fn set_wanted(&mut self, wanted: Filters) {
+        self.wanted = wanted;
+        let Some(c) = self.conn.as_mut() else { return };
+        let change = Change::between(&c.subscribed, &self.wanted);
+        c.subscribed = self.wanted.clone();
+        if !change.is_empty() {
+            tracing::info!(
+                unsubscribe = ?change.unsubscribe,
+                subscribe = ?change.subscribe,
+                "`in` mappings changed: updating the cloud subscriptions"
+            );
+            self.apply(change);
+        }
+    }
+
+    /// Event: the outbox has these messages (from [`outbox_wanted`](Self::outbox_wanted)), oldest
+    /// first. Those beyond the window are not taken (nor skipped: they are asked for again).
+    pub fn offer(&mut self, batch: impl IntoIterator<Item = (u64, OutMessage)>) {
+        let max = usize::from(self.settings.max_inflight);
+        let Some(c) = self.conn.as_mut() else { return };
+        for (seq, m) in batch {
+            if c.inflight.len() >= max {
+                break;
+            }
+            if seq <= c.cursor {
+                continue;
+            }
+            c.cursor = seq;
+            // One message MQTT cannot carry must not fail every connection and block the queue.
+            if let Some(why) = m.undeliverable() {
+                self.actions.push_back(Action::Discard { seq, why });
+                continue;
+            }
+            let pid = c
+                .pids
+                .next_free(|id| c.inflight.contains_key(&id) || c.pending.contains_key(&id));
+            c.inflight.insert(pid, seq);
+            self.actions
+                .push_back(Action::Send(publish(m, QoS::AtLeastOnce, Some(pid))));
+        }
+    }
+
+    /// Event: a QoS 0 message from the outbox's best-effort lane (sent at once, never acknowledged).
+    pub fn offer_qos0(&mut self, m: OutMessage) {
+        if self.conn.is_none() {
+            return;
+        }
+        match m.undeliverable() {
+            Some(why) => self
+                .actions
+                .push_back(Action::Drop(Dropped::Qos0Undeliverable(why))),
+            None => self
+                .actions
+                .push_back(Action::Send(publish(m, QoS::AtMostOnce, None))),
+        }
+    }
+
+    /// Event: a packet (or a PUBLISH the decoder discarded) arrived from the cloud at `now`.
+    pub fn handle_packet(&mut self, now: Instant, inbound: Inbound) {
+        if self.conn.is_none() {
+            return;
+        }
+        let packet = match inbound {
+            Inbound::Packet(p) => p,
+            Inbound::Discarded(d) => {
+                // Acknowledged, so the cloud does not send it at every reconnect.
+                if let Ok(qos) = QoS::try_from(d.qos) {
+                    self.acknowledge(qos, d.packet_id);
+                }
+                self.actions.push_back(Action::Drop(Dropped::Discarded(d)));
+                self.take_in(now);
+                return;
+            }
+        };
+        match packet {
+            Packet::PublishAck { packet_id } => {
+                let c = self.conn.as_mut().expect("connected");
+                match c.inflight.remove(&packet_id) {
+                    Some(seq) => {
+                        self.actions.push_back(Action::Ack(seq));
+                        c.proven = true;
+                    }
+                    None => tracing::debug!(packet_id, "PUBACK for a packet id not in flight; ignored"),
+                }
+            }
+            Packet::Publish(p) => {
+                self.incoming(*p);
+                self.take_in(now);
+            }
+            Packet::PingResponse => {
+                let c = self.conn.as_mut().expect("connected");
+                c.ping_deadline = None;
+                c.proven = true;
+            }
+            Packet::SubscribeAck { packet_id, status } => {
+                let c = self.conn.as_mut().expect("connected");
+                match c.pending.remove(&packet_id) {
+                    Some(Pending::Subscribe(filters)) => {
+                        for ((filter, _), st) in filters.iter().zip(status) {
+                            match st {
+                                SubscribeReturnCode::Success(q) => {
+                                    tracing::info!(filter = %filter, qos = q.value(), "subscribed on the cloud broker")
+                                }
+                                SubscribeReturnCode::Failure => {
+                                    tracing::error!(filter = %filter, "cloud broker refused the subscription")
+                                }
+                            }
+                        }
+                    }
+                    _ => tracing::debug!(packet_id, "unexpected SUBACK from the cloud broker"),
+                }
+            }
+            Packet::UnsubscribeAck { packet_id } => {
+                let c = self.conn.as_mut().expect("connected");
+                match c.pending.remove(&packet_id) {
+                    Some(Pending::Unsubscribe(filters)) => {
+                        for filter in &filters {
+                            tracing::info!(filter = %filter, "unsubscribed on the cloud broker");
+                        }
+                        let before = self.held.len();
+                        for f in &filters {
+                            self.held.remove(f);
+                        }
+                        if self.held.len() != before {
+                            self.actions.push_back(Action::Remember(self.held.clone()));
+                        }
+                    }
+                    _ => tracing::debug!(packet_id, "unexpected UNSUBACK from the cloud broker"),
+                }
+            }
+            Packet::PublishRelease { packet_id } => {
+                // Answered even for an id we do not know (MQTT-4.3.3: the receiver MUST answer
+                // PUBREL with PUBCOMP): after our restart the cloud resends PUBRELs we no longer
+                // remember, and without the PUBCOMP its session would hold them forever.
+                if !self.qos2.remove(&packet_id) {
+                    tracing::debug!(packet_id, "PUBREL for a packet id not awaiting release");
+                }
+                self.actions
+                    .push_back(Action::Send(Packet::PublishComplete { packet_id }));
+            }
+            other => tracing::debug!(?other, "ignored packet from the cloud broker"),
+        }
+    }
+
+    /// Event: the cloud message handed out with `ack` is in the local broker (or was dropped by the
+    /// bridge, which counted it): acknowledge it upstream.
+    pub fn delivered(&mut self, ack: Delivery) {
+        if self.conn.is_none() {
+            return;
+        }
+        if let (QoS::ExactlyOnce, Some(id)) = (ack.qos, ack.packet_id) {
+            self.qos2.insert(id);
+        }
+        self.acknowledge(ack.qos, ack.packet_id);
+    }
+
+    /// Event: the time of [`poll_timeout`](Self::poll_timeout) has come (`now` may be later). `Err`
+    /// when the connection failed its health check and must end.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Failure> {
+        let every = self.settings.health_every;
+        let timeout = self.settings.health_timeout;
+        let Some(c) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        if let Some(until) = c.paused_until {
+            if now < until {
+                return Ok(());
+            }
+            // Time spent not reading on purpose does not count against the PINGRESP.
+            let paused = c.rate.resumed(now);
+            if let Some(d) = c.ping_deadline.as_mut() {
+                *d += paused;
+            }
+            c.paused_until = None;
+        }
+        match c.ping_deadline {
+            Some(d) if now >= d => return Err(Failure::HealthCheck(timeout)),
+            Some(_) => {}
+            None if now >= c.next_ping => {
+                c.ping_deadline = Some(now + timeout);
+                c.next_ping = now + every;
+                self.actions.push_back(Action::Send(Packet::PingRequest));
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// A cloud PUBLISH: handed out for delivery, unless it is the resend of a QoS 2 message already
+    /// delivered and not yet released, which is acknowledged again and not delivered twice.
+    fn incoming(&mut self, p: Publish) {
+        let qos2_id = p.packet_id.filter(|_| p.qos == QoS::ExactlyOnce);
+        if let Some(id) = qos2_id {
+            if self.qos2.contains(&id) {
+                tracing::debug!(
+                    packet_id = id,
+                    "QoS 2 resend from the cloud broker; acknowledged, not delivered again"
+                );
+                self.acknowledge(p.qos, p.packet_id);
+                return;
+            }
+        }
+        self.actions.push_back(Action::Deliver {
+            message: CloudMessage {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos.value(),
+                retain: p.retain,
+            },
+            ack: Delivery {
+                qos: p.qos,
+                packet_id: p.packet_id,
+            },
+        });
+    }
+
+    fn acknowledge(&mut self, qos: QoS, packet_id: Option<NonZeroU16>) {
+        let packet = match (qos, packet_id) {
+            (QoS::AtLeastOnce, Some(packet_id)) => Packet::PublishAck { packet_id },
+            (QoS::ExactlyOnce, Some(packet_id)) => Packet::PublishReceived { packet_id },
+            _ => return,
+        };
+        self.actions.push_back(Action::Send(packet));
+    }
+
+    /// One cloud message taken at `now`: pause reading when over the rate.
+    fn take_in(&mut self, now: Instant) {
+        if let Some(c) = self.conn.as_mut() {
+            c.paused_until = c.rate.take(now);
+        }
+    }
+
+    /// Sends `change`: UNSUBSCRIBE first, then SUBSCRIBE, each one packet, recorded as pending; the
+    /// ledger learns of a subscription before it is sent.
+    fn apply(&mut self, change: Change) {
+        let Some(c) = self.conn.as_mut() else { return };
+        if !change.unsubscribe.is_empty() {
+            let packet_id = c
+                .pids
+                .next_free(|id| c.inflight.contains_key(&id) || c.pending.contains_key(&id));
+            let topic_filters = change.unsubscribe.iter().map(|f| f.as_str().into()).collect();
+            self.actions.push_back(Action::Send(Packet::Unsubscribe {
+                packet_id,
+                topic_filters,
+            }));
+            c.pending
+                .insert(packet_id, Pending::Unsubscribe(change.unsubscribe));
+        }
+        if !change.subscribe.is_empty() {
+            let mut changed = false;
+            for (f, q) in &change.subscribe {
+                changed |= self.held.insert(f.clone(), *q) != Some(*q);
+            }
+            if changed {
+                self.actions.push_back(Action::Remember(self.held.clone()));
+            }
+            let packet_id = c
+                .pids
+                .next_free(|id| c.inflight.contains_key(&id) || c.pending.contains_key(&id));
+            let topic_filters = change
+                .subscribe
+                .iter()
+                .map(|(f, q)| (f.as_str().into(), qos(*q)))
+                .collect();
+            self.actions.push_back(Action::Send(Packet::Subscribe {
+                packet_id,
+                topic_filters,
+            }));
+            c.pending.insert(packet_id, Pending::Subscribe(change.subscribe));
+        }
+    }
+}
+
+fn publish(m: OutMessage, qos: QoS, packet_id: Option<NonZeroU16>) -> Packet {
+    Packet::Publish(Box::new(Publish {
+        dup: false,
+        retain: m.retain,
+        qos,
+        topic: m.topic.into(),
+        packet_id,
+        payload: m.payload,
+        properties: None,
+    }))
+}
+
+fn qos(q: u8) -> QoS {
+    if q == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+/// Packet identifiers, handed out in rotation, skipping those in use.
+#[derive(Default)]
+struct PacketIds {
+    last: u16,
+}
+
+impl PacketIds {
+    /// The next id for which `in_use` is false (the window is far below 65,535, so one exists).
+    fn next_free(&mut self, in_use: impl Fn(NonZeroU16) -> bool) -> NonZeroU16 {
+        loop {
+            self.last = self.last.wrapping_add(1);
+            if let Some(id) = NonZeroU16::new(self.last) {
+                if !in_use(id) {
+                    return id;
+                }
+            }
+        }
+    }
+}
+
+/// The cloud -> site rate: a token bucket holding one second's worth. Each message takes a token;
+/// when none is left, [`InRate::take`] says until when to stop reading.
+struct InRate {
+    per_s: f64,
+    tokens: f64,
+    at: Instant,
+    paused_at: Option<Instant>,
+    /// Pauses since the last log line about them, and when that was.
+    pauses: u64,
+    logged: Option<Instant>,
+}
+
+impl InRate {
+    fn new(per_s: u32, now: Instant) -> Self {
+        let per_s = f64::from(per_s.max(1));
+        InRate {
+            per_s,
+            tokens: per_s,
+            at: now,
+            paused_at: None,
+            pauses: 0,
+            logged: None,
+        }
+    }
+
+    /// One message taken at `now`: `Some(until)` when reading must pause until then.
+    fn take(&mut self, now: Instant) -> Option<Instant> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_s).min(self.per_s) - 1.0;
+        self.at = now;
+        if self.tokens >= 0.0 {
+            return None;
+        }
+        self.paused_at = Some(now);
+        self.pauses += 1;
+        if self
+            .logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= drops::LOG_INTERVAL)
+        {
+            tracing::info!(
+                max_in_msgs_per_s = self.per_s,
+                pauses = self.pauses,
+                "cloud messages over max_in_msgs_per_s: reading from the cloud paused (nothing is lost)"
+            );
+            self.logged = Some(now);
+            self.pauses = 0;
+        }
+        Some(now + Duration::from_secs_f64(-self.tokens / self.per_s))
+    }
+
+    /// Reading resumes at `now`; returns how long it was paused.
+    fn resumed(&mut self, now: Instant) -> Duration {
+        self.paused_at
+            .take()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_in_rate_allows_a_one_second_burst_then_paces() {
+        let t0 = Instant::now();
+        let mut r = InRate::new(10, t0);
+        for _ in 0..10 {
+            assert_eq!(r.take(t0), None, "the burst");
+        }
+        let until = r.take(t0).expect("over the rate: pause");
+        assert_eq!(until - t0, Duration::from_millis(100), "one token's time");
+        assert_eq!(r.resumed(until), Duration::from_millis(100));
+        // A token came back while paused; the next one is spent again.
+        assert!(r.take(until).is_some());
+        // After a quiet second the burst is back, not more.
+        let later = until + Duration::from_secs(5);
+        for _ in 0..10 {
+            assert_eq!(r.take(later), None);
+        }
+        assert!(r.take(later).is_some());
+    }
+
+    #[test]
+    fn packet_ids_rotate_and_skip_those_in_use() {
+        let mut ids = PacketIds { last: u16::MAX - 1 };
+        assert_eq!(ids.next_free(|_| false).get(), u16::MAX);
+        // 0 is not an id; 1 is in use.
+        assert_eq!(ids.next_free(|id| id.get() == 1).get(), 2);
+    }
+}

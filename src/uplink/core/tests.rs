@@ -1,0 +1,871 @@
+//! The session core against an in-memory cloud and an in-memory outbox: every event and action,
+//! no sockets, no sleeps (time is a value moved by hand).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::num::NonZeroU16;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rmqtt::codec::types::{Publish, QoS};
+use rmqtt::codec::v3::{Packet, SubscribeReturnCode};
+
+use super::session::{reason, Action, Dropped, Failure, Session, Settings};
+use crate::bridge::inbound::CloudMessage;
+use crate::outbox::OutMessage;
+use crate::uplink::decode::{Discarded, Inbound, Why};
+use crate::uplink::subscriptions::Filters;
+
+fn settings(max_inflight: u16) -> Settings {
+    Settings {
+        max_inflight,
+        health_every: Duration::from_secs(5),
+        health_timeout: Duration::from_secs(2),
+        max_in_msgs_per_s: 1_000,
+    }
+}
+
+fn pid(n: u16) -> NonZeroU16 {
+    NonZeroU16::new(n).unwrap()
+}
+
+fn filters(v: &[(&str, u8)]) -> Filters {
+    v.iter().map(|(f, q)| (f.to_string(), *q)).collect()
+}
+
+/// An outbox message whose payload names its sequence number (so the cloud can tell which it got).
+fn message(seq: u64, mapping: usize) -> OutMessage {
+    OutMessage {
+        mapping,
+        topic: format!("sites/p7/m{mapping}"),
+        payload: Bytes::from(seq.to_string()),
+        qos: 1,
+        retain: false,
+        accepted_ms: 0,
+        user: String::new(),
+    }
+}
+
+/// One PUBLISH as the cloud received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Got {
+    connection: usize,
+    seq: u64,
+    mapping: usize,
+    packet_id: Option<NonZeroU16>,
+}
+
+/// The session, with a model outbox and a model cloud, performing the actions as the shell does.
+struct Rig {
+    s: Session,
+    now: Instant,
+    /// What the devices were acknowledged for and the cloud has not acknowledged: the outbox.
+    outbox: BTreeMap<u64, OutMessage>,
+    next_seq: u64,
+    /// Connections so far (the current one is `connection`).
+    connection: usize,
+    /// Every PUBLISH the cloud got, in order.
+    got: Vec<Got>,
+    /// PUBLISHes of the current connection the cloud has not acknowledged yet, oldest first.
+    cloud_unacked: Vec<(NonZeroU16, u64)>,
+    /// Every packet written, by connection.
+    sent: Vec<(usize, Packet)>,
+    /// Outbox sequence numbers acknowledged (deleted), in order.
+    acked: Vec<u64>,
+    discarded: Vec<u64>,
+    /// Cloud messages delivered locally.
+    local: Vec<CloudMessage>,
+    drops: Vec<Dropped>,
+    /// What the ledger file holds (the last `Remember`).
+    ledger: Option<Filters>,
+    /// The next local delivery fails (the shell then ends the connection).
+    fail_delivery: bool,
+    /// Largest number of unacknowledged outbox PUBLISHes the cloud saw at once.
+    max_window_seen: usize,
+}
+
+impl Rig {
+    fn new(max_inflight: u16) -> Rig {
+        Rig {
+            s: Session::new(settings(max_inflight), Filters::new()),
+            now: Instant::now(),
+            outbox: BTreeMap::new(),
+            next_seq: 1,
+            connection: 0,
+            got: Vec::new(),
+            cloud_unacked: Vec::new(),
+            sent: Vec::new(),
+            acked: Vec::new(),
+            discarded: Vec::new(),
+            local: Vec::new(),
+            drops: Vec::new(),
+            ledger: None,
+            fail_delivery: false,
+            max_window_seen: 0,
+        }
+    }
+
+    /// A device publishes: the message is in the outbox (and the device got its PUBACK).
+    fn accept(&mut self, mapping: usize) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.outbox.insert(seq, message(seq, mapping));
+        seq
+    }
+
+    fn connect(&mut self, session_present: bool) {
+        self.connection += 1;
+        self.cloud_unacked.clear();
+        self.s.connected(self.now, session_present);
+        self.pump();
+    }
+
+    /// The connection drops: whatever the cloud had not acknowledged is forgotten on its side too
+    /// (a new connection's packet ids are new).
+    fn disconnect(&mut self) {
+        self.s.disconnected();
+        self.cloud_unacked.clear();
+    }
+
+    /// What the shell's loop does before it waits: fill the window from the outbox, perform the
+    /// actions, until nothing changes.
+    fn pump(&mut self) {
+        for _ in 0..1_000 {
+            self.perform();
+            let Some((after, max)) = self.s.outbox_wanted() else {
+                return;
+            };
+            let batch: Vec<(u64, OutMessage)> = self
+                .outbox
+                .range(after + 1..)
+                .take(max)
+                .map(|(s, m)| (*s, m.clone()))
+                .collect();
+            if batch.is_empty() {
+                return;
+            }
+            self.s.offer(batch);
+        }
+        panic!("pump did not settle");
+    }
+
+    fn perform(&mut self) {
+        while let Some(a) = self.s.poll_action() {
+            match a {
+                Action::Send(p) => self.wire(p),
+                Action::Ack(seq) => {
+                    assert!(
+                        self.got.iter().any(|g| g.seq == seq),
+                        "seq {seq} acknowledged but the cloud never got it"
+                    );
+                    assert!(self.outbox.remove(&seq).is_some(), "seq {seq} acknowledged twice");
+                    self.acked.push(seq);
+                }
+                Action::Discard { seq, .. } => {
+                    self.outbox.remove(&seq);
+                    self.discarded.push(seq);
+                }
+                Action::Deliver { message, ack } => {
+                    if self.fail_delivery {
+                        self.fail_delivery = false;
+                        self.disconnect();
+                        return;
+                    }
+                    self.local.push(message);
+                    self.s.delivered(ack);
+                }
+                Action::Drop(d) => self.drops.push(d),
+                Action::Remember(f) => self.ledger = Some(f),
+            }
+        }
+    }
+
+    /// The cloud reads a packet we wrote.
+    fn wire(&mut self, p: Packet) {
+        assert!(
+            self.s.is_connected(),
+            "a packet written while disconnected: {p:?}"
+        );
+        if let Packet::Publish(ref publish) = p {
+            if publish.qos == QoS::AtLeastOnce {
+                let seq: u64 = std::str::from_utf8(&publish.payload).unwrap().parse().unwrap();
+                let mapping = publish.topic.trim_start_matches("sites/p7/m").parse().unwrap();
+                self.got.push(Got {
+                    connection: self.connection,
+                    seq,
+                    mapping,
+                    packet_id: publish.packet_id,
+                });
+                self.cloud_unacked.push((publish.packet_id.unwrap(), seq));
+                self.max_window_seen = self.max_window_seen.max(self.cloud_unacked.len());
+            }
+        }
+        self.sent.push((self.connection, p));
+    }
+
+    /// The cloud sends a packet; the session reads it.
+    fn receive(&mut self, p: Packet) {
+        self.s.handle_packet(self.now, Inbound::Packet(p));
+        self.pump();
+    }
+
+    /// The cloud acknowledges its `i`-th unacknowledged PUBLISH (0 = oldest), and the session reads
+    /// the PUBACK unless `lost`.
+    fn cloud_ack(&mut self, i: usize, lost: bool) {
+        let (packet_id, _) = self.cloud_unacked.remove(i);
+        if !lost {
+            self.receive(Packet::PublishAck { packet_id });
+        }
+    }
+
+    /// Packets written on the current connection.
+    fn sent_now(&self) -> Vec<&Packet> {
+        self.sent
+            .iter()
+            .filter(|(c, _)| *c == self.connection)
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    fn cloud_publish(&mut self, topic: &str, qos: QoS, packet_id: Option<u16>, dup: bool) {
+        self.receive(Packet::Publish(Box::new(Publish {
+            dup,
+            retain: false,
+            qos,
+            topic: topic.into(),
+            packet_id: packet_id.map(pid),
+            payload: Bytes::from_static(b"cmd"),
+            properties: None,
+        })));
+    }
+}
+
+/// Runs a device burst of `total` messages through a window of `window` while the cloud
+/// acknowledges in a mixed order; at step `cut` the connection drops (with the PUBACK the cloud
+/// just sent lost in flight when `lose_ack`), and a new one takes over. Returns the rig once the
+/// outbox is empty.
+fn run(total: u64, window: u16, cut: Option<usize>, lose_ack: bool) -> Rig {
+    let mut r = Rig::new(window);
+    // Half the burst is queued while the uplink is down, half arrives while it runs.
+    for i in 0..total / 2 {
+        r.accept((i % 3) as usize);
+    }
+    r.connect(true);
+    let mut step = 0;
+    while !r.outbox.is_empty() {
+        assert!(step < 10_000, "no progress: {:?} left", r.outbox.keys());
+        if r.next_seq <= total {
+            r.accept(((r.next_seq - 1) % 3) as usize);
+            r.pump();
+        }
+        if r.cloud_unacked.is_empty() {
+            // Everything in flight was acknowledged; whatever is left is offered.
+            r.pump();
+            assert!(!r.cloud_unacked.is_empty() || r.outbox.is_empty(), "stalled");
+            step += 1;
+            continue;
+        }
+        // Oldest first mostly, the newest every third step: the cloud may answer out of order.
+        let i = if step % 3 == 2 {
+            r.cloud_unacked.len() - 1
+        } else {
+            0
+        };
+        if cut == Some(step) {
+            r.cloud_ack(i, lose_ack);
+            r.disconnect();
+            r.connect(true);
+        } else {
+            r.cloud_ack(i, false);
+        }
+        step += 1;
+    }
+    r
+}
+
+#[test]
+fn no_acknowledged_message_is_lost_across_a_disconnect_at_any_point_of_the_window() {
+    let total = 24;
+    let window = 4;
+    let steps = {
+        let r = run(total, window, None, false);
+        assert_eq!(r.acked.len() as u64, total);
+        r.got.len()
+    };
+    let mut cuts = 0;
+    for cut in 0..steps + 2 {
+        for lose_ack in [false, true] {
+            let r = run(total, window, Some(cut), lose_ack);
+            let got: BTreeSet<u64> = r.got.iter().map(|g| g.seq).collect();
+            assert_eq!(
+                got,
+                (1..=total).collect::<BTreeSet<_>>(),
+                "cut at {cut} (PUBACK lost: {lose_ack}): the cloud is missing messages"
+            );
+            // Each acknowledged exactly once, and only after the cloud had it (checked in `perform`).
+            let acked: BTreeSet<u64> = r.acked.iter().copied().collect();
+            assert_eq!(acked.len(), r.acked.len(), "cut at {cut}: acknowledged twice");
+            assert_eq!(acked, got, "cut at {cut}");
+            assert!(r.max_window_seen <= usize::from(window), "cut at {cut}");
+            if r.connection > 1 {
+                cuts += 1;
+            }
+        }
+    }
+    assert!(cuts >= 2 * 20, "only {cuts} cut points reached");
+}
+
+#[test]
+fn a_message_in_flight_at_a_disconnect_is_sent_again_on_the_next_connection() {
+    let mut r = Rig::new(4);
+    for _ in 0..3 {
+        r.accept(0);
+    }
+    r.connect(true);
+    assert_eq!(r.got.iter().map(|g| g.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    // The cloud acknowledges 2 only; the connection drops.
+    r.cloud_ack(1, false);
+    assert_eq!(r.acked, [2]);
+    r.disconnect();
+    assert_eq!(r.s.in_flight(), 0);
+    r.connect(true);
+    let again: Vec<u64> = r
+        .got
+        .iter()
+        .filter(|g| g.connection == 2)
+        .map(|g| g.seq)
+        .collect();
+    assert_eq!(
+        again,
+        [1, 3],
+        "the unacknowledged ones, oldest first, and not the acknowledged one"
+    );
+    let first = r.got.iter().find(|g| g.connection == 2).unwrap();
+    assert_eq!(
+        first.packet_id,
+        Some(pid(1)),
+        "a new connection numbers from 1 again"
+    );
+}
+
+#[test]
+fn order_is_kept_per_mapping_on_every_connection() {
+    for cut in 0..30 {
+        let r = run(30, 5, Some(cut), cut % 2 == 0);
+        let mut last: HashMap<(usize, usize), u64> = HashMap::new();
+        for g in &r.got {
+            let prev = last.insert((g.connection, g.mapping), g.seq);
+            assert!(
+                prev.is_none_or(|p| p < g.seq),
+                "cut at {cut}: mapping {} sent {} after {prev:?} on connection {}",
+                g.mapping,
+                g.seq,
+                g.connection
+            );
+        }
+        // The first copy of each message reaches the cloud in order too.
+        let mut seen = BTreeSet::new();
+        let mut first: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for g in &r.got {
+            if seen.insert(g.seq) {
+                first.entry(g.mapping).or_default().push(g.seq);
+            }
+        }
+        for (mapping, seqs) in first {
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "cut at {cut}, mapping {mapping}: {seqs:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_in_flight_window_is_never_exceeded() {
+    let mut r = Rig::new(3);
+    for _ in 0..10 {
+        r.accept(0);
+    }
+    r.connect(true);
+    assert_eq!(r.got.len(), 3);
+    assert_eq!(
+        r.s.outbox_wanted(),
+        None,
+        "the window is full: nothing is asked for"
+    );
+    // Offered more than it can take anyway: the rest is neither sent nor skipped.
+    r.s.offer((4..=10).map(|s| (s, message(s, 0))));
+    r.perform();
+    assert_eq!(r.got.len(), 3);
+    r.cloud_ack(0, false);
+    assert_eq!(r.s.outbox_wanted(), None, "refilled at once");
+    assert_eq!(r.got.last().unwrap().seq, 4, "message 4 was not skipped");
+    while !r.cloud_unacked.is_empty() {
+        r.cloud_ack(0, false);
+    }
+    assert_eq!(r.acked, (1..=10).collect::<Vec<_>>());
+    assert_eq!(r.max_window_seen, 3);
+}
+
+#[test]
+fn duplicate_and_unknown_pubacks_are_ignored() {
+    let mut r = Rig::new(4);
+    r.accept(0);
+    r.accept(0);
+    r.connect(true);
+    let (first, _) = r.cloud_unacked[0];
+    r.receive(Packet::PublishAck { packet_id: first });
+    r.receive(Packet::PublishAck { packet_id: first });
+    r.receive(Packet::PublishAck { packet_id: pid(999) });
+    assert_eq!(r.acked, [1], "one deletion for one message");
+    assert_eq!(r.outbox.keys().copied().collect::<Vec<_>>(), [2]);
+    assert_eq!(r.s.in_flight(), 1);
+}
+
+#[test]
+fn a_message_mqtt_cannot_carry_is_discarded_and_does_not_block_the_queue() {
+    let mut r = Rig::new(2);
+    r.accept(0);
+    let big = r.accept(0);
+    r.outbox.get_mut(&big).unwrap().topic = "t".repeat(70_000);
+    r.accept(0);
+    r.connect(true);
+    assert_eq!(r.discarded, [big]);
+    assert_eq!(
+        r.got.iter().map(|g| g.seq).collect::<Vec<_>>(),
+        [1, 3],
+        "it took no window slot"
+    );
+    // The same on the QoS 0 lane: dropped, counted.
+    let mut q0 = message(0, 0);
+    q0.qos = 0;
+    q0.topic = "t".repeat(70_000);
+    r.s.offer_qos0(q0);
+    r.perform();
+    assert!(
+        matches!(&r.drops[..], [d @ Dropped::Qos0Undeliverable(_)] if d.reason() == crate::outbox::reason::UNDELIVERABLE)
+    );
+}
+
+#[test]
+fn qos0_messages_go_out_at_once_without_a_packet_id() {
+    let mut r = Rig::new(1);
+    r.connect(true);
+    let mut m = message(0, 0);
+    m.qos = 0;
+    assert!(r.s.qos0_wanted() > 0);
+    r.s.offer_qos0(m);
+    r.perform();
+    assert!(matches!(
+        r.sent_now().last(),
+        Some(Packet::Publish(p)) if p.qos == QoS::AtMostOnce && p.packet_id.is_none()
+    ));
+    r.disconnect();
+    assert_eq!(r.s.qos0_wanted(), 0, "nothing is taken while disconnected");
+}
+
+#[test]
+fn a_disconnect_drops_unsent_packets_but_keeps_acknowledgements() {
+    let mut r = Rig::new(4);
+    r.accept(0);
+    r.accept(0);
+    r.connect(true);
+    let (p1, _) = r.cloud_unacked[0];
+    r.s.handle_packet(r.now, Inbound::Packet(Packet::PublishAck { packet_id: p1 }));
+    r.s.offer((3..=3).map(|s| (s, message(s, 0))));
+    r.s.handle_packet(
+        r.now,
+        Inbound::Packet(Packet::Publish(Box::new(Publish {
+            dup: false,
+            retain: false,
+            qos: QoS::ExactlyOnce,
+            topic: "sites/p7/cmd/x".into(),
+            packet_id: Some(pid(4)),
+            payload: Bytes::from_static(b"x"),
+            properties: None,
+        }))),
+    );
+    // Dropped before the shell performed anything (a write failed): the PUBLISH is not sent and the
+    // cloud message not delivered (the cloud sends it again), but the deletion stands.
+    r.s.disconnected();
+    let left: Vec<Action> = std::iter::from_fn(|| r.s.poll_action()).collect();
+    assert!(matches!(&left[..], [Action::Ack(1)]), "{left:?}");
+}
+
+#[test]
+fn cloud_messages_are_acknowledged_only_after_local_delivery() {
+    let mut r = Rig::new(4);
+    r.connect(true);
+    r.cloud_publish("sites/p7/cmd/a", QoS::AtLeastOnce, Some(7), false);
+    assert_eq!(r.local.len(), 1);
+    assert_eq!(r.local[0].topic, "sites/p7/cmd/a");
+    assert_eq!(r.local[0].qos, 1);
+    assert!(matches!(r.sent_now().last(), Some(Packet::PublishAck { packet_id }) if packet_id.get() == 7));
+
+    // The local broker fails: no PUBACK, the connection ends; the cloud's resend is delivered.
+    r.fail_delivery = true;
+    let before = r.sent.len();
+    r.cloud_publish("sites/p7/cmd/b", QoS::AtLeastOnce, Some(8), false);
+    assert_eq!(r.sent.len(), before, "nothing acknowledged");
+    assert!(!r.s.is_connected());
+    r.connect(true);
+    r.cloud_publish("sites/p7/cmd/b", QoS::AtLeastOnce, Some(8), true);
+    assert_eq!(r.local.len(), 2);
+    assert!(matches!(r.sent_now().last(), Some(Packet::PublishAck { packet_id }) if packet_id.get() == 8));
+
+    // QoS 0: delivered, never acknowledged.
+    let before = r.sent.len();
+    r.cloud_publish("sites/p7/cmd/c", QoS::AtMostOnce, None, false);
+    assert_eq!(r.local.len(), 3);
+    assert_eq!(r.sent.len(), before);
+}
+
+#[test]
+fn a_qos2_resend_before_pubrel_is_delivered_once_across_connections() {
+    let mut r = Rig::new(4);
+    r.connect(true);
+    r.cloud_publish("sites/p7/cmd/q2", QoS::ExactlyOnce, Some(5), false);
+    assert_eq!(r.local.len(), 1);
+    assert!(
+        matches!(r.sent_now().last(), Some(Packet::PublishReceived { packet_id }) if packet_id.get() == 5)
+    );
+    // Resent (our PUBREC was lost) on a new connection to the same cloud session: not delivered again.
+    r.disconnect();
+    r.connect(true);
+    r.cloud_publish("sites/p7/cmd/q2", QoS::ExactlyOnce, Some(5), true);
+    assert_eq!(r.local.len(), 1, "delivered once");
+    assert!(
+        matches!(r.sent_now().last(), Some(Packet::PublishReceived { packet_id }) if packet_id.get() == 5)
+    );
+    // Released: the id is free for a new message.
+    r.receive(Packet::PublishRelease { packet_id: pid(5) });
+    assert!(
+        matches!(r.sent_now().last(), Some(Packet::PublishComplete { packet_id }) if packet_id.get() == 5)
+    );
+    r.cloud_publish("sites/p7/cmd/next", QoS::ExactlyOnce, Some(5), false);
+    assert_eq!(r.local.len(), 2);
+    // A PUBREL we do not know is still completed.
+    r.receive(Packet::PublishRelease { packet_id: pid(6) });
+    assert!(
+        matches!(r.sent_now().last(), Some(Packet::PublishComplete { packet_id }) if packet_id.get() == 6)
+    );
+    // A new cloud session (no session present) holds no half-done exchange: 5 is new again.
+    r.disconnect();
+    r.connect(false);
+    r.cloud_publish("sites/p7/cmd/fresh", QoS::ExactlyOnce, Some(5), false);
+    assert_eq!(r.local.len(), 3);
+}
+
+#[test]
+fn a_qos2_message_whose_delivery_failed_is_delivered_when_resent() {
+    let mut r = Rig::new(4);
+    r.connect(true);
+    r.fail_delivery = true;
+    r.cloud_publish("sites/p7/cmd/q2", QoS::ExactlyOnce, Some(3), false);
+    assert!(r.local.is_empty());
+    r.connect(true);
+    r.cloud_publish("sites/p7/cmd/q2", QoS::ExactlyOnce, Some(3), true);
+    assert_eq!(r.local.len(), 1, "not taken for an already delivered resend");
+}
+
+#[test]
+fn a_publish_the_decoder_discarded_is_acknowledged_and_counted() {
+    let mut r = Rig::new(4);
+    r.connect(true);
+    let d = Discarded {
+        why: Why::TooLarge { size: 1 << 25 },
+        qos: 1,
+        packet_id: Some(pid(9)),
+        topic: "sites/p7/cmd/big".into(),
+    };
+    r.s.handle_packet(r.now, Inbound::Discarded(d.clone()));
+    r.pump();
+    assert!(matches!(r.sent_now().last(), Some(Packet::PublishAck { packet_id }) if packet_id.get() == 9));
+    assert_eq!(r.drops, [Dropped::Discarded(d)]);
+    assert_eq!(r.drops[0].reason(), reason::TOO_LARGE);
+    assert!(r.local.is_empty());
+    // QoS 3 is malformed: nothing to acknowledge.
+    let before = r.sent.len();
+    r.s.handle_packet(
+        r.now,
+        Inbound::Discarded(Discarded {
+            why: Why::Malformed("qos 3".into()),
+            qos: 3,
+            packet_id: None,
+            topic: String::new(),
+        }),
+    );
+    r.pump();
+    assert_eq!(r.sent.len(), before);
+    assert_eq!(r.drops[1].reason(), reason::MALFORMED);
+}
+
+fn subscribes(r: &Rig) -> Vec<(NonZeroU16, Vec<(String, u8)>)> {
+    r.sent_now()
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Subscribe {
+                packet_id,
+                topic_filters,
+            } => Some((
+                *packet_id,
+                topic_filters
+                    .iter()
+                    .map(|(f, q)| (f.to_string(), q.value()))
+                    .collect(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn unsubscribes(r: &Rig) -> Vec<(NonZeroU16, Vec<String>)> {
+    r.sent_now()
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Unsubscribe {
+                packet_id,
+                topic_filters,
+            } => Some((*packet_id, topic_filters.iter().map(|f| f.to_string()).collect())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_connection_subscribes_what_is_wanted_and_takes_back_what_only_the_ledger_holds() {
+    let mut r = Rig::new(4);
+    r.s = Session::new(settings(4), filters(&[("old/#", 1), ("keep/#", 1)]));
+    r.s.set_wanted(filters(&[("keep/#", 1), ("new/#", 0)]));
+    r.connect(true);
+    let unsub = unsubscribes(&r);
+    assert_eq!(unsub.len(), 1);
+    assert_eq!(unsub[0].1, ["old/#"]);
+    let sub = subscribes(&r);
+    assert_eq!(sub.len(), 1);
+    assert_eq!(sub[0].1, [("keep/#".to_string(), 1), ("new/#".to_string(), 0)]);
+    // The ledger learnt of new/# before the SUBSCRIBE went out; old/# stays until its UNSUBACK.
+    assert_eq!(
+        r.ledger,
+        Some(filters(&[("old/#", 1), ("keep/#", 1), ("new/#", 0)]))
+    );
+    r.receive(Packet::SubscribeAck {
+        packet_id: sub[0].0,
+        status: vec![SubscribeReturnCode::Success(QoS::AtLeastOnce); 2],
+    });
+    r.receive(Packet::UnsubscribeAck {
+        packet_id: unsub[0].0,
+    });
+    assert_eq!(r.ledger, Some(filters(&[("keep/#", 1), ("new/#", 0)])));
+    assert_eq!(r.s.held(), &filters(&[("keep/#", 1), ("new/#", 0)]));
+}
+
+#[test]
+fn subscription_changes_while_disconnected_are_applied_on_the_next_connection() {
+    let mut r = Rig::new(4);
+    r.s.set_wanted(filters(&[("a/#", 1), ("b/#", 1)]));
+    r.connect(true);
+    let sub = subscribes(&r);
+    r.receive(Packet::SubscribeAck {
+        packet_id: sub[0].0,
+        status: vec![SubscribeReturnCode::Success(QoS::AtLeastOnce); 2],
+    });
+    r.disconnect();
+    // Two reloads while the uplink is down: nothing is sent, the last one counts.
+    r.s.set_wanted(filters(&[("b/#", 0)]));
+    r.s.set_wanted(filters(&[("b/#", 0), ("c/#", 1)]));
+    assert_eq!(r.sent.len(), sub.len() + unsubscribes(&r).len());
+    r.connect(true);
+    let unsub = unsubscribes(&r);
+    assert_eq!(unsub.len(), 1);
+    assert_eq!(unsub[0].1, ["a/#"]);
+    assert_eq!(
+        subscribes(&r)[0].1,
+        [("b/#".to_string(), 0), ("c/#".to_string(), 1)]
+    );
+    // The UNSUBSCRIBE went out before the SUBSCRIBE.
+    let kinds: Vec<&str> = r
+        .sent_now()
+        .iter()
+        .map(|p| match p {
+            Packet::Subscribe { .. } => "sub",
+            Packet::Unsubscribe { .. } => "unsub",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["unsub", "sub"]);
+    // The connection drops before the UNSUBACK: a/# stays in the ledger and is taken back next time.
+    r.disconnect();
+    assert!(r.s.held().contains_key("a/#"));
+    r.connect(true);
+    assert_eq!(unsubscribes(&r)[0].1, ["a/#"]);
+}
+
+#[test]
+fn a_live_change_sends_only_the_difference() {
+    let mut r = Rig::new(4);
+    r.s.set_wanted(filters(&[("a/#", 1), ("b/#", 1)]));
+    r.connect(true);
+    let before = r.sent_now().len();
+    r.s.set_wanted(filters(&[("a/#", 1), ("b/#", 0), ("c/#", 1)]));
+    r.pump();
+    let new: Vec<&Packet> = r.sent_now()[before..].to_vec();
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_eq!(
+        subscribes(&r).last().unwrap().1,
+        [("b/#".to_string(), 0), ("c/#".to_string(), 1)]
+    );
+    // No change, nothing sent.
+    r.s.set_wanted(filters(&[("a/#", 1), ("b/#", 0), ("c/#", 1)]));
+    r.pump();
+    assert_eq!(r.sent_now().len(), before + 1);
+}
+
+#[test]
+fn a_new_cloud_session_forgets_the_ledger() {
+    let mut r = Rig::new(4);
+    r.s = Session::new(settings(4), filters(&[("gone/#", 1)]));
+    r.s.set_wanted(filters(&[("a/#", 1)]));
+    r.connect(false);
+    assert!(
+        unsubscribes(&r).is_empty(),
+        "the cloud holds nothing to take back"
+    );
+    assert_eq!(r.ledger, Some(filters(&[("a/#", 1)])));
+}
+
+#[test]
+fn subscribe_and_outbox_packet_ids_never_collide() {
+    let mut r = Rig::new(8);
+    for _ in 0..4 {
+        r.accept(0);
+    }
+    r.s.set_wanted(filters(&[("a/#", 1)]));
+    r.connect(true);
+    r.s.set_wanted(filters(&[("b/#", 1)]));
+    r.pump();
+    let mut ids: Vec<u16> = r
+        .sent_now()
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => p.packet_id,
+            Packet::Subscribe { packet_id, .. } | Packet::Unsubscribe { packet_id, .. } => Some(*packet_id),
+            _ => None,
+        })
+        .map(NonZeroU16::get)
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "a packet id used twice");
+    assert_eq!(n, 4 + 3);
+}
+
+#[test]
+fn the_health_check_pings_on_time_and_fails_the_connection_without_an_answer() {
+    let mut r = Rig::new(4);
+    let t0 = r.now;
+    r.connect(true);
+    let s = |x: u64| t0 + Duration::from_secs(x);
+    assert_eq!(r.s.poll_timeout(), Some(s(5)));
+    assert!(!r.s.proven());
+    assert_eq!(r.s.handle_timeout(s(5)), Ok(()));
+    r.perform();
+    assert!(matches!(r.sent_now().last(), Some(Packet::PingRequest)));
+    assert_eq!(r.s.poll_timeout(), Some(s(7)), "the deadline");
+    r.now = s(6);
+    r.receive(Packet::PingResponse);
+    assert!(r.s.proven(), "an answered health check proves the connection");
+    assert_eq!(r.s.poll_timeout(), Some(s(10)), "the next round trip");
+    // Too early: nothing.
+    assert_eq!(r.s.handle_timeout(s(9)), Ok(()));
+    assert!(r.s.poll_action().is_none());
+    assert_eq!(r.s.handle_timeout(s(10)), Ok(()));
+    r.perform();
+    assert!(matches!(r.sent_now().last(), Some(Packet::PingRequest)));
+    assert_eq!(r.s.handle_timeout(s(11)), Ok(()));
+    assert_eq!(
+        r.s.handle_timeout(s(12)),
+        Err(Failure::HealthCheck(Duration::from_secs(2)))
+    );
+    assert_eq!(
+        Failure::HealthCheck(Duration::from_secs(2)).to_string(),
+        "health check failed: no PINGRESP within 2s"
+    );
+}
+
+#[test]
+fn time_paused_on_purpose_does_not_count_against_the_pingresp() {
+    let mut r = Rig::new(4);
+    r.s = Session::new(
+        Settings {
+            max_in_msgs_per_s: 1,
+            ..settings(4)
+        },
+        Filters::new(),
+    );
+    let t0 = r.now;
+    let ms = |x: u64| t0 + Duration::from_millis(x);
+    r.connect(true);
+    r.s.handle_timeout(ms(5_000)).unwrap();
+    r.perform();
+    // Deadline at 7 s. Two cloud messages at 6.5 s: over 1/s, reading pauses for a second.
+    r.now = ms(6_500);
+    r.cloud_publish("sites/p7/cmd/1", QoS::AtLeastOnce, Some(1), false);
+    assert!(r.s.reading());
+    r.cloud_publish("sites/p7/cmd/2", QoS::AtLeastOnce, Some(2), false);
+    assert!(!r.s.reading(), "paused");
+    assert_eq!(
+        r.s.poll_timeout(),
+        Some(ms(7_500)),
+        "the pause's end, not the deadline"
+    );
+    assert_eq!(r.s.handle_timeout(ms(7_500)), Ok(()), "not failed while paused");
+    assert!(r.s.reading());
+    assert_eq!(
+        r.s.poll_timeout(),
+        Some(ms(8_000)),
+        "the deadline moved by the pause"
+    );
+    assert!(r.s.handle_timeout(ms(8_000)).is_err());
+}
+
+/// What the session core costs per outbox message (offer, PUBLISH, PUBACK, acknowledgement), without
+/// I/O: `cargo test --lib uplink::core::tests::cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn cost_per_message() {
+    const N: u64 = 200_000;
+    let mut s = Session::new(settings(64), Filters::new());
+    let now = Instant::now();
+    s.connected(now, true);
+    let payload = Bytes::from_static(&[b'x'; 64]);
+    let msg = OutMessage {
+        payload,
+        ..message(0, 0)
+    };
+    let (mut next, mut acked) = (1u64, 0u64);
+    let mut in_flight = Vec::new();
+    let t = std::time::Instant::now();
+    while acked < N {
+        if let Some((_, room)) = s.outbox_wanted() {
+            let end = (next + room as u64).min(N + 1);
+            s.offer((next..end).map(|seq| (seq, msg.clone())));
+            next = end;
+        }
+        while let Some(a) = s.poll_action() {
+            match a {
+                Action::Send(Packet::Publish(p)) => in_flight.push(p.packet_id.unwrap()),
+                Action::Ack(_) => acked += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        for packet_id in in_flight.drain(..) {
+            s.handle_packet(now, Inbound::Packet(Packet::PublishAck { packet_id }));
+        }
+    }
+    let e = t.elapsed();
+    println!(
+        "{N} messages through the session core in {e:?}: {:.2} us/message",
+        e.as_secs_f64() * 1e6 / N as f64
+    );
+}
