@@ -10,6 +10,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
 
+#[allow(unused_imports)]
 pub use rumqttc::v5::mqttbytes::v5::{PublishProperties, SubscribeReasonCode};
 
 /// What the broker sent, or how the connection ended.
