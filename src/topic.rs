@@ -290,6 +290,126 @@ pub fn intersects(a: &str, b: &str) -> bool {
     false
 }
 
+/// One level of a name in [`exists_name`]'s search: a literal of one of the filters, or any other
+/// string (not `$`-prefixed, not empty), which every filter treats alike.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pick<'a> {
+    Lit(&'a str),
+    Other,
+}
+
+/// Does `shape` accept `pick` as level `j` of a name (its earlier levels already accepted)?
+fn accepts(shape: &Shape<'_>, j: usize, pick: Pick<'_>) -> bool {
+    let dollar = j == 0 && matches!(pick, Pick::Lit(l) if l.starts_with('$'));
+    match shape.prefix.get(j) {
+        Some(&"+") => !dollar,
+        Some(lit) => pick == Pick::Lit(lit),
+        None => shape.hash && !dollar,
+    }
+}
+
+/// Is there a topic name that every filter of `all_of` matches and no filter of `none_of` does?
+///
+/// This is what "some topic this subscription can match is readable" means, with `all_of` the
+/// subscription and one read grant, and `none_of` the deny rules (a union of filters, which
+/// [`covers`] cannot answer). The search builds names level by level from the filters' own
+/// literals plus one "other" string per level (filters only compare levels for equality, and treat
+/// `$` first levels and empty levels apart), so it is exact; it stops after `budget` steps and
+/// answers `None` then (the caller decides on doubt). An invalid `all_of` filter matches nothing;
+/// invalid `none_of` filters match nothing and are ignored.
+pub fn exists_name(all_of: &[&str], none_of: &[&str], budget: usize) -> Option<bool> {
+    if all_of.iter().any(|f| validate_filter(f).is_err()) {
+        return Some(false);
+    }
+    let all: Vec<Shape<'_>> = all_of.iter().map(|f| Shape::new(f)).collect();
+    let none: Vec<Shape<'_>> = none_of
+        .iter()
+        .filter(|f| validate_filter(f).is_ok())
+        .map(|f| Shape::new(f))
+        .collect();
+    // Past the longest prefix every filter accepts every level alike (or no more levels at all),
+    // so a name longer than this adds nothing a shorter one lacks.
+    let max_len = all.iter().chain(&none).map(|s| s.prefix.len()).max().unwrap_or(0) + 1;
+    let search = Search {
+        all,
+        none,
+        max_len,
+        budget,
+        steps: std::cell::Cell::new(0),
+    };
+    let alive: Vec<usize> = (0..search.none.len()).collect();
+    search.from(0, false, &alive)
+}
+
+struct Search<'a> {
+    all: Vec<Shape<'a>>,
+    none: Vec<Shape<'a>>,
+    max_len: usize,
+    budget: usize,
+    steps: std::cell::Cell<usize>,
+}
+
+impl Search<'_> {
+    /// With `j` levels chosen (accepted by every `all` filter; `alive`: the `none` filters that
+    /// accept them too), can the name end here or go on to a witness?
+    fn from(&self, j: usize, first_empty: bool, alive: &[usize]) -> Option<bool> {
+        // End here: a name of `j` levels (the one-level name "" does not exist).
+        if j >= 1
+            && !(j == 1 && first_empty)
+            && self.all.iter().all(|s| s.has_len(j))
+            && !alive.iter().any(|&i| self.none[i].has_len(j))
+        {
+            return Some(true);
+        }
+        if j >= self.max_len {
+            return Some(false);
+        }
+        let mut picks: Vec<Pick<'_>> = vec![Pick::Other];
+        let shapes = self.all.iter().chain(alive.iter().map(|&i| &self.none[i]));
+        for s in shapes {
+            if let Some(&l) = s.prefix.get(j) {
+                if l != "+" && !picks.contains(&Pick::Lit(l)) {
+                    picks.push(Pick::Lit(l));
+                }
+            }
+        }
+        let mut unknown = false;
+        for pick in picks {
+            let steps = self.steps.get() + 1;
+            self.steps.set(steps);
+            if steps > self.budget {
+                return None;
+            }
+            if !self.all.iter().all(|s| accepts(s, j, pick)) {
+                continue;
+            }
+            let next: Vec<usize> = alive
+                .iter()
+                .copied()
+                .filter(|&i| accepts(&self.none[i], j, pick))
+                .collect();
+            // A `#` filter whose prefix is all chosen matches every longer name too.
+            if next
+                .iter()
+                .any(|&i| self.none[i].hash && self.none[i].prefix.len() <= j + 1)
+            {
+                continue;
+            }
+            let empty = first_empty || (j == 0 && pick == Pick::Lit(""));
+            match self.from(j + 1, empty, &next) {
+                Some(true) => return Some(true),
+                Some(false) => {}
+                None => unknown = true,
+            }
+        }
+        if unknown {
+            None
+        } else {
+            Some(false)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,6 +604,58 @@ mod tests {
         }
     }
 
+    #[test]
+    fn names_outside_a_union() {
+        let yes = |all: &[&str], none: &[&str]| exists_name(all, none, 10_000) == Some(true);
+        assert!(yes(&["#"], &["hr/#"]));
+        assert!(!yes(&["hr/#"], &["hr/#"]));
+        assert!(!yes(&["hr/x"], &["hr/#"]));
+        assert!(yes(&["#", "site/#"], &["site/private/#"]));
+        // `a/#` is `a` plus `a/+/#`: the union denies it although neither filter alone does.
+        assert!(!yes(&["a/#"], &["a", "a/+/#"]));
+        assert!(yes(&["a/#"], &["a/+/#"]));
+        assert!(!yes(&["+"], &["+"]));
+        assert!(yes(&["$SYS/#"], &["#"]));
+        assert!(!yes(&["#", "$SYS/#"], &[]));
+        assert!(!yes(&["+/+"], &["a/+", "+/b", "+/+"]));
+        assert!(yes(&["+/+"], &["a/+", "+/b"]));
+        // Invalid filters: an invalid requirement matches nothing, an invalid exclusion is ignored.
+        assert!(!yes(&["a/#/b"], &[]));
+        assert!(yes(&["a"], &["a/#/b"]));
+        // A budget too small to decide says so.
+        assert_eq!(
+            exists_name(&["+/+/+/+"], &["a/+/+/+", "+/a/+/+", "+/+/a/+", "+/+/+/a"], 3),
+            None
+        );
+    }
+
+    #[test]
+    fn names_outside_a_union_exhaustive() {
+        let levels = ["a", "$a", "", "+", "#"];
+        let mut filters: Vec<String> = levels.iter().map(|l| l.to_string()).collect();
+        for x in levels {
+            for y in levels {
+                filters.push(format!("{x}/{y}"));
+            }
+        }
+        filters.retain(|f| validate_filter(f).is_ok());
+        let u = universe();
+        for a in &filters {
+            for b in &filters {
+                for c in &filters {
+                    let brute = u
+                        .iter()
+                        .any(|t| matches(a, t) && !matches(b, t) && !matches(c, t));
+                    assert_eq!(
+                        exists_name(&[a], &[b, c], 100_000),
+                        Some(brute),
+                        "{a} minus {b}, {c}"
+                    );
+                }
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
@@ -500,6 +672,18 @@ mod tests {
             let brute = u.iter().any(|t| matches(&a, t) && matches(&b, t));
             prop_assert_eq!(intersects(&a, &b), brute, "intersects({}, {})", a, b);
             prop_assert_eq!(intersects(&a, &b), intersects(&b, &a));
+        }
+
+        #[test]
+        fn exists_name_agrees_with_brute_force(
+            a in filter_strategy(),
+            b in filter_strategy(),
+            none in prop::collection::vec(filter_strategy(), 0..4),
+        ) {
+            let u = universe();
+            let brute = u.iter().any(|t| matches(&a, t) && matches(&b, t) && none.iter().all(|n| !matches(n, t)));
+            let none: Vec<&str> = none.iter().map(String::as_str).collect();
+            prop_assert_eq!(exists_name(&[&a, &b], &none, 100_000), Some(brute), "{} and {} minus {:?}", a, b, none);
         }
 
         #[test]

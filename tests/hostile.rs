@@ -22,12 +22,18 @@ topic read cmd/dev/#
 user watcher
 topic read sensors/#
 topic read secret/#
+
+user ops
+topic write #
 ";
 
 /// Password file, ACL, certificates and a config with a plaintext and a TLS loopback listener.
 fn site(dir: &Path, extra_auth: &str) -> String {
     let hash = mqtt_uplink::guard::passwords::hash_argon2id(PW.as_bytes());
-    write_secret(&dir.join("passwords"), &format!("dev:{hash}\nwatcher:{hash}\n"));
+    write_secret(
+        &dir.join("passwords"),
+        &format!("dev:{hash}\nwatcher:{hash}\nops:{hash}\n"),
+    );
     std::fs::write(dir.join("acl"), ACL).unwrap();
     write_certs(dir, &["127.0.0.2".to_string()]);
     format!(
@@ -446,15 +452,15 @@ async fn acl_bypass_attempts_fail() {
     let dir = tempdir();
     let app = App::start(dir.path(), &site(dir.path(), "")).await;
     let mut dev = login(&app, "dev-acl", "dev").await;
+    // Nothing readable: refused. `#` and `+` never match `$` topics; a shared subscription is judged
+    // by its inner filter.
     for (i, filter) in [
-        "#",
-        "+/#",
         "$SYS/#",
-        "$share/g/#",
-        "sensors/#",
-        "+/room1/#",
+        "$share/g/$SYS/#",
         "secret/#",
-        "cmd/#",
+        "$share/g/secret/#",
+        "cmd/other/#",
+        "+/other/#",
     ]
     .iter()
     .enumerate()
@@ -463,11 +469,47 @@ async fn acl_bypass_attempts_fail() {
         let (first, body) = dev.read(T).await.expect("SUBACK");
         assert_eq!((first, body[2]), (0x90, 0x80), "`{filter}` refused");
     }
+    // Some topics readable (issue 14, as mosquitto): admitted, every message checked at delivery.
+    for (i, filter) in ["#", "+/#", "$share/g/#", "sensors/#", "+/room1/#", "cmd/#"]
+        .iter()
+        .enumerate()
+    {
+        dev.send(&raw::subscribe(i as u16 + 20, filter, 1)).await.unwrap();
+        let (first, body) = dev.read(T).await.expect("SUBACK");
+        assert_eq!((first, body[2]), (0x90, 1), "`{filter}` admitted");
+    }
     dev.send(&raw::subscribe(99, "sensors/room1/#", 1)).await.unwrap();
     assert_eq!(
         dev.read(T).await.map(|(_, b)| b[2]),
         Some(1),
         "its own subtree is granted"
+    );
+    // Through all of them, dev gets what it may read and nothing else.
+    let mut ops = login(&app, "ops-acl", "ops").await;
+    for (id, topic) in [
+        (1, "secret/x"),
+        (2, "cmd/other/x"),
+        (3, "sensors/room2/x"),
+        (4, "cmd/dev/end"),
+    ] {
+        ops.send(&raw::publish(topic.as_bytes(), b"m", 1, false, id))
+            .await
+            .unwrap();
+        assert_eq!(ops.read(T).await.map(|p| p.0), Some(0x40));
+    }
+    let mut got = Vec::new();
+    while let Some((first, body)) = dev.read(Duration::from_millis(700)).await {
+        if first & 0xf0 == 0x30 {
+            let len = u16::from_be_bytes([body[0], body[1]]) as usize;
+            got.push(String::from_utf8_lossy(&body[2..2 + len]).into_owned());
+            let id = [body[2 + len], body[3 + len]];
+            dev.send(&[0x40, 2, id[0], id[1]]).await.unwrap();
+        }
+    }
+    assert!(got.contains(&"cmd/dev/end".to_string()), "{got:?}");
+    assert!(
+        got.iter().all(|t| t == "cmd/dev/end"),
+        "only the readable topic: {got:?}"
     );
 
     // A will on a denied topic refuses the connection.

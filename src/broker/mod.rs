@@ -2,6 +2,7 @@
 //! listeners, limits and hook registrations; rmqtt owns sessions, retained messages and wills.
 
 pub mod drops;
+pub mod keepalive;
 pub mod retain;
 pub mod slow;
 
@@ -21,6 +22,10 @@ use crate::config::{Limits, Listener};
 /// How long an MQTT 3.1.1 persistent session is kept offline (rmqtt's default), at most
 /// `limits.max_session_expiry_s`.
 const V3_SESSION_EXPIRY: std::time::Duration = std::time::Duration::from_secs(2 * 60 * 60);
+
+/// Topic Alias Maximum announced to MQTT 5 clients (mosquitto's default); an alias above it ends
+/// the connection with DISCONNECT 0x94 (our patch of rmqtt, vendor/README.md).
+pub const TOPIC_ALIAS_MAX: u16 = 10;
 
 /// Retained topics kept at most (a flood of retained publishes must not grow memory without bound).
 const MAX_RETAINED_TOPICS: usize = 100_000;
@@ -51,6 +56,7 @@ impl Broker {
             MAX_RETAINED_TOPICS,
             limits.max_retained_bytes,
         ));
+        *scx.extends.fitter_mgr_mut().await = Box::new(keepalive::KeepAliveFitterManager);
         let register = scx.extends.hook_mgr().register();
         Broker {
             scx,
@@ -159,6 +165,8 @@ fn bind(l: &Listener, limits: &Limits, index: usize) -> anyhow::Result<rmqtt::ne
         .session_expiry_interval(limits.max_session_expiry.min(V3_SESSION_EXPIRY))
         .allow_anonymous(false)
         .allow_zero_keepalive(true)
+        .max_keepalive(limits.max_keepalive_s)
+        .max_topic_aliases(TOPIC_ALIAS_MAX)
         .nodelay(true)
         .reuseaddr(Some(true));
     match &l.tls {

@@ -155,6 +155,10 @@ pub struct LimitsFile {
     /// delivered, but not retained.
     #[serde(default = "default_max_retained_bytes")]
     pub max_retained_bytes: u64,
+    /// Longest keep alive a client may use, in seconds: announced to MQTT 5 clients as Server Keep
+    /// Alive when they ask for more (or for none); an MQTT 3.1.1 client asking for more is refused.
+    #[serde(default = "default_max_keepalive_s")]
+    pub max_keepalive_s: u16,
 }
 
 impl Default for LimitsFile {
@@ -173,10 +177,15 @@ impl Default for LimitsFile {
             max_sessions_per_user: default_max_sessions_per_user(),
             max_session_expiry_s: default_max_session_expiry_s(),
             max_retained_bytes: default_max_retained_bytes(),
+            max_keepalive_s: default_max_keepalive_s(),
         }
     }
 }
 
+/// MQTT's largest keep alive: no ceiling (as mosquitto's `max_keepalive`).
+pub fn default_max_keepalive_s() -> u16 {
+    65535
+}
 pub fn default_max_packet_size() -> u32 {
     256 * 1024
 }

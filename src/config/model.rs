@@ -103,6 +103,8 @@ pub struct Limits {
     pub max_session_expiry: Duration,
     /// Topic + payload bytes of all retained messages at most.
     pub max_retained_bytes: u64,
+    /// Longest keep alive granted (MQTT 5: announced as Server Keep Alive), seconds.
+    pub max_keepalive_s: u16,
 }
 
 impl From<&super::file::LimitsFile> for Limits {
@@ -121,6 +123,7 @@ impl From<&super::file::LimitsFile> for Limits {
             max_sessions_per_user: f.max_sessions_per_user,
             max_session_expiry: std::time::Duration::from_secs(f.max_session_expiry_s),
             max_retained_bytes: f.max_retained_bytes,
+            max_keepalive_s: f.max_keepalive_s,
         }
     }
 }

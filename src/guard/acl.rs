@@ -17,6 +17,12 @@
 //!
 //! Evaluation: a request is allowed iff some applicable granting rule matches it and no
 //! applicable `deny` rule does; rule order does not matter and `deny` always wins.
+//!
+//! Subscriptions follow mosquitto: a filter is refused only when no topic it can match is
+//! readable; otherwise it is admitted, and when it can also match topics that are not readable
+//! (it overlaps a `deny`, or reaches beyond the read grants) each message is checked against the
+//! subscriber's read rights at delivery ([`Subscription::Checked`]). A filter that every read right
+//! covers whole ([`Subscription::Whole`]) needs no check at delivery.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -38,6 +44,43 @@ pub const REASON_ALLOWED: &str = "allowed by rule";
 pub const REASON_INVALID_TOPIC: &str = "invalid topic name";
 /// [`Decision::reason`] when the SUBSCRIBE filter is not a valid topic filter.
 pub const REASON_INVALID_FILTER: &str = "invalid topic filter";
+/// [`Decision::reason`] when a subscription is admitted but only some of its topics are readable.
+pub const REASON_PARTLY_READABLE: &str = "allowed by rule, some topics checked at delivery";
+
+/// How many steps the search for a readable topic may take before it gives up and admits the
+/// subscription with a check at delivery (safe: every message is then checked).
+const READABLE_SEARCH_BUDGET: usize = 20_000;
+
+/// The ACL's answer to a SUBSCRIBE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscription {
+    /// No topic the filter can match is readable: SUBACK 0x80 (MQTT 5: 0x87).
+    Refused(Decision),
+    /// Every topic the filter can match is readable: admitted, nothing to check at delivery.
+    Whole(Decision),
+    /// Some topics are readable and some are not: admitted, and every message is checked against
+    /// the subscriber's read rights at delivery.
+    Checked(Decision),
+}
+
+impl Subscription {
+    /// The decision behind the answer (`allowed` unless refused).
+    pub fn decision(self) -> Decision {
+        match self {
+            Subscription::Refused(d) | Subscription::Whole(d) | Subscription::Checked(d) => d,
+        }
+    }
+
+    /// Is the subscription admitted (whole or checked)?
+    pub fn admitted(self) -> bool {
+        !matches!(self, Subscription::Refused(_))
+    }
+
+    /// Must each message be checked at delivery?
+    pub fn checked(self) -> bool {
+        matches!(self, Subscription::Checked(_))
+    }
+}
 
 /// What a rule grants (or, for `Deny`, forbids).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -378,23 +421,75 @@ impl Acl {
         )
     }
 
-    /// May this client SUBSCRIBE to `filter`?
-    ///
-    /// Allowed iff an applicable `read`/`readwrite` rule's filter covers the whole requested
-    /// filter (see [`topic::covers`]) and no applicable `deny` rule's filter intersects it.
-    /// For a shared subscription `$share/GROUP/F` the inner filter `F` is checked.
+    /// May this client SUBSCRIBE to `filter`? (`allowed`: admitted, whole or checked at
+    /// delivery; see [`Acl::subscription`].)
     pub fn check_subscribe(&self, user: Option<&str>, client_id: &str, filter: &str) -> Decision {
+        self.subscription(user, client_id, filter).decision()
+    }
+
+    /// This client's SUBSCRIBE to `filter`: refused, admitted whole, or admitted with each message
+    /// checked at delivery. For a shared subscription `$share/GROUP/F` the inner filter `F` is
+    /// checked.
+    ///
+    /// - Whole: an applicable `read`/`readwrite` rule's filter covers the whole requested filter
+    ///   (see [`topic::covers`]) and no applicable `deny` rule's filter intersects it.
+    /// - Refused: no topic name matched by the filter is readable (matched by a read rule and by
+    ///   no deny rule; [`topic::exists_name`]), or the filter is invalid.
+    /// - Checked: otherwise (also when the search for a readable topic runs out of steps).
+    pub fn subscription(&self, user: Option<&str>, client_id: &str, filter: &str) -> Subscription {
         let inner = topic::strip_shared(filter).map_or(filter, |(_, f)| f);
         if topic::validate_filter(inner).is_err() {
-            return Decision::refuse(REASON_INVALID_FILTER);
+            return Subscription::Refused(Decision::refuse(REASON_INVALID_FILTER));
         }
-        self.decide(
+        let whole = self.decide(
             user,
             client_id,
             Access::grants_read,
             |f| topic::covers(f, inner),
             |f| topic::intersects(f, inner),
-        )
+        );
+        if whole.allowed {
+            return Subscription::Whole(whole);
+        }
+        // Some readable topic? The read grants and the deny rules as they apply to this client.
+        let mut grants: Vec<(usize, Cow<'_, str>)> = Vec::new();
+        let mut denies: Vec<(usize, Cow<'_, str>)> = Vec::new();
+        for rule in &self.rules {
+            let is_deny = rule.access == Access::Deny;
+            if !is_deny && !rule.access.grants_read() {
+                continue;
+            }
+            match applied(rule, user, client_id) {
+                Applied::No => {}
+                // Denies everything: nothing is readable.
+                Applied::DenyAll => return Subscription::Refused(Decision::deny(rule.line)),
+                Applied::Filter(f) if is_deny => denies.push((rule.line, f)),
+                Applied::Filter(f) => grants.push((rule.line, f)),
+            }
+        }
+        let none_of: Vec<&str> = denies.iter().map(|(_, f)| f.as_ref()).collect();
+        let mut refused = Decision::refuse(REASON_DEFAULT_DENY);
+        for (line, grant) in &grants {
+            if !topic::intersects(grant, inner) {
+                continue;
+            }
+            match topic::exists_name(&[inner, grant], &none_of, READABLE_SEARCH_BUDGET) {
+                Some(false) => {
+                    // Readable through this grant, but denied whole: name a deny that overlaps.
+                    if let Some((l, _)) = denies.iter().find(|(_, d)| topic::intersects(d, inner)) {
+                        refused = Decision::deny(*l);
+                    }
+                }
+                Some(true) | None => {
+                    return Subscription::Checked(Decision {
+                        allowed: true,
+                        line: Some(*line),
+                        reason: REASON_PARTLY_READABLE,
+                    })
+                }
+            }
+        }
+        Subscription::Refused(refused)
     }
 
     /// May this client receive a message published on `topic` (delivery-time read check)?
@@ -536,6 +631,15 @@ mod tests {
         a.check_receive(u, "cid", t).allowed
     }
 
+    /// `W`hole, `C`hecked at delivery or `R`efused.
+    fn kind(a: &Acl, u: Option<&str>, f: &str) -> char {
+        match a.subscription(u, "cid", f) {
+            Subscription::Whole(_) => 'W',
+            Subscription::Checked(_) => 'C',
+            Subscription::Refused(_) => 'R',
+        }
+    }
+
     #[test]
     fn empty_acl_denies_everything() {
         let a = acl("");
@@ -618,13 +722,23 @@ mod tests {
         assert!(!recv(&a, Some("u"), "secret"));
         assert!(!recv(&a, Some("u"), "a/b/private"));
         assert!(recv(&a, Some("u"), "a/b/public"));
-        // Subscriptions overlapping a denied subtree are refused as a whole.
-        assert!(!subs(&a, Some("u"), "#"));
-        assert!(!subs(&a, Some("u"), "+/#"));
-        assert!(!subs(&a, Some("u"), "secret/+"));
-        assert!(!subs(&a, Some("u"), "a/+/+"));
-        assert!(subs(&a, Some("u"), "a/+/public"));
-        assert!(subs(&a, Some("u"), "open/#"));
+        // Subscriptions overlapping a denied subtree are admitted and checked at delivery (as
+        // mosquitto); those inside it are refused; the rest need no check.
+        assert_eq!(kind(&a, Some("u"), "#"), 'C');
+        assert_eq!(kind(&a, Some("u"), "+/#"), 'C');
+        assert_eq!(kind(&a, Some("u"), "a/+/+"), 'C');
+        assert_eq!(kind(&a, Some("u"), "secret/+"), 'R');
+        assert_eq!(kind(&a, Some("u"), "secret/#"), 'R');
+        assert_eq!(kind(&a, Some("u"), "a/x/private"), 'R');
+        assert_eq!(kind(&a, Some("u"), "a/+/public"), 'W');
+        assert_eq!(kind(&a, Some("u"), "open/#"), 'W');
+        let refused = a.check_subscribe(Some("u"), "c", "secret/#");
+        assert_eq!((refused.line, refused.reason), (Some(3), REASON_DENIED));
+        let checked = a.check_subscribe(Some("u"), "c", "#");
+        assert_eq!(
+            (checked.allowed, checked.line, checked.reason),
+            (true, Some(2), REASON_PARTLY_READABLE)
+        );
         let reversed = acl("user u\ntopic deny secret/#\ntopic readwrite #\n");
         assert!(!pubs(&reversed, Some("u"), "secret/x"));
     }
@@ -638,7 +752,12 @@ mod tests {
         assert!(subs(&a, None, "+/#"));
         let b = acl("topic read $SYS/broker/#\n");
         assert!(subs(&b, None, "$SYS/broker/+"));
-        assert!(!subs(&b, None, "$SYS/#"));
+        // Reaches beyond the grant: admitted, checked at delivery.
+        assert_eq!(kind(&b, None, "$SYS/#"), 'C');
+        assert_eq!(kind(&b, None, "$SYS/other/#"), 'R');
+        // `#` never matches `$` topics, so a `$SYS` grant makes no `#` subscription readable.
+        assert_eq!(kind(&b, None, "#"), 'R');
+        assert_eq!(kind(&b, None, "+/broker/#"), 'R');
         let all = Acl::allow_all();
         assert!(pubs(&all, None, "a/b") && subs(&all, Some("x"), "#") && recv(&all, Some("y"), "z"));
         assert!(!subs(&all, None, "$SYS/#") && !pubs(&all, None, "$SYS/x"));
@@ -654,19 +773,23 @@ mod tests {
         assert!(subs(&a, u, "data"));
         assert!(subs(&a, u, "$share/g/data/#"));
         for bad in [
-            "#",
-            "+/#",
-            "+",
             "$SYS/#",
-            "$share/g/#",
-            "$share/g/+/x",
             "da+",
             "data/#/x",
             "",
-            "own/+/#",
+            "other/#",
+            "$share/g/other/#",
+            "own/x/#",
         ] {
-            assert!(!subs(&a, u, bad), "{bad}");
+            assert_eq!(kind(&a, u, bad), 'R', "{bad}");
         }
+        // Wider than the grants: admitted, each message checked at delivery (the inner filter of a
+        // shared subscription likewise).
+        for wide in ["#", "+/#", "$share/g/#", "$share/g/+/x", "own/+/#"] {
+            assert_eq!(kind(&a, u, wide), 'C', "{wide}");
+        }
+        // `+` can match `data` (granted by `data/#`, which matches its parent).
+        assert_eq!(kind(&a, u, "+"), 'C');
         // A malformed share is taken literally, so it needs a rule for the literal `$share`.
         assert!(!subs(&a, u, "$share/#"));
         assert_eq!(
@@ -694,6 +817,8 @@ mod tests {
         let e = acl("user a/b\ntopic readwrite #\npattern deny %u/private/#\n");
         assert!(!pubs(&e, Some("a/b"), "a/b/private/x"));
         assert!(!pubs(&e, Some("a/b"), "anything"));
+        assert_eq!(kind(&e, Some("a/b"), "#"), 'R');
+        assert_eq!(kind(&e, Some("a/b"), "anything"), 'R');
         let f = acl("user ab\ntopic readwrite #\npattern deny %u/private/#\n");
         assert!(pubs(&f, Some("ab"), "anything") && !pubs(&f, Some("ab"), "ab/private/x"));
     }
@@ -823,16 +948,50 @@ mod tests {
             }
         }
 
-        /// A granted subscription never delivers a message the client may not receive.
+        /// A subscription admitted whole never delivers a message the client may not receive; a
+        /// refused one could have received nothing; one checked at delivery can receive something
+        /// (the names below include a level no rule names, `q`, which stands for every other).
         #[test]
-        fn allowed_subscription_implies_receive(
+        fn subscription_kinds_agree_with_receive(
             text in acl_text(),
             f in filter(),
             user in prop::sample::select(vec![None, Some("a"), Some("b"), Some("a/#"), Some("+")]),
             cid in prop::sample::select(vec!["a", "z", "", "#"]),
         ) {
             let Ok(a) = Acl::parse(&text) else { return Ok(()) };
-            if a.check_subscribe(user, cid, &f).allowed {
+            let mut readable = Vec::new();
+            let mut unreadable = Vec::new();
+            for l1 in ["a", "b", "z", "$a", "", "q"] {
+                for l2 in [None, Some("a"), Some("b"), Some("z"), Some("$a"), Some(""), Some("q")] {
+                    for l3 in [None, Some("a"), Some("b"), Some("z"), Some("$a"), Some(""), Some("q")] {
+                        let mut t = l1.to_owned();
+                        for l in [l2, l3] {
+                            match l { Some(l) => { t.push('/'); t.push_str(l) } None => break }
+                        }
+                        if topic::validate_name(&t).is_err() || !topic::matches(&f, &t) {
+                            continue;
+                        }
+                        if a.check_receive(user, cid, &t).allowed { readable.push(t) } else { unreadable.push(t) }
+                    }
+                }
+            }
+            match a.subscription(user, cid, &f) {
+                Subscription::Whole(_) => prop_assert!(unreadable.is_empty(), "{:?} via {} in\n{}", unreadable, f, text),
+                Subscription::Refused(_) => prop_assert!(readable.is_empty(), "{:?} via {} in\n{}", readable, f, text),
+                Subscription::Checked(_) => prop_assert!(!readable.is_empty(), "nothing readable via {} in\n{}", f, text),
+            }
+        }
+
+        /// A subscription admitted whole never needs a check at delivery.
+        #[test]
+        fn whole_subscription_implies_receive(
+            text in acl_text(),
+            f in filter(),
+            user in prop::sample::select(vec![None, Some("a"), Some("b"), Some("a/#"), Some("+")]),
+            cid in prop::sample::select(vec!["a", "z", "", "#"]),
+        ) {
+            let Ok(a) = Acl::parse(&text) else { return Ok(()) };
+            if matches!(a.subscription(user, cid, &f), Subscription::Whole(_)) {
                 for l1 in ["a", "b", "z", "$a", ""] {
                     for l2 in [None, Some("a"), Some("b"), Some("")] {
                         let t = match l2 { Some(l2) => format!("{l1}/{l2}"), None => l1.to_owned() };

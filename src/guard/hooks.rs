@@ -23,6 +23,7 @@ use rmqtt::types::{
     AuthResult, ConnectInfo, FromType, LastWill, PublishAclResult, Reason, SubscribeAclResult,
 };
 
+use super::acl::Subscription;
 use super::{log_refusal, Guard, Login, Refusal};
 use crate::config::DuplicatePolicy;
 
@@ -42,6 +43,8 @@ pub async fn register(register: &dyn Register, guard: &Guard, scx: ServerContext
         Type::SessionTerminated,
         Type::MessagePublish,
         Type::MessageExpiryCheck,
+        Type::ClientConnected,
+        Type::SessionUnsubscribed,
     ] {
         register
             .add_priority(
@@ -54,6 +57,9 @@ pub async fn register(register: &dyn Register, guard: &Guard, scx: ServerContext
             )
             .await;
     }
+    // Shared subscriptions: messages spread over a group's members, never to one that may not read
+    // them.
+    *scx.extends.shared_subscription_mut().await = Box::new(super::shared::GuardedShared::new(guard.clone()));
 }
 
 struct GuardHandler {
@@ -257,6 +263,10 @@ impl Handler for GuardHandler {
                 (true, acc)
             }
             Parameter::SessionCreated(session) => {
+                // A new session starts without subscriptions.
+                self.guard
+                    .delivery()
+                    .session_created(session.id.client_id.as_ref());
                 let user = session_user(&self.guard, session).await;
                 self.guard.sessions().created(
                     session.id.client_id.as_ref(),
@@ -270,6 +280,25 @@ impl Handler for GuardHandler {
                 self.guard
                     .sessions()
                     .terminated(session.id.client_id.as_ref(), session.id.create_time);
+                self.guard
+                    .delivery()
+                    .session_terminated(session.id.client_id.as_ref(), session.id.create_time);
+                (true, acc)
+            }
+            // Every connection, a resumed persistent session included (which gets no
+            // SessionCreated): it now holds the subscriptions it took over.
+            Parameter::ClientConnected(session) => {
+                self.guard
+                    .delivery()
+                    .session_resumed(session.id.client_id.as_ref(), session.id.create_time);
+                (true, acc)
+            }
+            Parameter::SessionUnsubscribed(session, unsub) => {
+                let key = super::delivery::key(
+                    unsub.topic_filter.as_ref(),
+                    unsub.shared_group.as_ref().map(|g| g.as_ref()),
+                );
+                self.guard.delivery().unmark(session.id.client_id.as_ref(), &key);
                 (true, acc)
             }
             // rmqtt publishes a will without a publish-ACL check, and the rights may have changed
@@ -291,11 +320,27 @@ impl Handler for GuardHandler {
                     }
                 }
             }
-            Parameter::MessageExpiryCheck(_, from, publish) if matches!(from.typ(), FromType::LastWill) => {
-                match self.will_refusal(from, publish.topic.as_ref()) {
-                    None => (true, acc),
-                    Some(_) => (false, Some(HookResult::MessageExpiry)),
+            // Runs for every copy of every message as it is delivered to a subscriber (retained
+            // messages sent at SUBSCRIBE, queued and resent ones included).
+            Parameter::MessageExpiryCheck(session, from, publish) => {
+                let topic: &str = publish.topic.as_ref();
+                if matches!(from.typ(), FromType::LastWill) && self.will_refusal(from, topic).is_some() {
+                    return (false, Some(HookResult::MessageExpiry));
                 }
+                // The subscriber's read rights, only for a client holding a subscription that
+                // reaches beyond them (a plain subscription pays one atomic load here).
+                let client_id: &str = session.id.client_id.as_ref();
+                if self.guard.delivery().needed(client_id) {
+                    let user = session_user(&self.guard, session).await;
+                    if !self
+                        .guard
+                        .check_receive(user.as_deref(), client_id, topic)
+                        .allowed
+                    {
+                        return (false, Some(HookResult::MessageExpiry));
+                    }
+                }
+                (true, acc)
             }
             Parameter::ClientDisconnected(session, reason) => {
                 if let Some(detail) = protocol_error(reason) {
@@ -315,7 +360,9 @@ impl Handler for GuardHandler {
                 let user = session_user(&self.guard, session).await;
                 let user = user.as_deref();
                 let client_id: &str = session.id.client_id.as_ref();
+                // rmqtt splits `$share/GROUP/FILTER`: the ACL applies to the inner filter.
                 let filter: &str = sub.topic_filter.as_ref();
+                let key = super::delivery::key(filter, sub.opts.shared_group().map(|g| g.as_ref()));
                 // Before rmqtt inserts the filter in its recursive topic trie.
                 if let Err(detail) = self.guard.check_levels(filter) {
                     log_refusal(
@@ -328,8 +375,22 @@ impl Handler for GuardHandler {
                     let no = SubscribeAclResult::new_failure(SubscribeAckReason::TopicFilterInvalid);
                     return (false, Some(HookResult::SubscribeAclResult(no)));
                 }
-                let d = self.guard.check_subscribe(user, client_id, filter);
-                if d.allowed {
+                let answer = self.guard.subscription(user, client_id, filter);
+                // Marked before rmqtt adds the subscription, so no message reaches it unchecked.
+                let delivery = self.guard.delivery();
+                match answer {
+                    Subscription::Checked(_) => delivery.mark(client_id, session.id.create_time, key.clone()),
+                    Subscription::Whole(_) => delivery.unmark(client_id, &key),
+                    Subscription::Refused(_) => {}
+                }
+                if answer.admitted() {
+                    if answer.checked() {
+                        tracing::debug!(
+                            client_id = ?client_id,
+                            filter = ?key,
+                            "subscription reaches beyond the read rights: messages checked at delivery"
+                        );
+                    }
                     let ok = SubscribeAclResult::new_success(sub.opts.qos(), None);
                     (true, Some(HookResult::SubscribeAclResult(ok)))
                 } else {
@@ -338,7 +399,7 @@ impl Handler for GuardHandler {
                         client_id,
                         user,
                         Refusal::SubscribeDenied,
-                        filter,
+                        &key,
                     );
                     let no = SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized);
                     (false, Some(HookResult::SubscribeAclResult(no)))

@@ -4,11 +4,13 @@
 //! always), failed-login throttling per address and the per-address connection limit.
 
 pub mod acl;
+pub mod delivery;
 pub mod hooks;
 pub mod passwords;
 pub mod ratelimit;
 pub mod revalidate;
 pub mod sessions;
+pub mod shared;
 pub mod throttle;
 pub mod verify;
 
@@ -21,7 +23,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 
 use crate::config::{AclSource, Auth, DuplicatePolicy};
-use acl::{Acl, Decision};
+use acl::{Acl, Decision, Subscription};
 use passwords::PasswordFile;
 
 /// One immutable snapshot of the rules; swapped whole on reload so a check never sees half of two.
@@ -180,6 +182,8 @@ pub struct Guard {
     throttle: Arc<throttle::Throttle>,
     /// Sessions held, connected or offline, per user and address (kept by the session hooks).
     sessions: Arc<sessions::SessionTable>,
+    /// Clients holding subscriptions whose messages are checked at delivery.
+    delivery: Arc<delivery::DeliveryChecks>,
     /// Recent successful password checks (keyed hashes); cleared when the policy is replaced.
     verified: Arc<verify::VerifyCache>,
     /// Password hash computations run (cache misses), for tests and figures.
@@ -198,6 +202,7 @@ impl Guard {
             throttle: Arc::new(throttle::Throttle::new(settings.throttle.clone())),
             settings: Arc::new(settings),
             sessions: Arc::new(sessions::SessionTable::default()),
+            delivery: Arc::new(delivery::DeliveryChecks::default()),
             verified: Arc::new(verify::VerifyCache::new()),
             hash_runs: Arc::new(AtomicU64::new(0)),
         }
@@ -216,6 +221,11 @@ impl Guard {
     /// The sessions held, connected or offline, per user and address.
     pub fn sessions(&self) -> &sessions::SessionTable {
         &self.sessions
+    }
+
+    /// The subscriptions checked at delivery, by client.
+    pub fn delivery(&self) -> &delivery::DeliveryChecks {
+        &self.delivery
     }
 
     /// Sessions held (connected or offline) that were opened from `ip`.
@@ -345,6 +355,16 @@ impl Guard {
 
     pub fn check_subscribe(&self, user: Option<&str>, client_id: &str, filter: &str) -> Decision {
         self.policy().acl.check_subscribe(user, client_id, filter)
+    }
+
+    /// A SUBSCRIBE's answer: refused, admitted whole, or admitted with a check at delivery.
+    pub fn subscription(&self, user: Option<&str>, client_id: &str, filter: &str) -> Subscription {
+        self.policy().acl.subscription(user, client_id, filter)
+    }
+
+    /// May this client receive a message on `topic` (the check at delivery)?
+    pub fn check_receive(&self, user: Option<&str>, client_id: &str, topic: &str) -> Decision {
+        self.policy().acl.check_receive(user, client_id, topic)
     }
 }
 

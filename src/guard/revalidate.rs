@@ -3,7 +3,9 @@
 //!   password changed (the password file entry differs from the one it logged in with), anonymous
 //!   access was turned off, or its client id no longer matches `client_id_pattern`;
 //! - a subscription the new ACL would refuse is removed, from connected and from offline persistent
-//!   sessions (rmqtt restores those without an ACL check when the client comes back).
+//!   sessions (rmqtt restores those without an ACL check when the client comes back);
+//! - a subscription the new ACL admits with a check at delivery is marked for it, and one it now
+//!   admits whole is unmarked (the check itself always reads the current ACL).
 //!
 //! Publishes need nothing here: the guard checks each one against the current ACL. Clients that
 //! logged in with a verified certificate (`use_identity_as_username`) keep their login: the CA is not
@@ -12,6 +14,8 @@
 use rmqtt::context::ServerContext;
 use rmqtt::types::Unsubscribe;
 
+use super::acl::Subscription;
+use super::delivery::key;
 use super::hooks::{session_cert_identity, session_user};
 use super::{log_refusal, Guard, Policy, Refusal};
 
@@ -74,21 +78,35 @@ pub async fn revalidate(guard: &Guard, scx: &ServerContext, old: &Policy, new: &
         }
         for sub in entry.subscriptions().await.unwrap_or_default() {
             let filter: &str = sub.topic.as_ref();
-            if new.acl.check_subscribe(user, &client_id, filter).allowed {
-                continue;
+            let group = sub.opts.shared_group().cloned();
+            let key = key(filter, group.as_ref().map(|g| g.as_ref()));
+            match new.acl.subscription(user, &client_id, filter) {
+                Subscription::Whole(_) => {
+                    guard.delivery().unmark(&client_id, &key);
+                    continue;
+                }
+                Subscription::Checked(_) => {
+                    guard.delivery().mark(&client_id, session.id.create_time, key);
+                    continue;
+                }
+                Subscription::Refused(_) => {}
             }
             log_refusal(
                 peer,
                 &client_id,
                 user,
                 Refusal::SubscribeDenied,
-                &format!("{filter} {DETAIL}"),
+                &format!("{key} {DETAIL}"),
             );
             let unsubscribe = Unsubscribe {
                 topic_filter: sub.topic.clone(),
+                shared_group: group,
             };
             match entry.unsubscribe(&unsubscribe).await {
-                Ok(_) => done.unsubscribed += 1,
+                Ok(_) => {
+                    guard.delivery().unmark(&client_id, &key);
+                    done.unsubscribed += 1
+                }
                 Err(e) => tracing::warn!(
                     client_id,
                     filter,

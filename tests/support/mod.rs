@@ -11,6 +11,7 @@ pub mod deb;
 pub mod device;
 pub mod raw;
 pub mod sshd;
+pub mod v5;
 pub mod wgpeer;
 
 use std::net::TcpListener;

@@ -481,6 +481,9 @@ fn limits(ctx: &mut Ctx<'_>, f: LimitsFile) -> Limits {
     if f.handshake_timeout_s == 0 {
         ctx.error("limits.handshake_timeout_s", "must be at least 1");
     }
+    if f.max_keepalive_s == 0 {
+        ctx.error("limits.max_keepalive_s", "must be at least 1");
+    }
     // rmqtt's topic trie recurses once per level: about 10,000 levels overflow a worker's stack.
     if !(1..=MAX_TOPIC_LEVELS_CEILING).contains(&f.max_topic_levels) {
         ctx.error(

@@ -57,6 +57,10 @@ pub enum MqttError {
     PacketIdInUse(NonZeroU16),
     #[error("Is None")]
     None,
+    // mqtt-uplink patch: a Topic Alias of 0 or above the Topic Alias Maximum the server announced
+    // (MQTT 5.0 3.3.2.3.4): DISCONNECT with 0x94.
+    #[error("topic alias {0} is 0 or above the announced topic alias maximum")]
+    TopicAliasInvalid(u16),
 }
 
 impl ToReasonCode for MqttError {
@@ -80,6 +84,8 @@ impl ToReasonCode for MqttError {
             MqttError::IdentifierRejected => DisconnectReasonCode::NotAuthorized,
             MqttError::PacketIdInUse(_) => DisconnectReasonCode::UnspecifiedError,
             MqttError::None => DisconnectReasonCode::UnspecifiedError,
+            // mqtt-uplink patch: see the variant.
+            MqttError::TopicAliasInvalid(_) => DisconnectReasonCode::TopicAliasInvalid,
         }
     }
 }

@@ -257,6 +257,23 @@ impl SessionState {
         }
         self.scx.connections.dec();
 
+        // mqtt-uplink patch: a server-side reason (a protocol error such as a Topic Alias above the
+        // maximum, 0x94, or too many QoS 2 messages in flight, 0x93) is told to an MQTT 5 client
+        // with a DISCONNECT before the socket closes (MQTT 5.0 4.13); rmqtt sent it after closing,
+        // so it never left.
+        if let Sink::V5(s) = &mut sink {
+            if let Ok(reason) = self.disconnected_reason().await {
+                if server_disconnect(&reason) {
+                    let d = v5::Disconnect {
+                        reason_code: reason.to_reason_code(),
+                        reason_string: Some(reason.to_string().into()),
+                        ..Default::default()
+                    };
+                    let _ = s.send_disconnect(d).await;
+                }
+            }
+        }
+
         if let Err(e) = sink.close().await {
             log::info!("{} close io error, {e}", self.id);
         }
@@ -309,18 +326,7 @@ impl SessionState {
             Reason::ConnectRemoteClose
         };
 
-        if let Sink::V5(s) = &mut sink {
-            let d = if let Reason::ConnectDisconnect(Some(Disconnect::V5(d))) = &reason {
-                d.clone()
-            } else {
-                v5::Disconnect {
-                    reason_code: reason.to_reason_code(),
-                    reason_string: Some(reason.to_string().into()),
-                    ..Default::default()
-                }
-            };
-            let _ = s.send_disconnect(d).await;
-        }
+        // mqtt-uplink patch: the DISCONNECT is sent above, before the socket closes.
 
         self.hook.client_disconnected(reason).await;
 
@@ -1562,6 +1568,8 @@ impl SessionState {
                 let sub_shared_group = sub.opts.shared_group().cloned();
                 let retain_handling = sub.opts.retain_handling();
                 let prev_opts_is_none = sub_ret.prev_opts.is_none();
+                // mqtt-uplink patch: the retained messages carry the subscription's identifier.
+                let sub_id = sub.opts.subscription_identifier();
                 tokio::spawn(async move {
                     _send_subscribe_messages(
                         scx,
@@ -1571,6 +1579,7 @@ impl SessionState {
                         retain_handling,
                         prev_opts_is_none,
                         qos,
+                        sub_id,
                     )
                     .await;
                 });
@@ -2168,6 +2177,7 @@ async fn _send_retain_messages(
     id: &Id,
     retains: Vec<(TopicName, Retain)>,
     qos: QoS,
+    sub_id: Option<SubscriptionIdentifier>,
 ) -> Result<()> {
     // mqtt-uplink patch: the burst is allowed as a whole when the session is within its byte budget
     // as it starts (`SessionTx::forward_retained`); otherwise each message meets the plain budget.
@@ -2182,7 +2192,16 @@ async fn _send_retain_messages(
         retain.publish.qos = retain.publish.qos.less_value(qos);
         retain.publish.topic = topic;
         retain.publish.packet_id = None;
-        retain.publish.create_time = Some(timestamp_millis());
+        // mqtt-uplink patch: the message keeps the time it was published, so the Message Expiry
+        // Interval sent with it is what is left of the publisher's (MQTT-3.3.2-6), not restarted.
+        if retain.publish.create_time.is_none() {
+            retain.publish.create_time = Some(timestamp_millis());
+        }
+        // mqtt-uplink patch: sent because of this subscription, so with its identifier
+        // (MQTT-3.3.4-3), and no other.
+        if let Some(props) = retain.publish.properties.as_mut() {
+            props.subscription_ids = sub_id.into_iter().collect();
+        }
 
         log::debug!("{:?} retain.publish: {:?}", id, retain.publish);
 
@@ -2207,6 +2226,7 @@ async fn _send_retain_excludeds(
     retain_handling: Option<RetainHandling>,
     prev_opts_is_none: bool,
     qos: QoS,
+    sub_id: Option<SubscriptionIdentifier>,
 ) -> Result<Option<Vec<(NodeId, MsgID)>>> {
     if !scx.extends.retain().await.enable() {
         return Ok(None);
@@ -2222,7 +2242,7 @@ async fn _send_retain_excludeds(
     log::debug!("send_retain_enable: {}, prev_opts.is_none: {}", send_retain_enable, prev_opts_is_none,);
 
     let excludeds = if send_retain_enable {
-        let handler = SendRetainMessagesHandler { scx: scx.clone(), id: id.clone(), qos };
+        let handler = SendRetainMessagesHandler { scx: scx.clone(), id: id.clone(), qos, sub_id };
         scx.extends.shared().await.retain_load_with(topic_filter, Arc::new(handler)).await?
     } else {
         Vec::new()
@@ -2238,6 +2258,8 @@ struct SendRetainMessagesHandler {
     scx: ServerContext,
     id: Id,
     qos: QoS,
+    // mqtt-uplink patch: the subscription's identifier, for the retained messages it brings.
+    sub_id: Option<SubscriptionIdentifier>,
 }
 
 #[cfg(feature = "retain")]
@@ -2249,7 +2271,7 @@ impl RetainLoadCallback for SendRetainMessagesHandler {
             .filter_map(|(_, r)| r.msg_id.map(|msg_id| (r.from.node_id, msg_id)))
             .collect::<Vec<_>>();
 
-        _send_retain_messages(&self.scx, &self.id, retains, self.qos).await?;
+        _send_retain_messages(&self.scx, &self.id, retains, self.qos, self.sub_id).await?;
 
         Ok(excludeds)
     }
@@ -2270,10 +2292,13 @@ async fn _send_subscribe_messages(
     retain_handling: Option<RetainHandling>,
     prev_opts_is_none: bool,
     qos: QoS,
+    // mqtt-uplink patch: the subscription's identifier, for the retained messages.
+    sub_id: Option<SubscriptionIdentifier>,
 ) {
     #[cfg(feature = "retain")]
     let excludeds =
-        match _send_retain_excludeds(&scx, &id, &topic_filter, retain_handling, prev_opts_is_none, qos).await
+        match _send_retain_excludeds(&scx, &id, &topic_filter, retain_handling, prev_opts_is_none, qos, sub_id)
+            .await
         {
             Ok(r) => r,
             Err(e) => {
@@ -2834,5 +2859,24 @@ impl SessionLike for DefaultSession {
     async fn on_drop(&self) -> Result<()> {
         self.subscriptions.clear(&self.scx).await;
         Ok(())
+    }
+}
+
+/// mqtt-uplink patch: is `reason` one the server tells an MQTT 5 client with a DISCONNECT (a
+/// protocol error or limit on the client's side), rather than the client's own DISCONNECT, a closed
+/// or broken socket, or a kick?
+fn server_disconnect(reason: &Reason) -> bool {
+    match reason {
+        Reason::Reasons(all) => all.first().is_some_and(server_disconnect),
+        Reason::InflightWindowFull | Reason::ProtocolError(_) => true,
+        Reason::MqttError(e) => !matches!(
+            e,
+            MqttError::ReadTimeout
+                | MqttError::WriteTimeout
+                | MqttError::FlushTimeout
+                | MqttError::CloseTimeout
+                | MqttError::SendPacket(_)
+        ),
+        _ => false,
     }
 }

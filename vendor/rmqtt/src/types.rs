@@ -2932,6 +2932,14 @@ impl ClientTopicAliases {
 
     #[inline]
     pub async fn set_and_get(&self, alias: Option<NonZeroU16>, topic: TopicName) -> Result<TopicName> {
+        // mqtt-uplink patch: a Topic Alias above the Topic Alias Maximum announced in the CONNACK is
+        // a protocol error the server answers with DISCONNECT 0x94 (MQTT 5.0 3.3.2.3.4, MQTT-3.3.2-9);
+        // rmqtt counted distinct aliases instead and answered a PUBACK 0x83.
+        if let Some(alias) = alias {
+            if alias.get() as usize > self.max_topic_aliases {
+                return Err(MqttError::TopicAliasInvalid(alias.get()).into());
+            }
+        }
         match (alias, topic.len()) {
             (Some(alias), 0) => {
                 self.aliases.read().await.get(&alias).ok_or_else(|| {

@@ -434,7 +434,9 @@ async fn _handshake(
         session_present,
         server_keepalive_sec: Some(server_keepalive_sec),
         session_expiry_interval_secs,
-        receive_max: max_inflight,
+        // mqtt-uplink patch: the server's own Receive Maximum (what it takes in flight from the
+        // client, `in_inflight`), not the smaller of it and the client's (MQTT 5.0 3.2.2.3.3).
+        receive_max: state.listen_cfg().max_inflight,
         max_qos,
         retain_available,
         max_packet_size: Some(max_server_packet_size),
