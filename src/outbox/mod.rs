@@ -533,7 +533,7 @@ impl Outbox {
             tracing::error!(
                 error = %h.last_error,
                 "outbox store failing: devices get no PUBACK for the messages it cannot write \
-                 (MQTT 5: 0x80; MQTT 3.1.1: disconnected) until a write succeeds"
+                 (MQTT 5: PUBACK 0x83; MQTT 3.1.1: disconnected) until a write succeeds"
             );
         }
     }
