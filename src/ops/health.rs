@@ -50,6 +50,10 @@ pub struct Snapshot {
     pub oldest_age: Option<Duration>,
     pub accepted: u64,
     pub acked: u64,
+    /// Messages refused since start because the outbox store could not write them.
+    pub storage_errors: u64,
+    /// The last write error while the outbox store is failing (until a write succeeds again).
+    pub store_failure: Option<String>,
     pub degraded_after: Duration,
 }
 
@@ -137,6 +141,8 @@ impl Probe {
                 .map(|ms| Duration::from_millis(now_ms.saturating_sub(ms))),
             accepted: c.accepted.load(Relaxed),
             acked: c.acked.load(Relaxed),
+            storage_errors: c.storage_errors.load(Relaxed),
+            store_failure: self.outbox.store_failure(),
             degraded_after: self.degraded_after,
         }
     }
@@ -152,10 +158,14 @@ fn state_name(s: &UplinkState) -> &'static str {
 }
 
 impl Snapshot {
-    /// Degraded when an uplink is configured but no transport is up, or when the oldest unsent
-    /// message is older than `[metrics] degraded_after_s`.
+    /// Degraded when the outbox store cannot write (devices get no PUBACK), when an uplink is
+    /// configured but no transport is up, or when the oldest unsent message is older than
+    /// `[metrics] degraded_after_s`.
     pub fn health(&self) -> Health {
         let mut reasons = Vec::new();
+        if let Some(e) = &self.store_failure {
+            reasons.push(format!("outbox store failing: {e}"));
+        }
         if self.uplink_configured && !matches!(self.uplink, UplinkState::Connected { .. }) {
             reasons.push(format!("no transport up (uplink {})", state_name(&self.uplink)));
         }
@@ -281,6 +291,13 @@ impl Snapshot {
             "1 when /healthz reports ok, 0 when degraded",
             &[("", f64::from(u8::from(self.health() == Health::Ok)))],
         );
+        let _ = writeln!(
+            out,
+            "# HELP mqtt_uplink_outbox_storage_errors_total QoS 1 messages refused because the outbox \
+             store could not write them\n# TYPE mqtt_uplink_outbox_storage_errors_total counter\n\
+             mqtt_uplink_outbox_storage_errors_total {}",
+            self.storage_errors
+        );
         out
     }
 }
@@ -303,6 +320,8 @@ mod tests {
             oldest_age: None,
             accepted: 0,
             acked: 0,
+            storage_errors: 0,
+            store_failure: None,
             degraded_after: Duration::from_secs(60),
         }
     }
@@ -319,6 +338,14 @@ mod tests {
         assert_eq!(r.len(), 2, "{r:?}");
         assert!(r[0].contains("no transport up"), "{r:?}");
         assert!(r[1].contains("61 s old"), "{r:?}");
+        let mut failing = snap();
+        failing.store_failure = Some("No space left on device (os error 28)".into());
+        assert_eq!(
+            failing.health(),
+            Health::Degraded(vec![
+                "outbox store failing: No space left on device (os error 28)".into()
+            ])
+        );
         s.uplink_configured = false;
         s.oldest_age = None;
         assert_eq!(
@@ -349,6 +376,10 @@ mod tests {
             "{g}"
         );
         assert!(g.contains("mqtt_uplink_handshake_age_seconds 3\n"), "{g}");
+        assert!(
+            g.contains("# TYPE mqtt_uplink_outbox_storage_errors_total counter\nmqtt_uplink_outbox_storage_errors_total 0\n"),
+            "{g}"
+        );
         assert!(
             g.contains("mqtt_uplink_info{site=\"plant\\\"7\",broker=\"mqtts://cloud.example:8883\"} 1\n"),
             "{g}"

@@ -84,7 +84,11 @@ fn parse_labels(body: &str) -> Option<Vec<(String, String)>> {
 }
 
 fn sum(samples: &[Sample], name: &str) -> f64 {
-    samples.iter().filter(|s| s.name == name).map(|s| s.value).sum()
+    // Not `.sum()`: a float sum of nothing is -0.0, which printed as "-0".
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .fold(0.0, |total, s| total + s.value)
 }
 
 fn by_label(samples: &[Sample], name: &str, label: &str) -> String {
@@ -163,7 +167,7 @@ pub fn render(endpoint: &MetricsBind, metrics: &[Sample], health_code: u16, heal
     let oldest = sum(metrics, "mqtt_uplink_outbox_oldest_age_seconds");
     let _ = writeln!(
         o,
-        "  outbox:     {} queued ({} bytes), oldest {}; qos0 lane {}; accepted {}, acked {}",
+        "  outbox:     {} queued ({} bytes), oldest {}; qos0 lane {}; accepted {}, acked {}, store errors {}",
         sum(metrics, "mqtt_uplink_outbox_depth"),
         sum(metrics, "mqtt_uplink_outbox_bytes"),
         if oldest > 0.0 {
@@ -174,6 +178,7 @@ pub fn render(endpoint: &MetricsBind, metrics: &[Sample], health_code: u16, heal
         sum(metrics, "mqtt_uplink_outbox_qos0_depth"),
         sum(metrics, "mqtt_uplink_outbox_accepted"),
         sum(metrics, "mqtt_uplink_outbox_acked"),
+        sum(metrics, "mqtt_uplink_outbox_storage_errors_total"),
     );
     let _ = writeln!(
         o,
@@ -305,7 +310,8 @@ mod tests {
                     mqtt_uplink_transport_up{transport=\"ssh\"} 1\n\
                     mqtt_uplink_handshake_age_seconds 75\n\
                     mqtt_uplink_connections 3\n\
-                    mqtt_uplink_refusals_total{reason=\"publish denied (ACL)\"} 2\n";
+                    mqtt_uplink_refusals_total{reason=\"publish denied (ACL)\"} 2\n\
+                    mqtt_uplink_outbox_storage_errors_total 4\n";
         let out = render(
             &MetricsBind::Tcp(([127, 0, 0, 1], 9883).into()),
             &parse(text).unwrap(),
@@ -322,6 +328,8 @@ mod tests {
         );
         assert!(out.contains("devices:    3 connected"), "{out}");
         assert!(out.contains("publish denied (ACL) 2"), "{out}");
+        assert!(out.contains("acked 0, store errors 4\n"), "{out}");
+        assert!(!out.contains("-0"), "a missing metric is 0, not -0:\n{out}");
         assert!(out.lines().count() <= 24, "one screen:\n{out}");
     }
 }

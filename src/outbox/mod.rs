@@ -118,6 +118,29 @@ pub struct Counters {
     pub storage_errors: AtomicU64,
 }
 
+/// Whether the store's writes succeed, for `/healthz`. Batches are written in sequence order and a
+/// batch succeeds or fails whole, so the store is failing exactly when the highest sequence number
+/// whose write failed is above the highest one written: from a failed write until a later one
+/// succeeds.
+#[derive(Debug, Default)]
+struct StoreHealth {
+    /// Highest sequence number whose write failed.
+    failed: u64,
+    /// Highest sequence number written (durable).
+    written: u64,
+    /// The last write error seen.
+    last_error: String,
+}
+
+impl StoreHealth {
+    fn failing(&self) -> bool {
+        self.failed > self.written
+    }
+}
+
+/// The last error when only the writer's list of failed messages told us (their pushers were gone).
+const WRITE_FAILED: &str = "the write of a queued message failed (see the log)";
+
 /// One queued QoS ≥ 1 message, as it enters or leaves the index.
 struct Entry {
     size: u64,
@@ -191,6 +214,7 @@ struct Inner {
     settings: OutboxSettings,
     counters: Counters,
     store: Option<Store>,
+    health: Mutex<StoreHealth>,
 }
 
 /// Handle to the outbox; cheap to clone. The store's writer stops when the last handle is dropped.
@@ -219,6 +243,7 @@ impl Commit {
         match outcome {
             Ok(()) => {
                 c.accepted.fetch_add(1, Ordering::Relaxed);
+                self.outbox.note_written(self.seq);
                 Ok(())
             }
             Err(e) => {
@@ -227,6 +252,8 @@ impl Commit {
                 if st.remove(self.seq).is_some() {
                     c.storage_errors.fetch_add(1, Ordering::Relaxed);
                 }
+                drop(st);
+                self.outbox.note_failed(self.seq, Some(&e));
                 Err(PushError::Storage(e))
             }
         }
@@ -300,6 +327,7 @@ impl Outbox {
                 settings,
                 counters: Counters::default(),
                 store,
+                health: Mutex::default(),
             }),
         }
     }
@@ -460,11 +488,61 @@ impl Outbox {
     /// are told, and may be gone), counting each once.
     fn reap_failed(&self, st: &mut State) {
         let Some(store) = &self.inner.store else { return };
-        for seq in store.take_failed() {
+        let failed = store.take_failed();
+        for &seq in &failed {
             if st.remove(seq).is_some() {
                 self.inner.counters.storage_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
+        if let Some(&last) = failed.iter().max() {
+            self.note_failed(last, None);
+        }
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, StoreHealth> {
+        self.inner.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Message `seq` is durable: a store that was failing works again once a later write succeeds.
+    fn note_written(&self, seq: u64) {
+        let mut h = self.health();
+        if seq <= h.written {
+            return;
+        }
+        let was_failing = h.failing();
+        h.written = seq;
+        if was_failing && !h.failing() {
+            tracing::warn!(
+                storage_errors = self.inner.counters.storage_errors.load(Ordering::Relaxed),
+                "outbox store writes again; devices are acknowledged again"
+            );
+        }
+    }
+
+    /// The write of message `seq` failed (`error`, when known).
+    fn note_failed(&self, seq: u64, error: Option<&str>) {
+        let mut h = self.health();
+        let was_failing = h.failing();
+        match error {
+            Some(e) => h.last_error = e.to_string(),
+            None if h.last_error.is_empty() => h.last_error = WRITE_FAILED.to_string(),
+            None => {}
+        }
+        h.failed = h.failed.max(seq);
+        if !was_failing && h.failing() {
+            tracing::error!(
+                error = %h.last_error,
+                "outbox store failing: devices get no PUBACK for the messages it cannot write \
+                 (MQTT 5: PUBACK 0x83; MQTT 3.1.1: disconnected) until a write succeeds"
+            );
+        }
+    }
+
+    /// The last write error while the store is failing (from a failed write until a later write
+    /// succeeds); `None` when it works (and always in memory).
+    pub fn store_failure(&self) -> Option<String> {
+        let h = self.health();
+        h.failing().then(|| h.last_error.clone())
     }
 
     /// Up to `max` QoS ≥ 1 messages with a sequence number above `after`, oldest first. Messages older
@@ -809,6 +887,31 @@ mod tests {
         assert_eq!(
             o.pending_after(0, 10)[0].1.payload,
             "new-new-new-new-new-new-new-new-new"
+        );
+    }
+
+    /// `/healthz` says the store is failing from a failed write until a *later* write succeeds: a
+    /// commit of an earlier batch resolving late does not clear it.
+    #[test]
+    fn the_store_fails_until_a_later_write_succeeds() {
+        let o = Outbox::memory(settings(1 << 20, OnFull::RejectNew));
+        assert_eq!(o.store_failure(), None);
+        o.note_written(3);
+        o.note_failed(5, Some("No space left on device (os error 28)"));
+        o.note_failed(6, None);
+        assert_eq!(
+            o.store_failure().as_deref(),
+            Some("No space left on device (os error 28)"),
+            "the writer's list of failures keeps the last error seen"
+        );
+        o.note_written(4);
+        assert!(o.store_failure().is_some(), "an earlier batch does not clear it");
+        o.note_written(7);
+        assert_eq!(o.store_failure(), None);
+        o.note_failed(9, None);
+        assert_eq!(
+            o.store_failure().as_deref(),
+            Some("No space left on device (os error 28)")
         );
     }
 

@@ -309,7 +309,12 @@ pub struct Sub {
 
 impl Sub {
     pub fn spawn(cmd: &mut Command) -> Sub {
+        use std::os::unix::process::CommandExt as _;
         let mut child = cmd
+            // Its own process group, so that drop ends what it started too (the shell loop of
+            // `subscribe_persistent_forever` leaves its mosquitto_sub running otherwise, holding the
+            // test's stdout open).
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -361,6 +366,10 @@ impl Sub {
 
 impl Drop for Sub {
     fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(-(self.child.id() as i32)),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
