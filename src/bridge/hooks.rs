@@ -4,7 +4,7 @@
 //! a publish-ACL check (the guard checks them at CONNECT), are taken from the publish hook instead.
 //!
 //! A message the cloud side refuses (outbox full, the user's share full, the store failed, or a remote
-//! topic longer than MQTT allows) is answered PUBACK 0x97 / 0x80 / 0x90 (MQTT 5); an MQTT 3.1.1
+//! topic longer than MQTT allows) is answered PUBACK 0x97 / 0x83 / 0x90 (MQTT 5); an MQTT 3.1.1
 //! device, which has no negative PUBACK, is disconnected without one so that it sends the message
 //! again. Either way the message is still delivered to local subscribers: the refusal concerns the
 //! cloud copy only (see docs/architecture.md, "Where the outbox is fed").
@@ -131,7 +131,7 @@ fn log_refused(id: &Id, reason: &str) {
 }
 
 /// The acknowledgement of a message the outbox took: success once it is durable; if its write failed,
-/// the same refusal as an outbox that refused it at once (MQTT 5: PUBACK 0x80; MQTT 3.1.1: the
+/// the same refusal as an outbox that refused it at once (MQTT 5: PUBACK 0x83; MQTT 3.1.1: the
 /// connection closes without the PUBACK, and the device sends the message again).
 async fn acknowledge_when_durable(commit: Commit, session: Session) -> PublishResult {
     match commit.wait().await {
@@ -151,11 +151,17 @@ async fn refusal(refused: &Refused, session: &Session) -> PublishResult {
             (PublishAckReason::QuotaExceeded, "outbox share of this user full")
         }
         Refused::Outbox(e @ PushError::Storage(_)) => {
-            tracing::error!(
-                peer = %session.id.remote_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
-                client = ?&*session.id.client_id,
-                "outbox refused a message: {e}"
-            );
+            // A failing disk refuses a whole window of messages at once: logged once a second per
+            // connection (the outbox counts each in `mqtt_uplink_outbox_storage_errors_total`).
+            if let Some(suppressed) = admit_per_connection(session.id.remote_addr, Instant::now()) {
+                tracing::error!(
+                    peer = %session.id.remote_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                    client = ?&*session.id.client_id,
+                    user = ?session.id.username_ref(),
+                    suppressed,
+                    "outbox refused a message: {e}"
+                );
+            }
             (
                 PublishAckReason::ImplementationSpecificError,
                 "outbox store failed",
@@ -167,6 +173,27 @@ async fn refusal(refused: &Refused, session: &Session) -> PublishResult {
         ),
     };
     PublishResult::reason_code(code, Some(text.into()), !v5)
+}
+
+/// Once a second per connection (`peer`): `Some(lines held back since the last)` to log now.
+fn admit_per_connection(peer: Option<std::net::SocketAddr>, now: Instant) -> Option<u64> {
+    type Slots = std::collections::HashMap<Option<std::net::SocketAddr>, (Instant, u64)>;
+    static SLOTS: LazyLock<std::sync::Mutex<Slots>> = LazyLock::new(Default::default);
+    let mut slots = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+    if slots.len() >= 4096 {
+        slots.retain(|_, (since, _)| now.saturating_duration_since(*since) < Duration::from_secs(1));
+    }
+    match slots.get_mut(&peer) {
+        Some((since, held)) if now.saturating_duration_since(*since) < Duration::from_secs(1) => {
+            *held += 1;
+            None
+        }
+        Some(slot) => Some(std::mem::replace(slot, (now, 0)).1),
+        None => {
+            slots.insert(peer, (now, 0));
+            Some(0)
+        }
+    }
 }
 
 #[async_trait]

@@ -443,12 +443,23 @@ impl Log {
             .open(&path)?;
         // Full size at once: appends then change no file size (fdatasync writes data only). A file
         // system without fallocate gets a sparse file of that size, and the same format.
-        if let Err(e) = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, self.seg_bytes) {
-            tracing::debug!(path = %path.display(), "fallocate: {e}; extending the file instead");
-            file.set_len(self.seg_bytes)?;
+        let made = (|| {
+            if let Err(e) =
+                rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, self.seg_bytes)
+            {
+                tracing::debug!(path = %path.display(), "fallocate: {e}; extending the file instead");
+                file.set_len(self.seg_bytes)?;
+            }
+            file.sync_all()?;
+            sync_dir(&self.dir)
+        })();
+        if let Err(e) = made {
+            // Not a segment (a full disk, say): the file goes, so that it neither holds the space
+            // nor waits for the next start to be found.
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
         }
-        file.sync_all()?;
-        sync_dir(&self.dir)?;
         self.segs.push_back(Seg {
             id,
             first_seq: 0,

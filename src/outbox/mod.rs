@@ -542,7 +542,8 @@ impl Outbox {
     /// succeeds); `None` when it works (and always in memory).
     pub fn store_failure(&self) -> Option<String> {
         let h = self.health();
-        h.failing().then(|| h.last_error.clone())
+        let again = self.inner.store.as_ref().is_some_and(Store::writes_again);
+        (h.failing() && !again).then(|| h.last_error.clone())
     }
 
     /// Up to `max` QoS ≥ 1 messages with a sequence number above `after`, oldest first. Messages older

@@ -76,6 +76,16 @@ pub(super) struct Store {
     failed: Arc<Mutex<Vec<u64>>>,
     /// Batches of messages written and synced so far.
     syncs: Arc<AtomicU64>,
+    /// Outcome of the writer's appends: the number of the last that succeeded and of the last that
+    /// failed (appends counted from 1, messages or watermark alone).
+    outcome: Arc<Outcome>,
+}
+
+/// See [`Store::writes_again`].
+#[derive(Debug, Default)]
+pub(super) struct Outcome {
+    last_ok: AtomicU64,
+    last_failed: AtomicU64,
 }
 
 /// One record as read back at open: sequence number, size and acceptance time.
@@ -150,7 +160,10 @@ impl Store {
         let writer_path = path.clone();
         let failed = Arc::new(Mutex::new(Vec::new()));
         let syncs = Arc::new(AtomicU64::new(0));
+        let outcome = Arc::new(Outcome::default());
         let w = Writer {
+            outcome: outcome.clone(),
+            appends: 0,
             log,
             path: writer_path,
             committed,
@@ -169,6 +182,7 @@ impl Store {
                 tx,
                 failed,
                 syncs,
+                outcome,
             },
             index,
             next_seq,
@@ -179,6 +193,13 @@ impl Store {
     /// when the batch crossed into a new segment).
     pub fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// True when the writer's last append succeeded after a failed one: the disk works again, even if
+    /// no message was written since (a watermark written while the backlog drains counts).
+    pub fn writes_again(&self) -> bool {
+        let failed = self.outcome.last_failed.load(Ordering::Relaxed);
+        failed > 0 && self.outcome.last_ok.load(Ordering::Relaxed) > failed
     }
 
     /// The messages whose write failed since the last call.
@@ -359,9 +380,26 @@ struct Writer {
     failed: Arc<Mutex<Vec<u64>>>,
     /// Shared with the [`Store`]: batches of messages synced.
     syncs: Arc<AtomicU64>,
+    /// Shared with the [`Store`]: how the last appends went.
+    outcome: Arc<Outcome>,
+    /// Appends so far.
+    appends: u64,
 }
 
 impl Writer {
+    /// Appends `records` (see [`Log::append`]) and records how it went.
+    fn append(&mut self, records: &[(u64, &[u8])]) -> std::io::Result<()> {
+        let r = self.log.append(records);
+        self.appends += 1;
+        let slot = if r.is_ok() {
+            &self.outcome.last_ok
+        } else {
+            &self.outcome.last_failed
+        };
+        slot.store(self.appends, Ordering::Relaxed);
+        r
+    }
+
     /// Group commit until every sender is gone.
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut last_write = std::time::Instant::now();
@@ -372,7 +410,7 @@ impl Writer {
                 Ok(op) => op,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if self.log.watermark_dirty() {
-                        if let Err(e) = self.log.append(&[]) {
+                        if let Err(e) = self.append(&[]) {
                             tracing::error!(path = %self.path.display(), "outbox sync failed: {e:#}");
                         }
                     }
@@ -417,7 +455,7 @@ impl Writer {
                 if !puts.is_empty() {
                     last_sync = Some(std::time::Instant::now());
                 }
-                let r = self.log.append(&records);
+                let r = self.append(&records);
                 last_write = std::time::Instant::now();
                 if r.is_ok() && !puts.is_empty() {
                     self.syncs.fetch_add(1, Ordering::Relaxed);
@@ -449,7 +487,7 @@ impl Writer {
             } else if puts.is_empty() && self.log.watermark_dirty() && last_write.elapsed() >= IDLE_SYNC {
                 // A long run of deletions alone (a backlog draining): the watermark is written at
                 // least every IDLE_SYNC, to bound what a crash replays.
-                if let Err(e) = self.log.append(&[]) {
+                if let Err(e) = self.append(&[]) {
                     tracing::error!(path = %self.path.display(), "outbox sync failed: {e:#}");
                 }
                 last_write = std::time::Instant::now();
