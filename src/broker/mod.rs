@@ -213,7 +213,9 @@ fn bind(l: &Listener, limits: &Limits, index: usize) -> anyhow::Result<rmqtt::ne
                 // Not rmqtt's CN-as-username: it would overwrite a claimed username silently. The guard
                 // reads the CN from the collected certificate and refuses a different claimed name.
                 .cert_cn_as_username(false)
-                .collect_cert_info(tls.use_identity_as_username);
+                // The CN is read for `use_identity_as_username` and for
+                // `require_client_cert_and_password` (where it must equal the username).
+                .collect_cert_info(tls.use_identity_as_username || tls.require_client_cert_and_password);
             Ok(builder
                 .bind()
                 .map_err(|e| anyhow!("{e}"))?

@@ -29,10 +29,15 @@ pub fn render(c: &Config) -> String {
     for l in &c.listeners {
         match &l.tls {
             Some(t) => {
-                let mtls = if t.client_ca.is_some() {
-                    ", client certificates required"
-                } else {
-                    ""
+                let mtls = match (
+                    &t.client_ca,
+                    t.use_identity_as_username,
+                    t.require_client_cert_and_password,
+                ) {
+                    (None, ..) => "",
+                    (Some(_), true, _) => ", client certificates required (CN is the username)",
+                    (Some(_), _, true) => ", client certificate (CN = username) and password required",
+                    (Some(_), ..) => ", client certificates required",
                 };
                 s += &format!("listener: {} TLS ({}){mtls}\n", l.bind, t.cert.display());
             }

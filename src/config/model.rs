@@ -46,6 +46,9 @@ pub struct ListenerTls {
     pub client_ca: Option<PathBuf>,
     /// Username from the verified client certificate's CN (`use_identity_as_username`).
     pub use_identity_as_username: bool,
+    /// Both factors (`require_client_cert_and_password`): a verified client certificate whose CN is
+    /// the username, and that user's password.
+    pub require_client_cert_and_password: bool,
 }
 
 /// Where the ACL comes from.

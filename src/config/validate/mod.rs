@@ -274,17 +274,39 @@ fn listeners(ctx: &mut Ctx<'_>, files: Vec<(usize, ListenerFile)>, declared: boo
                         "needs tls_client_ca on this listener (the identity comes from a verified certificate)",
                     );
                 }
+                if f.require_client_cert_and_password {
+                    if f.tls_client_ca.is_none() {
+                        ctx.error(
+                            &format!("{key}.require_client_cert_and_password"),
+                            "needs tls_client_ca on this listener (the certificate is verified against it)",
+                        );
+                    }
+                    if f.use_identity_as_username {
+                        ctx.error(
+                            &format!("{key}.require_client_cert_and_password"),
+                            "cannot go with use_identity_as_username (which lets the certificate stand in \
+                             for the password): choose one",
+                        );
+                    }
+                }
                 match (cert, k) {
                     (Some(cert), Some(key)) => Some(ListenerTls {
                         cert,
                         key,
                         client_ca,
                         use_identity_as_username: f.use_identity_as_username,
+                        require_client_cert_and_password: f.require_client_cert_and_password,
                     }),
                     _ => None,
                 }
             }
             (None, None) => {
+                if f.require_client_cert_and_password {
+                    ctx.error(
+                        &format!("{key}.require_client_cert_and_password"),
+                        "needs tls_cert, tls_key and tls_client_ca on this listener",
+                    );
+                }
                 if f.use_identity_as_username {
                     ctx.error(
                         &format!("{key}.use_identity_as_username"),
@@ -391,6 +413,17 @@ fn auth(ctx: &mut Ctx<'_>, f: Option<AuthFile>, listeners: &[Listener]) -> Auth 
             "auth",
             "no password_file and allow_anonymous = false: no device can log in",
         );
+    }
+    if f.password_file.is_none() {
+        let two_factor = listeners
+            .iter()
+            .position(|l| l.tls.as_ref().is_some_and(|t| t.require_client_cert_and_password));
+        if let Some(i) = two_factor {
+            ctx.error(
+                &format!("listener[{i}].require_client_cert_and_password"),
+                "needs [auth] password_file: the password is the second factor",
+            );
+        }
     }
     if let Some(p) = &f.client_id_pattern {
         if !valid_client_id_pattern(p) {
