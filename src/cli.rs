@@ -75,14 +75,19 @@ pub enum Command {
     /// Validate a config: print the effective settings (secrets masked) and the mappings; every
     /// problem at once with file, line and key. Exit 64 when invalid.
     Check(ConfigArgs),
-    /// The ten security practices: pass, warn or fail each, with the reason and the config line;
-    /// checks key and password file owners and modes. Exit 1 on any fail, 64 on an invalid config.
+    /// The seed's ten security practices (then throttling and limits, beyond the ten): pass, warn or
+    /// fail each, with the reason and the config line; checks key and password file owners and modes,
+    /// and the host's nftables ruleset. Exit 1 on any fail, 64 on an invalid config (JSON: its errors).
     Audit {
         #[command(flatten)]
         config: ConfigArgs,
         /// `text` or `json`.
         #[arg(long, value_enum, default_value_t = AuditFormat::Text)]
         format: AuditFormat,
+        /// Judge this nftables ruleset (nft syntax, e.g. /etc/nftables.conf, or `nft -j list
+        /// ruleset` output) instead of this host's live one (practice 9).
+        #[arg(long, value_name = "FILE")]
+        nft_ruleset: Option<PathBuf>,
     },
     /// Which mapping a local or remote topic hits, what it becomes on the other side, and the QoS.
     Explain {
@@ -171,9 +176,15 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Run { config, log_format } => run(config, log_format),
         Command::Check(config) => crate::cmd::check::check(config.prepare()),
-        Command::Audit { config, format } => {
-            crate::cmd::audit::audit(config.prepare(), format == AuditFormat::Json)
-        }
+        Command::Audit {
+            config,
+            format,
+            nft_ruleset,
+        } => crate::cmd::audit::audit(
+            config.prepare(),
+            format == AuditFormat::Json,
+            nft_ruleset.as_deref(),
+        ),
         Command::Explain { config, topic } => crate::cmd::explain::explain(config.prepare(), &topic),
         Command::Keygen { kind } => keygen(kind),
         Command::Passwd {
