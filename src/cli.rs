@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `audit`, `explain`, `passwd`, `keygen`, `status`.
+//! The command line: `run`, `check`, `audit`, `explain`, `passwd`, `keygen`, `status`, `reload`.
 
 use std::path::PathBuf;
 
@@ -126,6 +126,13 @@ pub enum Command {
     /// One screen from the running appliance's metrics endpoint: site, uplink, devices, outbox,
     /// refusals. Exit 0 healthy, 1 degraded, 2 unreachable.
     Status(StatusArgs),
+    /// Tell the running appliance PID to re-read its config (SIGHUP): what `systemctl reload` runs
+    /// (the unit's `ExecReload=`), so the unit needs no /bin/kill. Refuses a PID that is not an
+    /// mqtt-uplink process.
+    Reload {
+        /// The appliance's process id (`$MAINPID` under systemd).
+        pid: i32,
+    },
 }
 
 /// `status`: where to find the metrics endpoint.
@@ -196,6 +203,34 @@ pub fn main() -> i32 {
             delete,
         } => crate::cmd::passwd::passwd(&file, &user, password_stdin, mosquitto, force, delete),
         Command::Status(args) => status(args),
+        Command::Reload { pid } => reload(pid),
+    }
+}
+
+/// `reload PID`: SIGHUP to a running appliance, after checking that PID is one.
+fn reload(pid: i32) -> i32 {
+    let fail = |why: String| {
+        eprintln!("mqtt-uplink reload: {why}");
+        1
+    };
+    let Some(target) = rustix::process::Pid::from_raw(pid).filter(|_| pid > 1) else {
+        return fail(format!("{pid} is not a process id an appliance can have"));
+    };
+    let comm = match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(c) => c.trim_end().to_string(),
+        Err(e) => return fail(format!("no process {pid} to reload ({e})")),
+    };
+    if comm != "mqtt-uplink" {
+        return fail(format!(
+            "process {pid} is {comm:?}, not mqtt-uplink: not signalled"
+        ));
+    }
+    match rustix::process::kill_process(target, rustix::process::Signal::HUP) {
+        Ok(()) => {
+            eprintln!("mqtt-uplink reload: asked process {pid} to re-read its configuration (SIGHUP)");
+            0
+        }
+        Err(e) => fail(format!("cannot signal process {pid}: {e}")),
     }
 }
 
