@@ -671,3 +671,33 @@ fn the_live_ruleset_is_read_with_nft_json() {
     assert_eq!(p["status"], "warn", "{p:#}");
     assert!(p["reason"].as_str().unwrap().contains("policy accept"), "{p:#}");
 }
+
+#[test]
+fn tls_min_version_is_reported_and_checked() {
+    let dir = support::tempdir();
+    let config = copy_example(dir.path(), 0o600);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let only13 = replace(
+        &text,
+        "require_client_cert_and_password = true\n",
+        "require_client_cert_and_password = true\ntls_min_version = \"1.3\"\n",
+    );
+    std::fs::write(&config, &only13).unwrap();
+    let (_, json) = json_and_code(&config);
+    let p = practice(&json, 1);
+    assert_eq!(p["status"], "pass", "{p:#}");
+    let reason = p["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("192.168.10.1:8883: TLS (TLS 1.3); two factors"),
+        "{reason}"
+    );
+    // The uplink's client still offers 1.2 as well, so both versions are in use.
+    assert!(reason.contains("TLS in use: TLS 1.2 and 1.3"), "{reason}");
+    // Anything but "1.2" or "1.3" does not load.
+    std::fs::write(&config, only13.replace("\"1.3\"", "\"1.1\"")).unwrap();
+    let (code, json, _) = audit_args(&config, &[]);
+    assert_eq!(code, 64);
+    let e = &json["errors"][0];
+    assert_eq!(e["key"], "listener[1].tls_min_version", "{json}");
+    assert_eq!(e["line"], line_of(&only13, "tls_min_version"), "{json}");
+}

@@ -1,7 +1,8 @@
-//! Listener authentication factors with real clients (mosquitto_pub, and a rustls client for the exact
-//! answer): `require_client_cert_and_password = true` wants a client certificate verified against
+//! Listener TLS settings with real clients (mosquitto_pub, and a rustls client for the exact answer):
+//! `require_client_cert_and_password = true` wants a client certificate verified against
 //! `tls_client_ca` whose CN is the username, *and* that user's password. Either factor alone, or a
 //! certificate of another user with this user's password, is refused and logged with its reason.
+//! `tls_min_version = "1.3"` refuses a TLS 1.2 handshake that the default listener accepts.
 
 mod support;
 
@@ -86,6 +87,18 @@ async fn rustls_connack(
     user: Option<&str>,
     pw: Option<&str>,
 ) -> Result<u8, String> {
+    rustls_connack_with(dir, addr, cert, user, pw, rustls::DEFAULT_VERSIONS).await
+}
+
+/// The same, offering only `versions`.
+async fn rustls_connack_with(
+    dir: &Path,
+    addr: SocketAddr,
+    cert: Option<&str>,
+    user: Option<&str>,
+    pw: Option<&str>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<u8, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -95,7 +108,7 @@ async fn rustls_connack(
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots);
     let config = match cert {
@@ -244,4 +257,100 @@ fn two_factor_listeners_are_validated() {
         e.iter().any(|l| l.contains("needs [auth] password_file")),
         "{e:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_min_version_1_3_refuses_a_tls_1_2_handshake() {
+    let dir = tempdir();
+    let d = dir.path();
+    site(d);
+    // The second listener is on 127.0.0.2 (port 0 twice on one address is refused by check).
+    write_certs(d, &["127.0.0.2".to_string()]);
+    let toml = r#"
+[metrics]
+bind = "127.0.0.1:0"
+
+[site]
+id = "versions"
+state_dir = "state"
+
+[[listener]]
+bind = "127.0.0.1:0"
+tls_cert = "server.pem"
+tls_key = "server.key"
+tls_min_version = "1.3"
+
+[[listener]]
+bind = "127.0.0.2:0"
+tls_cert = "server.pem"
+tls_key = "server.key"
+
+[auth]
+password_file = "passwords"
+acl_file = "acl"
+"#;
+    let path = d.join("mqtt-uplink.toml");
+    std::fs::write(&path, toml).unwrap();
+    let cfg = mqtt_uplink::config::load(&path).unwrap_or_else(|e| panic!("config invalid:\n{e}"));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let app = mqtt_uplink::start(cfg, shutdown.clone()).await.unwrap();
+    let (only13, default) = (app.local_addrs[0], app.local_addrs[1]);
+    let tls12: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    let tls13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    let login = (Some("dev"), Some(PW));
+
+    // TLS 1.2 only: refused by the 1.3 listener at the handshake, accepted by the default one.
+    let e = rustls_connack_with(d, only13, None, login.0, login.1, tls12)
+        .await
+        .unwrap_err();
+    assert!(
+        e.starts_with("handshake:") && e.contains("ProtocolVersion"),
+        "{e}"
+    );
+    assert_eq!(
+        rustls_connack_with(d, default, None, login.0, login.1, tls12).await,
+        Ok(0),
+        "the default listener still takes TLS 1.2"
+    );
+    // TLS 1.3: both.
+    for addr in [only13, default] {
+        assert_eq!(
+            rustls_connack_with(d, addr, None, login.0, login.1, tls13).await,
+            Ok(0)
+        );
+    }
+    // OpenSSL: `openssl s_client -tls1_2` (mosquitto_pub's --tls-version tlsv1.2 means "1.2 or
+    // later" and negotiates 1.3), and mosquitto_pub pinned to TLS 1.3.
+    let s_client = |addr: SocketAddr| {
+        std::process::Command::new("openssl")
+            .args(["s_client", "-tls1_2", "-connect", &addr.to_string(), "-CAfile"])
+            .arg(d.join("ca.pem"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl is installed")
+    };
+    let o = s_client(only13);
+    assert!(
+        !o.status.success(),
+        "TLS 1.2 refused: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = s_client(default);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Protocol  : TLSv1.2"),
+        "TLS 1.2 on the default listener: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+    let o = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &only13.port().to_string(), "--cafile"])
+        .arg(d.join("ca.pem"))
+        .args(["--tls-version", "tlsv1.3", "-u", "dev", "-P", PW])
+        .args(["-i", "dev-v", "-t", "sensors/room1/v", "-m", "1"])
+        .output()
+        .expect("mosquitto clients are installed");
+    assert!(o.status.success(), "TLS 1.3: {}", stderr(&o));
+
+    shutdown.cancel();
+    app.wait().await;
 }

@@ -203,9 +203,11 @@ fn bind(l: &Listener, limits: &Limits, index: usize) -> anyhow::Result<rmqtt::ne
         Some(tls) => {
             let path = |p: &Path| p.to_string_lossy().into_owned();
             // rustls with its safe defaults: TLS 1.2 and 1.3, AEAD suites with ECDHE only (no CBC, no
-            // RSA key exchange). With a client CA, rmqtt-net verifies client certificates only when
-            // `tls_cross_certificate` is on: without it the CA was loaded and never used.
+            // RSA key exchange); `tls_min_version = "1.3"` leaves TLS 1.3 alone (our patch of
+            // rmqtt-net, vendor/README.md). With a client CA, rmqtt-net verifies client certificates
+            // only when `tls_cross_certificate` is on: without it the CA was loaded and never used.
             let builder = builder
+                .tls13_only(tls.tls13_only)
                 .tls_cert(Some(path(&tls.cert)))
                 .tls_key(Some(path(&tls.key)))
                 .tls_client_ca_certs(tls.client_ca.as_deref().map(path))

@@ -39,7 +39,8 @@ pub fn render(c: &Config) -> String {
                     (Some(_), _, true) => ", client certificate (CN = username) and password required",
                     (Some(_), ..) => ", client certificates required",
                 };
-                s += &format!("listener: {} TLS ({}){mtls}\n", l.bind, t.cert.display());
+                let versions = if t.tls13_only { "TLS 1.3" } else { "TLS 1.2+1.3" };
+                s += &format!("listener: {} {versions} ({}){mtls}\n", l.bind, t.cert.display());
             }
             None => s += &format!("listener: {} plaintext\n", l.bind),
         }

@@ -49,7 +49,8 @@ pub fn plaintext_leaves_host(u: &Uplink) -> bool {
 /// Practice 1: TLS on every non-loopback listener and on the uplink (itself, or carried inside
 /// WireGuard or SSH); the versions and suites in use; a second factor on non-loopback listeners.
 pub(super) fn tls(a: &mut Audit<'_>, c: &Config) {
-    let mut tls_seen = false;
+    // Per TLS endpoint (listeners, then the uplink): TLS 1.3 only?
+    let mut endpoints: Vec<bool> = Vec::new();
     for (i, l) in c.listeners.iter().enumerate() {
         let key = format!("listener[{i}].bind");
         let loopback = l.bind.ip().is_loopback();
@@ -69,8 +70,8 @@ pub(super) fn tls(a: &mut Audit<'_>, c: &Config) {
             }
             continue;
         };
-        tls_seen = true;
-        let (versions, _, _) = tls_in_use(false);
+        endpoints.push(t.tls13_only);
+        let (versions, _, _) = tls_in_use(t.tls13_only);
         a.key_file(1, &format!("listener[{i}].tls_key"), &t.key);
         if loopback {
             a.push(
@@ -126,7 +127,8 @@ pub(super) fn tls(a: &mut Audit<'_>, c: &Config) {
     }
     if let Some(u) = &c.uplink {
         if u.broker.tls {
-            tls_seen = true;
+            // The uplink's client offers rustls's safe defaults (src/uplink/tls.rs).
+            endpoints.push(false);
             let roots = match &u.ca_file {
                 Some(p) => p.display().to_string(),
                 None => "the system roots".to_string(),
@@ -180,15 +182,25 @@ pub(super) fn tls(a: &mut Audit<'_>, c: &Config) {
             );
         }
     }
-    if tls_seen {
-        let (versions, suites, aead) = tls_in_use(false);
+    if !endpoints.is_empty() {
+        let tls13_only = endpoints.iter().all(|t| *t);
+        let (versions, suites, aead) = tls_in_use(tls13_only);
         let status = if aead { Status::Pass } else { Status::Fail };
+        let hint = if c
+            .listeners
+            .iter()
+            .any(|l| l.tls.as_ref().is_some_and(|t| !t.tls13_only))
+        {
+            " (tls_min_version = \"1.3\" on a listener offers 1.3 alone)"
+        } else {
+            ""
+        };
         a.push(
             1,
             status,
             "",
             format!(
-                "TLS in use: {versions}; cipher suites {} ({}), key exchange by ECDHE only",
+                "TLS in use: {versions}{hint}; cipher suites {} ({}), key exchange by ECDHE only",
                 suites.join(", "),
                 if aead { "all AEAD" } else { "NOT all AEAD" }
             ),

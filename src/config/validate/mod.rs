@@ -293,6 +293,19 @@ fn listeners(ctx: &mut Ctx<'_>, files: Vec<(usize, ListenerFile)>, declared: boo
                         );
                     }
                 }
+                let tls13_only = match f.tls_min_version.as_deref() {
+                    None | Some("1.2") => false,
+                    Some("1.3") => true,
+                    Some(other) => {
+                        ctx.error(
+                            &format!("{key}.tls_min_version"),
+                            format!(
+                                "`{other}`: expected \"1.2\" (TLS 1.2 and 1.3) or \"1.3\" (TLS 1.3 only)"
+                            ),
+                        );
+                        false
+                    }
+                };
                 match (cert, k) {
                     (Some(cert), Some(key)) => Some(ListenerTls {
                         cert,
@@ -300,11 +313,18 @@ fn listeners(ctx: &mut Ctx<'_>, files: Vec<(usize, ListenerFile)>, declared: boo
                         client_ca,
                         use_identity_as_username: f.use_identity_as_username,
                         require_client_cert_and_password: f.require_client_cert_and_password,
+                        tls13_only,
                     }),
                     _ => None,
                 }
             }
             (None, None) => {
+                if f.tls_min_version.is_some() {
+                    ctx.error(
+                        &format!("{key}.tls_min_version"),
+                        "needs tls_cert and tls_key on this listener",
+                    );
+                }
                 if f.require_client_cert_and_password {
                     ctx.error(
                         &format!("{key}.require_client_cert_and_password"),
