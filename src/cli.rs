@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `audit`, `explain`, `passwd`, `keygen`, `status`.
+//! The command line: `run`, `check`, `audit`, `explain`, `passwd`, `keygen`, `status`, `reload`.
 
 use std::path::PathBuf;
 
@@ -75,14 +75,19 @@ pub enum Command {
     /// Validate a config: print the effective settings (secrets masked) and the mappings; every
     /// problem at once with file, line and key. Exit 64 when invalid.
     Check(ConfigArgs),
-    /// The ten security practices: pass, warn or fail each, with the reason and the config line;
-    /// checks key and password file owners and modes. Exit 1 on any fail, 64 on an invalid config.
+    /// The seed's ten security practices (then throttling and limits, beyond the ten): pass, warn or
+    /// fail each, with the reason and the config line; checks key and password file owners and modes,
+    /// and the host's nftables ruleset. Exit 1 on any fail, 64 on an invalid config (JSON: its errors).
     Audit {
         #[command(flatten)]
         config: ConfigArgs,
         /// `text` or `json`.
         #[arg(long, value_enum, default_value_t = AuditFormat::Text)]
         format: AuditFormat,
+        /// Judge this nftables ruleset (nft syntax, e.g. /etc/nftables.conf, or `nft -j list
+        /// ruleset` output) instead of this host's live one (practice 9).
+        #[arg(long, value_name = "FILE")]
+        nft_ruleset: Option<PathBuf>,
     },
     /// Which mapping a local or remote topic hits, what it becomes on the other side, and the QoS.
     Explain {
@@ -121,6 +126,13 @@ pub enum Command {
     /// One screen from the running appliance's metrics endpoint: site, uplink, devices, outbox,
     /// refusals. Exit 0 healthy, 1 degraded, 2 unreachable.
     Status(StatusArgs),
+    /// Tell the running appliance PID to re-read its config (SIGHUP): what `systemctl reload` runs
+    /// (the unit's `ExecReload=`), so the unit needs no /bin/kill. Refuses a PID that is not an
+    /// mqtt-uplink process.
+    Reload {
+        /// The appliance's process id (`$MAINPID` under systemd).
+        pid: i32,
+    },
 }
 
 /// `status`: where to find the metrics endpoint.
@@ -171,9 +183,15 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Run { config, log_format } => run(config, log_format),
         Command::Check(config) => crate::cmd::check::check(config.prepare()),
-        Command::Audit { config, format } => {
-            crate::cmd::audit::audit(config.prepare(), format == AuditFormat::Json)
-        }
+        Command::Audit {
+            config,
+            format,
+            nft_ruleset,
+        } => crate::cmd::audit::audit(
+            config.prepare(),
+            format == AuditFormat::Json,
+            nft_ruleset.as_deref(),
+        ),
         Command::Explain { config, topic } => crate::cmd::explain::explain(config.prepare(), &topic),
         Command::Keygen { kind } => keygen(kind),
         Command::Passwd {
@@ -185,6 +203,34 @@ pub fn main() -> i32 {
             delete,
         } => crate::cmd::passwd::passwd(&file, &user, password_stdin, mosquitto, force, delete),
         Command::Status(args) => status(args),
+        Command::Reload { pid } => reload(pid),
+    }
+}
+
+/// `reload PID`: SIGHUP to a running appliance, after checking that PID is one.
+fn reload(pid: i32) -> i32 {
+    let fail = |why: String| {
+        eprintln!("mqtt-uplink reload: {why}");
+        1
+    };
+    let Some(target) = rustix::process::Pid::from_raw(pid).filter(|_| pid > 1) else {
+        return fail(format!("{pid} is not a process id an appliance can have"));
+    };
+    let comm = match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(c) => c.trim_end().to_string(),
+        Err(e) => return fail(format!("no process {pid} to reload ({e})")),
+    };
+    if comm != "mqtt-uplink" {
+        return fail(format!(
+            "process {pid} is {comm:?}, not mqtt-uplink: not signalled"
+        ));
+    }
+    match rustix::process::kill_process(target, rustix::process::Signal::HUP) {
+        Ok(()) => {
+            eprintln!("mqtt-uplink reload: asked process {pid} to re-read its configuration (SIGHUP)");
+            0
+        }
+        Err(e) => fail(format!("cannot signal process {pid}: {e}")),
     }
 }
 

@@ -197,6 +197,13 @@ fn guard_settings(config: &Config) -> guard::GuardSettings {
             .filter(|(_, l)| l.tls.as_ref().is_some_and(|t| t.use_identity_as_username))
             .map(|(i, _)| i as u16)
             .collect(),
+        two_factor_listeners: config
+            .listeners
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.tls.as_ref().is_some_and(|t| t.require_client_cert_and_password))
+            .map(|(i, _)| i as u16)
+            .collect(),
         max_connections_per_address: config.limits.max_connections_per_address,
         max_sessions_per_user: config.limits.max_sessions_per_user,
         max_topic_levels: config.limits.max_topic_levels,

@@ -265,4 +265,88 @@ fn passwd_writes_a_file_the_appliance_and_mosquitto_both_accept() {
     );
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.lines().any(|l| l.starts_with("bob:$7$")), "{text}");
+
+    // The `--mosquitto` output, proven by a real mosquitto 2 logging bob in with it (and refusing a
+    // wrong password). mosquitto gets a file of its own: it cannot read the argon2id line.
+    let mosq_file = dir.path().join("mosquitto-passwords");
+    let out = Command::new(support::bin())
+        .arg("passwd")
+        .arg(&mosq_file)
+        .args(["bob", "--password-stdin", "--mosquitto"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"Battery-Staple-42\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let port = support::free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nuser root\nlog_dest stderr\n",
+            mosq_file.display()
+        ),
+    )
+    .unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
+    let _mosquitto = Killed(
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto is installed"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mosquitto did not listen: {}",
+            std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let login = |password: &str| {
+        Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-u",
+                "bob",
+                "-P",
+                password,
+            ])
+            .args(["-i", "bob-passwd-test", "-t", "t", "-m", "1"])
+            .output()
+            .unwrap()
+    };
+    let ok = login("Battery-Staple-42");
+    assert!(
+        ok.status.success(),
+        "mosquitto refused the --mosquitto hash: {}\n{}",
+        String::from_utf8_lossy(&ok.stderr),
+        std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default()
+    );
+    let bad = login("Battery-Staple-43");
+    assert!(!bad.status.success(), "a wrong password was accepted");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("not authorised"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 }

@@ -217,10 +217,25 @@ fn sd_notify_ready_watchdog_reload_stopping() {
         "the error names the key:\n{}",
         d.log()
     );
-    // A valid change is applied.
+    // A valid change is applied, asked for as the unit's ExecReload= does: `mqtt-uplink reload PID`.
     std::fs::write(&config, &good).unwrap();
-    d.signal(Signal::SIGHUP);
+    let reload = |pid: u32| {
+        Command::new(support::bin())
+            .args(["reload", &pid.to_string()])
+            .output()
+            .unwrap()
+    };
+    let out = reload(d.pid());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(d.wait_log("configuration reloaded", T), "{}", d.log());
+    // A process that is not an appliance (this test) is not signalled.
+    let out = reload(std::process::id());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not mqtt-uplink: not signalled"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         d.wait_exit(Duration::from_millis(100)).is_none(),
         "SIGHUP must not stop it"

@@ -78,6 +78,38 @@ fn deb_metadata_is_complete() {
     let sysusers = std::fs::read_to_string(root().join("systemd/mqtt-uplink.sysusers")).unwrap();
     assert!(unit.contains("User=mqtt-uplink") && sysusers.contains("u mqtt-uplink "));
     assert!(unit.contains("ExecStart=/usr/bin/mqtt-uplink run --config /etc/mqtt-uplink/mqtt-uplink.toml"));
+
+    // What the unit runs is declared: each Exec*= program is shipped by this package (a program from
+    // elsewhere, /bin/kill of procps, would need its package in Depends and is absent from a minimal
+    // Debian), and Depends names the systemd the unit needs (LoadCredential=, ProtectProc=: 247).
+    let shipped: Vec<String> = assets
+        .iter()
+        .map(|(src, dest, _)| {
+            let name = Path::new(src).file_name().unwrap().to_str().unwrap();
+            let dest = if dest.ends_with('/') {
+                format!("{dest}{name}")
+            } else {
+                dest.clone()
+            };
+            format!("/{dest}")
+        })
+        .collect();
+    let programs: Vec<&str> = unit
+        .lines()
+        .filter(|l| l.starts_with("Exec"))
+        .filter_map(|l| l.split_once('=').map(|(_, cmd)| cmd))
+        .map(|cmd| cmd.trim_start_matches(['-', '@', ':', '+', '!']))
+        .filter_map(|cmd| cmd.split_whitespace().next())
+        .collect();
+    assert!(programs.len() >= 2, "ExecStart= and ExecReload=: {programs:?}");
+    for p in programs {
+        assert!(
+            shipped.iter().any(|s| s == p),
+            "the unit runs {p}, which the package does not ship: {shipped:?}"
+        );
+    }
+    let depends = meta["depends"].as_str().unwrap();
+    assert!(depends.contains("systemd (>= 247)"), "{depends}");
 }
 
 #[test]

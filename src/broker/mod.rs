@@ -178,9 +178,11 @@ fn bind(l: &Listener, limits: &Limits, index: usize) -> anyhow::Result<rmqtt::ne
         Some(tls) => {
             let path = |p: &Path| p.to_string_lossy().into_owned();
             // rustls with its safe defaults: TLS 1.2 and 1.3, AEAD suites with ECDHE only (no CBC, no
-            // RSA key exchange). With a client CA, rmqtt-net verifies client certificates only when
-            // `tls_cross_certificate` is on: without it the CA was loaded and never used.
+            // RSA key exchange); `tls_min_version = "1.3"` leaves TLS 1.3 alone (our patch of
+            // rmqtt-net, vendor/README.md). With a client CA, rmqtt-net verifies client certificates
+            // only when `tls_cross_certificate` is on: without it the CA was loaded and never used.
             let builder = builder
+                .tls13_only(tls.tls13_only)
                 .tls_cert(Some(path(&tls.cert)))
                 .tls_key(Some(path(&tls.key)))
                 .tls_client_ca_certs(tls.client_ca.as_deref().map(path))
@@ -188,7 +190,9 @@ fn bind(l: &Listener, limits: &Limits, index: usize) -> anyhow::Result<rmqtt::ne
                 // Not rmqtt's CN-as-username: it would overwrite a claimed username silently. The guard
                 // reads the CN from the collected certificate and refuses a different claimed name.
                 .cert_cn_as_username(false)
-                .collect_cert_info(tls.use_identity_as_username);
+                // The CN is read for `use_identity_as_username` and for
+                // `require_client_cert_and_password` (where it must equal the username).
+                .collect_cert_info(tls.use_identity_as_username || tls.require_client_cert_and_password);
             Ok(builder
                 .bind()
                 .map_err(|e| anyhow!("{e}"))?

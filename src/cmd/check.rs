@@ -29,12 +29,18 @@ pub fn render(c: &Config) -> String {
     for l in &c.listeners {
         match &l.tls {
             Some(t) => {
-                let mtls = if t.client_ca.is_some() {
-                    ", client certificates required"
-                } else {
-                    ""
+                let mtls = match (
+                    &t.client_ca,
+                    t.use_identity_as_username,
+                    t.require_client_cert_and_password,
+                ) {
+                    (None, ..) => "",
+                    (Some(_), true, _) => ", client certificates required (CN is the username)",
+                    (Some(_), _, true) => ", client certificate (CN = username) and password required",
+                    (Some(_), ..) => ", client certificates required",
                 };
-                s += &format!("listener: {} TLS ({}){mtls}\n", l.bind, t.cert.display());
+                let versions = if t.tls13_only { "TLS 1.3" } else { "TLS 1.2+1.3" };
+                s += &format!("listener: {} {versions} ({}){mtls}\n", l.bind, t.cert.display());
             }
             None => s += &format!("listener: {} plaintext\n", l.bind),
         }

@@ -75,7 +75,7 @@ fn passwd_inner(
 
 /// After a change: a running appliance reads the file again only on reload.
 const RELOAD: &str = "\nan appliance already running with this file uses it after a reload: \
-                      `systemctl reload mqtt-uplink`, or `kill -HUP PID` outside systemd";
+                      `systemctl reload mqtt-uplink`, or `mqtt-uplink reload PID` (SIGHUP) outside systemd";
 
 /// Prompting needs a terminal; without one (a script, a pipe, ssh without -t) say what to do instead.
 fn no_terminal(e: std::io::Error) -> anyhow::Error {

@@ -34,6 +34,12 @@ pub struct ListenerFile {
     /// needs no password on this listener, and the ACL applies to that username.
     #[serde(default)]
     pub use_identity_as_username: bool,
+    /// Two factors: a client certificate verified against `tls_client_ca` whose CN is the username,
+    /// and that user's password from `[auth] password_file`.
+    #[serde(default)]
+    pub require_client_cert_and_password: bool,
+    /// `"1.2"` (the default: TLS 1.2 and 1.3) or `"1.3"` (TLS 1.3 only).
+    pub tls_min_version: Option<String>,
 }
 
 /// `[auth]`: who may connect and what they may do.

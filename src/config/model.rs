@@ -46,6 +46,11 @@ pub struct ListenerTls {
     pub client_ca: Option<PathBuf>,
     /// Username from the verified client certificate's CN (`use_identity_as_username`).
     pub use_identity_as_username: bool,
+    /// Both factors (`require_client_cert_and_password`): a verified client certificate whose CN is
+    /// the username, and that user's password.
+    pub require_client_cert_and_password: bool,
+    /// `tls_min_version = "1.3"`: TLS 1.3 only; otherwise TLS 1.2 and 1.3 (AEAD suites only either way).
+    pub tls13_only: bool,
 }
 
 /// Where the ACL comes from.

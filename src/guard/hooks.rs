@@ -10,6 +10,9 @@
 //! On those listeners rmqtt does not overwrite the username with the CN (that would hide a client
 //! claiming another name): the guard refuses a username that differs from the CN, and a client that
 //! sent none acts as its CN, which the ACL hooks read back from the session's certificate.
+//!
+//! On `require_client_cert_and_password` listeners both factors are needed: a verified certificate
+//! whose CN is the username the client sends, and that user's password.
 
 use std::borrow::Cow;
 
@@ -102,6 +105,36 @@ impl GuardHandler {
             }
             (None, u) => (u, false),
         };
+        // Two factors: the verified certificate's CN names the user, and that user's password is
+        // checked below like on any listener (a certificate never stands in for it here).
+        if self.guard.two_factor_listener(id.lid) {
+            let detail = match (cert_cn(ci), claimed) {
+                (None, _) => Some("no verified client certificate with a CN".to_string()),
+                (Some(_), None) => Some("no username and password".to_string()),
+                (Some(cn), Some(u)) if u != cn => {
+                    let detail = format!("certificate CN is {cn:?}");
+                    log_refusal(
+                        id.remote_addr,
+                        client_id,
+                        Some(u),
+                        Refusal::IdentityMismatch,
+                        &detail,
+                    );
+                    return Err(());
+                }
+                _ => None,
+            };
+            if let Some(detail) = detail {
+                log_refusal(
+                    id.remote_addr,
+                    client_id,
+                    claimed,
+                    Refusal::SecondFactorMissing,
+                    &detail,
+                );
+                return Err(());
+            }
+        }
         let login = Login {
             peer: id.remote_addr,
             user,

@@ -100,6 +100,9 @@ pub enum Refusal {
     TooManyFromAddress,
     /// On a `use_identity_as_username` listener, the username differs from the certificate's CN.
     IdentityMismatch,
+    /// On a `require_client_cert_and_password` listener, a factor is missing: no verified client
+    /// certificate with a CN, or no username and password.
+    SecondFactorMissing,
     /// No TLS handshake, or no CONNECT, within `limits.handshake_timeout_s`: the socket is closed.
     HandshakeTimeout,
     /// rmqtt refused the CONNECT itself: `limits.max_connections` sessions are connected.
@@ -130,6 +133,7 @@ impl Refusal {
             Refusal::ClientIdTakeover => "client id taken over (duplicate_client_id = takeover)",
             Refusal::TooManyFromAddress => "too many connections from this address",
             Refusal::IdentityMismatch => "username differs from the client certificate's CN",
+            Refusal::SecondFactorMissing => "client certificate and password both required",
             Refusal::HandshakeTimeout => "no TLS handshake or CONNECT within the handshake timeout",
             Refusal::SessionLimit => "session limit reached (limits.max_connections)",
             Refusal::ProtocolError => "malformed or unexpected packet (connection closed)",
@@ -166,6 +170,8 @@ pub struct GuardSettings {
     pub throttle: throttle::ThrottleSettings,
     /// Listener indexes (config order) with `use_identity_as_username = true`.
     pub identity_listeners: HashSet<u16>,
+    /// Listener indexes (config order) with `require_client_cert_and_password = true`.
+    pub two_factor_listeners: HashSet<u16>,
     /// Sessions (connected or offline) per peer address at most; 0 means no limit.
     pub max_connections_per_address: usize,
     /// Sessions (connected or offline) per user at most; 0 means no limit.
@@ -211,6 +217,11 @@ impl Guard {
     /// Does listener `lid` take the username from the client certificate?
     pub fn identity_listener(&self, lid: u16) -> bool {
         self.settings.identity_listeners.contains(&lid)
+    }
+
+    /// Does listener `lid` want both a client certificate (CN = username) and the password?
+    pub fn two_factor_listener(&self, lid: u16) -> bool {
+        self.settings.two_factor_listeners.contains(&lid)
     }
 
     /// The failed-login table (for tests and metrics).

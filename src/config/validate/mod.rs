@@ -24,6 +24,9 @@ pub struct Ctx<'a> {
     pub dir: PathBuf,
     pub map: &'a SourceMap,
     pub diags: Vec<Diagnostic>,
+    /// Loading for `audit`: the password file's entries are judged by the audit (a plaintext or
+    /// unsalted entry fails practice 2) instead of stopping the load. The file must still be readable.
+    pub audit: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -34,6 +37,7 @@ impl<'a> Ctx<'a> {
             dir,
             map,
             diags: Vec::new(),
+            audit: false,
         }
     }
 
@@ -274,17 +278,59 @@ fn listeners(ctx: &mut Ctx<'_>, files: Vec<(usize, ListenerFile)>, declared: boo
                         "needs tls_client_ca on this listener (the identity comes from a verified certificate)",
                     );
                 }
+                if f.require_client_cert_and_password {
+                    if f.tls_client_ca.is_none() {
+                        ctx.error(
+                            &format!("{key}.require_client_cert_and_password"),
+                            "needs tls_client_ca on this listener (the certificate is verified against it)",
+                        );
+                    }
+                    if f.use_identity_as_username {
+                        ctx.error(
+                            &format!("{key}.require_client_cert_and_password"),
+                            "cannot go with use_identity_as_username (which lets the certificate stand in \
+                             for the password): choose one",
+                        );
+                    }
+                }
+                let tls13_only = match f.tls_min_version.as_deref() {
+                    None | Some("1.2") => false,
+                    Some("1.3") => true,
+                    Some(other) => {
+                        ctx.error(
+                            &format!("{key}.tls_min_version"),
+                            format!(
+                                "`{other}`: expected \"1.2\" (TLS 1.2 and 1.3) or \"1.3\" (TLS 1.3 only)"
+                            ),
+                        );
+                        false
+                    }
+                };
                 match (cert, k) {
                     (Some(cert), Some(key)) => Some(ListenerTls {
                         cert,
                         key,
                         client_ca,
                         use_identity_as_username: f.use_identity_as_username,
+                        require_client_cert_and_password: f.require_client_cert_and_password,
+                        tls13_only,
                     }),
                     _ => None,
                 }
             }
             (None, None) => {
+                if f.tls_min_version.is_some() {
+                    ctx.error(
+                        &format!("{key}.tls_min_version"),
+                        "needs tls_cert and tls_key on this listener",
+                    );
+                }
+                if f.require_client_cert_and_password {
+                    ctx.error(
+                        &format!("{key}.require_client_cert_and_password"),
+                        "needs tls_cert, tls_key and tls_client_ca on this listener",
+                    );
+                }
                 if f.use_identity_as_username {
                     ctx.error(
                         &format!("{key}.use_identity_as_username"),
@@ -353,7 +399,7 @@ fn auth(ctx: &mut Ctx<'_>, f: Option<AuthFile>, listeners: &[Listener]) -> Auth 
         }
         ctx.file("auth.password_file", p, true)
     });
-    if let Some(p) = &password_file {
+    if let Some(p) = password_file.as_ref().filter(|_| !ctx.audit) {
         if let Err(e) = crate::guard::passwords::PasswordFile::load(p) {
             ctx.error("auth.password_file", e.to_string());
         }
@@ -391,6 +437,17 @@ fn auth(ctx: &mut Ctx<'_>, f: Option<AuthFile>, listeners: &[Listener]) -> Auth 
             "auth",
             "no password_file and allow_anonymous = false: no device can log in",
         );
+    }
+    if f.password_file.is_none() {
+        let two_factor = listeners
+            .iter()
+            .position(|l| l.tls.as_ref().is_some_and(|t| t.require_client_cert_and_password));
+        if let Some(i) = two_factor {
+            ctx.error(
+                &format!("listener[{i}].require_client_cert_and_password"),
+                "needs [auth] password_file: the password is the second factor",
+            );
+        }
     }
     if let Some(p) = &f.client_id_pattern {
         if !valid_client_id_pattern(p) {

@@ -495,6 +495,80 @@ pub fn hash_pbkdf2_sha512(password: &[u8], iterations: u32) -> String {
     format!("$7${iterations}${}${}", B64.encode(salt), B64.encode(out))
 }
 
+/// What `audit` makes of one password file entry's hash field (never of the password itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashAssessment {
+    /// A salted hash with parameters at or above the recommended minimum.
+    Strong,
+    /// A salted hash the appliance accepts, with weak parameters (why, without the hash).
+    Weak(String),
+    /// A hash without a salt (an empty salt field, or a bare hex digest).
+    Unsalted,
+    /// Not a hash at all: a password written in clear.
+    Plaintext,
+    /// Looks like a hash in a format the appliance does not read (`$1$`, `$5$`, `{SHA}`, ...).
+    Unsupported,
+}
+
+/// The smallest argon2id memory cost (KiB) `audit` accepts without a warning...
+pub const ARGON2_MIN_M_COST: u32 = 7168;
+/// ... and the smallest memory × time product: OWASP's argon2id rows (m=47104 t=1, m=19456 t=2,
+/// m=12288 t=3, m=9216 t=4, m=7168 t=5) are all at or above it.
+pub const ARGON2_MIN_M_TIMES_T: u64 = 35_840;
+
+/// Judges the hash field of a password file entry: salted or not, and how costly to attack.
+/// `$7$` below [`DEFAULT_PBKDF2_ITERATIONS`] (mosquitto_passwd writes 101) and `$6$` (one salted
+/// SHA-512) are weak; argon2id below OWASP's minimum parameters is weak.
+pub fn assess_hash(field: &str) -> HashAssessment {
+    let field = field.trim();
+    match Hash::parse(field) {
+        Some(Hash::Pbkdf2Sha512 { iterations, .. }) if iterations < DEFAULT_PBKDF2_ITERATIONS => {
+            HashAssessment::Weak(format!(
+                "$7$ with {iterations} PBKDF2 iterations (at least {DEFAULT_PBKDF2_ITERATIONS} recommended)"
+            ))
+        }
+        Some(Hash::Pbkdf2Sha512 { .. }) => HashAssessment::Strong,
+        Some(Hash::Sha512Salted { .. }) => {
+            HashAssessment::Weak("$6$: a single salted SHA-512, cheap to brute-force".to_string())
+        }
+        Some(Hash::Argon2id(phc)) => {
+            let params = PasswordHash::new(&phc)
+                .ok()
+                .and_then(|h| Params::try_from(&h).ok());
+            match params {
+                Some(p)
+                    if p.m_cost() < ARGON2_MIN_M_COST
+                        || u64::from(p.m_cost()) * u64::from(p.t_cost()) < ARGON2_MIN_M_TIMES_T =>
+                {
+                    HashAssessment::Weak(format!(
+                        "argon2id m={} KiB t={}: below OWASP's minimum (m=19456 t=2 or equivalent)",
+                        p.m_cost(),
+                        p.t_cost()
+                    ))
+                }
+                _ => HashAssessment::Strong,
+            }
+        }
+        None => {
+            let parts: Vec<&str> = field.split('$').collect();
+            let empty_salt = match parts.as_slice() {
+                ["", "6", salt, _] => salt.is_empty(),
+                ["", "7", _, salt, _] => salt.is_empty(),
+                _ => false,
+            };
+            let hex_digest =
+                matches!(field.len(), 32 | 40 | 64 | 128) && field.bytes().all(|b| b.is_ascii_hexdigit());
+            if empty_salt || hex_digest || (field.starts_with("$argon2") && parts.len() < 6) {
+                HashAssessment::Unsalted
+            } else if field.starts_with('$') || field.starts_with('{') {
+                HashAssessment::Unsupported
+            } else {
+                HashAssessment::Plaintext
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,6 +618,36 @@ mod tests {
         assert!(!f.verify("carol", b"correct horsE"));
         assert_ne!(h, hash_pbkdf2_sha512(b"correct horse", 1000), "random salt");
         assert!(hash_pbkdf2_sha512(b"x", 0).starts_with("$7$1$"));
+    }
+
+    #[test]
+    fn hashes_are_assessed_without_reading_passwords() {
+        let (user, hash) = MOSQUITTO_LINE.split_once(':').unwrap();
+        assert_eq!(user, "alice");
+        assert!(matches!(assess_hash(hash), HashAssessment::Weak(w) if w.contains("101 PBKDF2")));
+        assert_eq!(
+            assess_hash(&hash_pbkdf2_sha512(b"x", DEFAULT_PBKDF2_ITERATIONS)),
+            HashAssessment::Strong
+        );
+        assert_eq!(assess_hash(&hash_argon2id(b"x")), HashAssessment::Strong);
+        let weak =
+            "$argon2id$v=19$m=4096,t=3,p=1$c2FsdHNhbHRzYWx0$3u6V1E6DcQ1L7X0uXcTEw3nzSxQdVWvYq0nj4Yb2z0Y";
+        assert!(matches!(assess_hash(weak), HashAssessment::Weak(w) if w.contains("m=4096")));
+        let salt = B64.encode(b"0123456789ab");
+        let digest = B64.encode([7u8; 64]);
+        assert!(matches!(
+            assess_hash(&format!("$6${salt}${digest}")),
+            HashAssessment::Weak(_)
+        ));
+        assert_eq!(assess_hash(&format!("$6$${digest}")), HashAssessment::Unsalted);
+        assert_eq!(
+            assess_hash(&format!("$7$101$${digest}")),
+            HashAssessment::Unsalted
+        );
+        assert_eq!(assess_hash(&"ab".repeat(32)), HashAssessment::Unsalted);
+        assert_eq!(assess_hash("$1$abc$def"), HashAssessment::Unsupported);
+        assert_eq!(assess_hash("{SHA}abcdef="), HashAssessment::Unsupported);
+        assert_eq!(assess_hash("hunter2-plain"), HashAssessment::Plaintext);
     }
 
     #[test]

@@ -157,6 +157,8 @@ pub struct Builder {
     pub tls_key: Option<String>,
     /// Path to TLS client ca certs
     pub tls_client_ca_certs: Option<String>,
+    /// mqtt-uplink patch: offer TLS 1.3 only (false: rustls's safe defaults, TLS 1.2 and 1.3).
+    pub tls13_only: bool,
     /// Enable Proxy Protocol
     pub proxy_protocol: bool,
     /// Proxy Protocol timeout
@@ -243,6 +245,8 @@ impl Builder {
             tls_cert: None,
             tls_key: None,
             tls_client_ca_certs: None,
+            // mqtt-uplink patch: TLS 1.2 and 1.3, as before.
+            tls13_only: false,
             proxy_protocol: false,
             proxy_protocol_timeout: Duration::from_secs(5),
 
@@ -473,6 +477,12 @@ impl Builder {
         self
     }
 
+    /// mqtt-uplink patch: offers TLS 1.3 only (a TLS 1.2 client's handshake is refused)
+    pub fn tls13_only(mut self, tls13_only: bool) -> Self {
+        self.tls13_only = tls13_only;
+        self
+    }
+
     /// Configures using the TLS certificate CN field as the MQTT username
     pub fn cert_cn_as_username(mut self, cert_cn_as_username: bool) -> Self {
         self.cert_cn_as_username = cert_cn_as_username;
@@ -600,8 +610,11 @@ impl Builder {
             WebPkiClientVerifier::no_client_auth()
         };
 
+        // mqtt-uplink patch: TLS 1.3 only when asked, else rustls's safe defaults (1.2 and 1.3).
+        let versions: &[&'static rustls::SupportedProtocolVersion] =
+            if self.tls13_only { &[&rustls::version::TLS13] } else { rustls::DEFAULT_VERSIONS };
         ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .map_err(|e| anyhow!(e))?
             .with_client_cert_verifier(client_auth)
             .with_single_cert(cert_chain, key)
