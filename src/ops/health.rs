@@ -28,6 +28,8 @@ pub struct Probe {
     pub(crate) degraded_after: Duration,
     /// The site id and the cloud broker's URL, for `mqtt_uplink_info` (which `status` shows).
     pub(crate) identity: Arc<(String, Option<String>)>,
+    /// The uplink client certificate's notAfter (Unix seconds), when it has one.
+    pub(crate) cert_expiry: Option<i64>,
     link: Arc<Mutex<Link>>,
 }
 
@@ -51,6 +53,8 @@ pub struct Snapshot {
     pub accepted: u64,
     pub acked: u64,
     pub degraded_after: Duration,
+    /// The uplink client certificate's notAfter (Unix seconds), when it has one.
+    pub cert_expiry: Option<i64>,
 }
 
 /// What `/healthz` answers.
@@ -77,8 +81,16 @@ impl Probe {
             broker,
             degraded_after,
             identity: Arc::new(identity),
+            cert_expiry: None,
             link: Arc::default(),
         }
+    }
+
+    /// Reports the uplink client certificate's notAfter (Unix seconds) as
+    /// `mqtt_uplink_uplink_cert_expiry_timestamp_seconds`.
+    pub(crate) fn cert_expiry(mut self, not_after: Option<i64>) -> Probe {
+        self.cert_expiry = not_after;
+        self
     }
 
     /// Follows the uplink state until the uplink stops: records when each session came up (for the
@@ -138,6 +150,7 @@ impl Probe {
             accepted: c.accepted.load(Relaxed),
             acked: c.acked.load(Relaxed),
             degraded_after: self.degraded_after,
+            cert_expiry: self.cert_expiry,
         }
     }
 }
@@ -276,6 +289,13 @@ impl Snapshot {
                 &[("", age.as_secs_f64())],
             );
         }
+        if let Some(t) = self.cert_expiry {
+            gauge(
+                "mqtt_uplink_uplink_cert_expiry_timestamp_seconds",
+                "When the uplink's client certificate expires (notAfter, Unix time)",
+                &[("", t as f64)],
+            );
+        }
         gauge(
             "mqtt_uplink_healthy",
             "1 when /healthz reports ok, 0 when degraded",
@@ -304,6 +324,7 @@ mod tests {
             accepted: 0,
             acked: 0,
             degraded_after: Duration::from_secs(60),
+            cert_expiry: None,
         }
     }
 
@@ -349,6 +370,18 @@ mod tests {
             "{g}"
         );
         assert!(g.contains("mqtt_uplink_handshake_age_seconds 3\n"), "{g}");
+        assert!(!g.contains("cert_expiry"), "no client certificate, no gauge: {g}");
+        let with_cert = Snapshot {
+            cert_expiry: Some(1_800_000_000),
+            ..snap()
+        };
+        assert!(
+            with_cert
+                .render_gauges()
+                .contains("mqtt_uplink_uplink_cert_expiry_timestamp_seconds 1800000000\n"),
+            "{}",
+            with_cert.render_gauges()
+        );
         assert!(
             g.contains("mqtt_uplink_info{site=\"plant\\\"7\",broker=\"mqtts://cloud.example:8883\"} 1\n"),
             "{g}"
