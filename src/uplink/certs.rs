@@ -8,7 +8,10 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 
 /// `check` warns when the certificate expires within this.
 pub const EXPIRY_WARNING_S: i64 = 30 * 86_400;
@@ -42,10 +45,12 @@ pub fn load(
     let key = match rustls_pemfile::private_key(&mut pem.as_slice()) {
         Ok(Some(k)) => k,
         // The parser's own error may quote the file; say only what is wrong.
-        Ok(None) | Err(_) => return Err(format!(
+        Ok(None) | Err(_) => {
+            return Err(format!(
             "{} holds no PEM private key (PKCS#8 \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \"EC PRIVATE KEY\")",
             key_file.display()
-        )),
+        ))
+        }
     };
     Ok((chain, key))
 }
@@ -53,6 +58,14 @@ pub fn load(
 /// Reads both files, checks that the key is one rustls can sign with and that it belongs to the
 /// leaf certificate, and returns the leaf's subject and validity.
 pub fn inspect(cert_file: &Path, key_file: &Path) -> Result<Inspected, String> {
+    certified(cert_file, key_file).map(|(_, inspected)| inspected)
+}
+
+/// The certificate chain with its signing key, and what the leaf says. The key is matched against
+/// the leaf's public key here rather than by rustls, whose check parses the leaf with webpki and so
+/// refuses version 1 certificates (what `openssl x509 -req` makes without extensions), which a
+/// broker may well accept.
+fn certified(cert_file: &Path, key_file: &Path) -> Result<(CertifiedKey, Inspected), String> {
     let (chain, key) = load(cert_file, key_file)?;
     let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).map_err(|e| {
         format!(
@@ -66,19 +79,23 @@ pub fn inspect(cert_file: &Path, key_file: &Path) -> Result<Inspected, String> {
         not_after: leaf.validity().not_after.timestamp(),
     };
     let provider = rustls::crypto::aws_lc_rs::default_provider();
-    match rustls::sign::CertifiedKey::from_der(chain, key, &provider) {
-        Ok(_) => Ok(inspected),
-        Err(rustls::Error::InconsistentKeys(_)) => Err(format!(
-            "the key in {} does not belong to the certificate in {} ({})",
-            key_file.display(),
-            cert_file.display(),
-            inspected.subject
-        )),
-        Err(e) => Err(format!(
+    let signing = provider.key_provider.load_private_key(key).map_err(|e| {
+        format!(
             "{}: unusable key ({e}): ECDSA P-256/P-384, Ed25519 or RSA expected",
             key_file.display()
-        )),
+        )
+    })?;
+    if let Some(spki) = signing.public_key() {
+        if spki.as_ref() != leaf.public_key().raw {
+            return Err(format!(
+                "the key in {} does not belong to the certificate in {} ({})",
+                key_file.display(),
+                cert_file.display(),
+                inspected.subject
+            ));
+        }
     }
+    Ok((CertifiedKey::new(chain, signing), inspected))
 }
 
 /// A warning when the certificate is expired, expires within [`EXPIRY_WARNING_S`], or is not valid
@@ -136,14 +153,8 @@ pub fn client_auth(
     cert_file: &Path,
     key_file: &Path,
 ) -> Result<rustls::ClientConfig, String> {
-    let (chain, key) = load(cert_file, key_file)?;
-    builder.with_client_auth_cert(chain, key).map_err(|e| {
-        format!(
-            "client certificate {} with key {}: {e}",
-            cert_file.display(),
-            key_file.display()
-        )
-    })
+    let (key, _) = certified(cert_file, key_file)?;
+    Ok(builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(key))))
 }
 
 /// The key algorithm of `keygen tls`.
