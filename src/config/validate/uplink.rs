@@ -444,3 +444,107 @@ fn wireguard(
         handshake_timeout: connect_timeout,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{parse, ConfigErrors};
+    use std::path::Path;
+
+    fn uplink(dir: &Path, body: &str) -> Result<crate::config::Config, ConfigErrors> {
+        let text = format!(
+            "[[listener]]\nbind = \"127.0.0.1:1883\"\n[auth]\nallow_anonymous = true\n\
+             [uplink]\nclient_id = \"x\"\n{body}\n"
+        );
+        parse(&dir.join("c.toml"), &text)
+    }
+
+    fn error(dir: &Path, body: &str) -> String {
+        let e = uplink(dir, body).expect_err(body);
+        e.to_string()
+    }
+
+    #[test]
+    fn broker_is_a_string_or_a_list_of_one_scheme_without_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let c = uplink(d, "broker = \"mqtt://127.0.0.1:1\"").unwrap();
+        assert_eq!(c.uplink.unwrap().brokers.len(), 1);
+        let u = uplink(d, "broker = [\"mqtt://127.0.0.1:1\", \"mqtt://localhost:2\"]")
+            .unwrap()
+            .uplink
+            .unwrap();
+        assert_eq!(u.broker, u.brokers[0]);
+        assert_eq!(u.brokers[1].port, 2);
+        assert_eq!(u.brokers_label(), "mqtt://127.0.0.1:1, mqtt://localhost:2");
+        for (body, want) in [
+            ("broker = []", "name at least one broker"),
+            ("broker = [\"mqtt://127.0.0.1:1\", \"mqtts://a:2\"]", "not a mix"),
+            (
+                "broker = [\"mqtt://127.0.0.1:1\", \"mqtt://127.0.0.1:1\"]",
+                "listed twice",
+            ),
+            (
+                "broker = [\"mqtt://127.0.0.1:1\", \"http://a\"]",
+                "expected mqtts://",
+            ),
+            ("broker = 5", "a broker URL or a list"),
+        ] {
+            let e = error(d, body);
+            assert!(e.contains("uplink.broker") || e.contains("uplink"), "{body}: {e}");
+            assert!(e.contains(want), "{body}: {e}");
+            assert!(e.contains("c.toml:"), "file and line: {e}");
+        }
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "site");
+        std::fs::write(d.join("c.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
+        std::fs::write(d.join("c.key"), key.serialize_pem()).unwrap();
+        std::fs::set_permissions(
+            d.join("c.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let tls = "broker = \"mqtts://localhost:1\"\nca_file = \"c.pem\"\n";
+        let ok = uplink(d, &format!("{tls}cert_file = \"c.pem\"\nkey_file = \"c.key\"")).unwrap();
+        assert!(
+            !ok.warnings.iter().any(|w| w.key.starts_with("uplink")),
+            "{:?}",
+            ok.warnings
+        );
+        let cert = ok.uplink.unwrap().client_cert.unwrap();
+        assert_eq!(cert.subject, "CN=site");
+        assert!(error(d, &format!("{tls}cert_file = \"c.pem\"")).contains("needs its key_file"));
+        assert!(error(d, &format!("{tls}key_file = \"c.key\"")).contains("needs its cert_file"));
+        let e = error(
+            d,
+            "broker = \"mqtt://127.0.0.1:1\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"",
+        );
+        assert!(e.contains("needs TLS"), "{e}");
+        // A credential name that cannot be resolved is refused like the other secrets.
+        let e = error(
+            d,
+            &format!("{tls}cert_file = \"c.pem\"\nkey_file = \"cred:no/such\""),
+        );
+        assert!(e.contains("uplink.key_file"), "{e}");
+        // Readable by others: a warning, not an error.
+        std::fs::set_permissions(
+            d.join("c.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o640),
+        )
+        .unwrap();
+        let w = uplink(d, &format!("{tls}cert_file = \"c.pem\"\nkey_file = \"c.key\""))
+            .unwrap()
+            .warnings;
+        assert!(
+            w.iter()
+                .any(|w| w.key == "uplink.key_file" && w.message.contains("0640")),
+            "{w:?}"
+        );
+    }
+}
