@@ -97,7 +97,8 @@ pub enum Command {
         topic: String,
     },
     /// Generate uplink keys: `keygen ssh DIR --forward-to HOST:PORT` (ed25519, prints the restricted
-    /// authorized_keys line for the bastion) or `keygen wireguard DIR` (prints the hub's [Peer] block).
+    /// authorized_keys line for the bastion), `keygen wireguard DIR` (prints the hub's [Peer] block)
+    /// or `keygen tls DIR --cn NAME` (a client key and a CSR to have signed for mutual TLS).
     Keygen {
         #[command(subcommand)]
         kind: KeygenKind,
@@ -174,6 +175,18 @@ pub enum KeygenKind {
         /// This appliance's tunnel address, for the AllowedIPs line of the printed [Peer] block.
         #[arg(long)]
         address: Option<std::net::IpAddr>,
+    },
+    /// Writes DIR/site.key (0600) and DIR/site.csr, a certificate signing request for the uplink's
+    /// client certificate (mutual TLS); the signed certificate goes to DIR/site.pem.
+    Tls {
+        /// Where to write the key and the request (created 0700 if missing).
+        dir: PathBuf,
+        /// The certificate's common name: the thing or device name the cloud knows the site by.
+        #[arg(long)]
+        cn: String,
+        /// The key algorithm.
+        #[arg(long, value_enum, default_value_t = crate::uplink::certs::KeyKind::Ecdsa)]
+        key: crate::uplink::certs::KeyKind,
     },
 }
 
@@ -284,7 +297,9 @@ fn status(args: StatusArgs) -> i32 {
 
 fn keygen(kind: KeygenKind) -> i32 {
     let dir = match &kind {
-        KeygenKind::Ssh { dir, .. } | KeygenKind::Wireguard { dir, .. } => dir.clone(),
+        KeygenKind::Ssh { dir, .. } | KeygenKind::Wireguard { dir, .. } | KeygenKind::Tls { dir, .. } => {
+            dir.clone()
+        }
     };
     if let Err(e) =
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700).create(&dir)
@@ -310,6 +325,7 @@ fn keygen(kind: KeygenKind) -> i32 {
                 )
             })
             .map_err(|e| e.to_string()),
+        KeygenKind::Tls { dir, cn, key } => crate::uplink::certs::keygen(&dir, &cn, key),
     };
     match result {
         Ok(text) => {

@@ -122,8 +122,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         Duration::from_secs(degraded_after),
         (
             config.site.id.clone(),
-            config.uplink.as_ref().map(|u| u.broker.to_string()),
+            config.uplink.as_ref().map(|u| u.brokers_label()),
         ),
+    )
+    .cert_expiry(
+        config
+            .uplink
+            .as_ref()
+            .and_then(|u| u.client_cert.as_ref())
+            .map(|c| c.not_after),
     );
     tracker.spawn(probe.clone().track_uplink());
     let metrics_addr =
@@ -210,28 +217,32 @@ fn guard_settings(config: &Config) -> guard::GuardSettings {
     }
 }
 
-/// The transport chain in the configured order (validation guarantees each has its section).
-fn transports(u: &config::Uplink) -> Vec<Arc<dyn Transport>> {
-    let mut out: Vec<Arc<dyn Transport>> = Vec::new();
-    for k in &u.transports {
-        match k {
-            TransportKind::Tls => out.push(Arc::new(
-                transport::tcp::TcpTransport::new(&u.broker.host, u.broker.port, u.connect_timeout)
-                    .plaintext(!u.broker.tls),
-            )),
-            TransportKind::Ssh => {
-                if let Some(c) = &u.ssh {
-                    out.push(Arc::new(transport::ssh::SshTransport::new(c.clone())));
+/// The transport chain in the configured order, the direct transport once per broker address
+/// (`uplink::core::routes`; validation guarantees each transport has its section).
+fn transports(u: &config::Uplink) -> Vec<uplink::Leg> {
+    let dials: Vec<bool> = u.transports.iter().map(|k| *k == TransportKind::Tls).collect();
+    uplink::core::routes(&dials, u.brokers.len())
+        .into_iter()
+        .filter_map(|r| {
+            let transport: Arc<dyn Transport> = match u.transports[r.transport] {
+                TransportKind::Tls => {
+                    let b = &u.brokers[r.address];
+                    Arc::new(
+                        transport::tcp::TcpTransport::new(&b.host, b.port, u.connect_timeout)
+                            .plaintext(!b.tls),
+                    )
                 }
-            }
-            TransportKind::Wireguard => {
-                if let Some(c) = &u.wireguard {
-                    out.push(Arc::new(transport::wireguard::WgTransport::new(c.clone())));
+                TransportKind::Ssh => Arc::new(transport::ssh::SshTransport::new(u.ssh.clone()?)),
+                TransportKind::Wireguard => {
+                    Arc::new(transport::wireguard::WgTransport::new(u.wireguard.clone()?))
                 }
-            }
-        }
-    }
-    out
+            };
+            Some(uplink::Leg {
+                transport,
+                address: r.address,
+            })
+        })
+        .collect()
 }
 
 impl Appliance {

@@ -84,7 +84,7 @@ pub fn render(c: &Config) -> String {
         Some(u) => {
             s += &format!(
                 "uplink: {} as {} (user {}, password {}), transports [{}], keepalive {} s, in at most {} msg/s\n",
-                u.broker,
+                u.brokers_label(),
                 u.client_id,
                 u.username.as_deref().unwrap_or("-"),
                 if u.password.is_some() { "***" } else { "none" },
@@ -101,6 +101,15 @@ pub fn render(c: &Config) -> String {
             );
         }
         None => s += "uplink: none (local broker only)\n",
+    }
+    if let Some(c) = c.uplink.as_ref().and_then(|u| u.client_cert.as_ref()) {
+        s += &format!(
+            "uplink certificate: {} ({}), key {}, expires {}\n",
+            c.subject,
+            c.cert_file.display(),
+            c.key_file.display(),
+            crate::uplink::certs::utc(c.not_after)
+        );
     }
     s += &format!(
         "outbox: max {} ({} per user), QoS 0 lane {}, max age {} s, on_full {}\n",

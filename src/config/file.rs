@@ -245,12 +245,17 @@ pub fn default_max_retained_bytes() -> u64 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkFile {
-    pub broker: String,
+    /// One broker URL, or several addresses of the same cloud tried in order.
+    pub broker: Brokers,
     pub client_id: String,
     pub username: Option<String>,
     /// The password lives in a file (or a systemd credential), never in the TOML.
     pub password_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
+    /// The uplink's client certificate chain (PEM), for brokers that want mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC); `cred:NAME` allowed.
+    pub key_file: Option<PathBuf>,
     #[serde(default = "default_transports")]
     pub transports: Vec<String>,
     #[serde(default = "default_keepalive_s")]
@@ -280,6 +285,33 @@ pub struct UplinkFile {
     pub max_in_msgs_per_s: u32,
     pub ssh: Option<SshFile>,
     pub wireguard: Option<WireguardFile>,
+}
+
+/// `broker`: a string, or a list of strings (addresses of one cloud, in order of preference).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Brokers(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Brokers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Brokers;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a broker URL or a list of them, e.g. \"mqtts://cloud.example.com:8883\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Brokers, E> {
+                Ok(Brokers(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Brokers, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(Brokers(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `[uplink.ssh]`: ride an outbound SSH connection to a bastion.

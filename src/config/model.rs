@@ -177,11 +177,18 @@ impl TransportKind {
 /// The uplink session to the cloud broker.
 #[derive(Debug, Clone)]
 pub struct Uplink {
+    /// The first (most preferred) broker address: the TLS server name over the SSH and WireGuard
+    /// transports, which forward to one address of their own.
     pub broker: BrokerUrl,
+    /// Every address of the cloud broker, in order (`broker` first); the direct transport tries
+    /// each in turn.
+    pub brokers: Vec<BrokerUrl>,
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub ca_file: Option<PathBuf>,
+    /// The uplink's client certificate for mutual TLS (`cert_file`, `key_file`).
+    pub client_cert: Option<ClientCert>,
     pub transports: Vec<TransportKind>,
     pub keepalive: Duration,
     pub max_inflight: u16,
@@ -200,6 +207,31 @@ pub struct Uplink {
     pub max_in_msgs_per_s: u32,
     pub ssh: Option<crate::transport::ssh::SshConfig>,
     pub wireguard: Option<crate::transport::wireguard::WgConfig>,
+}
+
+impl Uplink {
+    /// The broker addresses as configured, for logs and `mqtt_uplink_info`: `mqtts://a:8883`, or
+    /// `mqtts://a:8883, mqtts://b:8883` for a list.
+    pub fn brokers_label(&self) -> String {
+        self.brokers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The uplink's client certificate (mutual TLS), as validation found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// The certificate chain, leaf first (PEM).
+    pub cert_file: PathBuf,
+    /// Its private key (PEM); read when the uplink starts.
+    pub key_file: PathBuf,
+    /// The leaf's subject, e.g. `CN=plant-7`.
+    pub subject: String,
+    /// The leaf's notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
 }
 
 /// Which way a mapping carries messages.

@@ -28,6 +28,8 @@ pub struct Probe {
     pub(crate) degraded_after: Duration,
     /// The site id and the cloud broker's URL, for `mqtt_uplink_info` (which `status` shows).
     pub(crate) identity: Arc<(String, Option<String>)>,
+    /// The uplink client certificate's notAfter (Unix seconds), when it has one.
+    pub(crate) cert_expiry: Option<i64>,
     link: Arc<Mutex<Link>>,
 }
 
@@ -55,6 +57,8 @@ pub struct Snapshot {
     /// The last write error while the outbox store is failing (until a write succeeds again).
     pub store_failure: Option<String>,
     pub degraded_after: Duration,
+    /// The uplink client certificate's notAfter (Unix seconds), when it has one.
+    pub cert_expiry: Option<i64>,
 }
 
 /// What `/healthz` answers.
@@ -81,8 +85,16 @@ impl Probe {
             broker,
             degraded_after,
             identity: Arc::new(identity),
+            cert_expiry: None,
             link: Arc::default(),
         }
+    }
+
+    /// Reports the uplink client certificate's notAfter (Unix seconds) as
+    /// `mqtt_uplink_uplink_cert_expiry_timestamp_seconds`.
+    pub(crate) fn cert_expiry(mut self, not_after: Option<i64>) -> Probe {
+        self.cert_expiry = not_after;
+        self
     }
 
     /// Follows the uplink state until the uplink stops: records when each session came up (for the
@@ -144,6 +156,7 @@ impl Probe {
             storage_errors: c.storage_errors.load(Relaxed),
             store_failure: self.outbox.store_failure(),
             degraded_after: self.degraded_after,
+            cert_expiry: self.cert_expiry,
         }
     }
 }
@@ -286,6 +299,13 @@ impl Snapshot {
                 &[("", age.as_secs_f64())],
             );
         }
+        if let Some(t) = self.cert_expiry {
+            gauge(
+                "mqtt_uplink_uplink_cert_expiry_timestamp_seconds",
+                "When the uplink's client certificate expires (notAfter, Unix time)",
+                &[("", t as f64)],
+            );
+        }
         gauge(
             "mqtt_uplink_healthy",
             "1 when /healthz reports ok, 0 when degraded",
@@ -323,6 +343,7 @@ mod tests {
             storage_errors: 0,
             store_failure: None,
             degraded_after: Duration::from_secs(60),
+            cert_expiry: None,
         }
     }
 
@@ -376,6 +397,18 @@ mod tests {
             "{g}"
         );
         assert!(g.contains("mqtt_uplink_handshake_age_seconds 3\n"), "{g}");
+        assert!(!g.contains("cert_expiry"), "no client certificate, no gauge: {g}");
+        let with_cert = Snapshot {
+            cert_expiry: Some(1_800_000_000),
+            ..snap()
+        };
+        assert!(
+            with_cert
+                .render_gauges()
+                .contains("mqtt_uplink_uplink_cert_expiry_timestamp_seconds 1800000000\n"),
+            "{}",
+            with_cert.render_gauges()
+        );
         assert!(
             g.contains("# TYPE mqtt_uplink_outbox_storage_errors_total counter\nmqtt_uplink_outbox_storage_errors_total 0\n"),
             "{g}"

@@ -22,6 +22,7 @@
 //! they open transports, read, write, probe and sleep, and do what the cores say.
 
 pub mod backoff;
+pub mod certs;
 pub mod core;
 pub mod decode;
 pub mod link;
@@ -91,13 +92,24 @@ pub struct UplinkTask {
     return_after: Duration,
 }
 
-/// How to reach the cloud broker: the transport chain (in order of preference), TLS, and who the
+/// One way to the cloud broker: a transport, and the broker address its TLS names (see
+/// [`core::routes`]: the direct transport is one leg per address).
+#[derive(Clone)]
+pub struct Leg {
+    pub transport: Arc<dyn Transport>,
+    /// Index into `[uplink] broker`.
+    pub address: usize,
+}
+
+/// How to reach the cloud broker: the chain of legs (in order of preference), TLS, and who the
 /// uplink is there.
 struct Dialer {
     identity: Identity,
-    transports: Vec<Arc<dyn Transport>>,
-    /// `None` for a plaintext `mqtt://` broker.
-    tls: Option<TlsClient>,
+    legs: Vec<Leg>,
+    /// Per broker address, its TLS client; empty for plaintext `mqtt://` brokers.
+    tls: Vec<TlsClient>,
+    /// Per broker address, its URL for logs.
+    addresses: Vec<String>,
 }
 
 /// Why one transport gave no session.
@@ -142,7 +154,7 @@ impl UplinkTask {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &config::Uplink,
-        transports: Vec<Arc<dyn Transport>>,
+        legs: Vec<Leg>,
         routes: SharedRoutes,
         wanted: watch::Receiver<Filters>,
         state_dir: Option<&Path>,
@@ -150,11 +162,23 @@ impl UplinkTask {
         broker: Arc<Broker>,
         state: watch::Sender<UplinkState>,
     ) -> anyhow::Result<Self> {
-        let tls = if cfg.broker.tls {
-            Some(TlsClient::new(&cfg.broker.host, cfg.ca_file.as_deref())?)
-        } else {
-            None
-        };
+        let identity = cfg
+            .client_cert
+            .as_ref()
+            .map(|c| (c.cert_file.as_path(), c.key_file.as_path()));
+        let tls = cfg
+            .brokers
+            .iter()
+            .filter(|b| b.tls)
+            .map(|b| TlsClient::with_identity(&b.host, cfg.ca_file.as_deref(), identity))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if let Some(c) = &cfg.client_cert {
+            tracing::info!(
+                subject = %c.subject,
+                expires = %certs::utc(c.not_after),
+                "uplink presents a client certificate"
+            );
+        }
         Ok(UplinkTask {
             dialer: Dialer {
                 identity: Identity {
@@ -169,10 +193,11 @@ impl UplinkTask {
                     max_packet_size: broker.max_packet_size(),
                     max_in_msgs_per_s: cfg.max_in_msgs_per_s,
                 },
-                transports,
+                legs,
                 tls,
+                addresses: cfg.brokers.iter().map(ToString::to_string).collect(),
             },
-            broker_label: cfg.broker.to_string(),
+            broker_label: cfg.brokers_label(),
             bridge: Inbound::new(routes, &broker),
             wanted,
             ledger: Ledger::load(state_dir),
@@ -187,8 +212,8 @@ impl UplinkTask {
     /// Runs until `shutdown` is cancelled: asks the failover core what to do, does it, and tells it
     /// how it went.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let transports = self.dialer.transports.clone();
-        let mut failover = Failover::new(transports.len(), self.backoff.clone(), self.return_after);
+        let legs = self.dialer.legs.clone();
+        let mut failover = Failover::new(legs.len(), self.backoff.clone(), self.return_after);
         let mut session = Session::new(self.dialer.identity.settings(), self.ledger.held().clone());
         let mut last_error = anyhow::anyhow!("no transport configured");
         while !shutdown.is_cancelled() {
@@ -201,10 +226,12 @@ impl UplinkTask {
                     if pass_start {
                         self.state.send_replace(UplinkState::Connecting);
                     }
-                    let t = &transports[i];
+                    let leg = &legs[i];
+                    let t = &leg.transport;
+                    let address = &self.dialer.addresses[leg.address];
                     let opened = tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        r = self.dialer.open(t.as_ref()) => r,
+                        r = self.dialer.open(leg) => r,
                     };
                     let (conn, session_present) = match opened {
                         Ok(c) => c,
@@ -212,6 +239,7 @@ impl UplinkTask {
                             if loud {
                                 tracing::warn!(
                                     transport = t.name(),
+                                    broker = %address,
                                     refused = e.refused,
                                     "uplink transport failed: {:#}",
                                     e.error
@@ -219,6 +247,7 @@ impl UplinkTask {
                             } else {
                                 tracing::debug!(
                                     transport = t.name(),
+                                    broker = %address,
                                     refused = e.refused,
                                     "uplink transport failed: {:#}",
                                     e.error
@@ -230,12 +259,22 @@ impl UplinkTask {
                         }
                     };
                     if let Some(prev) = failover.connected(Instant::now()) {
-                        crate::ops::metrics::get().transport_switches.inc();
-                        tracing::warn!(
-                            from = transports[prev].name(),
-                            to = t.name(),
-                            "uplink transport switched"
-                        );
+                        let from = &legs[prev];
+                        if from.transport.name() != t.name() {
+                            crate::ops::metrics::get().transport_switches.inc();
+                            tracing::warn!(
+                                from = from.transport.name(),
+                                to = t.name(),
+                                "uplink transport switched"
+                            );
+                        } else {
+                            tracing::warn!(
+                                transport = t.name(),
+                                from = %self.dialer.addresses[from.address],
+                                to = %address,
+                                "uplink broker address switched"
+                            );
+                        }
                     }
                     crate::ops::metrics::get()
                         .uplink_connects
@@ -243,7 +282,7 @@ impl UplinkTask {
                         .inc();
                     tracing::info!(
                         transport = t.name(),
-                        broker = %self.broker_label,
+                        broker = %address,
                         session_present,
                         queued = self.outbox.depth(),
                         "uplink connected"
@@ -364,10 +403,11 @@ impl Dialer {
                 _ = tokio::time::sleep(interval) => {}
             }
             for j in failover.probe_targets() {
-                let t = &self.transports[j];
+                let leg = &self.legs[j];
+                let t = &leg.transport;
                 let ok = tokio::select! {
                     _ = cancel.cancelled() => return,
-                    r = self.probe(t.as_ref()) => r,
+                    r = self.probe(leg) => r,
                 };
                 let verdict = failover.probe_result(j, ok.is_ok(), Instant::now());
                 match (verdict, ok) {
@@ -391,9 +431,9 @@ impl Dialer {
         }
     }
 
-    /// One health probe over `t`: stream, TLS, an MQTT round trip as `<client_id>-probe`.
-    async fn probe(&self, t: &dyn Transport) -> anyhow::Result<()> {
-        let stream = self.stream(t).await?;
+    /// One health probe over `leg`: stream, TLS, an MQTT round trip as `<client_id>-probe`.
+    async fn probe(&self, leg: &Leg) -> anyhow::Result<()> {
+        let stream = self.stream(leg).await?;
         tokio::time::timeout(
             self.identity.connect_timeout + self.identity.health_timeout,
             session::probe(stream, &self.identity),
@@ -404,20 +444,23 @@ impl Dialer {
 
     /// Stream, TLS, CONNECT over `t`. A failure to get the stream is `refused` only when something
     /// answered and said no (see [`unreachable`]); a failure of TLS or CONNECT always is.
-    async fn open(&self, t: &dyn Transport) -> Result<(Conn, bool), NoSession> {
-        let raw = self.raw(t).await.map_err(|error| NoSession {
-            refused: !unreachable(&error),
-            error,
-        })?;
+    async fn open(&self, leg: &Leg) -> Result<(Conn, bool), NoSession> {
+        let raw = self
+            .raw(leg.transport.as_ref())
+            .await
+            .map_err(|error| NoSession {
+                refused: !unreachable(&error),
+                error,
+            })?;
         let refused = |error| NoSession { error, refused: true };
-        let stream = self.secure(raw).await.map_err(refused)?;
+        let stream = self.secure(raw, leg.address).await.map_err(refused)?;
         session::connect(stream, &self.identity).await.map_err(refused)
     }
 
     /// A stream over `t`, wrapped in TLS for an `mqtts://` broker; each step within `connect_timeout`.
-    async fn stream(&self, t: &dyn Transport) -> anyhow::Result<BoxStream> {
-        let raw = self.raw(t).await?;
-        self.secure(raw).await
+    async fn stream(&self, leg: &Leg) -> anyhow::Result<BoxStream> {
+        let raw = self.raw(leg.transport.as_ref()).await?;
+        self.secure(raw, leg.address).await
     }
 
     /// The transport's own stream, within `connect_timeout`.
@@ -428,10 +471,11 @@ impl Dialer {
             .map_err(|_| anyhow::anyhow!("{} transport: no stream within {deadline:?}", t.name()))?
     }
 
-    /// TLS over `stream` for an `mqtts://` broker, within `connect_timeout`.
-    async fn secure(&self, stream: BoxStream) -> anyhow::Result<BoxStream> {
+    /// TLS to broker address `address` over `stream` for an `mqtts://` broker, within
+    /// `connect_timeout`.
+    async fn secure(&self, stream: BoxStream, address: usize) -> anyhow::Result<BoxStream> {
         let deadline = self.identity.connect_timeout;
-        Ok(match &self.tls {
+        Ok(match self.tls.get(address) {
             Some(tls) => tokio::time::timeout(deadline, tls.wrap(stream))
                 .await
                 .map_err(|_| anyhow::anyhow!("TLS handshake: timed out after {deadline:?}"))??,

@@ -1,6 +1,7 @@
 //! TLS to the cloud broker, layered over whatever stream the transport gives. The server name is
 //! always the host of `uplink.broker` (an IP address there needs an IP SAN), verified against
-//! `ca_file`, or the system roots when no `ca_file` is set.
+//! `ca_file`, or the system roots when no `ca_file` is set. With `cert_file` and `key_file` the
+//! uplink presents its client certificate (mutual TLS).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +20,17 @@ pub struct TlsClient {
 }
 
 impl TlsClient {
+    /// A client without a certificate of its own.
     pub fn new(host: &str, ca_file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::with_identity(host, ca_file, None)
+    }
+
+    /// A client for `host` that presents `identity` (certificate chain file, key file) when set.
+    pub fn with_identity(
+        host: &str,
+        ca_file: Option<&Path>,
+        identity: Option<(&Path, &Path)>,
+    ) -> anyhow::Result<Self> {
         let mut roots = rustls::RootCertStore::empty();
         match ca_file {
             Some(path) => {
@@ -50,8 +61,11 @@ impl TlsClient {
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| anyhow!("TLS setup: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some((cert, key)) => super::certs::client_auth(config, cert, key).map_err(|e| anyhow!(e))?,
+            None => config.with_no_client_auth(),
+        };
         let server_name = ServerName::try_from(host.to_string())
             .map_err(|_| anyhow!("`{host}` is not a valid TLS server name"))?;
         Ok(TlsClient {

@@ -18,6 +18,8 @@ pub const OBSERVER_PASSWORD: &str = "observer-Secret-42";
 pub struct Cloud {
     pub dir: PathBuf,
     pub port: u16,
+    /// The mutual-TLS listener of [`Cloud::start_mtls`] (0 otherwise).
+    pub mtls_port: u16,
     /// The address mosquitto listens on (127.0.0.1, or a tunnel address inside `netns`).
     pub host: String,
     /// Runs inside this network namespace (created by the test's WireGuard fixture).
@@ -49,12 +51,62 @@ impl Cloud {
         let mut cloud = Cloud {
             dir: dir.to_path_buf(),
             port,
+            mtls_port: 0,
             host: host.to_string(),
             netns: netns.map(str::to_string),
             child: None,
         };
         cloud.spawn();
         cloud
+    }
+
+    /// Like [`Cloud::start`] (the observer's password listener on `port`), plus a second TLS
+    /// listener on `mtls_port` that requires a client certificate signed by `client_ca` and takes
+    /// the username from its CN (`require_certificate true`, `use_identity_as_username true`), and
+    /// the mosquitto ACL `acl` for everyone (the observer needs `topic readwrite #` in it).
+    pub fn start_mtls(dir: &Path, client_ca: &Path, acl: &str) -> Cloud {
+        write_certs(dir, &[]);
+        let pw = dir.join("cloud-passwords");
+        mosquitto_passwd(&pw, OBSERVER_USER, OBSERVER_PASSWORD);
+        let acl_file = dir.join("cloud-acl");
+        std::fs::write(&acl_file, acl).unwrap();
+        let (port, mtls_port) = (free_port(), free_port());
+        let conf = format!(
+            "per_listener_settings false\nallow_anonymous false\npassword_file {pw}\nacl_file {acl}\n\
+             persistence true\npersistence_location {d}/\nuser root\nlog_dest stderr\nlog_type error\n\
+             log_type warning\nmax_queued_messages 100000\n\
+             listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n\
+             listener {mtls_port} 127.0.0.1\ncafile {ca}\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n\
+             require_certificate true\nuse_identity_as_username true\n",
+            d = dir.display(),
+            pw = pw.display(),
+            acl = acl_file.display(),
+            ca = client_ca.display(),
+        );
+        std::fs::write(dir.join("cloud.conf"), conf).unwrap();
+        let mut cloud = Cloud {
+            dir: dir.to_path_buf(),
+            port,
+            mtls_port,
+            host: "127.0.0.1".to_string(),
+            netns: None,
+            child: None,
+        };
+        cloud.spawn();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", mtls_port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on {mtls_port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cloud
+    }
+
+    /// `mqtts://localhost:MTLS_PORT`: the listener that wants a client certificate.
+    pub fn mtls_url(&self) -> String {
+        format!("mqtts://localhost:{}", self.mtls_port)
     }
 
     /// `prog` to run where mosquitto runs (inside the namespace, if any).

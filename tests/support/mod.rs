@@ -124,6 +124,8 @@ pub struct App {
     pub outbox: mqtt_uplink::outbox::Outbox,
     pub state: tokio::sync::watch::Receiver<mqtt_uplink::uplink::UplinkState>,
     pub reloader: mqtt_uplink::ops::reload::Reloader,
+    /// The metrics endpoint's address, when it is bound to TCP.
+    pub metrics: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -160,12 +162,17 @@ impl App {
         let outbox = app.outbox.clone();
         let state = app.uplink_state.clone();
         let reloader = app.reloader();
+        let metrics = match &app.metrics_addr {
+            Some(mqtt_uplink::config::MetricsBind::Tcp(a)) => Some(*a),
+            _ => None,
+        };
         let task = tokio::spawn(app.wait());
         App {
             addr,
             outbox,
             state,
             reloader,
+            metrics,
             shutdown,
             task: Some(task),
         }

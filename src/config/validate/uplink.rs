@@ -49,28 +49,7 @@ pub fn parse_broker_url(s: &str) -> Result<BrokerUrl, String> {
 }
 
 pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
-    let broker = match parse_broker_url(&f.broker) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            ctx.error("uplink.broker", e);
-            None
-        }
-    };
-    if let Some(b) = &broker {
-        if !b.tls {
-            let loopback = b
-                .host
-                .parse::<IpAddr>()
-                .map(|ip| ip.is_loopback())
-                .unwrap_or(b.host == "localhost");
-            if !loopback {
-                ctx.warn(
-                    "uplink.broker",
-                    "plaintext MQTT to the cloud broker: use mqtts://",
-                );
-            }
-        }
-    }
+    let brokers = brokers(ctx, &f.broker.0);
     if f.client_id.is_empty() || f.client_id.len() > 65535 {
         ctx.error("uplink.client_id", "must be non-empty");
     }
@@ -101,6 +80,7 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         .ca_file
         .as_ref()
         .and_then(|p| ctx.file("uplink.ca_file", p, false));
+    let client_cert = client_cert(ctx, &f, brokers.as_deref());
     let mut transports = Vec::new();
     if f.transports.is_empty() {
         ctx.error("uplink.transports", "name at least one transport, e.g. [\"tls\"]");
@@ -196,8 +176,11 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         }
         (None, false) => None,
     };
+    let brokers = brokers?;
     Some(Uplink {
-        broker: broker?,
+        broker: brokers.first()?.clone(),
+        brokers,
+        client_cert: client_cert?,
         client_id: f.client_id,
         username: f.username,
         password,
@@ -216,6 +199,106 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         ssh,
         wireguard,
     })
+}
+
+/// `broker`: one URL or a list, each parsed; all of one scheme, none twice.
+fn brokers(ctx: &mut Ctx<'_>, urls: &[String]) -> Option<Vec<BrokerUrl>> {
+    if urls.is_empty() {
+        ctx.error(
+            "uplink.broker",
+            "name at least one broker, e.g. \"mqtts://cloud.example.com:8883\"",
+        );
+        return None;
+    }
+    let mut out: Vec<BrokerUrl> = Vec::new();
+    let mut ok = true;
+    for url in urls {
+        let b = match parse_broker_url(url) {
+            Ok(b) => b,
+            Err(e) => {
+                ctx.error("uplink.broker", e);
+                ok = false;
+                continue;
+            }
+        };
+        if !b.tls {
+            let loopback = b
+                .host
+                .parse::<IpAddr>()
+                .map(|ip| ip.is_loopback())
+                .unwrap_or(b.host == "localhost");
+            if !loopback {
+                ctx.warn(
+                    "uplink.broker",
+                    format!("{b}: plaintext MQTT to the cloud broker: use mqtts://"),
+                );
+            }
+        }
+        if out.contains(&b) {
+            ctx.error("uplink.broker", format!("{b} is listed twice"));
+            ok = false;
+        } else if out.first().is_some_and(|first| first.tls != b.tls) {
+            ctx.error(
+                "uplink.broker",
+                "the addresses of one cloud all use mqtts:// (or all mqtt://), not a mix",
+            );
+            ok = false;
+        }
+        out.push(b);
+    }
+    ok.then_some(out)
+}
+
+/// `cert_file` and `key_file`: both or neither, over TLS only; the key must belong to the
+/// certificate. A key readable by others, and a certificate that expires within 30 days (or has, or
+/// is not valid yet), are warnings: the appliance still starts and keeps the outbox meanwhile.
+/// `Some(None)`: no certificate; `None`: an error was reported.
+fn client_cert(
+    ctx: &mut Ctx<'_>,
+    f: &UplinkFile,
+    brokers: Option<&[BrokerUrl]>,
+) -> Option<Option<ClientCert>> {
+    let (cert, key) = match (&f.cert_file, &f.key_file) {
+        (None, None) => return Some(None),
+        (Some(c), Some(k)) => (c, k),
+        (Some(_), None) => {
+            ctx.error("uplink.cert_file", "a cert_file needs its key_file");
+            return None;
+        }
+        (None, Some(_)) => {
+            ctx.error("uplink.key_file", "a key_file needs its cert_file");
+            return None;
+        }
+    };
+    if brokers.is_some_and(|b| b.iter().any(|b| !b.tls)) {
+        ctx.error(
+            "uplink.cert_file",
+            "a client certificate needs TLS: use mqtts:// broker addresses",
+        );
+    }
+    let cert_file = ctx.file("uplink.cert_file", cert, false);
+    let key_file = ctx.file("uplink.key_file", key, true);
+    let (cert_file, key_file) = (cert_file?, key_file?);
+    match crate::uplink::certs::inspect(&cert_file, &key_file) {
+        Ok(i) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            if let Some(w) = crate::uplink::certs::expiry_warning(now, &i) {
+                ctx.warn("uplink.cert_file", w);
+            }
+            Some(Some(ClientCert {
+                cert_file,
+                key_file,
+                subject: i.subject,
+                not_after: i.not_after,
+            }))
+        }
+        Err(e) => {
+            ctx.error("uplink.key_file", e);
+            None
+        }
+    }
 }
 
 /// Splits `HOST:PORT` (`[v6]:PORT` for IPv6 literals).
@@ -360,4 +443,108 @@ fn wireguard(
         mtu: f.mtu,
         handshake_timeout: connect_timeout,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{parse, ConfigErrors};
+    use std::path::Path;
+
+    fn uplink(dir: &Path, body: &str) -> Result<crate::config::Config, ConfigErrors> {
+        let text = format!(
+            "[[listener]]\nbind = \"127.0.0.1:1883\"\n[auth]\nallow_anonymous = true\n\
+             [uplink]\nclient_id = \"x\"\n{body}\n"
+        );
+        parse(&dir.join("c.toml"), &text)
+    }
+
+    fn error(dir: &Path, body: &str) -> String {
+        let e = uplink(dir, body).expect_err(body);
+        e.to_string()
+    }
+
+    #[test]
+    fn broker_is_a_string_or_a_list_of_one_scheme_without_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let c = uplink(d, "broker = \"mqtt://127.0.0.1:1\"").unwrap();
+        assert_eq!(c.uplink.unwrap().brokers.len(), 1);
+        let u = uplink(d, "broker = [\"mqtt://127.0.0.1:1\", \"mqtt://localhost:2\"]")
+            .unwrap()
+            .uplink
+            .unwrap();
+        assert_eq!(u.broker, u.brokers[0]);
+        assert_eq!(u.brokers[1].port, 2);
+        assert_eq!(u.brokers_label(), "mqtt://127.0.0.1:1, mqtt://localhost:2");
+        for (body, want) in [
+            ("broker = []", "name at least one broker"),
+            ("broker = [\"mqtt://127.0.0.1:1\", \"mqtts://a:2\"]", "not a mix"),
+            (
+                "broker = [\"mqtt://127.0.0.1:1\", \"mqtt://127.0.0.1:1\"]",
+                "listed twice",
+            ),
+            (
+                "broker = [\"mqtt://127.0.0.1:1\", \"http://a\"]",
+                "expected mqtts://",
+            ),
+            ("broker = 5", "a broker URL or a list"),
+        ] {
+            let e = error(d, body);
+            assert!(e.contains("uplink.broker") || e.contains("uplink"), "{body}: {e}");
+            assert!(e.contains(want), "{body}: {e}");
+            assert!(e.contains("c.toml:"), "file and line: {e}");
+        }
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "site");
+        std::fs::write(d.join("c.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
+        std::fs::write(d.join("c.key"), key.serialize_pem()).unwrap();
+        std::fs::set_permissions(
+            d.join("c.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let tls = "broker = \"mqtts://localhost:1\"\nca_file = \"c.pem\"\n";
+        let ok = uplink(d, &format!("{tls}cert_file = \"c.pem\"\nkey_file = \"c.key\"")).unwrap();
+        assert!(
+            !ok.warnings.iter().any(|w| w.key.starts_with("uplink")),
+            "{:?}",
+            ok.warnings
+        );
+        let cert = ok.uplink.unwrap().client_cert.unwrap();
+        assert_eq!(cert.subject, "CN=site");
+        assert!(error(d, &format!("{tls}cert_file = \"c.pem\"")).contains("needs its key_file"));
+        assert!(error(d, &format!("{tls}key_file = \"c.key\"")).contains("needs its cert_file"));
+        let e = error(
+            d,
+            "broker = \"mqtt://127.0.0.1:1\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"",
+        );
+        assert!(e.contains("needs TLS"), "{e}");
+        // A credential name that cannot be resolved is refused like the other secrets.
+        let e = error(
+            d,
+            &format!("{tls}cert_file = \"c.pem\"\nkey_file = \"cred:no/such\""),
+        );
+        assert!(e.contains("uplink.key_file"), "{e}");
+        // Readable by others: a warning, not an error.
+        std::fs::set_permissions(
+            d.join("c.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o640),
+        )
+        .unwrap();
+        let w = uplink(d, &format!("{tls}cert_file = \"c.pem\"\nkey_file = \"c.key\""))
+            .unwrap()
+            .warnings;
+        assert!(
+            w.iter()
+                .any(|w| w.key == "uplink.key_file" && w.message.contains("0640")),
+            "{w:?}"
+        );
+    }
 }

@@ -21,6 +21,12 @@
 //!   resets. Each wait starts the next pass from the most preferred transport.
 //! - While a fallback carries the session, the transports before it are probed; the most preferred
 //!   one that passes every probe for `return_after` gets the session back.
+//! - Several broker addresses (`broker = [a, b]`): the chain is made of [`Route`]s by [`routes`]. A
+//!   transport that dials the broker itself (direct TLS) is one route per address, in the list's
+//!   order, all before the next transport; a tunnel (SSH, WireGuard) forwards to its own one address
+//!   and is one route. The rules above then apply to routes: a dead address is skipped within the
+//!   pass, a pass with every address dead waits as usual, and a session on a later address probes
+//!   the earlier ones and returns to the first that stays healthy.
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -29,6 +35,27 @@ use crate::uplink::backoff::{Backoff, HEALTHY_RESET, RECOVERY_WINDOW};
 
 /// Prompt retries are logged at warn level at most once per this; the ones in between at debug.
 pub const QUIET_LOG: Duration = Duration::from_secs(10);
+
+/// One entry of the chain: transport `transport` (its index in `transports`), with TLS to broker
+/// address `address` (its index in `broker`; 0 for a tunnel, whose TLS names the first address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub transport: usize,
+    pub address: usize,
+}
+
+/// The chain for transports in order of preference, `dials[i]` saying whether transport `i` dials
+/// the broker address itself (direct TLS) rather than forwarding to one of its own, and `addresses`
+/// broker addresses (at least one): every address over a dialing transport, in order, before the
+/// next transport.
+pub fn routes(dials: &[bool], addresses: usize) -> Vec<Route> {
+    let mut out = Vec::new();
+    for (transport, &dial) in dials.iter().enumerate() {
+        let n = if dial { addresses.max(1) } else { 1 };
+        out.extend((0..n).map(|address| Route { transport, address }));
+    }
+    out
+}
 
 /// What to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -585,6 +612,79 @@ mod tests {
             Probed::Return { .. }
         ));
         assert_eq!(f.session_ended(t0 + RETURN_AFTER, true), Next::Return { to: 0 });
+    }
+
+    #[test]
+    fn each_address_goes_over_the_direct_transport_before_the_next_transport() {
+        let r = |transport, address| Route { transport, address };
+        // ["tls"] with [a, b, c].
+        assert_eq!(routes(&[true], 3), [r(0, 0), r(0, 1), r(0, 2)]);
+        // ["wireguard", "ssh", "tls"] with [a, b]: the tunnels forward to their own address.
+        assert_eq!(
+            routes(&[false, false, true], 2),
+            [r(0, 0), r(1, 0), r(2, 0), r(2, 1)]
+        );
+        // ["tls", "ssh"] with [a, b]: both addresses directly, then the bastion.
+        assert_eq!(routes(&[true, false], 2), [r(0, 0), r(0, 1), r(1, 0)]);
+        // One address: the chain is the transports.
+        assert_eq!(routes(&[false, true], 1), [r(0, 0), r(1, 0)]);
+    }
+
+    #[test]
+    fn a_dead_first_address_is_skipped_within_the_pass_and_all_dead_backs_off() {
+        let t0 = Instant::now();
+        let chain = routes(&[true, false], 2); // tls a, tls b, ssh
+        let mut f = failover(chain.len());
+        // a refuses the TCP connection: b at once, no wait in between.
+        expect_connect(&mut f, t0, 0);
+        f.connect_failed(false);
+        expect_connect(&mut f, t0, 1);
+        assert_eq!(
+            chain[1],
+            Route {
+                transport: 0,
+                address: 1
+            }
+        );
+        assert_eq!(f.connected(t0), None, "the first session is no switch");
+        // On b, a is probed (it is preferred) and gets the session back once healthy.
+        assert_eq!(f.probe_targets(), 0..1);
+        f.probe_result(0, true, t0 + secs(10));
+        assert!(matches!(
+            f.probe_result(0, true, t0 + secs(10) + RETURN_AFTER),
+            Probed::Return { .. }
+        ));
+        assert_eq!(
+            f.session_ended(t0 + secs(10) + RETURN_AFTER, true),
+            Next::Return { to: 0 }
+        );
+        let t1 = t0 + secs(100);
+        expect_connect(&mut f, t1, 0);
+        assert_eq!(f.connected(t1), Some(1), "from b back to a");
+        // Lost after working: b, then the bastion, at once.
+        assert_eq!(f.session_ended(t1 + secs(20), true), Next::FailOver { to: 1 });
+        expect_connect(&mut f, t1 + secs(20), 1);
+        f.connect_failed(false);
+        expect_connect(&mut f, t1 + secs(20), 2);
+        f.connect_failed(false);
+        // The pass wraps round to a, then waits (promptly: a session worked and nothing refused).
+        expect_connect(&mut f, t1 + secs(20), 0);
+        f.connect_failed(false);
+        let w = expect_wait(&mut f, t1 + secs(20));
+        assert!(matches!(w.kind, WaitKind::Prompt { .. }), "{w:?}");
+        // A fresh pass starts from the first address again.
+        expect_connect(&mut f, t1 + secs(21), 0);
+        f.connect_failed(true);
+        expect_connect(&mut f, t1 + secs(21), 1);
+        f.connect_failed(true);
+        expect_connect(&mut f, t1 + secs(21), 2);
+        f.connect_failed(true);
+        assert_eq!(
+            expect_wait(&mut f, t1 + secs(21)).kind,
+            WaitKind::Backoff,
+            "refused: doubling"
+        );
+        expect_connect(&mut f, t1 + secs(22), 0);
     }
 
     #[test]

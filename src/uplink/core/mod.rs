@@ -12,7 +12,7 @@
 pub mod failover;
 pub mod session;
 
-pub use failover::{Failover, Next, Probed, Step, Wait, WaitKind};
+pub use failover::{routes, Failover, Next, Probed, Route, Step, Wait, WaitKind};
 pub use session::{Action, Delivery, Dropped, Failure, Session, Settings};
 
 #[cfg(test)]
