@@ -92,7 +92,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let (state_tx, state_rx) = watch::channel(UplinkState::Stopped);
     match &config.uplink {
         Some(u) => {
-            let transports = transports(u);
+            let transports = transports(u).context("uplink")?;
             let task = UplinkTask::new(
                 u,
                 transports,
@@ -203,18 +203,32 @@ fn guard_settings(config: &Config) -> guard::GuardSettings {
     }
 }
 
-/// The transport chain in the configured order (validation guarantees each has its section).
-fn transports(u: &config::Uplink) -> Vec<Arc<dyn Transport>> {
+/// The transport chain in the configured order (validation guarantees each has its section). The
+/// TCP transports go through `[uplink.proxy]` when one is set.
+fn transports(u: &config::Uplink) -> anyhow::Result<Vec<Arc<dyn Transport>>> {
     let mut out: Vec<Arc<dyn Transport>> = Vec::new();
+    let proxy = u.proxy.clone().map(Arc::new);
     for k in &u.transports {
         match k {
             TransportKind::Tls => out.push(Arc::new(
                 transport::tcp::TcpTransport::new(&u.broker.host, u.broker.port, u.connect_timeout)
-                    .plaintext(!u.broker.tls),
+                    .plaintext(!u.broker.tls)
+                    .via_proxy(proxy.clone()),
             )),
             TransportKind::Ssh => {
                 if let Some(c) = &u.ssh {
-                    out.push(Arc::new(transport::ssh::SshTransport::new(c.clone())));
+                    out.push(Arc::new(
+                        transport::ssh::SshTransport::new(c.clone()).via_proxy(proxy.clone()),
+                    ));
+                }
+            }
+            TransportKind::Websocket => {
+                if let Some(c) = &u.websocket {
+                    out.push(Arc::new(transport::websocket::WsTransport::new(
+                        c.clone(),
+                        u.ca_file.as_deref(),
+                        proxy.clone(),
+                    )?));
                 }
             }
             TransportKind::Wireguard => {
@@ -224,7 +238,7 @@ fn transports(u: &config::Uplink) -> Vec<Arc<dyn Transport>> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 impl Appliance {

@@ -157,6 +157,8 @@ pub enum TransportKind {
     Ssh,
     /// A userspace WireGuard tunnel to a hub (`[uplink.wireguard]`).
     Wireguard,
+    /// MQTT over WSS (`[uplink.websocket]`).
+    Websocket,
 }
 
 impl TransportKind {
@@ -165,6 +167,7 @@ impl TransportKind {
             TransportKind::Tls => "tls",
             TransportKind::Ssh => "ssh",
             TransportKind::Wireguard => "wireguard",
+            TransportKind::Websocket => "websocket",
         }
     }
 }
@@ -195,6 +198,9 @@ pub struct Uplink {
     pub max_in_msgs_per_s: u32,
     pub ssh: Option<crate::transport::ssh::SshConfig>,
     pub wireguard: Option<crate::transport::wireguard::WgConfig>,
+    pub websocket: Option<crate::transport::websocket::WsConfig>,
+    /// The HTTP proxy the TCP transports (`tls`, `ssh`, `websocket`) go through.
+    pub proxy: Option<crate::transport::proxy::ProxyConfig>,
 }
 
 /// Which way a mapping carries messages.
