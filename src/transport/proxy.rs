@@ -197,10 +197,11 @@ pub async fn connect(proxy: &ProxyConfig, host: &str, port: u16) -> Result<TcpSt
     }
     let reason = resp.reason.unwrap_or("").to_string();
     let hint = match status {
-        407 if proxy.username.is_none() => {
+        // 401 is what tinyproxy before 1.12 (Debian 12's 1.11.1) answers where 407 is meant.
+        401 | 407 if proxy.username.is_none() => {
             " (the proxy wants credentials: set username and password_file in [uplink.proxy])".to_string()
         }
-        407 => format!(
+        401 | 407 => format!(
             " (the proxy did not accept username `{}` and the password from password_file)",
             proxy.username.as_deref().unwrap_or_default()
         ),
@@ -258,8 +259,12 @@ mod tests {
         assert_eq!(parse_url("http://proxy:3128/").unwrap(), ("proxy".into(), 3128));
         assert_eq!(parse_url("http://[::1]:8888").unwrap(), ("::1".into(), 8888));
         assert!(parse_url("http://proxy").unwrap_err().contains("name the port"));
-        assert!(parse_url("https://proxy:3128").unwrap_err().contains("only http://"));
-        assert!(parse_url("http://u:p@proxy:3128").unwrap_err().contains("credentials"));
+        assert!(parse_url("https://proxy:3128")
+            .unwrap_err()
+            .contains("only http://"));
+        assert!(parse_url("http://u:p@proxy:3128")
+            .unwrap_err()
+            .contains("credentials"));
         assert!(parse_url("proxy:3128").is_err());
         assert!(parse_url("http://proxy:0").is_err());
         assert!(parse_url("http://:3128").is_err());
@@ -275,7 +280,10 @@ mod tests {
         };
         let shown = format!("{p:?} {p}");
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("http://proxy:3128") && shown.contains("***"), "{shown}");
+        assert!(
+            shown.contains("http://proxy:3128") && shown.contains("***"),
+            "{shown}"
+        );
     }
 
     /// A proxy that reads the request head, answers `answer`, then (on 200) echoes the tunnel.
@@ -319,9 +327,15 @@ mod tests {
         s.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello");
         let req = task.await.unwrap();
-        assert!(req.starts_with("CONNECT broker.example:8883 HTTP/1.1\r\n"), "{req}");
+        assert!(
+            req.starts_with("CONNECT broker.example:8883 HTTP/1.1\r\n"),
+            "{req}"
+        );
         // base64("site7:pw")
-        assert!(req.contains("Proxy-Authorization: Basic c2l0ZTc6cHc=\r\n"), "{req}");
+        assert!(
+            req.contains("Proxy-Authorization: Basic c2l0ZTc6cHc=\r\n"),
+            "{req}"
+        );
     }
 
     #[tokio::test]
@@ -329,7 +343,10 @@ mod tests {
         let (cfg, _t) = fake_proxy("HTTP/1.1 407 Proxy Authentication Required\r\n\r\n").await;
         let e = connect(&cfg, "b", 1).await.unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains(&format!("HTTP proxy http://127.0.0.1:{}", cfg.port)), "{msg}");
+        assert!(
+            msg.contains(&format!("HTTP proxy http://127.0.0.1:{}", cfg.port)),
+            "{msg}"
+        );
         assert!(msg.contains("407") && msg.contains("wants credentials"), "{msg}");
         assert!(!e.unreachable());
         let (cfg, _t) = fake_proxy("HTTP/1.0 503 Service Unavailable\r\n\r\n").await;

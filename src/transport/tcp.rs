@@ -60,7 +60,14 @@ impl Transport for TcpTransport {
         if let Some(p) = &self.proxy {
             let stream = tokio::time::timeout(self.timeout, proxy::connect(p, &self.host, self.port))
                 .await
-                .map_err(|_| anyhow!("HTTP proxy {p}: no tunnel to {}:{} within {:?}", self.host, self.port, self.timeout))??;
+                .map_err(|_| {
+                    anyhow!(
+                        "HTTP proxy {p}: no tunnel to {}:{} within {:?}",
+                        self.host,
+                        self.port,
+                        self.timeout
+                    )
+                })??;
             return Ok(Box::new(stream));
         }
         let target = (self.host.as_str(), self.port);

@@ -203,7 +203,11 @@ fn io_err(e: WsError) -> io::Error {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         while self.pending.is_empty() {
             match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
                 Some(Ok(Message::Binary(b))) => self.pending = b,
@@ -256,11 +260,17 @@ mod tests {
     #[test]
     fn urls() {
         let c = parse_url("wss://cloud.example.com/mqtt").unwrap();
-        assert_eq!((c.host.as_str(), c.port, c.path.as_str()), ("cloud.example.com", 443, "/mqtt"));
+        assert_eq!(
+            (c.host.as_str(), c.port, c.path.as_str()),
+            ("cloud.example.com", 443, "/mqtt")
+        );
         let c = parse_url("wss://cloud.example.com:8443").unwrap();
         assert_eq!((c.port, c.path.as_str()), (8443, "/"));
         let c = parse_url("wss://[::1]:9001/a/b?x=1").unwrap();
-        assert_eq!((c.host.as_str(), c.port, c.path.as_str()), ("::1", 9001, "/a/b?x=1"));
+        assert_eq!(
+            (c.host.as_str(), c.port, c.path.as_str()),
+            ("::1", 9001, "/a/b?x=1")
+        );
         assert_eq!(c.to_string(), "wss://[::1]:9001/a/b?x=1");
         assert!(parse_url("ws://h/mqtt").unwrap_err().contains("plaintext"));
         assert!(parse_url("https://h/mqtt").is_err());
@@ -278,8 +288,12 @@ mod tests {
         let server = tokio::spawn(async move {
             let mut ws = tokio_tungstenite::accept_async(b).await.unwrap();
             let got = ws.next().await.unwrap().unwrap();
-            ws.send(Message::Binary(Bytes::from_static(b"abc"))).await.unwrap();
-            ws.send(Message::Binary(Bytes::from_static(b"defgh"))).await.unwrap();
+            ws.send(Message::Binary(Bytes::from_static(b"abc")))
+                .await
+                .unwrap();
+            ws.send(Message::Binary(Bytes::from_static(b"defgh")))
+                .await
+                .unwrap();
             ws.close(None).await.unwrap();
             got
         });
@@ -302,7 +316,10 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(all, b"abcdefgh");
-        assert_eq!(server.await.unwrap(), Message::Binary(Bytes::from_static(b"\x10\x02hi")));
+        assert_eq!(
+            server.await.unwrap(),
+            Message::Binary(Bytes::from_static(b"\x10\x02hi"))
+        );
     }
 
     #[tokio::test]
