@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use mqtt_uplink::transport::proxy::{ProxyConfig, ProxyError};
 use mqtt_uplink::transport::Transport;
-use mqtt_uplink::uplink::UplinkState;
 use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
 use support::device::Device;
 use support::proxy::{Tinyproxy, PROXY_PASSWORD, PROXY_USER};
@@ -414,4 +413,66 @@ async fn a_refusing_proxy_is_named_with_its_status() {
         println!("logged: {l}");
     }
     assert!(!log.contains("Wrong-Password-9"), "the password leaked:\n{log}");
+}
+
+/// `[uplink.websocket]` and `[uplink.proxy]` mistakes are named with file, line and key; `check`
+/// shows the proxy and the WebSocket URL with the password masked.
+#[test]
+fn egress_config_is_checked_and_shown_without_the_password() {
+    let dir = tempdir();
+    let path = dir.path().join("mqtt-uplink.toml");
+    let head = "[site]\nid = \"a\"\nstate_dir = \"state\"\n\n[uplink]\nbroker = \"mqtts://h:28883\"\nclient_id = \"c\"\n";
+    let load = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        mqtt_uplink::config::load(&path)
+    };
+    // ws://, an https:// proxy, a password_file without a username, "websocket" without its section.
+    let bad = format!(
+        "{head}transports = [\"websocket\", \"tls\"]\n\n[uplink.websocket]\nurl = \"ws://h/mqtt\"\n\n\
+         [uplink.proxy]\nurl = \"https://proxy:3128\"\npassword_file = \"proxy.password\"\n"
+    );
+    write_secret(&dir.path().join("proxy.password"), "Proxy-Secret-7x\n");
+    let e = load(&bad).expect_err("accepted").0;
+    let find = |key: &str| {
+        e.iter()
+            .find(|d| d.key == key)
+            .unwrap_or_else(|| panic!("no error for {key}: {e:?}"))
+    };
+    assert_eq!(find("uplink.websocket.url").line, Some(11));
+    assert!(find("uplink.websocket.url").message.contains("wss://"));
+    assert_eq!(find("uplink.proxy.url").line, Some(14));
+    assert!(find("uplink.proxy.url").message.contains("only http://"));
+    assert!(find("uplink.proxy.username").message.contains("needs a username"));
+    let e = load(&format!("{head}transports = [\"websocket\"]\n"))
+        .expect_err("accepted")
+        .0;
+    assert!(e
+        .iter()
+        .any(|d| d.key == "uplink.transports" && d.message.contains("[uplink.websocket]")));
+
+    let good = format!(
+        "{head}transports = [\"websocket\", \"tls\"]\n\n[uplink.websocket]\nurl = \"wss://h/mqtt\"\n\n\
+         [uplink.proxy]\nurl = \"http://proxy:3128\"\nusername = \"site7\"\npassword_file = \"proxy.password\"\n"
+    );
+    std::fs::write(&path, &good).unwrap();
+    let out = std::process::Command::new(support::bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("transports [websocket, tls]"), "{text}");
+    assert!(
+        text.contains("uplink websocket: wss://h:443/mqtt (subprotocol mqtt)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("uplink proxy: http://proxy:3128 (user site7, password ***)"),
+        "{text}"
+    );
+    assert!(!text.contains("Proxy-Secret-7x"), "the password leaked:\n{text}");
+    let cfg = mqtt_uplink::config::load(&path).unwrap();
+    let shown = format!("{cfg:?}");
+    assert!(!shown.contains("Proxy-Secret-7x"), "Debug shows the password");
 }
