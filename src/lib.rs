@@ -92,7 +92,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let (state_tx, state_rx) = watch::channel(UplinkState::Stopped);
     match &config.uplink {
         Some(u) => {
-            let transports = transports(u);
+            let transports = transports(u).context("uplink")?;
             let task = UplinkTask::new(
                 u,
                 transports,
@@ -218,31 +218,45 @@ fn guard_settings(config: &Config) -> guard::GuardSettings {
 }
 
 /// The transport chain in the configured order, the direct transport once per broker address
-/// (`uplink::core::routes`; validation guarantees each transport has its section).
-fn transports(u: &config::Uplink) -> Vec<uplink::Leg> {
+/// (`uplink::core::routes`; validation guarantees each transport has its section). The TCP transports
+/// go through `[uplink.proxy]` when one is set.
+fn transports(u: &config::Uplink) -> anyhow::Result<Vec<uplink::Leg>> {
+    let proxy = u.proxy.clone().map(Arc::new);
     let dials: Vec<bool> = u.transports.iter().map(|k| *k == TransportKind::Tls).collect();
-    uplink::core::routes(&dials, u.brokers.len())
-        .into_iter()
-        .filter_map(|r| {
-            let transport: Arc<dyn Transport> = match u.transports[r.transport] {
-                TransportKind::Tls => {
-                    let b = &u.brokers[r.address];
-                    Arc::new(
-                        transport::tcp::TcpTransport::new(&b.host, b.port, u.connect_timeout)
-                            .plaintext(!b.tls),
-                    )
-                }
-                TransportKind::Ssh => Arc::new(transport::ssh::SshTransport::new(u.ssh.clone()?)),
-                TransportKind::Wireguard => {
-                    Arc::new(transport::wireguard::WgTransport::new(u.wireguard.clone()?))
-                }
-            };
-            Some(uplink::Leg {
-                transport,
-                address: r.address,
-            })
-        })
-        .collect()
+    let mut legs = Vec::new();
+    for r in uplink::core::routes(&dials, u.brokers.len()) {
+        let transport: Arc<dyn Transport> = match u.transports[r.transport] {
+            TransportKind::Tls => {
+                let b = &u.brokers[r.address];
+                Arc::new(
+                    transport::tcp::TcpTransport::new(&b.host, b.port, u.connect_timeout)
+                        .plaintext(!b.tls)
+                        .via_proxy(proxy.clone()),
+                )
+            }
+            TransportKind::Ssh => match &u.ssh {
+                Some(c) => Arc::new(transport::ssh::SshTransport::new(c.clone()).via_proxy(proxy.clone())),
+                None => continue,
+            },
+            TransportKind::Wireguard => match &u.wireguard {
+                Some(c) => Arc::new(transport::wireguard::WgTransport::new(c.clone())),
+                None => continue,
+            },
+            TransportKind::Websocket => match &u.websocket {
+                Some(c) => Arc::new(transport::websocket::WsTransport::new(
+                    c.clone(),
+                    u.ca_file.as_deref(),
+                    proxy.clone(),
+                )?),
+                None => continue,
+            },
+        };
+        legs.push(uplink::Leg {
+            transport,
+            address: r.address,
+        });
+    }
+    Ok(legs)
 }
 
 impl Appliance {

@@ -99,6 +99,16 @@ pub fn render(c: &Config) -> String {
                 u.keepalive.as_secs(),
                 u.max_in_msgs_per_s
             );
+            if let Some(w) = &u.websocket {
+                s += &format!("uplink websocket: {w} (subprotocol mqtt)\n");
+            }
+            if let Some(p) = &u.proxy {
+                s += &format!(
+                    "uplink proxy: {p} (user {}, password {}) for tls, ssh and websocket\n",
+                    p.username.as_deref().unwrap_or("-"),
+                    if p.password.is_some() { "***" } else { "none" },
+                );
+            }
         }
         None => s += "uplink: none (local broker only)\n",
     }

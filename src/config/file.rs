@@ -285,6 +285,27 @@ pub struct UplinkFile {
     pub max_in_msgs_per_s: u32,
     pub ssh: Option<SshFile>,
     pub wireguard: Option<WireguardFile>,
+    pub websocket: Option<WebsocketFile>,
+    pub proxy: Option<ProxyFile>,
+}
+
+/// `[uplink.websocket]`: MQTT over WSS.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebsocketFile {
+    /// `wss://HOST[:PORT][/PATH]`.
+    pub url: String,
+}
+
+/// `[uplink.proxy]`: an HTTP proxy (CONNECT) for the TCP transports.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyFile {
+    /// `http://HOST:PORT`.
+    pub url: String,
+    pub username: Option<String>,
+    /// The proxy password lives in a file (or a systemd credential), never in the TOML.
+    pub password_file: Option<PathBuf>,
 }
 
 /// `broker`: a string, or a list of strings (addresses of one cloud, in order of preference).

@@ -162,6 +162,8 @@ pub enum TransportKind {
     Ssh,
     /// A userspace WireGuard tunnel to a hub (`[uplink.wireguard]`).
     Wireguard,
+    /// MQTT over WSS (`[uplink.websocket]`).
+    Websocket,
 }
 
 impl TransportKind {
@@ -170,6 +172,7 @@ impl TransportKind {
             TransportKind::Tls => "tls",
             TransportKind::Ssh => "ssh",
             TransportKind::Wireguard => "wireguard",
+            TransportKind::Websocket => "websocket",
         }
     }
 }
@@ -207,6 +210,9 @@ pub struct Uplink {
     pub max_in_msgs_per_s: u32,
     pub ssh: Option<crate::transport::ssh::SshConfig>,
     pub wireguard: Option<crate::transport::wireguard::WgConfig>,
+    pub websocket: Option<crate::transport::websocket::WsConfig>,
+    /// The HTTP proxy the TCP transports (`tls`, `ssh`, `websocket`) go through.
+    pub proxy: Option<crate::transport::proxy::ProxyConfig>,
 }
 
 impl Uplink {

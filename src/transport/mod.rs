@@ -1,9 +1,15 @@
 //! Transports: ways to get one byte stream to the cloud broker. Each yields a plain
 //! `AsyncRead + AsyncWrite` stream; the uplink runs TLS (with the broker's real server name) and MQTT
-//! on top, so a tunnel or bastion in between can neither read nor forge the session.
+//! on top, so a tunnel or bastion in between can neither read nor forge the session. The exception is
+//! `websocket`, whose stream is TLS to the WebSocket host already ([`Transport::secured`]).
+//!
+//! The TCP transports (`tls`, `ssh`, `websocket`) go through the `[uplink.proxy]` when one is set
+//! (an HTTP CONNECT tunnel, see [`proxy`]).
 
+pub mod proxy;
 pub mod ssh;
 pub mod tcp;
+pub mod websocket;
 pub mod wireguard;
 
 use async_trait::async_trait;
@@ -23,8 +29,13 @@ pub type BoxStream = Box<dyn Stream>;
 /// reports it as a read or write error or EOF; the uplink then calls `connect` again.
 #[async_trait]
 pub trait Transport: Send + Sync {
-    /// Short name for logs and metrics: `tls`, `ssh`, `wireguard`.
+    /// Short name for logs and metrics: `tls`, `ssh`, `wireguard`, `websocket`.
     fn name(&self) -> &'static str;
+
+    /// The stream is already TLS to the cloud (MQTT over WSS): the uplink must not add its own.
+    fn secured(&self) -> bool {
+        false
+    }
 
     /// Opens one stream.
     async fn connect(&self) -> anyhow::Result<BoxStream>;

@@ -131,14 +131,23 @@ enum Carried {
 
 /// Whether a transport's failure to give a stream means the cloud (or the way to it) is down, rather
 /// than something that answered and refused: an SSH login, host key, key file or configuration
-/// error, a bastion that forbids the tunnel, a WireGuard key or configuration error.
+/// error, a bastion that forbids the tunnel, a WireGuard key or configuration error, an HTTP proxy
+/// that refuses the CONNECT (407, 403; but 502-504 mean it could not reach the cloud).
 fn unreachable(e: &anyhow::Error) -> bool {
+    use crate::transport::proxy::ProxyError;
     use crate::transport::ssh::SshError;
     use crate::transport::wireguard::WgError;
+    if let Some(e) = e.downcast_ref::<ProxyError>() {
+        return e.unreachable();
+    }
+    if e.is::<crate::transport::websocket::WsRefused>() {
+        return false;
+    }
     if let Some(e) = e.downcast_ref::<SshError>() {
         return match e {
             // The bastion is fine but could not reach the broker: the cloud is down.
             SshError::ChannelOpenRefused { reason } => reason.starts_with("connect failed"),
+            SshError::Proxy(e) => e.unreachable(),
             SshError::Timeout { .. } | SshError::Io { .. } => true,
             _ => false,
         };
@@ -453,14 +462,17 @@ impl Dialer {
                 error,
             })?;
         let refused = |error| NoSession { error, refused: true };
-        let stream = self.secure(raw, leg.address).await.map_err(refused)?;
+        let stream = self
+            .secure(leg.transport.as_ref(), raw, leg.address)
+            .await
+            .map_err(refused)?;
         session::connect(stream, &self.identity).await.map_err(refused)
     }
 
     /// A stream over `t`, wrapped in TLS for an `mqtts://` broker; each step within `connect_timeout`.
     async fn stream(&self, leg: &Leg) -> anyhow::Result<BoxStream> {
         let raw = self.raw(leg.transport.as_ref()).await?;
-        self.secure(raw, leg.address).await
+        self.secure(leg.transport.as_ref(), raw, leg.address).await
     }
 
     /// The transport's own stream, within `connect_timeout`.
@@ -472,10 +484,16 @@ impl Dialer {
     }
 
     /// TLS to broker address `address` over `stream` for an `mqtts://` broker, within
-    /// `connect_timeout`.
-    async fn secure(&self, stream: BoxStream, address: usize) -> anyhow::Result<BoxStream> {
+    /// `connect_timeout`; none over a transport whose stream is TLS already (`websocket`: WSS).
+    async fn secure(
+        &self,
+        t: &dyn Transport,
+        stream: BoxStream,
+        address: usize,
+    ) -> anyhow::Result<BoxStream> {
         let deadline = self.identity.connect_timeout;
         Ok(match self.tls.get(address) {
+            Some(_) if t.secured() => stream,
             Some(tls) => tokio::time::timeout(deadline, tls.wrap(stream))
                 .await
                 .map_err(|_| anyhow::anyhow!("TLS handshake: timed out after {deadline:?}"))??,

@@ -20,6 +20,8 @@ pub struct Cloud {
     pub port: u16,
     /// The mutual-TLS listener of [`Cloud::start_mtls`] (0 otherwise).
     pub mtls_port: u16,
+    /// A second listener speaking MQTT over WebSocket over TLS (`protocol websockets`), if asked for.
+    pub ws_port: Option<u16>,
     /// The address mosquitto listens on (127.0.0.1, or a tunnel address inside `netns`).
     pub host: String,
     /// Runs inside this network namespace (created by the test's WireGuard fixture).
@@ -33,25 +35,42 @@ impl Cloud {
         Self::start_at(dir, None, "127.0.0.1")
     }
 
+    /// Also listens for MQTT over WSS on 127.0.0.1:`ws_port` (same CA, certificate and users).
+    pub fn start_with_websockets(dir: &Path) -> Cloud {
+        Self::start_inner(dir, None, "127.0.0.1", true)
+    }
+
     /// Listens on `host` inside network namespace `netns` (the test's own).
     pub fn start_at(dir: &Path, netns: Option<&str>, host: &str) -> Cloud {
+        Self::start_inner(dir, netns, host, false)
+    }
+
+    fn start_inner(dir: &Path, netns: Option<&str>, host: &str, websockets: bool) -> Cloud {
         write_certs(dir, &[host.to_string()]);
         let pw = dir.join("cloud-passwords");
         mosquitto_passwd(&pw, UPLINK_USER, UPLINK_PASSWORD);
         mosquitto_passwd(&pw, OBSERVER_USER, OBSERVER_PASSWORD);
         let port = free_port();
-        let conf = format!(
+        let mut conf = format!(
             "listener {port} {host}\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n\
              allow_anonymous false\npassword_file {pw}\npersistence true\npersistence_location {d}/\n\
              user root\nlog_dest stderr\nlog_type error\nlog_type warning\nmax_queued_messages 100000\n",
             d = dir.display(),
             pw = pw.display()
         );
+        let ws_port = websockets.then(free_port);
+        if let Some(ws) = ws_port {
+            conf += &format!(
+                "listener {ws} {host}\nprotocol websockets\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
+                d = dir.display()
+            );
+        }
         std::fs::write(dir.join("cloud.conf"), conf).unwrap();
         let mut cloud = Cloud {
             dir: dir.to_path_buf(),
             port,
             mtls_port: 0,
+            ws_port,
             host: host.to_string(),
             netns: netns.map(str::to_string),
             child: None,
@@ -88,6 +107,7 @@ impl Cloud {
             dir: dir.to_path_buf(),
             port,
             mtls_port,
+            ws_port: None,
             host: "127.0.0.1".to_string(),
             netns: None,
             child: None,
@@ -123,7 +143,12 @@ impl Cloud {
 
     fn listening(&self) -> bool {
         match &self.netns {
-            None => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+            None => {
+                std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                    && self
+                        .ws_port
+                        .is_none_or(|ws| std::net::TcpStream::connect(("127.0.0.1", ws)).is_ok())
+            }
             Some(_) => self
                 .cmd("bash")
                 .args(["-c", &format!("exec 3<>/dev/tcp/{}/{}", self.host, self.port)])
@@ -425,4 +450,42 @@ impl Drop for Sub {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether this mosquitto can serve MQTT over WebSocket (`protocol websockets`; Debian's build links
+/// libwebsockets in): a throwaway instance with a websockets listener must come up.
+pub fn websockets_supported() -> bool {
+    let dir = super::tempdir();
+    let (plain, ws) = (free_port(), free_port());
+    let conf = dir.path().join("ws-probe.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {plain} 127.0.0.1\nlistener {ws} 127.0.0.1\nprotocol websockets\nallow_anonymous true\n"),
+    )
+    .unwrap();
+    let Ok(mut child) = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut up = false;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", ws)).is_ok() {
+            up = true;
+            break;
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    up
 }

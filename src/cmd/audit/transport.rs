@@ -168,6 +168,7 @@ pub(super) fn tls(a: &mut Audit<'_>, c: &Config) {
                     TransportKind::Wireguard => "WireGuard",
                     TransportKind::Ssh => "SSH",
                     TransportKind::Tls => "loopback TCP",
+                    TransportKind::Websocket => "WebSocket over TLS",
                 })
                 .collect();
             a.push(

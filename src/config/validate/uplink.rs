@@ -1,5 +1,5 @@
-//! `[uplink]` and its transports (`[uplink.ssh]`, `[uplink.wireguard]`): broker URL, identity,
-//! timers, keys and the chain order.
+//! `[uplink]` and its transports (`[uplink.ssh]`, `[uplink.wireguard]`, `[uplink.websocket]`,
+//! `[uplink.proxy]`): broker URL, identity, timers, keys and the chain order.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -90,10 +90,13 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
             "tls" => TransportKind::Tls,
             "ssh" => TransportKind::Ssh,
             "wireguard" => TransportKind::Wireguard,
+            "websocket" => TransportKind::Websocket,
             other => {
                 ctx.error(
                     "uplink.transports",
-                    format!("unknown transport `{other}` (known: \"tls\", \"ssh\", \"wireguard\")"),
+                    format!(
+                        "unknown transport `{other}` (known: \"tls\", \"ssh\", \"wireguard\", \"websocket\")"
+                    ),
                 );
                 continue;
             }
@@ -176,6 +179,39 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         }
         (None, false) => None,
     };
+    let websocket = match (&f.websocket, uses(TransportKind::Websocket)) {
+        (Some(w), used) => {
+            if !used {
+                ctx.warn(
+                    "uplink.websocket",
+                    "configured but \"websocket\" is not in uplink.transports",
+                );
+            }
+            crate::transport::websocket::parse_url(&w.url)
+                .map_err(|e| ctx.error("uplink.websocket.url", e))
+                .ok()
+        }
+        (None, true) => {
+            ctx.error(
+                "uplink.transports",
+                "\"websocket\" needs an [uplink.websocket] section with its url",
+            );
+            None
+        }
+        (None, false) => None,
+    };
+    let proxy = match &f.proxy {
+        Some(p) => {
+            if transports == [TransportKind::Wireguard] {
+                ctx.warn(
+                    "uplink.proxy",
+                    "unused: WireGuard (UDP) cannot go through an HTTP proxy",
+                );
+            }
+            proxy(ctx, p)
+        }
+        None => Some(None),
+    };
     let brokers = brokers?;
     Some(Uplink {
         broker: brokers.first()?.clone(),
@@ -198,6 +234,8 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         max_in_msgs_per_s: f.max_in_msgs_per_s,
         ssh,
         wireguard,
+        websocket,
+        proxy: proxy?,
     })
 }
 
@@ -299,6 +337,64 @@ fn client_cert(
             None
         }
     }
+}
+
+/// `[uplink.proxy]`: `Some(None)` never happens here; `None` means an error was reported.
+fn proxy(ctx: &mut Ctx<'_>, f: &ProxyFile) -> Option<Option<crate::transport::proxy::ProxyConfig>> {
+    let addr = crate::transport::proxy::parse_url(&f.url)
+        .map_err(|e| ctx.error("uplink.proxy.url", e))
+        .ok();
+    let password = match &f.password_file {
+        Some(p) => {
+            let path = ctx.file("uplink.proxy.password_file", p, true)?;
+            match std::fs::read_to_string(&path) {
+                Ok(s) if s.trim().is_empty() => {
+                    ctx.error(
+                        "uplink.proxy.password_file",
+                        format!("{} is empty: put the proxy password in it", path.display()),
+                    );
+                    return None;
+                }
+                Ok(s) => Some(Secret::new(s.trim_end_matches(['\n', '\r']).to_string())),
+                Err(e) => {
+                    ctx.error(
+                        "uplink.proxy.password_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    return None;
+                }
+            }
+        }
+        None => None,
+    };
+    match (&f.username, &password) {
+        (Some(u), _) if u.is_empty() || u.contains([':', '\r', '\n']) => {
+            ctx.error(
+                "uplink.proxy.username",
+                "must be non-empty, without `:` or line breaks (HTTP Basic credentials)",
+            );
+            return None;
+        }
+        (None, Some(_)) => {
+            ctx.error("uplink.proxy.username", "a password_file needs a username");
+            return None;
+        }
+        (Some(_), None) => {
+            ctx.error(
+                "uplink.proxy.password_file",
+                "a username needs a password_file (the proxy password)",
+            );
+            return None;
+        }
+        _ => {}
+    }
+    let (host, port) = addr?;
+    Some(Some(crate::transport::proxy::ProxyConfig {
+        host,
+        port,
+        username: f.username.clone(),
+        password,
+    }))
 }
 
 /// Splits `HOST:PORT` (`[v6]:PORT` for IPv6 literals).

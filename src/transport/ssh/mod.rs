@@ -155,6 +155,9 @@ pub enum SshError {
         #[source]
         source: io::Error,
     },
+    /// The HTTP proxy in front of the bastion gave no tunnel (it names the proxy).
+    #[error(transparent)]
+    Proxy(#[from] crate::transport::proxy::ProxyError),
     /// The key file is missing, unreadable, encrypted or malformed; the message names the path.
     #[error("{0}")]
     Key(String),
@@ -463,12 +466,23 @@ impl Drop for SocketGuard {
 #[derive(Debug, Clone)]
 pub struct SshTransport {
     cfg: Arc<SshConfig>,
+    /// Reach the bastion through this HTTP proxy (`[uplink.proxy]`).
+    proxy: Option<Arc<crate::transport::proxy::ProxyConfig>>,
 }
 
 impl SshTransport {
     /// Creates a transport for `cfg`. Nothing is checked or opened until `connect`.
     pub fn new(cfg: SshConfig) -> Self {
-        SshTransport { cfg: Arc::new(cfg) }
+        SshTransport {
+            cfg: Arc::new(cfg),
+            proxy: None,
+        }
+    }
+
+    /// Reaches the bastion through this HTTP proxy (a CONNECT tunnel) instead of directly.
+    pub fn via_proxy(mut self, proxy: Option<Arc<crate::transport::proxy::ProxyConfig>>) -> Self {
+        self.proxy = proxy;
+        self
     }
 
     /// The configuration in use.
@@ -519,9 +533,12 @@ impl SshTransport {
             }
         };
 
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| SshError::io(format!("connecting to SSH server {}", cfg.server), e))?;
+        let tcp = match &self.proxy {
+            Some(p) => crate::transport::proxy::connect(p, &host, port).await?,
+            None => tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| SshError::io(format!("connecting to SSH server {}", cfg.server), e))?,
+        };
         let _ = tcp.set_nodelay(true);
         let std_tcp = tcp
             .into_std()
