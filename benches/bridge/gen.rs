@@ -464,8 +464,21 @@ pub async fn publish_many(
         first_ns: u64::MAX,
         ..PubResult::default()
     };
+    // Every task ends by itself (the mode's time, then at most 20 s for the PUBACKs): wait for all of
+    // them, so that none still publishes after a failure is reported.
+    let mut failed = None;
     for t in tasks {
-        let r = t.await??;
+        let r = match t.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                failed.get_or_insert(e);
+                continue;
+            }
+            Err(e) => {
+                failed.get_or_insert(e.into());
+                continue;
+            }
+        };
         all.sent += r.sent;
         all.acked += r.acked;
         all.acked_seqs.union(&r.acked_seqs);
@@ -473,7 +486,10 @@ pub async fn publish_many(
         all.end_ns = all.end_ns.max(r.end_ns);
         all.stalls += r.stalls;
     }
-    Ok(all)
+    match failed {
+        Some(e) => Err(e.context("a device of the multi-device run failed")),
+        None => Ok(all),
+    }
 }
 
 /// The publishing loop of `publish` on a connection already open.

@@ -381,7 +381,7 @@ impl PathLab {
                     ""
                 };
                 // The appliance's defaults, except what the scenarios need: 10,000 device connections
-                // and warnings-only logging (mosquitto logs errors and warnings too).
+                // (from one address, one user) and warnings-only logging (mosquitto logs errors and warnings too).
                 let toml = format!(
                     r#"[site]
 id = "p7"
@@ -396,8 +396,9 @@ acl_file = "{dir}/acl"
 
 [limits]
 max_connections = 20000
-# Every benchmark device connects from 127.0.0.1.
+# Every benchmark device connects from 127.0.0.1, as the same user.
 max_connections_per_address = 20000
+max_sessions_per_user = 20000
 
 [uplink]
 broker = "mqtts://localhost:{cloud_port}"
