@@ -1108,6 +1108,10 @@ fn command(s: &Settings) -> String {
     if s.only {
         args.push(format!("--only {}", s.sections.join(",")));
     }
+    if s.paths != [PathKind::Direct, PathKind::Ssh, PathKind::Wireguard] {
+        let paths: Vec<&str> = s.paths.iter().map(|p| p.name()).collect();
+        args.push(format!("--paths {}", paths.join(",")));
+    }
     let default_reps = if s.quick { 1 } else { 3 };
     if s.reps != default_reps {
         args.push(format!("--reps {}", s.reps));
