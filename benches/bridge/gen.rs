@@ -25,8 +25,10 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub type Conn = Framed<Box<dyn Io>, Codec>;
 
-/// Outstanding QoS 1 publishes per publisher connection (waiting for the edge's PUBACK).
-const PUB_INFLIGHT: u64 = 1000;
+/// Outstanding QoS 1 publishes of the one-device runs (waiting for the edge's PUBACK).
+pub const PUB_INFLIGHT: u64 = 1000;
+/// Publisher connections told apart by the subscriber (`Seqs::lane`) at most.
+pub const MAX_LANES: u64 = 128;
 /// Header in every payload: sequence number and send time, both big-endian u64.
 const HEADER: usize = 16;
 
@@ -138,6 +140,40 @@ impl Bits {
             .get((i / 64) as usize)
             .is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
+    /// Sets every bit set in `other`.
+    pub fn union(&mut self, other: &Bits) {
+        if other.0.len() > self.0.len() {
+            self.0.resize(other.0.len(), 0);
+        }
+        for (w, o) in self.0.iter_mut().zip(&other.0) {
+            *w |= o;
+        }
+    }
+    /// The set bits, in order.
+    pub fn ones(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().enumerate().flat_map(|(k, w)| {
+            (0..64)
+                .filter(move |b| w & (1 << b) != 0)
+                .map(move |b| k as u64 * 64 + b)
+        })
+    }
+}
+
+/// How a publisher numbers its messages: its n-th message (from 1) carries `n * stride + lane`, so that
+/// several publishers feeding one subscriber keep distinct, dense sequence numbers and the subscriber
+/// counts each one's deliveries apart (`SubState::lane_delivered`).
+#[derive(Clone, Copy, Debug)]
+pub struct Seqs {
+    pub stride: u64,
+    pub lane: u64,
+}
+
+impl Seqs {
+    /// One publisher: sequence numbers 1, 2, 3, …
+    pub const ONE: Seqs = Seqs { stride: 1, lane: 0 };
+    fn seq(self, n: u64) -> u64 {
+        n * self.stride + self.lane
+    }
 }
 
 #[derive(Default)]
@@ -150,9 +186,11 @@ struct SubInner {
 }
 
 /// What the cloud subscriber has seen so far.
-#[derive(Default)]
 pub struct SubState {
     pub delivered: AtomicU64,
+    /// First deliveries per lane (sequence number modulo `stride`, see `Seqs`).
+    lanes: Vec<AtomicU64>,
+    stride: AtomicU64,
     pub dups: AtomicU64,
     pub last_ns: AtomicU64,
     pub probe: AtomicBool,
@@ -161,7 +199,34 @@ pub struct SubState {
     inner: Mutex<SubInner>,
 }
 
+impl Default for SubState {
+    fn default() -> SubState {
+        SubState {
+            delivered: AtomicU64::new(0),
+            lanes: (0..MAX_LANES).map(|_| AtomicU64::new(0)).collect(),
+            stride: AtomicU64::new(1),
+            dups: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
+            probe: AtomicBool::new(false),
+            sessions: AtomicU64::new(0),
+            progress: Notify::new(),
+            inner: Mutex::new(SubInner::default()),
+        }
+    }
+}
+
 impl SubState {
+    /// Counts deliveries per lane of `stride` publishers (before they start publishing).
+    pub fn set_stride(&self, stride: u64) {
+        assert!((1..=MAX_LANES).contains(&stride), "at most {MAX_LANES} lanes");
+        self.stride.store(stride, Ordering::Relaxed);
+    }
+
+    /// First deliveries of the publisher numbering its messages in `lane`.
+    pub fn lane_delivered(&self, lane: u64) -> u64 {
+        self.lanes[lane as usize].load(Ordering::Relaxed)
+    }
+
     fn record(&self, payload: &[u8], now: u64) {
         if payload.len() < HEADER {
             return;
@@ -175,6 +240,8 @@ impl SubState {
             }
             g.deliv_ns[seq as usize] = now;
             g.lat_ns.push(now.saturating_sub(sent));
+            let lane = seq % self.stride.load(Ordering::Relaxed);
+            self.lanes[lane as usize].fetch_add(1, Ordering::Relaxed);
             self.delivered.fetch_add(1, Ordering::Relaxed);
             self.last_ns.store(now, Ordering::Relaxed);
         } else {
@@ -313,17 +380,18 @@ async fn sub_loop(mut conn: Conn, st: &SubState, stop: &CancellationToken) -> an
 #[derive(Clone, Copy, Debug)]
 pub enum Mode {
     /// As fast as the path allows, keeping at most `window` messages outstanding end to end (sent but
-    /// not yet delivered upstream).
-    Max { secs: f64, window: u64 },
+    /// not yet delivered upstream) and, at QoS 1, at most `inflight` not yet acknowledged by the edge.
+    Max { secs: f64, window: u64, inflight: u64 },
     /// A fixed rate.
     Rate { rate: f64, secs: f64 },
 }
 
-/// What one publisher run did.
+/// What one publisher run (or several, merged) did.
 #[derive(Debug, Default)]
 pub struct PubResult {
     pub sent: u64,
     pub acked: u64,
+    /// The sequence numbers the edge acknowledged (see `Seqs`).
     pub acked_seqs: Bits,
     pub first_ns: u64,
     pub end_ns: u64,
@@ -352,6 +420,88 @@ pub async fn publish(
     sub: &SubState,
 ) -> anyhow::Result<PubResult> {
     let conn = connect(target, id, creds, true, 60).await?;
+    publish_on(conn, Seqs::ONE, topic, qos, size, mode, sub).await
+}
+
+/// `devices` publisher connections at once, device `k` on `{topic}/d{k}`, each paced by `mode` on its
+/// own (its own in-flight and end-to-end window); all connect first, then all start together. The
+/// results merged: counts summed, first send the earliest, end the latest.
+#[allow(clippy::too_many_arguments)]
+pub async fn publish_many(
+    target: &Target,
+    creds: &Creds,
+    id: &str,
+    topic: &str,
+    qos: u8,
+    size: usize,
+    devices: u64,
+    mode: Mode,
+    sub: &Arc<SubState>,
+) -> anyhow::Result<PubResult> {
+    sub.set_stride(devices);
+    let conns: Vec<anyhow::Result<Conn>> = futures_util::stream::iter(0..devices)
+        .map(|k| {
+            let (target, creds) = (target.clone(), creds.clone());
+            async move { connect(&target, &format!("{id}-d{k}"), &creds, true, 60).await }
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    let conns: Vec<Conn> = conns.into_iter().collect::<anyhow::Result<_>>()?;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(k, conn)| {
+            let (sub, topic) = (sub.clone(), format!("{topic}/d{k}"));
+            let seqs = Seqs {
+                stride: devices,
+                lane: k as u64,
+            };
+            tokio::spawn(async move { publish_on(conn, seqs, &topic, qos, size, mode, &sub).await })
+        })
+        .collect();
+    let mut all = PubResult {
+        first_ns: u64::MAX,
+        ..PubResult::default()
+    };
+    // Every task ends by itself (the mode's time, then at most 20 s for the PUBACKs): wait for all of
+    // them, so that none still publishes after a failure is reported.
+    let mut failed = None;
+    for t in tasks {
+        let r = match t.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                failed.get_or_insert(e);
+                continue;
+            }
+            Err(e) => {
+                failed.get_or_insert(e.into());
+                continue;
+            }
+        };
+        all.sent += r.sent;
+        all.acked += r.acked;
+        all.acked_seqs.union(&r.acked_seqs);
+        all.first_ns = all.first_ns.min(r.first_ns);
+        all.end_ns = all.end_ns.max(r.end_ns);
+        all.stalls += r.stalls;
+    }
+    match failed {
+        Some(e) => Err(e.context("a device of the multi-device run failed")),
+        None => Ok(all),
+    }
+}
+
+/// The publishing loop of `publish` on a connection already open.
+async fn publish_on(
+    conn: Conn,
+    seqs: Seqs,
+    topic: &str,
+    qos: u8,
+    size: usize,
+    mode: Mode,
+    sub: &SubState,
+) -> anyhow::Result<PubResult> {
     let (mut tx, mut rx) = conn.split();
     let shared = Arc::new(PubShared {
         slots: (0..65536).map(|_| AtomicU64::new(0)).collect(),
@@ -381,7 +531,7 @@ pub async fn publish(
         first_ns: now_ns(),
         ..PubResult::default()
     };
-    let base_delivered = sub.delivered.load(Ordering::Relaxed);
+    let base_delivered = sub.lane_delivered(seqs.lane);
     let mut forgiven = 0u64;
     let mut stalled_since: Option<(Instant, u64)> = None;
     let mut pid: u16 = 0;
@@ -393,9 +543,9 @@ pub async fn publish(
                     tokio::time::sleep_until(due.into()).await;
                 }
             }
-            Mode::Max { window, .. } => {
-                let delivered = sub.delivered.load(Ordering::Relaxed) - base_delivered;
-                let inflight_ok = qos == 0 || r.sent - shared.acked.load(Ordering::Relaxed) < PUB_INFLIGHT;
+            Mode::Max { window, inflight, .. } => {
+                let delivered = sub.lane_delivered(seqs.lane) - base_delivered;
+                let inflight_ok = qos == 0 || r.sent - shared.acked.load(Ordering::Relaxed) < inflight;
                 let e2e_ok = r.sent.saturating_sub(delivered + forgiven) < window;
                 if !(inflight_ok && e2e_ok) {
                     tx.flush().await?;
@@ -421,7 +571,7 @@ pub async fn publish(
                 stalled_since = None;
             }
         }
-        let seq = r.sent + 1;
+        let seq = seqs.seq(r.sent + 1);
         let packet_id = if qos == 1 {
             pid = pid.wrapping_add(1);
             if pid == 0 {
@@ -446,7 +596,7 @@ pub async fn publish(
             properties: None,
         };
         tx.feed(Packet::Publish(Box::new(p))).await?;
-        r.sent = seq;
+        r.sent += 1;
         if matches!(mode, Mode::Rate { .. }) || r.sent.is_multiple_of(64) {
             tx.flush().await?;
         }

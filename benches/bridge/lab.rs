@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::slowdisk::SlowDisk;
 use crate::support::cloud::{OBSERVER_PASSWORD, OBSERVER_USER, UPLINK_PASSWORD, UPLINK_USER};
 use crate::support::sshd::Sshd;
 use crate::support::wgpeer::WgPeer;
@@ -45,15 +46,37 @@ pub enum Impl {
     Uplink,
     MosqDefault,
     MosqTuned,
+    /// No edge: the load generator publishes straight into the cloud broker (throughput rows only;
+    /// the latency section's "baseline" is the same thing at a fixed rate).
+    NoEdge,
 }
 
 impl Impl {
+    /// The edges (`NoEdge` is not one).
     pub const ALL: [Impl; 3] = [Impl::Uplink, Impl::MosqDefault, Impl::MosqTuned];
     pub fn name(self) -> &'static str {
         match self {
             Impl::Uplink => "mqtt-uplink",
             Impl::MosqDefault => "mosquitto-default",
             Impl::MosqTuned => "mosquitto-tuned",
+            Impl::NoEdge => "no-edge",
+        }
+    }
+}
+
+/// The disk under the edge: the machine's, or the same made slow by `slowsync.c` (mqtt-uplink only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Disk {
+    #[default]
+    Default,
+    Slow,
+}
+
+impl Disk {
+    pub fn name(self) -> &'static str {
+        match self {
+            Disk::Default => "default",
+            Disk::Slow => crate::slowdisk::NAME,
         }
     }
 }
@@ -278,17 +301,35 @@ impl PathLab {
 
     /// Starts the edge for `imp` on this path; returns once its local listener (and tunnel) is up.
     pub fn start_edge(&mut self, imp: Impl) -> anyhow::Result<Edge> {
-        self.start_edge_with(imp, false)
+        self.start_edge_with(imp, false, None)
+    }
+
+    /// mqtt-uplink as `start_edge` starts it, on the slow disk: `slowsync.c` preloaded into it (and
+    /// into nothing else), every sync 10 ms longer. Fails unless the shim is mapped in the process.
+    pub fn start_slow_disk_edge(&mut self) -> anyhow::Result<Edge> {
+        let slow = SlowDisk::new(&format!("{}", self.edges_started + 1), self.dir.path())?;
+        let edge = self.start_edge_with(Impl::Uplink, false, Some(slow))?;
+        let (pid, slow) = (edge.pids()[0], edge.slow.as_ref().expect("slow disk"));
+        if !slow.loaded_in(pid) {
+            bail!(
+                "{} is not mapped in mqtt-uplink (pid {pid}): LD_PRELOAD did not take",
+                slow.lib.display()
+            );
+        }
+        Ok(edge)
     }
 
     /// The edge for the flood-memory scenarios: the same, plus an in mapping (`cmd/#` from the cloud's
     /// `sites/p7/cmd/#` to local `control/cmd/#`, QoS 1, both edges) and the device's right to
     /// `local/#` (a topic no mapping carries) and to read `control/#`.
     pub fn start_flood_edge(&mut self, imp: Impl) -> anyhow::Result<Edge> {
-        self.start_edge_with(imp, true)
+        self.start_edge_with(imp, true, None)
     }
 
-    fn start_edge_with(&mut self, imp: Impl, flood: bool) -> anyhow::Result<Edge> {
+    fn start_edge_with(&mut self, imp: Impl, flood: bool, slow: Option<SlowDisk>) -> anyhow::Result<Edge> {
+        if imp == Impl::NoEdge {
+            bail!("no-edge has no edge process to start");
+        }
         self.edges_started += 1;
         let tag = format!("{}-{}", imp.name(), self.edges_started);
         let dir = self.dir.path().join(format!("edge-{tag}"));
@@ -340,7 +381,7 @@ impl PathLab {
                     ""
                 };
                 // The appliance's defaults, except what the scenarios need: 10,000 device connections
-                // and warnings-only logging (mosquitto logs errors and warnings too).
+                // (from one address, one user) and warnings-only logging (mosquitto logs errors and warnings too).
                 let toml = format!(
                     r#"[site]
 id = "p7"
@@ -355,8 +396,9 @@ acl_file = "{dir}/acl"
 
 [limits]
 max_connections = 20000
-# Every benchmark device connects from 127.0.0.1.
+# Every benchmark device connects from 127.0.0.1, as the same user.
 max_connections_per_address = 20000
+max_sessions_per_user = 20000
 
 [uplink]
 broker = "mqtts://localhost:{cloud_port}"
@@ -386,11 +428,12 @@ bind = "{metrics}"
                 );
                 let conf = dir.join("mqtt-uplink.toml");
                 std::fs::write(&conf, toml)?;
-                let child = Command::new(crate::support::bin())
-                    .arg("run")
-                    .arg("--config")
-                    .arg(&conf)
-                    .env_remove("RUST_LOG")
+                let mut cmd = Command::new(crate::support::bin());
+                cmd.arg("run").arg("--config").arg(&conf).env_remove("RUST_LOG");
+                if let Some(slow) = &slow {
+                    cmd.envs(slow.env());
+                }
+                let child = cmd
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(std::fs::File::create(&log)?)
@@ -398,7 +441,7 @@ bind = "{metrics}"
                     .context("starting mqtt-uplink")?;
                 (child, None)
             }
-            Impl::MosqDefault | Impl::MosqTuned => {
+            Impl::MosqDefault | Impl::MosqTuned | Impl::NoEdge => {
                 let tuned = imp == Impl::MosqTuned;
                 let (address, tunnel) = match self.kind {
                     PathKind::Direct => (format!("127.0.0.1:{}", self.cloud.port), None),
@@ -453,6 +496,7 @@ bind = "{metrics}"
             child: Some(child),
             tunnel,
             log: log.clone(),
+            slow,
         };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         wait_listening(addr, imp.name(), edge.child.as_mut().unwrap(), &log)?;
@@ -561,6 +605,8 @@ pub struct Edge {
     child: Option<Child>,
     tunnel: Option<Tunnel>,
     pub log: PathBuf,
+    /// The slow disk preloaded into the edge (mqtt-uplink's slow-disk row), if any.
+    pub slow: Option<SlowDisk>,
 }
 
 impl Edge {

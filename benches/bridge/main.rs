@@ -22,6 +22,7 @@ mod gen;
 mod lab;
 mod procstat;
 mod report;
+mod slowdisk;
 mod svg;
 
 use std::path::PathBuf;
@@ -32,8 +33,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use gen::{Creds, Mode, SubState, Subscriber, Target};
-use lab::{Edge, Impl, PathKind, PathLab, DEV_PASSWORD, DEV_USER};
-use report::{Conns, Idle, Lat, Outage, Results, Tput};
+use lab::{Disk, Edge, Impl, PathKind, PathLab, DEV_PASSWORD, DEV_USER};
+use report::{Conns, Cost, Idle, Lat, Outage, Results, Tput};
 use support::cloud::{OBSERVER_PASSWORD, OBSERVER_USER};
 
 /// Benchmark settings (see `--quick`).
@@ -49,6 +50,11 @@ pub struct Settings {
     pub tput_secs: f64,
     /// Messages outstanding end to end (sent, not yet delivered upstream) in max-throughput runs.
     pub window: u64,
+    /// Publisher connections of the multi-device throughput rows.
+    pub devices: u64,
+    /// Messages each of them keeps in flight (sent, not yet acknowledged by the edge; at most as many
+    /// outstanding end to end).
+    pub device_window: u64,
     pub lat_rate: f64,
     pub lat_secs: f64,
     pub idle_secs: f64,
@@ -111,6 +117,8 @@ fn parse_args() -> anyhow::Result<Option<Settings>> {
         },
         tput_secs: if quick { 1.0 } else { 2.0 },
         window: 1000,
+        devices: 100,
+        device_window: 10,
         lat_rate: 1000.0,
         lat_secs: if quick { 1.0 } else { 3.0 },
         idle_secs: if quick { 1.0 } else { 2.0 },
@@ -226,21 +234,29 @@ async fn run_all(s: &Settings, res: &mut Results) {
                 }
             }
             // Alternate: each repetition and path starts with a different implementation.
-            let mut order = Impl::ALL.to_vec();
+            let mut order: Vec<Unit> = Impl::ALL.iter().map(|i| Unit::Edge(*i)).collect();
+            if s.has("throughput") {
+                order.extend([Unit::NoEdge, Unit::SlowDisk]);
+            }
             let n = order.len();
             order.rotate_left((rep + pi) % n);
-            for imp in order {
+            for unit in order {
                 progress(&format!(
                     "rep {}/{} {} {}",
                     rep + 1,
                     s.reps,
                     path.name(),
-                    imp.name()
+                    unit.name()
                 ));
                 res.load_samples.push(procstat::loadavg1());
-                if let Err(e) = run_impl(&mut lab, imp, rep, s, res).await {
+                let done = match unit {
+                    Unit::Edge(imp) => run_impl(&mut lab, imp, rep, s, res).await,
+                    Unit::NoEdge => run_no_edge(&lab, rep, s, res).await,
+                    Unit::SlowDisk => run_slow_disk(&mut lab, rep, s, res).await,
+                };
+                if let Err(e) = done {
                     progress(&format!("  failed: {e:#}"));
-                    res.error(format!("{} {} rep {rep}: {e:#}", path.name(), imp.name()));
+                    res.error(format!("{} {} rep {rep}: {e:#}", path.name(), unit.name()));
                 }
             }
         }
@@ -291,13 +307,178 @@ async fn baseline(lab: &PathLab, rep: usize, s: &Settings, res: &mut Results) ->
     Ok(())
 }
 
+/// One slot of a path's rotation.
+#[derive(Clone, Copy, Debug)]
+enum Unit {
+    /// The edge's whole scenario list.
+    Edge(Impl),
+    /// The throughput rows straight into the cloud broker.
+    NoEdge,
+    /// mqtt-uplink on the slow disk: QoS 1, 64 B, one device.
+    SlowDisk,
+}
+
+impl Unit {
+    fn name(self) -> String {
+        match self {
+            Unit::Edge(i) => i.name().to_string(),
+            Unit::NoEdge => Impl::NoEdge.name().to_string(),
+            Unit::SlowDisk => format!("{} ({} disk)", Impl::Uplink.name(), slowdisk::NAME),
+        }
+    }
+}
+
 struct Ctx {
+    /// Where the devices publish: the edge, or the cloud broker itself (no-edge).
     edge: Target,
+    /// The devices' credentials there.
+    creds: Creds,
+    /// What the devices put before `sensors/…`: nothing behind an edge (its mapping adds
+    /// `sites/p7/`), `sites/p7/` straight into the cloud.
+    pub_prefix: &'static str,
     cloud: Target,
     path: PathKind,
     imp: Impl,
+    disk: Disk,
     rep: usize,
     run: String,
+}
+
+impl Ctx {
+    fn for_edge(lab: &PathLab, edge: &Edge, disk: Disk, rep: usize) -> Ctx {
+        let run = match disk {
+            Disk::Default => format!("{}-{}-{rep}", lab.kind.name(), edge.imp.name()),
+            Disk::Slow => format!("{}-{}-slowdisk-{rep}", lab.kind.name(), edge.imp.name()),
+        };
+        Ctx {
+            edge: Target::Plain(edge.addr()),
+            creds: dev(),
+            pub_prefix: "",
+            cloud: cloud_target(lab),
+            path: lab.kind,
+            imp: edge.imp,
+            disk,
+            rep,
+            run,
+        }
+    }
+}
+
+fn cloud_target(lab: &PathLab) -> Target {
+    Target::Tls {
+        addr: lab.cloud.client_addr,
+        ca: lab.cloud.ca(),
+    }
+}
+
+/// The size of one message's record in mqtt-uplink's outbox log: the frame (`[len u32][crc32c u32]
+/// [seq u64]`) and the format-2 header (format, mapping, qos, retain, accepted_ms, topic and user
+/// lengths: 21 bytes), then the user, the remote topic and the payload (docs/architecture.md,
+/// "Outbox durability"; `encode` in src/outbox/store.rs).
+fn record_bytes(remote_topic: &str, size: usize) -> u64 {
+    (16 + 21 + DEV_USER.len() + remote_topic.len() + size) as u64
+}
+
+/// Waits until a probe published on the edge arrives at the cloud.
+async fn ready(ctx: &Ctx, edge: &Edge) -> anyhow::Result<()> {
+    let ready = Instant::now();
+    let sub = Subscriber::start(
+        ctx.cloud.clone(),
+        format!("sub-{}-ready", ctx.run),
+        format!("sites/p7/sensors/{}/ready/#", ctx.run),
+        observer(),
+    )
+    .await?;
+    wait_probe(
+        &ctx.edge,
+        &ctx.creds,
+        &sub.st,
+        &format!("sensors/{}/ready", ctx.run),
+    )
+    .await
+    .with_context(|| format!("the edge never delivered a probe; its log:\n{}", tail(&edge.log)))?;
+    sub.stop().await;
+    progress(&format!("  ready in {:.1} s", ready.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn num(x: f64) -> String {
+    if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn report_tput(t: &Tput) {
+    let opt = |v: Option<f64>, unit: &str| v.map_or(String::new(), |v| format!(", {} {unit}", num(v)));
+    progress(&format!(
+        "  q{} {} B{}{}: {:.0} msg/s, lost {}{}{}{}{}",
+        t.qos,
+        t.payload,
+        if t.devices > 1 {
+            format!(", {} devices", t.devices)
+        } else {
+            String::new()
+        },
+        if t.disk == Disk::Slow {
+            format!(", {} disk", t.disk.name())
+        } else {
+            String::new()
+        },
+        t.msgs_per_s,
+        t.lost,
+        opt(Some(t.cpu_us_per_msg).filter(|c| c.is_finite()), "µs CPU/msg"),
+        opt(t.peak_rss_kb.map(|v| v as f64), "KiB peak RSS"),
+        opt(t.write_bytes_per_msg, "B written/msg"),
+        opt(t.syncs.map(|v| v as f64), "syncs"),
+    ));
+}
+
+/// The throughput rows straight into the cloud broker: what this machine carries without an edge.
+async fn run_no_edge(lab: &PathLab, rep: usize, s: &Settings, res: &mut Results) -> anyhow::Result<()> {
+    let ctx = Ctx {
+        edge: cloud_target(lab),
+        creds: observer(),
+        pub_prefix: "sites/p7/",
+        cloud: cloud_target(lab),
+        path: lab.kind,
+        imp: Impl::NoEdge,
+        disk: Disk::Default,
+        rep,
+        run: format!("{}-{}-{rep}", lab.kind.name(), Impl::NoEdge.name()),
+    };
+    let cases = TPUT_CASES
+        .iter()
+        .map(|&(q, z)| (q, z, 1))
+        .chain([(1, 64, s.devices)]);
+    for (qos, size, devices) in cases {
+        match throughput(&ctx, None, qos, size, devices, s).await {
+            Ok(t) => {
+                report_tput(&t);
+                res.tput.push(t);
+            }
+            Err(e) => res.error(format!("{} q{qos} {size} ×{devices}: {e:#}", ctx.run)),
+        }
+    }
+    Ok(())
+}
+
+/// mqtt-uplink with `slowsync.c` preloaded (every sync 10 ms longer): QoS 1, 64 B, one device.
+async fn run_slow_disk(lab: &mut PathLab, rep: usize, s: &Settings, res: &mut Results) -> anyhow::Result<()> {
+    let mut edge = lab.start_slow_disk_edge()?;
+    let ctx = Ctx::for_edge(lab, &edge, Disk::Slow, rep);
+    ready(&ctx, &edge).await?;
+    let t = throughput(&ctx, Some(&edge), 1, 64, 1, s).await?;
+    report_tput(&t);
+    let syncs = t.syncs.unwrap_or(0);
+    res.tput.push(t);
+    check_alive(&mut edge)?;
+    edge.stop();
+    if syncs == 0 {
+        bail!("the slow-disk shim delayed no sync during the run: it did not apply");
+    }
+    Ok(())
 }
 
 async fn run_impl(
@@ -308,31 +489,9 @@ async fn run_impl(
     res: &mut Results,
 ) -> anyhow::Result<()> {
     let mut edge = lab.start_edge(imp)?;
-    let ctx = Ctx {
-        edge: Target::Plain(edge.addr()),
-        cloud: Target::Tls {
-            addr: lab.cloud.client_addr,
-            ca: lab.cloud.ca(),
-        },
-        path: lab.kind,
-        imp,
-        rep,
-        run: format!("{}-{}-{rep}", lab.kind.name(), imp.name()),
-    };
+    let ctx = Ctx::for_edge(lab, &edge, Disk::Default, rep);
     // Ready: a probe published on the edge arrives at the cloud.
-    let ready = Instant::now();
-    let sub = Subscriber::start(
-        ctx.cloud.clone(),
-        format!("sub-{}-ready", ctx.run),
-        format!("sites/p7/sensors/{}/ready/#", ctx.run),
-        observer(),
-    )
-    .await?;
-    wait_probe(&ctx.edge, &dev(), &sub.st, &format!("sensors/{}/ready", ctx.run))
-        .await
-        .with_context(|| format!("the edge never delivered a probe; its log:\n{}", tail(&edge.log)))?;
-    sub.stop().await;
-    progress(&format!("  ready in {:.1} s", ready.elapsed().as_secs_f64()));
+    ready(&ctx, &edge).await?;
 
     // Idle: memory, CPU and wake-ups of the edge (and its tunnel) with the uplink up and nothing to do.
     if s.has("idle") {
@@ -340,7 +499,7 @@ async fn run_impl(
     }
     if s.has("latency") {
         for (qos, size) in LAT_CASES {
-            match latency(&ctx, qos, size, s).await {
+            match latency(&ctx, &edge, qos, size, s).await {
                 Ok(l) => {
                     progress(&format!(
                         "  latency q{qos} {size} B: p50 {} µs p99 {} µs p99.9 {} µs",
@@ -367,28 +526,34 @@ async fn run_impl(
         check_alive(&mut edge)?;
     }
     // Throughput last: it is the heaviest, and an edge that wedges under it leaves the others measured.
-    let tput_cases: &[(u8, usize)] = if s.has("throughput") { &TPUT_CASES } else { &[] };
-    for &(qos, size) in tput_cases {
-        let healthy = match throughput(&ctx, &edge, qos, size, s).await {
+    // One device per case, then QoS 1 64 B from `s.devices` devices.
+    let tput_cases: Vec<(u8, usize, u64)> = if s.has("throughput") {
+        TPUT_CASES
+            .iter()
+            .map(|&(q, z)| (q, z, 1))
+            .chain([(1, 64, s.devices)])
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (qos, size, devices) in tput_cases {
+        let healthy = match throughput(&ctx, Some(&edge), qos, size, devices, s).await {
             Ok(t) => {
-                progress(&format!(
-                    "  q{qos} {size} B: {:.0} msg/s, lost {}, {:.1} µs CPU/msg, peak RSS {} KiB",
-                    t.msgs_per_s, t.lost, t.cpu_us_per_msg, t.peak_rss_kb
-                ));
+                report_tput(&t);
                 let clean = t.lost == 0;
                 res.tput.push(t);
                 clean
             }
             Err(e) => {
-                res.error(format!("{} q{qos} {size}: {e:#}", ctx.run));
+                res.error(format!("{} q{qos} {size} ×{devices}: {e:#}", ctx.run));
                 false
             }
         };
         check_alive(&mut edge)?;
         if !healthy && !still_delivers(&ctx).await {
             bail!(
-                "after q{qos} {size} B the edge accepts messages but no longer delivers any upstream \
-                 (remaining throughput cases skipped); its log:\n{}",
+                "after q{qos} {size} B ×{devices} the edge accepts messages but no longer delivers any \
+                 upstream (remaining throughput cases skipped); its log:\n{}",
                 tail(&edge.log)
             );
         }
@@ -506,6 +671,8 @@ async fn subscriber(ctx: &Ctx, name: &str) -> anyhow::Result<(Subscriber, String
     subscriber_within(ctx, name, Duration::from_secs(30)).await
 }
 
+/// A subscriber on the cloud for `name`'s topic, once a probe published there by the devices arrived;
+/// the topic the devices publish under.
 async fn subscriber_within(ctx: &Ctx, name: &str, within: Duration) -> anyhow::Result<(Subscriber, String)> {
     let topic = format!("sensors/{}/{name}", ctx.run);
     let sub = Subscriber::start(
@@ -515,56 +682,96 @@ async fn subscriber_within(ctx: &Ctx, name: &str, within: Duration) -> anyhow::R
         observer(),
     )
     .await?;
-    if let Err(e) = wait_probe_within(&ctx.edge, &dev(), &sub.st, &topic, within).await {
+    let topic = format!("{}{topic}", ctx.pub_prefix);
+    if let Err(e) = wait_probe_within(&ctx.edge, &ctx.creds, &sub.st, &topic, within).await {
         sub.stop().await;
         return Err(e);
     }
     Ok((sub, topic))
 }
 
-async fn throughput(ctx: &Ctx, edge: &Edge, qos: u8, size: usize, s: &Settings) -> anyhow::Result<Tput> {
-    let (sub, topic) = subscriber(ctx, &format!("t{qos}s{size}")).await?;
-    let pids = edge.pids();
-    let peak = procstat::PeakRss::start(pids.clone());
-    let cpu0 = procstat::cpu_us(&pids);
-    let r = gen::publish(
-        &ctx.edge,
-        &dev(),
-        &format!("dev-t{qos}s{size}"),
-        &format!("{topic}/x"),
-        qos,
-        size,
-        Mode::Max {
+/// A max-throughput run of `devices` publishers (one: the single-device rows; more: each keeps
+/// `device_window` messages in flight) on `ctx`, measuring the edge's cost when there is an edge.
+async fn throughput(
+    ctx: &Ctx,
+    edge: Option<&Edge>,
+    qos: u8,
+    size: usize,
+    devices: u64,
+    s: &Settings,
+) -> anyhow::Result<Tput> {
+    let name = match devices {
+        1 => format!("t{qos}s{size}"),
+        n => format!("t{qos}s{size}d{n}"),
+    };
+    let (sub, topic) = subscriber(ctx, &name).await?;
+    let pids = edge.map(Edge::pids).unwrap_or_default();
+    let peak = edge.map(|_| procstat::PeakRss::start(pids.clone()));
+    let (cpu0, wb0) = (procstat::cpu_us(&pids), procstat::write_bytes(&pids));
+    let syncs0 = edge.and_then(|e| e.slow.as_ref()).map(|d| d.syncs());
+    let r = if devices == 1 {
+        let mode = Mode::Max {
             secs: s.tput_secs,
             window: s.window,
-        },
-        &sub.st,
-    )
-    .await?;
+            inflight: gen::PUB_INFLIGHT,
+        };
+        let topic = format!("{topic}/x");
+        gen::publish(
+            &ctx.edge,
+            &ctx.creds,
+            &format!("dev-{name}"),
+            &topic,
+            qos,
+            size,
+            mode,
+            &sub.st,
+        )
+        .await?
+    } else {
+        let mode = Mode::Max {
+            secs: s.tput_secs,
+            window: s.device_window,
+            inflight: s.device_window,
+        };
+        gen::publish_many(
+            &ctx.edge,
+            &ctx.creds,
+            &format!("dev-{name}"),
+            &topic,
+            qos,
+            size,
+            devices,
+            mode,
+            &sub.st,
+        )
+        .await?
+    };
     let expected = if qos == 1 { r.acked } else { r.sent };
     drain(&sub.st, expected, Duration::from_secs(2), Duration::from_secs(20)).await;
-    let cpu = procstat::cpu_us(&pids) - cpu0;
-    let peak_rss_kb = peak.finish();
+    let cost = edge.map(|e| Cost {
+        cpu_us: procstat::cpu_us(&pids) - cpu0,
+        peak_rss_kb: peak.map(procstat::PeakRss::finish).unwrap_or(0),
+        write_bytes: procstat::write_bytes(&pids) - wb0,
+        record_bytes: (e.imp == Impl::Uplink && qos == 1).then(|| {
+            let one = if devices == 1 { "x" } else { "d0" };
+            record_bytes(&format!("sites/p7/{topic}/{one}"), size)
+        }),
+        syncs: e.slow.as_ref().zip(syncs0).map(|(d, s0)| d.syncs() - s0),
+    });
     let t = Tput::new(
-        ctx.path,
-        ctx.imp,
-        qos,
-        size,
-        ctx.rep,
-        &r,
-        &sub.st,
-        cpu,
-        peak_rss_kb,
+        ctx.path, ctx.imp, ctx.disk, devices, qos, size, ctx.rep, &r, &sub.st, cost,
     );
     sub.stop().await;
     Ok(t)
 }
 
-async fn latency(ctx: &Ctx, qos: u8, size: usize, s: &Settings) -> anyhow::Result<Lat> {
+async fn latency(ctx: &Ctx, edge: &Edge, qos: u8, size: usize, s: &Settings) -> anyhow::Result<Lat> {
     let (sub, topic) = subscriber(ctx, &format!("l{qos}s{size}")).await?;
+    let pids = edge.pids();
+    let wb0 = procstat::write_bytes(&pids);
     let r = gen::publish(
         &ctx.edge,
-        &dev(),
+        &ctx.creds,
         &format!("dev-l{qos}s{size}"),
         &format!("{topic}/x"),
         qos,
@@ -578,7 +785,11 @@ async fn latency(ctx: &Ctx, qos: u8, size: usize, s: &Settings) -> anyhow::Resul
     .await?;
     let expected = if qos == 1 { r.acked } else { r.sent };
     drain(&sub.st, expected, Duration::from_secs(2), Duration::from_secs(10)).await;
-    let l = Lat::from_samples(ctx.path, ctx.imp.name(), qos, size, ctx.rep, &sub.st, &r);
+    let mut l = Lat::from_samples(ctx.path, ctx.imp.name(), qos, size, ctx.rep, &sub.st, &r);
+    l.set_written(
+        procstat::write_bytes(&pids) - wb0,
+        (ctx.imp == Impl::Uplink && qos == 1).then(|| record_bytes(&format!("sites/p7/{topic}/x"), size)),
+    );
     sub.stop().await;
     Ok(l)
 }
