@@ -33,7 +33,15 @@ impl Cloud {
 
     /// Listens on `host` inside network namespace `netns` (the test's own).
     pub fn start_at(dir: &Path, netns: Option<&str>, host: &str) -> Cloud {
-        write_certs(dir, &[host.to_string()]);
+        Self::start_named(dir, netns, host, &[])
+    }
+
+    /// Like [`Cloud::start_at`], with more names (DNS names or IP addresses) in the server
+    /// certificate: the addresses a client reaches it at from outside `netns`.
+    pub fn start_named(dir: &Path, netns: Option<&str>, host: &str, names: &[String]) -> Cloud {
+        let mut all = vec![host.to_string()];
+        all.extend(names.iter().cloned());
+        write_certs(dir, &all);
         let pw = dir.join("cloud-passwords");
         mosquitto_passwd(&pw, UPLINK_USER, UPLINK_PASSWORD);
         mosquitto_passwd(&pw, OBSERVER_USER, OBSERVER_PASSWORD);
@@ -308,8 +316,13 @@ pub struct Sub {
 }
 
 impl Sub {
+    /// Runs `cmd` in a process group of its own, so that dropping the `Sub` also ends what it
+    /// started (the shell loop of [`Cloud::subscribe_persistent_forever`] and its mosquitto_sub,
+    /// which would otherwise outlive the test and hold its output pipe open).
     pub fn spawn(cmd: &mut Command) -> Sub {
+        use std::os::unix::process::CommandExt as _;
         let mut child = cmd
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -361,6 +374,10 @@ impl Sub {
 
 impl Drop for Sub {
     fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
