@@ -502,3 +502,100 @@ async fn t12_timeout_and_cancel_safety() {
         t0.elapsed()
     );
 }
+
+/// Everything `mqtt_uplink` logs at debug level and above in this test binary (all its tests; a
+/// test picks its own lines by its server's address).
+fn captured_logs() -> String {
+    use std::sync::{Mutex, OnceLock};
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Writer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("mqtt_uplink=debug"))
+            .with_ansi(false)
+            .with_writer(move || Writer(sink.clone()))
+            .init();
+        log
+    });
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    text
+}
+
+/// Only a bastion that goes away under a session is a warning ("SSH session to bastion lost"). A
+/// session the uplink ends itself (after a failed health check, a failover, a probe) and an attempt
+/// the bastion refuses end quietly: while on a fallback the uplink probes SSH every
+/// `probe_interval`, and each probe used to log a warning that the bastion was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t13_only_a_lost_bastion_is_logged_as_lost() {
+    captured_logs();
+    let echo = echo_server().await;
+    let mut s = Setup::new(&format!("127.0.0.1:{}", echo.port));
+    s.pin();
+    let server = format!("server={}", s.sshd.addr());
+    let count = |needle: &str| {
+        captured_logs()
+            .lines()
+            .filter(|l| l.contains(&server) && l.contains(needle))
+            .count()
+    };
+    const OURS: &str = "SSH session closed by the uplink";
+    const LOST: &str = "SSH session to bastion lost";
+    let ended = |n: usize| {
+        let count = &count;
+        async move {
+            let deadline = Instant::now() + STEP;
+            while count(OURS) + count(LOST) < n && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            count(OURS) + count(LOST) >= n
+        }
+    };
+
+    // A session the uplink ends: the stream is dropped.
+    let stream = connect(s.cfg(echo.port)).await.unwrap();
+    round_trip(stream, 4096).await;
+    assert!(
+        ended(1).await,
+        "the session's end was not logged:\n{}",
+        captured_logs()
+    );
+    // An attempt whose tunnel the bastion refuses (not in permitopen): the attempt ends its session.
+    let err = connect(s.cfg(free_port())).await.unwrap_err();
+    assert!(matches!(err, SshError::ChannelOpenRefused { .. }), "{err:?}");
+    assert!(ended(2).await, "the refused attempt's end was not logged");
+    assert_eq!(
+        count(LOST),
+        0,
+        "the uplink's own ends logged as lost:\n{}",
+        captured_logs()
+    );
+
+    // The bastion dies under a live session: that is a loss, and a warning.
+    let mut stream = connect(s.cfg(echo.port)).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).await.unwrap();
+    s.sshd.kill();
+    let deadline = Instant::now() + STEP;
+    while count(LOST) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        count(LOST),
+        1,
+        "a dead bastion was not reported:\n{}",
+        captured_logs()
+    );
+    drop(stream);
+}

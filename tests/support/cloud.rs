@@ -37,16 +37,24 @@ impl Cloud {
 
     /// Also listens for MQTT over WSS on 127.0.0.1:`ws_port` (same CA, certificate and users).
     pub fn start_with_websockets(dir: &Path) -> Cloud {
-        Self::start_inner(dir, None, "127.0.0.1", true)
+        Self::start_inner(dir, None, "127.0.0.1", &[], true)
     }
 
     /// Listens on `host` inside network namespace `netns` (the test's own).
     pub fn start_at(dir: &Path, netns: Option<&str>, host: &str) -> Cloud {
-        Self::start_inner(dir, netns, host, false)
+        Self::start_inner(dir, netns, host, &[], false)
     }
 
-    fn start_inner(dir: &Path, netns: Option<&str>, host: &str, websockets: bool) -> Cloud {
-        write_certs(dir, &[host.to_string()]);
+    /// Like [`Cloud::start_at`], with more names (DNS names or IP addresses) in the server
+    /// certificate: the addresses a client reaches it at from outside `netns`.
+    pub fn start_named(dir: &Path, netns: Option<&str>, host: &str, names: &[String]) -> Cloud {
+        Self::start_inner(dir, netns, host, names, false)
+    }
+
+    fn start_inner(dir: &Path, netns: Option<&str>, host: &str, names: &[String], websockets: bool) -> Cloud {
+        let mut all = vec![host.to_string()];
+        all.extend(names.iter().cloned());
+        write_certs(dir, &all);
         let pw = dir.join("cloud-passwords");
         mosquitto_passwd(&pw, UPLINK_USER, UPLINK_PASSWORD);
         mosquitto_passwd(&pw, OBSERVER_USER, OBSERVER_PASSWORD);
@@ -385,6 +393,9 @@ pub struct Sub {
 }
 
 impl Sub {
+    /// Runs `cmd` in a process group of its own, so that dropping the `Sub` also ends what it
+    /// started (the shell loop of [`Cloud::subscribe_persistent_forever`] and its mosquitto_sub,
+    /// which would otherwise outlive the test and hold its output pipe open).
     pub fn spawn(cmd: &mut Command) -> Sub {
         use std::os::unix::process::CommandExt as _;
         let mut child = cmd
@@ -443,8 +454,8 @@ impl Sub {
 
 impl Drop for Sub {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(-(self.child.id() as i32)),
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
         let _ = self.child.kill();

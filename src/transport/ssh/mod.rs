@@ -35,6 +35,7 @@ use std::io;
 use std::net::Shutdown;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -343,6 +344,9 @@ struct UplinkHandler {
     server: String,
     /// Hands the server's description of a channel-open failure back to `connect`.
     open_failure_tx: Option<tokio::sync::oneshot::Sender<String>>,
+    /// Set when the uplink itself ends the session (its [`SshStream`] is dropped): the end that
+    /// follows is ours, not a lost bastion, and is not logged as a warning.
+    closing: Arc<AtomicBool>,
 }
 
 impl UplinkHandler {
@@ -443,6 +447,12 @@ impl client::Handler for UplinkHandler {
                 info!(server = %self.server, "SSH server closed the session: {}", info.message);
                 Ok(())
             }
+            client::DisconnectReason::Error(e) if self.closing.load(Ordering::Relaxed) => {
+                // A probe or a session the uplink closed (health check failed, failover, return to
+                // a preferred transport): the server's close answers our disconnect.
+                debug!(server = %self.server, "SSH session closed by the uplink: {e}");
+                Ok(())
+            }
             client::DisconnectReason::Error(e) => {
                 warn!(server = %self.server, "SSH session to bastion lost: {e}");
                 Err(e)
@@ -459,6 +469,25 @@ struct SocketGuard(std::net::TcpStream);
 impl Drop for SocketGuard {
     fn drop(&mut self) {
         let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
+/// Marks the end of a session as the uplink's own when dropped, unless disarmed: a connect that
+/// fails after the SSH handshake (login or tunnel refused, cancelled) closes the session itself.
+struct OwnClose(Option<Arc<AtomicBool>>);
+
+impl OwnClose {
+    /// The session was handed over (to an [`SshStream`], which marks its own end).
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for OwnClose {
+    fn drop(&mut self) {
+        if let Some(closing) = &self.0 {
+            closing.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -559,6 +588,7 @@ impl SshTransport {
             ..Default::default()
         };
         let (open_failure_tx, open_failure_rx) = tokio::sync::oneshot::channel();
+        let closing = Arc::new(AtomicBool::new(false));
         let handler = UplinkHandler {
             host_name: known_hosts_name(&host, port),
             known_hosts_path: cfg.known_hosts.clone(),
@@ -566,8 +596,12 @@ impl SshTransport {
             trust_on_first_use: cfg.trust_on_first_use,
             server: cfg.server.clone(),
             open_failure_tx: Some(open_failure_tx),
+            closing: closing.clone(),
         };
         let mut handle = client::connect_stream(Arc::new(ssh_cfg), tcp, handler).await?;
+        // From here on a session exists: if this attempt ends without handing it over (refused
+        // login or tunnel, cancellation), its end is ours. Dropped before `handle` and `guard`.
+        let own_close = OwnClose(Some(closing.clone()));
 
         let auth = handle
             .authenticate_publickey(cfg.user.clone(), PrivateKeyWithHashAlg::new(Arc::new(key), None))
@@ -612,10 +646,12 @@ impl SshTransport {
             server = %cfg.server,
             "SSH uplink open to {}:{} via {}", cfg.forward_to_host, cfg.forward_to_port, cfg.server
         );
+        own_close.disarm();
         Ok(SshStream {
             inner: channel.into_stream(),
             handle: Some(handle),
             guard: Some(guard),
+            closing,
         })
     }
 }
@@ -652,6 +688,8 @@ pub struct SshStream {
     inner: ChannelStream<client::Msg>,
     handle: Option<client::Handle<UplinkHandler>>,
     guard: Option<SocketGuard>,
+    /// Shared with the session's handler: set on drop (see [`UplinkHandler::closing`]).
+    closing: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for SshStream {
@@ -669,6 +707,7 @@ impl SshStream {
 
 impl Drop for SshStream {
     fn drop(&mut self) {
+        self.closing.store(true, Ordering::Relaxed);
         let (Some(mut handle), guard) = (self.handle.take(), self.guard.take()) else {
             return;
         };
