@@ -386,13 +386,13 @@ fn run(path: Option<PathBuf>, log_format: LogFormat) -> i32 {
             }
         };
         // Every listener is bound and the config is valid: ready.
-        let summary = app.probe.snapshot().await.summary();
+        let summary = app.state.snapshot().await.summary();
         notifier.ready(&summary);
         tracing::info!(status = %summary, "ready");
-        tokio::spawn(supervise(app.probe.clone(), notifier.clone(), shutdown.clone()));
+        tokio::spawn(supervise(app.state.clone(), notifier.clone(), shutdown.clone()));
         match path {
             Some(p) => {
-                if let Err(e) = reload_on_sighup(app.reloader(), p, notifier.clone(), app.probe.clone()) {
+                if let Err(e) = reload_on_sighup(app.reloader(), p, notifier.clone(), app.state.clone()) {
                     tracing::error!("cannot install the SIGHUP handler: {e:#}");
                 }
             }
@@ -414,7 +414,7 @@ fn run(path: Option<PathBuf>, log_format: LogFormat) -> i32 {
 /// wedged appliance stops pinging and systemd restarts it) and `STATUS=` when the summary changes,
 /// until shutdown begins. Without a service manager it does nothing.
 async fn supervise(
-    probe: crate::ops::health::Probe,
+    state: crate::ops::health::StateReader,
     notifier: std::sync::Arc<Notifier>,
     shutdown: CancellationToken,
 ) {
@@ -434,7 +434,7 @@ async fn supervise(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {
-                let summary = probe.snapshot().await.summary();
+                let summary = state.snapshot().await.summary();
                 if watchdog.is_some() {
                     notifier.watchdog();
                 }
@@ -456,7 +456,7 @@ fn reload_on_sighup(
     reloader: crate::ops::reload::Reloader,
     path: PathBuf,
     notifier: std::sync::Arc<Notifier>,
-    probe: crate::ops::health::Probe,
+    state: crate::ops::health::StateReader,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
@@ -484,7 +484,7 @@ fn reload_on_sighup(
                     );
                 }
             }
-            notifier.ready(&probe.snapshot().await.summary());
+            notifier.ready(&state.snapshot().await.summary());
         }
     });
     Ok(())

@@ -53,7 +53,7 @@ pub struct Appliance {
     /// Where `/metrics` and `/healthz` are served (port 0 resolved); `None` when off or not bound.
     pub metrics_addr: Option<config::MetricsBind>,
     /// Reads the state for metrics, health and `STATUS=`.
-    pub probe: ops::health::Probe,
+    pub state: ops::health::StateReader,
     reloader: ops::reload::Reloader,
     /// Stops the uplink; cancelled after the outbox is drained at shutdown (or when dropped).
     uplink_stop: CancellationToken,
@@ -114,7 +114,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .map_or(config::file::default_degraded_after_s(), |m| {
             m.degraded_after.as_secs()
         });
-    let probe = ops::health::Probe::new(
+    let state = ops::health::StateReader::new(
         outbox.clone(),
         state_rx.clone(),
         config.uplink.is_some(),
@@ -132,14 +132,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             .and_then(|u| u.client_cert.as_ref())
             .map(|c| c.not_after),
     );
-    tracker.spawn(probe.clone().track_uplink());
+    tracker.spawn(state.clone().track_uplink());
     let metrics_addr =
         match &config.metrics {
             Some(m) => match ops::http::Endpoint::bind(&m.bind).await {
                 Ok(endpoint) => {
                     let local = endpoint.local();
                     tracing::info!(addr = %local, "serving /metrics and /healthz");
-                    tracker.spawn(endpoint.serve(probe.clone(), shutdown.child_token()));
+                    tracker.spawn(endpoint.serve(state.clone(), shutdown.child_token()));
                     Some(local)
                 }
                 Err(e) if m.required => {
@@ -184,7 +184,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         routes,
         uplink_state: state_rx,
         metrics_addr,
-        probe,
+        state,
         reloader,
         uplink_stop,
         broker,

@@ -634,6 +634,18 @@ async fn reload_under_load_keeps_connections_and_swaps_the_acl() {
         !uplink_flapped.await.unwrap_or(false),
         "the uplink reconnected during reload"
     );
+
+    // [auth.throttle] is not applied live (the failed-login table keeps its settings and counts):
+    // the reload says so, and says so again next time, since the running value has not changed.
+    let text = std::fs::read_to_string(&path).unwrap() + "\n[auth.throttle]\nfree_failures = 9\n";
+    std::fs::write(&path, text).unwrap();
+    for _ in 0..2 {
+        let report = app
+            .reload(mqtt_uplink::config::load(&path).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(report.needs_restart, vec!["auth.throttle"], "{report:?}");
+    }
     shutdown.cancel();
     app.wait().await;
 }

@@ -83,11 +83,6 @@ impl Routes {
         &self.maps
     }
 
-    /// True when no mapping sends anything out.
-    pub fn has_out(&self) -> bool {
-        self.maps.iter().any(|m| m.direction.goes_out())
-    }
-
     /// A local topic published at `qos`: does it go out, and as what?
     pub fn route_out(&self, local_topic: &str, qos: u8) -> Option<OutRoute> {
         self.maps.iter().filter(|m| m.direction.goes_out()).find_map(|m| {

@@ -8,7 +8,7 @@ use crate::config::error::Diagnostic;
 use crate::secret::Secret;
 
 /// A whole, valid configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it was read from; `None` for the embedded default.
     pub source: Option<PathBuf>,
@@ -26,20 +26,20 @@ pub struct Config {
     pub warnings: Vec<Diagnostic>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Site {
     pub id: String,
     pub state_dir: PathBuf,
 }
 
 /// A socket devices connect to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     pub bind: SocketAddr,
     pub tls: Option<ListenerTls>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -73,7 +73,7 @@ pub enum DuplicatePolicy {
     Reject,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Auth {
     pub password_file: Option<PathBuf>,
     pub acl: AclSource,
@@ -86,7 +86,7 @@ pub struct Auth {
 }
 
 /// Broker limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub max_packet_size: u32,
     pub max_connections: usize,
@@ -178,7 +178,7 @@ impl TransportKind {
 }
 
 /// The uplink session to the cloud broker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Uplink {
     /// The first (most preferred) broker address: the TLS server name over the SSH and WireGuard
     /// transports, which forward to one address of their own.
@@ -312,7 +312,7 @@ pub enum OnFull {
     RejectNew,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutboxSettings {
     pub max_bytes: u64,
     pub max_age: Duration,

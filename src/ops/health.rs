@@ -13,14 +13,14 @@ use crate::uplink::UplinkState;
 
 /// The uplink's last session, kept by [`track_uplink`].
 #[derive(Debug, Default)]
-struct Link {
+struct LastSession {
     /// The transport of the current session and when it was established.
     up: Option<(&'static str, Instant)>,
 }
 
 /// Reads the running appliance's state. Cheap to clone.
 #[derive(Clone)]
-pub struct Probe {
+pub struct StateReader {
     pub(crate) outbox: Outbox,
     pub(crate) uplink: watch::Receiver<UplinkState>,
     pub(crate) uplink_configured: bool,
@@ -30,7 +30,7 @@ pub struct Probe {
     pub(crate) identity: Arc<(String, Option<String>)>,
     /// The uplink client certificate's notAfter (Unix seconds), when it has one.
     pub(crate) cert_expiry: Option<i64>,
-    link: Arc<Mutex<Link>>,
+    link: Arc<Mutex<LastSession>>,
 }
 
 /// The state at one moment.
@@ -69,7 +69,7 @@ pub enum Health {
     Degraded(Vec<String>),
 }
 
-impl Probe {
+impl StateReader {
     pub(crate) fn new(
         outbox: Outbox,
         uplink: watch::Receiver<UplinkState>,
@@ -77,8 +77,8 @@ impl Probe {
         broker: Arc<Broker>,
         degraded_after: Duration,
         identity: (String, Option<String>),
-    ) -> Probe {
-        Probe {
+    ) -> StateReader {
+        StateReader {
             outbox,
             uplink,
             uplink_configured,
@@ -92,7 +92,7 @@ impl Probe {
 
     /// Reports the uplink client certificate's notAfter (Unix seconds) as
     /// `mqtt_uplink_uplink_cert_expiry_timestamp_seconds`.
-    pub(crate) fn cert_expiry(mut self, not_after: Option<i64>) -> Probe {
+    pub(crate) fn cert_expiry(mut self, not_after: Option<i64>) -> StateReader {
         self.cert_expiry = not_after;
         self
     }

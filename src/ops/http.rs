@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MetricsBind;
-use crate::ops::health::{Health, Probe};
+use crate::ops::health::{Health, StateReader};
 
 /// Largest request head read; longer ones get 431.
 const MAX_HEAD: usize = 4096;
@@ -126,12 +126,12 @@ impl Endpoint {
     }
 
     /// Serves until `shutdown`.
-    pub async fn serve(self, probe: Probe, shutdown: CancellationToken) {
+    pub async fn serve(self, state: StateReader, shutdown: CancellationToken) {
         let slots = Arc::new(Mutex::new(Slots::default()));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.accept_one(&probe, &slots) => {
+                r = self.accept_one(&state, &slots) => {
                     if let Err(e) = r {
                         tracing::debug!("metrics endpoint: accept: {e}");
                         // Out of file descriptors and the like: do not spin.
@@ -145,15 +145,15 @@ impl Endpoint {
         }
     }
 
-    async fn accept_one(&self, probe: &Probe, slots: &Arc<Mutex<Slots>>) -> std::io::Result<()> {
+    async fn accept_one(&self, state: &StateReader, slots: &Arc<Mutex<Slots>>) -> std::io::Result<()> {
         match self {
             Endpoint::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
-                spawn(s, Some(peer.ip()), probe, slots);
+                spawn(s, Some(peer.ip()), state, slots);
             }
             Endpoint::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
-                spawn(s, None, probe, slots);
+                spawn(s, None, state, slots);
             }
         }
         Ok(())
@@ -161,7 +161,7 @@ impl Endpoint {
 }
 
 /// Serves one accepted connection in its own task, if it gets a slot.
-fn spawn<S>(s: S, peer: Option<IpAddr>, probe: &Probe, slots: &Arc<Mutex<Slots>>)
+fn spawn<S>(s: S, peer: Option<IpAddr>, state: &StateReader, slots: &Arc<Mutex<Slots>>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -169,12 +169,12 @@ where
     let Some((id, reading, stop)) = admitted else {
         return; // dropped: closed
     };
-    let probe = probe.clone();
+    let state = state.clone();
     let slots = slots.clone();
     tokio::spawn(async move {
         tokio::select! {
             _ = stop.cancelled() => {}
-            _ = handle(s, peer, &probe, &reading) => {}
+            _ = handle(s, peer, &state, &reading) => {}
         }
         slots.lock().unwrap_or_else(|e| e.into_inner()).open.remove(&id);
     });
@@ -184,14 +184,14 @@ where
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     peer: Option<IpAddr>,
-    probe: &Probe,
+    state: &StateReader,
     reading: &AtomicBool,
 ) {
     let work = async {
         let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut s)).await;
         reading.store(false, Ordering::Relaxed);
         let response = match head {
-            Ok(Ok(head)) => respond(&head, probe).await,
+            Ok(Ok(head)) => respond(&head, state).await,
             Ok(Err(HeadError::TooLarge)) => reply(431, "text/plain", "request header too large\n"),
             Ok(Err(HeadError::Io)) => return,
             Err(_) => return refused(peer, SLOW_HEAD),
@@ -226,7 +226,7 @@ async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, HeadError>
     }
 }
 
-async fn respond(head: &str, probe: &Probe) -> String {
+async fn respond(head: &str, state: &StateReader) -> String {
     let mut parts = head.lines().next().unwrap_or("").split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if method != "GET" {
@@ -235,13 +235,13 @@ async fn respond(head: &str, probe: &Probe) -> String {
     let path = target.split('?').next().unwrap_or("");
     let body = match path {
         "/metrics" => {
-            let snap = probe.snapshot().await;
+            let snap = state.snapshot().await;
             let mut text = crate::ops::metrics::render_counters();
             text.push_str(&snap.render_gauges());
             return reply(200, "text/plain; version=0.0.4; charset=utf-8", &text);
         }
         "/healthz" => {
-            let snap = probe.snapshot().await;
+            let snap = state.snapshot().await;
             return match snap.health() {
                 Health::Ok => reply(200, "text/plain", &format!("ok\n{}\n", snap.summary())),
                 Health::Degraded(reasons) => {

@@ -3,7 +3,7 @@
 //! held to the new rules ([`crate::guard::revalidate`]): a client whose login was revoked is
 //! disconnected, a subscription the new ACL refuses is removed. A new config that does not load is
 //! refused whole and the old one stays. Settings that only take effect at a restart (listeners, the
-//! uplink, limits, outbox, metrics) are reported as such.
+//! uplink, limits, outbox, metrics, site, log level, `[auth.throttle]`) are reported as such.
 
 use std::sync::{Arc, Mutex};
 
@@ -72,29 +72,28 @@ impl Reloader {
             *subs = new_subs;
             changed
         });
-        let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-        if differs(&current.listeners, &new.listeners) {
+        // Compared by value (`PartialEq`: secrets too, by content, never printed).
+        if current.listeners != new.listeners {
             report.needs_restart.push("listener");
         }
-        let secret = |c: &Config| {
-            c.uplink
-                .as_ref()
-                .and_then(|u| u.password.as_ref().map(|p| p.expose().to_string()))
-        };
-        if differs(&current.uplink, &new.uplink) || secret(&current) != secret(&new) {
+        if current.uplink != new.uplink {
             report.needs_restart.push("uplink");
         }
-        if differs(&current.limits, &new.limits) {
+        if current.limits != new.limits {
             report.needs_restart.push("limits");
         }
-        if differs(&current.outbox, &new.outbox) {
+        if current.outbox != new.outbox {
             report.needs_restart.push("outbox");
         }
-        if differs(&current.metrics, &new.metrics) {
+        if current.metrics != new.metrics {
             report.needs_restart.push("metrics");
         }
-        if differs(&current.site, &new.site) {
+        if current.site != new.site {
             report.needs_restart.push("site");
+        }
+        // The failed-login table keeps its settings (and its counts) until a restart.
+        if current.auth.throttle != new.auth.throttle {
+            report.needs_restart.push("auth.throttle");
         }
         if current.log_level != new.log_level {
             report.needs_restart.push("log");
@@ -102,7 +101,10 @@ impl Reloader {
         // Keep the running values of what did not change live, so the next comparison is against
         // what is actually in effect.
         let keep = current.clone();
+        let mut auth = new.auth.clone();
+        auth.throttle = keep.auth.throttle.clone();
         *current = Config {
+            auth,
             listeners: keep.listeners,
             uplink: keep.uplink,
             limits: keep.limits,

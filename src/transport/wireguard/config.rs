@@ -14,8 +14,9 @@ use base64::Engine as _;
 /// Used when `persistent_keepalive` is not configured, for the TCP keep-alive inside the tunnel.
 const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(25);
 
-/// Settings for one WireGuard uplink (one peer, one broker address inside the tunnel).
-#[derive(Clone)]
+/// Settings for one WireGuard uplink (one peer, one broker address inside the tunnel). `PartialEq`
+/// lets a reload tell whether the uplink changed (keys compared, never printed).
+#[derive(Clone, PartialEq)]
 pub struct WgConfig {
     /// Our static private key (32 raw bytes, as decoded from `wg genkey` output).
     pub private_key: [u8; 32],
