@@ -153,7 +153,9 @@ async fn refusal(refused: &Refused, session: &Session) -> PublishResult {
         Refused::Outbox(e @ PushError::Storage(_)) => {
             // A failing disk refuses a whole window of messages at once: logged once a second per
             // connection (the outbox counts each in `mqtt_uplink_outbox_storage_errors_total`).
-            if let Some(suppressed) = admit_per_connection(session.id.remote_addr, Instant::now()) {
+            static LOG: LazyLock<DropLog<Option<std::net::SocketAddr>>> =
+                LazyLock::new(|| DropLog::new(Duration::from_secs(1)));
+            if let Some(suppressed) = LOG.admit(session.id.remote_addr, Instant::now()) {
                 tracing::error!(
                     peer = %session.id.remote_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
                     client = ?&*session.id.client_id,
@@ -173,27 +175,6 @@ async fn refusal(refused: &Refused, session: &Session) -> PublishResult {
         ),
     };
     PublishResult::reason_code(code, Some(text.into()), !v5)
-}
-
-/// Once a second per connection (`peer`): `Some(lines held back since the last)` to log now.
-fn admit_per_connection(peer: Option<std::net::SocketAddr>, now: Instant) -> Option<u64> {
-    type Slots = std::collections::HashMap<Option<std::net::SocketAddr>, (Instant, u64)>;
-    static SLOTS: LazyLock<std::sync::Mutex<Slots>> = LazyLock::new(Default::default);
-    let mut slots = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
-    if slots.len() >= 4096 {
-        slots.retain(|_, (since, _)| now.saturating_duration_since(*since) < Duration::from_secs(1));
-    }
-    match slots.get_mut(&peer) {
-        Some((since, held)) if now.saturating_duration_since(*since) < Duration::from_secs(1) => {
-            *held += 1;
-            None
-        }
-        Some(slot) => Some(std::mem::replace(slot, (now, 0)).1),
-        None => {
-            slots.insert(peer, (now, 0));
-            Some(0)
-        }
-    }
 }
 
 #[async_trait]

@@ -5,6 +5,7 @@
 //! (the uplink session calls it on its health tick), so a flood of 20,000 is a handful of lines.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,13 +18,18 @@ struct Slot {
     suppressed: u64,
 }
 
-/// The per-key table (keys are a small fixed set of constants): one line per key per `interval`.
-pub struct DropLog {
+/// Keys kept at most; past it, keys whose interval passed are forgotten, and while it stays full a new
+/// key's line is held back (the count in the metrics is not).
+const MAX_SLOTS: usize = 4096;
+
+/// The per-key table: one line per key per `interval`. Keys are usually a small fixed set of reasons;
+/// any other key (a connection's address, say) is bounded by [`MAX_SLOTS`].
+pub struct DropLog<K = &'static str> {
     interval: Duration,
-    slots: Mutex<HashMap<&'static str, Slot>>,
+    slots: Mutex<HashMap<K, Slot>>,
 }
 
-impl DropLog {
+impl<K: Eq + Hash + Clone> DropLog<K> {
     pub fn new(interval: Duration) -> Self {
         DropLog {
             interval,
@@ -33,9 +39,9 @@ impl DropLog {
 
     /// One drop of `reason` at `now`: `Some(suppressed)` when it is to be logged (with the number held
     /// back before it), `None` when it is held back.
-    pub fn admit(&self, reason: &'static str, now: Instant) -> Option<u64> {
+    pub fn admit(&self, reason: K, now: Instant) -> Option<u64> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        match slots.get_mut(reason) {
+        match slots.get_mut(&reason) {
             Some(s) if now.saturating_duration_since(s.since) < self.interval => {
                 s.suppressed += 1;
                 None
@@ -49,6 +55,13 @@ impl DropLog {
                 Some(suppressed)
             }
             None => {
+                if slots.len() >= MAX_SLOTS {
+                    let interval = self.interval;
+                    slots.retain(|_, s| now.saturating_duration_since(s.since) < interval);
+                    if slots.len() >= MAX_SLOTS {
+                        return None;
+                    }
+                }
                 slots.insert(
                     reason,
                     Slot {
@@ -62,7 +75,7 @@ impl DropLog {
     }
 
     /// Reasons whose interval has passed with drops held back, and how many; those slots are cleared.
-    pub fn ended(&self, now: Instant) -> Vec<(&'static str, u64)> {
+    pub fn ended(&self, now: Instant) -> Vec<(K, u64)> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         slots.retain(|reason, s| {
@@ -70,7 +83,7 @@ impl DropLog {
                 return true;
             }
             if s.suppressed > 0 {
-                out.push((*reason, s.suppressed));
+                out.push((reason.clone(), s.suppressed));
             }
             false
         });
@@ -110,6 +123,22 @@ fn summarize(now: Instant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Keys other than the fixed reasons (a connection's address) cannot grow the table without end:
+    /// past `MAX_SLOTS` keys still within their interval, a new key's line is held back; once their
+    /// interval passed, they are forgotten and new keys are logged again.
+    #[test]
+    fn the_table_of_keys_is_bounded() {
+        let log: DropLog<u32> = DropLog::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        for k in 0..MAX_SLOTS as u32 {
+            assert_eq!(log.admit(k, t0), Some(0));
+        }
+        assert_eq!(log.admit(u32::MAX, t0), None, "a full table takes no new key");
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(log.admit(u32::MAX, later), Some(0), "expired keys make room");
+        assert_eq!(log.slots.lock().unwrap().len(), 1);
+    }
 
     #[test]
     fn a_burst_is_one_line_then_one_summary() {
