@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{self, Config, EXIT_CONFIG};
 use crate::ops::logging::{self, LogFormat};
@@ -373,7 +374,10 @@ fn run(path: Option<PathBuf>, log_format: LogFormat) -> i32 {
     };
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        if let Err(e) = crate::ops::cancel_on_signals(shutdown.clone()) {
+        // The process's own tasks (signals, the service manager's heartbeat, SIGHUP): they end on
+        // `shutdown`, and are waited for after the appliance stopped.
+        let tasks = TaskTracker::new();
+        if let Err(e) = crate::ops::cancel_on_signals(&tasks, shutdown.clone()) {
             tracing::error!("cannot install signal handlers: {e:#}");
             return 1;
         }
@@ -389,15 +393,23 @@ fn run(path: Option<PathBuf>, log_format: LogFormat) -> i32 {
         let summary = app.state.snapshot().await.summary();
         notifier.ready(&summary);
         tracing::info!(status = %summary, "ready");
-        tokio::spawn(supervise(app.state.clone(), notifier.clone(), shutdown.clone()));
+        tasks.spawn(supervise(app.state.clone(), notifier.clone(), shutdown.clone()));
         match path {
             Some(p) => {
-                if let Err(e) = reload_on_sighup(app.reloader(), p, notifier.clone(), app.state.clone()) {
+                let reload = reload_on_sighup(
+                    &tasks,
+                    shutdown.clone(),
+                    app.reloader(),
+                    p,
+                    notifier.clone(),
+                    app.state.clone(),
+                );
+                if let Err(e) = reload {
                     tracing::error!("cannot install the SIGHUP handler: {e:#}");
                 }
             }
             None => {
-                if let Err(e) = ignore_sighup() {
+                if let Err(e) = ignore_sighup(&tasks, shutdown.clone()) {
                     tracing::error!("cannot install the SIGHUP handler: {e:#}");
                 }
             }
@@ -406,6 +418,8 @@ fn run(path: Option<PathBuf>, log_format: LogFormat) -> i32 {
         // Sent here, not from a task: the runtime ends as soon as `wait` returns.
         notifier.stopping();
         app.wait().await;
+        tasks.close();
+        tasks.wait().await;
         0
     })
 }
@@ -453,6 +467,8 @@ const STATUS_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 /// SIGHUP re-reads `path`: a valid config is applied live (see `Appliance::reload`); an invalid one is
 /// refused with every error logged, and the running config stays.
 fn reload_on_sighup(
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
     reloader: crate::ops::reload::Reloader,
     path: PathBuf,
     notifier: std::sync::Arc<Notifier>,
@@ -460,8 +476,8 @@ fn reload_on_sighup(
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
+    tasks.spawn(async move {
+        while shutdown.run_until_cancelled(hup.recv()).await.flatten().is_some() {
             tracing::info!(config = %path.display(), "SIGHUP: reloading");
             notifier.reloading();
             match config::load(&path) {
@@ -491,11 +507,11 @@ fn reload_on_sighup(
 }
 
 /// With the embedded default there is no file to re-read; SIGHUP must not kill the process either.
-fn ignore_sighup() -> anyhow::Result<()> {
+fn ignore_sighup(tasks: &TaskTracker, shutdown: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
+    tasks.spawn(async move {
+        while shutdown.run_until_cancelled(hup.recv()).await.flatten().is_some() {
             tracing::info!("SIGHUP: running on the embedded default, nothing to reload");
         }
     });

@@ -13,6 +13,7 @@ pub mod cli;
 mod cmd;
 pub mod config;
 pub mod guard;
+pub mod metrics;
 pub mod ops;
 pub mod outbox;
 pub mod secret;
@@ -34,6 +35,7 @@ use bridge::Routes;
 use broker::Broker;
 use config::{Config, TransportKind};
 use guard::{Guard, Policy};
+use metrics::Metrics;
 use outbox::Outbox;
 use transport::Transport;
 use uplink::{UplinkState, UplinkTask};
@@ -54,9 +56,12 @@ pub struct Appliance {
     pub metrics_addr: Option<config::MetricsBind>,
     /// Reads the state for metrics, health and `STATUS=`.
     pub state: ops::health::StateReader,
+    /// This appliance's counters (what `/metrics` renders).
+    pub metrics: Arc<Metrics>,
     reloader: ops::reload::Reloader,
-    /// Stops the uplink; cancelled after the outbox is drained at shutdown (or when dropped).
-    uplink_stop: CancellationToken,
+    /// The root of the appliance's tasks (the uplink, the state tracker, the metrics endpoint, the
+    /// broker's server): cancelled after the outbox is drained at shutdown, or when dropped.
+    stop: CancellationToken,
     broker: Arc<Broker>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -67,7 +72,8 @@ pub struct Appliance {
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Appliance> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let policy = Policy::load(&config.auth)?;
-    let guard = Guard::with_settings(policy, guard_settings(&config));
+    let metrics = Metrics::new();
+    let guard = Guard::with_settings(policy, guard_settings(&config), metrics.clone());
     let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::new(config.mappings.clone()))));
     let (wanted_tx, wanted_rx) = watch::channel(uplink::subscriptions::wanted(
         &routes.read().unwrap_or_else(|e| e.into_inner()),
@@ -76,50 +82,43 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let outbox = match &config.uplink {
         Some(_) => Outbox::open(&config.site.state_dir, config.outbox.clone()).context("outbox")?,
         None => Outbox::memory(config.outbox.clone()),
-    };
+    }
+    .counting_into(metrics.clone());
 
-    let mut broker = Broker::new(&config.limits).await;
+    // One shutdown tree: every task this appliance starts is in `tracker` and ends when `stop` is
+    // cancelled (by `wait` after the drain, by a drop, or by a start that fails halfway).
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let mut broker = Broker::new(&config.limits, guard.refusals().clone()).await;
     guard::hooks::register(broker.hooks(), &guard, broker.context()).await;
-    bridge::hooks::register(broker.hooks(), routes.clone(), outbox.clone(), broker.context()).await;
-    broker.listen(&config.listeners, &config.limits).await?;
+    bridge::hooks::register(
+        broker.hooks(),
+        routes.clone(),
+        outbox.clone(),
+        broker.context(),
+        metrics.clone(),
+    )
+    .await;
+    // Binds every listener before it starts the server task: an error here leaves nothing running.
+    broker.listen(&config.listeners, &config.limits, &tracker).await?;
     let broker = Arc::new(broker);
     for addr in &broker.local_addrs {
         tracing::info!(%addr, "listening for devices");
     }
-
-    let tracker = TaskTracker::new();
-    let uplink_stop = CancellationToken::new();
     let (state_tx, state_rx) = watch::channel(UplinkState::Stopped);
-    match &config.uplink {
-        Some(u) => {
-            let transports = transports(u).context("uplink")?;
-            let task = UplinkTask::new(
-                u,
-                transports,
-                routes.clone(),
-                wanted_rx,
-                Some(&config.site.state_dir),
-                outbox.clone(),
-                broker.clone(),
-                state_tx,
-            )
-            .context("uplink")?;
-            tracker.spawn(task.run(uplink_stop.clone()));
-        }
-        None => tracing::info!("no [uplink] configured: running as a secured local broker only"),
-    }
-    let degraded_after = config
-        .metrics
-        .as_ref()
-        .map_or(config::file::default_degraded_after_s(), |m| {
-            m.degraded_after.as_secs()
-        });
     let state = ops::health::StateReader::new(
         outbox.clone(),
         state_rx.clone(),
         config.uplink.is_some(),
         broker.clone(),
-        Duration::from_secs(degraded_after),
+        Duration::from_secs(
+            config
+                .metrics
+                .as_ref()
+                .map_or(config::file::default_degraded_after_s(), |m| {
+                    m.degraded_after.as_secs()
+                }),
+        ),
         (
             config.site.id.clone(),
             config.uplink.as_ref().map(|u| u.brokers_label()),
@@ -132,42 +131,24 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             .and_then(|u| u.client_cert.as_ref())
             .map(|c| c.not_after),
     );
-    tracker.spawn(state.clone().track_uplink());
-    let metrics_addr =
-        match &config.metrics {
-            Some(m) => match ops::http::Endpoint::bind(&m.bind).await {
-                Ok(endpoint) => {
-                    let local = endpoint.local();
-                    tracing::info!(addr = %local, "serving /metrics and /healthz");
-                    tracker.spawn(endpoint.serve(state.clone(), shutdown.child_token()));
-                    Some(local)
-                }
-                Err(e) if m.required => {
-                    uplink_stop.cancel();
-                    broker.stop().await;
-                    let hint =
-                        match e.kind() {
-                            std::io::ErrorKind::AddrInUse => format!(
-                        ": probably another mqtt-uplink (or another program) already serves there; stop \
-                         it, or give this one its own address with [metrics] bind in {} (bind = \"\" \
-                         turns the endpoint off)",
-                        config.source.as_ref().map_or("the config".into(), |p| p.display().to_string())
-                    ),
-                            _ => String::new(),
-                        };
-                    return Err(anyhow::anyhow!("metrics endpoint {}: {e}{hint}", m.bind));
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        addr = %m.bind,
-                        "metrics endpoint not started: {e} (the default address; set [metrics] bind to \
-                         choose another, or bind = \"\" for none)"
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
+    let started = Tasks {
+        tracker: &tracker,
+        stop: &stop,
+    };
+    let metrics_addr = match started
+        .spawn_all(&config, &routes, wanted_rx, &outbox, &broker, state_tx, &state)
+        .await
+    {
+        Ok(addr) => addr,
+        Err(e) => {
+            // A failed start stops what already started: the broker's listeners and every task.
+            stop.cancel();
+            broker.stop().await;
+            tracker.close();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await;
+            return Err(e);
+        }
+    };
     tracker.close();
     let reloader = ops::reload::Reloader {
         guard: guard.clone(),
@@ -185,12 +166,91 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         uplink_state: state_rx,
         metrics_addr,
         state,
+        metrics,
         reloader,
-        uplink_stop,
+        stop,
         broker,
         tracker,
         shutdown,
     })
+}
+
+/// Where an appliance's tasks are spawned, and the token that ends them.
+struct Tasks<'a> {
+    tracker: &'a TaskTracker,
+    stop: &'a CancellationToken,
+}
+
+impl Tasks<'_> {
+    /// Starts the uplink, the state tracker and the metrics endpoint. Returns the endpoint's address
+    /// (`None` when off or, for the default address, not bound). On `Err` the caller stops what did
+    /// start.
+    #[allow(clippy::too_many_arguments)]
+    async fn spawn_all(
+        &self,
+        config: &Config,
+        routes: &SharedRoutes,
+        wanted: watch::Receiver<uplink::subscriptions::Filters>,
+        outbox: &Outbox,
+        broker: &Arc<Broker>,
+        state_tx: watch::Sender<UplinkState>,
+        state: &ops::health::StateReader,
+    ) -> anyhow::Result<Option<config::MetricsBind>> {
+        match &config.uplink {
+            Some(u) => {
+                let transports = transports(u).context("uplink")?;
+                let task = UplinkTask::new(
+                    u,
+                    transports,
+                    routes.clone(),
+                    wanted,
+                    Some(&config.site.state_dir),
+                    outbox.clone(),
+                    broker.clone(),
+                    state_tx,
+                )
+                .context("uplink")?;
+                self.tracker.spawn(task.run(self.stop.child_token()));
+            }
+            None => tracing::info!("no [uplink] configured: running as a secured local broker only"),
+        }
+        self.tracker.spawn(state.clone().track_uplink());
+        let Some(m) = &config.metrics else {
+            return Ok(None);
+        };
+        match ops::http::Endpoint::bind(&m.bind).await {
+            Ok(endpoint) => {
+                let local = endpoint.local();
+                tracing::info!(addr = %local, "serving /metrics and /healthz");
+                self.tracker
+                    .spawn(endpoint.serve(state.clone(), self.stop.child_token()));
+                Ok(Some(local))
+            }
+            Err(e) if m.required => {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::AddrInUse => format!(
+                        ": probably another mqtt-uplink (or another program) already serves there; stop \
+                         it, or give this one its own address with [metrics] bind in {} (bind = \"\" \
+                         turns the endpoint off)",
+                        config
+                            .source
+                            .as_ref()
+                            .map_or("the config".into(), |p| p.display().to_string())
+                    ),
+                    _ => String::new(),
+                };
+                Err(anyhow::anyhow!("metrics endpoint {}: {e}{hint}", m.bind))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    addr = %m.bind,
+                    "metrics endpoint not started: {e} (the default address; set [metrics] bind to \
+                     choose another, or bind = \"\" for none)"
+                );
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// The guard's settings that come from the listeners and limits.
@@ -268,7 +328,7 @@ impl Appliance {
         let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         self.broker.stop().await;
         self.drain(deadline).await;
-        self.uplink_stop.cancel();
+        self.stop.cancel();
         if tokio::time::timeout_at(deadline, self.tracker.wait())
             .await
             .is_err()
@@ -338,7 +398,7 @@ impl Appliance {
 
 impl Drop for Appliance {
     fn drop(&mut self) {
-        self.uplink_stop.cancel();
+        self.stop.cancel();
     }
 }
 

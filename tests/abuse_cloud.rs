@@ -38,18 +38,12 @@ topic read keep/#
 // ---------------------------------------------------------------------------------------------
 // Counters, logs
 
-fn dropped(reason: &str) -> u64 {
-    mqtt_uplink::ops::metrics::get()
-        .dropped
-        .with_label_values(&[reason])
-        .get()
+fn dropped(m: &mqtt_uplink::metrics::Metrics, reason: &str) -> u64 {
+    m.dropped.with_label_values(&[reason]).get()
 }
 
-fn connects() -> u64 {
-    mqtt_uplink::ops::metrics::get()
-        .uplink_connects
-        .with_label_values(&["tls"])
-        .get()
+fn connects(m: &mqtt_uplink::metrics::Metrics) -> u64 {
+    m.uplink_connects.with_label_values(&["tls"]).get()
 }
 
 /// Everything the appliance logs in this process (no colours), from the first test on.
@@ -512,7 +506,7 @@ async fn a_cloud_message_over_16_mib_is_acknowledged_and_dropped_and_the_session
     let app = App::start(dir.path(), &toml).await;
     assert!(app.wait_connected(T).await);
     let mut dev = device(&app, "dev-big", "control/#").await;
-    let (too_large, sessions) = (dropped(TOO_LARGE), connects());
+    let (too_large, sessions) = (dropped(&app.counters, TOO_LARGE), connects(&app.counters));
 
     let mut c = CloudClient::connect(&cloud).await;
     let big = vec![b'x'; 17 * 1024 * 1024];
@@ -528,11 +522,11 @@ async fn a_cloud_message_over_16_mib_is_acknowledged_and_dropped_and_the_session
         got.iter().map(|m| &m.topic).collect::<Vec<_>>()
     );
     assert_eq!(
-        dropped(TOO_LARGE) - too_large,
+        dropped(&app.counters, TOO_LARGE) - too_large,
         1,
         "counted once (acknowledged, not resent)"
     );
-    assert_eq!(connects(), sessions, "the uplink kept its session");
+    assert_eq!(connects(&app.counters), sessions, "the uplink kept its session");
     site_to_cloud_works(&app, &cloud, "after-big").await;
     app.stop().await;
 }
@@ -546,7 +540,7 @@ async fn a_cloud_topic_that_is_not_utf8_is_acknowledged_and_dropped() {
     let app = App::start(dir.path(), &toml).await;
     let mut s = fake.accept().await;
     let mut dev = device(&app, "dev-utf8", "control/#").await;
-    let before = dropped(TOPIC_NOT_UTF8);
+    let before = dropped(&app.counters, TOPIC_NOT_UTF8);
 
     s.send(&raw::publish(b"sites/plant-7/cmd/\xff\xfe", b"bad", 1, false, 7))
         .await;
@@ -557,7 +551,7 @@ async fn a_cloud_topic_that_is_not_utf8_is_acknowledged_and_dropped() {
 
     let got = msgs_until(&mut dev, "control/cmd/ok").await;
     assert_eq!(got.len(), 1);
-    assert_eq!(dropped(TOPIC_NOT_UTF8) - before, 1);
+    assert_eq!(dropped(&app.counters, TOPIC_NOT_UTF8) - before, 1);
     site_to_fake_works(&app, &mut s, "after-utf8").await;
     assert!(
         !fake.reconnects_within(Duration::from_millis(500)).await,
@@ -582,7 +576,10 @@ async fn a_remote_topic_that_maps_past_65535_bytes_is_dropped_and_local_subscrib
     let app = App::start(dir.path(), &toml).await;
     assert!(app.wait_connected(T).await);
     let mut dev = device(&app, "dev-long", "control/#").await;
-    let (before, sessions) = (dropped(LOCAL_TOPIC_TOO_LONG), connects());
+    let (before, sessions) = (
+        dropped(&app.counters, LOCAL_TOPIC_TOO_LONG),
+        connects(&app.counters),
+    );
 
     // A valid remote topic of 65,535 bytes: 109 more locally.
     let remote = format!("r/cmd/{}", "x".repeat(65_535 - 6));
@@ -595,8 +592,8 @@ async fn a_remote_topic_that_maps_past_65535_bytes_is_dropped_and_local_subscrib
         1,
         "the local subscriber stayed connected and got only the next message"
     );
-    assert_eq!(dropped(LOCAL_TOPIC_TOO_LONG) - before, 1);
-    assert_eq!(connects(), sessions, "the uplink kept its session");
+    assert_eq!(dropped(&app.counters, LOCAL_TOPIC_TOO_LONG) - before, 1);
+    assert_eq!(connects(&app.counters), sessions, "the uplink kept its session");
     site_to_cloud_works(&app, &cloud, "after-long").await;
     app.stop().await;
 }
@@ -615,7 +612,7 @@ async fn a_cloud_message_with_too_many_topic_levels_is_dropped() {
     let app = App::start(dir.path(), &toml).await;
     let mut s = fake.accept().await;
     let mut dev = device(&app, "dev-deep", "control/#").await;
-    let before = dropped(TOO_DEEP);
+    let before = dropped(&app.counters, TOO_DEEP);
 
     let deep = format!("sites/plant-7/cmd/{}end", "x/".repeat(10_000));
     s.send(&raw::publish(deep.as_bytes(), b"deep", 1, true, 7)).await;
@@ -626,7 +623,7 @@ async fn a_cloud_message_with_too_many_topic_levels_is_dropped() {
 
     let got = msgs_until(&mut dev, "control/cmd/ok").await;
     assert_eq!(got.len(), 1, "only the next message arrives");
-    assert_eq!(dropped(TOO_DEEP) - before, 1, "counted once");
+    assert_eq!(dropped(&app.counters, TOO_DEEP) - before, 1, "counted once");
     site_to_fake_works(&app, &mut s, "after-deep").await;
     assert!(
         !fake.reconnects_within(Duration::from_millis(500)).await,
@@ -652,7 +649,7 @@ async fn cloud_messages_over_max_packet_size_never_reach_a_device() {
     let app = App::start(dir.path(), &toml).await;
     assert!(app.wait_connected(T).await);
     let mut dev = device(&app, "dev-size", "control/#").await;
-    let (before, sessions) = (dropped(TOO_LARGE), connects());
+    let (before, sessions) = (dropped(&app.counters, TOO_LARGE), connects(&app.counters));
 
     let mut c = CloudClient::connect(&cloud).await;
     c.publish("sites/plant-7/cmd/fits", &[b'f'; 60 * 1024], 1, false, 1)
@@ -668,8 +665,8 @@ async fn cloud_messages_over_max_packet_size_never_reach_a_device() {
         ["control/cmd/fits", "control/cmd/after"],
         "the 100 KiB message is dropped"
     );
-    assert_eq!(dropped(TOO_LARGE) - before, 1);
-    assert_eq!(connects(), sessions);
+    assert_eq!(dropped(&app.counters, TOO_LARGE) - before, 1);
+    assert_eq!(connects(&app.counters), sessions);
     // Nor was it retained for later subscribers.
     let mut late = device(&app, "dev-size-late", "control/cmd/big").await;
     assert!(next_msg(&mut late, Duration::from_secs(1)).await.is_none());
@@ -735,17 +732,11 @@ retain = "drop"
         "[[map]]\ndirection = \"out\"\ntopic = \"sensors/keep/#\"",
         1,
     );
-    let in_before = |m: &str| {
-        mqtt_uplink::ops::metrics::get()
-            .messages_in
-            .with_label_values(&[m])
-            .get()
-    };
-    let (cfg_in, keep_in) = (in_before("1"), in_before("2"));
     let app = App::start(dir.path(), &toml).await;
+    let delivered = |m: &str| app.counters.messages_in.with_label_values(&[m]).get();
     assert!(app.wait_connected(T).await);
     assert!(
-        wait_until(T, || in_before("1") > cfg_in && in_before("2") > keep_in).await,
+        wait_until(T, || delivered("1") > 0 && delivered("2") > 0).await,
         "both retained messages came down"
     );
 
@@ -809,11 +800,6 @@ async fn a_retained_flood_from_the_cloud_is_capped_by_max_retained_bytes() {
             .await;
     }
     let base = rss_kib();
-    let (too_many, sessions0) = (dropped(TOO_MANY_BYTES), connects());
-    let in_before = mqtt_uplink::ops::metrics::get()
-        .messages_in
-        .with_label_values(&["1"])
-        .get();
     let toml = site(dir.path(), &mosquitto_uplink(dir.path(), &cloud, ""), "", CMD_MAP);
     let app = App::start(dir.path(), &toml).await;
     assert!(app.wait_connected(T).await);
@@ -828,13 +814,7 @@ async fn a_retained_flood_from_the_cloud_is_capped_by_max_retained_bytes() {
             }
         })
     };
-    let in_count = || {
-        mqtt_uplink::ops::metrics::get()
-            .messages_in
-            .with_label_values(&["1"])
-            .get()
-            - in_before
-    };
+    let in_count = || app.counters.messages_in.with_label_values(&["1"]).get();
     assert!(
         wait_until(Duration::from_secs(60), || in_count() > N as u64).await,
         "all {} retained messages came down; got {}",
@@ -844,7 +824,7 @@ async fn a_retained_flood_from_the_cloud_is_capped_by_max_retained_bytes() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     sampler.abort();
     let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
-    let refused = dropped(TOO_MANY_BYTES) - too_many;
+    let refused = dropped(&app.counters, TOO_MANY_BYTES);
     println!(
         "retained flood: {N} x {} KiB from the cloud: RSS {} MiB before, peak {} MiB (+{} MiB); {refused} not retained",
         SIZE / 1024,
@@ -868,7 +848,7 @@ async fn a_retained_flood_from_the_cloud_is_capped_by_max_retained_bytes() {
         retained += 1;
     }
     assert!((100..=130).contains(&retained), "{retained} retained locally");
-    assert_eq!(connects(), sessions0 + 1, "one session");
+    assert_eq!(connects(&app.counters), 1, "one session");
     site_to_cloud_works(&app, &cloud, "after-flood").await;
     app.stop().await;
 }
@@ -890,7 +870,7 @@ async fn cloud_to_site_is_rate_limited_by_pausing_reads_and_nothing_is_lost() {
     let app = App::start(dir.path(), &toml).await;
     assert!(app.wait_connected(T).await);
     let mut dev = device(&app, "dev-rate", "control/#").await;
-    let sessions = connects();
+    let sessions = connects(&app.counters);
 
     const N: usize = 120;
     let start = Instant::now();
@@ -918,7 +898,11 @@ async fn cloud_to_site_is_rate_limited_by_pausing_reads_and_nothing_is_lost() {
         elapsed >= Duration::from_secs_f64((N - 20) as f64 / 20.0 * 0.9),
         "not rate limited: {elapsed:?}"
     );
-    assert_eq!(connects(), sessions, "the pauses did not fail the health check");
+    assert_eq!(
+        connects(&app.counters),
+        sessions,
+        "the pauses did not fail the health check"
+    );
     site_to_cloud_works(&app, &cloud, "after-rate").await;
     app.stop().await;
 }
@@ -940,7 +924,7 @@ async fn cloud_topics_are_logged_escaped_and_unmapped_warnings_are_rate_limited(
     );
     let app = App::start(dir.path(), &toml).await;
     let mut s = fake.accept().await;
-    let before = dropped(NO_IN_MAPPING);
+    let before = dropped(&app.counters, NO_IN_MAPPING);
 
     s.send(&raw::publish(
         b"sites/plant-7/zzz/\x1b[31mRED\x00\r\nFAKE LINE",
@@ -965,7 +949,11 @@ async fn cloud_topics_are_logged_escaped_and_unmapped_warnings_are_rate_limited(
     s.send(&burst).await;
     s.send(&raw::publish(b"elsewhere/last", b"x", 1, false, 2)).await;
     s.expect(0x40, 2).await;
-    assert_eq!(dropped(NO_IN_MAPPING) - before, N + 2, "every drop is counted");
+    assert_eq!(
+        dropped(&app.counters, NO_IN_MAPPING) - before,
+        N + 2,
+        "every drop is counted"
+    );
 
     // The burst's summary comes on a later health tick, once the 10 s interval has passed.
     // The fake answers the uplink's PINGREQs meanwhile.

@@ -23,11 +23,8 @@ user watcher
 topic read sensors/#
 ";
 
-fn refusals(reason: mqtt_uplink::guard::Refusal) -> u64 {
-    mqtt_uplink::ops::metrics::get()
-        .refusals
-        .with_label_values(&[reason.as_str()])
-        .get()
+fn refusals(m: &mqtt_uplink::metrics::Metrics, reason: mqtt_uplink::guard::Refusal) -> u64 {
+    m.refusals.with_label_values(&[reason.as_str()]).get()
 }
 
 /// Password file, ACL and a config with one loopback listener; `limits` goes into `[limits]`.
@@ -89,7 +86,7 @@ async fn still_routes(app: &App, tag: &str) {
 async fn deep_topics_are_refused_before_the_broker_sees_them() {
     let dir = tempdir();
     let app = App::start(dir.path(), &site(dir.path(), "")).await;
-    let before = refusals(mqtt_uplink::guard::Refusal::TopicTooDeep);
+    let before = refusals(&app.counters, mqtt_uplink::guard::Refusal::TopicTooDeep);
     let rss_before = raw::rss_kib();
 
     // 10,000 levels, and 100 subscriptions of 8,000 `+` levels (the memory variant).
@@ -139,7 +136,7 @@ async fn deep_topics_are_refused_before_the_broker_sees_them() {
         .await;
     assert_eq!(code, Some(5), "a deep will topic is refused");
 
-    let counted = refusals(mqtt_uplink::guard::Refusal::TopicTooDeep) - before;
+    let counted = refusals(&app.counters, mqtt_uplink::guard::Refusal::TopicTooDeep) - before;
     assert!(counted >= 104, "each refusal is counted: {counted}");
     still_routes(&app, "deep").await;
     let rss_after = raw::rss_kib();
@@ -162,7 +159,7 @@ async fn offline_sessions_of_one_user_do_not_lock_out_others() {
     let dir = tempdir();
     let limits = "max_connections = 12\nmax_sessions_per_user = 4\nmax_session_expiry_s = 3";
     let app = App::start(dir.path(), &site(dir.path(), limits)).await;
-    let before = refusals(mqtt_uplink::guard::Refusal::TooManySessionsForUser);
+    let before = refusals(&app.counters, mqtt_uplink::guard::Refusal::TooManySessionsForUser);
 
     let mut accepted = 0;
     for i in 0..12 {
@@ -177,7 +174,7 @@ async fn offline_sessions_of_one_user_do_not_lock_out_others() {
         "one user holds at most max_sessions_per_user sessions"
     );
     assert_eq!(
-        refusals(mqtt_uplink::guard::Refusal::TooManySessionsForUser) - before,
+        refusals(&app.counters, mqtt_uplink::guard::Refusal::TooManySessionsForUser) - before,
         8,
         "every refusal counted"
     );
@@ -279,7 +276,7 @@ remote_prefix = "sites/abuse/"
         ),
     )
     .unwrap();
-    let before = refusals(mqtt_uplink::guard::Refusal::WillDenied);
+    let before = refusals(&app.counters, mqtt_uplink::guard::Refusal::WillDenied);
     app.reloader
         .reload(mqtt_uplink::config::load(&dir.path().join("mqtt-uplink.toml")).unwrap())
         .await
@@ -288,7 +285,11 @@ remote_prefix = "sites/abuse/"
     // dev vanishes without DISCONNECT: rmqtt publishes the will ... which is refused.
     drop(dev);
     assert!(
-        support::wait_until(T, || refusals(mqtt_uplink::guard::Refusal::WillDenied) > before).await,
+        support::wait_until(T, || refusals(
+            &app.counters,
+            mqtt_uplink::guard::Refusal::WillDenied
+        ) > before)
+        .await,
         "the revoked will is refused and counted"
     );
     // A message published after it arrives, locally and in the cloud, with no will before it.
@@ -343,7 +344,7 @@ fn client_ids_cannot_forge_log_lines() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let evil = "x\n2026-01-01T00:00:00Z  WARN refused peer=10.9.9.9 \u{1b}[31mred\0";
-    mqtt_uplink::guard::log_refusal(
+    mqtt_uplink::guard::Refusals::new(mqtt_uplink::metrics::Metrics::new()).log(
         Some("127.0.0.77:1".parse().unwrap()),
         evil,
         Some("u\nv"),

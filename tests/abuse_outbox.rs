@@ -85,18 +85,12 @@ remote_prefix = "sites/plant-7/"
     )
 }
 
-fn dropped_metric(reason: &str) -> u64 {
-    mqtt_uplink::ops::metrics::get()
-        .dropped
-        .with_label_values(&[reason])
-        .get()
+fn dropped_metric(m: &mqtt_uplink::metrics::Metrics, reason: &str) -> u64 {
+    m.dropped.with_label_values(&[reason]).get()
 }
 
-fn refusal_metric(reason: &str) -> u64 {
-    mqtt_uplink::ops::metrics::get()
-        .refusals
-        .with_label_values(&[reason])
-        .get()
+fn refusal_metric(m: &mqtt_uplink::metrics::Metrics, reason: &str) -> u64 {
+    m.refusals.with_label_values(&[reason]).get()
 }
 
 /// MQTT 5 PUBLISH (no properties); `id` for QoS > 0.
@@ -185,7 +179,7 @@ async fn a_remote_topic_too_long_is_refused_and_never_blocks_the_uplink() {
     let app = App::start(dir.path(), &config(0, cloud.port, "")).await;
     assert!(app.wait_connected(T).await, "the uplink connects");
     let too_long = mqtt_uplink::bridge::hooks::REMOTE_TOPIC_TOO_LONG;
-    let before = dropped_metric(too_long);
+    let before = dropped_metric(&app.counters, too_long);
     let mut local = subscriber(&app, "watch-long", "sensors/#").await;
 
     // "sensors/xxx...": exactly 65,535 bytes locally, 65,549 with the remote prefix.
@@ -210,7 +204,11 @@ async fn a_remote_topic_too_long_is_refused_and_never_blocks_the_uplink() {
     }
     assert!(!puback, "MQTT 3.1.1: no PUBACK for a refused message");
     assert_eq!(app.outbox.depth(), 0, "nothing undeliverable was queued");
-    assert_eq!(dropped_metric(too_long) - before, 2, "both refusals counted");
+    assert_eq!(
+        dropped_metric(&app.counters, too_long) - before,
+        2,
+        "both refusals counted"
+    );
 
     // Local subscribers still get it (the refusal concerns the cloud copy).
     let got = received(&mut local, 2, T).await;
@@ -330,7 +328,7 @@ async fn the_qos0_lane_is_capped_in_bytes_with_the_uplink_down() {
     site_files(dir.path());
     let app = App::start(dir.path(), &config(0, free_port(), "")).await;
     let rss_before = raw::rss_kib();
-    let dropped_before = dropped_metric(mqtt_uplink::outbox::reason::QOS0_FULL);
+    let dropped_before = dropped_metric(&app.counters, mqtt_uplink::outbox::reason::QOS0_FULL);
 
     let n = 1_000u64;
     let payload = vec![b'q'; 200 * 1024];
@@ -365,7 +363,7 @@ async fn the_qos0_lane_is_capped_in_bytes_with_the_uplink_down() {
     assert!(all, "every QoS 0 message is queued or counted");
     assert!(lane <= 8 * 1024 * 1024, "lane holds {lane} bytes");
     assert_eq!(
-        dropped_metric(mqtt_uplink::outbox::reason::QOS0_FULL) - dropped_before,
+        dropped_metric(&app.counters, mqtt_uplink::outbox::reason::QOS0_FULL) - dropped_before,
         c.qos0_dropped.load(Ordering::Relaxed)
     );
     assert!(
@@ -391,7 +389,7 @@ async fn one_device_cannot_fill_the_outbox_for_the_others_and_local_delivery_con
     let app = App::start(dir.path(), &config(0, free_port(), extra)).await;
     let mut local = subscriber(&app, "watch-share", "sensors/#").await;
     let user_reject = mqtt_uplink::outbox::reason::USER_REJECT_NEW;
-    let before = dropped_metric(user_reject);
+    let before = dropped_metric(&app.counters, user_reject);
 
     // 250 x 5,000 bytes: more than the whole outbox.
     let payload = vec![b'h'; 5000];
@@ -410,7 +408,7 @@ async fn one_device_cannot_fill_the_outbox_for_the_others_and_local_delivery_con
     );
     assert!(ok > 0 && quota > 0, "ok {ok}, refused {quota}");
     assert!(app.outbox.user_bytes("hog") <= 1048576 / 4);
-    assert_eq!(dropped_metric(user_reject) - before, quota);
+    assert_eq!(dropped_metric(&app.counters, user_reject) - before, quota);
 
     let mut dev2 = login_v5(&app, "dev2-1", "dev2").await;
     for i in 0..20u16 {
@@ -513,7 +511,7 @@ async fn slow_clients_cannot_starve_healthz() {
     assert_eq!(answered, 9);
 
     // More slow clients than slots: the oldest slow ones are closed to make room, and counted.
-    let evicted_before = refusal_metric(mqtt_uplink::ops::http::EVICTED);
+    let evicted_before = refusal_metric(&app.counters, mqtt_uplink::ops::http::EVICTED);
     let mut held = Vec::new();
     for _ in 0..100 {
         held.extend(slow().await);
@@ -524,7 +522,7 @@ async fn slow_clients_cannot_starve_healthz() {
             answered += 1;
         }
     }
-    let evicted = refusal_metric(mqtt_uplink::ops::http::EVICTED) - evicted_before;
+    let evicted = refusal_metric(&app.counters, mqtt_uplink::ops::http::EVICTED) - evicted_before;
     eprintln!("/healthz answered {answered} of 3 tries under 100 slow clients; {evicted} slow requests closed to make room");
     assert_eq!(answered, 3);
     assert!(evicted >= 36, "{evicted}");

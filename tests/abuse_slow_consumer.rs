@@ -111,7 +111,7 @@ async fn a_subscriber_that_stops_reading_is_bounded_dropped_and_disconnected() {
     let _serial = SERIAL.lock().await;
     let dir = tempdir();
     let app = App::start(dir.path(), &site(dir.path())).await;
-    let metrics = mqtt_uplink::ops::metrics::get();
+    let metrics = &app.counters;
     let slow_reason = mqtt_uplink::broker::slow::reason::SLOW_CONSUMER;
     let refusal_reason = mqtt_uplink::guard::Refusal::SlowConsumer.as_str();
     let dropped_before = metric(&metrics.dropped, slow_reason);
@@ -372,7 +372,7 @@ async fn an_offline_persistent_session_holds_at_most_its_queued_bytes() {
     let _serial = SERIAL.lock().await;
     let dir = tempdir();
     let app = App::start(dir.path(), &site(dir.path())).await;
-    let metrics = mqtt_uplink::ops::metrics::get();
+    let metrics = &app.counters;
     let slow_reason = mqtt_uplink::broker::slow::reason::SLOW_CONSUMER;
     let dropped_before = metric(&metrics.dropped, slow_reason);
     // A device with a persistent session subscribes QoS 1, then goes away.
@@ -575,7 +575,7 @@ async fn retained_state_over_the_budget_reaches_a_reader_and_a_resubscribing_non
     // A non-reader subscribes with six filters (each a new subscription, each bringing the 4 MB of
     // retained state): after the first burst it is over its budget, and the later ones are dropped.
     let slow_reason = mqtt_uplink::broker::slow::reason::SLOW_CONSUMER;
-    let dropped_before = metric(&mqtt_uplink::ops::metrics::get().dropped, slow_reason);
+    let dropped_before = metric(&app.counters.dropped, slow_reason);
     let before = raw::rss_kib();
     let mut slow = login(&app, "non-reader", "watcher").await;
     let filters = [
@@ -593,7 +593,7 @@ async fn retained_state_over_the_budget_reaches_a_reader_and_a_resubscribing_non
         all.extend(raw::subscribe(10 + id as u16, filter, 0));
     }
     slow.send(&all).await.unwrap();
-    let dropped = || metric(&mqtt_uplink::ops::metrics::get().dropped, slow_reason) - dropped_before;
+    let dropped = || metric(&app.counters.dropped, slow_reason) - dropped_before;
     // Waits for the refusals the assertion below expects (or the deadline), not a fixed time.
     support::wait_until(T, || dropped() >= (3 * N) as u64).await;
     let after = raw::rss_kib();

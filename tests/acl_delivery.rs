@@ -131,7 +131,8 @@ async fn topics_until_v5(c: &mut V5, last: &str) -> Vec<(String, bool)> {
 async fn read_all_but_a_denied_subtree_as_mosquitto() {
     let dir = tempdir();
     let app = App::start(dir.path(), &site(dir.path(), ACL)).await;
-    let denied_before = mqtt_uplink::ops::metrics::get()
+    let denied_before = app
+        .counters
         .refusals
         .with_label_values(&["subscribe denied (ACL)"])
         .get();
@@ -154,7 +155,8 @@ async fn read_all_but_a_denied_subtree_as_mosquitto() {
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     );
     assert_eq!(m5.sub("hr/#").await, SubscribeReasonCode::NotAuthorized);
-    let denied = mqtt_uplink::ops::metrics::get()
+    let denied = app
+        .counters
         .refusals
         .with_label_values(&["subscribe denied (ACL)"])
         .get();

@@ -236,11 +236,8 @@ async fn appliance_sigkilled_at_random_points_of_a_burst_loses_nothing() {
     );
 }
 
-fn dropped_metric(reason: &str) -> u64 {
-    mqtt_uplink::ops::metrics::get()
-        .dropped
-        .with_label_values(&[reason])
-        .get()
+fn dropped_metric(m: &mqtt_uplink::metrics::Metrics, reason: &str) -> u64 {
+    m.dropped.with_label_values(&[reason]).get()
 }
 
 /// `max_bytes` with `reject-new`: MQTT 5 devices get PUBACK 0x97, MQTT 3.1.1 devices no PUBACK (they
@@ -255,7 +252,7 @@ async fn reject_new_refuses_with_0x97_or_no_puback_and_counts_every_refusal() {
     let extra = "[outbox]\nmax_bytes = 65536\nmax_bytes_per_user = 65536\non_full = \"reject-new\"\n";
     let app = App::start(dir.path(), &config(0, free_port(), "[\"tls\"]", extra)).await;
     drop(cloud);
-    let before = dropped_metric(mqtt_uplink::outbox::reason::REJECT_NEW);
+    let before = dropped_metric(&app.counters, mqtt_uplink::outbox::reason::REJECT_NEW);
 
     let mut opts = O5::new("dev1-v5", "127.0.0.1", app.port());
     opts.set_credentials("dev1", DEV_PW);
@@ -313,7 +310,7 @@ async fn reject_new_refuses_with_0x97_or_no_puback_and_counts_every_refusal() {
         quota as u64 + 1
     );
     assert_eq!(
-        dropped_metric(mqtt_uplink::outbox::reason::REJECT_NEW) - before,
+        dropped_metric(&app.counters, mqtt_uplink::outbox::reason::REJECT_NEW) - before,
         quota as u64 + 1
     );
     app.stop().await;
@@ -331,7 +328,7 @@ async fn drop_oldest_counts_every_drop_and_delivers_the_newest() {
     cloud.kill();
     let extra = "[outbox]\nmax_bytes = 65536\nmax_bytes_per_user = 65536\non_full = \"drop-oldest\"\n";
     let app = App::start(dir.path(), &config(0, cloud.port, "[\"tls\"]", extra)).await;
-    let before = dropped_metric(mqtt_uplink::outbox::reason::DROP_OLDEST);
+    let before = dropped_metric(&app.counters, mqtt_uplink::outbox::reason::DROP_OLDEST);
 
     let mut opts = rumqttc::MqttOptions::new("dev1-drop", "127.0.0.1", app.port());
     opts.set_credentials("dev1", DEV_PW);
@@ -372,7 +369,7 @@ async fn drop_oldest_counts_every_drop_and_delivers_the_newest() {
         "every message is either queued or counted"
     );
     assert_eq!(
-        dropped_metric(mqtt_uplink::outbox::reason::DROP_OLDEST) - before,
+        dropped_metric(&app.counters, mqtt_uplink::outbox::reason::DROP_OLDEST) - before,
         dropped
     );
 
@@ -523,7 +520,7 @@ async fn wireguard_cut_fails_over_to_ssh_without_loss_and_returns() {
         "never connected over wireguard"
     );
     let mut sub = accounting_sub(&cloud, "acct-failover").await;
-    let switches = mqtt_uplink::ops::metrics::get().transport_switches.get();
+    let switches = app.counters.transport_switches.get();
 
     let total = 6_000;
     let publisher = Publisher::start(app.port(), "dev1", DEV_PW, LOCAL, 300, total);
@@ -558,7 +555,7 @@ async fn wireguard_cut_fails_over_to_ssh_without_loss_and_returns() {
     let acked = publisher.stop().await;
     let missing = wait_all_arrive(&mut sub, &acked, Duration::from_secs(60)).await;
     assert!(missing.is_empty(), "{}", summary(&missing));
-    assert!(mqtt_uplink::ops::metrics::get().transport_switches.get() >= switches + 2);
+    assert!(app.counters.transport_switches.get() >= switches + 2);
     eprintln!("failover to ssh after {failover:?}; back on wireguard {returned:?} after restore");
     app.stop().await;
 }

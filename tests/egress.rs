@@ -476,3 +476,35 @@ fn egress_config_is_checked_and_shown_without_the_password() {
     let shown = format!("{cfg:?}");
     assert!(!shown.contains("Proxy-Secret-7x"), "Debug shows the password");
 }
+
+/// Issue 16 (one shutdown tree): a start that fails after the device listener is bound (here the
+/// websocket transport's CA file disappeared between `load` and `start`) stops what it started: the
+/// listener's port is free again, and the error names the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_fails_halfway_stops_what_it_started() {
+    let dir = tempdir();
+    site_files(dir.path());
+    support::certs::client_ca(dir.path(), "ca", "test CA");
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let toml = config(
+        1,
+        r#"["websocket", "tls"]"#,
+        "[uplink.websocket]\nurl = \"wss://localhost:1/mqtt\"\n",
+    )
+    .replace("bind = \"127.0.0.1:0\"", &format!("bind = \"127.0.0.1:{port}\""));
+    let path = dir.path().join("mqtt-uplink.toml");
+    // No metrics endpoint: the default address is a fixed port.
+    std::fs::write(&path, format!("{toml}\n[metrics]\nbind = \"\"\n")).unwrap();
+    let config = mqtt_uplink::config::load(&path).unwrap_or_else(|e| panic!("config invalid:\n{e}"));
+    std::fs::remove_file(dir.path().join("ca.pem")).unwrap();
+    let err = mqtt_uplink::start(config, tokio_util::sync::CancellationToken::new())
+        .await
+        .err()
+        .expect("the start fails: the CA file is gone");
+    assert!(format!("{err:#}").contains("ca.pem"), "{err:#}");
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .expect("the device listener was closed when the start failed");
+}

@@ -146,7 +146,7 @@ async fn connections_per_address_are_limited_per_address() {
     let dir = tempdir();
     let app = limited_site(dir.path(), "max_connections_per_address = 3").await;
     let counted = || {
-        mqtt_uplink::ops::metrics::get()
+        app.counters
             .refusals
             .with_label_values(&["too many connections from this address"])
             .get()
@@ -207,7 +207,7 @@ async fn broker_limit_refusals_are_counted() {
     let dir = tempdir();
     let app = limited_site(dir.path(), "max_connections = 2").await;
     let counted = || {
-        mqtt_uplink::ops::metrics::get()
+        app.counters
             .refusals
             .with_label_values(&[mqtt_uplink::guard::Refusal::SessionLimit.as_str()])
             .get()

@@ -71,11 +71,8 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn refusals(reason: &str) -> u64 {
-    mqtt_uplink::ops::metrics::get()
-        .refusals
-        .with_label_values(&[reason])
-        .get()
+fn refusals(m: &mqtt_uplink::metrics::Metrics, reason: &str) -> u64 {
+    m.refusals.with_label_values(&[reason]).get()
 }
 
 /// A rustls client with certificate `cert` that sends CONNECT as `user`/`pw` and returns the
@@ -168,7 +165,7 @@ async fn certificate_and_password_are_both_required() {
     assert!(e.contains("CertificateRequired"), "a TLS alert: {e}");
 
     // The certificate alone: no username and password.
-    let missing = refusals("client certificate and password both required");
+    let missing = refusals(&app.metrics, "client certificate and password both required");
     let o = mosquitto_pub(d, addr, Some("dev"), &[]);
     assert!(!o.status.success(), "certificate without a password");
     assert!(stderr(&o).contains("not authorised"), "{}", stderr(&o));
@@ -178,18 +175,18 @@ async fn certificate_and_password_are_both_required() {
         "CONNACK 5, not authorised"
     );
     assert_eq!(
-        refusals("client certificate and password both required"),
+        refusals(&app.metrics, "client certificate and password both required"),
         missing + 2
     );
 
     // The certificate and a wrong password.
-    let bad = refusals("bad username or password");
+    let bad = refusals(&app.metrics, "bad username or password");
     let o = mosquitto_pub(d, addr, Some("dev"), &["-u", "dev", "-P", "Wrong-Passw0rd-1"]);
     assert!(!o.status.success(), "wrong password");
-    assert!(refusals("bad username or password") > bad);
+    assert!(refusals(&app.metrics, "bad username or password") > bad);
 
     // Someone else's certificate with dev's name and password: the CN must be the username.
-    let mismatch = refusals("username differs from the client certificate's CN");
+    let mismatch = refusals(&app.metrics, "username differs from the client certificate's CN");
     let o = mosquitto_pub(d, addr, Some("watcher"), &dev_login);
     assert!(!o.status.success(), "watcher's certificate, dev's password");
     // ... and that certificate's own user with the own password is fine (the CN is the username).
@@ -201,18 +198,18 @@ async fn certificate_and_password_are_both_required() {
     );
     assert!(o.status.success(), "watcher's both factors: {}", stderr(&o));
     assert_eq!(
-        refusals("username differs from the client certificate's CN"),
+        refusals(&app.metrics, "username differs from the client certificate's CN"),
         mismatch + 1
     );
 
     // A verified certificate without a CN names nobody: refused even with a valid password.
-    let missing = refusals("client certificate and password both required");
+    let missing = refusals(&app.metrics, "client certificate and password both required");
     assert_eq!(
         rustls_connack(d, addr, Some("nocn"), Some("dev"), Some(PW)).await,
         Ok(5)
     );
     assert_eq!(
-        refusals("client certificate and password both required"),
+        refusals(&app.metrics, "client certificate and password both required"),
         missing + 1
     );
 

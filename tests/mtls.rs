@@ -89,11 +89,8 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn refusals(reason: &str) -> u64 {
-    mqtt_uplink::ops::metrics::get()
-        .refusals
-        .with_label_values(&[reason])
-        .get()
+fn refusals(m: &mqtt_uplink::metrics::Metrics, reason: &str) -> u64 {
+    m.refusals.with_label_values(&[reason]).get()
 }
 
 /// A rustls client that completes its side of the handshake, sends a CONNECT and reads: returns how
@@ -283,7 +280,7 @@ async fn identity_listener_takes_the_username_from_the_certificate() {
     );
 
     // The same username repeated is fine; a filter with no topic dev may read is refused.
-    let denied_sub = refusals("subscribe denied (ACL)");
+    let denied_sub = refusals(&app.metrics, "subscribe denied (ACL)");
     let o = mosq(
         "mosquitto_sub",
         d,
@@ -309,8 +306,8 @@ async fn identity_listener_takes_the_username_from_the_certificate() {
         stderr(&o)
     );
     assert!(o.stdout.is_empty(), "nothing delivered");
-    assert!(refusals("subscribe denied (ACL)") > denied_sub);
-    let denied_pub = refusals("publish denied (ACL)");
+    assert!(refusals(&app.metrics, "subscribe denied (ACL)") > denied_sub);
+    let denied_pub = refusals(&app.metrics, "publish denied (ACL)");
     let o = mosq(
         "mosquitto_pub",
         d,
@@ -324,7 +321,7 @@ async fn identity_listener_takes_the_username_from_the_certificate() {
         stderr(&o)
     );
     assert!(
-        refusals("publish denied (ACL)") > denied_pub,
+        refusals(&app.metrics, "publish denied (ACL)") > denied_pub,
         "the publish was refused"
     );
     // The watcher certificate gets watcher's rights: sensors/#, which dev was refused above.
@@ -338,7 +335,7 @@ async fn identity_listener_takes_the_username_from_the_certificate() {
     assert!(o.status.success(), "watcher by CN: {}", stderr(&o));
 
     // Claiming another username than the CN is refused, even with that user's right password.
-    let mismatch = refusals("username differs from the client certificate's CN");
+    let mismatch = refusals(&app.metrics, "username differs from the client certificate's CN");
     for args in [&["-u", "watcher"][..], &["-u", "watcher", "-P", PW][..]] {
         let o = mosq(
             "mosquitto_pub",
@@ -351,7 +348,7 @@ async fn identity_listener_takes_the_username_from_the_certificate() {
         assert!(stderr(&o).contains("not authorised"), "{}", stderr(&o));
     }
     assert_eq!(
-        refusals("username differs from the client certificate's CN"),
+        refusals(&app.metrics, "username differs from the client certificate's CN"),
         mismatch + 2
     );
 

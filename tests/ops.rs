@@ -728,10 +728,7 @@ async fn reload_disconnects_revoked_logins_and_removes_denied_subscriptions() {
     );
     assert_eq!(app.sessions().await, 2, "dev2 and dev3 stay connected");
     let refused = |reason: mqtt_uplink::guard::Refusal| {
-        mqtt_uplink::ops::metrics::get()
-            .refusals
-            .with_label_values(&[reason.as_str()])
-            .get()
+        app.metrics.refusals.with_label_values(&[reason.as_str()]).get()
     };
     assert!(refused(mqtt_uplink::guard::Refusal::BadCredentials) >= 1);
     assert!(refused(mqtt_uplink::guard::Refusal::SubscribeDenied) >= 1);

@@ -24,6 +24,7 @@ use rmqtt::types::{DeferredAck, From, FromType, Id, Publish, PublishAclResult, P
 
 use super::Routes;
 use crate::broker::drops::DropLog;
+use crate::metrics::Metrics;
 use crate::outbox::{Commit, OutMessage, Outbox, PushError, MAX_TOPIC_LEN};
 
 /// The drop reason of a device message whose remote topic (prefix + topic) MQTT cannot carry.
@@ -35,13 +36,21 @@ pub const BRIDGE_PRIORITY: u32 = 100;
 /// The live mapping set, swapped whole on reload.
 pub type SharedRoutes = Arc<RwLock<Arc<Routes>>>;
 
-/// Registers the outbound bridge handler. `scx` delivers locally what the outbox refuses.
-pub async fn register(register: &dyn Register, routes: SharedRoutes, outbox: Outbox, scx: ServerContext) {
+/// Registers the outbound bridge handler. `scx` delivers locally what the outbox refuses; `metrics`
+/// counts what is queued and dropped.
+pub async fn register(
+    register: &dyn Register,
+    routes: SharedRoutes,
+    outbox: Outbox,
+    scx: ServerContext,
+    metrics: Arc<Metrics>,
+) {
     for typ in [Type::MessagePublishCheckAcl, Type::MessagePublish] {
         let h = OutHandler {
             routes: routes.clone(),
             outbox: outbox.clone(),
             scx: scx.clone(),
+            metrics: metrics.clone(),
         };
         register.add_priority(typ, BRIDGE_PRIORITY, Box::new(h)).await;
     }
@@ -51,6 +60,7 @@ struct OutHandler {
     routes: SharedRoutes,
     outbox: Outbox,
     scx: ServerContext,
+    metrics: Arc<Metrics>,
 }
 
 /// Why a device's message was not taken for the cloud.
@@ -70,7 +80,7 @@ impl OutHandler {
         };
         if route.remote_topic.len() > MAX_TOPIC_LEN {
             // Refused at mapping time: queued, it could never be sent, and would block the outbox.
-            crate::ops::metrics::get()
+            self.metrics
                 .dropped
                 .with_label_values(&[REMOTE_TOPIC_TOO_LONG])
                 .inc();
@@ -87,7 +97,7 @@ impl OutHandler {
             user: id.username_ref().to_string(),
         };
         let commit = self.outbox.enqueue(msg).map_err(Refused::Outbox)?;
-        crate::ops::metrics::get()
+        self.metrics
             .messages_out
             .with_label_values(&[&route.mapping.to_string()])
             .inc();

@@ -127,6 +127,8 @@ pub struct Inbound {
     /// publish-ACL hook nor the publish hook, so it is never queued to go out again.
     origin: Id,
     limits: LocalLimits,
+    /// The broker's drop counter and log; its metrics count what is delivered.
+    drops: drops::Drops,
 }
 
 impl Inbound {
@@ -140,7 +142,13 @@ impl Inbound {
                 max_packet_size: broker.max_packet_size(),
                 max_topic_levels: broker.max_topic_levels(),
             },
+            drops: broker.drops().clone(),
         }
+    }
+
+    /// Where messages dropped on their way in are counted and logged; its metrics are the appliance's.
+    pub fn drops(&self) -> &drops::Drops {
+        &self.drops
     }
 
     /// Delivers `msg` to the local subscribers, or drops it (counted and logged, at most one line per
@@ -154,12 +162,13 @@ impl Inbound {
                 self.publish(local)
                     .await
                     .map_err(|e| e.context("delivering a cloud message locally"))?;
-                crate::ops::metrics::get()
+                self.drops
+                    .metrics()
                     .messages_in
                     .with_label_values(&[&mapping.to_string()])
                     .inc();
             }
-            Err(why) => log_refused(&msg.topic, &why),
+            Err(why) => log_refused(&self.drops, &msg.topic, &why),
         }
         Ok(())
     }
@@ -184,8 +193,8 @@ impl Inbound {
 }
 
 /// Counts a refused cloud message and logs it (rate-limited per reason; topics escaped, long ones cut).
-fn log_refused(topic: &str, why: &Refused) {
-    let Some(suppressed) = drops::dropped(why.reason()) else {
+fn log_refused(drops: &drops::Drops, topic: &str, why: &Refused) {
+    let Some(suppressed) = drops.dropped(why.reason()) else {
         return;
     };
     match *why {

@@ -1,13 +1,16 @@
 //! Messages dropped on the way into the local broker (from the cloud, or by the retained store): every
 //! one is counted in `mqtt_uplink_dropped_total{reason}`, and logged at most once per
 //! [`LOG_INTERVAL`] per reason, the line carrying how many were held back since the last one
-//! (`suppressed`). A burst that ended is summed up by the next call of any reason, or by [`flush`]
-//! (the uplink session calls it on its health tick), so a flood of 20,000 is a handful of lines.
+//! (`suppressed`). A burst that ended is summed up by the next call of any reason, or by
+//! [`Drops::flush`] (the uplink session calls it on its health tick), so a flood of 20,000 is a handful
+//! of lines.
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::metrics::Metrics;
 
 /// One log line per reason per this interval.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -91,32 +94,49 @@ impl<K: Eq + Hash + Clone> DropLog<K> {
     }
 }
 
-static LOG: std::sync::LazyLock<DropLog> = std::sync::LazyLock::new(|| DropLog::new(LOG_INTERVAL));
-
-/// Counts one drop of `reason`; returns `Some(suppressed)` when the caller should log it (at `warn`,
-/// with `suppressed` and its own fields, untrusted strings as `?field`).
-pub fn dropped(reason: &'static str) -> Option<u64> {
-    crate::ops::metrics::get()
-        .dropped
-        .with_label_values(&[reason])
-        .inc();
-    let now = Instant::now();
-    summarize(now);
-    LOG.admit(reason, now)
+/// Where the broker's drops go: counted in the appliance's metrics every time, logged per reason at
+/// most once per [`LOG_INTERVAL`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Drops {
+    log: Arc<DropLog>,
+    metrics: Arc<Metrics>,
 }
 
-/// Logs the summary of bursts that ended.
-pub fn flush() {
-    summarize(Instant::now());
-}
+impl Drops {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Drops {
+            log: Arc::new(DropLog::new(LOG_INTERVAL)),
+            metrics,
+        }
+    }
 
-fn summarize(now: Instant) {
-    for (reason, suppressed) in LOG.ended(now) {
-        tracing::warn!(
-            reason,
-            suppressed,
-            "dropped messages held back from the log in the last interval"
-        );
+    /// The counters drops are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Counts one drop of `reason`; returns `Some(suppressed)` when the caller should log it (at
+    /// `warn`, with `suppressed` and its own fields, untrusted strings as `?field`).
+    pub fn dropped(&self, reason: &'static str) -> Option<u64> {
+        self.metrics.dropped.with_label_values(&[reason]).inc();
+        let now = Instant::now();
+        self.summarize(now);
+        self.log.admit(reason, now)
+    }
+
+    /// Logs the summary of bursts that ended.
+    pub fn flush(&self) {
+        self.summarize(Instant::now());
+    }
+
+    fn summarize(&self, now: Instant) {
+        for (reason, suppressed) in self.log.ended(now) {
+            tracing::warn!(
+                reason,
+                suppressed,
+                "dropped messages held back from the log in the last interval"
+            );
+        }
     }
 }
 

@@ -16,8 +16,11 @@ use rmqtt::hook::Register;
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Limits, Listener};
+use crate::guard::{Refusal, Refusals};
+use crate::metrics::Metrics;
 
 /// How long an MQTT 3.1.1 persistent session is kept offline (rmqtt's default), at most
 /// `limits.max_session_expiry_s`.
@@ -42,11 +45,16 @@ pub struct Broker {
     max_topic_levels: usize,
     server: std::sync::Mutex<Option<JoinHandle<()>>>,
     register: Box<dyn Register>,
+    /// Where refused handshakes and slow subscribers are counted and logged (the guard's).
+    refusals: Refusals,
+    /// Where messages dropped on their way in are counted and logged.
+    drops: drops::Drops,
 }
 
 impl Broker {
     /// A broker context with its limits and retained store, not yet listening.
-    pub async fn new(limits: &Limits) -> Broker {
+    pub async fn new(limits: &Limits, refusals: Refusals) -> Broker {
+        let drops = drops::Drops::new(refusals.metrics().clone());
         let scx = ServerContext::new()
             .busy_check_enable(false)
             .mqtt_max_sessions(limits.max_connections as isize)
@@ -55,6 +63,7 @@ impl Broker {
         *scx.extends.retain_mut().await = Box::new(retain::RetainedStore::new(
             MAX_RETAINED_TOPICS,
             limits.max_retained_bytes,
+            drops.clone(),
         ));
         *scx.extends.fitter_mgr_mut().await = Box::new(keepalive::KeepAliveFitterManager);
         let register = scx.extends.hook_mgr().register();
@@ -65,7 +74,19 @@ impl Broker {
             max_topic_levels: limits.max_topic_levels,
             server: std::sync::Mutex::new(None),
             register,
+            refusals,
+            drops,
         }
+    }
+
+    /// The appliance's counters.
+    pub fn metrics(&self) -> &std::sync::Arc<Metrics> {
+        self.refusals.metrics()
+    }
+
+    /// Where messages dropped on their way into this broker are counted and logged.
+    pub fn drops(&self) -> &drops::Drops {
+        &self.drops
     }
 
     /// The broker's context (session registry, for the guard's duplicate client-id policy; message
@@ -79,33 +100,27 @@ impl Broker {
         self.register.as_ref()
     }
 
-    /// Binds every listener (so errors surface before READY), enables the hooks, starts accepting.
-    pub async fn listen(&mut self, listeners: &[Listener], limits: &Limits) -> anyhow::Result<()> {
-        // Connections closed before their CONNECT was read (our patch of rmqtt-net,
-        // vendor/README.md) are refusals like the guard's: counted, and logged with the peer.
-        rmqtt::net::on_handshake_refused(|peer, why| {
-            use crate::guard::{log_refusal, Refusal};
-            match why {
-                rmqtt::net::HandshakeRefusal::Timeout => {
-                    log_refusal(Some(peer), "-", None, Refusal::HandshakeTimeout, "")
-                }
-                rmqtt::net::HandshakeRefusal::Malformed(detail) => {
-                    log_refusal(Some(peer), "-", None, Refusal::ProtocolError, detail)
-                }
-            }
-        });
+    /// Binds every listener (so errors surface before READY; on an error nothing is running), enables
+    /// the hooks, starts accepting in a task of `tasks` (ended by [`Broker::stop`]).
+    pub async fn listen(
+        &mut self,
+        listeners: &[Listener],
+        limits: &Limits,
+        tasks: &TaskTracker,
+    ) -> anyhow::Result<()> {
         // Messages dropped for a slow subscriber, and slow subscribers disconnected: counted, logged.
-        slow::register(self.register.as_ref()).await;
+        slow::register(self.register.as_ref(), self.refusals.clone()).await;
         let mut server = MqttServer::new(self.scx.clone());
         let mut local_addrs = Vec::new();
         for (i, l) in listeners.iter().enumerate() {
-            let listener = bind(l, limits, i).with_context(|| format!("listener {}", l.bind))?;
+            let listener =
+                bind(l, limits, i, &self.refusals).with_context(|| format!("listener {}", l.bind))?;
             local_addrs.push(listener.local_addr().map_err(|e| anyhow!("{e}"))?);
             server = server.listener_by_id(listener, i as u16);
         }
         self.register.start().await;
         let server = server.build();
-        let task = tokio::spawn(async move {
+        let task = tasks.spawn(async move {
             if let Err(e) = server.run().await {
                 tracing::error!("broker stopped: {e:#}");
             }
@@ -142,8 +157,24 @@ impl Broker {
     }
 }
 
-fn bind(l: &Listener, limits: &Limits, index: usize) -> anyhow::Result<rmqtt::net::Listener> {
+fn bind(
+    l: &Listener,
+    limits: &Limits,
+    index: usize,
+    refusals: &Refusals,
+) -> anyhow::Result<rmqtt::net::Listener> {
+    // Connections closed before their CONNECT was read (our patch of rmqtt-net, vendor/README.md) are
+    // refusals like the guard's: counted, and logged with the peer.
+    let refusals = refusals.clone();
     let builder = Builder::new()
+        .on_handshake_refused(move |peer, why| match why {
+            rmqtt::net::HandshakeRefusal::Timeout => {
+                refusals.log(Some(peer), "-", None, Refusal::HandshakeTimeout, "")
+            }
+            rmqtt::net::HandshakeRefusal::Malformed(detail) => {
+                refusals.log(Some(peer), "-", None, Refusal::ProtocolError, detail)
+            }
+        })
         .name(format!("listener-{index}"))
         .laddr(l.bind)
         .max_connections(limits.max_connections)

@@ -36,10 +36,11 @@ pub struct RetainedStore {
     count: AtomicIsize,
     peak: AtomicIsize,
     bytes: AtomicU64,
+    drops: drops::Drops,
 }
 
 impl RetainedStore {
-    pub fn new(max_topics: usize, max_bytes: u64) -> Self {
+    pub fn new(max_topics: usize, max_bytes: u64, drops: drops::Drops) -> Self {
         RetainedStore {
             inner: DefaultRetainStorage::new(),
             max_topics: max_topics as isize,
@@ -47,6 +48,7 @@ impl RetainedStore {
             count: AtomicIsize::new(0),
             peak: AtomicIsize::new(0),
             bytes: AtomicU64::new(0),
+            drops,
         }
     }
 
@@ -100,7 +102,7 @@ impl RetainStorage for RetainedStore {
             });
         }
         if let Some(why) = full(self) {
-            if let Some(suppressed) = drops::dropped(why) {
+            if let Some(suppressed) = self.drops.dropped(why) {
                 tracing::warn!(
                     topic = ?&**topic,
                     size,

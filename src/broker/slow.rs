@@ -9,7 +9,7 @@
 //! disconnected by rmqtt-net; this handler counts and logs that as a refusal "slow consumer".
 
 use std::net::SocketAddr;
-use std::sync::LazyLock;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -18,7 +18,7 @@ use rmqtt::net::MqttError;
 use rmqtt::types::Reason;
 
 use super::drops::DropLog;
-use crate::guard::{log_refusal, Refusal};
+use crate::guard::{Refusal, Refusals};
 
 /// A write to a device's socket that makes no progress for this long closes the connection.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,13 +32,22 @@ pub mod reason {
 }
 
 /// Registers the handler on a broker's hook register (before it starts).
-pub async fn register(register: &dyn Register) {
+pub async fn register(register: &dyn Register, refusals: Refusals) {
+    let log = Arc::new(DropLog::new(Duration::from_secs(1)));
     for typ in [Type::MessageDropped, Type::ClientDisconnected] {
-        register.add(typ, Box::new(SlowConsumerHandler)).await;
+        let h = SlowConsumerHandler {
+            refusals: refusals.clone(),
+            log: log.clone(),
+        };
+        register.add(typ, Box::new(h)).await;
     }
 }
 
-struct SlowConsumerHandler;
+struct SlowConsumerHandler {
+    refusals: Refusals,
+    /// One slot for both reasons, as the line names its own.
+    log: Arc<DropLog>,
+}
 
 /// The drop reason for a message rmqtt dropped on its way to a subscriber, if it is one of ours.
 fn drop_reason(reason: &Reason) -> Option<&'static str> {
@@ -58,23 +67,23 @@ fn write_timed_out(reason: &Reason) -> bool {
     }
 }
 
-/// Counts every drop; logs at most once a second, with the count since the last line.
-fn log_drop(why: &'static str, peer: Option<SocketAddr>, client_id: &str, topic: &str) {
-    crate::ops::metrics::get().dropped.with_label_values(&[why]).inc();
-    // One slot for both reasons, as the line names its own.
-    static LOG: LazyLock<DropLog> = LazyLock::new(|| DropLog::new(Duration::from_secs(1)));
-    let Some(suppressed) = LOG.admit("message for a subscriber dropped", Instant::now()) else {
-        return;
-    };
-    let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-    tracing::warn!(
-        peer = %peer,
-        client_id = ?client_id,
-        topic = ?topic,
-        reason = why,
-        dropped = suppressed + 1,
-        "message for a subscriber dropped"
-    );
+impl SlowConsumerHandler {
+    /// Counts every drop; logs at most once a second, with the count since the last line.
+    fn log_drop(&self, why: &'static str, peer: Option<SocketAddr>, client_id: &str, topic: &str) {
+        self.refusals.metrics().dropped.with_label_values(&[why]).inc();
+        let Some(suppressed) = self.log.admit("message for a subscriber dropped", Instant::now()) else {
+            return;
+        };
+        let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        tracing::warn!(
+            peer = %peer,
+            client_id = ?client_id,
+            topic = ?topic,
+            reason = why,
+            dropped = suppressed + 1,
+            "message for a subscriber dropped"
+        );
+    }
 }
 
 #[async_trait]
@@ -83,12 +92,12 @@ impl Handler for SlowConsumerHandler {
         match param {
             Parameter::MessageDropped(Some(to), _from, publish, why) => {
                 if let Some(why) = drop_reason(why) {
-                    log_drop(why, to.remote_addr, &to.client_id, &publish.topic);
+                    self.log_drop(why, to.remote_addr, &to.client_id, &publish.topic);
                 }
             }
             Parameter::ClientDisconnected(session, why) if write_timed_out(why) => {
                 let user = session.id.username.as_ref().map(|u| u.as_ref());
-                log_refusal(
+                self.refusals.log(
                     session.id.remote_addr,
                     &session.id.client_id,
                     user,

@@ -27,7 +27,7 @@ use rmqtt::types::{
 };
 
 use super::acl::Subscription;
-use super::{log_refusal, Guard, Login, Refusal};
+use super::{Guard, Login, Refusal};
 use crate::config::DuplicatePolicy;
 
 /// Priority of the guard's handlers: above everything else, so nothing runs before the policy.
@@ -94,7 +94,7 @@ impl GuardHandler {
             (Some(cn), Some(u)) if u == cn => (Some(cn), true),
             (Some(cn), Some(u)) => {
                 let detail = format!("certificate CN is {cn:?}");
-                log_refusal(
+                self.guard.log_refusal(
                     id.remote_addr,
                     client_id,
                     Some(u),
@@ -113,7 +113,7 @@ impl GuardHandler {
                 (Some(_), None) => Some("no username and password".to_string()),
                 (Some(cn), Some(u)) if u != cn => {
                     let detail = format!("certificate CN is {cn:?}");
-                    log_refusal(
+                    self.guard.log_refusal(
                         id.remote_addr,
                         client_id,
                         Some(u),
@@ -125,7 +125,7 @@ impl GuardHandler {
                 _ => None,
             };
             if let Some(detail) = detail {
-                log_refusal(
+                self.guard.log_refusal(
                     id.remote_addr,
                     client_id,
                     claimed,
@@ -143,12 +143,13 @@ impl GuardHandler {
             cert_identity,
         };
         if let Err(reason) = self.guard.authenticate(login).await {
-            log_refusal(id.remote_addr, client_id, user, reason, "");
+            self.guard
+                .log_refusal(id.remote_addr, client_id, user, reason, "");
             return Err(());
         }
         if let Some(topic) = will_topic(ci) {
             if let Err(detail) = self.guard.check_levels(&topic) {
-                log_refusal(
+                self.guard.log_refusal(
                     id.remote_addr,
                     client_id,
                     user,
@@ -158,7 +159,8 @@ impl GuardHandler {
                 return Err(());
             }
             if !self.guard.check_publish(user, client_id, &topic).allowed {
-                log_refusal(id.remote_addr, client_id, user, Refusal::WillDenied, &topic);
+                self.guard
+                    .log_refusal(id.remote_addr, client_id, user, Refusal::WillDenied, &topic);
                 return Err(());
             }
         }
@@ -172,11 +174,12 @@ impl GuardHandler {
             let detail = format!("connected from {other}");
             match self.guard.policy().duplicate_client_id {
                 DuplicatePolicy::Reject => {
-                    log_refusal(id.remote_addr, client_id, user, Refusal::ClientIdInUse, &detail);
+                    self.guard
+                        .log_refusal(id.remote_addr, client_id, user, Refusal::ClientIdInUse, &detail);
                     return Err(());
                 }
                 DuplicatePolicy::Takeover => {
-                    log_refusal(
+                    self.guard.log_refusal(
                         id.remote_addr,
                         client_id,
                         user,
@@ -285,7 +288,7 @@ impl Handler for GuardHandler {
                     && self.scx.sessions.count() >= max
                     && !self.scx.extends.shared().await.entry(id.clone()).exist()
                 {
-                    log_refusal(
+                    self.guard.log_refusal(
                         id.remote_addr,
                         id.client_id.as_ref(),
                         ci.username().map(|u| u.as_ref()),
@@ -342,7 +345,7 @@ impl Handler for GuardHandler {
                 match self.will_refusal(from, topic) {
                     None => (true, acc),
                     Some((user, detail)) => {
-                        log_refusal(
+                        self.guard.log_refusal(
                             from.id.remote_addr,
                             from.id.client_id.as_ref(),
                             user.as_deref(),
@@ -379,7 +382,7 @@ impl Handler for GuardHandler {
                 if let Some(detail) = protocol_error(reason) {
                     let user = session.id.username.as_ref().map(|u| u.as_ref());
                     let client_id: &str = session.id.client_id.as_ref();
-                    log_refusal(
+                    self.guard.log_refusal(
                         session.id.remote_addr,
                         client_id,
                         user,
@@ -398,7 +401,7 @@ impl Handler for GuardHandler {
                 let key = super::delivery::key(filter, sub.opts.shared_group().map(|g| g.as_ref()));
                 // Before rmqtt inserts the filter in its recursive topic trie.
                 if let Err(detail) = self.guard.check_levels(filter) {
-                    log_refusal(
+                    self.guard.log_refusal(
                         session.id.remote_addr,
                         client_id,
                         user,
@@ -427,7 +430,7 @@ impl Handler for GuardHandler {
                     let ok = SubscribeAclResult::new_success(sub.opts.qos(), None);
                     (true, Some(HookResult::SubscribeAclResult(ok)))
                 } else {
-                    log_refusal(
+                    self.guard.log_refusal(
                         session.id.remote_addr,
                         client_id,
                         user,
@@ -446,7 +449,7 @@ impl Handler for GuardHandler {
                 // A topic name with `+`, `#` or NUL is a protocol violation (MQTT-3.3.2-2): refused and
                 // the connection closed, not just the message dropped.
                 if let Err(e) = crate::topic::validate_name(topic) {
-                    log_refusal(
+                    self.guard.log_refusal(
                         session.id.remote_addr,
                         client_id,
                         user,
@@ -463,7 +466,7 @@ impl Handler for GuardHandler {
                 // Deeper than the limit: a protocol abuse (rmqtt's topic trie recurses per level),
                 // refused and the connection closed.
                 if let Err(detail) = self.guard.check_levels(topic) {
-                    log_refusal(
+                    self.guard.log_refusal(
                         session.id.remote_addr,
                         client_id,
                         user,
@@ -484,7 +487,7 @@ impl Handler for GuardHandler {
                         Some(HookResult::PublishAclResult(PublishAclResult::allow())),
                     )
                 } else {
-                    log_refusal(
+                    self.guard.log_refusal(
                         session.id.remote_addr,
                         client_id,
                         user,

@@ -17,12 +17,13 @@ pub mod verify;
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use anyhow::Context as _;
 
 use crate::config::{AclSource, Auth, DuplicatePolicy};
+use crate::metrics::Metrics;
 use acl::{Acl, Decision, Subscription};
 use passwords::PasswordFile;
 
@@ -194,16 +195,18 @@ pub struct Guard {
     verified: Arc<verify::VerifyCache>,
     /// Password hash computations run (cache misses), for tests and figures.
     hash_runs: Arc<AtomicU64>,
+    refusals: Refusals,
 }
 
 impl Guard {
     pub fn new(policy: Policy) -> Self {
-        Guard::with_settings(policy, GuardSettings::default())
+        Guard::with_settings(policy, GuardSettings::default(), Metrics::new())
     }
 
     /// A guard with explicit throttle, listener and per-address settings.
-    pub fn with_settings(policy: Policy, settings: GuardSettings) -> Self {
+    pub fn with_settings(policy: Policy, settings: GuardSettings, metrics: Arc<Metrics>) -> Self {
         Guard {
+            refusals: Refusals::new(metrics),
             policy: Arc::new(RwLock::new(Arc::new(policy))),
             throttle: Arc::new(throttle::Throttle::new(settings.throttle.clone())),
             settings: Arc::new(settings),
@@ -212,6 +215,23 @@ impl Guard {
             verified: Arc::new(verify::VerifyCache::new()),
             hash_runs: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Where this guard's refusals are counted and logged.
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
+    }
+
+    /// Logs and counts one refusal (see [`Refusals::log`]).
+    pub fn log_refusal(
+        &self,
+        peer: Option<SocketAddr>,
+        client_id: &str,
+        user: Option<&str>,
+        reason: Refusal,
+        detail: &str,
+    ) {
+        self.refusals.log(peer, client_id, user, reason, detail)
     }
 
     /// Does listener `lid` take the username from the client certificate?
@@ -379,46 +399,63 @@ impl Guard {
     }
 }
 
-static REFUSAL_LOG: LazyLock<ratelimit::RefusalLog> =
-    LazyLock::new(|| ratelimit::RefusalLog::new(ratelimit::LOG_INTERVAL));
+/// Where refusals go: counted in the appliance's metrics every time, logged at most once per
+/// [`ratelimit::LOG_INTERVAL`] per (reason, peer address), the next line carrying the number held back
+/// (`suppressed`), and a summary line for bursts that ended. Cheap to clone; the broker's handshake
+/// and slow-subscriber hooks share the guard's.
+#[derive(Clone)]
+pub struct Refusals {
+    log: Arc<ratelimit::RefusalLog>,
+    metrics: Arc<Metrics>,
+}
 
-/// One log line per refusal: the fields an operator greps for. Counted every time; logged at most once
-/// per [`ratelimit::LOG_INTERVAL`] per (reason, peer address), the next line carrying the number held
-/// back (`suppressed`), and a summary line for bursts that ended.
-pub fn log_refusal(
-    peer: Option<SocketAddr>,
-    client_id: &str,
-    user: Option<&str>,
-    reason: Refusal,
-    detail: &str,
-) {
-    crate::ops::metrics::get()
-        .refusals
-        .with_label_values(&[reason.as_str()])
-        .inc();
-    let now = Instant::now();
-    for s in REFUSAL_LOG.flush(now) {
+impl Refusals {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Refusals {
+            log: Arc::new(ratelimit::RefusalLog::new(ratelimit::LOG_INTERVAL)),
+            metrics,
+        }
+    }
+
+    /// The counters refusals (and the drops of the hooks that share this) are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// One log line per refusal: the fields an operator greps for.
+    pub fn log(
+        &self,
+        peer: Option<SocketAddr>,
+        client_id: &str,
+        user: Option<&str>,
+        reason: Refusal,
+        detail: &str,
+    ) {
+        self.metrics.refusals.with_label_values(&[reason.as_str()]).inc();
+        let now = Instant::now();
+        for s in self.log.flush(now) {
+            tracing::warn!(
+                target: "mqtt_uplink::guard",
+                peer = %s.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                reason = s.reason,
+                suppressed = s.suppressed,
+                "refusals held back in the last interval"
+            );
+        }
+        let suppressed = match self.log.admit(reason.as_str(), peer.map(|p| p.ip()), now) {
+            ratelimit::Verdict::Suppress => return,
+            ratelimit::Verdict::Log { suppressed } => suppressed,
+        };
+        let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         tracing::warn!(
             target: "mqtt_uplink::guard",
-            peer = %s.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-            reason = s.reason,
-            suppressed = s.suppressed,
-            "refusals held back in the last interval"
+            peer = %peer,
+            client_id = ?client_id,
+            user = user.unwrap_or("-"),
+            reason = reason.as_str(),
+            detail,
+            suppressed,
+            "refused"
         );
     }
-    let suppressed = match REFUSAL_LOG.admit(reason.as_str(), peer.map(|p| p.ip()), now) {
-        ratelimit::Verdict::Suppress => return,
-        ratelimit::Verdict::Log { suppressed } => suppressed,
-    };
-    let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-    tracing::warn!(
-        target: "mqtt_uplink::guard",
-        peer = %peer,
-        client_id = ?client_id,
-        user = user.unwrap_or("-"),
-        reason = reason.as_str(),
-        detail,
-        suppressed,
-        "refused"
-    );
 }

@@ -17,7 +17,7 @@ use rmqtt::types::Unsubscribe;
 use super::acl::Subscription;
 use super::delivery::key;
 use super::hooks::{session_cert_identity, session_user};
-use super::{log_refusal, Guard, Policy, Refusal};
+use super::{Guard, Policy, Refusal};
 
 /// What a revalidation changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,7 +68,7 @@ pub async fn revalidate(guard: &Guard, scx: &ServerContext, old: &Policy, new: &
         if entry.is_connected().await {
             let cert = session_cert_identity(guard, &session).await;
             if let Some(reason) = login_revoked(old, new, user, &client_id, cert) {
-                log_refusal(peer, &client_id, user, reason, DETAIL);
+                guard.log_refusal(peer, &client_id, user, reason, DETAIL);
                 if let Err(e) = entry.kick(true, true, true).await {
                     tracing::warn!(client_id, "could not disconnect a revoked client: {e:#}");
                 }
@@ -91,7 +91,7 @@ pub async fn revalidate(guard: &Guard, scx: &ServerContext, old: &Policy, new: &
                 }
                 Subscription::Refused(_) => {}
             }
-            log_refusal(
+            guard.log_refusal(
                 peer,
                 &client_id,
                 user,

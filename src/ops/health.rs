@@ -70,6 +70,11 @@ pub enum Health {
 }
 
 impl StateReader {
+    /// The appliance's counters.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        self.broker.metrics()
+    }
+
     pub(crate) fn new(
         outbox: Outbox,
         uplink: watch::Receiver<UplinkState>,

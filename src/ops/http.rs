@@ -15,8 +15,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::MetricsBind;
+use crate::metrics::Metrics;
 use crate::ops::health::{Health, StateReader};
 
 /// Largest request head read; longer ones get 431.
@@ -35,13 +37,22 @@ pub const BUSY: &str = "metrics endpoint: every slot busy";
 pub const SLOW_HEAD: &str = "metrics endpoint: no request head within 2 s";
 
 /// The open connections, oldest first: peer, still reading its head, how to close it.
-#[derive(Default)]
 struct Slots {
     next: u64,
     open: BTreeMap<u64, (Option<IpAddr>, Arc<AtomicBool>, CancellationToken)>,
+    /// Where refused connections are counted.
+    metrics: Arc<Metrics>,
 }
 
 impl Slots {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        Slots {
+            next: 0,
+            open: BTreeMap::new(),
+            metrics,
+        }
+    }
+
     /// Takes a slot for a new connection from `peer`, closing the oldest slow one if all are taken.
     /// `None` when every slot is busy answering (the new connection is then closed).
     fn admit(&mut self, peer: Option<IpAddr>) -> Option<(u64, Arc<AtomicBool>, CancellationToken)> {
@@ -52,12 +63,12 @@ impl Slots {
                 .find(|(_, (_, reading, _))| reading.load(Ordering::Relaxed))
                 .map(|(id, _)| *id);
             let Some(id) = oldest else {
-                refused(peer, BUSY);
+                refused(&self.metrics, peer, BUSY);
                 return None;
             };
             if let Some((old_peer, _, stop)) = self.open.remove(&id) {
                 stop.cancel();
-                refused(old_peer, EVICTED);
+                refused(&self.metrics, old_peer, EVICTED);
             }
         }
         let id = self.next;
@@ -70,11 +81,8 @@ impl Slots {
 }
 
 /// Counts a refused metrics connection; logs at most once a second (with the count held back).
-fn refused(peer: Option<IpAddr>, reason: &'static str) {
-    crate::ops::metrics::get()
-        .refusals
-        .with_label_values(&[reason])
-        .inc();
+fn refused(metrics: &Metrics, peer: Option<IpAddr>, reason: &'static str) {
+    metrics.refusals.with_label_values(&[reason]).inc();
     static LAST: Mutex<Option<(std::time::Instant, u64)>> = Mutex::new(None);
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     let now = std::time::Instant::now();
@@ -125,13 +133,14 @@ impl Endpoint {
         }
     }
 
-    /// Serves until `shutdown`.
+    /// Serves until `shutdown`, then closes the connections still open and waits for their tasks.
     pub async fn serve(self, state: StateReader, shutdown: CancellationToken) {
-        let slots = Arc::new(Mutex::new(Slots::default()));
+        let slots = Arc::new(Mutex::new(Slots::new(state.metrics().clone())));
+        let tasks = TaskTracker::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.accept_one(&state, &slots) => {
+                r = self.accept_one(&state, &slots, &tasks) => {
                     if let Err(e) = r {
                         tracing::debug!("metrics endpoint: accept: {e}");
                         // Out of file descriptors and the like: do not spin.
@@ -140,28 +149,38 @@ impl Endpoint {
                 }
             }
         }
+        for (_, _, stop) in slots.lock().unwrap_or_else(|e| e.into_inner()).open.values() {
+            stop.cancel();
+        }
+        tasks.close();
+        tasks.wait().await;
         if let Endpoint::Unix(_, p) = &self {
             let _ = std::fs::remove_file(p);
         }
     }
 
-    async fn accept_one(&self, state: &StateReader, slots: &Arc<Mutex<Slots>>) -> std::io::Result<()> {
+    async fn accept_one(
+        &self,
+        state: &StateReader,
+        slots: &Arc<Mutex<Slots>>,
+        tasks: &TaskTracker,
+    ) -> std::io::Result<()> {
         match self {
             Endpoint::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
-                spawn(s, Some(peer.ip()), state, slots);
+                spawn(s, Some(peer.ip()), state, slots, tasks);
             }
             Endpoint::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
-                spawn(s, None, state, slots);
+                spawn(s, None, state, slots, tasks);
             }
         }
         Ok(())
     }
 }
 
-/// Serves one accepted connection in its own task, if it gets a slot.
-fn spawn<S>(s: S, peer: Option<IpAddr>, state: &StateReader, slots: &Arc<Mutex<Slots>>)
+/// Serves one accepted connection in its own task (in `tasks`), if it gets a slot.
+fn spawn<S>(s: S, peer: Option<IpAddr>, state: &StateReader, slots: &Arc<Mutex<Slots>>, tasks: &TaskTracker)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -171,7 +190,7 @@ where
     };
     let state = state.clone();
     let slots = slots.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = handle(s, peer, &state, &reading) => {}
@@ -194,7 +213,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Ok(head)) => respond(&head, state).await,
             Ok(Err(HeadError::TooLarge)) => reply(431, "text/plain", "request header too large\n"),
             Ok(Err(HeadError::Io)) => return,
-            Err(_) => return refused(peer, SLOW_HEAD),
+            Err(_) => return refused(state.metrics(), peer, SLOW_HEAD),
         };
         let _ = s.write_all(response.as_bytes()).await;
         let _ = s.shutdown().await;
@@ -236,7 +255,7 @@ async fn respond(head: &str, state: &StateReader) -> String {
     let body = match path {
         "/metrics" => {
             let snap = state.snapshot().await;
-            let mut text = crate::ops::metrics::render_counters();
+            let mut text = state.metrics().render();
             text.push_str(&snap.render_gauges());
             return reply(200, "text/plain; version=0.0.4; charset=utf-8", &text);
         }

@@ -29,6 +29,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
 use crate::config::{OnFull, OutboxSettings};
+use crate::metrics::Metrics;
 pub use store::{private_dir, private_file, StoreError};
 use store::{Op, Store};
 
@@ -215,6 +216,8 @@ struct Inner {
     counters: Counters,
     store: Option<Store>,
     health: Mutex<StoreHealth>,
+    /// The appliance's counters (its own until [`Outbox::counting_into`]).
+    metrics: Arc<Metrics>,
 }
 
 /// Handle to the outbox; cheap to clone. The store's writer stops when the last handle is dropped.
@@ -328,8 +331,19 @@ impl Outbox {
                 counters: Counters::default(),
                 store,
                 health: Mutex::default(),
+                metrics: Metrics::new(),
             }),
         }
+    }
+
+    /// Counts drops in `metrics` (the appliance's) instead of counters of its own. Call it before the
+    /// handle is cloned.
+    pub fn counting_into(mut self, metrics: Arc<Metrics>) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.metrics = metrics,
+            None => panic!("Outbox::counting_into called after the outbox was shared"),
+        }
+        self
     }
 
     /// True when messages are written to disk before they are acknowledged.
@@ -387,14 +401,14 @@ impl Outbox {
                 if size > cap {
                     // Larger than the whole lane: dropped at once, the lane left as it is.
                     c.qos0_dropped.fetch_add(1, Ordering::Relaxed);
-                    log_drop(reason::QOS0_FULL, 1);
+                    self.log_drop(reason::QOS0_FULL, 1);
                     return Ok(None);
                 }
                 while st.qos0.len() >= QOS0_LANE || st.qos0_bytes + size > cap {
                     let Some(old) = st.qos0.pop_front() else { break };
                     st.qos0_bytes -= old.size();
                     c.qos0_dropped.fetch_add(1, Ordering::Relaxed);
-                    log_drop(reason::QOS0_FULL, 1);
+                    self.log_drop(reason::QOS0_FULL, 1);
                 }
                 st.qos0_bytes += size;
                 st.qos0.push_back(msg);
@@ -416,19 +430,19 @@ impl Outbox {
                             break;
                         }
                         c.user_rejected.fetch_add(1, Ordering::Relaxed);
-                        log_drop(reason::USER_REJECT_NEW, 1);
+                        self.log_drop(reason::USER_REJECT_NEW, 1);
                         return Err(PushError::UserFull);
                     };
                     st.remove(seq);
                     self.forget(seq);
                     c.user_dropped_oldest.fetch_add(1, Ordering::Relaxed);
-                    log_drop(reason::USER_DROP_OLDEST, 1);
+                    self.log_drop(reason::USER_DROP_OLDEST, 1);
                 }
                 while st.bytes() + size > self.inner.settings.max_bytes {
                     match on_full {
                         OnFull::RejectNew => {
                             c.rejected_full.fetch_add(1, Ordering::Relaxed);
-                            log_drop(reason::REJECT_NEW, 1);
+                            self.log_drop(reason::REJECT_NEW, 1);
                             return Err(PushError::Full);
                         }
                         OnFull::DropOldest => {
@@ -439,7 +453,7 @@ impl Outbox {
                             st.remove(seq);
                             self.forget(seq);
                             c.dropped_oldest.fetch_add(1, Ordering::Relaxed);
-                            log_drop(reason::DROP_OLDEST, 1);
+                            self.log_drop(reason::DROP_OLDEST, 1);
                         }
                     }
                 }
@@ -564,7 +578,7 @@ impl Outbox {
                     .counters
                     .expired
                     .fetch_add(expired.len() as u64, Ordering::Relaxed);
-                log_drop(reason::EXPIRED, expired.len() as u64);
+                self.log_drop(reason::EXPIRED, expired.len() as u64);
             }
             st.queue
                 .range(after, max)
@@ -620,7 +634,8 @@ impl Outbox {
         if let Some(e) = st.remove(seq) {
             self.forget(seq);
             self.inner.counters.undeliverable.fetch_add(1, Ordering::Relaxed);
-            crate::ops::metrics::get()
+            self.inner
+                .metrics
                 .dropped
                 .with_label_values(&[reason::UNDELIVERABLE])
                 .inc();
@@ -718,19 +733,19 @@ impl Outbox {
     }
 }
 
-/// Drops are logged, but at most once a second per process, with a count.
-fn log_drop(reason: &'static str, n: u64) {
-    crate::ops::metrics::get()
-        .dropped
-        .with_label_values(&[reason])
-        .inc_by(n);
-    static LAST: Mutex<(u64, u64)> = Mutex::new((0, 0));
-    let now = now_ms();
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    last.1 += n;
-    if now.saturating_sub(last.0) >= 1000 {
-        tracing::warn!(reason, dropped = last.1, "outbox dropped messages");
-        *last = (now, 0);
+impl Outbox {
+    /// Drops are counted in the appliance's metrics, and logged at most once a second per process, with
+    /// a count.
+    fn log_drop(&self, reason: &'static str, n: u64) {
+        self.inner.metrics.dropped.with_label_values(&[reason]).inc_by(n);
+        static LAST: Mutex<(u64, u64)> = Mutex::new((0, 0));
+        let now = now_ms();
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        last.1 += n;
+        if now.saturating_sub(last.0) >= 1000 {
+            tracing::warn!(reason, dropped = last.1, "outbox dropped messages");
+            *last = (now, 0);
+        }
     }
 }
 

@@ -129,6 +129,11 @@ enum Carried {
     },
 }
 
+/// Whether the broker (or the transport) gave no answer within its deadline.
+fn unanswered(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<session::Unanswered>())
+}
+
 /// Whether a transport's failure to give a stream means the cloud (or the way to it) is down, rather
 /// than something that answered and refused: an SSH login, host key, key file or configuration
 /// error, a bastion that forbids the tunnel, a WireGuard key or configuration error, an HTTP proxy
@@ -270,7 +275,7 @@ impl UplinkTask {
                     if let Some(prev) = failover.connected(Instant::now()) {
                         let from = &legs[prev];
                         if from.transport.name() != t.name() {
-                            crate::ops::metrics::get().transport_switches.inc();
+                            self.bridge.drops().metrics().transport_switches.inc();
                             tracing::warn!(
                                 from = from.transport.name(),
                                 to = t.name(),
@@ -285,7 +290,9 @@ impl UplinkTask {
                             );
                         }
                     }
-                    crate::ops::metrics::get()
+                    self.bridge
+                        .drops()
+                        .metrics()
                         .uplink_connects
                         .with_label_values(&[t.name()])
                         .inc();
@@ -452,7 +459,8 @@ impl Dialer {
     }
 
     /// Stream, TLS, CONNECT over `t`. A failure to get the stream is `refused` only when something
-    /// answered and said no (see [`unreachable`]); a failure of TLS or CONNECT always is.
+    /// answered and said no (see [`unreachable`]); a failure of TLS or CONNECT is, unless the broker
+    /// gave no answer in time (a frozen broker behind a live tunnel is down, not refusing).
     async fn open(&self, leg: &Leg) -> Result<(Conn, bool), NoSession> {
         let raw = self
             .raw(leg.transport.as_ref())
@@ -461,7 +469,10 @@ impl Dialer {
                 refused: !unreachable(&error),
                 error,
             })?;
-        let refused = |error| NoSession { error, refused: true };
+        let refused = |error: anyhow::Error| NoSession {
+            refused: !unanswered(&error),
+            error,
+        };
         let stream = self
             .secure(leg.transport.as_ref(), raw, leg.address)
             .await
@@ -496,7 +507,7 @@ impl Dialer {
             Some(_) if t.secured() => stream,
             Some(tls) => tokio::time::timeout(deadline, tls.wrap(stream))
                 .await
-                .map_err(|_| anyhow::anyhow!("TLS handshake: timed out after {deadline:?}"))??,
+                .map_err(|_| session::Unanswered(format!("TLS handshake: timed out after {deadline:?}")))??,
             None => stream,
         })
     }
@@ -542,5 +553,16 @@ mod tests {
             after: Duration::from_secs(1)
         })));
         assert!(!unreachable(&wg(WgError::Key("bad".into()))));
+    }
+
+    /// A TLS handshake or CONNACK that never comes (a frozen broker behind a live tunnel) is the cloud
+    /// being down, retried at the usual pace; an answer that says no is a refusal.
+    #[test]
+    fn a_broker_that_does_not_answer_is_down_not_refusing() {
+        let silent = anyhow::Error::new(session::Unanswered("no CONNACK within 5s".into()));
+        assert!(unanswered(&silent.context("uplink")));
+        assert!(!unanswered(&anyhow::anyhow!(
+            "cloud broker refused the uplink: not authorized"
+        )));
     }
 }

@@ -9,7 +9,7 @@
 use std::num::NonZeroU16;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use rmqtt::codec::v3::{Connect, ConnectAckReason, Packet};
 use tokio::sync::watch;
@@ -22,7 +22,7 @@ use super::link::Link;
 use super::subscriptions::{Filters, Ledger};
 
 use crate::bridge::inbound::Inbound as Bridge;
-use crate::broker::drops;
+use crate::broker::drops::Drops;
 use crate::outbox::Outbox;
 use crate::secret::Secret;
 use crate::transport::BoxStream;
@@ -109,6 +109,12 @@ pub async fn probe(stream: BoxStream, id: &Identity) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cloud broker gave no answer in time (a TLS handshake or a CONNACK): it or the way to it is
+/// down or frozen, which is not a refusal (see `UplinkTask::open`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unanswered(pub String);
+
 async fn connect_as(
     stream: BoxStream,
     id: &Identity,
@@ -137,7 +143,7 @@ async fn connect_as(
         .context("sending CONNECT")?;
     let reply = tokio::time::timeout(id.connect_timeout, conn.next())
         .await
-        .map_err(|_| anyhow!("no CONNACK within {:?}", id.connect_timeout))?;
+        .map_err(|_| Unanswered(format!("no CONNACK within {:?}", id.connect_timeout)))?;
     match reply {
         Some(Ok(Inbound::Packet(Packet::ConnectAck(ack)))) => {
             if ack.return_code != ConnectAckReason::ConnectionAccepted {
@@ -213,7 +219,7 @@ async fn drive(
             }
             _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
                 core.handle_timeout(std::time::Instant::now())?;
-                drops::flush();
+                w.bridge.drops().flush();
             }
             packet = conn.next(), if core.reading() => match packet {
                 Some(Ok(p)) => core.handle_packet(std::time::Instant::now(), p),
@@ -247,7 +253,7 @@ async fn perform(mut conn: Option<&mut Conn>, core: &mut Session, w: &mut Wiring
                 w.bridge.deliver(message).await?;
                 core.delivered(ack);
             }
-            Action::Drop(d) => dropped(&d),
+            Action::Drop(d) => dropped(w.bridge.drops(), &d),
             Action::Remember(held) => w.ledger.remember(&held),
         }
     }
@@ -273,11 +279,11 @@ fn packet_name(p: &Packet) -> &'static str {
 
 /// Counts and logs a message the session dropped (cloud messages at most one line per reason per
 /// interval, the topic escaped).
-fn dropped(d: &Dropped) {
+fn dropped(drops: &Drops, d: &Dropped) {
     let reason = d.reason();
     match d {
         Dropped::Discarded(d) => {
-            if let Some(suppressed) = drops::dropped(reason) {
+            if let Some(suppressed) = drops.dropped(reason) {
                 tracing::warn!(
                     topic = ?d.topic,
                     qos = d.qos,
@@ -290,10 +296,7 @@ fn dropped(d: &Dropped) {
         }
         Dropped::Qos0Undeliverable(why) => {
             tracing::error!("QoS 0 message cannot be sent to the cloud ({why}); dropped");
-            crate::ops::metrics::get()
-                .dropped
-                .with_label_values(&[reason])
-                .inc();
+            drops.metrics().dropped.with_label_values(&[reason]).inc();
         }
     }
 }

@@ -127,6 +127,8 @@ pub struct App {
     pub reloader: mqtt_uplink::ops::reload::Reloader,
     /// The metrics endpoint's address, when it is bound to TCP.
     pub metrics: Option<std::net::SocketAddr>,
+    /// This appliance's own counters (exact: other tests' appliances count in theirs).
+    pub counters: std::sync::Arc<mqtt_uplink::metrics::Metrics>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -167,6 +169,7 @@ impl App {
             Some(mqtt_uplink::config::MetricsBind::Tcp(a)) => Some(*a),
             _ => None,
         };
+        let counters = app.metrics.clone();
         let task = tokio::spawn(app.wait());
         App {
             addr,
@@ -174,6 +177,7 @@ impl App {
             state,
             reloader,
             metrics,
+            counters,
             shutdown,
             task: Some(task),
         }

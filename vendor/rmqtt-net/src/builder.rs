@@ -125,6 +125,8 @@ pub struct Builder {
     /// mqtt-uplink patch: bytes (payload and topic) of QoS 1/2 messages sent to a session and not yet
     /// acknowledged, at most; the session is sent no more until acks come (0 = unlimited).
     pub max_inflight_bytes: usize,
+    /// mqtt-uplink patch: called whenever a connection is closed before its CONNECT was read.
+    pub on_handshake_refused: crate::stream::HandshakeRefusedHook,
     /// Rate limiting for message delivery (messages per duration)
     pub mqueue_rate_limit: (NonZeroU32, Duration),
     /// Maximum length of client identifiers
@@ -227,6 +229,7 @@ impl Builder {
             // mqtt-uplink patch: unlimited, as before.
             max_queued_bytes: 0,
             max_inflight_bytes: 0,
+            on_handshake_refused: crate::stream::HandshakeRefusedHook::default(),
 
             mqueue_rate_limit: (nonzero!(u32::MAX), Duration::from_secs(1)),
             max_clientid_len: 65535,
@@ -378,6 +381,16 @@ impl Builder {
     /// mqtt-uplink patch: sets the per-session budget of queued bytes (0 = unlimited)
     pub fn max_queued_bytes(mut self, max_queued_bytes: usize) -> Self {
         self.max_queued_bytes = max_queued_bytes;
+        self
+    }
+
+    /// mqtt-uplink patch: sets the function told of every connection closed before its CONNECT was
+    /// read (the peer's address and why).
+    pub fn on_handshake_refused(
+        mut self,
+        hook: impl Fn(SocketAddr, crate::stream::HandshakeRefusal<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_handshake_refused = crate::stream::HandshakeRefusedHook::new(hook);
         self
     }
 
@@ -891,7 +904,7 @@ where
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => {
                 // mqtt-uplink patch: report the timeout (see `on_handshake_timeout`).
-                crate::stream::handshake_refused(self.remote_addr, crate::stream::HandshakeRefusal::Timeout);
+                crate::stream::handshake_refused(&self.cfg, self.remote_addr, crate::stream::HandshakeRefusal::Timeout);
                 return Err(crate::MqttError::ReadTimeout.into());
             }
         };
@@ -941,7 +954,7 @@ where
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => {
                 // mqtt-uplink patch: report the timeout (see `on_handshake_timeout`).
-                crate::stream::handshake_refused(self.remote_addr, crate::stream::HandshakeRefusal::Timeout);
+                crate::stream::handshake_refused(&self.cfg, self.remote_addr, crate::stream::HandshakeRefusal::Timeout);
                 return Err(crate::MqttError::ReadTimeout.into());
             }
         };

@@ -33,27 +33,35 @@ pub enum HandshakeRefusal<'a> {
 }
 
 /// mqtt-uplink patch: told the peer's address and the reason whenever a connection is closed before
-/// its CONNECT was read (see [`HandshakeRefusal`]).
-static HANDSHAKE_REFUSED_HOOK: std::sync::OnceLock<fn(SocketAddr, HandshakeRefusal<'_>)> =
-    std::sync::OnceLock::new();
+/// its CONNECT was read (see [`HandshakeRefusal`]); set per listener with
+/// [`Builder::on_handshake_refused`], so two servers in one process keep their own.
+#[derive(Clone, Default)]
+pub struct HandshakeRefusedHook(Option<Arc<dyn Fn(SocketAddr, HandshakeRefusal<'_>) + Send + Sync>>);
 
-/// mqtt-uplink patch: sets the function called on every refused handshake (once per process).
-pub fn on_handshake_refused(hook: fn(SocketAddr, HandshakeRefusal<'_>)) {
-    let _ = HANDSHAKE_REFUSED_HOOK.set(hook);
+impl HandshakeRefusedHook {
+    pub fn new(hook: impl Fn(SocketAddr, HandshakeRefusal<'_>) + Send + Sync + 'static) -> Self {
+        HandshakeRefusedHook(Some(Arc::new(hook)))
+    }
 }
 
-pub(crate) fn handshake_refused(peer: SocketAddr, why: HandshakeRefusal<'_>) {
-    if let Some(hook) = HANDSHAKE_REFUSED_HOOK.get() {
+impl std::fmt::Debug for HandshakeRefusedHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "HandshakeRefusedHook(set)" } else { "HandshakeRefusedHook(none)" })
+    }
+}
+
+pub(crate) fn handshake_refused(cfg: &Builder, peer: SocketAddr, why: HandshakeRefusal<'_>) {
+    if let Some(hook) = &cfg.on_handshake_refused.0 {
         hook(peer, why);
     }
 }
 
 /// mqtt-uplink patch: reports a failed CONNECT read (a peer that closed is not reported).
-fn report_connect_error(peer: SocketAddr, e: &anyhow::Error) {
+fn report_connect_error(cfg: &Builder, peer: SocketAddr, e: &anyhow::Error) {
     if matches!(e.downcast_ref::<MqttError>(), Some(MqttError::ReadTimeout)) {
-        handshake_refused(peer, HandshakeRefusal::Timeout);
+        handshake_refused(cfg, peer, HandshakeRefusal::Timeout);
     } else {
-        handshake_refused(peer, HandshakeRefusal::Malformed(&e.to_string()));
+        handshake_refused(cfg, peer, HandshakeRefusal::Malformed(&e.to_string()));
     }
 }
 
@@ -115,7 +123,7 @@ where
         let first = match tokio::time::timeout(self.cfg.handshake_timeout, self.io.next()).await {
             Ok(first) => first,
             Err(_) => {
-                handshake_refused(self.remote_addr, HandshakeRefusal::Timeout);
+                handshake_refused(&self.cfg, self.remote_addr, HandshakeRefusal::Timeout);
                 return Err(crate::MqttError::ReadTimeout.into());
             }
         };
@@ -124,11 +132,11 @@ where
             None => return Err(anyhow!(DecodeError::InvalidProtocol)),
             Some(Err(e)) => {
                 let e = anyhow::Error::from(e);
-                handshake_refused(self.remote_addr, HandshakeRefusal::Malformed(&e.to_string()));
+                handshake_refused(&self.cfg, self.remote_addr, HandshakeRefusal::Malformed(&e.to_string()));
                 return Err(e);
             }
             Some(Ok(_)) => {
-                handshake_refused(self.remote_addr, HandshakeRefusal::Malformed("first packet is not a CONNECT"));
+                handshake_refused(&self.cfg, self.remote_addr, HandshakeRefusal::Malformed("first packet is not a CONNECT"));
                 return Err(anyhow!(DecodeError::InvalidProtocol));
             }
         };
@@ -363,7 +371,7 @@ pub mod v3 {
                 }
                 Err(e) => {
                     // mqtt-uplink patch: report it.
-                    super::report_connect_error(self.remote_addr, &e);
+                    super::report_connect_error(&self.cfg, self.remote_addr, &e);
                     return Err(e);
                 }
                 Ok(None) => {
@@ -372,6 +380,7 @@ pub mod v3 {
                 Ok(Some(_)) => {
                     // mqtt-uplink patch: report it.
                     super::handshake_refused(
+                        &self.cfg,
                         self.remote_addr,
                         super::HandshakeRefusal::Malformed("expected CONNECT, got another packet"),
                     );
@@ -608,7 +617,7 @@ pub mod v5 {
                 }
                 Err(e) => {
                     // mqtt-uplink patch: report it.
-                    super::report_connect_error(self.remote_addr, &e);
+                    super::report_connect_error(&self.cfg, self.remote_addr, &e);
                     return Err(e);
                 }
                 Ok(None) => {
@@ -617,6 +626,7 @@ pub mod v5 {
                 Ok(Some(_)) => {
                     // mqtt-uplink patch: report it.
                     super::handshake_refused(
+                        &self.cfg,
                         self.remote_addr,
                         super::HandshakeRefusal::Malformed("expected CONNECT, got another packet"),
                     );
