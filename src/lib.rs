@@ -246,6 +246,9 @@ fn transports(u: &config::Uplink) -> anyhow::Result<Vec<uplink::Leg>> {
                 Some(c) => Arc::new(transport::websocket::WsTransport::new(
                     c.clone(),
                     u.ca_file.as_deref(),
+                    u.client_cert
+                        .as_ref()
+                        .map(|c| (c.cert_file.as_path(), c.key_file.as_path())),
                     proxy.clone(),
                 )?),
                 None => continue,
