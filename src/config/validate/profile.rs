@@ -236,6 +236,7 @@ fn azure_profile(
                 Ok(text) => match azure::decode_key(&text) {
                     Ok(_) => Some(AzureAuth::Sas {
                         key: Secret::new(text.trim().to_string()),
+                        key_file: path.clone(),
                         lifetime: std::time::Duration::from_secs(a.token_lifetime_s),
                     }),
                     Err(e) => {

@@ -41,7 +41,12 @@ pub struct AzureConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AzureAuth {
     /// A SAS token made from the device's symmetric key (base64, as the portal shows it).
-    Sas { key: Secret, lifetime: Duration },
+    Sas {
+        key: Secret,
+        /// Where the key was read from (`audit` checks its mode).
+        key_file: std::path::PathBuf,
+        lifetime: Duration,
+    },
     /// The uplink's client certificate (`cert_file`, `key_file`).
     X509,
 }
@@ -81,7 +86,9 @@ impl AzureConfig {
     pub fn signer(&self) -> Result<Option<SasSigner>, String> {
         match &self.auth {
             AzureAuth::X509 => Ok(None),
-            AzureAuth::Sas { key, lifetime } => SasSigner::new(self.resource_uri(), key, *lifetime).map(Some),
+            AzureAuth::Sas { key, lifetime, .. } => {
+                SasSigner::new(self.resource_uri(), key, *lifetime).map(Some)
+            }
         }
     }
 }
