@@ -636,6 +636,22 @@ fn check_errors(dir: &Path, text: &str) -> Vec<(Option<usize>, String, String)> 
     }
 }
 
+/// `mqtt-uplink check --config PATH`, which must pass; its output.
+fn check_output(path: &Path) -> String {
+    let out = Command::new(support::bin())
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    text
+}
+
 fn line_of(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
 }
@@ -752,6 +768,10 @@ fn check_refuses_what_aws_iot_core_would_refuse_naming_line_and_key() {
     std::fs::write(&path, &text).unwrap();
     let c = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.uplink.unwrap().profile.name(), "aws-iot");
+    assert!(check_output(&path).contains("uplink profile: aws-iot, ALPN []"));
+    let on_443 = text.replace(":8883\"", ":443\"");
+    std::fs::write(&path, &on_443).unwrap();
+    assert!(check_output(&path).contains("uplink profile: aws-iot, ALPN [x-amzn-mqtt-ca]"));
 
     // Client ids over 128 bytes (with the "-probe" suffix when several transports are listed).
     let text = base(true, "", "").replace(
@@ -835,6 +855,12 @@ fn check_refuses_topics_and_settings_azure_iot_hub_would_refuse_naming_line_and_
         Some("myhub.azure-devices.net/plant-7/?api-version=2021-04-12")
     );
     assert!(u.password.is_none());
+    let shown = check_output(&path);
+    assert!(
+        shown.contains("uplink profile: azure-iot-hub, SAS tokens of 3600 s renewed at 80% by reconnecting"),
+        "{shown}"
+    );
+    assert!(!shown.contains("q83vEjRW"), "the device key is shown: {shown}");
 
     // Client id other than the device id; username set; a key that is not base64 (not printed).
     let text = base(
