@@ -8,7 +8,8 @@
 //!   client id and username, verifies the SAS token with an independent HMAC (Python's hmac,
 //!   base64 and urllib), refuses a bad one with CONNACK "not authorized", and otherwise hands the
 //!   connection to mosquitto under the cloud's own credentials; the token is renewed by a new
-//!   CONNECT at 80% of its lifetime with nothing lost.
+//!   CONNECT at 80% of its lifetime with nothing lost. With X.509 instead, the stand-in requires the
+//!   device's certificate and no password.
 //! - `check` refuses mappings and settings that break each cloud's published limits, naming the
 //!   file's line and key.
 
@@ -336,6 +337,7 @@ async fn iot_hub_stand_in(
     client_id: &'static str,
     username: String,
     resource_uri: String,
+    client_ca: Option<&Path>,
 ) -> (u16, Connects) {
     let certs: Vec<_> =
         rustls_pemfile::certs(&mut std::fs::read(cloud.dir.join("server.pem")).unwrap().as_slice())
@@ -348,10 +350,27 @@ async fn iot_hub_stand_in(
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
         .unwrap();
+    // X.509 devices: the certificate must chain to `client_ca`, and no password is expected.
+    let x509 = client_ca.is_some();
+    let server = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .unwrap();
+            server.with_client_cert_verifier(verifier)
+        }
+        None => server.with_no_client_auth(),
+    }
+    .with_single_cert(certs, key)
+    .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut std::fs::read(cloud.dir.join("ca.pem")).unwrap().as_slice()) {
@@ -414,7 +433,9 @@ async fn iot_hub_stand_in(
                 let user = (flags & 0x80 != 0).then(|| String::from_utf8(read_str(&body, &mut i)).unwrap());
                 let pass = (flags & 0x40 != 0).then(|| String::from_utf8(read_str(&body, &mut i)).unwrap());
                 let verdict = match &pass {
+                    None if x509 => "ok x509".to_string(),
                     None => "no password".to_string(),
+                    Some(_) if x509 => "a password with X.509".to_string(),
                     Some(p) => {
                         let (p, k, r) = (p.clone(), key_b64.clone(), resource_uri.clone());
                         tokio::task::spawn_blocking(move || verify_sas(&p, &k, &r))
@@ -512,6 +533,7 @@ async fn azure_iot_hub_sends_its_username_and_a_sas_token_that_verifies_and_rene
         "plant-7",
         username.to_string(),
         "testhub.azure-devices.net/devices/plant-7".to_string(),
+        None,
     )
     .await;
     let mut sub = cloud.subscribe_ready("devices/plant-7/messages/events/#");
@@ -915,4 +937,52 @@ fn check_refuses_topics_and_settings_azure_iot_hub_would_refuse_naming_line_and_
         ),
         "{e:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_iot_hub_with_x509_presents_the_certificate_and_sends_no_password() {
+    if !tools_present("azure-iot-hub profile (X.509)", PEERS) {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let cloud = Cloud::start(d);
+    let ca = client_ca(d, "device-ca", "stand-in for the hub's registered CA");
+    client_cert(d, &ca, "device", Some("plant-7"));
+    let username = "testhub.azure-devices.net/plant-7/?api-version=2021-04-12";
+    let (port, connects) = iot_hub_stand_in(
+        &cloud,
+        String::new(),
+        "plant-7",
+        username.to_string(),
+        "testhub.azure-devices.net/devices/plant-7".to_string(),
+        Some(&d.join("device-ca.pem")),
+    )
+    .await;
+    let mut sub = cloud.subscribe_ready("devices/plant-7/messages/events/#");
+    let site_dir = d.join("site");
+    std::fs::create_dir(&site_dir).unwrap();
+    let uplink = format!(
+        "profile = \"azure-iot-hub\"\nclient_id = \"plant-7\"\nbroker = \"mqtts://localhost:{port}\"\n\
+         ca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/device.pem\"\nkey_file = \"{d}/device.key\"\n\n\
+         [uplink.azure]\nhub = \"testhub\"\ndevice_id = \"plant-7\"\n",
+        d = d.display()
+    );
+    let app = App::start(&site_dir, &site(&site_dir, &uplink, AZURE_MAPS)).await;
+    assert!(
+        app.wait_connected(T).await,
+        "the X.509 azure uplink never connected"
+    );
+    let (ok, err) = device(&app).publish("sensors/t1", "x509", &["-q", "1"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        sub.wait_lines(1, T),
+        ["devices/plant-7/messages/events/sensors/t1 x509"]
+    );
+    let seen = connects.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].verdict, "ok x509");
+    assert_eq!(seen[0].username.as_deref(), Some(username));
+    assert!(seen[0].password.is_none());
+    app.stop().await;
 }
