@@ -68,7 +68,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let policy = Policy::load(&config.auth)?;
     let guard = Guard::with_settings(policy, guard_settings(&config));
-    let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::new(config.mappings.clone()))));
+    let routes = Routes::new(config.mappings.clone()).with_cloud_limits(
+        config
+            .uplink
+            .as_ref()
+            .and_then(|u| uplink::profile::cloud_topic_limits(&u.profile)),
+    );
+    let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(routes)));
     let (wanted_tx, wanted_rx) = watch::channel(uplink::subscriptions::wanted(
         &routes.read().unwrap_or_else(|e| e.into_inner()),
     ));

@@ -241,6 +241,20 @@ async fn aws_iot_connects_with_the_things_certificate_and_offers_alpn_where_it_m
         "what the outbox kept, then the live message"
     );
     assert_eq!(offers.lock().unwrap().last().unwrap(), &[ALPN.to_string()]);
+
+    // A device topic that makes a cloud topic of 8 slashes (the `#` mapping cannot rule it out):
+    // not sent (AWS would drop the connection over it, and get it again after each reconnect); the
+    // session carries on.
+    let (_, _) = device(&app).publish("sensors/a/b/c/d/e/f", "deep", &["-q", "1", "-V", "5"]);
+    let (ok, err) = device(&app).publish("sensors/t1", "m2", &["-q", "1"]);
+    assert!(ok, "{err}");
+    let lines = sub.wait_lines(3, T).to_vec();
+    assert_eq!(lines[2], "sites/plant-7/sensors/t1 m2");
+    assert!(
+        sub.wait_lines(4, Duration::from_millis(500)).len() == 3,
+        "the deep topic went out"
+    );
+    assert_eq!(app.outbox.depth(), 0);
     app.stop().await;
 }
 
