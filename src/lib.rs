@@ -74,7 +74,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let policy = Policy::load(&config.auth)?;
     let metrics = Metrics::new();
     let guard = Guard::with_settings(policy, guard_settings(&config), metrics.clone());
-    let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::new(config.mappings.clone()))));
+    let routes = Routes::new(config.mappings.clone()).with_cloud_limits(
+        config
+            .uplink
+            .as_ref()
+            .and_then(|u| uplink::profile::cloud_topic_limits(&u.profile)),
+    );
+    let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(routes)));
     let (wanted_tx, wanted_rx) = watch::channel(uplink::subscriptions::wanted(
         &routes.read().unwrap_or_else(|e| e.into_inner()),
     ));
@@ -306,6 +312,9 @@ fn transports(u: &config::Uplink) -> anyhow::Result<Vec<uplink::Leg>> {
                 Some(c) => Arc::new(transport::websocket::WsTransport::new(
                     c.clone(),
                     u.ca_file.as_deref(),
+                    u.client_cert
+                        .as_ref()
+                        .map(|c| (c.cert_file.as_path(), c.key_file.as_path())),
                     proxy.clone(),
                 )?),
                 None => continue,

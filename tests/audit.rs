@@ -701,3 +701,74 @@ fn tls_min_version_is_reported_and_checked() {
     assert_eq!(e["key"], "listener[1].tls_min_version", "{json}");
     assert_eq!(e["line"], line_of(&only13, "tls_min_version"), "{json}");
 }
+
+/// A certificate for `key` valid from yesterday for `days` days, as PEM.
+fn uplink_cert(key: &rcgen::KeyPair, days: i64) -> String {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "plant-7-uplink");
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(days);
+    params.self_signed(key).unwrap().pem()
+}
+
+#[test]
+fn the_uplinks_client_key_mode_and_certificate_expiry_are_audited() {
+    let dir = support::tempdir();
+    let config = copy_example(dir.path(), 0o600);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (cert_path, key_path) = (dir.path().join("site.pem"), dir.path().join("site.key"));
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let with_cert = replace(
+        &text,
+        "ca_file = \"example/tls/cloud-ca.pem\"\n",
+        "ca_file = \"example/tls/cloud-ca.pem\"\ncert_file = \"site.pem\"\nkey_file = \"site.key\"\n",
+    );
+    std::fs::write(&config, &with_cert).unwrap();
+
+    // A key readable by others: practice 1 fails on the key_file line.
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&cert_path, uplink_cert(&key, 365)).unwrap();
+    let json = json_of(&config);
+    let p = practice(&json, 1);
+    assert_eq!(p["status"], "fail", "{p:#}");
+    assert!(
+        p["reason"]
+            .as_str()
+            .unwrap()
+            .contains("site.key has mode 0644: chmod 600"),
+        "{p:#}"
+    );
+    assert_eq!(p["line"], line_of(&with_cert, "key_file = \"site.key\""), "{p:#}");
+
+    // 0600, and a certificate that ends in 10 days: a warning on the cert_file line.
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&cert_path, uplink_cert(&key, 10)).unwrap();
+    let json = json_of(&config);
+    let p = practice(&json, 1);
+    assert_eq!(p["status"], "warn", "{p:#}");
+    let reason = p["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("expires in 9 day(s)") || reason.contains("expires in 10 day(s)"),
+        "{p:#}"
+    );
+    assert_eq!(
+        p["line"],
+        line_of(&with_cert, "cert_file = \"site.pem\""),
+        "{p:#}"
+    );
+
+    // A year to go: practice 1 passes and names the certificate.
+    std::fs::write(&cert_path, uplink_cert(&key, 365)).unwrap();
+    let json = json_of(&config);
+    let p = practice(&json, 1);
+    assert_eq!(p["status"], "pass", "{p:#}");
+    assert!(
+        p.to_string()
+            .contains("client certificate CN=plant-7-uplink valid until"),
+        "{p:#}"
+    );
+}

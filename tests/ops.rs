@@ -112,6 +112,8 @@ fn systemd_unit_verifies_and_scores_at_most_1_5() {
         "StateDirectory=mqtt-uplink",
         "ConfigurationDirectory=mqtt-uplink",
         "LoadCredential=uplink-password:",
+        "LoadCredential=uplink-tls-key:",
+        "LoadCredential=azure-device-key:",
         "CapabilityBoundingSet=\n",
         "ProtectSystem=strict",
         "SystemCallFilter=@system-service",

@@ -410,3 +410,57 @@ async fn the_address_list_skips_a_dead_broker_and_loses_nothing() {
     );
     app.stop().await;
 }
+
+/// The `websocket` transport's TLS presents the uplink's certificate as the `tls` transport does:
+/// mosquitto's WSS listener with `require_certificate true` and `use_identity_as_username true`
+/// takes it (the CN's ACL lets the message through), and refuses the uplink without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_websocket_transport_presents_the_client_certificate_too() {
+    if !tools_present("websocket client certificate") {
+        return;
+    }
+    if !support::cloud::websockets_supported() {
+        unavailable(
+            "websocket client certificate",
+            "mosquitto with websockets support (protocol websockets)",
+        );
+        return;
+    }
+    let dir = tempdir();
+    let ca = client_ca(dir.path(), "client-ca", "mqtt-uplink test client CA");
+    client_cert_with(dir.path(), &ca, "good", CN, &rcgen::PKCS_ECDSA_P256_SHA256);
+    let cloud = Cloud::start_mtls_with_websockets(dir.path(), &dir.path().join("client-ca.pem"), CLOUD_ACL);
+    let mut sub = cloud.subscribe_ready("sites/#");
+    let ws = cloud.ws_port.unwrap();
+    let site_dir = dir.path().join("site");
+    std::fs::create_dir(&site_dir).unwrap();
+    let uplink = |stem: Option<&str>| {
+        format!(
+            "{}transports = [\"websocket\"]\n\n[uplink.websocket]\nurl = \"wss://localhost:{ws}/mqtt\"\n",
+            mtls_uplink(&cloud, stem)
+        )
+    };
+    // Without a certificate: refused at the TLS handshake; the message waits.
+    let app = App::start(&site_dir, &site(&site_dir, &uplink(None))).await;
+    let (ok, err) = device(&app).publish("sensors/t1", "m0", &["-q", "1"]);
+    assert!(ok, "{err}");
+    assert!(
+        !app.wait_connected(Duration::from_secs(3)).await,
+        "connected without a certificate"
+    );
+    app.stop().await;
+    // With it: connected over WSS, and everything arrives.
+    let app = App::start(&site_dir, &site(&site_dir, &uplink(Some("good")))).await;
+    assert!(
+        app.wait_connected(T).await,
+        "the websocket uplink never connected with its certificate"
+    );
+    let (ok, err) = device(&app).publish("sensors/t1", "m1", &["-q", "1"]);
+    assert!(ok, "{err}");
+    let lines = sub.wait_lines(2, T).to_vec();
+    assert_eq!(
+        lines,
+        ["sites/plant-7/sensors/t1 m0", "sites/plant-7/sensors/t1 m1"]
+    );
+    app.stop().await;
+}

@@ -29,6 +29,8 @@ use crate::outbox::{Commit, OutMessage, Outbox, PushError, MAX_TOPIC_LEN};
 
 /// The drop reason of a device message whose remote topic (prefix + topic) MQTT cannot carry.
 pub const REMOTE_TOPIC_TOO_LONG: &str = "remote topic too long (over 65535 bytes), not sent out";
+/// The drop reason of a device message whose remote topic breaks the cloud profile's limits.
+pub const REMOTE_TOPIC_OVER_CLOUD_LIMITS: &str = "remote topic over the cloud profile's limits, not sent out";
 
 /// Below the guard, so the ACL has decided first.
 pub const BRIDGE_PRIORITY: u32 = 100;
@@ -68,6 +70,8 @@ enum Refused {
     Outbox(PushError),
     /// The remote topic (prefix + topic) is longer than an MQTT packet can carry.
     TopicTooLong,
+    /// The remote topic breaks the cloud profile's topic limits (length, depth).
+    OverCloudLimits,
 }
 
 impl OutHandler {
@@ -86,6 +90,15 @@ impl OutHandler {
                 .inc();
             log_refused(id, REMOTE_TOPIC_TOO_LONG);
             return Err(Refused::TopicTooLong);
+        }
+        if routes.over_cloud_limits(&route.remote_topic) {
+            // mqtt-uplink profiles: AWS IoT Core drops the connection over such a topic.
+            self.metrics
+                .dropped
+                .with_label_values(&[REMOTE_TOPIC_OVER_CLOUD_LIMITS])
+                .inc();
+            log_refused(id, REMOTE_TOPIC_OVER_CLOUD_LIMITS);
+            return Err(Refused::OverCloudLimits);
         }
         let msg = OutMessage {
             mapping: route.mapping,
@@ -182,6 +195,10 @@ async fn refusal(refused: &Refused, session: &Session) -> PublishResult {
         Refused::TopicTooLong => (
             PublishAckReason::TopicNameInvalid,
             "remote topic too long for MQTT",
+        ),
+        Refused::OverCloudLimits => (
+            PublishAckReason::TopicNameInvalid,
+            "remote topic over the cloud's limits",
         ),
     };
     PublishResult::reason_code(code, Some(text.into()), !v5)

@@ -68,15 +68,37 @@ pub mod reason {
     pub const TOO_DEEP: &str = "cloud message topic has too many levels";
 }
 
+/// A cloud's limits on the topic names it takes (the `aws-iot` profile: 256 bytes, 7 slashes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloudTopicLimits {
+    pub max_bytes: usize,
+    pub max_slashes: usize,
+}
+
 /// The mapping set, ready to route. The first matching mapping wins, in file order.
 #[derive(Debug, Clone, Default)]
 pub struct Routes {
     maps: Vec<Mapping>,
+    cloud: Option<CloudTopicLimits>,
 }
 
 impl Routes {
     pub fn new(maps: Vec<Mapping>) -> Self {
-        Routes { maps }
+        Routes { maps, cloud: None }
+    }
+
+    /// The same routes, refusing device messages whose cloud topic breaks `limits` (a cloud that
+    /// would drop the connection over it would otherwise be sent it again after every reconnect).
+    pub fn with_cloud_limits(mut self, limits: Option<CloudTopicLimits>) -> Self {
+        self.cloud = limits;
+        self
+    }
+
+    /// Would the cloud refuse `remote_topic`?
+    pub fn over_cloud_limits(&self, remote_topic: &str) -> bool {
+        self.cloud.is_some_and(|l| {
+            remote_topic.len() > l.max_bytes || remote_topic.matches('/').count() > l.max_slashes
+        })
     }
 
     pub fn mappings(&self) -> &[Mapping] {

@@ -99,6 +99,24 @@ pub fn render(c: &Config) -> String {
                 u.keepalive.as_secs(),
                 u.max_in_msgs_per_s
             );
+            if u.profile != crate::uplink::profile::Profile::Generic || u.alpn.is_some() {
+                let alpn = |b: &crate::config::BrokerUrl| {
+                    crate::uplink::profile::alpn_for(&u.profile, u.alpn.as_deref(), b.port).join(",")
+                };
+                let auth = match u.profile.azure().map(|a| &a.auth) {
+                    Some(crate::uplink::profile::azure::AzureAuth::Sas { lifetime, .. }) => format!(
+                        ", SAS tokens of {} s renewed at 80% by reconnecting",
+                        lifetime.as_secs()
+                    ),
+                    Some(_) => ", X.509".to_string(),
+                    None => String::new(),
+                };
+                s += &format!(
+                    "uplink profile: {}{auth}, ALPN [{}]\n",
+                    u.profile.name(),
+                    u.brokers.iter().map(alpn).collect::<Vec<_>>().join("; ")
+                );
+            }
             if let Some(w) = &u.websocket {
                 s += &format!("uplink websocket: {w} (subprotocol mqtt)\n");
             }

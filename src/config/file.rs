@@ -287,6 +287,37 @@ pub struct UplinkFile {
     pub wireguard: Option<WireguardFile>,
     pub websocket: Option<WebsocketFile>,
     pub proxy: Option<ProxyFile>,
+    /// `"generic"` (default), `"aws-iot"` or `"azure-iot-hub"`: what the cloud requires.
+    pub profile: Option<String>,
+    /// ALPN protocols offered in TLS to the broker (default: none, or `x-amzn-mqtt-ca` for
+    /// `aws-iot` on port 443).
+    pub alpn: Option<Vec<String>>,
+    pub azure: Option<AzureFile>,
+}
+
+/// `[uplink.azure]`: the Azure IoT Hub device (with `profile = "azure-iot-hub"`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureFile {
+    /// The hub's name, as in `{hub}.azure-devices.net`.
+    pub hub: String,
+    pub device_id: String,
+    /// The device's symmetric key (base64, as IoT Hub shows it) for SAS tokens; `cred:NAME` allowed.
+    /// Without it the device authenticates with `cert_file`/`key_file`.
+    pub device_key_file: Option<PathBuf>,
+    #[serde(default = "default_azure_api_version")]
+    pub api_version: String,
+    /// Lifetime of each SAS token; the uplink reconnects with a fresh one at 80% of it.
+    #[serde(default = "default_azure_token_lifetime_s")]
+    pub token_lifetime_s: u64,
+}
+
+fn default_azure_api_version() -> String {
+    crate::uplink::profile::azure::DEFAULT_API_VERSION.to_string()
+}
+
+fn default_azure_token_lifetime_s() -> u64 {
+    crate::uplink::profile::azure::DEFAULT_TOKEN_LIFETIME_S
 }
 
 /// `[uplink.websocket]`: MQTT over WSS.

@@ -60,7 +60,13 @@ impl Reloader {
     fn swap(&self, new: Config, policy: Policy) -> ReloadReport {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let mut report = ReloadReport::default();
-        let routes = Arc::new(Routes::new(new.mappings.clone()));
+        let routes = Arc::new(
+            Routes::new(new.mappings.clone()).with_cloud_limits(
+                new.uplink
+                    .as_ref()
+                    .and_then(|u| crate::uplink::profile::cloud_topic_limits(&u.profile)),
+            ),
+        );
         let new_subs = subscriptions::wanted(&routes);
         self.guard.replace(policy);
         report.applied.push("auth (passwords, ACL, client-id policy)");

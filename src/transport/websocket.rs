@@ -114,13 +114,15 @@ pub struct WsTransport {
 
 impl WsTransport {
     /// `ca_file`: the CA the WebSocket server's certificate is verified against (the system roots
-    /// when `None`), as for the broker.
+    /// when `None`), as for the broker; `identity`: the uplink's client certificate and key
+    /// (`cert_file`, `key_file`), presented as over the `tls` transport.
     pub fn new(
         cfg: WsConfig,
         ca_file: Option<&std::path::Path>,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
         proxy: Option<Arc<ProxyConfig>>,
     ) -> anyhow::Result<Self> {
-        let tls = TlsClient::new(&cfg.host, ca_file).context("websocket transport")?;
+        let tls = TlsClient::with_identity(&cfg.host, ca_file, identity).context("websocket transport")?;
         Ok(WsTransport { cfg, tls, proxy })
     }
 

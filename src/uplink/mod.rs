@@ -26,6 +26,7 @@ pub mod certs;
 pub mod core;
 pub mod decode;
 pub mod link;
+pub mod profile;
 pub mod session;
 pub mod subscriptions;
 pub mod tls;
@@ -184,7 +185,10 @@ impl UplinkTask {
             .brokers
             .iter()
             .filter(|b| b.tls)
-            .map(|b| TlsClient::with_identity(&b.host, cfg.ca_file.as_deref(), identity))
+            .map(|b| {
+                let alpn = profile::alpn_for(&cfg.profile, cfg.alpn.as_deref(), b.port);
+                TlsClient::with_alpn(&b.host, cfg.ca_file.as_deref(), identity, &alpn)
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         if let Some(c) = &cfg.client_cert {
             tracing::info!(
@@ -193,12 +197,27 @@ impl UplinkTask {
                 "uplink presents a client certificate"
             );
         }
+        let sas = match cfg.profile.azure() {
+            Some(a) => {
+                tracing::info!(
+                    profile = cfg.profile.name(),
+                    username = %a.username(),
+                    auth = if matches!(a.auth, profile::azure::AzureAuth::X509) { "x509" } else { "sas" },
+                    "uplink connects as an Azure IoT Hub device"
+                );
+                a.signer()
+                    .map_err(|e| anyhow::anyhow!("[uplink.azure] device key: {e}"))?
+            }
+            None => None,
+        }
+        .map(Arc::new);
         Ok(UplinkTask {
             dialer: Dialer {
                 identity: Identity {
                     client_id: cfg.client_id.clone(),
                     username: cfg.username.clone(),
                     password: cfg.password.clone(),
+                    sas,
                     keepalive: cfg.keepalive,
                     max_inflight: cfg.max_inflight,
                     connect_timeout: cfg.connect_timeout,
@@ -388,22 +407,43 @@ impl UplinkTask {
             dialer.probe_preferred(failover, probe_interval, &stop).await;
             stop.cancel();
         };
-        tokio::pin!(session, prober);
+        // Azure IoT Hub's SAS token: MQTT cannot change the password of a live session, so the
+        // session ends at 80% of the token's lifetime and the next CONNECT carries a fresh one.
+        let renew_at = dialer.identity.sas.as_ref().and_then(|s| s.renew_at());
+        let renewal = async move {
+            match renew_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(session, prober, renewal);
         let mut prober_done = false;
+        let mut renewing = false;
         let ended = loop {
             tokio::select! {
                 ended = &mut session => break ended,
                 () = &mut prober, if probing && !prober_done => prober_done = true,
+                () = &mut renewal, if !renewing => {
+                    renewing = true;
+                    tracing::info!(
+                        lifetime = ?dialer.identity.sas.as_ref().map(|s| s.lifetime()),
+                        "SAS token at 80% of its lifetime: reconnecting with a fresh one"
+                    );
+                    stop.cancel();
+                }
             }
         };
         if shutdown.is_cancelled() {
             return Carried::Shutdown;
         }
         Carried::Ended {
-            error: ended
-                .result
-                .err()
-                .unwrap_or_else(|| anyhow::anyhow!("the session ended")),
+            error: ended.result.err().unwrap_or_else(|| {
+                if renewing {
+                    anyhow::anyhow!("SAS token renewal (a fresh token needs a new CONNECT)")
+                } else {
+                    anyhow::anyhow!("the session ended")
+                }
+            }),
             proven: ended.proven,
         }
     }

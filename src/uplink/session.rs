@@ -44,6 +44,8 @@ pub struct Identity {
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// Azure IoT Hub: a fresh SAS token is the password of each CONNECT (instead of `password`).
+    pub sas: Option<std::sync::Arc<crate::uplink::profile::azure::SasSigner>>,
     pub keepalive: Duration,
     pub max_inflight: u16,
     pub connect_timeout: Duration,
@@ -133,8 +135,10 @@ async fn connect_as(
         client_id: client_id.to_string().into(),
         username: id.username.clone().map(Into::into),
         password: id
-            .password
+            .sas
             .as_ref()
+            .map(|s| s.token())
+            .or_else(|| id.password.clone())
             .map(|p| Bytes::copy_from_slice(p.expose().as_bytes())),
         ..Connect::default()
     };

@@ -31,6 +31,17 @@ impl TlsClient {
         ca_file: Option<&Path>,
         identity: Option<(&Path, &Path)>,
     ) -> anyhow::Result<Self> {
+        Self::with_alpn(host, ca_file, identity, &[])
+    }
+
+    /// As [`TlsClient::with_identity`], offering the ALPN protocols `alpn` (none when empty), e.g.
+    /// `x-amzn-mqtt-ca` for AWS IoT Core on port 443.
+    pub fn with_alpn(
+        host: &str,
+        ca_file: Option<&Path>,
+        identity: Option<(&Path, &Path)>,
+        alpn: &[String],
+    ) -> anyhow::Result<Self> {
         let mut roots = rustls::RootCertStore::empty();
         match ca_file {
             Some(path) => {
@@ -62,10 +73,11 @@ impl TlsClient {
             .with_safe_default_protocol_versions()
             .map_err(|e| anyhow!("TLS setup: {e}"))?
             .with_root_certificates(roots);
-        let config = match identity {
+        let mut config = match identity {
             Some((cert, key)) => super::certs::client_auth(config, cert, key).map_err(|e| anyhow!(e))?,
             None => config.with_no_client_auth(),
         };
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         let server_name = ServerName::try_from(host.to_string())
             .map_err(|_| anyhow!("`{host}` is not a valid TLS server name"))?;
         Ok(TlsClient {

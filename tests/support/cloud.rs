@@ -92,6 +92,16 @@ impl Cloud {
     /// the username from its CN (`require_certificate true`, `use_identity_as_username true`), and
     /// the mosquitto ACL `acl` for everyone (the observer needs `topic readwrite #` in it).
     pub fn start_mtls(dir: &Path, client_ca: &Path, acl: &str) -> Cloud {
+        Self::start_mtls_inner(dir, client_ca, acl, false)
+    }
+
+    /// Like [`Cloud::start_mtls`], plus MQTT over WSS on `ws_port` with the same client-certificate
+    /// requirement (`require_certificate true`, `use_identity_as_username true`).
+    pub fn start_mtls_with_websockets(dir: &Path, client_ca: &Path, acl: &str) -> Cloud {
+        Self::start_mtls_inner(dir, client_ca, acl, true)
+    }
+
+    fn start_mtls_inner(dir: &Path, client_ca: &Path, acl: &str, websockets: bool) -> Cloud {
         write_certs(dir, &[]);
         let pw = dir.join("cloud-passwords");
         mosquitto_passwd(&pw, OBSERVER_USER, OBSERVER_PASSWORD);
@@ -110,12 +120,22 @@ impl Cloud {
             acl = acl_file.display(),
             ca = client_ca.display(),
         );
+        let ws_port = websockets.then(free_port);
+        let mut conf = conf;
+        if let Some(ws) = ws_port {
+            conf += &format!(
+                "listener {ws} 127.0.0.1\nprotocol websockets\ncafile {ca}\ncertfile {d}/server.pem\n\
+                 keyfile {d}/server.key\nrequire_certificate true\nuse_identity_as_username true\n",
+                d = dir.display(),
+                ca = client_ca.display(),
+            );
+        }
         std::fs::write(dir.join("cloud.conf"), conf).unwrap();
         let mut cloud = Cloud {
             dir: dir.to_path_buf(),
             port,
             mtls_port,
-            ws_port: None,
+            ws_port,
             host: "127.0.0.1".to_string(),
             netns: None,
             child: None,

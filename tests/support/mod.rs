@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod aedes;
 pub mod appliance;
 pub mod certs;
 pub mod cloud;

@@ -46,6 +46,44 @@ pub fn plaintext_leaves_host(u: &Uplink) -> bool {
     !u.broker.tls && u.transports.contains(&TransportKind::Tls) && !is_loopback_host(&u.broker.host)
 }
 
+/// The uplink's own secrets: its client certificate's key (mode, owner) and expiry, as `check`
+/// judges them (a certificate past its end fails, one within 30 days or not yet valid warns), and an
+/// Azure IoT Hub device key file.
+fn uplink_identity(a: &mut Audit<'_>, u: &Uplink) {
+    if let Some(cc) = &u.client_cert {
+        a.key_file(1, "uplink.key_file", &cc.key_file);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let inspected = crate::uplink::certs::Inspected {
+            subject: cc.subject.clone(),
+            not_before: i64::MIN,
+            not_after: cc.not_after,
+        };
+        match crate::uplink::certs::expiry_warning(now, &inspected) {
+            Some(w) if now >= cc.not_after => {
+                a.push(1, Status::Fail, "uplink.cert_file", format!("uplink: {w}"))
+            }
+            Some(w) => a.push(1, Status::Warn, "uplink.cert_file", format!("uplink: {w}")),
+            None => a.push(
+                1,
+                Status::Pass,
+                "uplink.cert_file",
+                format!(
+                    "uplink: client certificate {} valid until {}",
+                    cc.subject,
+                    crate::uplink::certs::utc(cc.not_after)
+                ),
+            ),
+        }
+    }
+    if let Some(crate::uplink::profile::azure::AzureAuth::Sas { key_file, .. }) =
+        u.profile.azure().map(|az| &az.auth)
+    {
+        a.key_file(1, "uplink.azure.device_key_file", key_file);
+    }
+}
+
 /// Practice 1: TLS on every non-loopback listener and on the uplink (itself, or carried inside
 /// WireGuard or SSH); the versions and suites in use; a second factor on non-loopback listeners.
 pub(super) fn tls(a: &mut Audit<'_>, c: &Config) {
@@ -126,6 +164,7 @@ pub(super) fn tls(a: &mut Audit<'_>, c: &Config) {
         }
     }
     if let Some(u) = &c.uplink {
+        uplink_identity(a, u);
         if u.broker.tls {
             // The uplink's client offers rustls's safe defaults (src/uplink/tls.rs).
             endpoints.push(false);

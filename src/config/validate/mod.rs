@@ -12,6 +12,7 @@ use crate::config::model::*;
 use crate::config::source::SourceMap;
 
 mod mappings;
+mod profile;
 mod uplink;
 
 use mappings::{cycles, in_overlaps, mappings};
@@ -192,6 +193,9 @@ pub fn validate(ctx: &mut Ctx<'_>, s: Sections) -> Option<Config> {
     }
     cycles(ctx, &mappings);
     in_overlaps(ctx, &mappings);
+    if let Some(u) = &uplink {
+        profile::mappings(ctx, u, &mappings, &limits);
+    }
     let outbox = outbox(ctx, s.outbox.unwrap_or_default());
     let log_level = s.log.unwrap_or_default().level;
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {

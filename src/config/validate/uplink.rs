@@ -212,13 +212,19 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         }
         None => Some(None),
     };
+    let profile = super::profile::profile(ctx, &f, brokers.as_deref(), &transports);
     let brokers = brokers?;
+    let profile = profile?;
+    let username = match profile.azure() {
+        Some(a) => Some(a.username()),
+        None => f.username,
+    };
     Some(Uplink {
         broker: brokers.first()?.clone(),
         brokers,
         client_cert: client_cert?,
         client_id: f.client_id,
-        username: f.username,
+        username,
         password,
         ca_file,
         transports,
@@ -236,6 +242,8 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         wireguard,
         websocket,
         proxy: proxy?,
+        profile,
+        alpn: f.alpn,
     })
 }
 
