@@ -186,8 +186,8 @@ pub enum KeygenKind {
         #[arg(long)]
         cn: String,
         /// The key algorithm.
-        #[arg(long, value_enum, default_value_t = crate::uplink::certs::KeyKind::Ecdsa)]
-        key: crate::uplink::certs::KeyKind,
+        #[arg(long, value_enum, default_value_t = crate::transport::certs::KeyKind::Ecdsa)]
+        key: crate::transport::certs::KeyKind,
     },
 }
 
@@ -326,7 +326,7 @@ fn keygen(kind: KeygenKind) -> i32 {
                 )
             })
             .map_err(|e| e.to_string()),
-        KeygenKind::Tls { dir, cn, key } => crate::uplink::certs::keygen(&dir, &cn, key),
+        KeygenKind::Tls { dir, cn, key } => crate::transport::certs::keygen(&dir, &cn, key),
     };
     match result {
         Ok(text) => {

@@ -261,8 +261,8 @@ struct CloudClient {
 
 impl CloudClient {
     async fn connect(cloud: &Cloud) -> CloudClient {
-        let tls =
-            mqtt_uplink::uplink::tls::TlsClient::new("localhost", Some(&cloud.dir.join("ca.pem"))).unwrap();
+        let tls = mqtt_uplink::transport::tls::TlsClient::new("localhost", Some(&cloud.dir.join("ca.pem")))
+            .unwrap();
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", cloud.port))
             .await
             .unwrap();

@@ -136,7 +136,7 @@ pub fn render(c: &Config) -> String {
             c.subject,
             c.cert_file.display(),
             c.key_file.display(),
-            crate::uplink::certs::utc(c.not_after)
+            crate::transport::certs::utc(c.not_after)
         );
     }
     s += &format!(

@@ -6,9 +6,11 @@
 //! The TCP transports (`tls`, `ssh`, `websocket`) go through the `[uplink.proxy]` when one is set
 //! (an HTTP CONNECT tunnel, see [`proxy`]).
 
+pub mod certs;
 pub mod proxy;
 pub mod ssh;
 pub mod tcp;
+pub mod tls;
 pub mod websocket;
 pub mod wireguard;
 

@@ -28,7 +28,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::proxy::{self, ProxyConfig};
 use super::{BoxStream, Transport};
-use crate::uplink::tls::TlsClient;
+use crate::transport::tls::TlsClient;
 
 /// The WebSocket subprotocol of MQTT (MQTT 3.1.1 section 6, MQTT 5.0 section 6).
 pub const SUBPROTOCOL: &str = "mqtt";

@@ -22,14 +22,12 @@
 //! they open transports, read, write, probe and sleep, and do what the cores say.
 
 pub mod backoff;
-pub mod certs;
 pub mod core;
 pub mod decode;
 pub mod link;
 pub mod profile;
 pub mod session;
 pub mod subscriptions;
-pub mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -43,12 +41,12 @@ use crate::bridge::inbound::Inbound;
 use crate::broker::Broker;
 use crate::config;
 use crate::outbox::Outbox;
+use crate::transport::tls::TlsClient;
 use crate::transport::{BoxStream, Transport};
 use backoff::Backoff;
 use core::{Failover, Next, Probed, Session, Step, WaitKind};
 use session::{Conn, Identity, Wiring};
 use subscriptions::{Filters, Ledger};
-use tls::TlsClient;
 
 /// What the uplink is doing, for health, metrics and tests.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -193,7 +191,7 @@ impl UplinkTask {
         if let Some(c) = &cfg.client_cert {
             tracing::info!(
                 subject = %c.subject,
-                expires = %certs::utc(c.not_after),
+                expires = %crate::transport::certs::utc(c.not_after),
                 "uplink presents a client certificate"
             );
         }

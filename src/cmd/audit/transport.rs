@@ -55,12 +55,12 @@ fn uplink_identity(a: &mut Audit<'_>, u: &Uplink) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let inspected = crate::uplink::certs::Inspected {
+        let inspected = crate::transport::certs::Inspected {
             subject: cc.subject.clone(),
             not_before: i64::MIN,
             not_after: cc.not_after,
         };
-        match crate::uplink::certs::expiry_warning(now, &inspected) {
+        match crate::transport::certs::expiry_warning(now, &inspected) {
             Some(w) if now >= cc.not_after => {
                 a.push(1, Status::Fail, "uplink.cert_file", format!("uplink: {w}"))
             }
@@ -72,7 +72,7 @@ fn uplink_identity(a: &mut Audit<'_>, u: &Uplink) {
                 format!(
                     "uplink: client certificate {} valid until {}",
                     cc.subject,
-                    crate::uplink::certs::utc(cc.not_after)
+                    crate::transport::certs::utc(cc.not_after)
                 ),
             ),
         }
@@ -166,7 +166,7 @@ pub(super) fn tls(a: &mut Audit<'_>, c: &Config) {
     if let Some(u) = &c.uplink {
         uplink_identity(a, u);
         if u.broker.tls {
-            // The uplink's client offers rustls's safe defaults (src/uplink/tls.rs).
+            // The uplink's client offers rustls's safe defaults (src/transport/tls.rs).
             endpoints.push(false);
             let roots = match &u.ca_file {
                 Some(p) => p.display().to_string(),

@@ -325,12 +325,12 @@ fn client_cert(
     let cert_file = ctx.file("uplink.cert_file", cert, false);
     let key_file = ctx.file("uplink.key_file", key, true);
     let (cert_file, key_file) = (cert_file?, key_file?);
-    match crate::uplink::certs::inspect(&cert_file, &key_file) {
+    match crate::transport::certs::inspect(&cert_file, &key_file) {
         Ok(i) => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            if let Some(w) = crate::uplink::certs::expiry_warning(now, &i) {
+            if let Some(w) = crate::transport::certs::expiry_warning(now, &i) {
                 ctx.warn("uplink.cert_file", w);
             }
             Some(Some(ClientCert {
