@@ -25,6 +25,15 @@ pub(super) fn throttle(a: &mut Audit<'_>, c: &Config) {
             ),
         ));
     }
+    if t.address_ban_after > d.address_ban_after * 5 {
+        weak.push((
+            "auth.throttle.address_ban_after",
+            format!(
+                "an address banned only after {} failures (default {})",
+                t.address_ban_after, d.address_ban_after
+            ),
+        ));
+    }
     if t.delay_max < d.delay_min {
         weak.push((
             "auth.throttle.delay_max_s",
