@@ -164,7 +164,11 @@ async fn five_hundred_honest_logins_from_one_address_get_in_while_a_guesser_is_t
     let code = c
         .login(&raw::connect(b"victim-1", true, Some("victim"), Some(VICTIM_PW)))
         .await;
-    assert_ne!(code, Some(0), "the guessed account is throttled from this address");
+    assert_ne!(
+        code,
+        Some(0),
+        "the guessed account is throttled from this address"
+    );
     // And one more honest device from the same address still gets in after all that.
     let late = device(app.port(), 0).await;
     assert!(late.is_ok(), "{:?}", late.err());
@@ -175,7 +179,12 @@ async fn five_hundred_honest_logins_from_one_address_get_in_while_a_guesser_is_t
 async fn login_on(addr: SocketAddr, client_id: &str) -> (Raw, Option<u8>) {
     let mut c = Raw::connect(addr).await;
     let code = c
-        .login(&raw::connect(client_id.as_bytes(), true, Some("dev"), Some(VICTIM_PW)))
+        .login(&raw::connect(
+            client_id.as_bytes(),
+            true,
+            Some("dev"),
+            Some(VICTIM_PW),
+        ))
         .await;
     (c, code)
 }

@@ -92,7 +92,12 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub(crate) fn wait_listening(addr: SocketAddr, what: &str, child: &mut Child, log: &Path) -> anyhow::Result<()> {
+pub(crate) fn wait_listening(
+    addr: SocketAddr,
+    what: &str,
+    child: &mut Child,
+    log: &Path,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {

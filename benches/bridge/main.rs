@@ -211,10 +211,7 @@ pub(crate) fn progress(msg: &str) {
 }
 
 async fn run_all(s: &Settings, res: &mut Results) {
-    let per_path = s
-        .sections
-        .iter()
-        .any(|x| *x != "flood-memory" && *x != "storm");
+    let per_path = s.sections.iter().any(|x| *x != "flood-memory" && *x != "storm");
     for rep in 0..s.reps {
         let paths = if per_path { &s.paths[..] } else { &[] };
         for (pi, &path) in paths.iter().enumerate() {

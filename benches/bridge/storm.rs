@@ -117,7 +117,9 @@ static ARGON2: OnceLock<String> = OnceLock::new();
 impl Files {
     fn write() -> anyhow::Result<Files> {
         let dir = tempfile::Builder::new().prefix("mqtt-uplink-storm-").tempdir()?;
-        let plain: String = (0..DEVICES).map(|i| format!("{}:{}\n", user(i), password(i))).collect();
+        let plain: String = (0..DEVICES)
+            .map(|i| format!("{}:{}\n", user(i), password(i)))
+            .collect();
         let pw = dir.path().join("passwords");
         write_secret(&pw, &plain);
         let out = Command::new("mosquitto_passwd")
@@ -348,7 +350,9 @@ async fn connect(
     };
     conn.send(Packet::Connect(Box::new(connect))).await?;
     match conn.next().await {
-        Some(Ok((Packet::ConnectAck(a), _))) if a.return_code == ConnectAckReason::ConnectionAccepted => Ok(conn),
+        Some(Ok((Packet::ConnectAck(a), _))) if a.return_code == ConnectAckReason::ConnectionAccepted => {
+            Ok(conn)
+        }
         Some(Ok((Packet::ConnectAck(a), _))) => bail!("refused: {}", a.return_code.reason()),
         other => bail!("no CONNACK ({other:?})"),
     }
@@ -466,7 +470,10 @@ async fn rate(
                         }
                         Err(_) => {
                             failed += 1;
-                            failures.push(format!("{:.1} s: no CONNACK within 10 s", t0.elapsed().as_secs_f64()));
+                            failures.push(format!(
+                                "{:.1} s: no CONNACK within 10 s",
+                                t0.elapsed().as_secs_f64()
+                            ));
                         }
                     }
                 }

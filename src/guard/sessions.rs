@@ -134,7 +134,10 @@ mod tests {
         t.created("dev-2", Some("dev"), Some(a), 1, 2);
         t.created("other", Some("other"), Some(b), 0, 3);
         assert_eq!((t.of_user("dev"), t.from_ip(a), t.from_ip(b)), (2, 2, 1));
-        assert_eq!((t.from_ip_on(0, a), t.from_ip_on(1, a), t.from_ip_on(1, b)), (1, 1, 0));
+        assert_eq!(
+            (t.from_ip_on(0, a), t.from_ip_on(1, a), t.from_ip_on(1, b)),
+            (1, 1, 0)
+        );
         // dev-1 reconnects from b: the new session replaces the entry.
         t.created("dev-1", Some("dev"), Some(b), 0, 4);
         assert_eq!((t.of_user("dev"), t.from_ip(a), t.from_ip(b)), (2, 1, 2));

@@ -94,12 +94,21 @@ struct Table<K> {
     map: HashMap<K, Entry>,
 }
 
+/// A pair's key: the address and the keyed hash of the username.
+type PairKey = (IpAddr, u64);
+
 /// The failure tables: per (address, username) and per address.
+struct Tables {
+    per_user: Table<PairKey>,
+    per_address: Table<IpAddr>,
+}
+
+/// Failed logins, per (address, username) and per address.
 pub struct Throttle {
     settings: ThrottleSettings,
     /// Keys the username hashes (per process).
     users: RandomState,
-    tables: Mutex<(Table<(IpAddr, u64)>, Table<IpAddr>)>,
+    tables: Mutex<Tables>,
 }
 
 /// The delay after `failures` failures when `free` are free.
@@ -155,7 +164,11 @@ impl<K: Hash + Eq + Copy> Table<K> {
             }
         }
         if !self.map.contains_key(&k) && self.map.len() >= s.max_entries {
-            let oldest = self.map.iter().min_by_key(|(_, e)| e.last_failure).map(|(k, _)| *k);
+            let oldest = self
+                .map
+                .iter()
+                .min_by_key(|(_, e)| e.last_failure)
+                .map(|(k, _)| *k);
             if let Some(k) = oldest {
                 self.map.remove(&k);
             }
@@ -179,10 +192,10 @@ impl<K: Hash + Eq + Copy> Table<K> {
 
 impl Throttle {
     pub fn new(settings: ThrottleSettings) -> Throttle {
-        let tables = (
-            Table::new(settings.free_failures, settings.ban_after),
-            Table::new(settings.address_free_failures, settings.address_ban_after),
-        );
+        let tables = Tables {
+            per_user: Table::new(settings.free_failures, settings.ban_after),
+            per_address: Table::new(settings.address_free_failures, settings.address_ban_after),
+        };
         Throttle {
             settings,
             users: RandomState::new(),
@@ -199,7 +212,7 @@ impl Throttle {
         delay(&self.settings, self.settings.free_failures, failures)
     }
 
-    fn user_key(&self, ip: IpAddr, user: Option<&str>) -> (IpAddr, u64) {
+    fn user_key(&self, ip: IpAddr, user: Option<&str>) -> PairKey {
         // `None` (no username) and `Some("")` are different logins; the tag byte keeps them apart.
         let h = self.users.hash_one((user.is_some(), user.unwrap_or("")));
         (ip, h)
@@ -210,7 +223,10 @@ impl Throttle {
         let key = self.user_key(ip, user);
         let s = &self.settings;
         let mut t = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-        let (per_user, per_address) = &mut *t;
+        let Tables {
+            per_user,
+            per_address,
+        } = &mut *t;
         per_user.gate(s, key, now).max(per_address.gate(s, ip, now))
     }
 
@@ -220,18 +236,31 @@ impl Throttle {
         let key = self.user_key(ip, user);
         let s = &self.settings;
         let mut t = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-        let (per_user, per_address) = &mut *t;
+        let Tables {
+            per_user,
+            per_address,
+        } = &mut *t;
         (per_user.failure(s, key, now), per_address.failure(s, ip, now))
     }
 
     /// (address, username) pairs on record.
     pub fn len(&self) -> usize {
-        self.tables.lock().unwrap_or_else(|e| e.into_inner()).0.map.len()
+        self.tables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .per_user
+            .map
+            .len()
     }
 
     /// Addresses on record.
     pub fn addresses(&self) -> usize {
-        self.tables.lock().unwrap_or_else(|e| e.into_inner()).1.map.len()
+        self.tables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .per_address
+            .map
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -277,7 +306,11 @@ mod tests {
         }
         assert_eq!(t.gate(a, U, now), Gate::Banned);
         assert_eq!(t.gate(a, U, now + Duration::from_secs(599)), Gate::Banned);
-        assert_eq!(t.gate(a, U, now + Duration::from_secs(600)), Gate::Go, "ban expires");
+        assert_eq!(
+            t.gate(a, U, now + Duration::from_secs(600)),
+            Gate::Go,
+            "ban expires"
+        );
         assert_eq!(t.len(), 0);
         assert_eq!(t.gate(ip(2), U, now), Gate::Go, "other addresses unaffected");
     }
@@ -296,7 +329,11 @@ mod tests {
         for i in 0..1000 {
             assert_eq!(t.gate(nat, Some(&format!("device-{i}")), now), Gate::Go);
         }
-        assert_eq!(t.gate(ip(8), Some("victim"), now), Gate::Go, "the victim elsewhere");
+        assert_eq!(
+            t.gate(ip(8), Some("victim"), now),
+            Gate::Go,
+            "the victim elsewhere"
+        );
     }
 
     #[test]
@@ -314,7 +351,11 @@ mod tests {
         for i in 0..150 {
             t.failure(a, Some(&format!("more-{i}")), now);
         }
-        assert_eq!(t.gate(a, Some("honest"), now), Gate::Banned, "200 from the address");
+        assert_eq!(
+            t.gate(a, Some("honest"), now),
+            Gate::Banned,
+            "200 from the address"
+        );
         assert_eq!(t.gate(ip(10), Some("honest"), now), Gate::Go);
         assert_eq!(t.addresses(), 1);
     }
@@ -340,7 +381,11 @@ mod tests {
         });
         let start = Instant::now();
         for i in 0..1000u32 {
-            t.failure(ip(i), Some(&format!("u{i}")), start + Duration::from_millis(i as u64));
+            t.failure(
+                ip(i),
+                Some(&format!("u{i}")),
+                start + Duration::from_millis(i as u64),
+            );
         }
         assert_eq!((t.len(), t.addresses()), (100, 100));
         let now = start + Duration::from_secs(1);
