@@ -454,8 +454,10 @@ async fn rate(
                     n += 1;
                     let r = tokio::time::timeout(
                         Duration::from_secs(10),
-                        // A client id per connect: what is measured is the cost of a connect, not
-                        // rmqtt's takeover of a session that is still closing (see the README).
+                        // A client id per connect: what is measured is the cost of a connect. With one
+                        // client id per client, a CONNECT right after the DISCONNECT of the same id
+                        // meets rmqtt's takeover of a session still closing: refused "server
+                        // unavailable" ("kick, recv result is RecvError"), or no CONNACK for 10 s.
                         connect(addr, tls.as_deref(), &format!("rate-{w}-{n}"), i),
                     )
                     .await;
