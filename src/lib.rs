@@ -278,6 +278,12 @@ fn guard_settings(config: &Config) -> guard::GuardSettings {
             .map(|(i, _)| i as u16)
             .collect(),
         max_connections_per_address: config.limits.max_connections_per_address,
+        listener_max_per_address: config
+            .listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.max_connections_per_address.map(|m| (i as u16, m)))
+            .collect(),
         max_sessions_per_user: config.limits.max_sessions_per_user,
         max_topic_levels: config.limits.max_topic_levels,
     }

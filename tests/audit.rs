@@ -443,6 +443,20 @@ const CASES: &[Case] = &[
         reason_has: "a ban only after 500 failures",
     },
     Case {
+        what: "a listener without a per-address limit",
+        change: |_, t| {
+            replace(
+                t,
+                "require_client_cert_and_password = true\n",
+                "require_client_cert_and_password = true\nmax_connections_per_address = 0\n",
+            )
+        },
+        practice: 12,
+        status: "warn",
+        line_with: "max_connections_per_address = 0",
+        reason_has: "no per-address limit on this listener",
+    },
+    Case {
         what: "no subscription limit",
         change: |_, t| replace(t, "max_subscriptions = 100", "max_subscriptions = 0"),
         practice: 12,

@@ -33,6 +33,7 @@ async fn login_all(guard: &Guard) -> usize {
                 guard
                     .authenticate(Login {
                         peer: None,
+                        listener: None,
                         user: Some(&user),
                         password: Some(pw.as_bytes()),
                         client_id: &client_id,
@@ -85,6 +86,7 @@ async fn distinct_logins_keep_memory_bounded_and_repeats_hit_the_cache() {
     // A wrong password is never served from the cache, and a reload empties it.
     let wrong = Login {
         peer: None,
+        listener: None,
         user: Some("user00"),
         password: Some(b"Distinct-Passw0rd-01"),
         client_id: "c",

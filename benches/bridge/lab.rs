@@ -92,7 +92,12 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn wait_listening(addr: SocketAddr, what: &str, child: &mut Child, log: &Path) -> anyhow::Result<()> {
+pub(crate) fn wait_listening(
+    addr: SocketAddr,
+    what: &str,
+    child: &mut Child,
+    log: &Path,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
@@ -111,7 +116,7 @@ fn wait_listening(addr: SocketAddr, what: &str, child: &mut Child, log: &Path) -
     }
 }
 
-fn term_and_reap(child: &mut Child, grace: Duration) {
+pub(crate) fn term_and_reap(child: &mut Child, grace: Duration) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -7,7 +7,7 @@
 //! cargo bench --bench bridge -- --quick    # a few seconds per scenario, 1 repetition -> target/bench-quick/
 //! ```
 //! Options: `--reps N`, `--paths direct,ssh,wireguard`, `--out DIR`, `--no-outage`, `--no-conns`,
-//! `--only SECTION[,SECTION…]` (sections: idle, latency, outage, throughput, connections, flood-memory;
+//! `--only SECTION[,SECTION…]` (sections: idle, latency, outage, throughput, connections, flood-memory, storm;
 //! a partial run writes `<sections>.md` and `<sections>-run-<time>.json`, never `results.md`).
 //! Needs root (network namespaces for the WireGuard path), mosquitto 2.0, OpenSSH, wireguard-go, wg, ip.
 //! Only loopback and the benchmark's own namespace are used.
@@ -23,6 +23,7 @@ mod lab;
 mod procstat;
 mod report;
 mod slowdisk;
+mod storm;
 mod svg;
 
 use std::path::PathBuf;
@@ -77,13 +78,14 @@ pub struct Settings {
 
 /// The benchmark's sections, in the order they run for each edge (flood-memory: after the paths, on
 /// the direct path, on fresh edges).
-pub const SECTIONS: [&str; 6] = [
+pub const SECTIONS: [&str; 7] = [
     "idle",
     "latency",
     "outage",
     "throughput",
     "connections",
     "flood-memory",
+    "storm",
 ];
 
 impl Settings {
@@ -209,7 +211,7 @@ pub(crate) fn progress(msg: &str) {
 }
 
 async fn run_all(s: &Settings, res: &mut Results) {
-    let per_path = s.sections.iter().any(|x| *x != "flood-memory");
+    let per_path = s.sections.iter().any(|x| *x != "flood-memory" && *x != "storm");
     for rep in 0..s.reps {
         let paths = if per_path { &s.paths[..] } else { &[] };
         for (pi, &path) in paths.iter().enumerate() {
@@ -266,6 +268,9 @@ async fn run_all(s: &Settings, res: &mut Results) {
             } else if rep == 0 {
                 res.error("flood-memory runs on the direct path, which --paths left out".into());
             }
+        }
+        if s.has("storm") {
+            storm::run(s, rep, res).await;
         }
     }
 }

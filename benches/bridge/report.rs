@@ -318,6 +318,8 @@ pub struct Results {
     pub conns: Vec<Conns>,
     pub outage: Vec<Outage>,
     pub flood: Vec<FloodMem>,
+    pub storm: Vec<crate::storm::StormRun>,
+    pub connect_rate: Vec<crate::storm::RateRun>,
     pub errors: Vec<String>,
     pub load_start: f64,
     pub load_end: f64,
@@ -1725,15 +1727,23 @@ pub fn write(s: &Settings, res: &Results) -> anyhow::Result<()> {
         "connections": res.conns,
         "outage": res.outage,
         "flood_memory": flood_rows(&a),
+        "storm": crate::storm::storm_rows(res),
+        "connect_rate": crate::storm::rate_rows(res),
         "latency_cdf_qos1_64B": cdf,
-        "raw": { "throughput": res.tput, "latency": res.lat, "flood_memory": res.flood },
+        "raw": {
+            "throughput": res.tput, "latency": res.lat, "flood_memory": res.flood,
+            "storm": res.storm, "connect_rate": res.connect_rate,
+        },
         "errors": res.errors,
     });
     std::fs::write(s.out.join(&json_name), serde_json::to_string_pretty(&doc)? + "\n")?;
     let md = if s.only && s.sections == ["flood-memory"] {
         flood_only_markdown(s, &a, &m, &json_name)
+    } else if s.only && s.sections == ["storm"] {
+        let title = "Benchmark, storm section: mqtt-uplink vs mosquitto 2.0";
+        header(s, &m, &json_name, title) + &crate::storm::markdown(res) + &errors_markdown(res)
     } else {
-        markdown(s, &a, &m, &json_name, &tg)
+        markdown(s, &a, &m, &json_name, &tg) + &crate::storm::markdown(res)
     };
     std::fs::write(s.out.join(&md_name), md)?;
     if s.only {

@@ -40,6 +40,9 @@ pub struct ListenerFile {
     pub require_client_cert_and_password: bool,
     /// `"1.2"` (the default: TLS 1.2 and 1.3) or `"1.3"` (TLS 1.3 only).
     pub tls_min_version: Option<String>,
+    /// Sessions from one peer address through this listener at most (0: no limit); without it,
+    /// `[limits] max_connections_per_address`. Raise it on a listener that serves a NAT'd site.
+    pub max_connections_per_address: Option<usize>,
 }
 
 /// `[auth]`: who may connect and what they may do.
@@ -54,14 +57,16 @@ pub struct AuthFile {
     pub client_id_pattern: Option<String>,
     #[serde(default = "default_duplicate_client_id")]
     pub duplicate_client_id: String,
-    /// `[auth.throttle]`: failed-login throttling per peer address.
+    /// `[auth.throttle]`: failed-login throttling per (peer address, username) and per address.
     #[serde(default)]
     pub throttle: ThrottleFile,
 }
 
-/// `[auth.throttle]`: after `free_failures` failed logins within `window_s`, each further attempt from
-/// that address waits `delay_min_ms`, doubling up to `delay_max_s`; after `ban_after` failures the
-/// address is refused for `ban_s`. `max_addresses` bounds the table (oldest evicted).
+/// `[auth.throttle]`: after `free_failures` failed logins for one username from one address within
+/// `window_s`, each further attempt for it from there waits `delay_min_ms`, doubling up to
+/// `delay_max_s`; after `ban_after` failures the pair is refused for `ban_s`. The same rule applies to
+/// the address alone, all usernames together, with `address_free_failures` and `address_ban_after`.
+/// `max_addresses` bounds each table (oldest evicted).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ThrottleFile {
@@ -79,6 +84,13 @@ pub struct ThrottleFile {
     pub ban_s: u64,
     #[serde(default = "default_throttle_max_addresses")]
     pub max_addresses: usize,
+    /// Failures from one address, all usernames together, before its attempts are delayed (the
+    /// counts above are per address and username).
+    #[serde(default = "default_throttle_address_free_failures")]
+    pub address_free_failures: u32,
+    /// Failures from one address, all usernames together, before the address is refused for `ban_s`.
+    #[serde(default = "default_throttle_address_ban_after")]
+    pub address_ban_after: u32,
 }
 
 impl Default for ThrottleFile {
@@ -91,6 +103,8 @@ impl Default for ThrottleFile {
             ban_after: default_throttle_ban_after(),
             ban_s: default_throttle_ban_s(),
             max_addresses: default_throttle_max_addresses(),
+            address_free_failures: default_throttle_address_free_failures(),
+            address_ban_after: default_throttle_address_ban_after(),
         }
     }
 }
@@ -115,6 +129,14 @@ pub fn default_throttle_ban_s() -> u64 {
 }
 pub fn default_throttle_max_addresses() -> usize {
     10_000
+}
+/// Ten times `free_failures`: a NAT router's address carries hundreds of honest devices.
+pub fn default_throttle_address_free_failures() -> u32 {
+    50
+}
+/// Ten times `ban_after`.
+pub fn default_throttle_address_ban_after() -> u32 {
+    200
 }
 
 pub fn default_duplicate_client_id() -> String {
@@ -144,7 +166,8 @@ pub struct LimitsFile {
     pub max_subscriptions: usize,
     #[serde(default = "default_handshake_timeout_s")]
     pub handshake_timeout_s: u64,
-    /// Connected sessions from one peer address at most (0: no limit).
+    /// Sessions from one peer address through one listener at most (0: no limit); a listener's own
+    /// `max_connections_per_address` overrides it.
     #[serde(default = "default_max_connections_per_address")]
     pub max_connections_per_address: usize,
     /// Topic levels a topic name or filter may have at most (deeper ones are refused by the guard).

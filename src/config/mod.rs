@@ -162,6 +162,7 @@ impl Config {
             listeners: vec![Listener {
                 bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
                 tls: None,
+                max_connections_per_address: None,
             }],
             auth: Auth {
                 password_file: None,

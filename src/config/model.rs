@@ -37,6 +37,8 @@ pub struct Site {
 pub struct Listener {
     pub bind: SocketAddr,
     pub tls: Option<ListenerTls>,
+    /// This listener's `max_connections_per_address`, if it sets one (else `[limits]`'s applies).
+    pub max_connections_per_address: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -98,7 +100,8 @@ pub struct Limits {
     pub max_inflight_bytes: usize,
     pub max_subscriptions: usize,
     pub handshake_timeout: Duration,
-    /// Sessions per peer address at most, connected or kept offline (0: no limit).
+    /// Sessions per peer address and listener at most, connected or kept offline (0: no limit); the
+    /// default for listeners that do not set their own.
     pub max_connections_per_address: usize,
     /// Topic levels at most in a topic name, topic filter or will topic.
     pub max_topic_levels: usize,

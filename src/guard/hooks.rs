@@ -137,6 +137,7 @@ impl GuardHandler {
         }
         let login = Login {
             peer: id.remote_addr,
+            listener: Some(id.lid),
             user,
             password: ci.password().map(|p| p.as_ref()),
             client_id,
@@ -308,6 +309,7 @@ impl Handler for GuardHandler {
                     session.id.client_id.as_ref(),
                     user.as_deref(),
                     session.id.remote_addr.map(|a| a.ip()),
+                    session.id.lid,
                     session.id.create_time,
                 );
                 (true, acc)

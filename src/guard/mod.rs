@@ -14,7 +14,7 @@ pub mod shared;
 pub mod throttle;
 pub mod verify;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -97,7 +97,7 @@ pub enum Refusal {
     ClientIdInUse,
     /// `duplicate_client_id = "takeover"`: the older connection was closed (logged, not refused).
     ClientIdTakeover,
-    /// `limits.max_connections_per_address` reached for this address.
+    /// `max_connections_per_address` (the listener's, or `[limits]`'s) reached for this address.
     TooManyFromAddress,
     /// On a `use_identity_as_username` listener, the username differs from the certificate's CN.
     IdentityMismatch,
@@ -157,6 +157,8 @@ impl Refusal {
 #[derive(Debug, Clone, Copy)]
 pub struct Login<'a> {
     pub peer: Option<SocketAddr>,
+    /// The listener (config order) it came through; `None` counts sessions across all listeners.
+    pub listener: Option<u16>,
     pub user: Option<&'a str>,
     pub password: Option<&'a [u8]>,
     pub client_id: &'a str,
@@ -173,8 +175,10 @@ pub struct GuardSettings {
     pub identity_listeners: HashSet<u16>,
     /// Listener indexes (config order) with `require_client_cert_and_password = true`.
     pub two_factor_listeners: HashSet<u16>,
-    /// Sessions (connected or offline) per peer address at most; 0 means no limit.
+    /// Sessions (connected or offline) per peer address and listener at most; 0 means no limit.
     pub max_connections_per_address: usize,
+    /// Listeners (config order) with their own `max_connections_per_address`.
+    pub listener_max_per_address: HashMap<u16, usize>,
     /// Sessions (connected or offline) per user at most; 0 means no limit.
     pub max_sessions_per_user: usize,
     /// Topic levels at most in a topic name, filter or will topic; 0 means no limit.
@@ -299,17 +303,31 @@ impl Guard {
     /// Checks a CONNECT: per-address session limit, throttle, credentials (or the verified certificate
     /// identity), client-id pattern, per-user session limit. A client id that already holds a session
     /// resumes or takes it over, so it is never counted twice against either limit. Password hashing is deliberately slow (and argon2id needs ~19 MiB),
-    /// so it runs on the two password-check threads ([`verify::POOL`]), and a success is cached. A
+    /// so it runs on the password-check threads ([`verify::POOL`], one per core, two to four), and a success is cached. A
     /// credential failure is recorded against the peer address.
     pub async fn authenticate(&self, login: Login<'_>) -> Result<(), Refusal> {
         let ip = login.peer.map(|p| p.ip());
         let resumes = self.sessions.holds(login.client_id);
         if let Some(ip) = ip {
-            let max = self.settings.max_connections_per_address;
-            if max > 0 && !resumes && self.connections_from(ip) >= max {
+            // Per listener: a NAT'd site's listener may allow far more than the default.
+            let (max, held) = match login.listener {
+                Some(lid) => (
+                    self.settings
+                        .listener_max_per_address
+                        .get(&lid)
+                        .copied()
+                        .unwrap_or(self.settings.max_connections_per_address),
+                    self.sessions.from_ip_on(lid, ip),
+                ),
+                None => (
+                    self.settings.max_connections_per_address,
+                    self.connections_from(ip),
+                ),
+            };
+            if max > 0 && !resumes && held >= max {
                 return Err(Refusal::TooManyFromAddress);
             }
-            match self.throttle.gate(ip, Instant::now()) {
+            match self.throttle.gate(ip, login.user, Instant::now()) {
                 throttle::Gate::Go => {}
                 throttle::Gate::Wait(d) => tokio::time::sleep(d).await,
                 throttle::Gate::Throttled => return Err(Refusal::Throttled),
@@ -319,7 +337,7 @@ impl Guard {
         let result = self.check_credentials(&login).await;
         if let (Err(r), Some(ip)) = (result, ip) {
             if r.is_login_failure() {
-                self.throttle.failure(ip, Instant::now());
+                self.throttle.failure(ip, login.user, Instant::now());
             }
         }
         result?;

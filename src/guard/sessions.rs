@@ -12,6 +12,8 @@ use std::sync::Mutex;
 struct Held {
     user: Option<String>,
     ip: Option<IpAddr>,
+    /// The listener (config order) the session was opened through.
+    lid: u16,
     /// The session's creation time (rmqtt's `Id::create_time`): a terminated session only removes
     /// the entry it created, not a newer session that already took over its client id.
     created: i64,
@@ -22,6 +24,7 @@ struct Inner {
     by_client: HashMap<String, Held>,
     per_user: HashMap<String, usize>,
     per_ip: HashMap<IpAddr, usize>,
+    per_listener_ip: HashMap<(u16, IpAddr), usize>,
 }
 
 impl Inner {
@@ -41,6 +44,7 @@ impl Inner {
         }
         if let Some(ip) = h.ip {
             step(&mut self.per_ip, ip, add);
+            step(&mut self.per_listener_ip, (h.lid, ip), add);
         }
     }
 }
@@ -56,12 +60,14 @@ impl SessionTable {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A session was created for `client_id` (it replaces any entry of that client id).
-    pub fn created(&self, client_id: &str, user: Option<&str>, ip: Option<IpAddr>, created: i64) {
+    /// A session was created for `client_id` through listener `lid` (it replaces any entry of that
+    /// client id).
+    pub fn created(&self, client_id: &str, user: Option<&str>, ip: Option<IpAddr>, lid: u16, created: i64) {
         let mut t = self.lock();
         let held = Held {
             user: user.map(str::to_string),
             ip,
+            lid,
             created,
         };
         if let Some(old) = t.by_client.insert(client_id.to_string(), held.clone()) {
@@ -100,6 +106,11 @@ impl SessionTable {
         self.lock().per_ip.get(&ip).copied().unwrap_or(0)
     }
 
+    /// Sessions held that were opened from `ip` through listener `lid`.
+    pub fn from_ip_on(&self, lid: u16, ip: IpAddr) -> usize {
+        self.lock().per_listener_ip.get(&(lid, ip)).copied().unwrap_or(0)
+    }
+
     /// Sessions held in all.
     pub fn len(&self) -> usize {
         self.lock().by_client.len()
@@ -119,13 +130,18 @@ mod tests {
         let t = SessionTable::default();
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
-        t.created("dev-1", Some("dev"), Some(a), 1);
-        t.created("dev-2", Some("dev"), Some(a), 2);
-        t.created("other", Some("other"), Some(b), 3);
+        t.created("dev-1", Some("dev"), Some(a), 0, 1);
+        t.created("dev-2", Some("dev"), Some(a), 1, 2);
+        t.created("other", Some("other"), Some(b), 0, 3);
         assert_eq!((t.of_user("dev"), t.from_ip(a), t.from_ip(b)), (2, 2, 1));
+        assert_eq!(
+            (t.from_ip_on(0, a), t.from_ip_on(1, a), t.from_ip_on(1, b)),
+            (1, 1, 0)
+        );
         // dev-1 reconnects from b: the new session replaces the entry.
-        t.created("dev-1", Some("dev"), Some(b), 4);
+        t.created("dev-1", Some("dev"), Some(b), 0, 4);
         assert_eq!((t.of_user("dev"), t.from_ip(a), t.from_ip(b)), (2, 1, 2));
+        assert_eq!((t.from_ip_on(0, a), t.from_ip_on(0, b)), (0, 2));
         // The old session's termination arrives late: the newer one stays counted.
         t.terminated("dev-1", 1);
         assert!(t.holds("dev-1"));

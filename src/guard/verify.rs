@@ -1,6 +1,14 @@
-//! Where password hashes are checked: two long-lived worker threads (so at most two threads ever hold
-//! argon2 working memory, which each reuses), and a cache of recent successes so a device that
+//! Where password hashes are checked: a few long-lived worker threads, one per core from two up to
+//! four ([`verify_threads`]; so at most four threads ever hold argon2 working memory, ~19 MiB each at
+//! the default parameters, which each reuses), and a cache of recent successes so a device that
 //! reconnects with the same credentials does not cost a hash run each time.
+//!
+//! The cache is deliberately not kept across a restart. Persisted, its tags and their key would sit
+//! together in the state directory, and whoever can read it could test password guesses against the
+//! cached accounts at HMAC speed instead of argon2's: the very work the hash exists to impose. A
+//! reconnect storm after a restart therefore pays one verification per device, spread over the
+//! workers; where that is too slow the operator chooses the hash (mosquitto's `$7$` PBKDF2 at a
+//! lower iteration count, or argon2id with smaller parameters) per account in the password file.
 //!
 //! The cache stores only a keyed hash (HMAC-SHA256 under a random per-process key) of the user, the
 //! password and the stored hash string: no password, nothing an attacker could test guesses against
@@ -15,8 +23,20 @@ use std::sync::{LazyLock, Mutex};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// Worker threads for password verification.
-pub const VERIFY_THREADS: usize = 2;
+/// Fewest worker threads for password verification.
+pub const MIN_VERIFY_THREADS: usize = 2;
+/// Most worker threads: each may hold argon2's working memory (~19 MiB at the default parameters),
+/// and the unit runs under MemoryMax=256M.
+pub const MAX_VERIFY_THREADS: usize = 4;
+
+/// Worker threads for password verification: one per core the process may use, within
+/// [`MIN_VERIFY_THREADS`]..=[`MAX_VERIFY_THREADS`].
+pub fn verify_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(MIN_VERIFY_THREADS)
+        .clamp(MIN_VERIFY_THREADS, MAX_VERIFY_THREADS)
+}
 
 /// Successful verifications remembered at most (32 bytes each); the oldest is forgotten first.
 pub const CACHE_CAPACITY: usize = 4096;
@@ -72,7 +92,7 @@ impl VerifyPool {
 }
 
 /// The process's password-check workers, started at the first check.
-pub static POOL: LazyLock<VerifyPool> = LazyLock::new(|| VerifyPool::new(VERIFY_THREADS));
+pub static POOL: LazyLock<VerifyPool> = LazyLock::new(|| VerifyPool::new(verify_threads()));
 
 /// Recent successful verifications, as keyed hashes.
 pub struct VerifyCache {
@@ -182,7 +202,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pool_runs_jobs_on_at_most_two_named_threads_and_survives_a_panic() {
+    async fn pool_runs_jobs_on_at_most_verify_threads_named_threads_and_survives_a_panic() {
         let mut names = HashSet::new();
         for _ in 0..20 {
             let name = POOL
@@ -191,7 +211,8 @@ mod tests {
                 .unwrap();
             names.insert(name);
         }
-        assert!(names.len() <= VERIFY_THREADS, "{names:?}");
+        assert!(names.len() <= verify_threads(), "{names:?}");
+        assert!((MIN_VERIFY_THREADS..=MAX_VERIFY_THREADS).contains(&verify_threads()));
         assert!(
             names.iter().all(|n| n.starts_with("password-check-")),
             "{names:?}"

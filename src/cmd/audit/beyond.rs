@@ -25,6 +25,15 @@ pub(super) fn throttle(a: &mut Audit<'_>, c: &Config) {
             ),
         ));
     }
+    if t.address_ban_after > d.address_ban_after * 5 {
+        weak.push((
+            "auth.throttle.address_ban_after",
+            format!(
+                "an address banned only after {} failures (default {})",
+                t.address_ban_after, d.address_ban_after
+            ),
+        ));
+    }
     if t.delay_max < d.delay_min {
         weak.push((
             "auth.throttle.delay_max_s",
@@ -67,6 +76,14 @@ pub(super) fn limits(a: &mut Audit<'_>, c: &Config) {
     if l.max_connections_per_address == 0 {
         warn.push(("limits.max_connections_per_address", "no per-address limit"));
     }
+    // A listener's own value overrides [limits] for that listener.
+    let listener_warn: Vec<String> = c
+        .listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, lis)| lis.max_connections_per_address == Some(0))
+        .map(|(i, _)| format!("listener[{i}].max_connections_per_address"))
+        .collect();
     if l.handshake_timeout.as_secs() > 30 {
         warn.push((
             "limits.handshake_timeout_s",
@@ -76,7 +93,7 @@ pub(super) fn limits(a: &mut Audit<'_>, c: &Config) {
     if l.max_subscriptions == 0 {
         warn.push(("limits.max_subscriptions", "no subscription limit"));
     }
-    if warn.is_empty() {
+    if warn.is_empty() && listener_warn.is_empty() {
         a.push(
             12,
             Status::Pass,
@@ -86,5 +103,8 @@ pub(super) fn limits(a: &mut Audit<'_>, c: &Config) {
     }
     for (k, w) in warn {
         a.push(12, Status::Warn, k, w);
+    }
+    for k in listener_warn {
+        a.push(12, Status::Warn, &k, "no per-address limit on this listener");
     }
 }

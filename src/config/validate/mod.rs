@@ -247,6 +247,7 @@ fn listeners(ctx: &mut Ctx<'_>, files: Vec<(usize, ListenerFile)>, declared: boo
         return vec![Listener {
             bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
             tls: None,
+            max_connections_per_address: None,
         }];
     }
     let mut out: Vec<Listener> = Vec::new();
@@ -368,7 +369,11 @@ fn listeners(ctx: &mut Ctx<'_>, files: Vec<(usize, ListenerFile)>, declared: boo
                 None
             }
         };
-        out.push(Listener { bind, tls });
+        out.push(Listener {
+            bind,
+            tls,
+            max_connections_per_address: f.max_connections_per_address,
+        });
     }
     if out.is_empty() && !ctx.has_errors() {
         ctx.error("listener", "no listener: devices could not connect");
@@ -499,6 +504,12 @@ fn throttle(ctx: &mut Ctx<'_>, f: &ThrottleFile) -> crate::guard::throttle::Thro
     if f.max_addresses == 0 {
         ctx.error("auth.throttle.max_addresses", "must be at least 1");
     }
+    if f.address_ban_after <= f.address_free_failures {
+        ctx.error(
+            "auth.throttle.address_ban_after",
+            "must be above address_free_failures",
+        );
+    }
     crate::guard::throttle::ThrottleSettings {
         window: Duration::from_secs(f.window_s),
         free_failures: f.free_failures,
@@ -507,6 +518,8 @@ fn throttle(ctx: &mut Ctx<'_>, f: &ThrottleFile) -> crate::guard::throttle::Thro
         ban_after: f.ban_after,
         ban_for: Duration::from_secs(f.ban_s),
         max_entries: f.max_addresses,
+        address_free_failures: f.address_free_failures,
+        address_ban_after: f.address_ban_after,
     }
 }
 
