@@ -30,11 +30,8 @@ fn password(i: usize) -> String {
     format!("Storm-Device-Passw0rd-{i:03}")
 }
 
-fn refusals(reason: &str) -> u64 {
-    mqtt_uplink::ops::metrics::get()
-        .refusals
-        .with_label_values(&[reason])
-        .get()
+fn refusals(m: &mqtt_uplink::metrics::Metrics, reason: &str) -> u64 {
+    m.refusals.with_label_values(&[reason]).get()
 }
 
 const BAD: &str = "bad username or password";
@@ -94,13 +91,16 @@ async fn five_hundred_honest_logins_from_one_address_get_in_while_a_guesser_is_t
     let toml = "[[listener]]\nbind = \"127.0.0.1:0\"\nmax_connections_per_address = 1000\n\n\
                 [auth]\npassword_file = \"passwords\"\nacl_file = \"acl\"\n";
     let app = App::start(dir.path(), toml).await;
-    // The counters are process-wide: the other test here adds only "too many connections" refusals.
-    let (bad0, thr0, ban0) = (refusals(BAD), refusals(THROTTLED), refusals(BANNED));
+    let (bad0, thr0, ban0) = (
+        refusals(&app.counters, BAD),
+        refusals(&app.counters, THROTTLED),
+        refusals(&app.counters, BANNED),
+    );
 
     // The guesser starts first and keeps going until it is refused unchecked and the crowd is in.
     let crowd_done = Arc::new(AtomicBool::new(false));
     let guesser = {
-        let (addr, done) = (app.addr, crowd_done.clone());
+        let (addr, done, counters) = (app.addr, crowd_done.clone(), app.counters.clone());
         tokio::spawn(async move {
             let start = Instant::now();
             let mut attempts = 0u32;
@@ -108,7 +108,7 @@ async fn five_hundred_honest_logins_from_one_address_get_in_while_a_guesser_is_t
                 let code = guess(addr, attempts).await;
                 assert_ne!(code, Some(0), "a wrong password got in");
                 attempts += 1;
-                let unchecked = refusals(THROTTLED) + refusals(BANNED) > thr0 + ban0;
+                let unchecked = refusals(&counters, THROTTLED) + refusals(&counters, BANNED) > thr0 + ban0;
                 if unchecked && done.load(Ordering::Relaxed) {
                     break;
                 }
@@ -119,7 +119,7 @@ async fn five_hundred_honest_logins_from_one_address_get_in_while_a_guesser_is_t
     };
     // Let the guesser reach the throttle before the crowd arrives (bounded wait).
     let throttled = support::wait_until(Duration::from_secs(60), || {
-        refusals(THROTTLED) + refusals(BANNED) > thr0 + ban0
+        refusals(&app.counters, THROTTLED) + refusals(&app.counters, BANNED) > thr0 + ban0
     })
     .await;
     assert!(throttled, "the guesser was never refused unchecked");
@@ -141,8 +141,8 @@ async fn five_hundred_honest_logins_from_one_address_get_in_while_a_guesser_is_t
     crowd_done.store(true, Ordering::Relaxed);
     assert!(all.is_ok(), "the crowd did not finish within 240 s");
     let attempts = guesser.await.unwrap();
-    let checked = refusals(BAD) - bad0;
-    let unchecked = refusals(THROTTLED) + refusals(BANNED) - thr0 - ban0;
+    let checked = refusals(&app.counters, BAD) - bad0;
+    let unchecked = refusals(&app.counters, THROTTLED) + refusals(&app.counters, BANNED) - thr0 - ban0;
     println!(
         "storm: {} of {DEVICES} honest devices in, {} refused ({:?}); guesser: {attempts} attempts, \
          {checked} password checks, {unchecked} refused unchecked",
@@ -203,7 +203,7 @@ async fn max_connections_per_address_is_set_per_listener() {
          [limits]\nmax_connections_per_address = 2\n"
     );
     let app = App::start(dir.path(), &toml).await;
-    let many0 = refusals(TOO_MANY);
+    let many0 = refusals(&app.counters, TOO_MANY);
     let mut held = Vec::new();
     // The first listener's own limit: 3 from 127.0.0.1, not [limits]'s 2.
     for i in 0..3 {
@@ -221,7 +221,7 @@ async fn max_connections_per_address_is_set_per_listener() {
     }
     let (_c, code) = login_on(second, "b2").await;
     assert_eq!(code, Some(5), "the 3rd on the second listener is refused");
-    assert_eq!(refusals(TOO_MANY), many0 + 2);
+    assert_eq!(refusals(&app.counters, TOO_MANY), many0 + 2);
     drop(held);
     app.stop().await;
 }

@@ -28,44 +28,7 @@ use std::time::{Duration, Instant};
 /// without checking the password.
 pub const MAX_HOLD: Duration = Duration::from_secs(2);
 
-/// The throttle's parameters (`[auth.throttle]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ThrottleSettings {
-    /// Failures counted together when they fall within this window.
-    pub window: Duration,
-    /// Failures for one (address, username) allowed before any delay.
-    pub free_failures: u32,
-    /// First delay once a free allowance is used up; doubles per further failure.
-    pub delay_min: Duration,
-    /// Upper bound of the delay.
-    pub delay_max: Duration,
-    /// Failures for one (address, username) after which that pair is refused outright.
-    pub ban_after: u32,
-    /// How long a banned pair or address stays refused.
-    pub ban_for: Duration,
-    /// Entries remembered at most, in each of the two tables.
-    pub max_entries: usize,
-    /// Failures from one address, all usernames together, allowed before any delay.
-    pub address_free_failures: u32,
-    /// Failures from one address, all usernames together, after which it is refused outright.
-    pub address_ban_after: u32,
-}
-
-impl Default for ThrottleSettings {
-    fn default() -> Self {
-        ThrottleSettings {
-            window: Duration::from_secs(60),
-            free_failures: 5,
-            delay_min: Duration::from_secs(1),
-            delay_max: Duration::from_secs(60),
-            ban_after: 20,
-            ban_for: Duration::from_secs(600),
-            max_entries: 10_000,
-            address_free_failures: 50,
-            address_ban_after: 200,
-        }
-    }
-}
+pub use crate::config::ThrottleSettings;
 
 /// What an attempt may do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

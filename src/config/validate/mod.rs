@@ -488,7 +488,7 @@ fn auth(ctx: &mut Ctx<'_>, f: Option<AuthFile>, listeners: &[Listener]) -> Auth 
     }
 }
 
-fn throttle(ctx: &mut Ctx<'_>, f: &ThrottleFile) -> crate::guard::throttle::ThrottleSettings {
+fn throttle(ctx: &mut Ctx<'_>, f: &ThrottleFile) -> crate::config::ThrottleSettings {
     if f.window_s == 0 {
         ctx.error("auth.throttle.window_s", "must be at least 1");
     }
@@ -510,7 +510,7 @@ fn throttle(ctx: &mut Ctx<'_>, f: &ThrottleFile) -> crate::guard::throttle::Thro
             "must be above address_free_failures",
         );
     }
-    crate::guard::throttle::ThrottleSettings {
+    crate::config::ThrottleSettings {
         window: Duration::from_secs(f.window_s),
         free_failures: f.free_failures,
         delay_min: Duration::from_millis(f.delay_min_ms),
