@@ -190,7 +190,10 @@ pub fn validate(ctx: &mut Ctx<'_>, s: Sections) -> Option<Config> {
     if !mappings.is_empty() && !s.uplink_declared {
         ctx.error("map", "mappings need an [uplink] section to carry them");
     }
-    cycles(ctx, &mappings);
+    let echoes = uplink
+        .as_ref()
+        .is_some_and(|u| u.protocol == crate::config::model::MqttVersion::V311);
+    cycles(ctx, &mappings, echoes);
     in_overlaps(ctx, &mappings);
     let outbox = outbox(ctx, s.outbox.unwrap_or_default());
     let log_level = s.log.unwrap_or_default().level;
