@@ -229,6 +229,7 @@ async fn a_remote_topic_too_long_is_refused_and_never_blocks_the_uplink() {
             retain: true,
             accepted_ms: 0,
             user: "hog".into(),
+            props: None,
         })
         .await
         .unwrap();

@@ -303,7 +303,7 @@ impl Commit {
     }
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
@@ -826,6 +826,7 @@ mod tests {
             retain: false,
             accepted_ms: 0,
             user: user.into(),
+            props: None,
         }
     }
 

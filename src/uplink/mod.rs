@@ -110,6 +110,8 @@ struct Dialer {
     tls: Vec<TlsClient>,
     /// Per broker address, its URL for logs.
     addresses: Vec<String>,
+    /// Per broker address, the MQTT version to ask for (MQTT 5 falls back to 3.1.1 once refused).
+    versions: std::sync::Mutex<core::Versions>,
 }
 
 /// Why one transport gave no session.
@@ -201,7 +203,9 @@ impl UplinkTask {
                     health_timeout: cfg.health_timeout,
                     max_packet_size: broker.max_packet_size(),
                     max_in_msgs_per_s: cfg.max_in_msgs_per_s,
+                    topic_alias: cfg.topic_alias,
                 },
+                versions: std::sync::Mutex::new(core::Versions::new(cfg.protocol, cfg.brokers.len())),
                 legs,
                 tls,
                 addresses: cfg.brokers.iter().map(ToString::to_string).collect(),
@@ -293,6 +297,7 @@ impl UplinkTask {
                         transport = t.name(),
                         broker = %address,
                         session_present,
+                        protocol = conn.peer.version.name(),
                         queued = self.outbox.depth(),
                         "uplink connected"
                     );
@@ -445,7 +450,7 @@ impl Dialer {
         let stream = self.stream(leg).await?;
         tokio::time::timeout(
             self.identity.connect_timeout + self.identity.health_timeout,
-            session::probe(stream, &self.identity),
+            session::probe(stream, &self.identity, self.version(leg.address)),
         )
         .await
         .map_err(|_| anyhow::anyhow!("probe timed out"))?
@@ -466,7 +471,51 @@ impl Dialer {
             .secure(leg.transport.as_ref(), raw, leg.address)
             .await
             .map_err(refused)?;
-        session::connect(stream, &self.identity).await.map_err(refused)
+        let version = self.version(leg.address);
+        let e = match session::connect(stream, &self.identity, version).await {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        let Some(v) = e.downcast_ref::<session::VersionRefused>() else {
+            return Err(refused(e));
+        };
+        let after = self
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused(leg.address, v.asked, core::Refusal::UnsupportedVersion);
+        let core::AfterRefusal::Retry(next) = after else {
+            return Err(refused(e));
+        };
+        // Once per address: from now on it is asked for `next` at once.
+        tracing::warn!(
+            broker = %self.addresses[leg.address],
+            transport = leg.transport.name(),
+            "the cloud broker does not speak MQTT {} ({}); falling back to MQTT {} for it",
+            v.asked.name(),
+            v.reason,
+            next.name()
+        );
+        let raw = self
+            .raw(leg.transport.as_ref())
+            .await
+            .map_err(|error| NoSession {
+                refused: !unreachable(&error),
+                error,
+            })?;
+        let stream = self
+            .secure(leg.transport.as_ref(), raw, leg.address)
+            .await
+            .map_err(refused)?;
+        session::connect(stream, &self.identity, next).await.map_err(refused)
+    }
+
+    /// The MQTT version to ask broker address `address` for.
+    fn version(&self, address: usize) -> config::MqttVersion {
+        self.versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .for_address(address)
     }
 
     /// A stream over `t`, wrapped in TLS for an `mqtts://` broker; each step within `connect_timeout`.
