@@ -287,6 +287,7 @@ async fn a_too_long_topic_comes_back_whole_after_a_restart_and_is_dropped_not_cu
                 retain: true,
                 accepted_ms: 0,
                 user: "hog".into(),
+                props: None,
             })
             .await
             .unwrap();

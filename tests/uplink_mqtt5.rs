@@ -13,11 +13,8 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,8 +22,9 @@ use rumqttc::v5::mqttbytes::v5::{Filter, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::MqttOptions;
 use support::cloud::{Cloud, OBSERVER_PASSWORD, OBSERVER_USER, UPLINK_PASSWORD, UPLINK_USER};
+use support::front::{Front, PlainBroker};
 use support::v5::{options, topic, V5};
-use support::{free_port, mosquitto_passwd, tempdir, wait_until, write_secret, App};
+use support::{mosquitto_passwd, tempdir, wait_until, write_secret, App};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(20);
@@ -141,11 +139,18 @@ fn props(response_topic: &str, expiry: u32) -> PublishProperties {
 /// is taken off) and the response topic as mapped.
 fn assert_carried(got: &Option<PublishProperties>, sent: &PublishProperties, response_topic: &str) {
     let got = got.as_ref().expect("properties arrive");
-    assert_eq!(got.user_properties, sent.user_properties, "user properties, in order");
+    assert_eq!(
+        got.user_properties, sent.user_properties,
+        "user properties, in order"
+    );
     assert_eq!(got.content_type, sent.content_type);
     assert_eq!(got.payload_format_indicator, Some(1));
     assert_eq!(got.correlation_data, sent.correlation_data);
-    assert_eq!(got.response_topic.as_deref(), Some(response_topic), "rewritten by the mappings");
+    assert_eq!(
+        got.response_topic.as_deref(),
+        Some(response_topic),
+        "rewritten by the mappings"
+    );
     let e = got.message_expiry_interval.expect("an expiry interval");
     assert!(
         e > 0 && e <= sent.message_expiry_interval.unwrap(),
@@ -163,11 +168,19 @@ async fn properties_and_flags_arrive_unchanged_at_the_cloud_and_at_a_local_devic
 
     // Device -> cloud.
     let mut observer = cloud_client(&cloud, "observer-5").await;
-    observer.subscribe(keeping_retain("sites/plant-7/sensors/#")).await;
+    observer
+        .subscribe(keeping_retain("sites/plant-7/sensors/#"))
+        .await;
     let mut dev = device(&app, "dev1-v5").await;
     let sent = props("control/cmd/resp/dev1", 600);
     dev.client
-        .publish_with_properties("sensors/req", QoS::AtLeastOnce, true, "{\"t\":21.5}", sent.clone())
+        .publish_with_properties(
+            "sensors/req",
+            QoS::AtLeastOnce,
+            true,
+            "{\"t\":21.5}",
+            sent.clone(),
+        )
         .await
         .unwrap();
     let p = observer.publish(T).await.expect("the message reaches the cloud");
@@ -200,7 +213,13 @@ async fn properties_and_flags_arrive_unchanged_at_the_cloud_and_at_a_local_devic
     let down = props("sites/plant-7/sensors/reply", 600);
     observer
         .client
-        .publish_with_properties("sites/plant-7/cmd/set", QoS::AtLeastOnce, true, "on", down.clone())
+        .publish_with_properties(
+            "sites/plant-7/cmd/set",
+            QoS::AtLeastOnce,
+            true,
+            "on",
+            down.clone(),
+        )
         .await
         .unwrap();
     let p = dev.publish(T).await.expect("the message reaches the device");
@@ -211,7 +230,11 @@ async fn properties_and_flags_arrive_unchanged_at_the_cloud_and_at_a_local_devic
     assert_carried(&p.properties, &down, "sensors/reply");
     // Clean up the retained messages on the cloud (it persists).
     for t in ["sites/plant-7/sensors/req", "sites/plant-7/cmd/set"] {
-        observer.client.publish(t, QoS::AtLeastOnce, true, "").await.unwrap();
+        observer
+            .client
+            .publish(t, QoS::AtLeastOnce, true, "")
+            .await
+            .unwrap();
     }
     app.stop().await;
 }
@@ -232,7 +255,12 @@ async fn copies_on_a_both_mapping(protocol: &str) -> usize {
         for i in 0..100 {
             observer
                 .client
-                .publish("sites/plant-7/mirror/probe", QoS::AtLeastOnce, false, format!("{i}"))
+                .publish(
+                    "sites/plant-7/mirror/probe",
+                    QoS::AtLeastOnce,
+                    false,
+                    format!("{i}"),
+                )
                 .await
                 .unwrap();
             if dev.publish(Duration::from_millis(300)).await.is_some() {
@@ -266,154 +294,6 @@ async fn a_both_mapping_does_not_echo_over_mqtt_5() {
     assert_eq!(copies_on_a_both_mapping("3.1.1").await, 2, "3.1.1 echoes");
 }
 
-/// A plaintext mosquitto (anonymous allowed) on `port`, MQTT 5 capable, killed on drop.
-struct PlainBroker {
-    child: Child,
-    port: u16,
-    conf: std::path::PathBuf,
-}
-
-impl PlainBroker {
-    fn start(dir: &Path) -> PlainBroker {
-        let port = free_port();
-        let conf = dir.join("plain.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest stderr\nlog_type error\n"),
-        )
-        .unwrap();
-        let child = Self::spawn(&conf, port);
-        PlainBroker { child, port, conf }
-    }
-
-    fn spawn(conf: &Path, port: u16) -> Child {
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child
-    }
-
-    /// Killed and started again on the same port: every connection to it ends.
-    fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = Self::spawn(&self.conf, self.port);
-    }
-}
-
-impl Drop for PlainBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A TCP front before a broker: it reads each client's CONNECT, answers an MQTT 5 one as a 3.1.1
-/// broker does (CONNACK return code 0x01, then close) when `refuse_v5`, and passes everything else
-/// through, counting the bytes the client wrote.
-struct Front {
-    addr: SocketAddr,
-    v5_refused: Arc<AtomicU64>,
-    passed: Arc<AtomicU64>,
-    client_bytes: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Front {
-    async fn start(upstream: u16, refuse_v5: bool) -> Front {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let v5_refused = Arc::new(AtomicU64::new(0));
-        let passed = Arc::new(AtomicU64::new(0));
-        let client_bytes = Arc::new(AtomicU64::new(0));
-        let (r, p, b) = (v5_refused.clone(), passed.clone(), client_bytes.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((c, _)) = l.accept().await {
-                let (r, p, b) = (r.clone(), p.clone(), b.clone());
-                tokio::spawn(async move {
-                    let _ = serve(c, upstream, refuse_v5, r, p, b).await;
-                });
-            }
-        });
-        Front {
-            addr,
-            v5_refused,
-            passed,
-            client_bytes,
-            task,
-        }
-    }
-}
-
-impl Drop for Front {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn serve(
-    mut c: tokio::net::TcpStream,
-    upstream: u16,
-    refuse_v5: bool,
-    refused: Arc<AtomicU64>,
-    passed: Arc<AtomicU64>,
-    bytes: Arc<AtomicU64>,
-) -> std::io::Result<()> {
-    // The CONNECT: fixed header, remaining length, then "\0\x04MQTT" and the protocol level.
-    let mut head = vec![0u8; 2];
-    c.read_exact(&mut head).await?;
-    let mut len = usize::from(head[1] & 0x7f);
-    let mut shift = 7;
-    while head.last().unwrap() & 0x80 != 0 && head.len() < 5 {
-        let mut b = [0u8];
-        c.read_exact(&mut b).await?;
-        head.push(b[0]);
-        len |= usize::from(b[0] & 0x7f) << shift;
-        shift += 7;
-    }
-    let mut body = vec![0u8; len];
-    c.read_exact(&mut body).await?;
-    if refuse_v5 && body.get(6) == Some(&5) {
-        refused.fetch_add(1, Ordering::SeqCst);
-        c.write_all(&[0x20, 0x02, 0x00, 0x01]).await?;
-        return Ok(());
-    }
-    passed.fetch_add(1, Ordering::SeqCst);
-    let mut u = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
-    u.write_all(&head).await?;
-    u.write_all(&body).await?;
-    bytes.fetch_add((head.len() + body.len()) as u64, Ordering::SeqCst);
-    let (mut cr, mut cw) = c.into_split();
-    let (mut ur, mut uw) = u.into_split();
-    let up = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = cr.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<_, std::io::Error>(());
-            }
-            bytes.fetch_add(n as u64, Ordering::SeqCst);
-            uw.write_all(&buf[..n]).await?;
-        }
-    };
-    let down = tokio::io::copy(&mut ur, &mut cw);
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_refuses_mqtt_5_gets_3_1_1_once_and_for_all() {
     let dir = tempdir();
@@ -422,7 +302,11 @@ async fn a_broker_that_refuses_mqtt_5_gets_3_1_1_once_and_for_all() {
     let url = format!("mqtt://{}", front.addr);
     let app = App::start(dir.path(), &site(dir.path(), &url, "")).await;
     assert!(app.wait_connected(T).await, "uplink never connected");
-    assert_eq!(front.v5_refused.load(Ordering::SeqCst), 1, "asked for MQTT 5 once");
+    assert_eq!(
+        front.v5_refused.load(Ordering::SeqCst),
+        1,
+        "asked for MQTT 5 once"
+    );
     assert_eq!(front.passed.load(Ordering::SeqCst), 1, "then MQTT 3.1.1");
     // Messages flow over 3.1.1.
     let mut sub = V5::connect(MqttOptions::new("sub", "127.0.0.1", broker.port))
@@ -445,7 +329,11 @@ async fn a_broker_that_refuses_mqtt_5_gets_3_1_1_once_and_for_all() {
         wait_until(T, || front.passed.load(Ordering::SeqCst) >= 2).await,
         "the uplink reconnected"
     );
-    assert_eq!(front.v5_refused.load(Ordering::SeqCst), 1, "MQTT 5 not asked for again");
+    assert_eq!(
+        front.v5_refused.load(Ordering::SeqCst),
+        1,
+        "MQTT 5 not asked for again"
+    );
     app.stop().await;
 }
 
@@ -503,11 +391,23 @@ async fn a_message_whose_expiry_ran_out_in_the_outbox_is_dropped_and_counted() {
     let mut observer = V5::connect(opts).await.unwrap().0;
     let got = observer.publishes_within(Duration::from_secs(3)).await;
     let topics: Vec<String> = got.iter().map(topic).collect();
-    assert!(topics.contains(&"sites/plant-7/sensors/long".to_string()), "{topics:?}");
-    assert!(topics.contains(&"sites/plant-7/sensors/none".to_string()), "{topics:?}");
-    assert!(!topics.contains(&"sites/plant-7/sensors/short".to_string()), "{topics:?}");
+    assert!(
+        topics.contains(&"sites/plant-7/sensors/long".to_string()),
+        "{topics:?}"
+    );
+    assert!(
+        topics.contains(&"sites/plant-7/sensors/none".to_string()),
+        "{topics:?}"
+    );
+    assert!(
+        !topics.contains(&"sites/plant-7/sensors/short".to_string()),
+        "{topics:?}"
+    );
     // The remaining lifetime, not the original: at least the 3 s in the outbox taken off.
-    let long = got.iter().find(|p| topic(p) == "sites/plant-7/sensors/long").unwrap();
+    let long = got
+        .iter()
+        .find(|p| topic(p) == "sites/plant-7/sensors/long")
+        .unwrap();
     let e = long.properties.as_ref().unwrap().message_expiry_interval.unwrap();
     assert!(e <= 597, "expiry {e}: the time in the outbox is counted");
     // Counted in the metrics under reason="expired".
@@ -558,7 +458,9 @@ async fn bytes_per_message(topic_alias: bool, n: u64) -> f64 {
             .unwrap();
     }
     assert!(
-        wait_until(T, || app.outbox.counters().acked.load(Ordering::Relaxed) >= acked + n).await,
+        wait_until(T, || app.outbox.counters().acked.load(Ordering::Relaxed)
+            >= acked + n)
+        .await,
         "every message acknowledged by the cloud"
     );
     let written = front.client_bytes.load(Ordering::SeqCst) - before;
@@ -572,7 +474,7 @@ async fn topic_aliases_save_bytes_on_the_wire() {
     let with = bytes_per_message(true, n).await;
     let without = bytes_per_message(false, n).await;
     println!("bytes the uplink wrote per message: {with:.1} with topic aliases, {without:.1} without");
-    // The remote topic is 59 bytes; with an alias all but the first PUBLISH carry none (3 bytes
+    // The remote topic is 60 bytes; with an alias all but the first PUBLISH carry none (3 bytes
     // of alias property instead). PINGREQs may add a little to either.
     assert!(
         without - with >= 50.0,

@@ -137,7 +137,11 @@ impl Routes {
         };
         let m = (self.maps.iter().filter(|m| m.direction.comes_in()).find(covers))
             .or_else(|| self.maps.iter().find(covers))?;
-        Some(format!("{}{}", m.remote_prefix, &local_topic[m.local_prefix.len()..]))
+        Some(format!(
+            "{}{}",
+            m.remote_prefix,
+            &local_topic[m.local_prefix.len()..]
+        ))
     }
 
     /// An MQTT 5 response topic of a cloud message coming in (a remote topic) as a local device must
@@ -151,7 +155,11 @@ impl Routes {
         };
         let m = (self.maps.iter().filter(|m| m.direction.goes_out()).find(covers))
             .or_else(|| self.maps.iter().find(covers))?;
-        Some(format!("{}{}", m.local_prefix, &remote_topic[m.remote_prefix.len()..]))
+        Some(format!(
+            "{}{}",
+            m.local_prefix,
+            &remote_topic[m.remote_prefix.len()..]
+        ))
     }
 
     /// The subscriptions the uplink makes on the cloud broker, one per `in`/`both` mapping.
@@ -191,13 +199,22 @@ mod tests {
             map(2, Direction::Out, "answers/#", "dev/", "cloud/", 1),
         ]);
         // Going out: the `in` mapping that brings the answer back decides.
-        assert_eq!(r.response_out("local/resp/d1").as_deref(), Some("sites/p7/resp/d1"));
+        assert_eq!(
+            r.response_out("local/resp/d1").as_deref(),
+            Some("sites/p7/resp/d1")
+        );
         // No `in` mapping covers it: as an `out` mapping rewrites a topic.
         assert_eq!(r.response_out("req/x").as_deref(), Some("sites/p7/req/x"));
         assert_eq!(r.response_out("elsewhere/x"), None);
         // Coming in: the `out` mapping that takes the device's answer to it decides.
-        assert_eq!(r.response_in("cloud/answers/42").as_deref(), Some("dev/answers/42"));
-        assert_eq!(r.response_in("sites/p7/resp/d1").as_deref(), Some("local/resp/d1"));
+        assert_eq!(
+            r.response_in("cloud/answers/42").as_deref(),
+            Some("dev/answers/42")
+        );
+        assert_eq!(
+            r.response_in("sites/p7/resp/d1").as_deref(),
+            Some("local/resp/d1")
+        );
         assert_eq!(r.response_in("other/x"), None);
     }
 

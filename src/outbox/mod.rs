@@ -89,7 +89,11 @@ pub struct MsgProps {
 impl MsgProps {
     /// Bytes it takes (about), for the outbox's accounting.
     pub fn size(&self) -> usize {
-        8 + self.user_properties.iter().map(|(k, v)| 4 + k.len() + v.len()).sum::<usize>()
+        8 + self
+            .user_properties
+            .iter()
+            .map(|(k, v)| 4 + k.len() + v.len())
+            .sum::<usize>()
             + self.content_type.as_ref().map_or(0, |c| 2 + c.len())
             + self.response_topic.as_ref().map_or(0, |c| 2 + c.len())
             + self.correlation_data.as_ref().map_or(0, |c| 2 + c.len())
@@ -682,7 +686,10 @@ impl Outbox {
         let mut st = self.state();
         if let Some(e) = st.remove(seq) {
             self.forget(seq);
-            self.inner.counters.dropped_expired.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .dropped_expired
+                .fetch_add(1, Ordering::Relaxed);
             crate::ops::metrics::get()
                 .dropped
                 .with_label_values(&[reason::MESSAGE_EXPIRED])

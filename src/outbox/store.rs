@@ -585,10 +585,22 @@ fn encode_props(p: &MsgProps, v: &mut Vec<u8>) {
     if p.utf8_payload {
         flags |= P_UTF8;
     }
-    flags |= if p.content_type.is_some() { P_CONTENT_TYPE } else { 0 };
+    flags |= if p.content_type.is_some() {
+        P_CONTENT_TYPE
+    } else {
+        0
+    };
     flags |= if p.expiry_s.is_some() { P_EXPIRY } else { 0 };
-    flags |= if p.response_topic.is_some() { P_RESPONSE_TOPIC } else { 0 };
-    flags |= if p.correlation_data.is_some() { P_CORRELATION } else { 0 };
+    flags |= if p.response_topic.is_some() {
+        P_RESPONSE_TOPIC
+    } else {
+        0
+    };
+    flags |= if p.correlation_data.is_some() {
+        P_CORRELATION
+    } else {
+        0
+    };
     v.push(flags);
     if let Some(e) = p.expiry_s {
         v.extend_from_slice(&e.to_le_bytes());
@@ -676,7 +688,8 @@ fn decode(rec: &[u8]) -> Option<OutMessage> {
         .ok()?
         .to_string();
     let (props, payload_at) = if format == FORMAT {
-        let plen = u32::from_le_bytes(rec.get(topic_end..topic_end.checked_add(4)?)?.try_into().ok()?) as usize;
+        let plen =
+            u32::from_le_bytes(rec.get(topic_end..topic_end.checked_add(4)?)?.try_into().ok()?) as usize;
         let start = topic_end + 4;
         let end = start.checked_add(plen)?;
         (decode_props(rec.get(start..end)?)?, end)

@@ -455,6 +455,68 @@ mod tests {
         assert!(matches!(&out[2], Inbound::Packet(Packet::PublishAck { .. })));
     }
 
+    /// Issue 15: over MQTT 5 the same rules hold (a v5 PUBLISH starts with the same topic and packet
+    /// id; its properties follow), the packets come in the 3.1.1 model with their properties, and a
+    /// 3.1.1 CONNACK (a 3.1.1 broker refusing MQTT 5) is still recognised.
+    #[test]
+    fn over_mqtt_5_the_same_rules_hold_and_properties_come_through() {
+        let mut codec = InboundCodec::new(1024);
+        codec.set_v5();
+        let mut wire = vec![0x20, 2, 0, 1];
+        wire.extend(publish(b"big/topic", 5000, 1, 42));
+        wire.extend(publish(b"cmd/\xff", 3, 2, 7));
+        let mut enc = v5::Codec::new(0, 0);
+        let mut b = BytesMut::new();
+        let props = v5::PublishProperties {
+            user_properties: vec![("k".into(), "v".into())],
+            content_type: Some("text/plain".into()),
+            response_topic: Some("r/t".into()),
+            correlation_data: Some(Bytes::from_static(b"c")),
+            message_expiry_interval: std::num::NonZeroU32::new(30),
+            ..Default::default()
+        };
+        let p = Publish {
+            dup: false,
+            retain: true,
+            qos: QoS::AtLeastOnce,
+            topic: "a/b".into(),
+            packet_id: NonZeroU16::new(5),
+            payload: Bytes::from_static(b"hello"),
+            properties: Some(props),
+        };
+        enc.encode(v5::Packet::Publish(Box::new(p.clone())), &mut b)
+            .unwrap();
+        enc.encode(
+            v5::Packet::PublishAck(v5::PublishAck {
+                packet_id: NonZeroU16::new(3).unwrap(),
+                reason_code: v5::PublishAckReason::QuotaExceeded,
+                properties: Vec::new(),
+                reason_string: None,
+            }),
+            &mut b,
+        )
+        .unwrap();
+        wire.extend_from_slice(&b);
+        let out = feed(&mut codec, &wire, 5);
+        assert_eq!(out.len(), 5, "{out:?}");
+        assert!(matches!(
+            &out[0],
+            Inbound::Packet(Packet::ConnectAck(a)) if a.return_code == rmqtt::codec::v3::ConnectAckReason::UnacceptableProtocolVersion
+        ));
+        assert!(
+            matches!(&out[1], Inbound::Discarded(d) if matches!(d.why, Why::TooLarge { .. }) && d.packet_id == NonZeroU16::new(42))
+        );
+        assert!(
+            matches!(&out[2], Inbound::Discarded(d) if d.why == Why::TopicNotUtf8 && d.packet_id == NonZeroU16::new(7))
+        );
+        assert!(
+            matches!(&out[3], Inbound::Packet(Packet::Publish(q)) if **q == p),
+            "{:?}",
+            out[3]
+        );
+        assert!(matches!(&out[4], Inbound::Packet(Packet::PublishAck { packet_id }) if packet_id.get() == 3));
+    }
+
     #[test]
     fn an_oversize_packet_that_is_not_a_publish_is_an_error() {
         let mut codec = InboundCodec::new(16);

@@ -15,13 +15,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
-use futures_util::{SinkExt, StreamExt};
 use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
 use rmqtt::codec::error::EncodeError;
 use rmqtt::codec::v3::{Codec, Packet};
 use rmqtt::codec::v5;
-use tokio_util::codec::Encoder;
 use tokio::io::{ReadHalf, WriteHalf};
+use tokio_util::codec::Encoder;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::decode::{Inbound, InboundCodec};
@@ -166,7 +166,12 @@ impl Link {
     /// `max_inbound` bounds the remaining length of packets taken from the broker: a PUBLISH over it
     /// is skipped and reported as [`Inbound::Discarded`], anything else over it ends the stream.
     pub fn new(stream: BoxStream, max_inbound: u32, write_timeout: Duration) -> Self {
-        Self::with_version(stream, max_inbound, write_timeout, crate::config::MqttVersion::V311)
+        Self::with_version(
+            stream,
+            max_inbound,
+            write_timeout,
+            crate::config::MqttVersion::V311,
+        )
     }
 
     /// A link speaking `version`.

@@ -479,11 +479,11 @@ impl Dialer {
         let Some(v) = e.downcast_ref::<session::VersionRefused>() else {
             return Err(refused(e));
         };
-        let after = self
-            .versions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .refused(leg.address, v.asked, core::Refusal::UnsupportedVersion);
+        let after = self.versions.lock().unwrap_or_else(|p| p.into_inner()).refused(
+            leg.address,
+            v.asked,
+            core::Refusal::UnsupportedVersion,
+        );
         let core::AfterRefusal::Retry(next) = after else {
             return Err(refused(e));
         };
@@ -507,7 +507,9 @@ impl Dialer {
             .secure(leg.transport.as_ref(), raw, leg.address)
             .await
             .map_err(refused)?;
-        session::connect(stream, &self.identity, next).await.map_err(refused)
+        session::connect(stream, &self.identity, next)
+            .await
+            .map_err(refused)
     }
 
     /// The MQTT version to ask broker address `address` for.

@@ -20,10 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::core::mqtt5::SESSION_EXPIRY_S;
 use super::core::{Action, Dropped, Peer, Session, Settings};
-use crate::config::MqttVersion;
 use super::decode::{Inbound, MQTT_MAX_REMAINING};
 use super::link::Link;
 use super::subscriptions::{Filters, Ledger};
+use crate::config::MqttVersion;
 
 use crate::bridge::inbound::Inbound as Bridge;
 use crate::broker::drops;
@@ -181,7 +181,8 @@ async fn connect_as(
         .map_err(|_| anyhow!("no CONNACK within {:?}", id.connect_timeout))?;
     match reply {
         Some(Ok(Inbound::Packet(Packet::ConnectAck(ack)))) => {
-            if ack.return_code == ConnectAckReason::UnacceptableProtocolVersion && version == MqttVersion::V5 {
+            if ack.return_code == ConnectAckReason::UnacceptableProtocolVersion && version == MqttVersion::V5
+            {
                 return Err(VersionRefused {
                     asked: version,
                     reason: ack.return_code.reason().to_string(),

@@ -662,7 +662,8 @@ fn outgoing(c: &Connection, m: OutMessage, now_ms: u64, qos: QoS) -> Option<Publ
 fn over_max(peer: &Peer, p: &Publish) -> Option<String> {
     let max = peer.max_packet_size?;
     let size = packet_size(p, peer.version);
-    (size > max as usize).then(|| format!("PUBLISH of {size} bytes (the cloud's Maximum Packet Size is {max})"))
+    (size > max as usize)
+        .then(|| format!("PUBLISH of {size} bytes (the cloud's Maximum Packet Size is {max})"))
 }
 
 /// The whole packet's size on the wire (a QoS > 0 PUBLISH's packet id counted).

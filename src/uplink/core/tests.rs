@@ -9,11 +9,11 @@ use bytes::Bytes;
 use rmqtt::codec::types::{Publish, QoS};
 use rmqtt::codec::v3::{Packet, SubscribeReturnCode};
 
-use super::mqtt5::{AfterRefusal, Aliases, AliasUse, Peer, Refusal, Versions};
+use super::mqtt5::{AfterRefusal, AliasUse, Aliases, Peer, Refusal, Versions};
 use super::session::{packet_size, reason, Action, Dropped, Failure, Session, Settings};
+use crate::bridge::inbound::CloudMessage;
 use crate::config::MqttVersion;
 use crate::outbox::MsgProps;
-use crate::bridge::inbound::CloudMessage;
 use crate::outbox::OutMessage;
 use crate::uplink::decode::{Discarded, Inbound, Why};
 use crate::uplink::subscriptions::Filters;
@@ -932,7 +932,10 @@ fn the_window_is_the_smaller_of_ours_and_the_clouds_receive_maximum() {
     assert_eq!(r.s.window_size(), Some(3));
     r.cloud_acks_all_until_idle();
     assert_eq!(r.acked.len(), 30, "everything delivered");
-    assert_eq!(r.max_window_seen, 3, "never more than the cloud's Receive Maximum in flight");
+    assert_eq!(
+        r.max_window_seen, 3,
+        "never more than the cloud's Receive Maximum in flight"
+    );
     // A cloud that allows more than ours: ours.
     r.disconnect();
     r.connect_to(true, v5_peer(500, None, 0));
@@ -968,12 +971,18 @@ fn the_expiry_sent_is_what_is_left_and_an_expired_message_is_dropped_not_sent() 
     // up); offered 2 s later it has none and is dropped, as is a QoS 0 one.
     s.offer(
         t0 + 2_000,
-        [(1, with_props(1, t0, Some(2))), (2, with_props(2, t0 + 1_500, Some(2)))],
+        [
+            (1, with_props(1, t0, Some(2))),
+            (2, with_props(2, t0 + 1_500, Some(2))),
+        ],
     );
     s.offer_qos0(t0 + 5_000, with_props(0, t0, Some(3)));
     let (sent, other) = publishes(&mut s);
     assert!(matches!(other[0], Action::Expired(1)), "{other:?}");
-    assert!(matches!(other[1], Action::Drop(Dropped::Qos0Expired)), "{other:?}");
+    assert!(
+        matches!(other[1], Action::Drop(Dropped::Qos0Expired)),
+        "{other:?}"
+    );
     assert_eq!(Dropped::Qos0Expired.reason(), "expired");
     assert_eq!(sent.len(), 1);
     let p = sent[0].properties.as_ref().unwrap();
@@ -992,7 +1001,10 @@ fn the_expiry_sent_is_what_is_left_and_an_expired_message_is_dropped_not_sent() 
     assert_eq!(sent[0].properties.as_ref().unwrap().message_expiry_interval, None);
     s.disconnected();
     s.connected(now, true);
-    s.offer(t0 + 1_000, [(4, with_props(4, t0, Some(2))), (5, with_props(5, t0, Some(1)))]);
+    s.offer(
+        t0 + 1_000,
+        [(4, with_props(4, t0, Some(2))), (5, with_props(5, t0, Some(1)))],
+    );
     let (sent, other) = publishes(&mut s);
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].properties, None);
@@ -1031,7 +1043,11 @@ fn topic_aliases_replace_repeated_topics_up_to_the_clouds_maximum_per_connection
     assert_eq!(a.next("t/1"), AliasUse::Set(pid(1)));
     assert_eq!(a.next("t/1"), AliasUse::Use(pid(1)));
     assert_eq!(a.next("t/2"), AliasUse::Set(pid(2)));
-    assert_eq!(a.next("t/3"), AliasUse::None, "the table is full: the topic itself");
+    assert_eq!(
+        a.next("t/3"),
+        AliasUse::None,
+        "the table is full: the topic itself"
+    );
     assert_eq!(a.next("t/2"), AliasUse::Use(pid(2)));
     assert_eq!(Aliases::new(0).next("t/1"), AliasUse::None);
 
@@ -1070,7 +1086,9 @@ fn topic_aliases_replace_repeated_topics_up_to_the_clouds_maximum_per_connection
     s.connected_to(now, true, v5_peer(100, None, 10));
     s.offer(0, [m(1, 0), m(2, 0)]);
     let (sent, _) = publishes(&mut s);
-    assert!(sent.iter().all(|p| &*p.topic == "sites/p7/m0" && p.properties.is_none()));
+    assert!(sent
+        .iter()
+        .all(|p| &*p.topic == "sites/p7/m0" && p.properties.is_none()));
 }
 
 #[test]
@@ -1078,7 +1096,10 @@ fn a_broker_that_refuses_mqtt_5_gets_3_1_1_from_then_on() {
     let mut v = Versions::new(MqttVersion::V5, 2);
     assert_eq!(v.for_address(0), MqttVersion::V5);
     // A refusal for other reasons changes nothing.
-    assert_eq!(v.refused(0, MqttVersion::V5, Refusal::Other), AfterRefusal::GiveUp);
+    assert_eq!(
+        v.refused(0, MqttVersion::V5, Refusal::Other),
+        AfterRefusal::GiveUp
+    );
     assert_eq!(v.for_address(0), MqttVersion::V5);
     assert_eq!(
         v.refused(0, MqttVersion::V5, Refusal::UnsupportedVersion),
@@ -1092,5 +1113,8 @@ fn a_broker_that_refuses_mqtt_5_gets_3_1_1_from_then_on() {
         AfterRefusal::GiveUp
     );
     // Configured 3.1.1: never MQTT 5.
-    assert_eq!(Versions::new(MqttVersion::V311, 1).for_address(0), MqttVersion::V311);
+    assert_eq!(
+        Versions::new(MqttVersion::V311, 1).for_address(0),
+        MqttVersion::V311
+    );
 }
