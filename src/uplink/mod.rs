@@ -447,13 +447,47 @@ impl Dialer {
 
     /// One health probe over `leg`: stream, TLS, an MQTT round trip as `<client_id>-probe`.
     async fn probe(&self, leg: &Leg) -> anyhow::Result<()> {
-        let stream = self.stream(leg).await?;
-        tokio::time::timeout(
-            self.identity.connect_timeout + self.identity.health_timeout,
-            session::probe(stream, &self.identity, self.version(leg.address)),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("probe timed out"))?
+        let once = |version| async move {
+            let stream = self.stream(leg).await?;
+            tokio::time::timeout(
+                self.identity.connect_timeout + self.identity.health_timeout,
+                session::probe(stream, &self.identity, version),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("probe timed out"))?
+        };
+        let e = match once(self.version(leg.address)).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        // A broker address only probed so far may refuse MQTT 5 too: the same fallback.
+        match self.fall_back(leg, &e) {
+            Some(next) => once(next).await,
+            None => Err(e),
+        }
+    }
+
+    /// After `e`: when it is the broker refusing the MQTT version, the version to try at once (the
+    /// address keeps it from now on; logged once), else `None`.
+    fn fall_back(&self, leg: &Leg, e: &anyhow::Error) -> Option<config::MqttVersion> {
+        let v = e.downcast_ref::<session::VersionRefused>()?;
+        let after = self.versions.lock().unwrap_or_else(|p| p.into_inner()).refused(
+            leg.address,
+            v.asked,
+            core::Refusal::UnsupportedVersion,
+        );
+        let core::AfterRefusal::Retry(next) = after else {
+            return None;
+        };
+        tracing::warn!(
+            broker = %self.addresses[leg.address],
+            transport = leg.transport.name(),
+            "the cloud broker does not speak MQTT {} ({}); falling back to MQTT {} for it",
+            v.asked.name(),
+            v.reason,
+            next.name()
+        );
+        Some(next)
     }
 
     /// Stream, TLS, CONNECT over `t`. A failure to get the stream is `refused` only when something
@@ -476,26 +510,9 @@ impl Dialer {
             Ok(c) => return Ok(c),
             Err(e) => e,
         };
-        let Some(v) = e.downcast_ref::<session::VersionRefused>() else {
+        let Some(next) = self.fall_back(leg, &e) else {
             return Err(refused(e));
         };
-        let after = self.versions.lock().unwrap_or_else(|p| p.into_inner()).refused(
-            leg.address,
-            v.asked,
-            core::Refusal::UnsupportedVersion,
-        );
-        let core::AfterRefusal::Retry(next) = after else {
-            return Err(refused(e));
-        };
-        // Once per address: from now on it is asked for `next` at once.
-        tracing::warn!(
-            broker = %self.addresses[leg.address],
-            transport = leg.transport.name(),
-            "the cloud broker does not speak MQTT {} ({}); falling back to MQTT {} for it",
-            v.asked.name(),
-            v.reason,
-            next.name()
-        );
         let raw = self
             .raw(leg.transport.as_ref())
             .await

@@ -220,7 +220,14 @@ async fn connect_as(
                 receive_max: ack.receive_max.get(),
                 max_packet_size: ack.max_packet_size,
                 topic_alias_max: ack.topic_alias_max,
+                retain_available: ack.retain_available,
+                server_keepalive: ack.server_keepalive_sec,
             };
+            if !ack.retain_available {
+                tracing::warn!(
+                    "the cloud broker takes no retained messages: the retain flag is cleared on the way up"
+                );
+            }
             if !clean_session {
                 tracing::debug!(
                     receive_max = ack.receive_max.get(),

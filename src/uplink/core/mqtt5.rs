@@ -27,6 +27,12 @@ pub struct Peer {
     pub max_packet_size: Option<u32>,
     /// Its Topic Alias Maximum (0: no aliases).
     pub topic_alias_max: u16,
+    /// Retain Available: false when it takes no retained messages (the flag is then cleared, as
+    /// sending it would end the connection).
+    pub retain_available: bool,
+    /// Server Keep Alive: the keepalive it imposes, when shorter than ours (the health check then
+    /// runs at least this often).
+    pub server_keepalive: Option<u16>,
 }
 
 impl Peer {
@@ -36,6 +42,8 @@ impl Peer {
         receive_max: u16::MAX,
         max_packet_size: None,
         topic_alias_max: 0,
+        retain_available: true,
+        server_keepalive: None,
     };
 
     pub fn is_v5(&self) -> bool {

@@ -163,6 +163,8 @@ struct Connection {
     cursor: u64,
     /// When the next PINGREQ is due (while none is outstanding).
     next_ping: Instant,
+    /// A PINGREQ is sent this often: `health_every`, or the cloud's Server Keep Alive if shorter.
+    every: Duration,
     /// When the outstanding PINGREQ must have been answered.
     ping_deadline: Option<Instant>,
     rate: InRate,
@@ -281,6 +283,14 @@ impl Session {
 
     /// Event: as [`connected`](Self::connected), with what the cloud's CONNACK allows (MQTT 5).
     pub fn connected_to(&mut self, now: Instant, session_present: bool, peer: Peer) {
+        let every = match peer.server_keepalive {
+            // Half of it: the cloud closes the connection after 1.5 keepalives without a packet.
+            Some(k) if k > 0 => self
+                .settings
+                .health_every
+                .min(Duration::from_millis(u64::from(k) * 500)),
+            _ => self.settings.health_every,
+        };
         if !session_present {
             self.qos2.clear();
             if !self.held.is_empty() {
@@ -294,7 +304,8 @@ impl Session {
             subscribed: self.wanted.clone(),
             inflight: HashMap::new(),
             cursor: 0,
-            next_ping: now + self.settings.health_every,
+            next_ping: now + every,
+            every,
             ping_deadline: None,
             rate: InRate::new(self.settings.max_in_msgs_per_s, now),
             paused_until: None,
@@ -508,7 +519,6 @@ impl Session {
     /// Event: the time of [`poll_timeout`](Self::poll_timeout) has come (`now` may be later). `Err`
     /// when the connection failed its health check and must end.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Failure> {
-        let every = self.settings.health_every;
         let timeout = self.settings.health_timeout;
         let Some(c) = self.conn.as_mut() else {
             return Ok(());
@@ -529,7 +539,7 @@ impl Session {
             Some(_) => {}
             None if now >= c.next_ping => {
                 c.ping_deadline = Some(now + timeout);
-                c.next_ping = now + every;
+                c.next_ping = now + c.every;
                 self.actions.push_back(Action::Send(Packet::PingRequest));
             }
             None => {}
@@ -649,7 +659,7 @@ fn outgoing(c: &Connection, m: OutMessage, now_ms: u64, qos: QoS) -> Option<Publ
     };
     Some(Publish {
         dup: false,
-        retain: m.retain,
+        retain: m.retain && c.peer.retain_available,
         qos,
         topic: m.topic.into(),
         packet_id: None,

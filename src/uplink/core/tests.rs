@@ -906,6 +906,8 @@ fn v5_peer(receive_max: u16, max_packet_size: Option<u32>, topic_alias_max: u16)
         receive_max,
         max_packet_size,
         topic_alias_max,
+        retain_available: true,
+        server_keepalive: None,
     }
 }
 
@@ -1117,4 +1119,30 @@ fn a_broker_that_refuses_mqtt_5_gets_3_1_1_from_then_on() {
         Versions::new(MqttVersion::V311, 1).for_address(0),
         MqttVersion::V311
     );
+}
+
+#[test]
+fn a_cloud_without_retain_gets_no_retain_flag_and_its_server_keep_alive_paces_the_health_check() {
+    let mut s = Session::new(settings(8), Filters::new());
+    let now = Instant::now();
+    let peer = Peer {
+        retain_available: false,
+        server_keepalive: Some(2),
+        ..v5_peer(100, None, 0)
+    };
+    s.connected_to(now, true, peer);
+    let mut m = message(1, 0);
+    m.retain = true;
+    s.offer(0, [(1, m.clone())]);
+    let (sent, _) = publishes(&mut s);
+    assert!(!sent[0].retain, "a retained PUBLISH would end the connection");
+    // Our health check is every 5 s; the cloud wants a packet within 2 s: a PINGREQ every second.
+    assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(1)));
+    // A cloud that takes retained messages gets the flag.
+    s.disconnected();
+    s.connected_to(now, true, v5_peer(100, None, 0));
+    s.offer(0, [(1, m)]);
+    let (sent, _) = publishes(&mut s);
+    assert!(sent[0].retain);
+    assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(5)));
 }
