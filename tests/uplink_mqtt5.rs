@@ -403,6 +403,15 @@ async fn a_message_whose_expiry_ran_out_in_the_outbox_is_dropped_and_counted() {
         !topics.contains(&"sites/plant-7/sensors/short".to_string()),
         "{topics:?}"
     );
+    // No expiry is made up for a message without one (it waits in the outbox as long as it takes).
+    let none = got
+        .iter()
+        .find(|p| topic(p) == "sites/plant-7/sensors/none")
+        .unwrap();
+    assert_eq!(
+        none.properties.as_ref().and_then(|p| p.message_expiry_interval),
+        None
+    );
     // The remaining lifetime, not the original: at least the 3 s in the outbox taken off.
     let long = got
         .iter()
