@@ -359,9 +359,10 @@ impl FakeCloud {
         FakeCloud { listener, port }
     }
 
+    /// The fake speaks MQTT 3.1.1 (its CONNACK is 3.1.1's): the uplink is told to.
     fn uplink(&self, extra: &str) -> String {
         format!(
-            "broker = \"mqtt://127.0.0.1:{}\"\nclient_id = \"plant-7-uplink\"\n{extra}",
+            "broker = \"mqtt://127.0.0.1:{}\"\nclient_id = \"plant-7-uplink\"\nprotocol = \"3.1.1\"\n{extra}",
             self.port
         )
     }

@@ -227,6 +227,7 @@ async fn a_remote_topic_too_long_is_refused_and_never_blocks_the_uplink() {
             retain: true,
             accepted_ms: 0,
             user: "hog".into(),
+            props: None,
         })
         .await
         .unwrap();
@@ -284,6 +285,7 @@ async fn a_too_long_topic_comes_back_whole_after_a_restart_and_is_dropped_not_cu
                 retain: true,
                 accepted_ms: 0,
                 user: "hog".into(),
+                props: None,
             })
             .await
             .unwrap();

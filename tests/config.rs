@@ -350,3 +350,31 @@ fn passwd_writes_a_file_the_appliance_and_mosquitto_both_accept() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+/// Issue 15: `[uplink] protocol` is "5" (default) or "3.1.1", named with its line when wrong; the
+/// echo warning of a `both` mapping is given for 3.1.1 only (MQTT 5 subscribes with no-local).
+#[test]
+fn the_uplink_protocol_and_the_echo_warning_of_both_mappings() {
+    let text = |protocol: &str| {
+        format!(
+            "[uplink]\nbroker = \"mqtt://127.0.0.1:18830\"\nclient_id = \"u\"\n{protocol}\n\n\
+             [[map]]\ndirection = \"both\"\ntopic = \"mirror/#\"\nremote_prefix = \"sites/a/\"\n"
+        )
+    };
+    let echo = |c: &config::Config| c.warnings.iter().any(|w| w.message.contains("echoes"));
+    let (_dir, path) = write(&text(""));
+    let c = config::load(&path).unwrap();
+    assert_eq!(c.uplink.as_ref().unwrap().protocol, config::MqttVersion::V5);
+    assert!(!echo(&c), "{:?}", c.warnings);
+    let (_dir, path) = write(&text("protocol = \"3.1.1\""));
+    let c = config::load(&path).unwrap();
+    assert_eq!(c.uplink.as_ref().unwrap().protocol, config::MqttVersion::V311);
+    assert!(echo(&c), "{:?}", c.warnings);
+    let e = errors(&text("protocol = \"4.0\""));
+    let d = e
+        .iter()
+        .find(|d| d.key == "uplink.protocol")
+        .unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(d.line, Some(4));
+    assert!(d.message.contains("\"3.1.1\""), "{}", d.message);
+}

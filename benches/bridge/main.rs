@@ -7,7 +7,8 @@
 //! cargo bench --bench bridge -- --quick    # a few seconds per scenario, 1 repetition -> target/bench-quick/
 //! ```
 //! Options: `--reps N`, `--paths direct,ssh,wireguard`, `--out DIR`, `--no-outage`, `--no-conns`,
-//! `--only SECTION[,SECTION…]` (sections: idle, latency, outage, throughput, connections, flood-memory, storm;
+//! `--only SECTION[,SECTION…]` (sections: idle, latency, outage, throughput, connections, flood-memory,
+//! topic-alias, storm;
 //! a partial run writes `<sections>.md` and `<sections>-run-<time>.json`, never `results.md`).
 //! Needs root (network namespaces for the WireGuard path), mosquitto 2.0, OpenSSH, wireguard-go, wg, ip.
 //! Only loopback and the benchmark's own namespace are used.
@@ -17,6 +18,7 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod alias;
 mod flood;
 mod gen;
 mod lab;
@@ -78,15 +80,19 @@ pub struct Settings {
 
 /// The benchmark's sections, in the order they run for each edge (flood-memory: after the paths, on
 /// the direct path, on fresh edges).
-pub const SECTIONS: [&str; 7] = [
+pub const SECTIONS: [&str; 8] = [
     "idle",
     "latency",
     "outage",
     "throughput",
     "connections",
     "flood-memory",
+    "topic-alias",
     "storm",
 ];
+
+/// The sections that run once per repetition on their own peers, not per path.
+const OWN_PEERS: [&str; 3] = ["flood-memory", "topic-alias", "storm"];
 
 impl Settings {
     pub fn has(&self, section: &str) -> bool {
@@ -211,7 +217,7 @@ pub(crate) fn progress(msg: &str) {
 }
 
 async fn run_all(s: &Settings, res: &mut Results) {
-    let per_path = s.sections.iter().any(|x| *x != "flood-memory" && *x != "storm");
+    let per_path = s.sections.iter().any(|x| !OWN_PEERS.contains(x));
     for rep in 0..s.reps {
         let paths = if per_path { &s.paths[..] } else { &[] };
         for (pi, &path) in paths.iter().enumerate() {
@@ -268,6 +274,10 @@ async fn run_all(s: &Settings, res: &mut Results) {
             } else if rep == 0 {
                 res.error("flood-memory runs on the direct path, which --paths left out".into());
             }
+        }
+        if s.has("topic-alias") {
+            progress(&format!("rep {}/{} topic-alias", rep + 1, s.reps));
+            alias::run(s, rep, res).await;
         }
         if s.has("storm") {
             storm::run(s, rep, res).await;
@@ -377,11 +387,12 @@ fn cloud_target(lab: &PathLab) -> Target {
 }
 
 /// The size of one message's record in mqtt-uplink's outbox log: the frame (`[len u32][crc32c u32]
-/// [seq u64]`) and the format-2 header (format, mapping, qos, retain, accepted_ms, topic and user
-/// lengths: 21 bytes), then the user, the remote topic and the payload (docs/architecture.md,
-/// "Outbox durability"; `encode` in src/outbox/store.rs).
+/// [seq u64]`) and the format-3 header (format, mapping, qos, retain, accepted_ms, topic and user
+/// lengths: 21 bytes), then the user, the remote topic, the MQTT 5 properties' length (4 bytes; the
+/// benchmark's devices send none) and the payload (docs/architecture.md, "Outbox durability";
+/// `encode` in src/outbox/store.rs).
 fn record_bytes(remote_topic: &str, size: usize) -> u64 {
-    (16 + 21 + DEV_USER.len() + remote_topic.len() + size) as u64
+    (16 + 21 + DEV_USER.len() + remote_topic.len() + 4 + size) as u64
 }
 
 /// Waits until a probe published on the edge arrives at the cloud.

@@ -320,6 +320,7 @@ pub struct Results {
     pub flood: Vec<FloodMem>,
     pub storm: Vec<crate::storm::StormRun>,
     pub connect_rate: Vec<crate::storm::RateRun>,
+    pub alias: Vec<AliasBytes>,
     pub errors: Vec<String>,
     pub load_start: f64,
     pub load_end: f64,
@@ -332,6 +333,73 @@ impl Results {
         eprintln!("[bench] ERROR {e}");
         self.errors.push(e);
     }
+}
+
+/// One topic-alias run (see alias.rs): bytes mqtt-uplink wrote per message with and without.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AliasBytes {
+    pub rep: usize,
+    pub messages: u64,
+    pub payload: usize,
+    pub remote_topic_len: usize,
+    pub topic_alias_bytes_per_msg: f64,
+    pub no_alias_bytes_per_msg: f64,
+}
+
+/// The topic-alias figures of the JSON: medians and ranges over repetitions.
+fn alias_json(res: &Results) -> Value {
+    if res.alias.is_empty() {
+        return Value::Null;
+    }
+    let (w, w_r) = jstat(stat(res.alias.iter().map(|a| a.topic_alias_bytes_per_msg)));
+    let (n, n_r) = jstat(stat(res.alias.iter().map(|a| a.no_alias_bytes_per_msg)));
+    json!({
+        "qos": 1,
+        "payload": res.alias[0].payload,
+        "remote_topic_len": res.alias[0].remote_topic_len,
+        "messages": res.alias[0].messages,
+        "topic_alias_bytes_per_msg": w,
+        "topic_alias_bytes_per_msg_range": w_r,
+        "no_alias_bytes_per_msg": n,
+        "no_alias_bytes_per_msg_range": n_r,
+    })
+}
+
+/// The topic-alias section of the report.
+fn alias_markdown(res: &Results) -> String {
+    let mut o = String::new();
+    let (Some(w), Some(n)) = (
+        stat(res.alias.iter().map(|a| a.topic_alias_bytes_per_msg)),
+        stat(res.alias.iter().map(|a| a.no_alias_bytes_per_msg)),
+    ) else {
+        return o;
+    };
+    let a = &res.alias[0];
+    let _ = writeln!(
+        o,
+        "\n## Topic aliases: bytes on the wire (MQTT 5 uplink)\n\n\
+         mqtt-uplink, one device publishing {} QoS 1 messages of {} B on one topic (remote topic {} B) to a \
+         plaintext mosquitto 2 on loopback (Topic Alias Maximum 10); the bytes the uplink wrote, counted \
+         by a TCP front before the broker, from the first message to the last acknowledgement \
+         (`--only topic-alias`, `benches/bridge/alias.rs`). Median of {} run(s) [min, max].\n\n\
+         | uplink | bytes per message |\n|---|---|\n\
+         | `topic_alias = true` | {:.1} [{:.1}, {:.1}] |\n\
+         | `topic_alias = false` | {:.1} [{:.1}, {:.1}] |\n\n\
+         Saved: {:.1} B per message ({:.0} %).",
+        a.messages,
+        a.payload,
+        a.remote_topic_len,
+        w.n,
+        w.med,
+        w.min,
+        w.max,
+        n.med,
+        n.min,
+        n.max,
+        n.med - w.med,
+        100.0 * (n.med - w.med) / n.med
+    );
+    o
 }
 
 /// Median, min, max.
@@ -1178,7 +1246,7 @@ fn flood_only_markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str) -> Str
         s,
         m,
         json_name,
-        "Benchmark, flood-memory section: mqtt-uplink vs mosquitto 2.0's bridge",
+        &format!("Benchmark, {} section: mqtt-uplink", s.sections.join(" and ")),
     );
     let _ = writeln!(
         o,
@@ -1186,6 +1254,7 @@ fn flood_only_markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str) -> Str
          how is in [`README.md`](README.md)."
     );
     o.push_str(&flood_markdown(s, a));
+    o.push_str(&alias_markdown(a.res));
     o.push_str(&errors_markdown(a.res));
     o
 }
@@ -1522,6 +1591,7 @@ fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) ->
     }
     o.push_str(&written_markdown(s, a));
     o.push_str(&flood_markdown(s, a));
+    o.push_str(&alias_markdown(a.res));
     let _ = writeln!(
         o,
         "\n## Setup\n\n\
@@ -1729,6 +1799,7 @@ pub fn write(s: &Settings, res: &Results) -> anyhow::Result<()> {
         "flood_memory": flood_rows(&a),
         "storm": crate::storm::storm_rows(res),
         "connect_rate": crate::storm::rate_rows(res),
+        "topic_alias": alias_json(res),
         "latency_cdf_qos1_64B": cdf,
         "raw": {
             "throughput": res.tput, "latency": res.lat, "flood_memory": res.flood,
@@ -1737,11 +1808,11 @@ pub fn write(s: &Settings, res: &Results) -> anyhow::Result<()> {
         "errors": res.errors,
     });
     std::fs::write(s.out.join(&json_name), serde_json::to_string_pretty(&doc)? + "\n")?;
-    let md = if s.only && s.sections == ["flood-memory"] {
-        flood_only_markdown(s, &a, &m, &json_name)
-    } else if s.only && s.sections == ["storm"] {
+    let md = if s.only && s.sections == ["storm"] {
         let title = "Benchmark, storm section: mqtt-uplink vs mosquitto 2.0";
         header(s, &m, &json_name, title) + &crate::storm::markdown(res) + &errors_markdown(res)
+    } else if s.only && s.sections.iter().all(|x| crate::OWN_PEERS.contains(x)) {
+        flood_only_markdown(s, &a, &m, &json_name) + &crate::storm::markdown(res)
     } else {
         markdown(s, &a, &m, &json_name, &tg) + &crate::storm::markdown(res)
     };

@@ -14,6 +14,7 @@ use std::sync::{Arc, LazyLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use rmqtt::codec::types::QoS;
 use rmqtt::codec::v5::PublishAckReason;
 use rmqtt::context::ServerContext;
@@ -25,7 +26,7 @@ use rmqtt::types::{DeferredAck, From, FromType, Id, Publish, PublishAclResult, P
 use super::Routes;
 use crate::broker::drops::DropLog;
 use crate::metrics::Metrics;
-use crate::outbox::{Commit, OutMessage, Outbox, PushError, MAX_TOPIC_LEN};
+use crate::outbox::{Commit, MsgProps, OutMessage, Outbox, PushError, MAX_TOPIC_LEN};
 
 /// The drop reason of a device message whose remote topic (prefix + topic) MQTT cannot carry.
 pub const REMOTE_TOPIC_TOO_LONG: &str = "remote topic too long (over 65535 bytes), not sent out";
@@ -108,6 +109,7 @@ impl OutHandler {
             retain: route.retain.apply(p.retain),
             accepted_ms: 0,
             user: id.username_ref().to_string(),
+            props: out_props(&routes, p),
         };
         let commit = self.outbox.enqueue(msg).map_err(Refused::Outbox)?;
         self.metrics
@@ -133,6 +135,28 @@ impl OutHandler {
             tracing::warn!(client = ?&*id.client_id, topic = ?&*p.topic, "local delivery of a message the outbox refused failed: {e}");
         }
     }
+}
+
+/// The MQTT 5 properties of a device message that travel to the cloud, the response topic rewritten
+/// by the mappings ([`Routes::response_out`]); `None` when it has none (an MQTT 3.1.1 device).
+fn out_props(routes: &Routes, p: &Publish) -> Option<Box<MsgProps>> {
+    let pp = p.properties.as_ref()?;
+    let props = MsgProps {
+        user_properties: pp
+            .user_properties
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        content_type: pp.content_type.as_ref().map(|c| c.to_string()),
+        utf8_payload: pp.is_utf8_payload,
+        expiry_s: pp.message_expiry_interval.map(|e| e.get()),
+        response_topic: pp
+            .response_topic
+            .as_ref()
+            .map(|r| routes.response_out(r).unwrap_or_else(|| r.to_string())),
+        correlation_data: pp.correlation_data.as_ref().map(|c| Bytes::copy_from_slice(c)),
+    };
+    (!props.is_empty()).then(|| Box::new(props))
 }
 
 /// Logs a device message the cloud side refused, with the device's address, client id and user: at

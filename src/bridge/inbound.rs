@@ -29,6 +29,8 @@ pub struct CloudMessage {
     /// 0, 1 or 2.
     pub qos: u8,
     pub retain: bool,
+    /// Its MQTT 5 properties (`None` over MQTT 3.1.1).
+    pub properties: Option<Box<PublishProperties>>,
 }
 
 /// What a cloud message becomes on the local broker.
@@ -42,6 +44,10 @@ pub struct LocalMessage {
     pub qos: u8,
     /// After the mapping's retain policy.
     pub retain: bool,
+    /// Its MQTT 5 properties as the local device gets them: the response topic rewritten by the
+    /// mappings ([`Routes::response_in`]), no topic alias or subscription ids (those were the
+    /// cloud connection's).
+    pub properties: Option<Box<PublishProperties>>,
 }
 
 /// The local limits cloud messages are held to, like device messages.
@@ -114,6 +120,17 @@ impl Routes {
             payload: msg.payload.clone(),
             qos: r.qos,
             retain: r.retain.apply(msg.retain),
+            properties: msg.properties.as_ref().map(|p| {
+                let mut p = p.clone();
+                p.topic_alias = None;
+                p.subscription_ids.clear();
+                if let Some(rt) = &p.response_topic {
+                    if let Some(local) = self.response_in(rt) {
+                        p.response_topic = Some(local.into());
+                    }
+                }
+                p
+            }),
         })
     }
 }
@@ -183,7 +200,7 @@ impl Inbound {
             topic: m.topic.as_str().into(),
             packet_id: None,
             payload: m.payload,
-            properties: Some(PublishProperties::default()),
+            properties: Some(m.properties.map(|p| *p).unwrap_or_default()),
         };
         let p = Publish::from(p).create_time(rmqtt::utils::timestamp_millis());
         SessionState::forwards(&self.scx, From::from_bridge(self.origin.clone()), p, false, None)
@@ -274,6 +291,7 @@ mod tests {
             payload: Bytes::from(vec![b'x'; payload]),
             qos,
             retain,
+            properties: None,
         }
     }
 
@@ -295,6 +313,7 @@ mod tests {
                 payload: Bytes::from_static(b"xxx"),
                 qos: 1,
                 retain: false,
+                properties: None,
             }
         );
     }

@@ -147,6 +147,43 @@ impl Routes {
         })
     }
 
+    /// An MQTT 5 response topic of a device message going out (a local topic, where the device waits
+    /// for the answer) as the cloud must see it: rewritten by the first mapping that brings its
+    /// answer back in (`in`/`both`, local to remote), else by the first that takes it out (`out`, as
+    /// the message's topic is); `None` (unchanged) when no mapping covers it.
+    pub fn response_out(&self, local_topic: &str) -> Option<String> {
+        let covers = |m: &&Mapping| {
+            local_topic
+                .strip_prefix(m.local_prefix.as_str())
+                .is_some_and(|rest| topic::matches(&m.topic, rest))
+        };
+        let m = (self.maps.iter().filter(|m| m.direction.comes_in()).find(covers))
+            .or_else(|| self.maps.iter().find(covers))?;
+        Some(format!(
+            "{}{}",
+            m.remote_prefix,
+            &local_topic[m.local_prefix.len()..]
+        ))
+    }
+
+    /// An MQTT 5 response topic of a cloud message coming in (a remote topic) as a local device must
+    /// see it: rewritten by the first mapping that takes the device's answer out to it (`out`/`both`,
+    /// remote to local), else by the first that brings it in; `None` (unchanged) when none covers it.
+    pub fn response_in(&self, remote_topic: &str) -> Option<String> {
+        let covers = |m: &&Mapping| {
+            remote_topic
+                .strip_prefix(m.remote_prefix.as_str())
+                .is_some_and(|rest| topic::matches(&m.topic, rest))
+        };
+        let m = (self.maps.iter().filter(|m| m.direction.goes_out()).find(covers))
+            .or_else(|| self.maps.iter().find(covers))?;
+        Some(format!(
+            "{}{}",
+            m.local_prefix,
+            &remote_topic[m.remote_prefix.len()..]
+        ))
+    }
+
     /// The subscriptions the uplink makes on the cloud broker, one per `in`/`both` mapping.
     pub fn remote_subscriptions(&self) -> Vec<(String, u8)> {
         self.maps
@@ -173,6 +210,34 @@ mod tests {
             qos,
             retain: RetainPolicy::Keep,
         }
+    }
+
+    /// Issue 15: a response topic is rewritten so that the answer finds its way back.
+    #[test]
+    fn response_topics_are_rewritten_for_the_way_back() {
+        let r = Routes::new(vec![
+            map(0, Direction::Out, "req/#", "", "sites/p7/", 1),
+            map(1, Direction::In, "resp/#", "local/", "sites/p7/", 1),
+            map(2, Direction::Out, "answers/#", "dev/", "cloud/", 1),
+        ]);
+        // Going out: the `in` mapping that brings the answer back decides.
+        assert_eq!(
+            r.response_out("local/resp/d1").as_deref(),
+            Some("sites/p7/resp/d1")
+        );
+        // No `in` mapping covers it: as an `out` mapping rewrites a topic.
+        assert_eq!(r.response_out("req/x").as_deref(), Some("sites/p7/req/x"));
+        assert_eq!(r.response_out("elsewhere/x"), None);
+        // Coming in: the `out` mapping that takes the device's answer to it decides.
+        assert_eq!(
+            r.response_in("cloud/answers/42").as_deref(),
+            Some("dev/answers/42")
+        );
+        assert_eq!(
+            r.response_in("sites/p7/resp/d1").as_deref(),
+            Some("local/resp/d1")
+        );
+        assert_eq!(r.response_in("other/x"), None);
     }
 
     #[test]

@@ -306,6 +306,13 @@ pub struct UplinkFile {
     /// Messages taken from the cloud per second at most; over it the session pauses reading.
     #[serde(default = "default_max_in_msgs_per_s")]
     pub max_in_msgs_per_s: u32,
+    /// MQTT version to the cloud: "5" (default; falls back to "3.1.1" when the cloud refuses it) or
+    /// "3.1.1".
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// MQTT 5: replace repeated topics by the cloud's topic aliases (fewer bytes per message).
+    #[serde(default)]
+    pub topic_alias: bool,
     pub ssh: Option<SshFile>,
     pub wireguard: Option<WireguardFile>,
     pub websocket: Option<WebsocketFile>,
@@ -472,6 +479,9 @@ pub fn default_return_after_s() -> u64 {
 /// Cloud -> site traffic is commands and configuration, far below this; the limit bounds the CPU and
 /// the device queues a flooding cloud can fill, and a legitimate burst is only slowed (the cloud keeps
 /// what is not read yet), never lost.
+pub fn default_protocol() -> String {
+    "5".into()
+}
 pub fn default_max_in_msgs_per_s() -> u32 {
     1000
 }

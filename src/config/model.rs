@@ -211,6 +211,10 @@ pub struct Uplink {
     pub return_after: Duration,
     /// Cloud messages taken per second at most (the session pauses reading over it).
     pub max_in_msgs_per_s: u32,
+    /// The MQTT version the uplink asks for first (`protocol`).
+    pub protocol: MqttVersion,
+    /// MQTT 5 topic aliases on the uplink (`topic_alias`).
+    pub topic_alias: bool,
     pub ssh: Option<crate::transport::ssh::SshConfig>,
     pub wireguard: Option<crate::transport::wireguard::WgConfig>,
     pub websocket: Option<crate::transport::websocket::WsConfig>,
@@ -231,6 +235,26 @@ impl Uplink {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ")
+    }
+}
+
+/// The MQTT version spoken to the cloud broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1 (protocol level 4).
+    V311,
+    /// MQTT 5 (protocol level 5); the uplink falls back to 3.1.1 for a broker that refuses it.
+    #[default]
+    V5,
+}
+
+impl MqttVersion {
+    /// As written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            MqttVersion::V311 => "3.1.1",
+            MqttVersion::V5 => "5",
+        }
     }
 }
 

@@ -39,6 +39,7 @@ fn msg(i: u64) -> OutMessage {
         retain: false,
         accepted_ms: 0,
         user: "dev".into(),
+        props: None,
     }
 }
 

@@ -47,6 +47,8 @@ pub mod reason {
     pub const USER_DROP_OLDEST: &str = "outbox share of this user full, its oldest message dropped";
     pub const USER_REJECT_NEW: &str = "outbox share of this user full, new message rejected";
     pub const UNDELIVERABLE: &str = "undeliverable to the cloud (remote topic or packet too long), dropped";
+    /// Its MQTT 5 message expiry interval ran out before the cloud could take it.
+    pub const MESSAGE_EXPIRED: &str = "expired";
 }
 
 /// Longest topic an MQTT packet can carry (its length is a 16-bit field).
@@ -67,12 +69,55 @@ pub struct OutMessage {
     /// Whose share of the outbox it counts against: the publishing device's username ("" when
     /// anonymous). A will counts under its device's user.
     pub user: String,
+    /// The MQTT 5 properties it carries (`None` from an MQTT 3.1.1 device, or without any).
+    pub props: Option<Box<MsgProps>>,
+}
+
+/// The MQTT 5 properties of a device message that travel with it to the cloud (the response topic
+/// already rewritten by the mappings). The others (topic alias, subscription ids) are per connection.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MsgProps {
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    /// Payload format indicator: the payload is UTF-8.
+    pub utf8_payload: bool,
+    /// Message expiry interval as the device gave it, in seconds; the uplink sends what is left of it.
+    pub expiry_s: Option<u32>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+}
+
+impl MsgProps {
+    /// Bytes it takes (about), for the outbox's accounting.
+    pub fn size(&self) -> usize {
+        8 + self
+            .user_properties
+            .iter()
+            .map(|(k, v)| 4 + k.len() + v.len())
+            .sum::<usize>()
+            + self.content_type.as_ref().map_or(0, |c| 2 + c.len())
+            + self.response_topic.as_ref().map_or(0, |c| 2 + c.len())
+            + self.correlation_data.as_ref().map_or(0, |c| 2 + c.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == MsgProps::default()
+    }
 }
 
 impl OutMessage {
     /// Logical size, the unit of `max_bytes`.
     fn size(&self) -> u64 {
-        (self.topic.len() + self.payload.len() + 32) as u64
+        (self.topic.len() + self.payload.len() + 32 + self.props.as_ref().map_or(0, |p| p.size())) as u64
+    }
+
+    /// What is left of its MQTT 5 message expiry interval at `now_ms` (Unix milliseconds), in whole
+    /// seconds rounded up: `None` without one, `Some(0)` when it ran out (it must not be sent).
+    pub fn expiry_left(&self, now_ms: u64) -> Option<u32> {
+        let total = u64::from(self.props.as_ref()?.expiry_s?) * 1000;
+        let waited = now_ms.saturating_sub(self.accepted_ms);
+        let left = total.saturating_sub(waited);
+        Some(left.div_ceil(1000) as u32)
     }
 
     /// Why this message can never be sent as an MQTT 3.1.1 PUBLISH, if it cannot.
@@ -115,6 +160,8 @@ pub struct Counters {
     pub user_rejected: AtomicU64,
     /// Messages the uplink could not send at all (topic or packet too long for MQTT), dropped.
     pub undeliverable: AtomicU64,
+    /// Messages whose MQTT 5 expiry interval ran out in the outbox.
+    pub dropped_expired: AtomicU64,
     /// Pushes refused because the store could not commit them.
     pub storage_errors: AtomicU64,
 }
@@ -263,7 +310,7 @@ impl Commit {
     }
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
@@ -648,6 +695,30 @@ impl Outbox {
         }
     }
 
+    /// Message `seq`'s MQTT 5 expiry interval ran out before it could be sent: drop it (counted as
+    /// `expired`, logged).
+    pub fn discard_expired(&self, seq: u64) {
+        let mut st = self.state();
+        if let Some(e) = st.remove(seq) {
+            self.forget(seq);
+            self.inner
+                .counters
+                .dropped_expired
+                .fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .metrics
+                .dropped
+                .with_label_values(&[reason::MESSAGE_EXPIRED])
+                .inc();
+            tracing::warn!(
+                seq,
+                user = ?e.user,
+                bytes = e.size,
+                "outbox message expired (its message expiry interval ran out while queued); dropped"
+            );
+        }
+    }
+
     /// The cloud acknowledged message `seq`: forget it (the deletion is batched with other writes).
     pub fn ack(&self, seq: u64) {
         let mut st = self.state();
@@ -778,6 +849,7 @@ mod tests {
             retain: false,
             accepted_ms: 0,
             user: user.into(),
+            props: None,
         }
     }
 

@@ -23,11 +23,14 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
 use super::log::{self, Log};
-use super::OutMessage;
+use super::{MsgProps, OutMessage};
 
 /// Record format version (first byte of every record). Version 1 (read, no longer written) had a
-/// 16-bit topic length and no user; version 2 has a 32-bit topic length (never truncated) and the user.
-const FORMAT: u8 = 2;
+/// 16-bit topic length and no user; version 2 (read, no longer written) has a 32-bit topic length
+/// (never truncated) and the user; version 3 adds the MQTT 5 properties (a length-prefixed block
+/// after the topic, see [`encode_props`]).
+const FORMAT: u8 = 3;
+const FORMAT_V2: u8 = 2;
 const FORMAT_V1: u8 = 1;
 /// Fixed part of a version 1 record: format, mapping, qos, retain, accepted_ms, topic length (u16).
 const HEADER_V1: usize = 1 + 4 + 1 + 1 + 8 + 2;
@@ -546,13 +549,123 @@ pub(super) fn encode(m: &OutMessage) -> Vec<u8> {
     v.extend_from_slice(&(user.len() as u16).to_le_bytes());
     v.extend_from_slice(user.as_bytes());
     v.extend_from_slice(topic);
+    let at = v.len();
+    v.extend_from_slice(&[0; 4]);
+    if let Some(p) = &m.props {
+        encode_props(p, &mut v);
+    }
+    let plen = (v.len() - at - 4) as u32;
+    v[at..at + 4].copy_from_slice(&plen.to_le_bytes());
     v.extend_from_slice(&m.payload);
     v
 }
 
+/// Property flags of a version 3 record.
+const P_UTF8: u8 = 1;
+const P_CONTENT_TYPE: u8 = 2;
+const P_EXPIRY: u8 = 4;
+const P_RESPONSE_TOPIC: u8 = 8;
+const P_CORRELATION: u8 = 16;
+
+/// MQTT strings and binary data are at most 65,535 bytes long, so 16-bit lengths hold them.
+fn put_str(v: &mut Vec<u8>, b: &[u8]) {
+    let b = &b[..b.len().min(u16::MAX as usize)];
+    v.extend_from_slice(&(b.len() as u16).to_le_bytes());
+    v.extend_from_slice(b);
+}
+
+/// The properties block: flags, then what the flags say is there (expiry u32, content type,
+/// response topic, correlation data, each 16-bit length-prefixed), then the user properties (a 16-bit
+/// count of pairs). An empty block (length 0) means no properties.
+fn encode_props(p: &MsgProps, v: &mut Vec<u8>) {
+    if p.is_empty() {
+        return;
+    }
+    let mut flags = 0;
+    if p.utf8_payload {
+        flags |= P_UTF8;
+    }
+    flags |= if p.content_type.is_some() {
+        P_CONTENT_TYPE
+    } else {
+        0
+    };
+    flags |= if p.expiry_s.is_some() { P_EXPIRY } else { 0 };
+    flags |= if p.response_topic.is_some() {
+        P_RESPONSE_TOPIC
+    } else {
+        0
+    };
+    flags |= if p.correlation_data.is_some() {
+        P_CORRELATION
+    } else {
+        0
+    };
+    v.push(flags);
+    if let Some(e) = p.expiry_s {
+        v.extend_from_slice(&e.to_le_bytes());
+    }
+    if let Some(c) = &p.content_type {
+        put_str(v, c.as_bytes());
+    }
+    if let Some(r) = &p.response_topic {
+        put_str(v, r.as_bytes());
+    }
+    if let Some(c) = &p.correlation_data {
+        put_str(v, c);
+    }
+    let n = p.user_properties.len().min(u16::MAX as usize);
+    v.extend_from_slice(&(n as u16).to_le_bytes());
+    for (k, val) in &p.user_properties[..n] {
+        put_str(v, k.as_bytes());
+        put_str(v, val.as_bytes());
+    }
+}
+
+fn decode_props(mut b: &[u8]) -> Option<Option<Box<MsgProps>>> {
+    if b.is_empty() {
+        return Some(None);
+    }
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (h, t) = (b.get(..n)?, b.get(n..)?);
+        *b = t;
+        Some(h)
+    }
+    fn bytes<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let n = u16::from_le_bytes(take(b, 2)?.try_into().ok()?) as usize;
+        take(b, n)
+    }
+    fn string(b: &mut &[u8]) -> Option<String> {
+        Some(std::str::from_utf8(bytes(b)?).ok()?.to_string())
+    }
+    let flags = take(&mut b, 1)?[0];
+    let mut p = MsgProps {
+        utf8_payload: flags & P_UTF8 != 0,
+        ..MsgProps::default()
+    };
+    if flags & P_EXPIRY != 0 {
+        p.expiry_s = Some(u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?));
+    }
+    if flags & P_CONTENT_TYPE != 0 {
+        p.content_type = Some(string(&mut b)?);
+    }
+    if flags & P_RESPONSE_TOPIC != 0 {
+        p.response_topic = Some(string(&mut b)?);
+    }
+    if flags & P_CORRELATION != 0 {
+        p.correlation_data = Some(Bytes::copy_from_slice(bytes(&mut b)?));
+    }
+    let n = u16::from_le_bytes(take(&mut b, 2)?.try_into().ok()?);
+    for _ in 0..n {
+        p.user_properties.push((string(&mut b)?, string(&mut b)?));
+    }
+    b.is_empty().then_some(Some(Box::new(p)))
+}
+
 fn decode(rec: &[u8]) -> Option<OutMessage> {
-    let (header, tlen, ulen) = match *rec.first()? {
-        FORMAT if rec.len() >= HEADER => (
+    let format = *rec.first()?;
+    let (header, tlen, ulen) = match format {
+        FORMAT | FORMAT_V2 if rec.len() >= HEADER => (
             HEADER,
             u32::from_le_bytes(rec[15..19].try_into().ok()?) as usize,
             u16::from_le_bytes(rec[19..21].try_into().ok()?) as usize,
@@ -574,7 +687,16 @@ fn decode(rec: &[u8]) -> Option<OutMessage> {
     let topic = std::str::from_utf8(rec.get(user_end..topic_end)?)
         .ok()?
         .to_string();
-    let payload = Bytes::copy_from_slice(&rec[topic_end..]);
+    let (props, payload_at) = if format == FORMAT {
+        let plen =
+            u32::from_le_bytes(rec.get(topic_end..topic_end.checked_add(4)?)?.try_into().ok()?) as usize;
+        let start = topic_end + 4;
+        let end = start.checked_add(plen)?;
+        (decode_props(rec.get(start..end)?)?, end)
+    } else {
+        (None, topic_end)
+    };
+    let payload = Bytes::copy_from_slice(&rec[payload_at..]);
     Some(OutMessage {
         mapping,
         topic,
@@ -583,6 +705,7 @@ fn decode(rec: &[u8]) -> Option<OutMessage> {
         retain,
         accepted_ms,
         user,
+        props,
     })
 }
 
@@ -636,6 +759,7 @@ mod tests {
             retain: false,
             accepted_ms: 1_700_000_000_000 + i,
             user: "dev1".into(),
+            props: None,
         };
         let mut old: Vec<(u64, Vec<u8>)> = vec![(3, v1(0, "old/v1", b"first"))];
         old.extend((10..5010).map(|i| (i, encode(&m(i)))));
@@ -672,6 +796,7 @@ mod tests {
             retain: true,
             accepted_ms: 1_700_000_000_123,
             user: "dev1".into(),
+            props: None,
         };
         assert_eq!(decode(&encode(&m)), Some(m));
         assert_eq!(decode(b"\x03short"), None);
@@ -692,10 +817,55 @@ mod tests {
             retain: true,
             accepted_ms: 1,
             user: "dev1".into(),
+            props: None,
         };
         let back = decode(&encode(&m)).unwrap();
         assert_eq!(back.topic.len(), m.topic.len());
         assert_eq!(back, m);
+    }
+
+    /// Issue 15: MQTT 5 properties survive the disk (format 3), and a version 2 record (as the
+    /// previous version wrote it: no properties block) still reads.
+    #[test]
+    fn properties_round_trip_and_version_2_records_still_read() {
+        let mut m = OutMessage {
+            mapping: 2,
+            topic: "sites/a/req".into(),
+            payload: Bytes::from_static(b"{\"t\":1}"),
+            qos: 1,
+            retain: false,
+            accepted_ms: 1_700_000_000_000,
+            user: "dev1".into(),
+            props: Some(Box::new(MsgProps {
+                user_properties: vec![("k".into(), "v".into()), ("k".into(), "v2".into())],
+                content_type: Some("application/json".into()),
+                utf8_payload: true,
+                expiry_s: Some(30),
+                response_topic: Some("cloud/resp/dev1".into()),
+                correlation_data: Some(Bytes::from_static(b"\x00\x01corr")),
+            })),
+        };
+        let rec = encode(&m);
+        assert_eq!(rec[0], FORMAT);
+        assert_eq!(decode(&rec), Some(m.clone()));
+        // Every truncation of the record is refused or reads as another payload, never panics.
+        for cut in 0..rec.len() {
+            let _ = decode(&rec[..cut]);
+        }
+        // Without properties: an empty block.
+        m.props = None;
+        assert_eq!(decode(&encode(&m)), Some(m.clone()));
+        // Version 2: the same header and no block; the payload follows the topic.
+        let mut v2 = vec![FORMAT_V2];
+        v2.extend_from_slice(&2u32.to_le_bytes());
+        v2.extend_from_slice(&[1, 0]);
+        v2.extend_from_slice(&m.accepted_ms.to_le_bytes());
+        v2.extend_from_slice(&(m.topic.len() as u32).to_le_bytes());
+        v2.extend_from_slice(&4u16.to_le_bytes());
+        v2.extend_from_slice(b"dev1");
+        v2.extend_from_slice(m.topic.as_bytes());
+        v2.extend_from_slice(&m.payload);
+        assert_eq!(decode(&v2), Some(m));
     }
 
     #[test]

@@ -6,12 +6,21 @@
 //! reported as [`Inbound::Discarded`] with its QoS and packet id, for the session to acknowledge,
 //! count and log. An oversize PUBLISH is never buffered: past its first bytes (topic and packet id)
 //! its body is skipped as it arrives. Other packets that cannot be decoded still end the session.
+//!
+//! Over MQTT 5 ([`InboundCodec::set_v5`]) the same rules hold (a v5 PUBLISH starts with the same
+//! topic and packet id; its properties follow), frames are decoded by rmqtt's v5 codec, and the
+//! packets are handed on in the 3.1.1 model the session core works in (a PUBLISH keeps its
+//! properties). What 3.1.1 has no place for comes as its own [`Inbound`]: an MQTT 5 CONNACK, a
+//! DISCONNECT from the broker. A 3.1.1 CONNACK (2 bytes) is recognised in v5 mode too: it is how a
+//! 3.1.1 broker refuses an MQTT 5 CONNECT.
 
 use std::num::NonZeroU16;
 
 use bytes::{Buf, BytesMut};
 use rmqtt::codec::error::DecodeError;
-use rmqtt::codec::v3::{Codec, Packet};
+use rmqtt::codec::types::QoS;
+use rmqtt::codec::v3::{Codec, Packet, SubscribeReturnCode};
+use rmqtt::codec::v5;
 use tokio_util::codec::Decoder;
 
 /// The largest remaining length MQTT can encode.
@@ -25,6 +34,10 @@ pub enum Inbound {
     Packet(Packet),
     /// A PUBLISH read whole and not delivered.
     Discarded(Discarded),
+    /// An MQTT 5 CONNACK.
+    ConnectAck5(Box<v5::ConnectAck>),
+    /// An MQTT 5 DISCONNECT from the broker: why, as it said.
+    Disconnected(String),
 }
 
 /// Why a PUBLISH was discarded.
@@ -65,6 +78,7 @@ enum State {
 pub struct InboundCodec {
     max_remaining: u32,
     state: State,
+    v5: bool,
 }
 
 impl InboundCodec {
@@ -72,7 +86,85 @@ impl InboundCodec {
         InboundCodec {
             max_remaining: max_remaining.min(MQTT_MAX_REMAINING),
             state: State::Header,
+            v5: false,
         }
+    }
+
+    /// Decode MQTT 5 from now on.
+    pub fn set_v5(&mut self) {
+        self.v5 = true;
+    }
+}
+
+const CONNACK: u8 = 2;
+
+/// An MQTT 5 packet in the session core's 3.1.1 model (see the module documentation).
+fn from_v5(p: v5::Packet) -> Result<Inbound, DecodeError> {
+    use v5::Packet as P;
+    Ok(match p {
+        P::Publish(p) => Inbound::Packet(Packet::Publish(p)),
+        P::PublishAck(a) => {
+            refused_by_cloud(&a);
+            Inbound::Packet(Packet::PublishAck {
+                packet_id: a.packet_id,
+            })
+        }
+        P::PublishReceived(a) => Inbound::Packet(Packet::PublishReceived {
+            packet_id: a.packet_id,
+        }),
+        P::PublishRelease(a) => Inbound::Packet(Packet::PublishRelease {
+            packet_id: a.packet_id,
+        }),
+        P::PublishComplete(a) => Inbound::Packet(Packet::PublishComplete {
+            packet_id: a.packet_id,
+        }),
+        P::SubscribeAck(a) => Inbound::Packet(Packet::SubscribeAck {
+            packet_id: a.packet_id,
+            status: a
+                .status
+                .iter()
+                .map(|r| match r {
+                    v5::SubscribeAckReason::GrantedQos0 => SubscribeReturnCode::Success(QoS::AtMostOnce),
+                    v5::SubscribeAckReason::GrantedQos1 => SubscribeReturnCode::Success(QoS::AtLeastOnce),
+                    v5::SubscribeAckReason::GrantedQos2 => SubscribeReturnCode::Success(QoS::ExactlyOnce),
+                    _ => SubscribeReturnCode::Failure,
+                })
+                .collect(),
+        }),
+        P::UnsubscribeAck(a) => Inbound::Packet(Packet::UnsubscribeAck {
+            packet_id: a.packet_id,
+        }),
+        P::PingResponse => Inbound::Packet(Packet::PingResponse),
+        P::ConnectAck(a) => Inbound::ConnectAck5(a),
+        P::Disconnect(d) => Inbound::Disconnected(match d.reason_string {
+            Some(s) => format!("{:?} ({s})", d.reason_code),
+            None => format!("{:?}", d.reason_code),
+        }),
+        _ => return Err(DecodeError::UnsupportedPacketType),
+    })
+}
+
+/// A PUBACK with a failure reason: the cloud did not take the message. It is acknowledged (deleted)
+/// all the same (sent again, it would be refused again); logged at most once per 10 s.
+fn refused_by_cloud(a: &v5::PublishAck) {
+    use std::sync::LazyLock;
+    use std::time::{Duration, Instant};
+    static LOG: LazyLock<crate::broker::drops::DropLog> =
+        LazyLock::new(|| crate::broker::drops::DropLog::new(Duration::from_secs(10)));
+    if matches!(
+        a.reason_code,
+        v5::PublishAckReason::Success | v5::PublishAckReason::NoMatchingSubscribers
+    ) {
+        return;
+    }
+    if let Some(suppressed) = LOG.admit("puback refused", Instant::now()) {
+        tracing::warn!(
+            packet_id = a.packet_id,
+            reason = ?a.reason_code,
+            reason_string = ?a.reason_string,
+            suppressed,
+            "the cloud broker refused a message (MQTT 5 PUBACK reason code); it is not sent again"
+        );
     }
 }
 
@@ -206,8 +298,19 @@ impl Decoder for InboundCodec {
             }
             fallback = Some(publish_head(first, &[], Why::Malformed(String::new())));
         }
-        match (Codec::new(0).decode(&mut frame), fallback) {
-            (Ok(Some((packet, _))), _) => Ok(Some(Inbound::Packet(packet))),
+        // A 3.1.1 CONNACK (remaining length 2; an MQTT 5 one has at least its properties' length).
+        let v3 = !self.v5 || (first >> 4 == CONNACK && remaining == 2);
+        let decoded = if v3 {
+            Codec::new(0)
+                .decode(&mut frame)
+                .map(|p| p.map(|(p, _)| Inbound::Packet(p)))
+        } else {
+            v5::Codec::new(0, 0)
+                .decode(&mut frame)
+                .and_then(|p| p.map(|(p, _)| from_v5(p)).transpose())
+        };
+        match (decoded, fallback) {
+            (Ok(Some(inbound)), _) => Ok(Some(inbound)),
             (Ok(None), _) => Err(DecodeError::InvalidLength),
             // Checked above; kept in case rmqtt refuses something more.
             (Err(e), Some(mut d)) => {
@@ -350,6 +453,68 @@ mod tests {
         );
         assert!(matches!(&out[1], Inbound::Packet(Packet::Publish(q)) if **q == p));
         assert!(matches!(&out[2], Inbound::Packet(Packet::PublishAck { .. })));
+    }
+
+    /// Issue 15: over MQTT 5 the same rules hold (a v5 PUBLISH starts with the same topic and packet
+    /// id; its properties follow), the packets come in the 3.1.1 model with their properties, and a
+    /// 3.1.1 CONNACK (a 3.1.1 broker refusing MQTT 5) is still recognised.
+    #[test]
+    fn over_mqtt_5_the_same_rules_hold_and_properties_come_through() {
+        let mut codec = InboundCodec::new(1024);
+        codec.set_v5();
+        let mut wire = vec![0x20, 2, 0, 1];
+        wire.extend(publish(b"big/topic", 5000, 1, 42));
+        wire.extend(publish(b"cmd/\xff", 3, 2, 7));
+        let mut enc = v5::Codec::new(0, 0);
+        let mut b = BytesMut::new();
+        let props = v5::PublishProperties {
+            user_properties: vec![("k".into(), "v".into())],
+            content_type: Some("text/plain".into()),
+            response_topic: Some("r/t".into()),
+            correlation_data: Some(Bytes::from_static(b"c")),
+            message_expiry_interval: std::num::NonZeroU32::new(30),
+            ..Default::default()
+        };
+        let p = Publish {
+            dup: false,
+            retain: true,
+            qos: QoS::AtLeastOnce,
+            topic: "a/b".into(),
+            packet_id: NonZeroU16::new(5),
+            payload: Bytes::from_static(b"hello"),
+            properties: Some(props),
+        };
+        enc.encode(v5::Packet::Publish(Box::new(p.clone())), &mut b)
+            .unwrap();
+        enc.encode(
+            v5::Packet::PublishAck(v5::PublishAck {
+                packet_id: NonZeroU16::new(3).unwrap(),
+                reason_code: v5::PublishAckReason::QuotaExceeded,
+                properties: Vec::new(),
+                reason_string: None,
+            }),
+            &mut b,
+        )
+        .unwrap();
+        wire.extend_from_slice(&b);
+        let out = feed(&mut codec, &wire, 5);
+        assert_eq!(out.len(), 5, "{out:?}");
+        assert!(matches!(
+            &out[0],
+            Inbound::Packet(Packet::ConnectAck(a)) if a.return_code == rmqtt::codec::v3::ConnectAckReason::UnacceptableProtocolVersion
+        ));
+        assert!(
+            matches!(&out[1], Inbound::Discarded(d) if matches!(d.why, Why::TooLarge { .. }) && d.packet_id == NonZeroU16::new(42))
+        );
+        assert!(
+            matches!(&out[2], Inbound::Discarded(d) if d.why == Why::TopicNotUtf8 && d.packet_id == NonZeroU16::new(7))
+        );
+        assert!(
+            matches!(&out[3], Inbound::Packet(Packet::Publish(q)) if **q == p),
+            "{:?}",
+            out[3]
+        );
+        assert!(matches!(&out[4], Inbound::Packet(Packet::PublishAck { packet_id }) if packet_id.get() == 3));
     }
 
     #[test]

@@ -15,9 +15,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
+use rmqtt::codec::error::EncodeError;
 use rmqtt::codec::v3::{Codec, Packet};
+use rmqtt::codec::v5;
 use tokio::io::{ReadHalf, WriteHalf};
+use tokio_util::codec::Encoder;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::decode::{Inbound, InboundCodec};
@@ -59,25 +63,152 @@ impl Backlog {
     }
 }
 
-/// A framed MQTT 3.1.1 connection, split so reads go on during writes.
+/// The encoder: MQTT 3.1.1, or MQTT 5 with the session core's 3.1.1 packets translated.
+pub enum Wire {
+    V3(Codec),
+    V5(v5::Codec),
+}
+
+impl Encoder<Packet> for Wire {
+    type Error = EncodeError;
+
+    fn encode(&mut self, p: Packet, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        match self {
+            Wire::V3(c) => c.encode(p, dst),
+            Wire::V5(c) => c.encode(to_v5(p)?, dst),
+        }
+    }
+}
+
+impl Encoder<v5::Packet> for Wire {
+    type Error = EncodeError;
+
+    fn encode(&mut self, p: v5::Packet, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        match self {
+            Wire::V5(c) => c.encode(p, dst),
+            Wire::V3(_) => Err(EncodeError::MalformedPacket),
+        }
+    }
+}
+
+/// A session core packet as MQTT 5. Cloud subscriptions are made with no-local (the cloud never
+/// sends the uplink its own messages back: no echo on a `both` mapping) and retain-as-published
+/// (a retained message keeps its flag on live delivery, so a mapping's retain policy sees it).
+pub fn to_v5(p: Packet) -> Result<v5::Packet, EncodeError> {
+    use v5::Packet as P;
+    let ack = |packet_id| v5::PublishAck {
+        packet_id,
+        reason_code: v5::PublishAckReason::Success,
+        properties: Vec::new(),
+        reason_string: None,
+    };
+    Ok(match p {
+        Packet::Publish(p) => P::Publish(p),
+        Packet::PublishAck { packet_id } => P::PublishAck(ack(packet_id)),
+        Packet::PublishReceived { packet_id } => P::PublishReceived(ack(packet_id)),
+        Packet::PublishComplete { packet_id } => P::PublishComplete(v5::PublishAck2 {
+            packet_id,
+            reason_code: v5::PublishAck2Reason::Success,
+            properties: Vec::new(),
+            reason_string: None,
+        }),
+        Packet::Subscribe {
+            packet_id,
+            topic_filters,
+        } => P::Subscribe(v5::Subscribe {
+            packet_id,
+            id: None,
+            user_properties: Vec::new(),
+            topic_filters: topic_filters
+                .into_iter()
+                .map(|(f, qos)| {
+                    let o = v5::SubscriptionOptions {
+                        qos,
+                        no_local: true,
+                        retain_as_published: true,
+                        retain_handling: v5::RetainHandling::AtSubscribe,
+                    };
+                    (f, o)
+                })
+                .collect(),
+        }),
+        Packet::Unsubscribe {
+            packet_id,
+            topic_filters,
+        } => P::Unsubscribe(v5::Unsubscribe {
+            packet_id,
+            user_properties: Vec::new(),
+            topic_filters,
+        }),
+        Packet::PingRequest => P::PingRequest,
+        Packet::Disconnect => P::Disconnect(v5::Disconnect {
+            reason_code: v5::DisconnectReasonCode::NormalDisconnection,
+            session_expiry_interval_secs: None,
+            server_reference: None,
+            reason_string: None,
+            user_properties: Vec::new(),
+        }),
+        _ => return Err(EncodeError::MalformedPacket),
+    })
+}
+
+/// A framed MQTT connection (3.1.1 or 5), split so reads go on during writes.
 pub struct Link {
     rx: FramedRead<ReadHalf<BoxStream>, InboundCodec>,
-    tx: FramedWrite<WriteHalf<BoxStream>, Codec>,
+    tx: FramedWrite<WriteHalf<BoxStream>, Wire>,
     backlog: Backlog,
     write_timeout: Duration,
+    /// What the cloud allows on this connection (from its CONNACK).
+    pub peer: crate::uplink::core::Peer,
 }
 
 impl Link {
     /// `max_inbound` bounds the remaining length of packets taken from the broker: a PUBLISH over it
     /// is skipped and reported as [`Inbound::Discarded`], anything else over it ends the stream.
     pub fn new(stream: BoxStream, max_inbound: u32, write_timeout: Duration) -> Self {
+        Self::with_version(
+            stream,
+            max_inbound,
+            write_timeout,
+            crate::config::MqttVersion::V311,
+        )
+    }
+
+    /// A link speaking `version`.
+    pub fn with_version(
+        stream: BoxStream,
+        max_inbound: u32,
+        write_timeout: Duration,
+        version: crate::config::MqttVersion,
+    ) -> Self {
         let (r, w) = tokio::io::split(stream);
+        let mut codec = InboundCodec::new(max_inbound);
+        let wire = match version {
+            crate::config::MqttVersion::V5 => {
+                codec.set_v5();
+                Wire::V5(v5::Codec::new(0, 0))
+            }
+            crate::config::MqttVersion::V311 => Wire::V3(Codec::new(0)),
+        };
         Link {
-            rx: FramedRead::new(r, InboundCodec::new(max_inbound)),
-            tx: FramedWrite::new(w, Codec::new(0)),
+            rx: FramedRead::new(r, codec),
+            tx: FramedWrite::new(w, wire),
             backlog: Backlog::default(),
             write_timeout,
+            peer: crate::uplink::core::Peer::V311,
         }
+    }
+
+    /// Buffers and writes out one MQTT 5 packet (the CONNECT).
+    pub async fn send_v5(&mut self, p: v5::Packet) -> anyhow::Result<()> {
+        let Link {
+            rx,
+            tx,
+            backlog,
+            write_timeout,
+            ..
+        } = self;
+        drive(tx.send(p), rx, backlog, *write_timeout).await
     }
 
     /// The next packet from the broker: first those read during writes, then the wire.
@@ -96,6 +227,7 @@ impl Link {
             tx,
             backlog,
             write_timeout,
+            ..
         } = self;
         drive(tx.feed(p), rx, backlog, *write_timeout).await
     }
@@ -107,8 +239,9 @@ impl Link {
             tx,
             backlog,
             write_timeout,
+            ..
         } = self;
-        drive(tx.flush(), rx, backlog, *write_timeout).await
+        drive(SinkExt::<Packet>::flush(tx), rx, backlog, *write_timeout).await
     }
 
     /// Buffers and writes out one packet.
@@ -118,6 +251,7 @@ impl Link {
             tx,
             backlog,
             write_timeout,
+            ..
         } = self;
         drive(tx.send(p), rx, backlog, *write_timeout).await
     }

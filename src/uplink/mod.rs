@@ -109,6 +109,8 @@ struct Dialer {
     tls: Vec<TlsClient>,
     /// Per broker address, its URL for logs.
     addresses: Vec<String>,
+    /// Per broker address, the MQTT version to ask for (MQTT 5 falls back to 3.1.1 once refused).
+    versions: std::sync::Mutex<core::Versions>,
 }
 
 /// Why one transport gave no session.
@@ -223,7 +225,9 @@ impl UplinkTask {
                     health_timeout: cfg.health_timeout,
                     max_packet_size: broker.max_packet_size(),
                     max_in_msgs_per_s: cfg.max_in_msgs_per_s,
+                    topic_alias: cfg.topic_alias,
                 },
+                versions: std::sync::Mutex::new(core::Versions::new(cfg.protocol, cfg.brokers.len())),
                 legs,
                 tls,
                 addresses: cfg.brokers.iter().map(ToString::to_string).collect(),
@@ -317,6 +321,7 @@ impl UplinkTask {
                         transport = t.name(),
                         broker = %address,
                         session_present,
+                        protocol = conn.peer.version.name(),
                         queued = self.outbox.depth(),
                         "uplink connected"
                     );
@@ -487,13 +492,47 @@ impl Dialer {
 
     /// One health probe over `leg`: stream, TLS, an MQTT round trip as `<client_id>-probe`.
     async fn probe(&self, leg: &Leg) -> anyhow::Result<()> {
-        let stream = self.stream(leg).await?;
-        tokio::time::timeout(
-            self.identity.connect_timeout + self.identity.health_timeout,
-            session::probe(stream, &self.identity),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("probe timed out"))?
+        let once = |version| async move {
+            let stream = self.stream(leg).await?;
+            tokio::time::timeout(
+                self.identity.connect_timeout + self.identity.health_timeout,
+                session::probe(stream, &self.identity, version),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("probe timed out"))?
+        };
+        let e = match once(self.version(leg.address)).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        // A broker address only probed so far may refuse MQTT 5 too: the same fallback.
+        match self.fall_back(leg, &e) {
+            Some(next) => once(next).await,
+            None => Err(e),
+        }
+    }
+
+    /// After `e`: when it is the broker refusing the MQTT version, the version to try at once (the
+    /// address keeps it from now on; logged once), else `None`.
+    fn fall_back(&self, leg: &Leg, e: &anyhow::Error) -> Option<config::MqttVersion> {
+        let v = e.downcast_ref::<session::VersionRefused>()?;
+        let after = self.versions.lock().unwrap_or_else(|p| p.into_inner()).refused(
+            leg.address,
+            v.asked,
+            core::Refusal::UnsupportedVersion,
+        );
+        let core::AfterRefusal::Retry(next) = after else {
+            return None;
+        };
+        tracing::warn!(
+            broker = %self.addresses[leg.address],
+            transport = leg.transport.name(),
+            "the cloud broker does not speak MQTT {} ({}); falling back to MQTT {} for it",
+            v.asked.name(),
+            v.reason,
+            next.name()
+        );
+        Some(next)
     }
 
     /// Stream, TLS, CONNECT over `t`. A failure to get the stream is `refused` only when something
@@ -515,7 +554,36 @@ impl Dialer {
             .secure(leg.transport.as_ref(), raw, leg.address)
             .await
             .map_err(refused)?;
-        session::connect(stream, &self.identity).await.map_err(refused)
+        let version = self.version(leg.address);
+        let e = match session::connect(stream, &self.identity, version).await {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        let Some(next) = self.fall_back(leg, &e) else {
+            return Err(refused(e));
+        };
+        let raw = self
+            .raw(leg.transport.as_ref())
+            .await
+            .map_err(|error| NoSession {
+                refused: !unreachable(&error),
+                error,
+            })?;
+        let stream = self
+            .secure(leg.transport.as_ref(), raw, leg.address)
+            .await
+            .map_err(refused)?;
+        session::connect(stream, &self.identity, next)
+            .await
+            .map_err(refused)
+    }
+
+    /// The MQTT version to ask broker address `address` for.
+    fn version(&self, address: usize) -> config::MqttVersion {
+        self.versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .for_address(address)
     }
 
     /// A stream over `t`, wrapped in TLS for an `mqtts://` broker; each step within `connect_timeout`.

@@ -1,5 +1,6 @@
-//! The I/O shell of the uplink's MQTT 3.1.1 session to the cloud broker, over an already-open (TLS)
-//! stream: CONNECT with a persistent session, then a loop that feeds the session core
+//! The I/O shell of the uplink's MQTT session (5 or 3.1.1) to the cloud broker, over an already-open
+//! (TLS) stream: CONNECT with a persistent session (MQTT 5: clean start false and a session expiry
+//! interval of [`SESSION_EXPIRY_S`]), then a loop that feeds the session core
 //! ([`core::Session`](super::core::Session)) its events (packets read, timers, outbox messages,
 //! subscription changes) and performs its actions (writes, outbox acknowledgements, local deliveries
 //! through the bridge, drops, the ledger). Every decision (window, acknowledgements, subscriptions,
@@ -12,14 +13,17 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use rmqtt::codec::v3::{Connect, ConnectAckReason, Packet};
+use rmqtt::codec::v5;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::core::{Action, Dropped, Session, Settings};
+use super::core::mqtt5::SESSION_EXPIRY_S;
+use super::core::{Action, Dropped, Peer, Session, Settings};
 use super::decode::{Inbound, MQTT_MAX_REMAINING};
 use super::link::Link;
 use super::subscriptions::{Filters, Ledger};
+use crate::config::MqttVersion;
 
 use crate::bridge::inbound::Inbound as Bridge;
 use crate::broker::drops::Drops;
@@ -57,6 +61,17 @@ pub struct Identity {
     pub max_packet_size: u32,
     /// Cloud messages taken per second at most; over it the session pauses reading (backpressure).
     pub max_in_msgs_per_s: u32,
+    /// MQTT 5 topic aliases on the uplink's PUBLISHes (`topic_alias`).
+    pub topic_alias: bool,
+}
+
+/// The cloud broker refused the MQTT version asked for (a 3.1.1 broker's CONNACK 0x01 to an MQTT 5
+/// CONNECT, or an MQTT 5 CONNACK 0x84).
+#[derive(Debug, thiserror::Error)]
+#[error("cloud broker refused MQTT {}: {reason}", asked.name())]
+pub struct VersionRefused {
+    pub asked: MqttVersion,
+    pub reason: String,
 }
 
 impl Identity {
@@ -68,6 +83,7 @@ impl Identity {
             health_every: self.health_interval.min(self.keepalive),
             health_timeout: self.health_timeout,
             max_in_msgs_per_s: self.max_in_msgs_per_s,
+            topic_alias: self.topic_alias,
         }
     }
 }
@@ -86,16 +102,18 @@ pub struct Wiring<'a> {
 /// The connection a session runs on.
 pub type Conn = Link;
 
-/// Sends CONNECT and waits for a successful CONNACK. Returns the connection and `session_present`.
-pub async fn connect(stream: BoxStream, id: &Identity) -> anyhow::Result<(Conn, bool)> {
-    connect_as(stream, id, &id.client_id, false).await
+/// Sends CONNECT asking for `version` and waits for a successful CONNACK. Returns the connection
+/// (with what the cloud allows, [`Link::peer`]) and `session_present`. A refusal of the version is a
+/// [`VersionRefused`] error.
+pub async fn connect(stream: BoxStream, id: &Identity, version: MqttVersion) -> anyhow::Result<(Conn, bool)> {
+    connect_as(stream, id, &id.client_id, false, version).await
 }
 
 /// A health probe of a transport that does not carry the session: CONNECT as `<client_id>-probe` with
 /// a clean session (so the real session is left alone), one PINGREQ/PINGRESP within
 /// `health_timeout`, DISCONNECT.
-pub async fn probe(stream: BoxStream, id: &Identity) -> anyhow::Result<()> {
-    let (mut conn, _) = connect_as(stream, id, &format!("{}-probe", id.client_id), true).await?;
+pub async fn probe(stream: BoxStream, id: &Identity, version: MqttVersion) -> anyhow::Result<()> {
+    let (mut conn, _) = connect_as(stream, id, &format!("{}-probe", id.client_id), true, version).await?;
     conn.send(Packet::PingRequest).await.context("sending PINGREQ")?;
     let deadline = Instant::now() + id.health_timeout;
     loop {
@@ -122,36 +140,112 @@ async fn connect_as(
     id: &Identity,
     client_id: &str,
     clean_session: bool,
+    version: MqttVersion,
 ) -> anyhow::Result<(Conn, bool)> {
     // A write may wait on flow control, never longer than a keepalive plus the health deadline.
-    let mut conn = Link::new(
+    let mut conn = Link::with_version(
         stream,
         inbound_limit(id.max_packet_size),
         id.keepalive + id.health_timeout,
+        version,
     );
-    let connect = Connect {
-        clean_session,
-        keep_alive: id.keepalive.as_secs().min(u16::MAX as u64) as u16,
-        client_id: client_id.to_string().into(),
-        username: id.username.clone().map(Into::into),
-        password: id
-            .sas
-            .as_ref()
-            .map(|s| s.token())
-            .or_else(|| id.password.clone())
-            .map(|p| Bytes::copy_from_slice(p.expose().as_bytes())),
-        ..Connect::default()
-    };
-    conn.send(Packet::Connect(Box::new(connect)))
-        .await
-        .context("sending CONNECT")?;
+    let keep_alive = id.keepalive.as_secs().min(u16::MAX as u64) as u16;
+    let password = id
+        .sas
+        .as_ref()
+        .map(|s| s.token())
+        .or_else(|| id.password.clone())
+        .map(|p| Bytes::copy_from_slice(p.expose().as_bytes()));
+    match version {
+        MqttVersion::V311 => {
+            let connect = Connect {
+                clean_session,
+                keep_alive,
+                client_id: client_id.to_string().into(),
+                username: id.username.clone().map(Into::into),
+                password,
+                ..Connect::default()
+            };
+            conn.send(Packet::Connect(Box::new(connect)))
+                .await
+                .context("sending CONNECT")?;
+        }
+        MqttVersion::V5 => {
+            let connect = v5::Connect {
+                clean_start: clean_session,
+                keep_alive,
+                // Without an interval an MQTT 5 session ends with its connection.
+                session_expiry_interval_secs: if clean_session { 0 } else { SESSION_EXPIRY_S },
+                client_id: client_id.to_string().into(),
+                username: id.username.clone().map(Into::into),
+                password,
+                ..v5::Connect::default()
+            };
+            conn.send_v5(v5::Packet::Connect(Box::new(connect)))
+                .await
+                .context("sending CONNECT")?;
+        }
+    }
     let reply = tokio::time::timeout(id.connect_timeout, conn.next())
         .await
         .map_err(|_| Unanswered(format!("no CONNACK within {:?}", id.connect_timeout)))?;
     match reply {
         Some(Ok(Inbound::Packet(Packet::ConnectAck(ack)))) => {
+            if ack.return_code == ConnectAckReason::UnacceptableProtocolVersion && version == MqttVersion::V5
+            {
+                return Err(VersionRefused {
+                    asked: version,
+                    reason: ack.return_code.reason().to_string(),
+                }
+                .into());
+            }
             if ack.return_code != ConnectAckReason::ConnectionAccepted {
                 bail!("cloud broker refused the uplink: {}", ack.return_code.reason());
+            }
+            if version == MqttVersion::V5 {
+                bail!("the cloud broker answered an MQTT 5 CONNECT with a 3.1.1 CONNACK");
+            }
+            conn.peer = Peer::V311;
+            Ok((conn, ack.session_present))
+        }
+        Some(Ok(Inbound::ConnectAck5(ack))) => {
+            if ack.reason_code == v5::ConnectAckReason::UnsupportedProtocolVersion {
+                return Err(VersionRefused {
+                    asked: version,
+                    reason: format!("{:?}", ack.reason_code),
+                }
+                .into());
+            }
+            if ack.reason_code != v5::ConnectAckReason::Success {
+                bail!(
+                    "cloud broker refused the uplink: {:?}{}",
+                    ack.reason_code,
+                    ack.reason_string
+                        .as_ref()
+                        .map_or(String::new(), |r| format!(" ({r})"))
+                );
+            }
+            conn.peer = Peer {
+                version: MqttVersion::V5,
+                receive_max: ack.receive_max.get(),
+                max_packet_size: ack.max_packet_size,
+                topic_alias_max: ack.topic_alias_max,
+                retain_available: ack.retain_available,
+                server_keepalive: ack.server_keepalive_sec,
+            };
+            if !ack.retain_available {
+                tracing::warn!(
+                    "the cloud broker takes no retained messages: the retain flag is cleared on the way up"
+                );
+            }
+            if !clean_session {
+                tracing::debug!(
+                    receive_max = ack.receive_max.get(),
+                    max_packet_size = ack.max_packet_size,
+                    topic_alias_max = ack.topic_alias_max,
+                    session_expiry_s = ack.session_expiry_interval_secs.unwrap_or(SESSION_EXPIRY_S),
+                    "MQTT 5 session with the cloud broker"
+                );
             }
             Ok((conn, ack.session_present))
         }
@@ -180,7 +274,7 @@ pub async fn run(
     stop: &CancellationToken,
 ) -> Ended {
     core.set_wanted(w.wanted.borrow_and_update().clone());
-    core.connected(std::time::Instant::now(), session_present);
+    core.connected_to(std::time::Instant::now(), session_present, conn.peer);
     let result = drive(&mut conn, core, &mut w, stop).await;
     let proven = core.disconnected();
     // What the core still asks for (the ledger, acknowledgements) does not need the connection.
@@ -198,11 +292,11 @@ async fn drive(
     loop {
         // Fill the window from the outbox, then a bounded batch of QoS 0, then write once.
         if let Some((after, max)) = core.outbox_wanted() {
-            core.offer(w.outbox.pending_after(after, max));
+            core.offer(crate::outbox::now_ms(), w.outbox.pending_after(after, max));
         }
         for _ in 0..core.qos0_wanted() {
             let Some(m) = w.outbox.pop_qos0() else { break };
-            core.offer_qos0(m);
+            core.offer_qos0(crate::outbox::now_ms(), m);
         }
         perform(Some(conn), core, w).await?;
 
@@ -226,6 +320,7 @@ async fn drive(
                 w.bridge.drops().flush();
             }
             packet = conn.next(), if core.reading() => match packet {
+                Some(Ok(Inbound::Disconnected(why))) => bail!("the cloud broker disconnected: {why}"),
                 Some(Ok(p)) => core.handle_packet(std::time::Instant::now(), p),
                 Some(Err(e)) => bail!("reading from the cloud broker: {e}"),
                 None => bail!("the cloud broker closed the connection"),
@@ -248,6 +343,7 @@ async fn perform(mut conn: Option<&mut Conn>, core: &mut Session, w: &mut Wiring
             }
             Action::Ack(seq) => w.outbox.ack(seq),
             Action::Discard { seq, why } => w.outbox.discard_undeliverable(seq, &why),
+            Action::Expired(seq) => w.outbox.discard_expired(seq),
             Action::Deliver { message, ack } => {
                 if let (true, Some(conn)) = (wrote, conn.as_deref_mut()) {
                     conn.flush().await.context("flushing")?;
@@ -295,6 +391,14 @@ fn dropped(drops: &Drops, d: &Dropped) {
                     detail = ?d.why,
                     suppressed,
                     "message from the cloud dropped: {reason}"
+                );
+            }
+        }
+        Dropped::Qos0Expired => {
+            if let Some(suppressed) = drops.dropped(reason) {
+                tracing::warn!(
+                    suppressed,
+                    "QoS 0 message expired (its message expiry interval ran out while queued); dropped"
                 );
             }
         }

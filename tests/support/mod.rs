@@ -10,6 +10,7 @@ pub mod cloud;
 pub mod daemon;
 pub mod deb;
 pub mod device;
+pub mod front;
 pub mod proxy;
 pub mod raw;
 pub mod sshd;

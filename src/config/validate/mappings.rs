@@ -80,15 +80,19 @@ pub(super) fn mappings(ctx: &mut Ctx<'_>, files: Vec<(usize, MapFile)>) -> Vec<M
 /// A message sent out under one mapping that comes back in under another and lands on a topic that
 /// goes out again forms a cycle. The origin tag stops such a message from looping at run time, but a
 /// mapping set that describes one is a mistake, so `check` refuses it. (`both` on one mapping is the
-/// designed way to mirror a subtree and is allowed.)
-pub(super) fn cycles(ctx: &mut Ctx<'_>, maps: &[Mapping]) {
+/// designed way to mirror a subtree and is allowed; over MQTT 3.1.1, `echoes`, it gets a warning:
+/// MQTT 5's no-local keeps the cloud from sending the uplink's own messages back.)
+pub(super) fn cycles(ctx: &mut Ctx<'_>, maps: &[Mapping], echoes: bool) {
     for a in maps.iter().filter(|m| m.direction.goes_out()) {
         for b in maps.iter().filter(|m| m.direction.comes_in()) {
             if a.index == b.index {
+                if !echoes {
+                    continue;
+                }
                 ctx.warn(
                     &format!("map[{}].direction", a.index),
                     "\"both\": the cloud broker echoes what the uplink sends back to its own subscription \
-                     (MQTT 3.1.1 has no no-local option), so local subscribers of this subtree can see \
+                     (MQTT 3.1.1 has no no-local option; protocol = \"5\" has), so local subscribers of this subtree can see \
                      their messages twice; they are never sent out again",
                 );
                 continue;

@@ -191,7 +191,10 @@ pub fn validate(ctx: &mut Ctx<'_>, s: Sections) -> Option<Config> {
     if !mappings.is_empty() && !s.uplink_declared {
         ctx.error("map", "mappings need an [uplink] section to carry them");
     }
-    cycles(ctx, &mappings);
+    let echoes = uplink
+        .as_ref()
+        .is_some_and(|u| u.protocol == crate::config::model::MqttVersion::V311);
+    cycles(ctx, &mappings, echoes);
     in_overlaps(ctx, &mappings);
     if let Some(u) = &uplink {
         profile::mappings(ctx, u, &mappings, &limits);

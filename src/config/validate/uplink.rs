@@ -213,6 +213,23 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         None => Some(None),
     };
     let profile = super::profile::profile(ctx, &f, brokers.as_deref(), &transports);
+    let protocol = match f.protocol.as_str() {
+        "5" | "5.0" => Some(MqttVersion::V5),
+        "3.1.1" | "4" => Some(MqttVersion::V311),
+        other => {
+            ctx.error(
+                "uplink.protocol",
+                format!("`{other}` is not an MQTT version here (\"5\" or \"3.1.1\")"),
+            );
+            None
+        }
+    };
+    if f.topic_alias && protocol == Some(MqttVersion::V311) {
+        ctx.warn(
+            "uplink.topic_alias",
+            "unused: topic aliases need MQTT 5 (protocol = \"3.1.1\")",
+        );
+    }
     let brokers = brokers?;
     let profile = profile?;
     let username = match profile.azure() {
@@ -238,6 +255,8 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         probe_interval: Duration::from_secs(f.probe_interval_s),
         return_after: Duration::from_secs(f.return_after_s),
         max_in_msgs_per_s: f.max_in_msgs_per_s,
+        protocol: protocol?,
+        topic_alias: f.topic_alias,
         ssh,
         wireguard,
         websocket,

@@ -1,4 +1,4 @@
-//! The uplink's decisions, without I/O: [`Session`] (the MQTT 3.1.1 session to the cloud: in-flight
+//! The uplink's decisions, without I/O: [`Session`] (the MQTT session, 5 or 3.1.1, to the cloud: in-flight
 //! window, acknowledgements, subscriptions, health check, read pacing) and [`Failover`] (which
 //! transport carries it, when to fail over, return or wait). Both take events with the time passed
 //! in and return actions; neither reads a clock, a socket or a file. The async shell around them is
@@ -10,9 +10,11 @@
 //! an in-memory cloud in microseconds.
 
 pub mod failover;
+pub mod mqtt5;
 pub mod session;
 
 pub use failover::{routes, Failover, Next, Probed, Route, Step, Wait, WaitKind};
+pub use mqtt5::{AfterRefusal, Aliases, Peer, Refusal, Versions};
 pub use session::{Action, Delivery, Dropped, Failure, Session, Settings};
 
 #[cfg(test)]

@@ -1,4 +1,10 @@
-//! The uplink's MQTT 3.1.1 session to the cloud broker, as a state machine that does no I/O.
+//! The uplink's MQTT session (5 or 3.1.1) to the cloud broker, as a state machine that does no I/O.
+//! Packets are in rmqtt's 3.1.1 model (`v3::Packet`, whose `Publish` carries MQTT 5 properties
+//! too); the shell's link writes and reads them as MQTT 5 when the connection is (see `link`). What
+//! MQTT 5 decides is here: the window is `min(max_inflight, the cloud's Receive Maximum)`, a message
+//! over the cloud's Maximum Packet Size is discarded, a message whose expiry interval ran out in the
+//! outbox is dropped and the others carry what is left of it, and topic aliases
+//! ([`Aliases`](super::mqtt5::Aliases)) replace repeated topics when `topic_alias` is on.
 //!
 //! One [`Session`] lives as long as the uplink, across connections and transports: what must
 //! outlive a connection (the subscriptions the cloud's persistent session may hold, the QoS 2
@@ -34,8 +40,14 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU16;
 use std::time::{Duration, Instant};
 
+use std::num::NonZeroU32;
+
 use rmqtt::codec::types::{Publish, QoS};
 use rmqtt::codec::v3::{Packet, SubscribeReturnCode};
+use rmqtt::codec::v5::PublishProperties;
+
+use super::mqtt5::{AliasUse, Aliases, Peer};
+use crate::config::MqttVersion;
 
 use crate::bridge::inbound::CloudMessage;
 use crate::broker::drops;
@@ -58,6 +70,8 @@ pub struct Settings {
     pub health_timeout: Duration,
     /// Cloud messages taken per second at most; over it the session pauses reading.
     pub max_in_msgs_per_s: u32,
+    /// MQTT 5 topic aliases on outgoing PUBLISHes (up to the cloud's Topic Alias Maximum).
+    pub topic_alias: bool,
 }
 
 /// Something the shell must do. Performed in order.
@@ -69,6 +83,9 @@ pub enum Action {
     Ack(u64),
     /// Outbox message `seq` can never be sent (`why`): drop it (counted and logged by the outbox).
     Discard { seq: u64, why: String },
+    /// Outbox message `seq`'s MQTT 5 expiry interval ran out before it was sent: drop it (counted as
+    /// `expired` and logged by the outbox).
+    Expired(u64),
     /// Hand this cloud message to the bridge for the local broker, then report
     /// [`Session::delivered`] with `ack` (the acknowledgement upstream follows it).
     Deliver { message: CloudMessage, ack: Delivery },
@@ -93,6 +110,8 @@ pub enum Dropped {
     Discarded(Discarded),
     /// A QoS 0 outbox message MQTT cannot carry.
     Qos0Undeliverable(String),
+    /// A QoS 0 outbox message whose MQTT 5 expiry interval ran out before it was sent.
+    Qos0Expired,
 }
 
 /// Drop reasons of cloud messages discarded by the uplink (labels of `mqtt_uplink_dropped_total`).
@@ -112,6 +131,7 @@ impl Dropped {
                 Why::Malformed(_) => reason::MALFORMED,
             },
             Dropped::Qos0Undeliverable(_) => crate::outbox::reason::UNDELIVERABLE,
+            Dropped::Qos0Expired => crate::outbox::reason::MESSAGE_EXPIRED,
         }
     }
 }
@@ -143,6 +163,8 @@ struct Connection {
     cursor: u64,
     /// When the next PINGREQ is due (while none is outstanding).
     next_ping: Instant,
+    /// A PINGREQ is sent this often: `health_every`, or the cloud's Server Keep Alive if shorter.
+    every: Duration,
     /// When the outstanding PINGREQ must have been answered.
     ping_deadline: Option<Instant>,
     rate: InRate,
@@ -150,6 +172,10 @@ struct Connection {
     paused_until: Option<Instant>,
     /// The cloud acknowledged one of our messages or answered a health check.
     proven: bool,
+    /// What the cloud's CONNACK allows.
+    peer: Peer,
+    /// Outgoing topic aliases (empty unless MQTT 5 and `topic_alias`).
+    aliases: Aliases,
 }
 
 /// The uplink's MQTT session. See the module documentation for its events and actions.
@@ -221,7 +247,7 @@ impl Session {
     /// above `after`, at most `max` of them. `None` when not connected or the window is full.
     pub fn outbox_wanted(&self) -> Option<(u64, usize)> {
         let c = self.conn.as_ref()?;
-        let room = usize::from(self.settings.max_inflight).saturating_sub(c.inflight.len());
+        let room = self.window(c).saturating_sub(c.inflight.len());
         (room > 0).then_some((c.cursor, room))
     }
 
@@ -234,6 +260,16 @@ impl Session {
         }
     }
 
+    /// The in-flight window of connection `c`: ours, or the cloud's Receive Maximum if smaller.
+    fn window(&self, c: &Connection) -> usize {
+        usize::from(self.settings.max_inflight.min(c.peer.receive_max).max(1))
+    }
+
+    /// The in-flight window of the current connection (see [`Self::connected_to`]).
+    pub fn window_size(&self) -> Option<usize> {
+        self.conn.as_ref().map(|c| self.window(c))
+    }
+
     /// The filters the cloud's session may hold.
     pub fn held(&self) -> &Filters {
         &self.held
@@ -242,6 +278,19 @@ impl Session {
     /// Event: the transport is up and the cloud accepted the CONNECT; `session_present` is the
     /// CONNACK's (without it the cloud holds no subscription and no QoS 2 exchange of ours).
     pub fn connected(&mut self, now: Instant, session_present: bool) {
+        self.connected_to(now, session_present, Peer::V311)
+    }
+
+    /// Event: as [`connected`](Self::connected), with what the cloud's CONNACK allows (MQTT 5).
+    pub fn connected_to(&mut self, now: Instant, session_present: bool, peer: Peer) {
+        let every = match peer.server_keepalive {
+            // Half of it: the cloud closes the connection after 1.5 keepalives without a packet.
+            Some(k) if k > 0 => self
+                .settings
+                .health_every
+                .min(Duration::from_millis(u64::from(k) * 500)),
+            _ => self.settings.health_every,
+        };
         if !session_present {
             self.qos2.clear();
             if !self.held.is_empty() {
@@ -255,11 +304,18 @@ impl Session {
             subscribed: self.wanted.clone(),
             inflight: HashMap::new(),
             cursor: 0,
-            next_ping: now + self.settings.health_every,
+            next_ping: now + every,
+            every,
             ping_deadline: None,
             rate: InRate::new(self.settings.max_in_msgs_per_s, now),
             paused_until: None,
             proven: false,
+            peer,
+            aliases: Aliases::new(if peer.is_v5() && self.settings.topic_alias {
+                peer.topic_alias_max
+            } else {
+                0
+            }),
         });
         // Every wanted filter is subscribed again (the cloud may have lost it); filters only the
         // ledger remembers are taken back.
@@ -300,9 +356,10 @@ impl Session {
     }
 
     /// Event: the outbox has these messages (from [`outbox_wanted`](Self::outbox_wanted)), oldest
-    /// first. Those beyond the window are not taken (nor skipped: they are asked for again).
-    pub fn offer(&mut self, batch: impl IntoIterator<Item = (u64, OutMessage)>) {
-        let max = usize::from(self.settings.max_inflight);
+    /// first, at `now_ms` (Unix milliseconds, for the expiry intervals). Those beyond the window are
+    /// not taken (nor skipped: they are asked for again).
+    pub fn offer(&mut self, now_ms: u64, batch: impl IntoIterator<Item = (u64, OutMessage)>) {
+        let Some(max) = self.window_size() else { return };
         let Some(c) = self.conn.as_mut() else { return };
         for (seq, m) in batch {
             if c.inflight.len() >= max {
@@ -317,28 +374,42 @@ impl Session {
                 self.actions.push_back(Action::Discard { seq, why });
                 continue;
             }
+            let Some(p) = outgoing(c, m, now_ms, QoS::AtLeastOnce) else {
+                self.actions.push_back(Action::Expired(seq));
+                continue;
+            };
+            if let Some(why) = over_max(&c.peer, &p) {
+                self.actions.push_back(Action::Discard { seq, why });
+                continue;
+            }
             let pid = c
                 .pids
                 .next_free(|id| c.inflight.contains_key(&id) || c.pending.contains_key(&id));
             c.inflight.insert(pid, seq);
             self.actions
-                .push_back(Action::Send(publish(m, QoS::AtLeastOnce, Some(pid))));
+                .push_back(Action::Send(Packet::Publish(Box::new(alias(c, p, Some(pid))))));
         }
     }
 
     /// Event: a QoS 0 message from the outbox's best-effort lane (sent at once, never acknowledged).
-    pub fn offer_qos0(&mut self, m: OutMessage) {
-        if self.conn.is_none() {
+    pub fn offer_qos0(&mut self, now_ms: u64, m: OutMessage) {
+        let Some(c) = self.conn.as_mut() else { return };
+        if let Some(why) = m.undeliverable() {
+            self.actions
+                .push_back(Action::Drop(Dropped::Qos0Undeliverable(why)));
             return;
         }
-        match m.undeliverable() {
-            Some(why) => self
-                .actions
-                .push_back(Action::Drop(Dropped::Qos0Undeliverable(why))),
-            None => self
-                .actions
-                .push_back(Action::Send(publish(m, QoS::AtMostOnce, None))),
+        let Some(p) = outgoing(c, m, now_ms, QoS::AtMostOnce) else {
+            self.actions.push_back(Action::Drop(Dropped::Qos0Expired));
+            return;
+        };
+        if let Some(why) = over_max(&c.peer, &p) {
+            self.actions
+                .push_back(Action::Drop(Dropped::Qos0Undeliverable(why)));
+            return;
         }
+        let p = alias(c, p, None);
+        self.actions.push_back(Action::Send(Packet::Publish(Box::new(p))));
     }
 
     /// Event: a packet (or a PUBLISH the decoder discarded) arrived from the cloud at `now`.
@@ -355,6 +426,11 @@ impl Session {
                 }
                 self.actions.push_back(Action::Drop(Dropped::Discarded(d)));
                 self.take_in(now);
+                return;
+            }
+            // The shell handles these (a CONNACK only comes first; a DISCONNECT ends the link).
+            other @ (Inbound::ConnectAck5(_) | Inbound::Disconnected(_)) => {
+                tracing::debug!(?other, "ignored packet from the cloud broker");
                 return;
             }
         };
@@ -443,7 +519,6 @@ impl Session {
     /// Event: the time of [`poll_timeout`](Self::poll_timeout) has come (`now` may be later). `Err`
     /// when the connection failed its health check and must end.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Failure> {
-        let every = self.settings.health_every;
         let timeout = self.settings.health_timeout;
         let Some(c) = self.conn.as_mut() else {
             return Ok(());
@@ -464,7 +539,7 @@ impl Session {
             Some(_) => {}
             None if now >= c.next_ping => {
                 c.ping_deadline = Some(now + timeout);
-                c.next_ping = now + every;
+                c.next_ping = now + c.every;
                 self.actions.push_back(Action::Send(Packet::PingRequest));
             }
             None => {}
@@ -492,6 +567,7 @@ impl Session {
                 payload: p.payload,
                 qos: p.qos.value(),
                 retain: p.retain,
+                properties: p.properties.map(Box::new),
             },
             ack: Delivery {
                 qos: p.qos,
@@ -557,16 +633,83 @@ impl Session {
     }
 }
 
-fn publish(m: OutMessage, qos: QoS, packet_id: Option<NonZeroU16>) -> Packet {
-    Packet::Publish(Box::new(Publish {
+/// The PUBLISH for outbox message `m` on connection `c` at `now_ms` (no packet id, no alias yet):
+/// over MQTT 5 with its properties and what is left of its expiry interval; `None` when that ran out.
+fn outgoing(c: &Connection, m: OutMessage, now_ms: u64, qos: QoS) -> Option<Publish> {
+    let left = m.expiry_left(now_ms);
+    if left == Some(0) {
+        return None;
+    }
+    let properties = match (c.peer.is_v5(), m.props) {
+        (true, Some(p)) => Some(PublishProperties {
+            topic_alias: None,
+            correlation_data: p.correlation_data,
+            message_expiry_interval: left.and_then(NonZeroU32::new),
+            content_type: p.content_type.map(Into::into),
+            user_properties: p
+                .user_properties
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            is_utf8_payload: p.utf8_payload,
+            response_topic: p.response_topic.map(Into::into),
+            subscription_ids: Vec::new(),
+        }),
+        _ => None,
+    };
+    Some(Publish {
         dup: false,
-        retain: m.retain,
+        retain: m.retain && c.peer.retain_available,
         qos,
         topic: m.topic.into(),
-        packet_id,
+        packet_id: None,
         payload: m.payload,
-        properties: None,
-    }))
+        properties,
+    })
+}
+
+/// Why `p` (without its alias) is over the cloud's Maximum Packet Size, if it is.
+fn over_max(peer: &Peer, p: &Publish) -> Option<String> {
+    let max = peer.max_packet_size?;
+    let size = packet_size(p, peer.version);
+    (size > max as usize)
+        .then(|| format!("PUBLISH of {size} bytes (the cloud's Maximum Packet Size is {max})"))
+}
+
+/// The whole packet's size on the wire (a QoS > 0 PUBLISH's packet id counted).
+pub fn packet_size(p: &Publish, version: MqttVersion) -> usize {
+    use tokio_util::codec::Encoder as _;
+    let mut p = p.clone();
+    if p.qos != QoS::AtMostOnce && p.packet_id.is_none() {
+        p.packet_id = NonZeroU16::new(1);
+    }
+    let mut b = bytes::BytesMut::new();
+    let r = match version {
+        MqttVersion::V5 => rmqtt::codec::v5::Codec::new(0, 0)
+            .encode(rmqtt::codec::v5::Packet::Publish(Box::new(p)), &mut b)
+            .map_err(|e| e.to_string()),
+        MqttVersion::V311 => rmqtt::codec::v3::Codec::new(0)
+            .encode(Packet::Publish(Box::new(p)), &mut b)
+            .map_err(|e| e.to_string()),
+    };
+    // An encoding error means a packet MQTT cannot carry at all: as large as can be.
+    r.map_or(usize::MAX, |()| b.len())
+}
+
+/// `p` with its packet id and, when aliases are on, its topic alias.
+fn alias(c: &mut Connection, mut p: Publish, packet_id: Option<NonZeroU16>) -> Publish {
+    p.packet_id = packet_id;
+    match c.aliases.next(&p.topic) {
+        AliasUse::None => {}
+        AliasUse::Set(a) => {
+            p.properties.get_or_insert_with(Default::default).topic_alias = Some(a);
+        }
+        AliasUse::Use(a) => {
+            p.properties.get_or_insert_with(Default::default).topic_alias = Some(a);
+            p.topic = "".into();
+        }
+    }
+    p
 }
 
 fn qos(q: u8) -> QoS {

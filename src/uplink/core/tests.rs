@@ -9,8 +9,11 @@ use bytes::Bytes;
 use rmqtt::codec::types::{Publish, QoS};
 use rmqtt::codec::v3::{Packet, SubscribeReturnCode};
 
-use super::session::{reason, Action, Dropped, Failure, Session, Settings};
+use super::mqtt5::{AfterRefusal, AliasUse, Aliases, Peer, Refusal, Versions};
+use super::session::{packet_size, reason, Action, Dropped, Failure, Session, Settings};
 use crate::bridge::inbound::CloudMessage;
+use crate::config::MqttVersion;
+use crate::outbox::MsgProps;
 use crate::outbox::OutMessage;
 use crate::uplink::decode::{Discarded, Inbound, Why};
 use crate::uplink::subscriptions::Filters;
@@ -21,6 +24,7 @@ fn settings(max_inflight: u16) -> Settings {
         health_every: Duration::from_secs(5),
         health_timeout: Duration::from_secs(2),
         max_in_msgs_per_s: 1_000,
+        topic_alias: false,
     }
 }
 
@@ -42,6 +46,7 @@ fn message(seq: u64, mapping: usize) -> OutMessage {
         retain: false,
         accepted_ms: 0,
         user: String::new(),
+        props: None,
     }
 }
 
@@ -72,6 +77,8 @@ struct Rig {
     /// Outbox sequence numbers acknowledged (deleted), in order.
     acked: Vec<u64>,
     discarded: Vec<u64>,
+    /// Outbox messages dropped as expired.
+    expired: Vec<u64>,
     /// Cloud messages delivered locally.
     local: Vec<CloudMessage>,
     drops: Vec<Dropped>,
@@ -96,6 +103,7 @@ impl Rig {
             sent: Vec::new(),
             acked: Vec::new(),
             discarded: Vec::new(),
+            expired: Vec::new(),
             local: Vec::new(),
             drops: Vec::new(),
             ledger: None,
@@ -113,9 +121,14 @@ impl Rig {
     }
 
     fn connect(&mut self, session_present: bool) {
+        self.connect_to(session_present, Peer::V311);
+    }
+
+    /// Connects to a cloud whose CONNACK allowed `peer`.
+    fn connect_to(&mut self, session_present: bool, peer: Peer) {
         self.connection += 1;
         self.cloud_unacked.clear();
-        self.s.connected(self.now, session_present);
+        self.s.connected_to(self.now, session_present, peer);
         self.pump();
     }
 
@@ -143,7 +156,7 @@ impl Rig {
             if batch.is_empty() {
                 return;
             }
-            self.s.offer(batch);
+            self.s.offer(0, batch);
         }
         panic!("pump did not settle");
     }
@@ -163,6 +176,10 @@ impl Rig {
                 Action::Discard { seq, .. } => {
                     self.outbox.remove(&seq);
                     self.discarded.push(seq);
+                }
+                Action::Expired(seq) => {
+                    self.outbox.remove(&seq);
+                    self.expired.push(seq);
                 }
                 Action::Deliver { message, ack } => {
                     if self.fail_delivery {
@@ -215,6 +232,17 @@ impl Rig {
         if !lost {
             self.receive(Packet::PublishAck { packet_id });
         }
+    }
+
+    /// The cloud acknowledges everything, oldest first, until nothing is in flight.
+    fn cloud_acks_all_until_idle(&mut self) {
+        for _ in 0..10_000 {
+            if self.cloud_unacked.is_empty() {
+                return;
+            }
+            self.cloud_ack(0, false);
+        }
+        panic!("the cloud never got to the end");
     }
 
     /// Packets written on the current connection.
@@ -393,7 +421,7 @@ fn the_in_flight_window_is_never_exceeded() {
         "the window is full: nothing is asked for"
     );
     // Offered more than it can take anyway: the rest is neither sent nor skipped.
-    r.s.offer((4..=10).map(|s| (s, message(s, 0))));
+    r.s.offer(0, (4..=10).map(|s| (s, message(s, 0))));
     r.perform();
     assert_eq!(r.got.len(), 3);
     r.cloud_ack(0, false);
@@ -439,7 +467,7 @@ fn a_message_mqtt_cannot_carry_is_discarded_and_does_not_block_the_queue() {
     let mut q0 = message(0, 0);
     q0.qos = 0;
     q0.topic = "t".repeat(70_000);
-    r.s.offer_qos0(q0);
+    r.s.offer_qos0(0, q0);
     r.perform();
     assert!(
         matches!(&r.drops[..], [d @ Dropped::Qos0Undeliverable(_)] if d.reason() == crate::outbox::reason::UNDELIVERABLE)
@@ -453,7 +481,7 @@ fn qos0_messages_go_out_at_once_without_a_packet_id() {
     let mut m = message(0, 0);
     m.qos = 0;
     assert!(r.s.qos0_wanted() > 0);
-    r.s.offer_qos0(m);
+    r.s.offer_qos0(0, m);
     r.perform();
     assert!(matches!(
         r.sent_now().last(),
@@ -471,7 +499,7 @@ fn a_disconnect_drops_unsent_packets_but_keeps_acknowledgements() {
     r.connect(true);
     let (p1, _) = r.cloud_unacked[0];
     r.s.handle_packet(r.now, Inbound::Packet(Packet::PublishAck { packet_id: p1 }));
-    r.s.offer((3..=3).map(|s| (s, message(s, 0))));
+    r.s.offer(0, (3..=3).map(|s| (s, message(s, 0))));
     r.s.handle_packet(
         r.now,
         Inbound::Packet(Packet::Publish(Box::new(Publish {
@@ -849,7 +877,7 @@ fn cost_per_message() {
     while acked < N {
         if let Some((_, room)) = s.outbox_wanted() {
             let end = (next + room as u64).min(N + 1);
-            s.offer((next..end).map(|seq| (seq, msg.clone())));
+            s.offer(0, (next..end).map(|seq| (seq, msg.clone())));
             next = end;
         }
         while let Some(a) = s.poll_action() {
@@ -868,4 +896,253 @@ fn cost_per_message() {
         "{N} messages through the session core in {e:?}: {:.2} us/message",
         e.as_secs_f64() * 1e6 / N as f64
     );
+}
+
+// Issue 15 item 2: what MQTT 5 decides.
+
+fn v5_peer(receive_max: u16, max_packet_size: Option<u32>, topic_alias_max: u16) -> Peer {
+    Peer {
+        version: MqttVersion::V5,
+        receive_max,
+        max_packet_size,
+        topic_alias_max,
+        retain_available: true,
+        server_keepalive: None,
+    }
+}
+
+/// The publishes of the queued actions (other actions are kept aside).
+fn publishes(s: &mut Session) -> (Vec<Publish>, Vec<Action>) {
+    let (mut p, mut other) = (Vec::new(), Vec::new());
+    while let Some(a) = s.poll_action() {
+        match a {
+            Action::Send(Packet::Publish(x)) => p.push(*x),
+            Action::Send(_) => {}
+            a => other.push(a),
+        }
+    }
+    (p, other)
+}
+
+#[test]
+fn the_window_is_the_smaller_of_ours_and_the_clouds_receive_maximum() {
+    let mut r = Rig::new(10);
+    for _ in 0..30 {
+        r.accept(0);
+    }
+    r.connect_to(true, v5_peer(3, None, 0));
+    assert_eq!(r.s.window_size(), Some(3));
+    r.cloud_acks_all_until_idle();
+    assert_eq!(r.acked.len(), 30, "everything delivered");
+    assert_eq!(
+        r.max_window_seen, 3,
+        "never more than the cloud's Receive Maximum in flight"
+    );
+    // A cloud that allows more than ours: ours.
+    r.disconnect();
+    r.connect_to(true, v5_peer(500, None, 0));
+    assert_eq!(r.s.window_size(), Some(10));
+    // 3.1.1: ours.
+    r.disconnect();
+    r.connect(true);
+    assert_eq!(r.s.window_size(), Some(10));
+}
+
+fn with_props(seq: u64, accepted_ms: u64, expiry_s: Option<u32>) -> OutMessage {
+    OutMessage {
+        accepted_ms,
+        props: Some(Box::new(MsgProps {
+            user_properties: vec![("site".into(), "p7".into())],
+            content_type: Some("text/plain".into()),
+            utf8_payload: true,
+            expiry_s,
+            response_topic: Some("sites/p7/resp".into()),
+            correlation_data: Some(Bytes::from_static(b"c1")),
+        })),
+        ..message(seq, 0)
+    }
+}
+
+#[test]
+fn the_expiry_sent_is_what_is_left_and_an_expired_message_is_dropped_not_sent() {
+    let mut s = Session::new(settings(8), Filters::new());
+    let now = Instant::now();
+    s.connected_to(now, true, v5_peer(100, None, 0));
+    let t0 = 1_700_000_000_000;
+    // Accepted at t0 with 2 s to live: offered 500 ms later it has 1.5 s left (sent as 2, rounded
+    // up); offered 2 s later it has none and is dropped, as is a QoS 0 one.
+    s.offer(
+        t0 + 2_000,
+        [
+            (1, with_props(1, t0, Some(2))),
+            (2, with_props(2, t0 + 1_500, Some(2))),
+        ],
+    );
+    s.offer_qos0(t0 + 5_000, with_props(0, t0, Some(3)));
+    let (sent, other) = publishes(&mut s);
+    assert!(matches!(other[0], Action::Expired(1)), "{other:?}");
+    assert!(
+        matches!(other[1], Action::Drop(Dropped::Qos0Expired)),
+        "{other:?}"
+    );
+    assert_eq!(Dropped::Qos0Expired.reason(), "expired");
+    assert_eq!(sent.len(), 1);
+    let p = sent[0].properties.as_ref().unwrap();
+    assert_eq!(p.message_expiry_interval.map(|e| e.get()), Some(2));
+    // Everything else is carried unchanged.
+    assert_eq!(p.user_properties, vec![("site".into(), "p7".into())]);
+    assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+    assert!(p.is_utf8_payload);
+    assert_eq!(p.response_topic.as_deref(), Some("sites/p7/resp"));
+    assert_eq!(p.correlation_data.as_deref(), Some(&b"c1"[..]));
+    assert_eq!(p.topic_alias, None);
+    // Without an expiry interval, none is sent; over 3.1.1 no properties at all (the expiry still
+    // applies: the message is not sent late).
+    s.offer(t0 + 9_000, [(3, with_props(3, t0, None))]);
+    let (sent, _) = publishes(&mut s);
+    assert_eq!(sent[0].properties.as_ref().unwrap().message_expiry_interval, None);
+    s.disconnected();
+    s.connected(now, true);
+    s.offer(
+        t0 + 1_000,
+        [(4, with_props(4, t0, Some(2))), (5, with_props(5, t0, Some(1)))],
+    );
+    let (sent, other) = publishes(&mut s);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].properties, None);
+    assert!(matches!(other[..], [Action::Expired(5)]), "{other:?}");
+}
+
+#[test]
+fn a_message_over_the_clouds_maximum_packet_size_is_discarded_and_the_rest_go_on() {
+    let mut r = Rig::new(4);
+    let big = r.accept(0);
+    r.outbox.get_mut(&big).unwrap().payload = Bytes::from(vec![b'7'; 200]);
+    let small: Vec<u64> = (0..3).map(|_| r.accept(0)).collect();
+    r.connect_to(true, v5_peer(100, Some(100), 0));
+    r.cloud_acks_all_until_idle();
+    assert_eq!(r.discarded, vec![big]);
+    assert_eq!(r.acked, small);
+    assert!(r.s.is_connected(), "no disconnect");
+    // The size is the whole packet as MQTT 5 writes it: a small message fits exactly.
+    let p = Publish {
+        dup: false,
+        retain: false,
+        qos: QoS::AtLeastOnce,
+        topic: "a".into(),
+        packet_id: None,
+        payload: Bytes::from_static(b"xy"),
+        properties: Some(Default::default()),
+    };
+    // Fixed header 2, topic 3, packet id 2, properties length 1, payload 2.
+    assert_eq!(packet_size(&p, MqttVersion::V5), 10);
+    assert_eq!(packet_size(&p, MqttVersion::V311), 9);
+}
+
+#[test]
+fn topic_aliases_replace_repeated_topics_up_to_the_clouds_maximum_per_connection() {
+    let mut a = Aliases::new(2);
+    assert_eq!(a.next("t/1"), AliasUse::Set(pid(1)));
+    assert_eq!(a.next("t/1"), AliasUse::Use(pid(1)));
+    assert_eq!(a.next("t/2"), AliasUse::Set(pid(2)));
+    assert_eq!(
+        a.next("t/3"),
+        AliasUse::None,
+        "the table is full: the topic itself"
+    );
+    assert_eq!(a.next("t/2"), AliasUse::Use(pid(2)));
+    assert_eq!(Aliases::new(0).next("t/1"), AliasUse::None);
+
+    let mut s = Session::new(
+        Settings {
+            topic_alias: true,
+            ..settings(8)
+        },
+        Filters::new(),
+    );
+    let now = Instant::now();
+    let m = |seq, mapping| (seq, message(seq, mapping));
+    s.connected_to(now, true, v5_peer(100, None, 1));
+    s.offer(0, [m(1, 0), m(2, 0), m(3, 1)]);
+    let (sent, _) = publishes(&mut s);
+    let shape: Vec<(&str, Option<u16>)> = sent
+        .iter()
+        .map(|p| {
+            let a = p.properties.as_ref().and_then(|p| p.topic_alias).map(|a| a.get());
+            (&*p.topic, a)
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        vec![("sites/p7/m0", Some(1)), ("", Some(1)), ("sites/p7/m1", None)]
+    );
+    // Aliases are per connection: the next one sets them again before using them.
+    s.disconnected();
+    s.connected_to(now, true, v5_peer(100, None, 1));
+    s.offer(0, [m(1, 0), m(2, 0)]);
+    let (sent, _) = publishes(&mut s);
+    assert_eq!(&*sent[0].topic, "sites/p7/m0");
+    assert_eq!(&*sent[1].topic, "");
+    // Off (`topic_alias = false`), or a cloud that allows none: no aliases.
+    let mut s = Session::new(settings(8), Filters::new());
+    s.connected_to(now, true, v5_peer(100, None, 10));
+    s.offer(0, [m(1, 0), m(2, 0)]);
+    let (sent, _) = publishes(&mut s);
+    assert!(sent
+        .iter()
+        .all(|p| &*p.topic == "sites/p7/m0" && p.properties.is_none()));
+}
+
+#[test]
+fn a_broker_that_refuses_mqtt_5_gets_3_1_1_from_then_on() {
+    let mut v = Versions::new(MqttVersion::V5, 2);
+    assert_eq!(v.for_address(0), MqttVersion::V5);
+    // A refusal for other reasons changes nothing.
+    assert_eq!(
+        v.refused(0, MqttVersion::V5, Refusal::Other),
+        AfterRefusal::GiveUp
+    );
+    assert_eq!(v.for_address(0), MqttVersion::V5);
+    assert_eq!(
+        v.refused(0, MqttVersion::V5, Refusal::UnsupportedVersion),
+        AfterRefusal::Retry(MqttVersion::V311)
+    );
+    assert_eq!(v.for_address(0), MqttVersion::V311);
+    assert_eq!(v.for_address(1), MqttVersion::V5, "per broker address");
+    // 3.1.1 refused as well: nothing lower to try (and nothing more to log).
+    assert_eq!(
+        v.refused(0, MqttVersion::V311, Refusal::UnsupportedVersion),
+        AfterRefusal::GiveUp
+    );
+    // Configured 3.1.1: never MQTT 5.
+    assert_eq!(
+        Versions::new(MqttVersion::V311, 1).for_address(0),
+        MqttVersion::V311
+    );
+}
+
+#[test]
+fn a_cloud_without_retain_gets_no_retain_flag_and_its_server_keep_alive_paces_the_health_check() {
+    let mut s = Session::new(settings(8), Filters::new());
+    let now = Instant::now();
+    let peer = Peer {
+        retain_available: false,
+        server_keepalive: Some(2),
+        ..v5_peer(100, None, 0)
+    };
+    s.connected_to(now, true, peer);
+    let mut m = message(1, 0);
+    m.retain = true;
+    s.offer(0, [(1, m.clone())]);
+    let (sent, _) = publishes(&mut s);
+    assert!(!sent[0].retain, "a retained PUBLISH would end the connection");
+    // Our health check is every 5 s; the cloud wants a packet within 2 s: a PINGREQ every second.
+    assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(1)));
+    // A cloud that takes retained messages gets the flag.
+    s.disconnected();
+    s.connected_to(now, true, v5_peer(100, None, 0));
+    s.offer(0, [(1, m)]);
+    let (sent, _) = publishes(&mut s);
+    assert!(sent[0].retain);
+    assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(5)));
 }
