@@ -24,6 +24,9 @@ pub enum PathKind {
     Direct,
     Ssh,
     Wireguard,
+    /// MQTT over WSS to the cloud's websockets listener (mqtt-uplink only: mosquitto's bridge
+    /// connects over TCP or TLS, never WebSockets).
+    Websocket,
 }
 
 impl PathKind {
@@ -32,12 +35,18 @@ impl PathKind {
             PathKind::Direct => "direct",
             PathKind::Ssh => "ssh",
             PathKind::Wireguard => "wireguard",
+            PathKind::Websocket => "websocket",
         }
     }
     pub fn parse(s: &str) -> Option<PathKind> {
-        [PathKind::Direct, PathKind::Ssh, PathKind::Wireguard]
-            .into_iter()
-            .find(|p| p.name() == s)
+        [
+            PathKind::Direct,
+            PathKind::Ssh,
+            PathKind::Wireguard,
+            PathKind::Websocket,
+        ]
+        .into_iter()
+        .find(|p| p.name() == s)
     }
 }
 
@@ -139,6 +148,8 @@ pub struct CloudBroker {
     pub dir: PathBuf,
     /// Listener the edge uses (on `host`).
     pub port: u16,
+    /// The websockets (WSS, path `/mqtt`) listener, on the websocket path.
+    pub ws_port: Option<u16>,
     pub host: String,
     /// Where the benchmark's own clients reach it from the root namespace.
     pub client_addr: SocketAddr,
@@ -147,7 +158,13 @@ pub struct CloudBroker {
 }
 
 impl CloudBroker {
-    fn start(dir: &Path, netns: Option<&str>, host: &str, side: Option<&str>) -> anyhow::Result<CloudBroker> {
+    fn start(
+        dir: &Path,
+        netns: Option<&str>,
+        host: &str,
+        side: Option<&str>,
+        websockets: bool,
+    ) -> anyhow::Result<CloudBroker> {
         let mut names = vec![host.to_string()];
         names.extend(side.map(str::to_string));
         write_certs(dir, &names);
@@ -171,6 +188,11 @@ impl CloudBroker {
             }
             None => SocketAddr::new(host.parse()?, port),
         };
+        let ws_port = websockets.then(free_port);
+        if let Some(p) = ws_port {
+            tls(&mut conf, p, host);
+            conf.push_str("protocol websockets\n");
+        }
         conf.push_str(&format!(
             "allow_anonymous false\npassword_file {pw}\npersistence true\npersistence_location {d}/\n\
              user root\nlog_dest stderr\nlog_type error\nlog_type warning\n\
@@ -182,6 +204,7 @@ impl CloudBroker {
         let mut c = CloudBroker {
             dir: dir.to_path_buf(),
             port,
+            ws_port,
             host: host.to_string(),
             client_addr,
             netns: netns.map(str::to_string),
@@ -255,9 +278,10 @@ impl PathLab {
         let dir = tempfile::Builder::new().prefix("mqtt-uplink-bench-").tempdir()?;
         let d = dir.path();
         let (cloud, sshd, wg) = match kind {
-            PathKind::Direct => (CloudBroker::start(d, None, "127.0.0.1", None)?, None, None),
+            PathKind::Direct => (CloudBroker::start(d, None, "127.0.0.1", None, false)?, None, None),
+            PathKind::Websocket => (CloudBroker::start(d, None, "127.0.0.1", None, true)?, None, None),
             PathKind::Ssh => {
-                let cloud = CloudBroker::start(d, None, "127.0.0.1", None)?;
+                let cloud = CloudBroker::start(d, None, "127.0.0.1", None, false)?;
                 let line = mqtt_uplink::transport::ssh::keygen(
                     &d.join("ssh"),
                     &format!("127.0.0.1:{}", cloud.port),
@@ -279,7 +303,7 @@ impl PathLab {
                 // The hub's veth address, where the benchmark's own clients reach the cloud.
                 let ip = peer.tunnel_ip().to_string();
                 let side = peer.endpoint().split(':').next().unwrap_or_default().to_string();
-                let cloud = CloudBroker::start(d, Some(peer.netns()), &ip, Some(&side))?;
+                let cloud = CloudBroker::start(d, Some(peer.netns()), &ip, Some(&side), false)?;
                 (cloud, None, Some(peer))
             }
         };
@@ -350,6 +374,15 @@ impl PathLab {
                 write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
                 let (transport, section) = match self.kind {
                     PathKind::Direct => ("tls", String::new()),
+                    PathKind::Websocket => (
+                        "websocket",
+                        format!(
+                            "[uplink.websocket]\nurl = \"wss://localhost:{}/mqtt\"\n",
+                            self.cloud
+                                .ws_port
+                                .context("the cloud has no websockets listener")?
+                        ),
+                    ),
                     PathKind::Ssh => {
                         let sshd = self.sshd.as_ref().expect("ssh lab");
                         (
@@ -450,6 +483,10 @@ bind = "{metrics}"
                 let tuned = imp == Impl::MosqTuned;
                 let (address, tunnel) = match self.kind {
                     PathKind::Direct => (format!("127.0.0.1:{}", self.cloud.port), None),
+                    PathKind::Websocket => bail!(
+                        "mosquitto's bridge cannot connect over WebSockets (its bridges speak MQTT over \
+                         TCP or TLS only)"
+                    ),
                     PathKind::Ssh => {
                         let lport = free_port();
                         (format!("127.0.0.1:{lport}"), Some(self.ssh_forward(lport, &dir)?))

@@ -6,7 +6,7 @@
 //! cargo bench --bench bridge               # full run (3 repetitions) -> docs/benchmarks/
 //! cargo bench --bench bridge -- --quick    # a few seconds per scenario, 1 repetition -> target/bench-quick/
 //! ```
-//! Options: `--reps N`, `--paths direct,ssh,wireguard`, `--out DIR`, `--no-outage`, `--no-conns`,
+//! Options: `--reps N`, `--paths direct,ssh,wireguard` (or `websocket`, ours only), `--out DIR`, `--no-outage`, `--no-conns`,
 //! `--only SECTION[,SECTION…]` (sections: idle, latency, outage, throughput, connections, flood-memory,
 //! topic-alias, storm;
 //! a partial run writes `<sections>.md` and `<sections>-run-<time>.json`, never `results.md`).
@@ -245,6 +245,11 @@ async fn run_all(s: &Settings, res: &mut Results) {
             let mut order: Vec<Unit> = Impl::ALL.iter().map(|i| Unit::Edge(*i)).collect();
             if s.has("throughput") {
                 order.extend([Unit::NoEdge, Unit::SlowDisk]);
+            }
+            if path == PathKind::Websocket {
+                // Ours only: mosquitto's bridge has no WebSocket transport. The no-edge row (devices
+                // straight into the cloud) stays as the reference.
+                order.retain(|u| matches!(u, Unit::Edge(Impl::Uplink) | Unit::NoEdge));
             }
             let n = order.len();
             order.rotate_left((rep + pi) % n);
