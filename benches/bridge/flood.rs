@@ -10,6 +10,10 @@
 //!   (mapped out): whatever the edge keeps for the uplink stays in memory.
 //! - *cloud flood*: the cloud publishes N messages on `sites/p7/cmd/…` (in-mapped to local
 //!   `control/cmd/…`), every other one retained on its own topic, to one device that subscribes and reads.
+//! - *slow subscriber* (issue 17, the `flood` section): 100 devices publish QoS 0 as fast as they can
+//!   for `--flood-secs` (60 s) to `local/flood/<n>`, with one subscriber to `local/flood/#` that reads
+//!   1,000 messages a second; 64 B and 1 MiB payloads (the appliance's default `max_packet_size`,
+//!   256 KiB, refuses the latter: each such device is disconnected at its first message).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -37,6 +41,7 @@ pub enum Kind {
     NonReadingSubscriber,
     Qos0Lane,
     CloudFlood,
+    SlowSubscriber,
 }
 
 impl Kind {
@@ -45,6 +50,7 @@ impl Kind {
             Kind::NonReadingSubscriber => "non-reading-subscriber",
             Kind::Qos0Lane => "qos0-lane",
             Kind::CloudFlood => "cloud-flood",
+            Kind::SlowSubscriber => "slow-subscriber",
         }
     }
 }
@@ -57,7 +63,7 @@ pub struct Case {
     pub messages: u64,
 }
 
-pub const CASES: [Case; 4] = [
+pub const CASES: [Case; 6] = [
     Case {
         kind: Kind::NonReadingSubscriber,
         payload: 200 * 1024,
@@ -80,7 +86,22 @@ pub const CASES: [Case; 4] = [
         payload: 200 * 1024,
         messages: 1000,
     },
+    // Issue 17: `messages` is each device's cap; the flood lasts `--flood-secs`.
+    Case {
+        kind: Kind::SlowSubscriber,
+        payload: 64,
+        messages: 100_000_000,
+    },
+    Case {
+        kind: Kind::SlowSubscriber,
+        payload: 1 << 20,
+        messages: 100_000,
+    },
 ];
+
+/// Devices of the slow-subscriber flood, and the rate its subscriber reads at.
+const SLOW_DEVICES: usize = 100;
+const SLOW_READ_PER_S: f64 = 1000.0;
 
 /// The implementations compared: the appliance and mosquitto's tuned bridge.
 pub const IMPLS: [Impl; 2] = [Impl::Uplink, Impl::MosqTuned];
@@ -93,8 +114,11 @@ const WINDOW: u64 = 100;
 const HEADER: usize = 16;
 
 /// Runs every case, for every implementation, alternating the order between repetitions and cases.
-pub async fn run(s: &Settings, rep: usize, res: &mut Results) {
+pub async fn run(s: &Settings, rep: usize, res: &mut Results, which: impl Fn(Kind) -> bool) {
     for (ci, case) in CASES.iter().enumerate() {
+        if !which(case.kind) {
+            continue;
+        }
         let mut order = IMPLS.to_vec();
         order.rotate_left((rep + ci) % IMPLS.len());
         for imp in order {
@@ -182,6 +206,7 @@ async fn one(case: Case, messages: u64, imp: Impl, rep: usize, s: &Settings) -> 
         Kind::NonReadingSubscriber => non_reading(&edge, &pids, case, messages, settle).await,
         Kind::Qos0Lane => qos0_lane(&edge, &mut lab, &pids, case, messages, settle).await,
         Kind::CloudFlood => cloud_flood(&edge, &mut lab, &cloud, &pids, case, messages, settle).await,
+        Kind::SlowSubscriber => slow_subscriber(&edge, &pids, case, messages, s.flood_secs).await,
     };
     let rss_after_kb = procstat::rss_kb(&pids);
     let polled = peak.finish();
@@ -308,6 +333,153 @@ async fn non_reading(
         rss_end_kb,
         note: f.error,
     })
+}
+
+/// 100 devices flood QoS 0 for `secs` (at most `n` messages each) to one subscriber reading
+/// `SLOW_READ_PER_S` messages a second; `delivered` is what it read (after the flood it reads on, as
+/// fast as it can, until nothing came for 2 s).
+async fn slow_subscriber(
+    edge: &Edge,
+    pids: &[u32],
+    case: Case,
+    n: u64,
+    secs: f64,
+) -> anyhow::Result<Outcome> {
+    let target = Target::Plain(edge.addr());
+    let mut sub = gen::connect(&target, "dev-slow-sub", &dev(), true, 0).await?;
+    sub.send(Packet::Subscribe {
+        packet_id: NonZeroU16::new(1).unwrap(),
+        topic_filters: vec![("local/flood/#".into(), QoS::AtMostOnce)],
+    })
+    .await?;
+    match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+        Ok(Some(Ok((Packet::SubscribeAck { .. }, _)))) => {}
+        other => bail!("no SUBACK: {other:?}"),
+    }
+    let flooding = Arc::new(AtomicBool::new(true));
+    let reader = {
+        let flooding = flooding.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut got = 0u64;
+            let mut quiet = Duration::ZERO;
+            // Bounded: the flood is capped, the drain ends after 2 s without a message (or 120 s).
+            let cap = start + FLOOD_CAP + Duration::from_secs(120);
+            while Instant::now() < cap {
+                let paced = flooding.load(Ordering::Relaxed);
+                if paced {
+                    let due = Duration::from_secs_f64(got as f64 / SLOW_READ_PER_S);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+                    Ok(Some(Ok((Packet::Publish(_), _)))) => {
+                        got += 1;
+                        quiet = Duration::ZERO;
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(_))) | Ok(None) => break,
+                    Err(_) if !paced => {
+                        quiet += Duration::from_millis(200);
+                        if quiet >= Duration::from_secs(2) {
+                            break;
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+            got
+        })
+    };
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(secs).min(FLOOD_CAP);
+    let devices: Vec<_> = (0..SLOW_DEVICES)
+        .map(|i| {
+            let target = target.clone();
+            tokio::spawn(async move { flood_until(&target, i, case.payload, n, until).await })
+        })
+        .collect();
+    let (mut sent, mut notes) = (0u64, BTreeMap::<String, u64>::new());
+    for d in devices {
+        let (k, note) = d.await?;
+        sent += k;
+        if let Some(e) = note {
+            *notes.entry(e).or_default() += 1;
+        }
+    }
+    let flood_s = start.elapsed().as_secs_f64();
+    let rss_end_kb = procstat::rss_kb(pids);
+    flooding.store(false, Ordering::Relaxed);
+    let delivered = reader.await?;
+    let note = (!notes.is_empty()).then(|| {
+        notes
+            .iter()
+            .map(|(e, k)| format!("{k} device(s): {e}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    });
+    Ok(Outcome {
+        sent,
+        acked: None,
+        delivered: Some(delivered),
+        flood_s,
+        rss_end_kb,
+        note,
+    })
+}
+
+/// One device of the slow-subscriber flood: QoS 0 publishes until `until` (or `n`), then a PINGREQ,
+/// whose PINGRESP says the edge has read them all. Returns the messages written and why it stopped
+/// early, if it did.
+async fn flood_until(
+    target: &Target,
+    i: usize,
+    size: usize,
+    n: u64,
+    until: Instant,
+) -> (u64, Option<String>) {
+    let mut conn = match gen::connect(target, &format!("dev-flood-{i}"), &dev(), true, 0).await {
+        Ok(c) => c,
+        Err(e) => return (0, Some(format!("{e:#}"))),
+    };
+    let topic = format!("local/flood/{i}");
+    let body = payload(0, size);
+    let mut sent = 0u64;
+    let work = async {
+        while sent < n && Instant::now() < until {
+            let p = Publish {
+                dup: false,
+                retain: false,
+                qos: QoS::AtMostOnce,
+                topic: topic.clone().into(),
+                packet_id: None,
+                payload: body.clone(),
+                properties: None,
+            };
+            conn.feed(Packet::Publish(Box::new(p))).await?;
+            sent += 1;
+            if sent.is_multiple_of(16) {
+                conn.flush().await?;
+            }
+        }
+        conn.send(Packet::PingRequest).await?;
+        loop {
+            match conn.next().await {
+                Some(Ok((Packet::PingResponse, _))) => return anyhow::Ok(()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => bail!("{e}"),
+                None => bail!("the edge closed the connection"),
+            }
+        }
+    };
+    let deadline = until + Duration::from_secs(60);
+    let note = match tokio::time::timeout_at(deadline.into(), work).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{e:#}")),
+        Err(_) => Some("no PINGRESP within 60 s of the end of the flood".into()),
+    };
+    (sent, note)
 }
 
 /// The cloud broker is stopped; a device publishes QoS 0 messages on an out-mapped topic.

@@ -6,9 +6,9 @@
 //! cargo bench --bench bridge               # full run (3 repetitions) -> docs/benchmarks/
 //! cargo bench --bench bridge -- --quick    # a few seconds per scenario, 1 repetition -> target/bench-quick/
 //! ```
-//! Options: `--reps N`, `--paths direct,ssh,wireguard` (or `websocket`, ours only), `--out DIR`, `--no-outage`, `--no-conns`,
-//! `--only SECTION[,SECTION…]` (sections: idle, latency, outage, throughput, connections, flood-memory,
-//! topic-alias, storm;
+//! Options: `--reps N`, `--paths direct,ssh,wireguard` (or `websocket`, ours only), `--out DIR`,
+//! `--no-outage`, `--no-conns`, `--flood-secs N`, `--only SECTION[,SECTION…]` (sections: idle, latency,
+//! outage, throughput, connections, flood-memory, flood, topic-alias, storm;
 //! a partial run writes `<sections>.md` and `<sections>-run-<time>.json`, never `results.md`).
 //! Needs root (network namespaces for the WireGuard path), mosquitto 2.0, OpenSSH, wireguard-go, wg, ip.
 //! Only loopback and the benchmark's own namespace are used.
@@ -76,23 +76,26 @@ pub struct Settings {
     pub flood_div: u64,
     /// Seconds after a flood (after the subscriber's disconnect) when the RSS is read again.
     pub flood_settle_secs: f64,
+    /// How long the `flood` section's devices flood (issue 17: 60 s).
+    pub flood_secs: f64,
 }
 
 /// The benchmark's sections, in the order they run for each edge (flood-memory: after the paths, on
 /// the direct path, on fresh edges).
-pub const SECTIONS: [&str; 8] = [
+pub const SECTIONS: [&str; 9] = [
     "idle",
     "latency",
     "outage",
     "throughput",
     "connections",
     "flood-memory",
+    "flood",
     "topic-alias",
     "storm",
 ];
 
 /// The sections that run once per repetition on their own peers, not per path.
-const OWN_PEERS: [&str; 3] = ["flood-memory", "topic-alias", "storm"];
+const OWN_PEERS: [&str; 4] = ["flood-memory", "flood", "topic-alias", "storm"];
 
 impl Settings {
     pub fn has(&self, section: &str) -> bool {
@@ -135,11 +138,12 @@ fn parse_args() -> anyhow::Result<Option<Settings>> {
         outage_pre_secs: if quick { 1.0 } else { 2.0 },
         outage_post_secs: 1.0,
         outage_drain_cap_secs: if quick { 30.0 } else { 60.0 },
-        conns: vec![1000, 10_000],
+        conns: vec![1000, 10_000, 50_000],
         sections: SECTIONS.to_vec(),
         only: false,
         flood_div: if quick { 4 } else { 1 },
         flood_settle_secs: 10.0,
+        flood_secs: if quick { 15.0 } else { 60.0 },
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -149,6 +153,7 @@ fn parse_args() -> anyhow::Result<Option<Settings>> {
             "--out" => s.out = PathBuf::from(it.next().context("--out DIR")?),
             "--no-outage" => s.outage = false,
             "--no-conns" => s.conns.clear(),
+            "--flood-secs" => s.flood_secs = it.next().context("--flood-secs N")?.parse()?,
             "--only" => {
                 s.sections = it
                     .next()
@@ -273,11 +278,17 @@ async fn run_all(s: &Settings, res: &mut Results) {
                 }
             }
         }
-        if s.has("flood-memory") {
+        for (section, slow) in [("flood-memory", false), ("flood", true)] {
+            if !s.has(section) {
+                continue;
+            }
             if s.paths.contains(&PathKind::Direct) {
-                flood::run(s, rep, res).await;
+                // `flood`: the slow-subscriber floods (issue 17); `flood-memory`: the others.
+                flood::run(s, rep, res, |k| (k == flood::Kind::SlowSubscriber) == slow).await;
             } else if rep == 0 {
-                res.error("flood-memory runs on the direct path, which --paths left out".into());
+                res.error(format!(
+                    "{section} runs on the direct path, which --paths left out"
+                ));
             }
         }
         if s.has("topic-alias") {
@@ -581,10 +592,16 @@ async fn run_impl(
     }
     if ctx.path == PathKind::Direct && s.has("connections") && !s.conns.is_empty() {
         match connections(&edge, s).await {
-            Ok(v) => {
+            Ok((v, skipped)) => {
                 for c in v {
                     progress(&format!("  {} idle connections: RSS {} KiB", c.n, c.rss_kb));
                     res.conns.push(Conns { imp, rep, ..c });
+                }
+                for e in skipped {
+                    progress(&format!("  {e}"));
+                    if rep == 0 {
+                        res.error(format!("{}: {e}", ctx.run));
+                    }
                 }
             }
             Err(e) => res.error(format!("{} connections: {e:#}", ctx.run)),
@@ -880,11 +897,24 @@ async fn drain_outbox(st: &SubState, expected: u64, edge: &Edge, cap: Duration) 
     }
 }
 
-async fn connections(edge: &Edge, s: &Settings) -> anyhow::Result<Vec<Conns>> {
+/// The idle-connection rows, and a note for each count that could not be measured here.
+async fn connections(edge: &Edge, s: &Settings) -> anyhow::Result<(Vec<Conns>, Vec<String>)> {
     let pids = edge.pids();
     let mut held = Vec::new();
     let mut out = Vec::new();
+    let mut skipped = Vec::new();
     for &n in &s.conns {
+        // The edge and this process each hold one descriptor per connection.
+        if let Some(limit) = procstat::nofile_limit().filter(|l| *l < n as u64 + 256) {
+            skipped.push(format!(
+                "{n} connections not measured: they need {} open files in the edge and in the benchmark; \
+                 RLIMIT_NOFILE is {limit} here and cannot be raised without CAP_SYS_RESOURCE (`ulimit -n`, \
+                 the unit's LimitNOFILE=); beyond ~28,000 they also need more source addresses than \
+                 127.0.0.1's ephemeral ports",
+                n + 256
+            ));
+            continue;
+        }
         let t0 = Instant::now();
         let more = gen::open_idle(edge.addr(), &dev(), held.len(), n - held.len(), 64).await?;
         // Keep only the sockets, not the codec buffers.
@@ -900,5 +930,5 @@ async fn connections(edge: &Edge, s: &Settings) -> anyhow::Result<Vec<Conns>> {
         });
     }
     drop(held);
-    Ok(out)
+    Ok((out, skipped))
 }

@@ -159,3 +159,16 @@ pub fn loadavg1() -> f64 {
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
         .unwrap_or(f64::NAN)
 }
+
+/// This process's open-file limit (RLIMIT_NOFILE, soft), from `/proc/self/limits`; the edges it
+/// starts inherit it.
+pub fn nofile_limit() -> Option<u64> {
+    fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}

@@ -603,6 +603,35 @@ fn stat_of(v: &[&FloodMem], f: fn(&FloodMem) -> Option<u64>) -> Option<Stat> {
 }
 
 /// The flood-memory rows of the JSON: medians and ranges over repetitions per scenario and edge.
+/// Issue 17's `flood` list: the slow-subscriber floods, per implementation and payload (medians).
+fn slow_flood_rows(a: &Agg) -> Vec<Value> {
+    let mut rows = Vec::new();
+    for c in crate::flood::CASES
+        .iter()
+        .filter(|c| c.kind == crate::flood::Kind::SlowSubscriber)
+    {
+        for i in crate::flood::IMPLS {
+            let v = a.flood(c, i);
+            if v.is_empty() {
+                continue;
+            }
+            let g = |f: fn(&FloodMem) -> Option<u64>| jstat(stat_of(&v, f));
+            let (peak, peak_r) = g(|f| Some(f.peak_rss_kb));
+            let (dropped, _) = g(|f| f.dropped);
+            let (sent, _) = g(|f| Some(f.sent));
+            let (delivered, _) = g(|f| f.delivered);
+            rows.push(json!({
+                "impl": i.name(), "payload": c.payload, "peak_rss_kb": peak, "peak_rss_kb_range": peak_r,
+                "dropped": dropped, "sent": sent, "delivered": delivered,
+                "flood_s": v.iter().map(|f| f.flood_s).sum::<f64>() / v.len() as f64,
+                "notes": v.iter().filter_map(|f| f.note.clone()).collect::<Vec<_>>(),
+                "reps": v.len(),
+            }));
+        }
+    }
+    rows
+}
+
 fn flood_rows(a: &Agg) -> Vec<Value> {
     let mut rows = Vec::new();
     for c in &crate::flood::CASES {
@@ -678,6 +707,13 @@ fn flood_mechanism(kind: crate::flood::Kind) -> &'static str {
         Kind::Qos0Lane => {
             "with the uplink down, QoS 0 messages for the cloud wait in an in-memory lane of at most \
              `[outbox] qos0_max_bytes` (8 MiB); beyond it the oldest are dropped, counted and logged"
+        }
+        Kind::SlowSubscriber => {
+            "100 devices publish QoS 0 as fast as they can to one subscriber that reads 1,000 messages a \
+             second: its queue is held to `[limits] max_queued_bytes` (1 MiB) and `max_queued_messages` \
+             (1,000), the excess dropped for it (counted, \"slow consumer\" / \"subscriber queue full\"); \
+             the devices' sockets are read as fast as they come (no backpressure on QoS 0). A packet over \
+             `max_packet_size` (256 KiB by default, so every 1 MiB message) closes its connection"
         }
         Kind::CloudFlood => {
             "cloud messages over `[limits] max_packet_size` (256 KiB) are acknowledged upstream and dropped \
@@ -1105,6 +1141,51 @@ fn targets(a: &Agg) -> Vec<Target> {
             mo.map(|s| num(s.med)).unwrap_or("–".into())
         ),
     });
+    // Issue 17: idle device connections and floods inside MemoryMax.
+    for (n, limit_kb) in [(1000usize, 20 * 1024), (10_000, 64 * 1024)] {
+        let v = a.conns(Impl::Uplink, n);
+        out.push(Target {
+            name: if n == 1000 {
+                "1,000 idle device connections: mqtt-uplink ≤ 20 MB RSS"
+            } else {
+                "10,000 idle device connections: mqtt-uplink ≤ 64 MB RSS"
+            },
+            path: None,
+            met: v.map(|s| s.med <= limit_kb as f64),
+            detail: format!(
+                "mqtt-uplink {} KiB, mosquitto {} KiB",
+                v.map(|s| num(s.med)).unwrap_or("–".into()),
+                a.conns(Impl::MosqDefault, n)
+                    .map(|s| num(s.med))
+                    .unwrap_or("–".into())
+            ),
+        });
+    }
+    for c in crate::flood::CASES
+        .iter()
+        .filter(|c| c.kind == crate::flood::Kind::SlowSubscriber)
+    {
+        let v = a.flood(c, Impl::Uplink);
+        let peak = stat_of(&v, |f| Some(f.peak_rss_kb));
+        let dropped = stat_of(&v, |f| f.dropped);
+        out.push(Target {
+            name: if c.payload == 64 {
+                "flood, 100 devices × 64 B QoS 0 to a slow subscriber: peak RSS ≤ 128 MB, drops counted"
+            } else {
+                "flood, 100 devices × 1 MiB QoS 0 to a slow subscriber: peak RSS ≤ 128 MB, drops counted"
+            },
+            path: None,
+            met: peak.map(|p| p.med <= 128.0 * 1024.0),
+            detail: format!(
+                "mqtt-uplink peak {} KiB, dropped {}; mosquitto-tuned peak {} KiB",
+                peak.map(|s| num(s.med)).unwrap_or("–".into()),
+                dropped.map(|s| num(s.med)).unwrap_or("–".into()),
+                stat_of(&a.flood(c, Impl::MosqTuned), |f| Some(f.peak_rss_kb))
+                    .map(|s| num(s.med))
+                    .unwrap_or("–".into())
+            ),
+        });
+    }
     // No busy loops at idle: below 1 % of a core on every path.
     let mut worst: Option<(f64, f64, PathKind)> = None;
     for &p in &a.paths {
@@ -1800,6 +1881,7 @@ pub fn write(s: &Settings, res: &Results) -> anyhow::Result<()> {
         "storm": crate::storm::storm_rows(res),
         "connect_rate": crate::storm::rate_rows(res),
         "topic_alias": alias_json(res),
+        "flood": slow_flood_rows(&a),
         "latency_cdf_qos1_64B": cdf,
         "raw": {
             "throughput": res.tput, "latency": res.lat, "flood_memory": res.flood,

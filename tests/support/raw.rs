@@ -137,6 +137,14 @@ impl Raw {
         }
     }
 
+    /// A connection opened by the caller (e.g. with chosen socket buffer sizes).
+    pub fn from_stream(sock: TcpStream) -> Raw {
+        Raw {
+            sock,
+            buf: Vec::new(),
+        }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.sock.write_all(bytes).await
     }

@@ -66,7 +66,7 @@ pub use rustls::crypto::ring as tls_provider;
 pub use stream::{v3, v5, MqttStream};
 
 /// mqtt-uplink patch: a hook for connections closed before their CONNECT was read.
-pub use stream::{HandshakeRefusal, HandshakeRefusedHook};
+pub use stream::{HandshakeRefusal, HandshakeRefusedHook, IdleBuffers};
 
 /// Convenience type alias for generic errors
 pub type Error = anyhow::Error;

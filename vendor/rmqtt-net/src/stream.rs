@@ -65,6 +65,96 @@ fn report_connect_error(cfg: &Builder, peer: SocketAddr, e: &anyhow::Error) {
     }
 }
 
+/// mqtt-uplink patch: a connection holds read and write buffers only while it is busy.
+///
+/// tokio-util's `Framed` allocates 8 KiB for reading and 8 KiB for writing per connection and keeps
+/// them for the connection's life: about 16 KiB of the ~18 KiB an idle device connection cost.
+/// Here a connection starts without buffers (`Dispatcher::new`): the codec reserves what each frame
+/// needs, so a packet is read whole in two or three reads. A second packet within `IDLE_RELEASE`
+/// of the previous one gets the read buffer's full capacity back, so a busy connection reads as
+/// before; after `IDLE_RELEASE` without a packet, both buffers, if empty, are given back again.
+pub struct IdleBuffers {
+    /// Armed while the connection holds buffers to give back.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Packets read so far, and when the timer was last armed.
+    packets: u64,
+    seen: u64,
+    /// The connection holds no buffers: since when its last packet was read, if any.
+    released: Option<Option<tokio::time::Instant>>,
+}
+
+impl Default for IdleBuffers {
+    fn default() -> Self {
+        IdleBuffers { timer: None, packets: 0, seen: 0, released: Some(None) }
+    }
+}
+
+/// mqtt-uplink patch: how long a connection reads nothing before its buffers are given back.
+pub const IDLE_RELEASE: Duration = Duration::from_secs(2);
+/// mqtt-uplink patch: the read buffer of a busy connection (tokio-util's initial capacity), also
+/// the size of a write buffer that is flushed before it takes more.
+pub(crate) const BUSY_CAPACITY: usize = 8 * 1024;
+
+impl IdleBuffers {
+    /// `io.poll_next`, giving the buffers back after `IDLE_RELEASE` without a packet.
+    pub(crate) fn poll_next<Io>(
+        &mut self,
+        io: &mut Framed<Io, MqttCodec>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<(MqttPacket, u32), rmqtt_codec::error::DecodeError>>>
+    where
+        Io: AsyncRead + Unpin,
+    {
+        use futures::Stream as _;
+        use std::future::Future as _;
+        use std::task::Poll;
+        use tokio::time::Instant;
+        use tokio_util::bytes::BytesMut;
+        loop {
+            if let Poll::Ready(next) = std::pin::Pin::new(&mut *io).poll_next(cx) {
+                self.packets = self.packets.wrapping_add(1);
+                if let Some(last) = self.released {
+                    let now = Instant::now();
+                    if last.is_some_and(|t| now.duration_since(t) < IDLE_RELEASE) {
+                        // Busy again: the full read buffer back.
+                        self.released = None;
+                        io.read_buffer_mut().reserve(BUSY_CAPACITY);
+                    } else {
+                        self.released = Some(Some(now));
+                    }
+                }
+                return Poll::Ready(next);
+            }
+            if self.released.is_some() {
+                return Poll::Pending;
+            }
+            let timer = match &mut self.timer {
+                Some(t) => t,
+                None => {
+                    self.seen = self.packets;
+                    self.timer.insert(Box::pin(tokio::time::sleep(IDLE_RELEASE)))
+                }
+            };
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if self.seen != self.packets {
+                // Packets were read since the timer was armed: wait another period.
+                self.seen = self.packets;
+                timer.as_mut().reset(Instant::now() + IDLE_RELEASE);
+                continue;
+            }
+            self.timer = None;
+            if io.read_buffer().is_empty() && io.write_buffer().is_empty() {
+                *io.read_buffer_mut() = BytesMut::new();
+                *io.write_buffer_mut() = BytesMut::new();
+                self.released = Some(None);
+            }
+            // Poll the stream again: its read registers the waker (on the new, empty, buffer).
+        }
+    }
+}
+
 /// MQTT protocol dispatcher handling version negotiation
 ///
 /// Manages initial protocol detection and creates version-specific streams
@@ -90,7 +180,11 @@ where
         cert_info: Option<CertInfo>,
         cfg: Arc<Builder>,
     ) -> Self {
-        Dispatcher { io: Framed::new(io, MqttCodec::Version(VersionCodec)), remote_addr, cfg, cert_info }
+        // mqtt-uplink patch: no buffers until there is something to read or write (`IdleBuffers`);
+        // was `Framed::new`, 8 KiB each.
+        let mut io = Framed::with_capacity(io, MqttCodec::Version(VersionCodec), 0);
+        io.set_backpressure_boundary(BUSY_CAPACITY);
+        Dispatcher { io, remote_addr, cfg, cert_info }
     }
 
     /// Negotiates protocol version and returns appropriate stream
@@ -103,6 +197,7 @@ where
                 cfg: self.cfg,
                 #[cfg(feature = "tls")]
                 cert_info: self.cert_info,
+                idle: IdleBuffers::default(),
             }),
             ProtocolVersion::MQTT5 => MqttStream::V5(v5::MqttStream {
                 io: self.io,
@@ -110,6 +205,7 @@ where
                 cfg: self.cfg,
                 #[cfg(feature = "tls")]
                 cert_info: self.cert_info,
+                idle: IdleBuffers::default(),
             }),
         })
     }
@@ -194,6 +290,8 @@ pub mod v3 {
         #[cfg(feature = "tls")]
         /// TLS certificate information (if available)
         pub cert_info: Option<CertInfo>,
+        /// mqtt-uplink patch: gives the buffers of a quiet connection back.
+        pub idle: crate::stream::IdleBuffers,
     }
 
     /// # Examples
@@ -213,6 +311,7 @@ pub mod v3 {
     ///     remote_addr: addr,
     ///     cfg: Arc::new(Builder::default()),
     ///     cert_info: None,
+    ///     idle: Default::default(),
     /// };
     ///
     /// // Send a PING request
@@ -398,7 +497,9 @@ pub mod v3 {
         type Item = Result<rmqtt_codec::v3::Packet>;
 
         fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            let next = Pin::new(&mut self.io).poll_next(cx);
+            // mqtt-uplink patch: through `IdleBuffers` (was `Pin::new(&mut self.io).poll_next(cx)`).
+            let this = &mut *self;
+            let next = this.idle.poll_next(&mut this.io, cx);
             Poll::Ready(match futures::ready!(next) {
                 Some(Ok((MqttPacket::V3(packet), _))) => Some(Ok(packet)),
                 Some(Ok(_)) => Some(Err(MqttError::Decode(DecodeError::MalformedPacket).into())),
@@ -440,6 +541,8 @@ pub mod v5 {
         #[cfg(feature = "tls")]
         /// TLS certificate information (if available)
         pub cert_info: Option<CertInfo>,
+        /// mqtt-uplink patch: gives the buffers of a quiet connection back.
+        pub idle: crate::stream::IdleBuffers,
     }
 
     /// # Examples
@@ -644,7 +747,9 @@ pub mod v5 {
         type Item = Result<rmqtt_codec::v5::Packet>;
 
         fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            let next = Pin::new(&mut self.io).poll_next(cx);
+            // mqtt-uplink patch: through `IdleBuffers` (was `Pin::new(&mut self.io).poll_next(cx)`).
+            let this = &mut *self;
+            let next = this.idle.poll_next(&mut this.io, cx);
             Poll::Ready(match futures::ready!(next) {
                 Some(Ok((MqttPacket::V5(packet), _))) => Some(Ok(packet)),
                 Some(Ok(_)) => Some(Err(MqttError::Decode(DecodeError::MalformedPacket).into())),

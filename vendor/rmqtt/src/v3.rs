@@ -75,10 +75,12 @@ where
             scx.handshakings.dec();
         }
 
-        let (state, keep_alive) = match handshake(&scx, &mut sink, lid).await {
+        // mqtt-uplink patch: the handshake's state (CONNECT, auth hooks) on the heap for its
+        // duration only, not in the connection task for the connection's life.
+        let (state, keep_alive) = match Box::pin(handshake(&scx, &mut sink, lid)).await {
             Ok(c) => c,
             Err((ack_code, e)) => {
-                refused_ack_v3(&scx, &mut sink, None, ack_code, e.to_string()).await?;
+                Box::pin(refused_ack_v3(&scx, &mut sink, None, ack_code, e.to_string())).await?;
                 if let Err(e) = sink.close().await {
                     log::info!("{lid} close io error, {e}");
                 }
