@@ -301,7 +301,7 @@ fn transports(u: &config::Uplink) -> anyhow::Result<Vec<uplink::Leg>> {
             TransportKind::Tls => {
                 let b = &u.brokers[r.address];
                 Arc::new(
-                    transport::tcp::TcpTransport::new(&b.host, b.port, u.connect_timeout)
+                    transport::direct::DirectTransport::new(&b.host, b.port, u.connect_timeout)
                         .plaintext(!b.tls)
                         .via_proxy(proxy.clone()),
                 )

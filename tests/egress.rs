@@ -352,7 +352,7 @@ async fn a_refusing_proxy_is_named_with_its_status() {
         return;
     }
     use mqtt_uplink::secret::Secret;
-    use mqtt_uplink::transport::tcp::TcpTransport;
+    use mqtt_uplink::transport::direct::DirectTransport;
     let dir = tempdir();
     let allowed = support::free_port();
     let proxy = Tinyproxy::start(dir.path(), &[allowed], true);
@@ -363,7 +363,7 @@ async fn a_refusing_proxy_is_named_with_its_status() {
         password: pw.map(Secret::new),
     };
     let dial = |p: ProxyConfig, port: u16| async move {
-        let t = TcpTransport::new("127.0.0.1", port, Duration::from_secs(5))
+        let t = DirectTransport::new("127.0.0.1", port, Duration::from_secs(5))
             .via_proxy(Some(std::sync::Arc::new(p)));
         match t.connect().await {
             Ok(_) => panic!("the proxy let us through"),

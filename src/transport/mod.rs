@@ -7,9 +7,9 @@
 //! (an HTTP CONNECT tunnel, see [`proxy`]).
 
 pub mod certs;
+pub mod direct;
 pub mod proxy;
 pub mod ssh;
-pub mod tcp;
 pub mod tls;
 pub mod websocket;
 pub mod wireguard;

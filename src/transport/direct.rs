@@ -1,5 +1,5 @@
 //! The direct transport (`transports = ["tls"]`): outbound TCP to the broker; the uplink adds TLS
-//! (for an `mqtts://` broker). Named `tls`, or `tcp` when the broker is plaintext `mqtt://`, so logs,
+//! (`transport/tls.rs`, for an `mqtts://` broker). Named `tls`, or `tcp` when the broker is plaintext `mqtt://`, so logs,
 //! metrics and `status` never call a plaintext session "tls". With an `[uplink.proxy]` the TCP
 //! connection is a CONNECT tunnel through it.
 
@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 use super::proxy::{self, ProxyConfig};
 use super::{BoxStream, Transport};
 
-/// Direct outbound TCP to `host:port`.
-pub struct TcpTransport {
+/// Direct outbound TCP to `host:port` (the transport configured as `tls`; TLS is layered on top).
+pub struct DirectTransport {
     host: String,
     port: u16,
     timeout: Duration,
@@ -22,9 +22,9 @@ pub struct TcpTransport {
     proxy: Option<Arc<ProxyConfig>>,
 }
 
-impl TcpTransport {
+impl DirectTransport {
     pub fn new(host: impl Into<String>, port: u16, timeout: Duration) -> Self {
-        TcpTransport {
+        DirectTransport {
             host: host.into(),
             port,
             timeout,
@@ -47,7 +47,7 @@ impl TcpTransport {
 }
 
 #[async_trait]
-impl Transport for TcpTransport {
+impl Transport for DirectTransport {
     fn name(&self) -> &'static str {
         if self.plaintext {
             "tcp"
