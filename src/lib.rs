@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acl;
 pub mod bridge;
 pub mod broker;
 pub mod cli;
@@ -16,6 +17,8 @@ pub mod guard;
 pub mod metrics;
 pub mod ops;
 pub mod outbox;
+pub mod passwords;
+pub mod profile;
 pub mod secret;
 pub mod topic;
 pub mod transport;
@@ -78,7 +81,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config
             .uplink
             .as_ref()
-            .and_then(|u| uplink::profile::cloud_topic_limits(&u.profile)),
+            .and_then(|u| profile::cloud_topic_limits(&u.profile)),
     );
     let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(routes)));
     let (wanted_tx, wanted_rx) = watch::channel(uplink::subscriptions::wanted(

@@ -2,7 +2,7 @@
 //! input never panic, and a topic the ACL lets a user publish is a valid topic name.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mqtt_uplink::guard::acl::Acl;
+use mqtt_uplink::acl::Acl;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -68,12 +68,7 @@ pub mod reason {
     pub const TOO_DEEP: &str = "cloud message topic has too many levels";
 }
 
-/// A cloud's limits on the topic names it takes (the `aws-iot` profile: 256 bytes, 7 slashes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CloudTopicLimits {
-    pub max_bytes: usize,
-    pub max_slashes: usize,
-}
+pub use crate::profile::CloudTopicLimits;
 
 /// The mapping set, ready to route. The first matching mapping wins, in file order.
 #[derive(Debug, Clone, Default)]
@@ -292,5 +287,31 @@ mod tests {
             }),
             "refused by the first match, not carried by the second"
         );
+    }
+
+    #[test]
+    fn aws_topic_limits_are_enforced_per_message_by_the_routes() {
+        use crate::config::{Direction, Mapping, RetainPolicy};
+        let map = Mapping {
+            index: 0,
+            line: None,
+            direction: Direction::Out,
+            topic: "sensors/#".into(),
+            local_prefix: String::new(),
+            remote_prefix: "sites/plant-7/".into(),
+            qos: 1,
+            retain: RetainPolicy::Keep,
+        };
+        let routes = Routes::new(vec![map.clone()]).with_cloud_limits(crate::profile::cloud_topic_limits(
+            &crate::profile::Profile::AwsIot,
+        ));
+        let remote = |t: &str| routes.route_out(t, 1).unwrap().remote_topic;
+        assert!(!routes.over_cloud_limits(&remote("sensors/a/b/c/d/e")));
+        assert!(routes.over_cloud_limits(&remote("sensors/a/b/c/d/e/f")));
+        assert!(routes.over_cloud_limits(&remote(&format!("sensors/{}", "x".repeat(240)))));
+        let generic = Routes::new(vec![map]).with_cloud_limits(crate::profile::cloud_topic_limits(
+            &crate::profile::Profile::Generic,
+        ));
+        assert!(!generic.over_cloud_limits("a/b/c/d/e/f/g/h/i/j"));
     }
 }

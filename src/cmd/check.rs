@@ -99,12 +99,12 @@ pub fn render(c: &Config) -> String {
                 u.keepalive.as_secs(),
                 u.max_in_msgs_per_s
             );
-            if u.profile != crate::uplink::profile::Profile::Generic || u.alpn.is_some() {
+            if u.profile != crate::profile::Profile::Generic || u.alpn.is_some() {
                 let alpn = |b: &crate::config::BrokerUrl| {
-                    crate::uplink::profile::alpn_for(&u.profile, u.alpn.as_deref(), b.port).join(",")
+                    crate::profile::alpn_for(&u.profile, u.alpn.as_deref(), b.port).join(",")
                 };
                 let auth = match u.profile.azure().map(|a| &a.auth) {
-                    Some(crate::uplink::profile::azure::AzureAuth::Sas { lifetime, .. }) => format!(
+                    Some(crate::profile::azure::AzureAuth::Sas { lifetime, .. }) => format!(
                         ", SAS tokens of {} s renewed at 80% by reconnecting",
                         lifetime.as_secs()
                     ),

@@ -343,11 +343,11 @@ pub struct AzureFile {
 }
 
 fn default_azure_api_version() -> String {
-    crate::uplink::profile::azure::DEFAULT_API_VERSION.to_string()
+    crate::profile::azure::DEFAULT_API_VERSION.to_string()
 }
 
 fn default_azure_token_lifetime_s() -> u64 {
-    crate::uplink::profile::azure::DEFAULT_TOKEN_LIFETIME_S
+    crate::profile::azure::DEFAULT_TOKEN_LIFETIME_S
 }
 
 /// `[uplink.websocket]`: MQTT over WSS.

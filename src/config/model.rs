@@ -221,7 +221,7 @@ pub struct Uplink {
     /// The HTTP proxy the TCP transports (`tls`, `ssh`, `websocket`) go through.
     pub proxy: Option<crate::transport::proxy::ProxyConfig>,
     /// What the cloud requires (`profile`, `[uplink.azure]`).
-    pub profile: crate::uplink::profile::Profile,
+    pub profile: crate::profile::Profile,
     /// `alpn` as configured (`None`: the profile decides, see `profile::alpn_for`).
     pub alpn: Option<Vec<String>>,
 }

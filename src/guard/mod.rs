@@ -3,10 +3,10 @@
 //! with the peer address, client id, user and reason (rate-limited per reason and address, counted
 //! always), failed-login throttling per address and the per-address connection limit.
 
-pub mod acl;
+pub use crate::acl;
 pub mod delivery;
 pub mod hooks;
-pub mod passwords;
+pub use crate::passwords;
 pub mod ratelimit;
 pub mod revalidate;
 pub mod sessions;

@@ -64,7 +64,7 @@ impl Reloader {
             Routes::new(new.mappings.clone()).with_cloud_limits(
                 new.uplink
                     .as_ref()
-                    .and_then(|u| crate::uplink::profile::cloud_topic_limits(&u.profile)),
+                    .and_then(|u| crate::profile::cloud_topic_limits(&u.profile)),
             ),
         );
         let new_subs = subscriptions::wanted(&routes);

@@ -25,7 +25,6 @@ pub mod backoff;
 pub mod core;
 pub mod decode;
 pub mod link;
-pub mod profile;
 pub mod session;
 pub mod subscriptions;
 
@@ -186,7 +185,7 @@ impl UplinkTask {
             .iter()
             .filter(|b| b.tls)
             .map(|b| {
-                let alpn = profile::alpn_for(&cfg.profile, cfg.alpn.as_deref(), b.port);
+                let alpn = crate::profile::alpn_for(&cfg.profile, cfg.alpn.as_deref(), b.port);
                 TlsClient::with_alpn(&b.host, cfg.ca_file.as_deref(), identity, &alpn)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -202,7 +201,7 @@ impl UplinkTask {
                 tracing::info!(
                     profile = cfg.profile.name(),
                     username = %a.username(),
-                    auth = if matches!(a.auth, profile::azure::AzureAuth::X509) { "x509" } else { "sas" },
+                    auth = if matches!(a.auth, crate::profile::azure::AzureAuth::X509) { "x509" } else { "sas" },
                     "uplink connects as an Azure IoT Hub device"
                 );
                 a.signer()

@@ -49,7 +49,7 @@ pub struct Identity {
     pub username: Option<String>,
     pub password: Option<Secret>,
     /// Azure IoT Hub: a fresh SAS token is the password of each CONNECT (instead of `password`).
-    pub sas: Option<std::sync::Arc<crate::uplink::profile::azure::SasSigner>>,
+    pub sas: Option<std::sync::Arc<crate::profile::azure::SasSigner>>,
     pub keepalive: Duration,
     pub max_inflight: u16,
     pub connect_timeout: Duration,

@@ -77,8 +77,7 @@ fn uplink_identity(a: &mut Audit<'_>, u: &Uplink) {
             ),
         }
     }
-    if let Some(crate::uplink::profile::azure::AzureAuth::Sas { key_file, .. }) =
-        u.profile.azure().map(|az| &az.auth)
+    if let Some(crate::profile::azure::AzureAuth::Sas { key_file, .. }) = u.profile.azure().map(|az| &az.auth)
     {
         a.key_file(1, "uplink.azure.device_key_file", key_file);
     }

@@ -412,14 +412,14 @@ fn auth(ctx: &mut Ctx<'_>, f: Option<AuthFile>, listeners: &[Listener]) -> Auth 
         ctx.file("auth.password_file", p, true)
     });
     if let Some(p) = password_file.as_ref().filter(|_| !ctx.audit) {
-        if let Err(e) = crate::guard::passwords::PasswordFile::load(p) {
+        if let Err(e) = crate::passwords::PasswordFile::load(p) {
             ctx.error("auth.password_file", e.to_string());
         }
     }
     let acl = match &f.acl_file {
         Some(p) => match ctx.file("auth.acl_file", p, false) {
             Some(path) => {
-                if let Err(e) = crate::guard::acl::Acl::load(&path) {
+                if let Err(e) = crate::acl::Acl::load(&path) {
                     ctx.error("auth.acl_file", e.to_string());
                 }
                 AclSource::File(path)

@@ -5,9 +5,9 @@
 use super::Ctx;
 use crate::config::file::*;
 use crate::config::model::*;
+use crate::profile::azure::{self, AzureAuth, AzureConfig};
+use crate::profile::{aws, Profile};
 use crate::secret::Secret;
-use crate::uplink::profile::azure::{self, AzureAuth, AzureConfig};
-use crate::uplink::profile::{aws, Profile};
 
 /// Shortest and longest SAS token lifetime accepted.
 const MIN_TOKEN_LIFETIME_S: u64 = 10;

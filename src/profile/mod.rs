@@ -3,7 +3,8 @@
 //! `x-amzn-mqtt-ca` on port 443, and its published limits on client ids, topics and payloads;
 //! `azure-iot-hub` ([`azure`]) is Azure IoT Hub: its username, a SAS token (renewed before it lapses)
 //! or an X.509 certificate, and its fixed topic shapes. `check` applies the limits
-//! (src/config/validate/profile.rs); the uplink applies the rest.
+//! (src/config/validate/profile.rs), the bridge the topic limits per message, the uplink the rest.
+//! Below config and the bridge and uplink, which all read it.
 
 pub mod aws;
 pub mod azure;
@@ -36,11 +37,18 @@ impl Profile {
     }
 }
 
+/// A cloud's limits on the topic names it takes (the `aws-iot` profile: 256 bytes, 7 slashes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloudTopicLimits {
+    pub max_bytes: usize,
+    pub max_slashes: usize,
+}
+
 /// The limits on cloud topic names the bridge enforces per message (deep `#` mappings can make
 /// topics `check` cannot see): AWS IoT Core's 256 bytes and 7 slashes. Azure IoT Hub's topics are
 /// fixed by the mappings `check` allows.
-pub fn cloud_topic_limits(profile: &Profile) -> Option<crate::bridge::CloudTopicLimits> {
-    (*profile == Profile::AwsIot).then_some(crate::bridge::CloudTopicLimits {
+pub fn cloud_topic_limits(profile: &Profile) -> Option<CloudTopicLimits> {
+    (*profile == Profile::AwsIot).then_some(CloudTopicLimits {
         max_bytes: aws::MAX_TOPIC_BYTES,
         max_slashes: aws::MAX_SLASHES,
     })
@@ -60,30 +68,6 @@ pub fn alpn_for(profile: &Profile, alpn: Option<&[String]>, port: u16) -> Vec<St
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn aws_topic_limits_are_enforced_per_message_by_the_routes() {
-        use crate::config::{Direction, Mapping, RetainPolicy};
-        let map = Mapping {
-            index: 0,
-            line: None,
-            direction: Direction::Out,
-            topic: "sensors/#".into(),
-            local_prefix: String::new(),
-            remote_prefix: "sites/plant-7/".into(),
-            qos: 1,
-            retain: RetainPolicy::Keep,
-        };
-        let routes = crate::bridge::Routes::new(vec![map.clone()])
-            .with_cloud_limits(cloud_topic_limits(&Profile::AwsIot));
-        let remote = |t: &str| routes.route_out(t, 1).unwrap().remote_topic;
-        assert!(!routes.over_cloud_limits(&remote("sensors/a/b/c/d/e")));
-        assert!(routes.over_cloud_limits(&remote("sensors/a/b/c/d/e/f")));
-        assert!(routes.over_cloud_limits(&remote(&format!("sensors/{}", "x".repeat(240)))));
-        let generic =
-            crate::bridge::Routes::new(vec![map]).with_cloud_limits(cloud_topic_limits(&Profile::Generic));
-        assert!(!generic.over_cloud_limits("a/b/c/d/e/f/g/h/i/j"));
-    }
 
     #[test]
     fn alpn_is_amazons_on_443_for_aws_only_unless_set() {
