@@ -43,8 +43,16 @@ pass() { printf 'boot.sh: %s: ok: %s\n' "$scenario" "$*" >&2; }
 
 scenario=
 if [ "${1:-}" = --scenario ]; then scenario=$2; shift 2; fi
-deb=${BOOT_DEB:-$(find "$(dirname "$image_dir")/target/debian" -maxdepth 1 -name 'mqtt-uplink_*_arm64.deb' \
-  -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2-)}
+# Every stop says why: a command that fails outside an explicit check names itself and its line.
+trap 'rc=$?; printf "boot.sh: %s: FAIL: line %s: \"%s\" exited %s\n" "${scenario:-all}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
+# No target/debian/ (a fresh checkout) is no package, not an error.
+newest_deb() {
+  local dir
+  dir="$(dirname "$image_dir")/target/debian"
+  [ -d "$dir" ] || return 0
+  find "$dir" -maxdepth 1 -name 'mqtt-uplink_*_arm64.deb' -printf '%T@ %p\n' | sort -rn | head -n1 | cut -d' ' -f2-
+}
+deb=${BOOT_DEB:-$(newest_deb)}
 case $scenario in
   "")
     "$0" --scenario provisioned "$@"
