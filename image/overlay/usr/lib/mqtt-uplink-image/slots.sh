@@ -24,7 +24,7 @@ DISK_ID=6d717475   # the image's MBR disk identifier: root slots are PARTUUID=$D
 slot_lower() { tr 'AB' 'ab' <<< "$1"; }
 slot_partuuid() { case $1 in A) echo "$DISK_ID-02" ;; B) echo "$DISK_ID-03" ;; *) return 1 ;; esac; }
 other_slot() { case $1 in A) echo B ;; B) echo A ;; *) return 1 ;; esac; }
-booted_slot() { tr ' ' '\n' < /proc/cmdline | sed -n 's/^rauc\.slot=//p' | tail -n1; }
+booted_slot() { tr ' ' '\n' < "${PROC_CMDLINE:-/proc/cmdline}" | sed -n 's/^rauc\.slot=//p' | tail -n1; }
 current_version() { cat /usr/share/mqtt-uplink-image/release 2>/dev/null || echo unknown; }
 
 # slot_get KEY: a value from the state file (defaults: A committed and good, B bad, no trial).
