@@ -580,7 +580,9 @@ if [ "$scenario" = package ]; then
   ssh_ok=1
   log "package: $deb"
   # A plain Debian with systemd: the image's own copy goes (its user stays, as sysusers would make it).
-  guest 'systemctl disable --now mqtt-uplink.service >/dev/null 2>&1; rm -rf /usr/bin/mqtt-uplink \
+  # (On the A/B image /etc/mqtt-uplink and /var/lib/mqtt-uplink are bind mounts of the data partition:
+  # unmounted first, so the package meets plain folders, as on any Debian.)
+  guest 'systemctl disable --now mqtt-uplink.service >/dev/null 2>&1; umount /etc/mqtt-uplink /var/lib/mqtt-uplink; rm -rf /usr/bin/mqtt-uplink \
     /usr/lib/systemd/system/mqtt-uplink.service /etc/mqtt-uplink /var/lib/mqtt-uplink && systemctl daemon-reload' \
     || fail "removing the image's copy"
   guest 'cat > /tmp/mqtt-uplink.deb' < "$deb" || fail "copying the package"
