@@ -409,7 +409,7 @@ if [ "$scenario" = update ]; then
   out=$(GUEST_TIMEOUT=900 guest "mqtt-uplink-update install --no-reboot /data/test.raucb 2>&1") || fail "install refused or failed: $out"
   t_install=$(( $(date +%s) - t_install ))
   printf '%s\n' "$out" | grep -q "outbox still holds" || fail "the install did not report the queued outbox: $out"
-  [ "$(slot_state)" = "committed=A trial=B state_A=good state_B=bad" ] || fail "after install, slot state: $(slot_state)"
+  case "$(slot_state)" in "committed=A trial=B "*) ;; *) fail "after install, slot state: $(slot_state)" ;; esac
   pass "installed $next_version (${bundle_mib} MiB bundle) into slot B in ${t_install}s; B on trial, A still committed; outbox not drained, said so"
   guest "mqtt-uplink-update reboot" >/dev/null 2>&1 || true
   wait_vm_exit 180 || fail "the device did not reboot within 180s"
@@ -424,10 +424,12 @@ if [ "$scenario" = update ]; then
   wait_ssh
   [ "$(guest cat /usr/share/mqtt-uplink-image/release)" = "$next_version" ] || fail "slot B does not run $next_version"
   for _ in $(seq 1 120); do
-    [ "$(slot_state)" = "committed=B trial= state_A=good state_B=good" ] && break
+    [ "$(guest systemctl is-active mqtt-uplink-commit.service)" = active ] && break
     sleep 3
   done
   [ "$(slot_state)" = "committed=B trial= state_A=good state_B=good" ] || fail "slot B not committed: $(slot_state); report: $(fat_report | tail -n 5)"
+  guest mqtt-uplink-update status > "$work/update-status" 2>&1 || fail "mqtt-uplink-update status failed: $(cat "$work/update-status")"
+  grep -q "running: slot B" "$work/update-status" || fail "mqtt-uplink-update status does not say slot B: $(cat "$work/update-status")"
   t_commit=$(( $(date +%s) - t_reboot ))
   fat_report | grep -q "COMMITTED slot B ($next_version)" || fail "the report does not say B was committed: $(fat_report | tail -n 5)"
   pass "slot B committed after /healthz 200, ${t_commit}s after the reboot; the report says so"
