@@ -523,9 +523,11 @@ if [ "$scenario" = power-cut ]; then
   # 1. During rauc install.
   copy_bundle "$work/next.raucb"
   guest "nohup mqtt-uplink-update install --no-reboot /data/test.raucb > /data/install.log 2>&1 &" || true
-  for _ in $(seq 1 100); do guest "test -e /data/mqtt-uplink-image/installing" && break; sleep 1; done
-  guest "test -e /data/mqtt-uplink-image/installing" || fail "the install did not start: $(guest cat /data/install.log)"
-  sleep 5
+  # Cut while RAUC writes slot B (its progress says "Copying image").
+  for _ in $(seq 1 300); do guest "grep -q 'Copying image' /run/mqtt-uplink-image/install.log" 2>/dev/null && break; sleep 1; done
+  guest "grep -q 'Copying image' /run/mqtt-uplink-image/install.log" \
+    || fail "RAUC did not start writing slot B within 300s: $(guest 'cat /data/install.log /run/mqtt-uplink-image/install.log')"
+  sleep 3
   guest "test -e /data/mqtt-uplink-image/installing" || fail "the install finished before the cut (nothing cut): $(guest cat /data/install.log)"
   power_cut
   back_on_a "install was cut off" "during rauc install"
