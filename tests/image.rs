@@ -246,7 +246,10 @@ fn image_units_pass_systemd_analyze_verify() {
     );
     copy(bin, "usr/bin/mqtt-uplink");
     // The update tooling: our script, and RAUC's binary from this host (image/deps.sh check).
-    copy(&overlay.join("usr/bin/mqtt-uplink-update"), "usr/bin/mqtt-uplink-update");
+    copy(
+        &overlay.join("usr/bin/mqtt-uplink-update"),
+        "usr/bin/mqtt-uplink-update",
+    );
     let Some(rauc) = find_tool(&["rauc"]) else {
         return skip("image_units_pass_systemd_analyze_verify", "rauc not installed");
     };
@@ -360,7 +363,11 @@ fn slot_backend_commits_only_from_the_trial_slots_own_boot() {
     let cmdline = dir.path().join("cmdline");
     let backend = repo().join("image/overlay/usr/lib/mqtt-uplink-image/rauc-bootloader");
     let call = |booted: &str, args: &[&str]| -> (bool, String) {
-        std::fs::write(&cmdline, format!("console=ttyAMA0 root=PARTUUID=6d717475-02 rauc.slot={booted} rw\n")).unwrap();
+        std::fs::write(
+            &cmdline,
+            format!("console=ttyAMA0 root=PARTUUID=6d717475-02 rauc.slot={booted} rw\n"),
+        )
+        .unwrap();
         let out = run(Command::new("bash")
             .arg(&backend)
             .args(args)
@@ -384,8 +391,15 @@ fn slot_backend_commits_only_from_the_trial_slots_own_boot() {
     assert!(call("A", &["set-primary", "B"]).0);
     assert_eq!(call("A", &["get-primary"]), (true, "B".into()));
     assert_eq!(prefix("tryboot.txt"), "slot-b/", "tryboot.txt must boot B once");
-    assert_eq!(prefix("config.txt"), "slot-a/", "config.txt must stay on A until B is healthy");
-    assert!(file("tryboot.txt").contains("arm_64bit=1"), "tryboot.txt is config.txt with another folder");
+    assert_eq!(
+        prefix("config.txt"),
+        "slot-a/",
+        "config.txt must stay on A until B is healthy"
+    );
+    assert!(
+        file("tryboot.txt").contains("arm_64bit=1"),
+        "tryboot.txt is config.txt with another folder"
+    );
     // Marking B good from A (B never ran) must not commit it.
     let (ok, why) = call("A", &["set-state", "B", "good"]);
     assert!(!ok, "B was committed without booting it: {why}");
@@ -402,5 +416,8 @@ fn slot_backend_commits_only_from_the_trial_slots_own_boot() {
     assert!(call("A", &["set-state", "A", "bad"]).0);
     assert_eq!(call("A", &["get-primary"]), (true, "B".into()));
     assert_eq!(prefix("config.txt"), "slot-b/");
-    assert!(!call("A", &["set-state", "C", "good"]).0, "an unknown slot must be refused");
+    assert!(
+        !call("A", &["set-state", "C", "good"]).0,
+        "an unknown slot must be refused"
+    );
 }
