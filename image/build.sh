@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Builds the Raspberry Pi image: out/mqtt-uplink-<version>-rpi-arm64.img.xz and its .sha256.
+# Builds the Raspberry Pi image: out/mqtt-uplink-<version>-rpi-arm64.img.xz and its .sha256, and the
+# signed RAUC update bundle for the same version: out/mqtt-uplink-<version>-rpi-arm64.raucb.
 #
 # Run as root on a Debian (bookworm) x86_64 machine; no Docker, no loop devices. Stages:
 #   1. the base root: mmdebstrap (bookworm arm64, Debian packages only), cached on the package list
 #   2. cross-compile mqtt-uplink for aarch64 with Debian's rustc-web/cargo-web
 #   3. our layer on a copy of the base: binary, unit, overlay, users, locked root, enabled services
-#   4. the image file: FAT boot partition (mtools) + ext4 root (mkfs.ext4 -d), placed with dd into an
-#      sfdisk-partitioned file, compressed with xz, with its sha256
+#   4. the image file: FAT boot partition (mtools), root slot A (ext4, mkfs.ext4 -d), an empty slot B
+#      and the data partition (ext4), placed with dd into an sfdisk-partitioned file, compressed with
+#      xz, with its sha256; the update bundle: slot A's filesystem image, signed (rauc bundle)
 # qemu-user binfmt is registered only when arm64 binaries cannot run yet, and removed again on exit.
 #
 # Usage: image/build.sh [--refresh-base] [--base-only] [--no-xz]
 # Environment: OUT (default image/out), CACHE (default /var/cache/mqtt-uplink-image),
-#              MIRROR, SECURITY_MIRROR (Debian mirrors), IMAGE_DEPS=install (apt-get the build tools).
+#              MIRROR, SECURITY_MIRROR (Debian mirrors), IMAGE_DEPS=install (apt-get the build tools),
+#              RAUC_KEY, RAUC_CERT: the bundle signing key and certificate (PEM files or PKCS#11 URIs);
+#              RAUC_KEYRING: the CA certificate(s) the devices trust (default RAUC_CERT). Without
+#              them a TEST key is made (once) in OUT/test-keys and used, loudly: never ship it.
+#              VERSION: the version to stamp (default: Cargo.toml's).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -21,8 +27,12 @@ CACHE=${CACHE:-/var/cache/mqtt-uplink-image}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 SUITE=bookworm
-BOOT_MIB=256   # FAT32 boot partition: firmware, kernel, initrd, device trees, provisioning files
+BOOT_MIB=256   # FAT32 boot partition: firmware, both slots' kernel/initrd/device trees, provisioning
+SLOT_MIB=1024  # each root slot (A, B): fixed for the life of a card, so keep room for growth
+DATA_MIB=64    # the data partition as shipped; the first boot grows it to the card
 ALIGN_MIB=4    # partitions start on 4 MiB boundaries (SD card erase blocks)
+DISK_ID=0x6d717475  # fixed MBR id: the slots are PARTUUID=6d717475-02/-03 in every build (system.conf)
+COMPATIBLE=mqtt-uplink-rpi-arm64  # RAUC: a bundle installs only on a device with the same string
 
 refresh_base=0
 base_only=0
@@ -47,6 +57,23 @@ if [ "${IMAGE_DEPS:-}" = install ]; then
   "$here/deps.sh" build
 fi
 missing=$("$here/deps.sh" --check build) || die "missing build tools; install them with: $here/deps.sh build  (packages: $missing)"
+
+# --- the signing key -------------------------------------------------------------------------------
+if [ -n "${RAUC_KEY:-}" ] || [ -n "${RAUC_CERT:-}" ]; then
+  { [ -n "${RAUC_KEY:-}" ] && [ -n "${RAUC_CERT:-}" ]; } || die "set both RAUC_KEY and RAUC_CERT (or neither, for a test key)"
+  RAUC_KEYRING=${RAUC_KEYRING:-$RAUC_CERT}
+  [ -r "$RAUC_KEYRING" ] || die "RAUC_KEYRING $RAUC_KEYRING: not readable"
+else
+  keys=$OUT/test-keys
+  if [ ! -s "$keys/signing.key.pem" ]; then
+    mkdir -p "$keys"; chmod 0700 "$keys"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+      -subj "/O=mqtt-uplink TEST/CN=mqtt-uplink TEST bundle signing key, not for production" \
+      -keyout "$keys/signing.key.pem" -out "$keys/signing.cert.pem" 2>/dev/null || die "openssl: cannot make the test key"
+  fi
+  RAUC_KEY=$keys/signing.key.pem RAUC_CERT=$keys/signing.cert.pem RAUC_KEYRING=$keys/signing.cert.pem
+  printf 'build.sh: WARNING: no RAUC_KEY/RAUC_CERT: signing with the TEST key in %s; devices from this image trust it. Never ship this image.\n' "$keys" >&2
+fi
 
 start_all=$(date +%s)
 work=$(mktemp -d /var/tmp/mqtt-uplink-image.XXXXXX)
@@ -128,7 +155,7 @@ if [ "$base_only" = 1 ]; then
 fi
 
 # --- 2. the binary -------------------------------------------------------------------------------
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)
+version=${VERSION:-$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)}
 [ -n "$version" ] || die "no version in $repo/Cargo.toml"
 name=mqtt-uplink-$version-rpi-arm64
 
@@ -140,38 +167,81 @@ t_compile=$(( $(date +%s) - t0 ))
 # --- 3. our layer ----------------------------------------------------------------------------------
 t0=$(date +%s)
 root=$work/root
-mkdir "$root"
+data=$work/data
+mkdir "$root" "$data"
 tar -C "$root" --numeric-owner --xattrs --xattrs-include='*' -xpf "$base"
-"$here/assemble.sh" "$root" "$work/mqtt-uplink" "$repo/systemd/mqtt-uplink.service" "$version"
+"$here/assemble.sh" "$root" "$data" "$work/mqtt-uplink" "$repo/systemd/mqtt-uplink.service" "$version" "$RAUC_KEYRING"
 
 # --- 4. the image file -----------------------------------------------------------------------------
+# Boot partition: the firmware and config.txt at the top, slot A's kernel files in slot-a/, the
+# slots' state (A committed).
 boot_img=$work/boot.img
 root_img=$work/root.img
+data_img=$work/data.img
+fw=$root/boot/firmware
+mkdir "$fw/slot-a"
+cp -r "$root/usr/lib/mqtt-uplink-image/boot/." "$fw/slot-a/"
+sed -i -e "s|@ROOT@|PARTUUID=${DISK_ID#0x}-02|" -e 's|@SLOT@|A|' "$fw/slot-a/cmdline.txt"
+printf '# mqtt-uplink A/B root slots (written by the device; see /usr/lib/mqtt-uplink-image/slots.sh)\ncommitted=A\ntrial=\nstate_A=good\nstate_B=bad\n' \
+  > "$fw/mqtt-uplink-slots.txt"
 truncate -s "${BOOT_MIB}M" "$boot_img"
 mkfs.vfat -F 32 -n RASPIFIRM "$boot_img" >/dev/null
-(cd "$root/boot/firmware" && mcopy -s -p -m -i "$boot_img" ./* ::/)
-find "$root/boot/firmware" -mindepth 1 -delete   # a mount point on the device
+(cd "$fw" && mcopy -s -p -m -i "$boot_img" ./* ::/)
+find "$fw" -mindepth 1 -delete   # a mount point on the device
 
-# Root: the tree plus a quarter for slack (the first boot grows it to the card anyway).
+# Root slot A: the tree plus a little slack (RAUC grows it to the slot on the device: resize=true;
+# the same image is the bundle's payload, so it is kept small).
 used_mib=$(( $(du -s --block-size=1M "$root" | cut -f1) ))
-root_mib=$(( (used_mib * 5 / 4 + 128 + ALIGN_MIB - 1) / ALIGN_MIB * ALIGN_MIB ))
-mkfs.ext4 -q -L RASPIROOT -d "$root" -b 4096 -I 256 -m 1 "$root_img" "${root_mib}M"
+root_mib=$(( (used_mib * 11 / 10 + 64 + ALIGN_MIB - 1) / ALIGN_MIB * ALIGN_MIB ))
+[ "$root_mib" -le "$SLOT_MIB" ] || die "the root filesystem needs ${root_mib} MiB, a slot has $SLOT_MIB"
+mkfs.ext4 -q -L rootfs -d "$root" -b 4096 -I 256 -m 1 "$root_img" "${root_mib}M"
+mkfs.ext4 -q -L RASPIDATA -d "$data" -b 4096 -I 256 -m 1 "$data_img" "${DATA_MIB}M"
 
 img=$work/$name.img
 boot_start=$(( ALIGN_MIB * 2048 ))              # sectors of 512 bytes
 boot_size=$(( BOOT_MIB * 2048 ))
-root_start=$(( boot_start + boot_size ))
-root_size=$(( root_mib * 2048 ))
-truncate -s $(( (root_start + root_size) * 512 )) "$img"
+slot_size=$(( SLOT_MIB * 2048 ))
+a_start=$(( boot_start + boot_size ))
+b_start=$(( a_start + slot_size ))
+data_start=$(( b_start + slot_size ))
+data_size=$(( DATA_MIB * 2048 ))
+truncate -s $(( (data_start + data_size) * 512 )) "$img"
 sfdisk --quiet "$img" <<EOF
 label: dos
+label-id: $DISK_ID
 unit: sectors
 start=$boot_start, size=$boot_size, type=c, bootable
-start=$root_start, size=$root_size, type=83
+start=$a_start, size=$slot_size, type=83
+start=$b_start, size=$slot_size, type=83
+start=$data_start, size=$data_size, type=83
 EOF
 dd if="$boot_img" of="$img" bs=1M seek=$(( boot_start / 2048 )) conv=notrunc,sparse status=none
-dd if="$root_img" of="$img" bs=1M seek=$(( root_start / 2048 )) conv=notrunc,sparse status=none
-rm -f "$boot_img" "$root_img"
+dd if="$root_img" of="$img" bs=1M seek=$(( a_start / 2048 )) conv=notrunc,sparse status=none
+dd if="$data_img" of="$img" bs=1M seek=$(( data_start / 2048 )) conv=notrunc,sparse status=none
+rm -f "$boot_img" "$data_img"
+
+# The update bundle for this version: slot A's filesystem, signed.
+bundle_dir=$work/bundle
+mkdir "$bundle_dir"
+mv "$root_img" "$bundle_dir/rootfs.ext4"
+cat > "$bundle_dir/manifest.raucm" <<EOF
+[update]
+compatible=$COMPATIBLE
+version=$version
+description=mqtt-uplink $version, Raspberry Pi root filesystem (Debian $SUITE arm64)
+build=$(date -u +%Y%m%d%H%M%S)
+
+[bundle]
+format=plain
+
+[image.rootfs]
+filename=rootfs.ext4
+EOF
+rm -f "$OUT/$name.raucb"
+rauc bundle --cert="$RAUC_CERT" --key="$RAUC_KEY" --keyring="$RAUC_KEYRING" "$bundle_dir" "$OUT/$name.raucb" >/dev/null \
+  || die "rauc bundle failed"
+(cd "$OUT" && sha256sum "$name.raucb" > "$name.raucb.sha256")
+rm -rf "$bundle_dir"
 t_assemble=$(( $(date +%s) - t0 ))
 
 t0=$(date +%s)
@@ -188,5 +258,6 @@ else
 fi
 t_xz=$(( $(date +%s) - t0 ))
 
-log "done: $artifact ($(du -h --apparent-size "$artifact" | cut -f1); image $(( (root_start + root_size) / 2048 )) MiB)"
+log "done: $artifact ($(du -h --apparent-size "$artifact" | cut -f1); image $(( (data_start + data_size) / 2048 )) MiB)"
+log "update bundle: $OUT/$name.raucb ($(du -h --apparent-size "$OUT/$name.raucb" | cut -f1); root filesystem ${root_mib} MiB)"
 log "timings (s): compile $t_compile, base $t_base, assemble $t_assemble, compress $t_xz, total $(( $(date +%s) - start_all ))"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Debian packages the image tooling needs, per job:
 #   build  image/build.sh: cross toolchain (Debian's rustc-web/cargo-web 1.96 from bookworm-security and
-#          the arm64 standard library), mmdebstrap, qemu-user, mkfs/mtools/sfdisk, xz
-#   boot   image/test/boot.sh: qemu-system-aarch64, mtools, debugfs, xz, mosquitto clients
+#          the arm64 standard library), mmdebstrap, qemu-user, mkfs/mtools/sfdisk, xz, rauc (bundles)
+#   boot   image/test/boot.sh: qemu-system-aarch64, mtools, debugfs, xz, mosquitto clients, rauc and
+#          openssl (the update scenarios' test bundles and keys)
 #   check  the fast CI check (tests/image.rs): cross toolchain, qemu-user, shellcheck, systemd-analyze
 # Usage: deps.sh JOB...            installs what is missing (root; adds the arm64 dpkg architecture
 #                                  when the cross toolchain is needed)
@@ -17,9 +18,9 @@ cross=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6
 wanted=()
 for job in "$@"; do
   case $job in
-    build) wanted+=("${cross[@]}" mmdebstrap arch-test qemu-user-static dosfstools mtools fdisk e2fsprogs xz-utils) ;;
-    boot) wanted+=(qemu-system-arm mtools e2fsprogs xz-utils mosquitto-clients fdisk) ;;
-    check) wanted+=("${cross[@]}" qemu-user-static shellcheck systemd) ;;
+    build) wanted+=("${cross[@]}" mmdebstrap arch-test qemu-user-static dosfstools mtools fdisk e2fsprogs xz-utils rauc squashfs-tools openssl) ;;
+    boot) wanted+=(qemu-system-arm mtools e2fsprogs xz-utils mosquitto-clients fdisk rauc squashfs-tools openssl curl) ;;
+    check) wanted+=("${cross[@]}" qemu-user-static shellcheck systemd rauc) ;;
     *) echo "deps.sh: unknown job: $job" >&2; exit 64 ;;
   esac
 done

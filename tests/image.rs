@@ -66,6 +66,7 @@ fn image_scripts() -> Vec<PathBuf> {
         image.clone(),
         image.join("test"),
         image.join("overlay/usr/lib/mqtt-uplink-image"),
+        image.join("overlay/usr/bin"),
     ] {
         for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
             let p = entry.unwrap().path();
@@ -92,6 +93,9 @@ fn image_scripts_pass_shellcheck() {
         "assemble.sh",
         "test/boot.sh",
         "overlay/usr/lib/mqtt-uplink-image/provision",
+        "overlay/usr/lib/mqtt-uplink-image/rauc-bootloader",
+        "overlay/usr/lib/mqtt-uplink-image/commit",
+        "overlay/usr/bin/mqtt-uplink-update",
     ] {
         assert!(
             scripts.iter().any(|s| s.ends_with(must)),
@@ -241,6 +245,15 @@ fn image_units_pass_systemd_analyze_verify() {
         "usr/lib/systemd/system/mqtt-uplink.service",
     );
     copy(bin, "usr/bin/mqtt-uplink");
+    // The update tooling: our script, and RAUC's binary from this host (image/deps.sh check).
+    copy(
+        &overlay.join("usr/bin/mqtt-uplink-update"),
+        "usr/bin/mqtt-uplink-update",
+    );
+    let Some(rauc) = find_tool(&["rauc"]) else {
+        return skip("image_units_pass_systemd_analyze_verify", "rauc not installed");
+    };
+    copy(&rauc, "usr/bin/rauc");
     // Nothing else: the root has no /bin/kill (procps), like a minimal Debian. The unit's Exec lines
     // run only the binary (ExecReload= is `mqtt-uplink reload $MAINPID`), so verify passes here.
     let mut units = vec![r.join("usr/lib/systemd/system/mqtt-uplink.service")];
@@ -330,4 +343,81 @@ fn every_credential_the_unit_loads_is_created_by_the_image_and_the_package() {
             "postinst does not create the credential {name}"
         );
     }
+}
+
+/// The A/B slot state machine of the RAUC bootloader backend, on a fake boot partition (no qemu):
+/// an install makes the other slot the trial (tryboot.txt names it, config.txt still the old one);
+/// only the trial slot's own boot can commit it (config.txt then names it); marking it bad, or the
+/// committed slot primary again, drops the trial. The emulated firmware in image/test/boot.sh and the
+/// Pi's tryboot both depend on exactly these files.
+#[test]
+fn slot_backend_commits_only_from_the_trial_slots_own_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let boot = dir.path().join("boot");
+    std::fs::create_dir_all(&boot).unwrap();
+    std::fs::write(
+        boot.join("config.txt"),
+        "[all]\narm_64bit=1\n\n[all]\nos_prefix=slot-a/\nkernel=vmlinuz\n",
+    )
+    .unwrap();
+    let cmdline = dir.path().join("cmdline");
+    let backend = repo().join("image/overlay/usr/lib/mqtt-uplink-image/rauc-bootloader");
+    let call = |booted: &str, args: &[&str]| -> (bool, String) {
+        std::fs::write(
+            &cmdline,
+            format!("console=ttyAMA0 root=PARTUUID=6d717475-02 rauc.slot={booted} rw\n"),
+        )
+        .unwrap();
+        let out = run(Command::new("bash")
+            .arg(&backend)
+            .args(args)
+            .env("BOOT", &boot)
+            .env("PROC_CMDLINE", &cmdline));
+        (out.status.success(), text(&out).trim().to_string())
+    };
+    let file = |name: &str| std::fs::read_to_string(boot.join(name)).unwrap_or_default();
+    let prefix = |name: &str| {
+        file(name)
+            .lines()
+            .find_map(|l| l.strip_prefix("os_prefix=").map(str::to_string))
+            .unwrap_or_default()
+    };
+
+    // As flashed: A committed and primary, B bad.
+    assert_eq!(call("A", &["get-primary"]), (true, "A".into()));
+    assert_eq!(call("A", &["get-state", "B"]), (true, "bad".into()));
+    // An install into B: RAUC marks it bad, writes it, makes it primary.
+    assert!(call("A", &["set-state", "B", "bad"]).0);
+    assert!(call("A", &["set-primary", "B"]).0);
+    assert_eq!(call("A", &["get-primary"]), (true, "B".into()));
+    assert_eq!(prefix("tryboot.txt"), "slot-b/", "tryboot.txt must boot B once");
+    assert_eq!(
+        prefix("config.txt"),
+        "slot-a/",
+        "config.txt must stay on A until B is healthy"
+    );
+    assert!(
+        file("tryboot.txt").contains("arm_64bit=1"),
+        "tryboot.txt is config.txt with another folder"
+    );
+    // Marking B good from A (B never ran) must not commit it.
+    let (ok, why) = call("A", &["set-state", "B", "good"]);
+    assert!(!ok, "B was committed without booting it: {why}");
+    assert_eq!(prefix("config.txt"), "slot-a/");
+    // B's own boot marks it good: committed.
+    assert!(call("B", &["set-state", "B", "good"]).0);
+    assert_eq!(prefix("config.txt"), "slot-b/");
+    assert_eq!(call("B", &["get-primary"]), (true, "B".into()));
+    assert!(file("mqtt-uplink-slots.txt").contains("committed=B\ntrial=\n"));
+    // The next update goes to A and fails its health check: the trial is dropped, B stays committed.
+    assert!(call("B", &["set-state", "A", "bad"]).0);
+    assert!(call("B", &["set-primary", "A"]).0);
+    assert_eq!(call("B", &["get-primary"]), (true, "A".into()));
+    assert!(call("A", &["set-state", "A", "bad"]).0);
+    assert_eq!(call("A", &["get-primary"]), (true, "B".into()));
+    assert_eq!(prefix("config.txt"), "slot-b/");
+    assert!(
+        !call("A", &["set-state", "C", "good"]).0,
+        "an unknown slot must be refused"
+    );
 }

@@ -23,13 +23,39 @@
 #   files with their owners and modes and starts the service; `mqtt-uplink status` answers;
 #   `apt purge` stops it and removes the unit, the secrets and the state. The package is
 #   $BOOT_DEB, or the newest target/debian/mqtt-uplink_*_arm64.deb (debian/build-deb.sh arm64).
+# Field updates (A/B root slots, RAUC bundles, health gate). The test bundles are made here from the
+# build's bundle (image/out/*.raucb, or BOOT_BUNDLE): its root filesystem with another version stamped
+# in (and, for bad-release, an mqtt-uplink that exits at start), signed with the build's TEST key
+# (image/out/test-keys, made by build.sh when no RAUC_KEY is given), which the image trusts.
+# update: a cloud broker (mosquitto on 127.0.0.1, the guest reaches it as 10.0.2.2) is stopped,
+#   messages are queued in the outbox, `mqtt-uplink-update install` of the next version (the outbox
+#   does not drain: it says so and goes on), the device reboots into slot B on trial; the cloud is back;
+#   the health gate commits B; the version changed, the config, machine id and SSH host key are the
+#   same, every queued message reaches the cloud, and a later boot stays on B.
+# bad-bundle: a bundle signed by a key the device does not trust, one for another architecture
+#   (compatible string) and one older than the running version are refused, each saying why, and
+#   nothing changes (slot state, slot B's content).
+# bad-release: a bundle whose mqtt-uplink exits at start boots once in slot B, is not committed, and the
+#   device comes back on slot A by itself; the reason is in the boot partition's report, the journal
+#   and the status file.
+# power-cut: qemu is killed (SIGKILL) at three points: during `rauc install`, early in the first boot
+#   of the new slot, and during its health check; each time the device comes back on slot A, working,
+#   with what happened recorded.
+# The Pi firmware's slot choice is EMULATED here (qemu has no Pi firmware): before each boot the
+# launcher reads the boot partition as the firmware would: tryboot.txt's os_prefix= when the device
+# asked for a tryboot (the file mqtt-uplink-tryboot, written by `mqtt-uplink-update` next to its
+# `reboot "0 tryboot"`, deleted here at once: one boot only, as the firmware's flag), else
+# config.txt's; then it boots that slot folder's vmlinuz, initrd.img and cmdline.txt (root= and
+# rauc.slot=) with qemu's -kernel. A reboot of the guest ends qemu (-no-reboot); the launcher starts it
+# again, like the firmware on the next power-on.
 # Forwards use qemu user networking on 127.0.0.1 with host port 0 (the kernel picks a free port;
 # read back with the monitor's `info usernet`): never a fixed port, loopback only.
 #
-# Usage: image/test/boot.sh [--scenario provisioned|unprovisioned|package] [IMAGE]
-#        (default: every scenario, one after the other, package only when there is a package; IMAGE:
-#        .img or .img.xz; default: the newest in image/out)
-# Environment: BOOT_TIMEOUT (seconds to service ready, default 600), QEMU_SMP (default 2).
+# Usage: image/test/boot.sh [--scenario NAME] [IMAGE]   NAME: provisioned, unprovisioned, package,
+#        update, bad-bundle, bad-release, power-cut (default: every scenario, one after the other,
+#        package only when there is a package; IMAGE: .img or .img.xz; default: the newest in image/out)
+# Environment: BOOT_TIMEOUT (seconds to service ready, default 600), QEMU_SMP (default 2),
+#              BOOT_BUNDLE (the build's bundle; default the newest image/out/*.raucb).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -43,26 +69,43 @@ pass() { printf 'boot.sh: %s: ok: %s\n' "$scenario" "$*" >&2; }
 
 scenario=
 if [ "${1:-}" = --scenario ]; then scenario=$2; shift 2; fi
-deb=${BOOT_DEB:-$(find "$(dirname "$image_dir")/target/debian" -maxdepth 1 -name 'mqtt-uplink_*_arm64.deb' \
-  -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2-)}
+# Every stop says why: a command that fails outside an explicit check names itself and its line.
+trap 'rc=$?; printf "boot.sh: %s: FAIL: line %s: \"%s\" exited %s\n" "${scenario:-all}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
+# No target/debian/ (a fresh checkout) is no package, not an error.
+newest_deb() {
+  local dir
+  dir="$(dirname "$image_dir")/target/debian"
+  [ -d "$dir" ] || return 0
+  find "$dir" -maxdepth 1 -name 'mqtt-uplink_*_arm64.deb' -printf '%T@ %p\n' | sort -rn | head -n1 | cut -d' ' -f2-
+}
+deb=${BOOT_DEB:-$(newest_deb)}
 case $scenario in
   "")
-    "$0" --scenario provisioned "$@"
-    "$0" --scenario unprovisioned "$@"
+    for s in provisioned unprovisioned update bad-bundle bad-release power-cut; do "$0" --scenario "$s" "$@"; done
     if [ -n "$deb" ]; then exec "$0" --scenario package "$@"; fi
     echo "boot.sh: package scenario skipped: no arm64 package (debian/build-deb.sh arm64, or BOOT_DEB=)" >&2
     exit 0
     ;;
-  provisioned|unprovisioned) ;;
+  provisioned|unprovisioned|update|bad-bundle|bad-release|power-cut) ;;
   package) { [ -n "$deb" ] && [ -f "$deb" ]; } || fail "no arm64 package: build one with debian/build-deb.sh arm64 or set BOOT_DEB" ;;
-  *) echo "boot.sh: unknown scenario: $scenario (provisioned, unprovisioned or package)" >&2; exit 64 ;;
+  *) echo "boot.sh: unknown scenario: $scenario (provisioned, unprovisioned, package, update, bad-bundle, bad-release, power-cut)" >&2; exit 64 ;;
 esac
+updates=0
+case $scenario in update|bad-bundle|bad-release|power-cut) updates=1 ;; esac
 
 missing=$("$image_dir/deps.sh" --check boot) || fail "missing tools; install them with: $image_dir/deps.sh boot  (packages: $missing)"
 
 img_src=${1:-$(find "$image_dir/out" -maxdepth 1 \( -name 'mqtt-uplink-*-rpi-arm64.img.xz' -o -name 'mqtt-uplink-*-rpi-arm64.img' \) \
   -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2-)}
 { [ -n "$img_src" ] && [ -f "$img_src" ]; } || fail "no image: build one with image/build.sh or pass its path"
+if [ "$updates" = 1 ]; then
+  bundle_src=${BOOT_BUNDLE:-$(find "$image_dir/out" -maxdepth 1 -name 'mqtt-uplink-*-rpi-arm64.raucb' -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2-)}
+  { [ -n "$bundle_src" ] && [ -f "$bundle_src" ]; } || fail "no update bundle: image/build.sh writes image/out/mqtt-uplink-<version>-rpi-arm64.raucb (or set BOOT_BUNDLE)"
+  keys=$image_dir/out/test-keys
+  { [ -s "$keys/signing.key.pem" ] && [ -s "$keys/signing.cert.pem" ]; } \
+    || fail "no test signing key in $keys: build the image without RAUC_KEY (build.sh makes it) to run the update scenarios"
+  command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || fail "no mosquitto (the cloud broker of the update scenario): apt install mosquitto"
+fi
 
 work=$(mktemp -d /var/tmp/mqtt-uplink-boot.XXXXXX)
 qemu_pid=
@@ -71,9 +114,11 @@ cleanup() {
   local rc=$?
   if [ "$rc" -ne 0 ] && [ "$ssh_ok" = 1 ] && kill -0 "$qemu_pid" 2>/dev/null; then
     echo "---- the guest's journal for our units ----" >&2
-    guest journalctl -b --no-pager -o cat -u mqtt-uplink-provision -u mqtt-uplink-growroot -u nftables \
+    guest journalctl -b --no-pager -o cat -u mqtt-uplink-provision -u mqtt-uplink-growroot -u nftables -u mqtt-uplink-data -u mqtt-uplink-commit -u rauc \
       -u mqtt-uplink 2>&1 | tail -n 80 >&2 || true
   fi
+  if [ -n "${cloud_pid:-}" ]; then kill "$cloud_pid" 2>/dev/null || true; fi
+  jobs -p | xargs -r kill 2>/dev/null || true
   if [ -n "$qemu_pid" ] && kill -0 "$qemu_pid" 2>/dev/null; then
     kill "$qemu_pid" 2>/dev/null || true
     wait "$qemu_pid" 2>/dev/null || true
@@ -107,11 +152,13 @@ image_bytes=$(stat -c %s "$disk")
 truncate -s $(( image_bytes + 1024 * 1024 * 1024 )) "$disk"
 
 part_start() { sfdisk -d "$disk" | awk -v p="$disk$1" '$1 == p { gsub(/[^0-9]/, "", $4); print $4 }'; }
+part_size() { sfdisk -d "$disk" | awk -v p="$disk$1" '$1 == p { gsub(/[^0-9]/, "", $6); print $6 }'; }
+# 1 boot (FAT), 2 root slot A, 3 root slot B, 4 data.
 boot_off=$(( $(part_start 1) * 512 ))
-root_start=$(part_start 2)
-{ [ "$boot_off" -gt 0 ] && [ -n "$root_start" ]; } || fail "unexpected partition table: $(sfdisk -d "$disk")"
+data_start=$(part_start 4)
+{ [ "$boot_off" -gt 0 ] && [ -n "$data_start" ] && [ -n "$(part_start 3)" ]; } || fail "unexpected partition table (want boot, slot A, slot B, data): $(sfdisk -d "$disk")"
 fat="$disk@@$boot_off"
-root_sectors_before=$(sfdisk -d "$disk" | awk -v p="${disk}2" '$1 == p { gsub(/[^0-9]/, "", $6); print $6 }')
+data_sectors_before=$(part_size 4)
 
 # --- provisioning files ---------------------------------------------------------------------------
 if [ "$scenario" = provisioned ]; then
@@ -146,38 +193,375 @@ if [ "$scenario" = package ]; then
   mcopy -i "$fat" "$work/authorized_keys" ::/
 fi
 
-# The kernel and initrd raspi-firmware put on the boot partition.
-mapfile -t fat_files < <(mdir -b -i "$fat" ::/ | sed -e 's|^::/||' -e 's|/$||')
-kernel=$(printf '%s\n' "${fat_files[@]}" | grep -m1 '^vmlinuz-' || true)
-initrd=$(printf '%s\n' "${fat_files[@]}" | grep -m1 '^initrd.img-' || true)
-{ [ -n "$kernel" ] && [ -n "$initrd" ]; } || fail "no vmlinuz-*/initrd.img-* on the boot partition: ${fat_files[*]}"
-mcopy -i "$fat" "::/$kernel" "$work/vmlinuz"
-mcopy -i "$fat" "::/$initrd" "$work/initrd"
-log "kernel $kernel, initrd $initrd"
+# The update scenarios: SSH, a device listener, an uplink to the test's cloud broker (10.0.2.2 is the
+# host's loopback as seen from qemu user networking), and the health gate's settings.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+if [ "$updates" = 1 ]; then
+  cloud_port=$(free_port)
+  prov=$work/prov
+  mkdir -p "$prov/mqtt-uplink"
+  mqtt_user=boot-device
+  mqtt_pass="Boot-Test-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')"
+  cat > "$prov/mqtt-uplink/mqtt-uplink.toml" <<EOF
+[site]
+id = "boot-test"
+state_dir = "/var/lib/mqtt-uplink"
 
-# --- boot ---------------------------------------------------------------------------------------
+[[listener]]
+bind = "0.0.0.0:1883"
+allow_plaintext = true
+
+[auth]
+password_file = "passwords"
+acl_file = "acl"
+
+[uplink]
+broker = "mqtt://10.0.2.2:$cloud_port"
+client_id = "boot-test-uplink"
+
+[[map]]
+direction = "out"
+topic = "boot/#"
+local_prefix = ""
+remote_prefix = "sites/boot-test/"
+qos = 1
+EOF
+  printf 'user %s\ntopic readwrite boot/#\n' "$mqtt_user" > "$prov/mqtt-uplink/acl"
+  touch "$prov/mqtt-uplink/passwords"
+  mosquitto_passwd -b "$prov/mqtt-uplink/passwords" "$mqtt_user" "$mqtt_pass"
+  # TCG on a shared machine is slow: the health gate waits longer than on a Pi, except where the test
+  # wants it to give up.
+  health_timeout=300
+  [ "$scenario" = bad-release ] && health_timeout=90
+  printf 'HEALTH_TIMEOUT=%s\nDRAIN_TIMEOUT=10\n' "$health_timeout" > "$prov/mqtt-uplink/update.conf"
+  ssh-keygen -q -t ed25519 -N '' -C boot-test -f "$work/id_ed25519"
+  cp "$work/id_ed25519.pub" "$prov/authorized_keys"
+  mcopy -s -i "$fat" "$prov/mqtt-uplink" "$prov/authorized_keys" ::/
+fi
+
+# --- boot: the launcher emulates the Pi firmware's slot choice (see the top of this file) -----------
 mkfifo "$work/mon.in" "$work/mon.out"
-t_start=$(date +%s)
-qemu-system-aarch64 -M virt -cpu cortex-a53 -smp "$QEMU_SMP" -m 1024 \
-  -display none -nodefaults -no-reboot \
-  -serial "file:$work/console.log" \
-  -chardev "pipe,id=mon,path=$work/mon" -mon chardev=mon,mode=readline \
-  -kernel "$work/vmlinuz" -initrd "$work/initrd" \
-  -append "root=LABEL=RASPIROOT rw console=ttyAMA0 rootwait net.ifnames=1 systemd.status_unit_format=name" \
-  -drive "file=$disk,format=raw,if=none,id=d0,cache=writeback" -device virtio-blk-pci,drive=d0 \
-  -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:0-:1883,hostfwd=tcp:127.0.0.1:0-:22" \
-  -device virtio-net-pci,netdev=n0,romfile= \
-  -device virtio-rng-pci \
-  2> "$work/qemu.err" &
-qemu_pid=$!
-exec 3> "$work/mon.in" 4< "$work/mon.out"
-echo "info usernet" >&3
-usernet=$(timeout 5 cat <&4 || true)
+boots=0
 fwd_port() { printf '%s\n' "$usernet" | tr -d '\r' | awk -v g="$1" '/HOST_FORWARD/ && $6 == g { print $4 }'; }
-mqtt_port=$(fwd_port 1883)
-ssh_port=$(fwd_port 22)
-{ [ -n "$mqtt_port" ] && [ -n "$ssh_port" ]; } || fail "no port forwards from qemu: $usernet $(cat "$work/qemu.err")"
-log "qemu pid $qemu_pid; 127.0.0.1:$mqtt_port -> guest 1883, 127.0.0.1:$ssh_port -> guest 22"
+start_vm() {
+  local cfg=config.txt prefix cmdline root_arg slot_arg
+  boots=$(( boots + 1 ))
+  if [ -f "$work/console.log" ]; then mv "$work/console.log" "$work/console-$(( boots - 1 )).log"; fi
+  if mtype -i "$fat" ::/mqtt-uplink-tryboot >/dev/null 2>&1; then
+    cfg=tryboot.txt
+    mdel -i "$fat" ::/mqtt-uplink-tryboot   # the firmware's tryboot flag lasts one boot
+  fi
+  prefix=$(mtype -i "$fat" "::/$cfg" 2>/dev/null | tr -d '\r' | sed -n 's/^os_prefix=//p' | tail -n1)
+  [ -n "$prefix" ] || fail "boot $boots: no os_prefix= in the boot partition's $cfg"
+  mcopy -o -i "$fat" "::/${prefix}vmlinuz" "$work/vmlinuz" || fail "boot $boots: no ${prefix}vmlinuz on the boot partition"
+  mcopy -o -i "$fat" "::/${prefix}initrd.img" "$work/initrd" || fail "boot $boots: no ${prefix}initrd.img on the boot partition"
+  cmdline=$(mtype -i "$fat" "::/${prefix}cmdline.txt" | tr -d '\r\n') || fail "boot $boots: no ${prefix}cmdline.txt"
+  root_arg=$(tr ' ' '\n' <<< "$cmdline" | grep -m1 '^root=' || true)
+  slot_arg=$(tr ' ' '\n' <<< "$cmdline" | grep -m1 '^rauc\.slot=' || true)
+  { [ -n "$root_arg" ] && [ -n "$slot_arg" ]; } || fail "boot $boots: ${prefix}cmdline.txt has no root= or rauc.slot=: $cmdline"
+  booted=${slot_arg#rauc.slot=}
+  log "boot $boots: firmware emulation: $cfg -> $prefix ($root_arg $slot_arg)"
+  t_start=$(date +%s)
+  qemu-system-aarch64 -M virt -cpu cortex-a53 -smp "$QEMU_SMP" -m 1024 \
+    -display none -nodefaults -no-reboot \
+    -serial "file:$work/console.log" \
+    -chardev "pipe,id=mon,path=$work/mon" -mon chardev=mon,mode=readline \
+    -kernel "$work/vmlinuz" -initrd "$work/initrd" \
+    -append "$root_arg $slot_arg rw console=ttyAMA0 rootwait panic=10 net.ifnames=1 systemd.status_unit_format=name" \
+    -drive "file=$disk,format=raw,if=none,id=d0,cache=writeback" -device virtio-blk-pci,drive=d0 \
+    -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:0-:1883,hostfwd=tcp:127.0.0.1:0-:22" \
+    -device virtio-net-pci,netdev=n0,romfile= \
+    -device virtio-rng-pci \
+    2> "$work/qemu.err" &
+  qemu_pid=$!
+  exec 3> "$work/mon.in" 4< "$work/mon.out"
+  echo "info usernet" >&3
+  usernet=$(timeout 5 cat <&4 || true)
+  mqtt_port=$(fwd_port 1883)
+  ssh_port=$(fwd_port 22)
+  { [ -n "$mqtt_port" ] && [ -n "$ssh_port" ]; } || fail "no port forwards from qemu: $usernet $(cat "$work/qemu.err")"
+  log "qemu pid $qemu_pid; 127.0.0.1:$mqtt_port -> guest 1883, 127.0.0.1:$ssh_port -> guest 22"
+}
+# The guest powered off or rebooted (qemu ends either way: -no-reboot), within $1 seconds.
+wait_vm_exit() {
+  for _ in $(seq 1 "$1"); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 1; done
+  if kill -0 "$qemu_pid" 2>/dev/null; then return 1; fi
+  wait "$qemu_pid" 2>/dev/null || true
+  exec 3>&- 4<&-
+  qemu_pid=
+}
+# A power cut: qemu killed at once (the disk image keeps what the guest had written to it).
+power_cut() {
+  kill -KILL "$qemu_pid"
+  wait "$qemu_pid" 2>/dev/null || true
+  exec 3>&- 4<&-
+  qemu_pid=
+}
+start_vm
+
+if [ "$updates" = 1 ]; then
+  # --- field updates ----------------------------------------------------------------------------------
+  # The cloud broker (mosquitto on host loopback, an ephemeral port; the guest sees it as 10.0.2.2).
+  cloud_start() {
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$cloud_port" > "$work/cloud.conf"
+    mosquitto -c "$work/cloud.conf" > "$work/cloud.log" 2>&1 &
+    cloud_pid=$!
+    for _ in $(seq 1 50); do timeout 2 mosquitto_pub -h 127.0.0.1 -p "$cloud_port" -t probe -m x 2>/dev/null && return 0; sleep 0.2; done
+    fail "the test's cloud broker did not start: $(cat "$work/cloud.log")"
+  }
+  cloud_stop() { if [ -n "${cloud_pid:-}" ]; then kill "$cloud_pid" 2>/dev/null || true; wait "$cloud_pid" 2>/dev/null || true; cloud_pid=; fi; }
+  wait_ssh() {
+    local deadline=$(( $(date +%s) + BOOT_TIMEOUT ))
+    until guest true; do
+      kill -0 "$qemu_pid" 2>/dev/null || fail "boot $boots: qemu exited before SSH answered: $(cat "$work/qemu.err")"
+      [ "$(date +%s)" -lt "$deadline" ] || fail "boot $boots: no SSH login within ${BOOT_TIMEOUT}s"
+      sleep 3
+    done
+    ssh_ok=1
+  }
+  # The slot the device runs (its kernel command line) and the slot state on its boot partition.
+  guest_slot() { guest "tr ' ' '\\n' < /proc/cmdline | sed -n 's/^rauc\\.slot=//p'"; }
+  slot_state() { mtype -i "$fat" ::/mqtt-uplink-slots.txt | tr -d '\r' | grep -v '^#' | paste -sd' '; }
+  fat_report() { mtype -i "$fat" ::/mqtt-uplink-update.txt 2>/dev/null | tr -d '\r' || true; }
+  # The service up, from the device (mqtt-uplink status: /healthz answers; uplink may be down).
+  wait_service() {
+    for _ in $(seq 1 60); do
+      [ "$(guest systemctl is-active mqtt-uplink.service)" = active ] && return 0
+      sleep 3
+    done
+    fail "mqtt-uplink.service not active on slot $(guest_slot) after 180s (boot $boots)"
+  }
+  # make_bundle OUT VERSION [failing|older|armhf|untrusted]: the build's root filesystem with VERSION
+  # stamped in, repacked and signed.
+  make_bundle() {
+    local out=$1 version=$2 kind=${3:-} d=$work/bundle-src compat=mqtt-uplink-rpi-arm64 key=$keys/signing.key.pem cert=$keys/signing.cert.pem
+    if [ ! -f "$work/rootfs.ext4" ]; then
+      rm -rf "$work/extract"
+      rauc extract --keyring="$keys/signing.cert.pem" "$bundle_src" "$work/extract" >/dev/null 2>&1 \
+        || fail "cannot extract $bundle_src with the test key (was it built with RAUC_KEY?)"
+      mv "$work/extract/rootfs.ext4" "$work/rootfs.ext4"
+      rm -rf "$work/extract"
+    fi
+    rm -rf "$d"; mkdir -p "$d"
+    cp --sparse=always "$work/rootfs.ext4" "$d/rootfs.ext4"
+    printf '%s\n' "$version" > "$work/release"
+    {
+      echo "rm /usr/share/mqtt-uplink-image/release"
+      echo "write $work/release /usr/share/mqtt-uplink-image/release"
+      echo "sif /usr/share/mqtt-uplink-image/release mode 0100644"
+    } > "$work/debugfs.cmd"
+    if [ "$kind" = failing ]; then
+      printf '#!/bin/sh\necho "mqtt-uplink (bad release for the boot test): exiting at start" >&2\nexit 1\n' > "$work/bad-binary"
+      { echo "rm /usr/bin/mqtt-uplink"; echo "write $work/bad-binary /usr/bin/mqtt-uplink"; echo "sif /usr/bin/mqtt-uplink mode 0100755"; } >> "$work/debugfs.cmd"
+    fi
+    debugfs -w -f "$work/debugfs.cmd" "$d/rootfs.ext4" >/dev/null 2>&1 || fail "debugfs could not stamp $version into the root filesystem"
+    [ "$kind" = armhf ] && compat=mqtt-uplink-rpi-armhf
+    if [ "$kind" = untrusted ]; then
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 -subj "/CN=untrusted test key" \
+        -keyout "$work/untrusted.key" -out "$work/untrusted.cert" 2>/dev/null
+      key=$work/untrusted.key cert=$work/untrusted.cert
+    fi
+    printf '[update]\ncompatible=%s\nversion=%s\n\n[bundle]\nformat=plain\n\n[image.rootfs]\nfilename=rootfs.ext4\n' "$compat" "$version" > "$d/manifest.raucm"
+    rm -f "$out"
+    rauc bundle --cert="$cert" --key="$key" --keyring="$cert" "$d" "$out" >/dev/null 2>&1 || fail "rauc bundle $out failed"
+    rm -rf "$d"
+  }
+  # install_on_device BUNDLE [ARGS...]: copies it to the data partition and runs mqtt-uplink-update.
+  copy_bundle() { GUEST_TIMEOUT=600 guest "cat > /data/test.raucb" < "$1" || fail "copying $(basename "$1") to the device"; }
+
+  cur_version=$(sed -n 's/^version=//p' <(rauc info --keyring="$keys/signing.cert.pem" --output-format=shell "$bundle_src" 2>/dev/null | sed "s/'//g; s/^RAUC_MF_VERSION=/version=/"))
+  [ -n "$cur_version" ] || fail "cannot read the version of $bundle_src with the test key"
+  next_version="$cur_version+boottest1"
+
+  if [ "$scenario" = update ]; then cloud_start; fi
+  wait_ssh
+  [ "$(guest_slot)" = A ] || fail "the first boot is not on slot A: $(guest_slot)"
+  wait_service
+  machine_id=$(guest cat /etc/machine-id)
+  host_key=$(guest cat /data/ssh/etc/ssh/ssh_host_ed25519_key.pub)
+  [ "$(guest cat /data/machine-id)" = "$machine_id" ] || fail "the machine id is not kept on the data partition"
+  pass "first boot on slot A ($cur_version): service active, machine id and SSH host key on the data partition"
+fi
+
+if [ "$scenario" = update ]; then
+  # The cloud reachable: the uplink is up and a message goes through.
+  for _ in $(seq 1 60); do guest 'curl -s -o /dev/null -w "%{http_code}" http://127.0.0.1:9883/healthz' | grep -qx 200 && break; sleep 3; done
+  timeout 60 mosquitto_sub -h 127.0.0.1 -p "$cloud_port" -t 'sites/boot-test/#' -C 1 -W 50 > "$work/first.out" 2>&1 &
+  sub=$!
+  sleep 1
+  timeout 10 mosquitto_pub -h 127.0.0.1 -p "$mqtt_port" -u "$mqtt_user" -P "$mqtt_pass" -i boot-pub -t boot/first -m first -q 1 || fail "publish to the device failed"
+  wait "$sub" || fail "the uplink did not carry a message to the cloud: $(cat "$work/first.out")"
+  pass "uplink up: a device message reached the cloud broker"
+  # The cloud goes away; messages queue in the outbox.
+  cloud_stop
+  n=20
+  for k in $(seq 1 "$n"); do
+    timeout 10 mosquitto_pub -h 127.0.0.1 -p "$mqtt_port" -u "$mqtt_user" -P "$mqtt_pass" -i boot-pub -t "boot/queued" -m "queued-$k" -q 1 \
+      || fail "publish $k to the device failed"
+  done
+  depth=$(guest "curl -s http://127.0.0.1:9883/metrics | awk '\$1 == \"mqtt_uplink_outbox_depth\" { print \$2 }'")
+  [ "${depth%.*}" -ge "$n" ] 2>/dev/null || fail "the outbox does not hold the $n queued messages: depth '$depth'"
+  pass "cloud down: $n messages queued in the outbox (depth $depth)"
+  make_bundle "$work/next.raucb" "$next_version"
+  bundle_mib=$(( $(stat -c %s "$work/next.raucb") / 1048576 ))
+  copy_bundle "$work/next.raucb"
+  t_install=$(date +%s)
+  out=$(GUEST_TIMEOUT=900 guest "mqtt-uplink-update install --no-reboot /data/test.raucb 2>&1") || fail "install refused or failed: $out"
+  t_install=$(( $(date +%s) - t_install ))
+  printf '%s\n' "$out" | grep -q "outbox still holds" || fail "the install did not report the queued outbox: $out"
+  case "$(slot_state)" in "committed=A trial=B "*) ;; *) fail "after install, slot state: $(slot_state)" ;; esac
+  pass "installed $next_version (${bundle_mib} MiB bundle) into slot B in ${t_install}s; B on trial, A still committed; outbox not drained, said so"
+  guest "mqtt-uplink-update reboot" >/dev/null 2>&1 || true
+  wait_vm_exit 180 || fail "the device did not reboot within 180s"
+  # The cloud comes back while the device is down; a subscriber waits for the queued messages.
+  cloud_start
+  timeout 900 mosquitto_sub -h 127.0.0.1 -p "$cloud_port" -t 'sites/boot-test/queued' -C "$n" -W 890 > "$work/queued.out" 2>&1 &
+  sub=$!
+  t_reboot=$(date +%s)
+  start_vm
+  [ "$booted" = B ] || fail "the tryboot did not start slot B (booted $booted)"
+  pass "firmware emulation: tryboot.txt -> slot B, once"
+  wait_ssh
+  [ "$(guest cat /usr/share/mqtt-uplink-image/release)" = "$next_version" ] || fail "slot B does not run $next_version"
+  for _ in $(seq 1 120); do
+    [ "$(guest systemctl is-active mqtt-uplink-commit.service)" = active ] && break
+    sleep 3
+  done
+  [ "$(slot_state)" = "committed=B trial= state_A=good state_B=good" ] || fail "slot B not committed: $(slot_state); report: $(fat_report | tail -n 5)"
+  guest mqtt-uplink-update status > "$work/update-status" 2>&1 || fail "mqtt-uplink-update status failed: $(cat "$work/update-status")"
+  grep -q "running: slot B" "$work/update-status" || fail "mqtt-uplink-update status does not say slot B: $(cat "$work/update-status")"
+  t_commit=$(( $(date +%s) - t_reboot ))
+  fat_report | grep -q "COMMITTED slot B ($next_version)" || fail "the report does not say B was committed: $(fat_report | tail -n 5)"
+  pass "slot B committed after /healthz 200, ${t_commit}s after the reboot; the report says so"
+  [ "$(guest cat /etc/machine-id)" = "$machine_id" ] || fail "the machine id changed"
+  [ "$(guest cat /data/ssh/etc/ssh/ssh_host_ed25519_key.pub)" = "$host_key" ] || fail "the SSH host key changed"
+  guest "grep -qx 'id = \"boot-test\"' /etc/mqtt-uplink/mqtt-uplink.toml" || fail "the config is not the provisioned one"
+  pass "same config, machine id and SSH host key on slot B"
+  wait "$sub" || fail "the cloud got $(wc -l < "$work/queued.out") of the $n queued messages"
+  [ "$(sort -u "$work/queued.out" | wc -l)" = "$n" ] || fail "queued messages not all distinct: $(sort "$work/queued.out" | uniq -c | head)"
+  pass "all $n messages queued before the update reached the cloud from the new version (same outbox)"
+  guest systemctl poweroff >/dev/null 2>&1 || true
+  wait_vm_exit 180 || fail "no power-off within 180s"
+  start_vm
+  [ "$booted" = B ] || fail "the next boot is not on the committed slot B: $booted"
+  wait_ssh
+  pass "the next boot stays on slot B (config.txt names it)"
+  echo "boot.sh: update: PASS: $cur_version -> $next_version; bundle ${bundle_mib} MiB; install ${t_install}s, reboot to commit ${t_commit}s (qemu TCG, $QEMU_SMP vCPUs)"
+  exit 0
+fi
+
+if [ "$scenario" = bad-bundle ]; then
+  before_state=$(slot_state)
+  slot_b_sum=$(guest "head -c 16777216 /dev/disk/by-partuuid/6d717475-03 | sha256sum")
+  refuse() { # refuse BUNDLE PATTERN WHAT
+    copy_bundle "$1"
+    local out
+    if out=$(GUEST_TIMEOUT=600 guest "mqtt-uplink-update install --no-reboot /data/test.raucb 2>&1"); then fail "$3 was installed: $out"; fi
+    printf '%s\n' "$out" | grep -qiE "$2" || fail "$3: refused, but not saying why ($2): $out"
+    pass "$3 refused: $(printf '%s\n' "$out" | grep -m1 refused | cut -c1-160)"
+  }
+  make_bundle "$work/untrusted.raucb" "$next_version" untrusted
+  refuse "$work/untrusted.raucb" 'signature|verif|certificate|signer' "a bundle signed by a key the device does not trust"
+  make_bundle "$work/armhf.raucb" "$next_version" armhf
+  refuse "$work/armhf.raucb" 'wrong board or architecture' "a bundle for another architecture (compatible mqtt-uplink-rpi-armhf)"
+  make_bundle "$work/older.raucb" "0.0.1" older
+  refuse "$work/older.raucb" 'not newer' "an older version (0.0.1)"
+  # The pre-install handler stops an older bundle given to rauc itself, too.
+  if guest "rauc install /data/test.raucb" >/dev/null 2>&1; then fail "rauc install of an older bundle was not stopped by the pre-install handler"; fi
+  pass "rauc install of the older bundle, bypassing mqtt-uplink-update, is stopped by the pre-install handler"
+  [ "$(slot_state)" = "$before_state" ] || fail "the slot state changed: $before_state -> $(slot_state)"
+  [ "$(guest "head -c 16777216 /dev/disk/by-partuuid/6d717475-03 | sha256sum")" = "$slot_b_sum" ] || fail "slot B was written"
+  fat_report | grep -q 'refused' || fail "the boot partition's report does not list the refusals"
+  pass "nothing changed: slot state ($before_state) and slot B as before; the refusals are in the report"
+  echo "boot.sh: bad-bundle: PASS: untrusted signature, wrong architecture and older version refused, nothing changed"
+  exit 0
+fi
+
+if [ "$scenario" = bad-release ]; then
+  make_bundle "$work/bad.raucb" "$next_version" failing
+  copy_bundle "$work/bad.raucb"
+  out=$(GUEST_TIMEOUT=900 guest "mqtt-uplink-update install --no-reboot /data/test.raucb 2>&1") || fail "install failed: $out"
+  pass "a release whose mqtt-uplink exits at start installed into slot B"
+  guest "mqtt-uplink-update reboot" >/dev/null 2>&1 || true
+  wait_vm_exit 180 || fail "the device did not reboot within 180s"
+  t_reboot=$(date +%s)
+  start_vm
+  [ "$booted" = B ] || fail "the tryboot did not start slot B (booted $booted)"
+  # The health gate gives up after HEALTH_TIMEOUT and reboots: qemu ends.
+  wait_vm_exit $(( BOOT_TIMEOUT + health_timeout )) || fail "slot B did not give up and reboot"
+  pass "slot B booted once and rebooted by itself after its health check failed ($(( $(date +%s) - t_reboot ))s)"
+  start_vm
+  [ "$booted" = A ] || fail "the boot after the failed trial is not on slot A: $booted"
+  wait_ssh
+  wait_service
+  [ "$(guest cat /usr/share/mqtt-uplink-image/release)" = "$cur_version" ] || fail "slot A does not run $cur_version"
+  [ "$(slot_state)" = "committed=A trial= state_A=good state_B=bad" ] || fail "slot state: $(slot_state)"
+  pass "back on slot A ($cur_version), service active; B marked bad"
+  fat_report | grep -q "ROLLBACK: slot B ($next_version) not committed: no /healthz 200" || fail "no rollback reason in the report: $(fat_report | tail -n 5)"
+  guest "cat /data/mqtt-uplink-image/update-status" > "$work/why" 2>&1 || true
+  grep -q "ROLLBACK: slot B" "$work/why" || fail "the status file on the data partition does not hold the rollback: $(cat "$work/why")"
+  fat_report | grep "ROLLBACK" | grep -q 'mqtt-uplink.service: ' || fail "the reason does not name the service's state"
+  pass "reason recorded on the boot partition: $(fat_report | grep -m1 ROLLBACK | cut -c1-200)"
+  echo "boot.sh: bad-release: PASS: $next_version not committed, back on A by itself, reason recorded"
+  exit 0
+fi
+
+if [ "$scenario" = power-cut ]; then
+  make_bundle "$work/next.raucb" "$next_version"
+  back_on_a() { # after a cut: the next power-on is on A, working, and $1 is recorded
+    start_vm
+    [ "$booted" = A ] || fail "after the power cut ($2) the device booted slot $booted"
+    wait_ssh
+    wait_service
+    timeout 10 mosquitto_pub -h 127.0.0.1 -p "$mqtt_port" -u "$mqtt_user" -P "$mqtt_pass" -i boot-pub -t boot/after -m x -q 1 \
+      || fail "after the power cut ($2) the broker does not answer"
+    for _ in $(seq 1 40); do guest "systemctl is-active mqtt-uplink-commit.service" | grep -qx active && break; sleep 3; done
+    fat_report | grep -q "$1" || fail "after the power cut ($2) the report does not say '$1': $(fat_report | tail -n 4)"
+    [ "$(slot_state)" = "committed=A trial= state_A=good state_B=bad" ] || fail "after the power cut ($2) slot state: $(slot_state)"
+    pass "power cut $2: back on slot A, MQTT answers, recorded: $(fat_report | grep "$1" | tail -n1 | cut -c1-140)"
+  }
+  # 1. During rauc install.
+  copy_bundle "$work/next.raucb"
+  guest "nohup mqtt-uplink-update install --no-reboot /data/test.raucb > /data/install.log 2>&1 &" || true
+  # Cut while RAUC writes slot B (its progress says "Copying image").
+  for _ in $(seq 1 300); do guest "grep -q 'Copying image' /run/mqtt-uplink-image/install.log" 2>/dev/null && break; sleep 1; done
+  guest "grep -q 'Copying image' /run/mqtt-uplink-image/install.log" \
+    || fail "RAUC did not start writing slot B within 300s: $(guest 'cat /data/install.log /run/mqtt-uplink-image/install.log')"
+  sleep 3
+  guest "test -e /data/mqtt-uplink-image/installing" || fail "the install finished before the cut (nothing cut): $(guest cat /data/install.log)"
+  power_cut
+  back_on_a "install was cut off" "during rauc install"
+  # 2. Early in the first boot of the new slot.
+  copy_bundle "$work/next.raucb"
+  GUEST_TIMEOUT=900 guest "mqtt-uplink-update install --no-reboot /data/test.raucb" >/dev/null 2>&1 || fail "install failed"
+  guest "mqtt-uplink-update reboot" >/dev/null 2>&1 || true
+  wait_vm_exit 180 || fail "no reboot within 180s"
+  start_vm
+  [ "$booted" = B ] || fail "the tryboot did not start slot B"
+  for _ in $(seq 1 120); do console_has 'Linux version|Booting Linux' && break; sleep 1; done
+  sleep 2
+  power_cut
+  back_on_a "ROLLBACK: slot B was installed but did not come up" "early in slot B's first boot"
+  # 3. During the health check of the new slot's first boot: the gate is pointed at a port nothing
+  #    answers on, so the cut surely falls inside its wait.
+  guest "echo HEALTH_URL=http://127.0.0.1:9/healthz >> /etc/mqtt-uplink/update.conf"
+  copy_bundle "$work/next.raucb"
+  GUEST_TIMEOUT=900 guest "mqtt-uplink-update install --no-reboot /data/test.raucb" >/dev/null 2>&1 || fail "install failed"
+  guest "mqtt-uplink-update reboot" >/dev/null 2>&1 || true
+  wait_vm_exit 180 || fail "no reboot within 180s"
+  start_vm
+  [ "$booted" = B ] || fail "the tryboot did not start slot B"
+  deadline=$(( $(date +%s) + BOOT_TIMEOUT ))
+  until console_has 'trial boot of slot B'; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "slot B's health check did not start within ${BOOT_TIMEOUT}s"
+    sleep 2
+  done
+  sleep 5
+  power_cut
+  back_on_a "ROLLBACK: slot B was installed but did not come up" "during slot B's health check"
+  echo "boot.sh: power-cut: PASS: cut during install, early in the new slot's first boot and during its health check: back on slot A each time"
+  exit 0
+fi
 # systemd's status lines on the serial console (unit names, see systemd.status_unit_format= above,
 # wrapped in colour codes).
 console_has() { grep -aqE "$1" "$work/console.log" 2>/dev/null; }
@@ -200,7 +584,9 @@ if [ "$scenario" = package ]; then
   ssh_ok=1
   log "package: $deb"
   # A plain Debian with systemd: the image's own copy goes (its user stays, as sysusers would make it).
-  guest 'systemctl disable --now mqtt-uplink.service >/dev/null 2>&1; rm -rf /usr/bin/mqtt-uplink \
+  # (On the A/B image /etc/mqtt-uplink and /var/lib/mqtt-uplink are bind mounts of the data partition:
+  # unmounted first, so the package meets plain folders, as on any Debian.)
+  guest 'systemctl disable --now mqtt-uplink.service >/dev/null 2>&1; umount /etc/mqtt-uplink /var/lib/mqtt-uplink; rm -rf /usr/bin/mqtt-uplink \
     /usr/lib/systemd/system/mqtt-uplink.service /etc/mqtt-uplink /var/lib/mqtt-uplink && systemctl daemon-reload' \
     || fail "removing the image's copy"
   guest 'cat > /tmp/mqtt-uplink.deb' < "$deb" || fail "copying the package"
@@ -353,12 +739,14 @@ opened=$(printf '%s\n' "$ruleset" | grep -c 'tcp dport .* accept' || true)
 [ "$opened" = 2 ] || fail "unexpected accept rules (want 2 tcp rules: ip and ip6 for 22,1883): $ruleset"
 pass "firewall: input policy drop, only tcp 22 and 1883 from the LAN"
 
-root_sectors_after=$(guest "cat /sys/class/block/\$(basename \$(readlink -f \$(findmnt -no SOURCE /)))/size")
-[ "$root_sectors_after" -gt $(( root_sectors_before + 1024 * 2048 * 9 / 10 )) ] \
-  || fail "root partition did not grow: $root_sectors_before -> $root_sectors_after sectors"
-fs_mib=$(guest "df -BM --output=size / | tail -n1 | tr -dc 0-9")
-[ "$fs_mib" -gt $(( root_sectors_before / 2048 + 800 )) ] || fail "root filesystem did not grow: ${fs_mib} MiB"
-pass "root partition and filesystem grew to the disk ($(( root_sectors_before / 2048 )) -> ${fs_mib} MiB)"
+data_sectors_after=$(guest "cat /sys/class/block/\$(basename \$(readlink -f \$(findmnt -no SOURCE /data)))/size")
+[ "$data_sectors_after" -gt $(( data_sectors_before + 1024 * 2048 * 9 / 10 )) ] \
+  || fail "data partition did not grow: $data_sectors_before -> $data_sectors_after sectors"
+fs_mib=$(guest "df -BM --output=size /data | tail -n1 | tr -dc 0-9")
+[ "$fs_mib" -gt $(( data_sectors_before / 2048 + 800 )) ] || fail "data filesystem did not grow: ${fs_mib} MiB"
+[ "$(guest 'findmnt -no SOURCE /etc/mqtt-uplink; findmnt -no SOURCE /var/lib/mqtt-uplink' | grep -c '\[/')" = 2 ] \
+  || fail "/etc/mqtt-uplink and /var/lib/mqtt-uplink are not bind mounts of the data partition: $(guest findmnt -l)"
+pass "the data partition (config, outbox) grew to the disk ($(( data_sectors_before / 2048 )) -> ${fs_mib} MiB); config and state are bound from it"
 
 guest systemd-analyze > "$work/analyze" 2>&1 || true
 log "guest: $(head -n1 "$work/analyze")"
