@@ -657,6 +657,15 @@ async fn azure_iot_hub_sends_its_username_and_a_sas_token_that_verifies_and_rene
 // check
 
 /// `check`'s errors for `text` written as `dir/mqtt-uplink.toml`: (line, key, message).
+/// The line (1-based) of every mapping's `topic =`, in order.
+fn topic_lines(text: &str) -> Vec<Option<usize>> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("topic ="))
+        .map(|(i, _)| Some(i + 1))
+        .collect()
+}
+
 fn check_errors(dir: &Path, text: &str) -> Vec<(Option<usize>, String, String)> {
     let path = dir.join("mqtt-uplink.toml");
     std::fs::write(&path, text).unwrap();
@@ -740,12 +749,7 @@ fn check_refuses_what_aws_iot_core_would_refuse_naming_line_and_key() {
     // The default [limits] max_packet_size (256 KB) is over AWS's 128 KB payloads.
     let text = base(true, &maps, "");
     let e = check_errors(d, &text);
-    let topic_lines: Vec<_> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| l.starts_with("topic ="))
-        .map(|(i, _)| Some(i + 1))
-        .collect();
+    let topic_lines = topic_lines(&text);
     assert!(
         has(
             &e,
@@ -849,12 +853,7 @@ fn check_refuses_topics_and_settings_azure_iot_hub_would_refuse_naming_line_and_
                 [[map]]\ndirection = \"both\"\ntopic = \"x/#\"\nremote_prefix = \"devices/plant-7/messages/events/\"\n";
     let text = base("client_id = \"plant-7\"", good_azure, maps);
     let e = check_errors(d, &text);
-    let topic_lines: Vec<_> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| l.starts_with("topic ="))
-        .map(|(i, _)| Some(i + 1))
-        .collect();
+    let topic_lines = topic_lines(&text);
     assert!(
         has(
             &e,
