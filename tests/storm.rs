@@ -225,3 +225,42 @@ async fn max_connections_per_address_is_set_per_listener() {
     drop(held);
     app.stop().await;
 }
+
+/// A device that disconnects and comes straight back with the same client id (a reboot, a
+/// reconnecting library) is let in every time, with or without a DISCONNECT first. rmqtt asked the
+/// old session to step aside (`kick`) and refused the new connection "server unavailable" when the
+/// old session had already ended on its own and dropped the request unanswered ("kick, recv result
+/// is RecvError"): measured 8 refusals in 200 rounds before the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_reconnecting_at_once_with_the_same_client_id_is_always_let_in() {
+    let dir = tempdir();
+    let hash = hash_pbkdf2_sha512(VICTIM_PW.as_bytes(), MOSQUITTO_ITERATIONS);
+    write_secret(&dir.path().join("passwords"), &format!("dev:{hash}\n"));
+    std::fs::write(dir.path().join("acl"), "user dev\ntopic readwrite x\n").unwrap();
+    let toml = "[[listener]]\nbind = \"127.0.0.1:0\"\n\n\
+                [auth]\npassword_file = \"passwords\"\nacl_file = \"acl\"\n";
+    let app = App::start(dir.path(), toml).await;
+    let mut refused = Vec::new();
+    let mut previous: Option<Raw> = None;
+    for round in 0..300u32 {
+        // Every third round the old connection is just dropped (no DISCONNECT): a takeover.
+        if let Some(mut old) = previous.take() {
+            if round % 3 != 0 {
+                let _ = old.send(&[0xe0, 0x00]).await;
+            }
+        }
+        let (c, code) = login_on(app.addr, "same-device").await;
+        match code {
+            Some(0) => previous = Some(c),
+            other => refused.push((round, other)),
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of 300 reconnections refused (round, CONNACK): {:?}",
+        refused.len(),
+        &refused[..refused.len().min(20)]
+    );
+    drop(previous);
+    app.stop().await;
+}

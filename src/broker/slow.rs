@@ -6,7 +6,8 @@
 //! over `max_queued_messages` with rmqtt's "queue full"; both come through rmqtt's `message_dropped`
 //! hook, which this handler counts (`mqtt_uplink_dropped_total{reason}`) and logs with the subscriber's
 //! peer, at most once a second. A subscriber whose socket takes no data for [`WRITE_TIMEOUT`] is
-//! disconnected by rmqtt-net; this handler counts and logs that as a refusal "slow consumer".
+//! disconnected by rmqtt-net (a write that waits longer, while the peer keeps reading, goes on:
+//! vendor/README.md, `OutQueue`); this handler counts and logs that as a refusal "slow consumer".
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -809,6 +809,8 @@ impl Listener {
             let _ = socket.read_exact(&mut buffer[..len]).await;
         }
         Ok(Acceptor {
+            // mqtt-uplink patch: the socket's send queue, for the send timeout (`OutQueue`).
+            out_queue: crate::stream::OutQueue::of(&socket),
             socket,
             remote_addr,
             #[cfg(feature = "tls")]
@@ -830,6 +832,8 @@ impl Listener {
             let socket = QuinnBiStream::new(send, recv);
 
             Ok(Acceptor {
+                // mqtt-uplink patch: no file descriptor, the plain send timeout.
+                out_queue: crate::stream::OutQueue::default(),
                 socket,
                 remote_addr,
                 #[cfg(feature = "tls")]
@@ -873,6 +877,8 @@ pub struct Acceptor<S> {
     pub cfg: Arc<Builder>,
     /// Active protocol type
     pub typ: ListenerType,
+    /// mqtt-uplink patch: the socket's send queue (`OutQueue`).
+    pub out_queue: crate::stream::OutQueue,
 }
 
 impl<S> Acceptor<S>
@@ -883,7 +889,7 @@ where
     #[inline]
     pub fn tcp(self) -> Result<Dispatcher<S>> {
         if matches!(self.typ, ListenerType::TCP) {
-            Ok(Dispatcher::new(self.socket, self.remote_addr, None, self.cfg))
+            Ok(Dispatcher::new(self.socket, self.remote_addr, None, self.cfg, self.out_queue))
         } else {
             Err(anyhow!("Protocol mismatch: Expected TCP listener"))
         }
@@ -916,7 +922,7 @@ where
             self.cfg.collect_cert_info,
         );
 
-        Ok(Dispatcher::new(tls_s, self.remote_addr, cert_info, self.cfg))
+        Ok(Dispatcher::new(tls_s, self.remote_addr, cert_info, self.cfg, self.out_queue))
     }
 
     #[cfg(feature = "ws")]
@@ -931,7 +937,7 @@ where
             .await
         {
             Ok(Ok(ws_stream)) => {
-                Ok(Dispatcher::new(WsStream::new(ws_stream), self.remote_addr, None, self.cfg.clone()))
+                Ok(Dispatcher::new(WsStream::new(ws_stream), self.remote_addr, None, self.cfg.clone(), self.out_queue))
             }
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(crate::MqttError::ReadTimeout.into()),
@@ -968,7 +974,7 @@ where
 
         match tokio::time::timeout(self.cfg.handshake_timeout, accept_hdr_async(tls_s, on_handshake)).await {
             Ok(Ok(ws_stream)) => {
-                Ok(Dispatcher::new(WsStream::new(ws_stream), self.remote_addr, cert_info, self.cfg.clone()))
+                Ok(Dispatcher::new(WsStream::new(ws_stream), self.remote_addr, cert_info, self.cfg.clone(), self.out_queue))
             }
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(crate::MqttError::ReadTimeout.into()),
@@ -981,7 +987,7 @@ where
         if !matches!(self.typ, ListenerType::QUIC) {
             return Err(anyhow!("Protocol mismatch: Expected QUIC listener"));
         }
-        Ok(Dispatcher::new(self.socket, self.remote_addr, None, self.cfg))
+        Ok(Dispatcher::new(self.socket, self.remote_addr, None, self.cfg, self.out_queue))
     }
 
     #[inline]

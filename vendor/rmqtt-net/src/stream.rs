@@ -65,6 +65,53 @@ fn report_connect_error(cfg: &Builder, peer: SocketAddr, e: &anyhow::Error) {
     }
 }
 
+/// mqtt-uplink patch: what a connection's socket still has to deliver to its peer.
+///
+/// A write to a peer that reads slowly waits until the kernel wakes the writer, which it does only
+/// once a third of the socket's send buffer (autotuned to megabytes) has drained: a subscriber
+/// reading 1,000 small messages a second took longer than `send_timeout` to drain that much and
+/// was closed as a slow consumer although it was reading. The send timeout now ends a write only
+/// when the socket delivered nothing during it: on expiry, if the bytes queued in the socket (the
+/// `TIOCOUTQ` ioctl: sent but not acknowledged by the peer, plus not yet sent) went down since the
+/// write started or was last extended, the peer is reading and the write waits another
+/// `send_timeout`. A socket without a file descriptor (QUIC) keeps the plain timeout.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OutQueue(Option<std::os::fd::RawFd>);
+
+impl OutQueue {
+    /// The queue of `socket`, which must outlive every use of the returned value (it is kept
+    /// beside the socket, in the same connection).
+    pub fn of(socket: &impl std::os::fd::AsRawFd) -> Self {
+        OutQueue(Some(socket.as_raw_fd()))
+    }
+
+    /// Bytes in the socket's send queue, if known.
+    #[allow(unsafe_code)] // one ioctl on the connection's own socket; no safe wrapper in our dependencies
+    fn bytes(self) -> Option<u64> {
+        let fd = self.0?;
+        let mut n: libc::c_int = 0;
+        // SAFETY: `fd` is the connection's open socket (see `of`); TIOCOUTQ writes one c_int.
+        let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+        (rc == 0 && n >= 0).then_some(n as u64)
+    }
+}
+
+/// mqtt-uplink patch: `fut` with `limit` as the longest time the socket may deliver nothing (see
+/// [`OutQueue`]); `None` when it did not finish and the peer took nothing for `limit`.
+async fn with_progress_timeout<F: std::future::Future>(limit: Duration, queue: OutQueue, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut last = queue.bytes();
+    loop {
+        match tokio::time::timeout(limit, fut.as_mut()).await {
+            Ok(v) => return Some(v),
+            Err(_) => match (last, queue.bytes()) {
+                (Some(before), Some(now)) if now < before => last = Some(now),
+                _ => return None,
+            },
+        }
+    }
+}
+
 /// mqtt-uplink patch: a connection holds read and write buffers only while it is busy.
 ///
 /// tokio-util's `Framed` allocates 8 KiB for reading and 8 KiB for writing per connection and keeps
@@ -167,6 +214,8 @@ pub struct Dispatcher<Io> {
     pub cfg: Arc<Builder>,
 
     pub cert_info: Option<CertInfo>,
+    /// mqtt-uplink patch: the socket's send queue (`OutQueue`).
+    pub out_queue: OutQueue,
 }
 
 impl<Io> Dispatcher<Io>
@@ -179,12 +228,13 @@ where
         remote_addr: SocketAddr,
         cert_info: Option<CertInfo>,
         cfg: Arc<Builder>,
+        out_queue: OutQueue,
     ) -> Self {
         // mqtt-uplink patch: no buffers until there is something to read or write (`IdleBuffers`);
         // was `Framed::new`, 8 KiB each.
         let mut io = Framed::with_capacity(io, MqttCodec::Version(VersionCodec), 0);
         io.set_backpressure_boundary(BUSY_CAPACITY);
-        Dispatcher { io, remote_addr, cfg, cert_info }
+        Dispatcher { io, remote_addr, cfg, cert_info, out_queue }
     }
 
     /// Negotiates protocol version and returns appropriate stream
@@ -198,6 +248,7 @@ where
                 #[cfg(feature = "tls")]
                 cert_info: self.cert_info,
                 idle: IdleBuffers::default(),
+                out_queue: self.out_queue,
             }),
             ProtocolVersion::MQTT5 => MqttStream::V5(v5::MqttStream {
                 io: self.io,
@@ -206,6 +257,7 @@ where
                 #[cfg(feature = "tls")]
                 cert_info: self.cert_info,
                 idle: IdleBuffers::default(),
+                out_queue: self.out_queue,
             }),
         })
     }
@@ -292,6 +344,8 @@ pub mod v3 {
         pub cert_info: Option<CertInfo>,
         /// mqtt-uplink patch: gives the buffers of a quiet connection back.
         pub idle: crate::stream::IdleBuffers,
+        /// mqtt-uplink patch: the socket's send queue, for the send timeout.
+        pub out_queue: crate::stream::OutQueue,
     }
 
     /// # Examples
@@ -408,7 +462,7 @@ pub mod v3 {
         /// Generic packet sending method
         #[inline]
         pub async fn send(&mut self, packet: rmqtt_codec::v3::Packet) -> Result<()> {
-            super::send(&mut self.io, MqttPacket::V3(packet), self.cfg.send_timeout).await
+            super::send(&mut self.io, MqttPacket::V3(packet), self.cfg.send_timeout, self.out_queue).await
         }
 
         // mqtt-uplink patch: queue a packet without flushing, so that several acknowledgements
@@ -416,19 +470,19 @@ pub mod v3 {
         /// Queues a packet in the write buffer without flushing it
         #[inline]
         pub async fn feed(&mut self, packet: rmqtt_codec::v3::Packet) -> Result<()> {
-            super::feed(&mut self.io, MqttPacket::V3(packet), self.cfg.send_timeout).await
+            super::feed(&mut self.io, MqttPacket::V3(packet), self.cfg.send_timeout, self.out_queue).await
         }
 
         /// Flushes write buffers
         #[inline]
         pub async fn flush(&mut self) -> Result<()> {
-            super::flush(&mut self.io, self.cfg.send_timeout).await
+            super::flush(&mut self.io, self.cfg.send_timeout, self.out_queue).await
         }
 
         /// Closes the connection gracefully
         #[inline]
         pub async fn close(&mut self) -> Result<()> {
-            super::close(&mut self.io, self.cfg.send_timeout).await
+            super::close(&mut self.io, self.cfg.send_timeout, self.out_queue).await
         }
 
         /// Receives next packet with timeout
@@ -543,6 +597,8 @@ pub mod v5 {
         pub cert_info: Option<CertInfo>,
         /// mqtt-uplink patch: gives the buffers of a quiet connection back.
         pub idle: crate::stream::IdleBuffers,
+        /// mqtt-uplink patch: the socket's send queue, for the send timeout.
+        pub out_queue: crate::stream::OutQueue,
     }
 
     /// # Examples
@@ -658,7 +714,7 @@ pub mod v5 {
         /// Generic packet sending method
         #[inline]
         pub async fn send(&mut self, packet: rmqtt_codec::v5::Packet) -> Result<()> {
-            super::send(&mut self.io, MqttPacket::V5(packet), self.cfg.send_timeout).await
+            super::send(&mut self.io, MqttPacket::V5(packet), self.cfg.send_timeout, self.out_queue).await
         }
 
         // mqtt-uplink patch: queue a packet without flushing, so that several acknowledgements
@@ -666,19 +722,19 @@ pub mod v5 {
         /// Queues a packet in the write buffer without flushing it
         #[inline]
         pub async fn feed(&mut self, packet: rmqtt_codec::v5::Packet) -> Result<()> {
-            super::feed(&mut self.io, MqttPacket::V5(packet), self.cfg.send_timeout).await
+            super::feed(&mut self.io, MqttPacket::V5(packet), self.cfg.send_timeout, self.out_queue).await
         }
 
         /// Flushes write buffers
         #[inline]
         pub async fn flush(&mut self) -> Result<()> {
-            super::flush(&mut self.io, self.cfg.send_timeout).await
+            super::flush(&mut self.io, self.cfg.send_timeout, self.out_queue).await
         }
 
         /// Closes the connection gracefully
         #[inline]
         pub async fn close(&mut self) -> Result<()> {
-            super::close(&mut self.io, self.cfg.send_timeout).await
+            super::close(&mut self.io, self.cfg.send_timeout, self.out_queue).await
         }
 
         /// Receives next packet with timeout
@@ -761,7 +817,7 @@ pub mod v5 {
 }
 
 #[inline]
-async fn send<Io>(io: &mut Framed<Io, MqttCodec>, packet: MqttPacket, send_timeout: Duration) -> Result<()>
+async fn send<Io>(io: &mut Framed<Io, MqttCodec>, packet: MqttPacket, send_timeout: Duration, out_queue: OutQueue) -> Result<()>
 where
     Io: AsyncWrite + Unpin,
 {
@@ -769,10 +825,11 @@ where
         io.send(packet).await?;
         Ok(())
     } else {
-        match tokio::time::timeout(send_timeout, io.send(packet)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(MqttError::SendPacket(SendPacketError::Encode(e))),
-            Err(_) => Err(MqttError::WriteTimeout),
+        // mqtt-uplink patch: the timeout counts only time in which the peer took nothing.
+        match with_progress_timeout(send_timeout, out_queue, io.send(packet)).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(MqttError::SendPacket(SendPacketError::Encode(e))),
+            None => Err(MqttError::WriteTimeout),
         }?;
         Ok(())
     }
@@ -780,7 +837,7 @@ where
 
 // mqtt-uplink patch: `send` without the flush (see `feed` above).
 #[inline]
-async fn feed<Io>(io: &mut Framed<Io, MqttCodec>, packet: MqttPacket, send_timeout: Duration) -> Result<()>
+async fn feed<Io>(io: &mut Framed<Io, MqttCodec>, packet: MqttPacket, send_timeout: Duration, out_queue: OutQueue) -> Result<()>
 where
     Io: AsyncWrite + Unpin,
 {
@@ -788,17 +845,18 @@ where
         io.feed(packet).await?;
         Ok(())
     } else {
-        match tokio::time::timeout(send_timeout, io.feed(packet)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(MqttError::SendPacket(SendPacketError::Encode(e))),
-            Err(_) => Err(MqttError::WriteTimeout),
+        // mqtt-uplink patch: the timeout counts only time in which the peer took nothing.
+        match with_progress_timeout(send_timeout, out_queue, io.feed(packet)).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(MqttError::SendPacket(SendPacketError::Encode(e))),
+            None => Err(MqttError::WriteTimeout),
         }?;
         Ok(())
     }
 }
 
 #[inline]
-async fn flush<Io>(io: &mut Framed<Io, MqttCodec>, send_timeout: Duration) -> Result<()>
+async fn flush<Io>(io: &mut Framed<Io, MqttCodec>, send_timeout: Duration, out_queue: OutQueue) -> Result<()>
 where
     Io: AsyncWrite + Unpin,
 {
@@ -806,17 +864,18 @@ where
         io.flush().await?;
         Ok(())
     } else {
-        match tokio::time::timeout(send_timeout, io.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(MqttError::SendPacket(SendPacketError::Encode(e))),
-            Err(_) => Err(MqttError::FlushTimeout),
+        // mqtt-uplink patch: the timeout counts only time in which the peer took nothing.
+        match with_progress_timeout(send_timeout, out_queue, io.flush()).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(MqttError::SendPacket(SendPacketError::Encode(e))),
+            None => Err(MqttError::FlushTimeout),
         }?;
         Ok(())
     }
 }
 
 #[inline]
-async fn close<Io>(io: &mut Framed<Io, MqttCodec>, send_timeout: Duration) -> Result<()>
+async fn close<Io>(io: &mut Framed<Io, MqttCodec>, send_timeout: Duration, out_queue: OutQueue) -> Result<()>
 where
     Io: AsyncWrite + Unpin,
 {
@@ -824,10 +883,11 @@ where
         io.close().await?;
         Ok(())
     } else {
-        match tokio::time::timeout(send_timeout, io.close()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(MqttError::Encode(e)),
-            Err(_) => Err(MqttError::CloseTimeout),
+        // mqtt-uplink patch: the timeout counts only time in which the peer took nothing.
+        match with_progress_timeout(send_timeout, out_queue, io.close()).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(MqttError::Encode(e)),
+            None => Err(MqttError::CloseTimeout),
         }?;
         Ok(())
     }
