@@ -611,3 +611,108 @@ async fn retained_state_over_the_budget_reaches_a_reader_and_a_resubscribing_non
     );
     app.stop().await;
 }
+
+/// `mqtt_uplink_subscriber_bytes` from the appliance's /metrics.
+async fn subscriber_bytes(app: &App) -> u64 {
+    let bind = mqtt_uplink::config::MetricsBind::Tcp(app.metrics.expect("metrics on TCP"));
+    let (code, text) = mqtt_uplink::ops::http::get(&bind, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    mqtt_uplink::ops::status::parse(&text)
+        .unwrap()
+        .iter()
+        .find(|s| s.name == "mqtt_uplink_subscriber_bytes")
+        .map(|s| s.value as u64)
+        .expect("the gauge is rendered")
+}
+
+/// Many subscribers that stop reading at once: each stays inside its own budgets, and all of them
+/// together inside `max_total_queued_bytes` (here 2 MiB for 8 non-readers whose own budgets would
+/// allow 16 MiB). Messages beyond it are dropped, counted as "memory budget"; a device whose queue is
+/// empty (the bystander) still gets its messages. Without the shared budget the gauge reaches about
+/// 8 x 2 MiB and nothing is dropped for "memory budget".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_non_readers_together_stay_inside_the_shared_budget() {
+    const SHARED: u64 = 2 * 1024 * 1024;
+    const NON_READERS: usize = 8;
+    let _serial = SERIAL.lock().await;
+    let dir = tempdir();
+    let toml = format!("{}max_total_queued_bytes = {SHARED}\n", site(dir.path()));
+    let app = App::start(dir.path(), &toml).await;
+    let reason = mqtt_uplink::broker::slow::reason::MEMORY_BUDGET;
+    let dropped_before = metric(&app.counters.dropped, reason);
+
+    let mut bystander = login(&app, "bystander", "watcher").await;
+    bystander
+        .send(&raw::subscribe(1, "sensors/bystander", 1))
+        .await
+        .unwrap();
+    assert_eq!(bystander.read(T).await.expect("SUBACK").0, 0x90);
+    let mut slow = Vec::new();
+    for i in 0..NON_READERS {
+        slow.push(non_reader(&app, &format!("slow-{i}"), "sensors/flood").await);
+    }
+
+    // The gauge's peak during the flood, scraped every 20 ms.
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling, metrics) = (peak.clone(), sampling.clone(), app.metrics);
+        tokio::spawn(async move {
+            let app_metrics = mqtt_uplink::config::MetricsBind::Tcp(metrics.unwrap());
+            while sampling.load(Ordering::Relaxed) {
+                if let Ok((200, text)) = mqtt_uplink::ops::http::get(&app_metrics, "/metrics").await {
+                    let held = mqtt_uplink::ops::status::parse(&text)
+                        .unwrap()
+                        .iter()
+                        .find(|s| s.name == "mqtt_uplink_subscriber_bytes")
+                        .map_or(0, |s| s.value as u64);
+                    peak.fetch_max(held, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let mut ticks = 0;
+    for round in 0..4 {
+        let acked = flood(&app, &format!("flooder-{round}"), b"sensors/flood", 100).await;
+        assert_eq!(acked, 100, "the flooder's messages are all acknowledged");
+        let tag = format!("tick-{round}");
+        let mut dev = login(&app, &format!("ticker-{round}"), "dev").await;
+        dev.send(&raw::publish(b"sensors/bystander", tag.as_bytes(), 0, false, 0))
+            .await
+            .unwrap();
+        bystander_gets(&mut bystander, &tag).await;
+        ticks += 1;
+    }
+    sampling.store(false, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    let dropped = metric(&app.counters.dropped, reason) - dropped_before;
+    let held = subscriber_bytes(&app).await;
+    eprintln!(
+        "{NON_READERS} non-readers, 400 x {PAYLOAD} B: peak {peak} B held (shared budget {SHARED}), \
+         {dropped} dropped for the memory budget, {held} B held at the end"
+    );
+    assert_eq!(ticks, 4, "the bystander got every message");
+    assert!(
+        dropped > 0,
+        "forwards over the shared budget are dropped and counted"
+    );
+    // Each session may take one message past the budget when its queue is empty, and its in-flight
+    // window one more.
+    let slack = 2 * (NON_READERS as u64 + 1) * (PAYLOAD as u64 + 64);
+    assert!(
+        peak <= SHARED + slack,
+        "peak {peak} B held, over the shared budget {SHARED} + {slack}"
+    );
+    // Once the non-readers are gone, what they held is given back.
+    drop(slow);
+    let deadline = Instant::now() + T;
+    let mut held = subscriber_bytes(&app).await;
+    while held > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held = subscriber_bytes(&app).await;
+    }
+    assert_eq!(held, 0, "the non-readers' bytes are given back when they go");
+    app.stop().await;
+}

@@ -9,11 +9,12 @@ pub mod slow;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
 use rmqtt::context::ServerContext;
 use rmqtt::hook::Register;
-use rmqtt::net::Builder;
+use rmqtt::net::{Builder, SharedBudget};
 use rmqtt::server::MqttServer;
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
@@ -49,6 +50,9 @@ pub struct Broker {
     refusals: Refusals,
     /// Where messages dropped on their way in are counted and logged.
     drops: drops::Drops,
+    /// Bytes held for all subscribers together (`[limits] max_total_queued_bytes`), shared by
+    /// every listener (our patch of rmqtt, vendor/README.md).
+    held: Arc<SharedBudget>,
 }
 
 impl Broker {
@@ -76,7 +80,14 @@ impl Broker {
             register,
             refusals,
             drops,
+            held: Arc::new(SharedBudget::new(limits.max_total_queued_bytes)),
         }
+    }
+
+    /// Bytes held now for all subscribers together: routed and not yet written, or sent and not yet
+    /// acknowledged.
+    pub fn subscriber_bytes(&self) -> usize {
+        self.held.held()
     }
 
     /// The appliance's counters.
@@ -113,8 +124,8 @@ impl Broker {
         let mut server = MqttServer::new(self.scx.clone());
         let mut local_addrs = Vec::new();
         for (i, l) in listeners.iter().enumerate() {
-            let listener =
-                bind(l, limits, i, &self.refusals).with_context(|| format!("listener {}", l.bind))?;
+            let listener = bind(l, limits, i, &self.refusals, &self.held)
+                .with_context(|| format!("listener {}", l.bind))?;
             local_addrs.push(listener.local_addr().map_err(|e| anyhow!("{e}"))?);
             server = server.listener_by_id(listener, i as u16);
         }
@@ -162,6 +173,7 @@ fn bind(
     limits: &Limits,
     index: usize,
     refusals: &Refusals,
+    held: &Arc<SharedBudget>,
 ) -> anyhow::Result<rmqtt::net::Listener> {
     // Connections closed before their CONNECT was read (our patch of rmqtt-net, vendor/README.md) are
     // refusals like the guard's: counted, and logged with the peer.
@@ -186,6 +198,9 @@ fn bind(
         // reading holds at most this much; forwards beyond it are dropped (src/broker/slow.rs).
         .max_queued_bytes(limits.max_queued_bytes)
         .max_inflight_bytes(limits.max_inflight_bytes)
+        // And all subscribers together: while it is spent, forwards to a subscriber with something
+        // already queued are dropped ("memory budget"), one that keeps up is still served.
+        .shared_budget(held.clone())
         // A socket that takes no data for this long is closed (a refusal "slow consumer").
         .send_timeout(slow::WRITE_TIMEOUT)
         .max_subscriptions(limits.max_subscriptions)

@@ -30,6 +30,8 @@ pub mod reason {
     pub const SLOW_CONSUMER: &str = "slow consumer";
     /// Over the subscriber's `max_queued_messages`.
     pub const QUEUE_FULL: &str = "subscriber queue full";
+    /// All subscribers together at `max_total_queued_bytes`.
+    pub const MEMORY_BUDGET: &str = "memory budget";
 }
 
 /// Registers the handler on a broker's hook register (before it starts).
@@ -54,6 +56,7 @@ struct SlowConsumerHandler {
 fn drop_reason(reason: &Reason) -> Option<&'static str> {
     match reason {
         Reason::Error(s) if &**s == rmqtt::types::SLOW_CONSUMER => Some(reason::SLOW_CONSUMER),
+        Reason::Error(s) if &**s == rmqtt::types::MEMORY_BUDGET => Some(reason::MEMORY_BUDGET),
         Reason::MessageQueueFull => Some(reason::QUEUE_FULL),
         _ => None,
     }

@@ -162,6 +162,10 @@ pub struct LimitsFile {
     /// Bytes of QoS 1/2 messages sent to one subscriber and not yet acknowledged, at most.
     #[serde(default = "default_max_inflight_bytes")]
     pub max_inflight_bytes: usize,
+    /// Bytes held for all subscribers together (queued or in flight), at most: forwards to a
+    /// subscriber with something already queued are dropped while it is spent.
+    #[serde(default = "default_max_total_queued_bytes")]
+    pub max_total_queued_bytes: usize,
     #[serde(default = "default_max_subscriptions")]
     pub max_subscriptions: usize,
     #[serde(default = "default_handshake_timeout_s")]
@@ -199,6 +203,7 @@ impl Default for LimitsFile {
             max_queued_messages: default_max_queued_messages(),
             max_queued_bytes: default_max_queued_bytes(),
             max_inflight_bytes: default_max_inflight_bytes(),
+            max_total_queued_bytes: default_max_total_queued_bytes(),
             max_subscriptions: default_max_subscriptions(),
             handshake_timeout_s: default_handshake_timeout_s(),
             max_connections_per_address: default_max_connections_per_address(),
@@ -237,6 +242,12 @@ pub fn default_max_queued_bytes() -> usize {
 /// 1 MiB: like `max_queued_bytes`, for messages sent and not yet acknowledged.
 pub fn default_max_inflight_bytes() -> usize {
     1024 * 1024
+}
+/// 64 MiB: a quarter of the unit's `MemoryMax=256M` for every subscriber's queued and in-flight
+/// messages together, however many subscribers fall behind at once (the per-subscriber budgets
+/// alone allow 2 MiB each: 128 subscribers would reach 256 MiB).
+pub fn default_max_total_queued_bytes() -> usize {
+    64 * 1024 * 1024
 }
 pub fn default_max_subscriptions() -> usize {
     100

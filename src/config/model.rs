@@ -98,6 +98,8 @@ pub struct Limits {
     pub max_queued_bytes: usize,
     /// Bytes sent to one subscriber and not yet acknowledged, at most.
     pub max_inflight_bytes: usize,
+    /// Bytes held for all subscribers together (queued or in flight), at most.
+    pub max_total_queued_bytes: usize,
     pub max_subscriptions: usize,
     pub handshake_timeout: Duration,
     /// Sessions per peer address and listener at most, connected or kept offline (0: no limit); the
@@ -124,6 +126,7 @@ impl From<&super::file::LimitsFile> for Limits {
             max_queued_messages: f.max_queued_messages,
             max_queued_bytes: f.max_queued_bytes,
             max_inflight_bytes: f.max_inflight_bytes,
+            max_total_queued_bytes: f.max_total_queued_bytes,
             max_subscriptions: f.max_subscriptions,
             handshake_timeout: std::time::Duration::from_secs(f.handshake_timeout_s),
             max_connections_per_address: f.max_connections_per_address,

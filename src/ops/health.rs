@@ -45,6 +45,8 @@ pub struct Snapshot {
     /// How long the current uplink session has been up (since its MQTT handshake).
     pub handshake_age: Option<Duration>,
     pub devices: isize,
+    /// Bytes held for device subscribers, queued or in flight, all together.
+    pub subscriber_bytes: usize,
     pub outbox_depth: usize,
     pub outbox_bytes: u64,
     pub qos0_depth: usize,
@@ -149,6 +151,7 @@ impl StateReader {
             uplink,
             handshake_age,
             devices,
+            subscriber_bytes: self.broker.subscriber_bytes(),
             outbox_depth: self.outbox.depth(),
             outbox_bytes: self.outbox.bytes(),
             qos0_depth: self.outbox.qos0_depth(),
@@ -245,6 +248,11 @@ impl Snapshot {
             &[("", self.devices as f64)],
         );
         gauge(
+            "mqtt_uplink_subscriber_bytes",
+            "Bytes held for device subscribers (queued or in flight), against [limits] max_total_queued_bytes",
+            &[("", self.subscriber_bytes as f64)],
+        );
+        gauge(
             "mqtt_uplink_outbox_depth",
             "QoS 1 messages waiting for the cloud",
             &[("", self.outbox_depth as f64)],
@@ -339,6 +347,7 @@ mod tests {
             uplink: UplinkState::Connected { transport: "ssh" },
             handshake_age: Some(Duration::from_secs(3)),
             devices: 2,
+            subscriber_bytes: 0,
             outbox_depth: 0,
             outbox_bytes: 0,
             qos0_depth: 0,

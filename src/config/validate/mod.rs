@@ -555,6 +555,9 @@ fn limits(ctx: &mut Ctx<'_>, f: LimitsFile) -> Limits {
     if f.max_inflight_bytes == 0 {
         ctx.error("limits.max_inflight_bytes", "must be at least 1");
     }
+    if f.max_total_queued_bytes == 0 {
+        ctx.error("limits.max_total_queued_bytes", "must be at least 1");
+    }
     if f.handshake_timeout_s == 0 {
         ctx.error("limits.handshake_timeout_s", "must be at least 1");
     }

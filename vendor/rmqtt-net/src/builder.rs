@@ -125,6 +125,9 @@ pub struct Builder {
     /// mqtt-uplink patch: bytes (payload and topic) of QoS 1/2 messages sent to a session and not yet
     /// acknowledged, at most; the session is sent no more until acks come (0 = unlimited).
     pub max_inflight_bytes: usize,
+    /// mqtt-uplink patch: the bytes held for subscribers (queued or in flight) by every session of
+    /// the broker together, and their cap; one value shared by all of its listeners (None: no cap).
+    pub shared_budget: Option<Arc<SharedBudget>>,
     /// mqtt-uplink patch: called whenever a connection is closed before its CONNECT was read.
     pub on_handshake_refused: crate::stream::HandshakeRefusedHook,
     /// Rate limiting for message delivery (messages per duration)
@@ -229,6 +232,7 @@ impl Builder {
             // mqtt-uplink patch: unlimited, as before.
             max_queued_bytes: 0,
             max_inflight_bytes: 0,
+            shared_budget: None,
             on_handshake_refused: crate::stream::HandshakeRefusedHook::default(),
 
             mqueue_rate_limit: (nonzero!(u32::MAX), Duration::from_secs(1)),
@@ -397,6 +401,13 @@ impl Builder {
     /// mqtt-uplink patch: sets the per-session budget of unacknowledged bytes (0 = unlimited)
     pub fn max_inflight_bytes(mut self, max_inflight_bytes: usize) -> Self {
         self.max_inflight_bytes = max_inflight_bytes;
+        self
+    }
+
+    /// mqtt-uplink patch: sets the budget shared by every session of the broker (give each of its
+    /// listeners the same `Arc`).
+    pub fn shared_budget(mut self, budget: Arc<SharedBudget>) -> Self {
+        self.shared_budget = Some(budget);
         self
     }
 
@@ -1135,4 +1146,67 @@ fn read_ca_certs(cert_file: &str) -> Result<Vec<CertificateDer<'static>>> {
         .map_err(|e| anyhow!(e))?
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| anyhow!(e))
+}
+
+/// mqtt-uplink patch: bytes (payload and topic) held for subscribers by all the sessions of one
+/// broker together: messages routed to a session and not yet taken from its deliver queue, plus
+/// messages sent and not yet acknowledged. The per-session budgets (`max_queued_bytes`,
+/// `max_inflight_bytes`) bound one subscriber; this bounds them all, so that many slow subscribers
+/// together cannot take the process past its memory cap. rmqtt (patched) adds to it where it adds to
+/// a session's own counts and takes away exactly what it takes from them, including what a session
+/// still holds when it ends, so it is always the sum of the live sessions' counts.
+#[derive(Debug, Default)]
+pub struct SharedBudget {
+    held: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl SharedBudget {
+    /// A budget of `max` bytes (0 = unlimited: only counted).
+    pub fn new(max: usize) -> Self {
+        SharedBudget { held: std::sync::atomic::AtomicUsize::new(0), max }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The cap (0 = unlimited).
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Whether anything more may be held.
+    pub fn has_room(&self) -> bool {
+        self.max == 0 || self.held() < self.max
+    }
+
+    /// Adds `n` bytes if they fit under the cap; with `first` (the session holds nothing queued:
+    /// a subscriber that keeps up) if they fit under twice the cap, so that subscribers that keep
+    /// up are still served while slow ones hold the budget, and the total stays bounded whatever
+    /// the number of sessions. Whether they were added.
+    pub fn try_add(&self, n: usize, first: bool) -> bool {
+        use std::sync::atomic::Ordering;
+        let prev = self.held.fetch_add(n, Ordering::AcqRel);
+        let cap = if first { self.max.saturating_mul(2) } else { self.max };
+        if self.max == 0 || prev + n <= cap {
+            true
+        } else {
+            self.sub(n);
+            false
+        }
+    }
+
+    /// Adds `n` bytes whatever the cap (bytes that moved from a session's queue into its in-flight
+    /// window, already admitted once).
+    pub fn add(&self, n: usize) {
+        self.held.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Takes `n` bytes away (saturating).
+    pub fn sub(&self, n: usize) {
+        use std::sync::atomic::Ordering;
+        let _ = self.held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| Some(h.saturating_sub(n)));
+    }
 }

@@ -40,7 +40,8 @@ mod ws;
 pub use quic::QuinnBiStream;
 
 /// Server configuration and listener management
-pub use builder::{Builder, Listener, ListenerType};
+// mqtt-uplink patch: `SharedBudget`.
+pub use builder::{Builder, Listener, ListenerType, SharedBudget};
 
 /// Trait for extracting TLS certificate information from client connections
 pub use cert_extractor::TlsCertExtractor;

@@ -122,6 +122,49 @@ impl OutInflightMessage {
     }
 }
 
+/// mqtt-uplink patch: the bytes a window counts in the broker's `SharedBudget`, given back when the
+/// window goes. A clone of the window (a snapshot) counts nothing, so nothing is given back twice.
+#[derive(Default)]
+struct InflightShare {
+    shared: Option<Arc<rmqtt_net::SharedBudget>>,
+    counted: usize,
+}
+
+impl InflightShare {
+    fn add(&mut self, n: usize) {
+        if let Some(shared) = &self.shared {
+            shared.add(n);
+            self.counted += n;
+        }
+    }
+
+    fn sub(&mut self, n: usize) {
+        if let Some(shared) = &self.shared {
+            let n = self.counted.min(n);
+            self.counted -= n;
+            shared.sub(n);
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.shared.as_ref().is_none_or(|s| s.has_room())
+    }
+}
+
+impl Clone for InflightShare {
+    fn clone(&self) -> Self {
+        InflightShare::default()
+    }
+}
+
+impl Drop for InflightShare {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.shared {
+            shared.sub(self.counted);
+        }
+    }
+}
+
 /// Manages outbound inflight messages for QoS 1 and QoS 2 delivery.
 ///
 /// Provides packet ID generation, retransmission tracking via
@@ -144,6 +187,8 @@ pub struct OutInflight {
     // mqtt-uplink patch: bytes of the messages in the window (`publish_bytes`), and their budget.
     bytes: usize,
     max_bytes: usize,
+    // mqtt-uplink patch: the window's bytes, mirrored in the broker's shared budget.
+    share: InflightShare,
     interval: TimestampMillis,
     next: Arc<AtomicU16>,
     queues: OutQueues,
@@ -166,6 +211,7 @@ impl OutInflight {
             cap,
             bytes: 0,
             max_bytes: 0,
+            share: InflightShare::default(),
             interval,
             next: Arc::new(AtomicU16::new(1)),
             queues: OutQueues::default(),
@@ -186,6 +232,29 @@ impl OutInflight {
     #[inline]
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// mqtt-uplink patch: counts the window's bytes in the broker's shared budget too, and closes
+    /// the window (but for one message) while that budget is spent.
+    #[inline]
+    pub fn shared_budget(mut self, shared: Option<Arc<rmqtt_net::SharedBudget>>) -> Self {
+        self.share = InflightShare { shared, counted: 0 };
+        self
+    }
+
+    /// mqtt-uplink patch: `n` bytes came into the window.
+    #[inline]
+    fn add_bytes(&mut self, n: usize) {
+        self.bytes += n;
+        self.share.add(n);
+    }
+
+    /// mqtt-uplink patch: `n` bytes left the window (saturating).
+    #[inline]
+    fn sub_bytes(&mut self, n: usize) {
+        let n = self.bytes.min(n);
+        self.bytes -= n;
+        self.share.sub(n);
     }
 
     /// Register a callback invoked when a message is pushed to the inflight queue.
@@ -264,7 +333,7 @@ impl OutInflight {
     pub fn pop_front(&mut self) -> Option<OutInflightMessage> {
         if let Some(msg) = self.queues.pop_front().map(|(_, m)| m) {
             // mqtt-uplink patch
-            self.bytes = self.bytes.saturating_sub(publish_bytes(&msg.publish));
+            self.sub_bytes(publish_bytes(&msg.publish));
             if let Some(f) = self.on_pop_fn.as_ref() {
                 f();
             }
@@ -290,10 +359,10 @@ impl OutInflight {
                 f();
             }
             // mqtt-uplink patch
-            self.bytes += publish_bytes(&m.publish);
+            self.add_bytes(publish_bytes(&m.publish));
             let old = self.queues.insert(packet_id.get(), m);
             if let Some(old) = &old {
-                self.bytes = self.bytes.saturating_sub(publish_bytes(&old.publish));
+                self.sub_bytes(publish_bytes(&old.publish));
             }
             if old.is_some() {
                 if let Some(f) = self.on_pop_fn.as_ref() {
@@ -311,7 +380,7 @@ impl OutInflight {
     pub fn remove(&mut self, packet_id: &PacketId) -> Option<OutInflightMessage> {
         if let Some(msg) = self.queues.remove(packet_id) {
             // mqtt-uplink patch
-            self.bytes = self.bytes.saturating_sub(publish_bytes(&msg.publish));
+            self.sub_bytes(publish_bytes(&msg.publish));
             if let Some(f) = self.on_pop_fn.as_ref() {
                 f();
             }
@@ -345,9 +414,9 @@ impl OutInflight {
 
     #[inline]
     pub fn has_credit(&self) -> bool {
-        // mqtt-uplink patch: and within the byte budget.
+        // mqtt-uplink patch: and within the byte budgets (the session's and the broker's).
         (self.cap - self.queues.len()) > 0
-            && (self.max_bytes == 0 || self.queues.is_empty() || self.bytes < self.max_bytes)
+            && (self.queues.is_empty() || ((self.max_bytes == 0 || self.bytes < self.max_bytes) && self.share.has_room()))
     }
 
     #[inline]

@@ -202,8 +202,9 @@ impl SessionState {
             #[cfg(feature = "debug")]
             session.scx.clone(),
         )
-        // mqtt-uplink patch: the session's budget of queued bytes.
-        .max_queued_bytes(session.listen_cfg().max_queued_bytes);
+        // mqtt-uplink patch: the session's budget of queued bytes, and the broker's shared one.
+        .max_queued_bytes(session.listen_cfg().max_queued_bytes)
+        .shared_budget(session.listen_cfg().shared_budget.clone());
         let scx = session.scx.clone();
         let max_inflight = session.listen_cfg().max_inflight;
         Self {
@@ -2384,8 +2385,9 @@ impl Session {
         }
 
         let out_inflight = OutInflight::new(max_inflight, message_retry_interval, message_expiry_interval)
-            // mqtt-uplink patch: the window's byte budget.
-            .max_bytes(listen_cfg.max_inflight_bytes);
+            // mqtt-uplink patch: the window's byte budget, and the broker's shared one.
+            .max_bytes(listen_cfg.max_inflight_bytes)
+            .shared_budget(listen_cfg.shared_budget.clone());
         #[cfg(feature = "stats")]
         let out_inflight = {
             let scx1 = scx.clone();

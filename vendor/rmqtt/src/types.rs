@@ -128,12 +128,31 @@ pub struct SessionTx {
     tx: futures::channel::mpsc::UnboundedSender<Message>,
     // mqtt-uplink patch: bytes of the messages forwarded to this session and not yet taken out of its
     // deliver queue (in the channel or in the queue), shared by every clone, and its budget.
-    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    queued: Arc<QueuedBytes>,
     max_queued_bytes: usize,
+}
+
+/// mqtt-uplink patch: a session's queued bytes, mirrored in the broker's `SharedBudget`; what is
+/// still counted when the last `SessionTx` clone goes is taken from the shared budget.
+#[derive(Default)]
+struct QueuedBytes {
+    bytes: std::sync::atomic::AtomicUsize,
+    shared: Option<Arc<rmqtt_net::SharedBudget>>,
+}
+
+impl Drop for QueuedBytes {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.shared {
+            shared.sub(*self.bytes.get_mut());
+        }
+    }
 }
 
 /// mqtt-uplink patch: the reason a forward is refused for a session over its `max_queued_bytes`.
 pub const SLOW_CONSUMER: &str = "slow consumer";
+
+/// mqtt-uplink patch: the reason a forward is refused when the broker's `SharedBudget` is spent.
+pub const MEMORY_BUDGET: &str = "memory budget";
 
 /// mqtt-uplink patch: the size a message counts for in the byte budgets (payload and topic).
 #[inline]
@@ -150,9 +169,16 @@ impl SessionTx {
             tx,
             #[cfg(feature = "debug")]
             scx,
-            queued_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            queued: Arc::new(QueuedBytes::default()),
             max_queued_bytes: 0,
         }
+    }
+
+    /// mqtt-uplink patch: counts this session's queued bytes in the broker's shared budget too (call
+    /// before the first forward; `None` leaves it uncounted).
+    pub fn shared_budget(mut self, shared: Option<Arc<rmqtt_net::SharedBudget>>) -> Self {
+        self.queued = Arc::new(QueuedBytes { bytes: Default::default(), shared });
+        self
     }
 
     /// mqtt-uplink patch: sets the budget of queued bytes (0 = unlimited).
@@ -174,14 +200,17 @@ impl SessionTx {
     /// mqtt-uplink patch: bytes forwarded to this session and not yet taken out of its deliver queue.
     #[inline]
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes.load(std::sync::atomic::Ordering::Relaxed)
+        self.queued.bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// mqtt-uplink patch: forwards a message to the session within its byte budget. A session with
     /// nothing queued always takes one message (a budget below the packet size cannot starve it); one
-    /// over budget is refused with [`SLOW_CONSUMER`], the message handed back. Every forward of a
-    /// message to a session goes through here, and each byte counted here is released once (taken out
-    /// of the deliver queue, or dropped from it), so the count cannot drift upward.
+    /// over budget is refused with [`SLOW_CONSUMER`], the message handed back. A forward is refused
+    /// with [`MEMORY_BUDGET`] when the broker's shared budget is spent (for a session with nothing
+    /// queued: when twice the budget is, so a subscriber that keeps up is still served while slow
+    /// ones hold the budget). Every forward of a message to a session goes through here, and each
+    /// byte counted here is released once (taken out of the deliver queue, or dropped from it), so
+    /// the count cannot drift upward.
     pub fn forward(&self, from: From, p: Publish) -> std::result::Result<(), (From, Publish, Reason)> {
         self.forward_within(from, p, self.max_queued_bytes)
     }
@@ -209,10 +238,16 @@ impl SessionTx {
     ) -> std::result::Result<(), (From, Publish, Reason)> {
         use std::sync::atomic::Ordering;
         let n = publish_bytes(&p);
-        let prev = self.queued_bytes.fetch_add(n, Ordering::AcqRel);
+        let prev = self.queued.bytes.fetch_add(n, Ordering::AcqRel);
         if budget > 0 && prev > 0 && prev + n > budget {
-            self.release(n);
+            self.unqueue(n);
             return Err((from, p, Reason::from_static(SLOW_CONSUMER)));
+        }
+        if let Some(shared) = &self.queued.shared {
+            if !shared.try_add(n, prev == 0) {
+                self.unqueue(n);
+                return Err((from, p, Reason::from_static(MEMORY_BUDGET)));
+            }
         }
         match self.unbounded_send(Message::Forward(from, p)) {
             Ok(()) => Ok(()),
@@ -230,10 +265,19 @@ impl SessionTx {
     /// over from a previous one were never counted on this one).
     #[inline]
     pub fn release(&self, n: usize) {
+        let taken = self.unqueue(n);
+        if let Some(shared) = &self.queued.shared {
+            shared.sub(taken);
+        }
+    }
+
+    /// mqtt-uplink patch: takes up to `n` bytes from the session's own count; what it took.
+    #[inline]
+    fn unqueue(&self, n: usize) -> usize {
         use std::sync::atomic::Ordering;
-        let _ = self
-            .queued_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| Some(q.saturating_sub(n)));
+        match self.queued.bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| Some(q.saturating_sub(n))) {
+            Ok(prev) | Err(prev) => prev.min(n),
+        }
     }
 
     #[inline]
