@@ -15,8 +15,9 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use support::appliance::{received, ChildApp, Publisher};
-use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
-use support::{free_port, mosquitto_passwd, tempdir, write_secret, App};
+use support::cloud::{Cloud, Sub};
+use support::site::{ssh_tunnel, wg_hub, wireguard_section, Site, Uplink};
+use support::{free_port, tempdir, App};
 
 const T: Duration = Duration::from_secs(30);
 const DEV_PW: &str = "dev1-Passw0rd-long";
@@ -24,61 +25,22 @@ const DEV_PW: &str = "dev1-Passw0rd-long";
 const LOCAL: &str = "sensors/seq";
 const REMOTE: &str = "sites/plant-7/sensors/seq";
 
-fn site_files(dir: &Path) {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-    std::fs::write(
-        dir.join("acl"),
-        "user dev1\ntopic readwrite sensors/#\ntopic read control/#\ntopic readwrite probe/#\n",
-    )
-    .unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-}
-
-/// The appliance's config: device listener on `listen`, uplink to `broker_port` over `transports`.
-fn config(listen: u16, broker_port: u16, transports: &str, extra: &str) -> String {
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:{listen}"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[uplink]
-broker = "mqtts://localhost:{broker_port}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-transports = {transports}
-keepalive_s = 5
-connect_timeout_s = 5
-backoff_min_ms = 200
-backoff_max_ms = 1000
-health_interval_s = 1
-health_timeout_ms = 1000
-probe_interval_s = 1
-return_after_s = 2
-
-{extra}
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-
-[[map]]
-direction = "in"
-topic = "cmd/#"
-local_prefix = "control/"
-remote_prefix = "sites/plant-7/"
-"#
-    )
+/// The appliance's config, device `dev1`'s password and ACL and the uplink password written into
+/// `dir`: device listener on `listen`, uplink to `broker_port` over `transports`.
+fn site(dir: &Path, listen: u16, broker_port: u16, transports: &[&str]) -> Site {
+    Site::new(dir)
+        .listener(listen)
+        .user("dev1", DEV_PW)
+        .acl("user dev1\ntopic readwrite sensors/#\ntopic read control/#\ntopic readwrite probe/#\n")
+        .uplink(
+            Uplink::port(broker_port)
+                .transports(transports)
+                .quick()
+                .health()
+                .failover(),
+        )
+        .map_out("sensors/#", "sites/plant-7/")
+        .map_in("cmd/#", "control/", "sites/plant-7/")
 }
 
 /// Makes the cloud save its sessions every second, and restarts it with that.
@@ -132,9 +94,12 @@ async fn qos1_at_1000_per_s_survives_a_10s_cloud_sigkill() {
     let dir = tempdir();
     let mut cloud = Cloud::start(dir.path());
     autosave(&mut cloud);
-    site_files(dir.path());
     let port = free_port();
-    let app = ChildApp::start(dir.path(), &config(port, cloud.port, "[\"tls\"]", ""), port);
+    let app = ChildApp::start(
+        dir.path(),
+        &site(dir.path(), port, cloud.port, &["tls"]).toml(),
+        port,
+    );
     assert!(wait_log(&app, "uplink connected", T).await, "{}", app.log());
     let mut sub = accounting_sub(&cloud, "acct-outage").await;
 
@@ -167,10 +132,13 @@ async fn ten_thousand_acked_while_cloud_down_survive_an_appliance_sigkill() {
     let dir = tempdir();
     let mut cloud = Cloud::start(dir.path());
     autosave(&mut cloud);
-    site_files(dir.path());
     let mut sub = accounting_sub(&cloud, "acct-crash").await;
     let port = free_port();
-    let mut app = ChildApp::start(dir.path(), &config(port, cloud.port, "[\"tls\"]", ""), port);
+    let mut app = ChildApp::start(
+        dir.path(),
+        &site(dir.path(), port, cloud.port, &["tls"]).toml(),
+        port,
+    );
     assert!(wait_log(&app, "uplink connected", T).await, "{}", app.log());
     cloud.kill();
 
@@ -202,10 +170,13 @@ async fn appliance_sigkilled_at_random_points_of_a_burst_loses_nothing() {
     let dir = tempdir();
     let mut cloud = Cloud::start(dir.path());
     autosave(&mut cloud);
-    site_files(dir.path());
     let mut sub = accounting_sub(&cloud, "acct-kills").await;
     let port = free_port();
-    let mut app = ChildApp::start(dir.path(), &config(port, cloud.port, "[\"tls\"]", ""), port);
+    let mut app = ChildApp::start(
+        dir.path(),
+        &site(dir.path(), port, cloud.port, &["tls"]).toml(),
+        port,
+    );
     assert!(wait_log(&app, "uplink connected", T).await, "{}", app.log());
 
     let total = 16_000;
@@ -247,10 +218,13 @@ async fn reject_new_refuses_with_0x97_or_no_puback_and_counts_every_refusal() {
     use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason};
     use rumqttc::v5::{Event as E5, MqttOptions as O5};
     let dir = tempdir();
-    site_files(dir.path());
     let cloud = Cloud::start(dir.path()); // for the CA only; the uplink points at a closed port
     let extra = "[outbox]\nmax_bytes = 65536\nmax_bytes_per_user = 65536\non_full = \"reject-new\"\n";
-    let app = App::start(dir.path(), &config(0, free_port(), "[\"tls\"]", extra)).await;
+    let app = App::start(
+        dir.path(),
+        &site(dir.path(), 0, free_port(), &["tls"]).section(extra).toml(),
+    )
+    .await;
     drop(cloud);
     let before = dropped_metric(&app.counters, mqtt_uplink::outbox::reason::REJECT_NEW);
 
@@ -323,11 +297,14 @@ async fn drop_oldest_counts_every_drop_and_delivers_the_newest() {
     let dir = tempdir();
     let mut cloud = Cloud::start(dir.path());
     autosave(&mut cloud);
-    site_files(dir.path());
     let mut sub = accounting_sub(&cloud, "acct-drop").await;
     cloud.kill();
     let extra = "[outbox]\nmax_bytes = 65536\nmax_bytes_per_user = 65536\non_full = \"drop-oldest\"\n";
-    let app = App::start(dir.path(), &config(0, cloud.port, "[\"tls\"]", extra)).await;
+    let app = App::start(
+        dir.path(),
+        &site(dir.path(), 0, cloud.port, &["tls"]).section(extra).toml(),
+    )
+    .await;
     let before = dropped_metric(&app.counters, mqtt_uplink::outbox::reason::DROP_OLDEST);
 
     let mut opts = rumqttc::MqttOptions::new("dev1-drop", "127.0.0.1", app.port());
@@ -436,31 +413,16 @@ fn device_sub(port: u16, filter: &str) -> Sub {
     panic!("device subscriber never became ready");
 }
 
-fn ssh_section(dir: &Path, forward_to: &str) -> (support::sshd::Sshd, String) {
-    let keydir = dir.join("ssh");
-    let line = mqtt_uplink::transport::ssh::keygen(&keydir, forward_to).unwrap();
-    let sshd = support::sshd::Sshd::builder().authorized_key(line).start();
-    std::fs::write(
-        keydir.join("known_hosts"),
-        format!("{}\n", sshd.host_key_known_hosts_line()),
-    )
-    .unwrap();
-    let section = format!(
-        "[uplink.ssh]\nserver = \"127.0.0.1:{}\"\nuser = \"{}\"\nkey_file = \"ssh/id_ed25519\"\n\
-         known_hosts = \"ssh/known_hosts\"\nforward_to = \"{forward_to}\"\nkeepalive_interval_s = 1\nkeepalive_max = 2\n",
-        sshd.port(),
-        sshd.user(),
-    );
-    (sshd, section)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_command_sent_while_the_tunnel_was_down_arrives_when_it_returns() {
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
-    let (mut sshd, section) = ssh_section(dir.path(), &format!("127.0.0.1:{}", cloud.port));
-    let app = App::start(dir.path(), &config(0, cloud.port, "[\"ssh\"]", &section)).await;
+    let (mut sshd, section) = ssh_tunnel(dir.path(), &format!("127.0.0.1:{}", cloud.port));
+    let app = App::start(
+        dir.path(),
+        &site(dir.path(), 0, cloud.port, &["ssh"]).section(&section).toml(),
+    )
+    .await;
     assert!(app.wait_connected(T).await, "{}", sshd.log());
     let mut down = device_sub(app.port(), "control/#");
 
@@ -479,14 +441,8 @@ async fn cloud_command_sent_while_the_tunnel_was_down_arrives_when_it_returns() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wireguard_cut_fails_over_to_ssh_without_loss_and_returns() {
-    use support::wgpeer::WgPeer;
     let dir = tempdir();
-    site_files(dir.path());
-    let wgdir = dir.path().join("wg");
-    std::fs::create_dir_all(&wgdir).unwrap();
-    mqtt_uplink::transport::wireguard::keygen(&wgdir, None).unwrap();
-    let our_pub = std::fs::read_to_string(wgdir.join("public.key")).unwrap();
-    let Some(mut peer) = WgPeer::builder(our_pub.trim()).start() else {
+    let Some(mut peer) = wg_hub(dir.path()) else {
         return;
     };
     // The cloud listens on every address of the hub's namespace: its tunnel address (WireGuard) and
@@ -495,20 +451,14 @@ async fn wireguard_cut_fails_over_to_ssh_without_loss_and_returns() {
     autosave(&mut cloud);
     cloud.host = "127.0.0.1".into();
     let veth = peer.endpoint().split(':').next().unwrap().to_string();
-    let (_sshd, ssh) = ssh_section(dir.path(), &format!("{veth}:{}", cloud.port));
-    let wg = format!(
-        "[uplink.wireguard]\nprivate_key_file = \"wg/private.key\"\npeer_public_key = \"{}\"\nendpoint = \"{}\"\n\
-         address = \"{}\"\nbroker = \"{}:{}\"\npersistent_keepalive_s = 1\n",
-        peer.peer_public_key(),
-        peer.endpoint(),
-        peer.our_address(),
-        peer.tunnel_ip(),
-        cloud.port
-    );
-    let section = format!("{wg}\n{ssh}");
+    let (_sshd, ssh) = ssh_tunnel(dir.path(), &format!("{veth}:{}", cloud.port));
+    let wg = wireguard_section(&peer, &format!("{}:{}", peer.tunnel_ip(), cloud.port));
     let app = App::start(
         dir.path(),
-        &config(0, cloud.port, "[\"wireguard\", \"ssh\"]", &section),
+        &site(dir.path(), 0, cloud.port, &["wireguard", "ssh"])
+            .section(&wg)
+            .section(&ssh)
+            .toml(),
     )
     .await;
     let on = |t: &'static str| {

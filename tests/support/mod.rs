@@ -13,6 +13,7 @@ pub mod device;
 pub mod front;
 pub mod proxy;
 pub mod raw;
+pub mod site;
 pub mod sshd;
 pub mod v5;
 pub mod wgpeer;
