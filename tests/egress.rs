@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use mqtt_uplink::transport::proxy::{ProxyConfig, ProxyError};
 use mqtt_uplink::transport::Transport;
-use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::cloud::{Cloud, Sub};
 use support::device::Device;
 use support::proxy::{Tinyproxy, PROXY_PASSWORD, PROXY_USER};
-use support::{mosquitto_passwd, tempdir, write_secret, App};
+use support::site::{ssh_bastion, ssh_section, Site, Uplink};
+use support::{tempdir, write_secret, App};
 
 const T: Duration = Duration::from_secs(30);
 const DEV_PW: &str = "dev1-Passw0rd-long";
@@ -30,61 +31,21 @@ fn peers(test: &str, websockets: bool) -> bool {
     true
 }
 
-fn site_files(dir: &Path) {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-    std::fs::write(
-        dir.join("acl"),
-        "user dev1\ntopic readwrite sensors/#\ntopic read control/#\ntopic readwrite probe/#\n",
-    )
-    .unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
+/// The appliance's config, device `dev1`'s password and ACL and the uplink password written into
+/// `dir`: device listener on `listen`, uplink to `cloud_port` over `transports`.
+fn site(dir: &Path, listen: u16, cloud_port: u16, transports: &[&str]) -> Site {
+    Site::new(dir)
+        .listener(listen)
+        .user("dev1", DEV_PW)
+        .acl("user dev1\ntopic readwrite sensors/#\ntopic read control/#\ntopic readwrite probe/#\n")
+        .uplink(Uplink::port(cloud_port).transports(transports).quick())
+        .map_out("sensors/#", "sites/plant-7/")
+        .map_in("cmd/#", "control/", "sites/plant-7/")
+}
+
+/// `[uplink.proxy]` through `proxy`, its password written to `dir/proxy.password`.
+fn proxy_section(dir: &Path, proxy: &Tinyproxy) -> String {
     write_secret(&dir.join("proxy.password"), &format!("{PROXY_PASSWORD}\n"));
-}
-
-/// The appliance's config: `transports` and the sections they need (`extra`).
-fn config(cloud_port: u16, transports: &str, extra: &str) -> String {
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[uplink]
-broker = "mqtts://localhost:{cloud_port}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-transports = {transports}
-keepalive_s = 5
-connect_timeout_s = 5
-backoff_min_ms = 200
-backoff_max_ms = 1000
-
-{extra}
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-
-[[map]]
-direction = "in"
-topic = "cmd/#"
-local_prefix = "control/"
-remote_prefix = "sites/plant-7/"
-"#
-    )
-}
-
-fn proxy_section(proxy: &Tinyproxy) -> String {
     format!(
         "[uplink.proxy]\nurl = \"{}\"\nusername = \"{PROXY_USER}\"\npassword_file = \"proxy.password\"\n",
         proxy.url()
@@ -140,10 +101,11 @@ async fn websocket_carries_the_whole_bridge_both_ways() {
     }
     let dir = tempdir();
     let cloud = Cloud::start_with_websockets(dir.path());
-    site_files(dir.path());
     let app = App::start(
         dir.path(),
-        &config(cloud.port, "[\"websocket\"]", &ws_section(&cloud)),
+        &site(dir.path(), 0, cloud.port, &["websocket"])
+            .section(&ws_section(&cloud))
+            .toml(),
     )
     .await;
     assert!(
@@ -165,9 +127,14 @@ async fn websocket_through_the_proxy_carries_the_whole_bridge() {
     let ws_port = cloud.ws_port.unwrap();
     // The proxy lets CONNECT through to the websockets port only.
     let proxy = Tinyproxy::start(dir.path(), &[ws_port], true);
-    site_files(dir.path());
-    let extra = format!("{}\n{}", ws_section(&cloud), proxy_section(&proxy));
-    let app = App::start(dir.path(), &config(cloud.port, "[\"websocket\"]", &extra)).await;
+    let extra = format!("{}\n{}", ws_section(&cloud), proxy_section(dir.path(), &proxy));
+    let app = App::start(
+        dir.path(),
+        &site(dir.path(), 0, cloud.port, &["websocket"])
+            .section(&extra)
+            .toml(),
+    )
+    .await;
     assert!(
         app.wait_connected(T).await,
         "the websocket uplink never connected through the proxy:\n{}",
@@ -191,10 +158,11 @@ async fn tls_through_the_proxy_carries_the_whole_bridge() {
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
     let proxy = Tinyproxy::start(dir.path(), &[cloud.port], true);
-    site_files(dir.path());
     let app = App::start(
         dir.path(),
-        &config(cloud.port, "[\"tls\"]", &proxy_section(&proxy)),
+        &site(dir.path(), 0, cloud.port, &["tls"])
+            .section(&proxy_section(dir.path(), &proxy))
+            .toml(),
     )
     .await;
     assert!(
@@ -219,26 +187,20 @@ async fn ssh_through_the_proxy_carries_the_whole_bridge() {
     }
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
-    let keydir = dir.path().join("ssh");
-    let line = mqtt_uplink::transport::ssh::keygen(&keydir, &format!("127.0.0.1:{}", cloud.port)).unwrap();
-    let sshd = support::sshd::Sshd::builder().authorized_key(line).start();
-    std::fs::write(
-        keydir.join("known_hosts"),
-        format!("{}\n", sshd.host_key_known_hosts_line()),
-    )
-    .unwrap();
+    let forward_to = format!("127.0.0.1:{}", cloud.port);
+    let sshd = ssh_bastion(dir.path(), &forward_to);
     // The proxy lets CONNECT through to the bastion only; the broker is reached from the bastion.
     let proxy = Tinyproxy::start(dir.path(), &[sshd.port()], true);
     let extra = format!(
-        "[uplink.ssh]\nserver = \"127.0.0.1:{}\"\nuser = \"{}\"\nkey_file = \"ssh/id_ed25519\"\n\
-         known_hosts = \"ssh/known_hosts\"\nforward_to = \"127.0.0.1:{}\"\n\n{}",
-        sshd.port(),
-        sshd.user(),
-        cloud.port,
-        proxy_section(&proxy)
+        "{}\n{}",
+        ssh_section(&sshd, &forward_to),
+        proxy_section(dir.path(), &proxy)
     );
-    let app = App::start(dir.path(), &config(cloud.port, "[\"ssh\"]", &extra)).await;
+    let app = App::start(
+        dir.path(),
+        &site(dir.path(), 0, cloud.port, &["ssh"]).section(&extra).toml(),
+    )
+    .await;
     assert!(
         app.wait_connected(T).await,
         "the SSH uplink never connected through the proxy:\n{}\n{}",
@@ -271,9 +233,14 @@ async fn the_proxy_killed_and_restarted_mid_run_loses_nothing_acknowledged() {
     let cloud = Cloud::start_with_websockets(dir.path());
     let ws_port = cloud.ws_port.unwrap();
     let mut proxy = Tinyproxy::start(dir.path(), &[ws_port], true);
-    site_files(dir.path());
-    let extra = format!("{}\n{}", ws_section(&cloud), proxy_section(&proxy));
-    let app = App::start(dir.path(), &config(cloud.port, "[\"websocket\"]", &extra)).await;
+    let extra = format!("{}\n{}", ws_section(&cloud), proxy_section(dir.path(), &proxy));
+    let app = App::start(
+        dir.path(),
+        &site(dir.path(), 0, cloud.port, &["websocket"])
+            .section(&extra)
+            .toml(),
+    )
+    .await;
     assert!(app.wait_connected(T).await);
     let mut up = cloud.subscribe_ready("sites/plant-7/#");
     let total = 3_000u64;
@@ -393,12 +360,12 @@ async fn a_refusing_proxy_is_named_with_its_status() {
 
     // And the running appliance logs it, naming the proxy, without the password.
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
-    write_secret(&dir.path().join("proxy.password"), "Wrong-Password-9\n");
     let port = support::free_port();
-    let toml = config(cloud.port, "[\"tls\"]", &proxy_section(&proxy))
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
-        + "\n[metrics]\nbind = \"127.0.0.1:0\"\n";
+    let toml = site(dir.path(), port, cloud.port, &["tls"])
+        .section(&proxy_section(dir.path(), &proxy))
+        .metrics(0)
+        .toml();
+    write_secret(&dir.path().join("proxy.password"), "Wrong-Password-9\n");
     let app = support::appliance::ChildApp::start(dir.path(), &toml, port);
     let needle = format!("{name} refused CONNECT to localhost:{}: ", cloud.port);
     let logged = support::wait_until(T, || {
@@ -483,18 +450,14 @@ fn egress_config_is_checked_and_shown_without_the_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_that_fails_halfway_stops_what_it_started() {
     let dir = tempdir();
-    site_files(dir.path());
     support::certs::client_ca(dir.path(), "ca", "test CA");
     let port = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().port()
     };
-    let toml = config(
-        1,
-        r#"["websocket", "tls"]"#,
-        "[uplink.websocket]\nurl = \"wss://localhost:1/mqtt\"\n",
-    )
-    .replace("bind = \"127.0.0.1:0\"", &format!("bind = \"127.0.0.1:{port}\""));
+    let toml = site(dir.path(), port, 1, &["websocket", "tls"])
+        .section("[uplink.websocket]\nurl = \"wss://localhost:1/mqtt\"\n")
+        .toml();
     let path = dir.path().join("mqtt-uplink.toml");
     // No metrics endpoint: the default address is a fixed port.
     std::fs::write(&path, format!("{toml}\n[metrics]\nbind = \"\"\n")).unwrap();

@@ -30,10 +30,10 @@ use mqtt_uplink::config::MetricsBind;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use support::appliance::{ChildApp, Publisher};
-use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
-use support::sshd::Sshd;
+use support::cloud::{Cloud, Sub};
+use support::site::{ssh_tunnel, wg_hub, wireguard_section, Site, Uplink};
 use support::wgpeer::WgPeer;
-use support::{free_port, mosquitto_passwd, tempdir, write_secret};
+use support::{free_port, tempdir};
 use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(30);
@@ -84,95 +84,24 @@ fn peers(test: &str, needs: &[&[&str]]) -> bool {
     true
 }
 
-fn site_files(dir: &Path) {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-    std::fs::write(
-        dir.join("acl"),
-        "user dev1\ntopic readwrite sensors/#\ntopic read control/#\n",
-    )
-    .unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-}
-
-/// The appliance's config: devices on `listen`, metrics on `metrics`, the uplink to `broker` (URL)
-/// over `transports`, with the transports' own `sections`. Short timers: health check every second
-/// with a 1 s deadline, probes every second, return after 2 s of good probes.
-fn config(listen: u16, metrics: u16, broker: &str, transports: &str, sections: &str) -> String {
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:{listen}"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[metrics]
-bind = "127.0.0.1:{metrics}"
-
-[uplink]
-broker = "{broker}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-transports = {transports}
-keepalive_s = 5
-connect_timeout_s = 3
-backoff_min_ms = 200
-backoff_max_ms = 1000
-health_interval_s = 1
-health_timeout_ms = 1000
-probe_interval_s = 1
-return_after_s = 2
-
-{sections}
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-
-[[map]]
-direction = "in"
-topic = "cmd/#"
-local_prefix = "control/"
-remote_prefix = "sites/plant-7/"
-"#
-    )
-}
-
-/// A bastion in front of the broker at `forward_to` (as sshd sees it), and its `[uplink.ssh]`.
-fn ssh_section(dir: &Path, forward_to: &str) -> (Sshd, String) {
-    let keydir = dir.join("ssh");
-    let line = mqtt_uplink::transport::ssh::keygen(&keydir, forward_to).unwrap();
-    let sshd = Sshd::builder().authorized_key(line).start();
-    std::fs::write(
-        keydir.join("known_hosts"),
-        format!("{}\n", sshd.host_key_known_hosts_line()),
-    )
-    .unwrap();
-    let section = format!(
-        "[uplink.ssh]\nserver = \"127.0.0.1:{}\"\nuser = \"{}\"\nkey_file = \"ssh/id_ed25519\"\n\
-         known_hosts = \"ssh/known_hosts\"\nforward_to = \"{forward_to}\"\nkeepalive_interval_s = 1\nkeepalive_max = 2\n",
-        sshd.port(),
-        sshd.user(),
-    );
-    (sshd, section)
-}
-
-/// The appliance's WireGuard keys in `dir/wg`, and a hub (wireguard-go in a namespace) that accepts
-/// them; `None` when this machine cannot run the hub (a skip, or a failure with `CI` set).
-fn wg_hub(dir: &Path) -> Option<WgPeer> {
-    let wgdir = dir.join("wg");
-    std::fs::create_dir_all(&wgdir).unwrap();
-    mqtt_uplink::transport::wireguard::keygen(&wgdir, None).unwrap();
-    let our_pub = std::fs::read_to_string(wgdir.join("public.key")).unwrap();
-    WgPeer::builder(our_pub.trim()).start()
+/// The appliance's config, device `dev1`'s password and ACL and the uplink password written into
+/// `dir`: device listener on `listen`, `/metrics` on `metrics`, uplink to `broker` over `transports`.
+fn site(dir: &Path, listen: u16, metrics: u16, broker: &str, transports: &[&str]) -> Site {
+    Site::new(dir)
+        .listener(listen)
+        .user("dev1", DEV_PW)
+        .acl("user dev1\ntopic readwrite sensors/#\ntopic read control/#\n")
+        .metrics(metrics)
+        .uplink(
+            Uplink::to(broker)
+                .transports(transports)
+                .quick()
+                .set("connect_timeout_s", 3)
+                .health()
+                .failover(),
+        )
+        .map_out("sensors/#", "sites/plant-7/")
+        .map_in("cmd/#", "control/", "sites/plant-7/")
 }
 
 /// The hub's address on its veth (reachable from the root namespace: sshd and the direct transport).
@@ -190,14 +119,7 @@ fn cloud_in_hub(dir: &Path, peer: &WgPeer) -> Cloud {
 }
 
 fn wg_section(peer: &WgPeer, cloud_port: u16) -> String {
-    format!(
-        "[uplink.wireguard]\nprivate_key_file = \"wg/private.key\"\npeer_public_key = \"{}\"\nendpoint = \"{}\"\n\
-         address = \"{}\"\nbroker = \"{}:{cloud_port}\"\npersistent_keepalive_s = 1\n",
-        peer.peer_public_key(),
-        peer.endpoint(),
-        peer.our_address(),
-        peer.tunnel_ip(),
-    )
+    wireguard_section(peer, &format!("{}:{cloud_port}", peer.tunnel_ip()))
 }
 
 /// The appliance's own `/metrics` and `/healthz`.
@@ -457,13 +379,14 @@ async fn ssh_dies_fails_over_to_tls_without_loss_and_returns() {
         return;
     }
     let dir = tempdir();
-    site_files(dir.path());
     let cloud = Cloud::start(dir.path());
-    let (mut sshd, ssh) = ssh_section(dir.path(), &format!("127.0.0.1:{}", cloud.port));
+    let (mut sshd, ssh) = ssh_tunnel(dir.path(), &format!("127.0.0.1:{}", cloud.port));
     let (port, mport) = (free_port(), free_port());
     let app = ChildApp::start(
         dir.path(),
-        &config(port, mport, &cloud.url(), r#"["ssh", "tls"]"#, &ssh),
+        &site(dir.path(), port, mport, &cloud.url(), &["ssh", "tls"])
+            .section(&ssh)
+            .toml(),
         port,
     );
     let endpoint = Endpoint::new(mport);
@@ -539,19 +462,20 @@ async fn three_transport_chain_down_and_back_without_loss() {
         return;
     }
     let dir = tempdir();
-    site_files(dir.path());
     let Some(mut peer) = wg_hub(dir.path()) else {
         return;
     };
     let cloud = cloud_in_hub(dir.path(), &peer);
     let veth = veth_ip(&peer);
-    let (mut sshd, ssh) = ssh_section(dir.path(), &format!("{veth}:{}", cloud.port));
-    let sections = format!("{}\n{ssh}", wg_section(&peer, cloud.port));
+    let (mut sshd, ssh) = ssh_tunnel(dir.path(), &format!("{veth}:{}", cloud.port));
     let (port, mport) = (free_port(), free_port());
     let broker = format!("mqtts://{veth}:{}", cloud.port);
     let app = ChildApp::start(
         dir.path(),
-        &config(port, mport, &broker, r#"["wireguard", "ssh", "tls"]"#, &sections),
+        &site(dir.path(), port, mport, &broker, &["wireguard", "ssh", "tls"])
+            .section(&wg_section(&peer, cloud.port))
+            .section(&ssh)
+            .toml(),
         port,
     );
     let endpoint = Endpoint::new(mport);
@@ -648,7 +572,6 @@ async fn frozen_broker_behind_a_live_ssh_tunnel_fails_over_to_a_live_node_and_re
         return;
     }
     let dir = tempdir();
-    site_files(dir.path());
     let (dir_a, dir_b) = (dir.path().join("node-a"), dir.path().join("node-b"));
     std::fs::create_dir_all(&dir_a).unwrap();
     std::fs::create_dir_all(&dir_b).unwrap();
@@ -657,11 +580,13 @@ async fn frozen_broker_behind_a_live_ssh_tunnel_fails_over_to_a_live_node_and_re
     // Each node has its own test CA: the appliance trusts both.
     let cas = [&dir_a, &dir_b].map(|d| std::fs::read_to_string(d.join("ca.pem")).unwrap());
     std::fs::write(dir.path().join("ca.pem"), cas.concat()).unwrap();
-    let (sshd, ssh) = ssh_section(dir.path(), &format!("127.0.0.1:{}", node_a.port));
+    let (sshd, ssh) = ssh_tunnel(dir.path(), &format!("127.0.0.1:{}", node_a.port));
     let (port, mport) = (free_port(), free_port());
     let app = ChildApp::start(
         dir.path(),
-        &config(port, mport, &node_b.url(), r#"["ssh", "tls"]"#, &ssh),
+        &site(dir.path(), port, mport, &node_b.url(), &["ssh", "tls"])
+            .section(&ssh)
+            .toml(),
         port,
     );
     let endpoint = Endpoint::new(mport);
@@ -751,7 +676,6 @@ async fn frozen_broker_behind_a_live_wireguard_tunnel_is_reported_and_drained_af
         return;
     }
     let dir = tempdir();
-    site_files(dir.path());
     let Some(peer) = wg_hub(dir.path()) else {
         return;
     };
@@ -761,13 +685,9 @@ async fn frozen_broker_behind_a_live_wireguard_tunnel_is_reported_and_drained_af
     let broker = format!("mqtts://{veth}:{}", cloud.port);
     let app = ChildApp::start(
         dir.path(),
-        &config(
-            port,
-            mport,
-            &broker,
-            r#"["wireguard", "tls"]"#,
-            &wg_section(&peer, cloud.port),
-        ),
+        &site(dir.path(), port, mport, &broker, &["wireguard", "tls"])
+            .section(&wg_section(&peer, cloud.port))
+            .toml(),
         port,
     );
     let endpoint = Endpoint::new(mport);

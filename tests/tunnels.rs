@@ -8,65 +8,25 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::cloud::{Cloud, Sub};
 use support::device::Device;
+use support::site::{ssh_tunnel, wg_hub, wireguard_section, Site, Uplink};
 use support::sshd::Sshd;
-use support::wgpeer::WgPeer;
-use support::{mosquitto_passwd, tempdir, write_secret, App};
+use support::{tempdir, App};
 
 const T: Duration = Duration::from_secs(30);
 const DEV_PW: &str = "dev1-Passw0rd-long";
 
-fn site_files(dir: &Path) {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-    std::fs::write(
-        dir.join("acl"),
-        "user dev1\ntopic readwrite sensors/#\ntopic read control/#\ntopic readwrite probe/#\n",
-    )
-    .unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-}
-
-fn config(cloud_port: u16, transports: &str, transport_section: &str) -> String {
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[uplink]
-broker = "mqtts://localhost:{cloud_port}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-transports = {transports}
-keepalive_s = 5
-connect_timeout_s = 5
-backoff_min_ms = 200
-backoff_max_ms = 1000
-
-{transport_section}
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-
-[[map]]
-direction = "in"
-topic = "cmd/#"
-local_prefix = "control/"
-remote_prefix = "sites/plant-7/"
-"#
-    )
+/// The appliance's config, device `dev1`'s password and ACL and the uplink password written into
+/// `dir`: uplink to `cloud_port` over `transports`.
+fn site(dir: &Path, cloud_port: u16, transports: &[&str]) -> Site {
+    Site::new(dir)
+        .listener(0)
+        .user("dev1", DEV_PW)
+        .acl("user dev1\ntopic readwrite sensors/#\ntopic read control/#\ntopic readwrite probe/#\n")
+        .uplink(Uplink::port(cloud_port).transports(transports).quick())
+        .map_out("sensors/#", "sites/plant-7/")
+        .map_in("cmd/#", "control/", "sites/plant-7/")
 }
 
 fn device(app: &App) -> Device<'static> {
@@ -109,31 +69,19 @@ async fn both_ways(app: &App, cloud: &Cloud, tag: &str) {
 }
 
 fn ssh_setup(dir: &Path, cloud: &Cloud) -> (Sshd, String) {
-    let keydir = dir.join("ssh");
-    let line = mqtt_uplink::transport::ssh::keygen(&keydir, &format!("127.0.0.1:{}", cloud.port)).unwrap();
-    let sshd = Sshd::builder().authorized_key(line).start();
-    std::fs::write(
-        keydir.join("known_hosts"),
-        format!("{}\n", sshd.host_key_known_hosts_line()),
-    )
-    .unwrap();
-    let section = format!(
-        "[uplink.ssh]\nserver = \"127.0.0.1:{}\"\nuser = \"{}\"\nkey_file = \"ssh/id_ed25519\"\n\
-         known_hosts = \"ssh/known_hosts\"\nforward_to = \"127.0.0.1:{}\"\nkeepalive_interval_s = 1\nkeepalive_max = 2\n",
-        sshd.port(),
-        sshd.user(),
-        cloud.port
-    );
-    (sshd, section)
+    ssh_tunnel(dir, &format!("127.0.0.1:{}", cloud.port))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_over_ssh_both_ways_and_back_after_sshd_restart_and_freeze() {
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let (mut sshd, section) = ssh_setup(dir.path(), &cloud);
-    let app = App::start(dir.path(), &config(cloud.port, "[\"ssh\"]", &section)).await;
+    let app = App::start(
+        dir.path(),
+        &site(dir.path(), cloud.port, &["ssh"]).section(&section).toml(),
+    )
+    .await;
     assert!(
         app.wait_connected(T).await,
         "uplink over ssh never connected:\n{}",
@@ -182,7 +130,6 @@ async fn bridge_over_ssh_both_ways_and_back_after_sshd_restart_and_freeze() {
 async fn ssh_with_a_wrong_host_key_never_connects_and_sends_nothing() {
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let (sshd, section) = ssh_setup(dir.path(), &cloud);
     // Pin somebody else's key.
     let other = dir.path().join("other");
@@ -200,7 +147,11 @@ async fn ssh_with_a_wrong_host_key_never_connects_and_sends_nothing() {
         format!("[127.0.0.1]:{} {}\n", sshd.port(), fake.join(" ")),
     )
     .unwrap();
-    let app = App::start(dir.path(), &config(cloud.port, "[\"ssh\"]", &section)).await;
+    let app = App::start(
+        dir.path(),
+        &site(dir.path(), cloud.port, &["ssh"]).section(&section).toml(),
+    )
+    .await;
     device_pub(&app, "sensors/t1", "must-wait");
     assert!(
         !app.wait_connected(Duration::from_secs(4)).await,
@@ -213,25 +164,19 @@ async fn ssh_with_a_wrong_host_key_never_connects_and_sends_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_over_userspace_wireguard_both_ways_and_after_a_link_cut() {
     let dir = tempdir();
-    site_files(dir.path());
-    let wgdir = dir.path().join("wg");
-    std::fs::create_dir_all(&wgdir).unwrap();
-    mqtt_uplink::transport::wireguard::keygen(&wgdir, None).unwrap();
-    let our_pub = std::fs::read_to_string(wgdir.join("public.key")).unwrap();
-    let Some(mut peer) = WgPeer::builder(our_pub.trim()).start() else {
+    let Some(mut peer) = wg_hub(dir.path()) else {
         return;
     };
     let ip = peer.tunnel_ip().to_string();
     let cloud = Cloud::start_at(dir.path(), Some(peer.netns()), &ip);
-    let section = format!(
-        "[uplink.wireguard]\nprivate_key_file = \"wg/private.key\"\npeer_public_key = \"{}\"\nendpoint = \"{}\"\n\
-         address = \"{}\"\nbroker = \"{ip}:{}\"\npersistent_keepalive_s = 1\n",
-        peer.peer_public_key(),
-        peer.endpoint(),
-        peer.our_address(),
-        cloud.port
-    );
-    let app = App::start(dir.path(), &config(cloud.port, "[\"wireguard\"]", &section)).await;
+    let section = wireguard_section(&peer, &format!("{ip}:{}", cloud.port));
+    let app = App::start(
+        dir.path(),
+        &site(dir.path(), cloud.port, &["wireguard"])
+            .section(&section)
+            .toml(),
+    )
+    .await;
     assert!(
         app.wait_connected(T).await,
         "uplink over wireguard never connected"
@@ -269,11 +214,13 @@ async fn ssh_uplink_carries_a_qos1_burst_without_wedging() {
     use support::appliance::{received, Publisher};
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let (_sshd, section) = ssh_setup(dir.path(), &cloud);
     // A wide in-flight window: many PUBACKs can be on their way back while the uplink writes.
-    let section = format!("max_inflight = 4000\n{section}");
-    let app = App::start(dir.path(), &config(cloud.port, "[\"ssh\"]", &section)).await;
+    let toml = site(dir.path(), cloud.port, &["ssh"])
+        .uplink_key("max_inflight", 4000)
+        .section(&section)
+        .toml();
+    let app = App::start(dir.path(), &toml).await;
     assert!(app.wait_connected(T).await);
     let mut up = cloud.subscribe_ready("sites/plant-7/#");
     let total = 40_000u64;
