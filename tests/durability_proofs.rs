@@ -27,59 +27,30 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mqtt_uplink::config::MetricsBind;
 use support::appliance::ChildApp;
-use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::cloud::{Cloud, Sub};
 use support::raw::{self, Raw};
-use support::{free_port, mosquitto_passwd, tempdir, unavailable, write_secret};
+use support::site::{Site, Uplink};
+use support::{free_port, tempdir, unavailable};
 
 const T: Duration = Duration::from_secs(30);
 const PW: &str = "proof-Passw0rd-long";
 
-/// Device accounts (each its own user, so each has its own outbox share) and what they publish to.
-fn site_files(dir: &Path, users: &[&str]) {
+/// The appliance's config, the devices' passwords and ACL (each user writes `sensors/USER/#`) and
+/// the uplink password written into `dir`: device listener on `listen`, `/metrics` on
+/// `metrics_port`, uplink to `broker_port`, `extra` TOML at the end.
+fn site(dir: &Path, users: &[&str], listen: u16, broker_port: u16, metrics_port: u16, extra: &str) -> String {
+    let mut site = Site::new(dir).listener(listen);
     let mut acl = String::new();
     for u in users {
-        mosquitto_passwd(&dir.join("passwords"), u, PW);
+        site = site.user(u, PW);
         acl.push_str(&format!("user {u}\ntopic readwrite sensors/{u}/#\n"));
     }
-    std::fs::write(dir.join("acl"), acl).unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-}
-
-fn config(listen: u16, broker_port: u16, metrics_port: u16, extra: &str) -> String {
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:{listen}"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[metrics]
-bind = "127.0.0.1:{metrics_port}"
-
-[uplink]
-broker = "mqtts://localhost:{broker_port}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-transports = ["tls"]
-keepalive_s = 5
-connect_timeout_s = 5
-backoff_min_ms = 200
-backoff_max_ms = 1000
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-{extra}"#
-    )
+    site.acl(&acl)
+        .metrics(metrics_port)
+        .uplink(Uplink::port(broker_port).transports(&["tls"]).quick())
+        .map_out("sensors/#", "sites/plant-7/")
+        .raw(extra)
+        .toml()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -542,12 +513,11 @@ async fn no_puback_before_the_sync_that_covers_it() {
     }
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path(), &["dev1"]);
     let port = free_port();
     let trace = dir.path().join("trace.txt");
     let mut app = Traced::start(
         dir.path(),
-        &config(port, cloud.port, free_port(), ""),
+        &site(dir.path(), &["dev1"], port, cloud.port, free_port(), ""),
         port,
         &trace,
     );
@@ -957,14 +927,24 @@ async fn a_full_disk_refuses_reports_and_loses_nothing() {
         }
     };
     let mut cloud = Cloud::start(dir.path());
-    site_files(dir.path(), &["dev5", "dev3"]);
     let mut sub = accounting_sub(&mut cloud, "acct-disk").await;
     let port = free_port();
     let metrics_port = free_port();
     let bind = MetricsBind::Tcp(([127, 0, 0, 1], metrics_port).into());
     // Outbox limits far above what the test queues: only the disk refuses.
     let limits = "\n[outbox]\nmax_bytes = 1073741824\nmax_bytes_per_user = 1073741824\n";
-    let app = ChildApp::start(dir.path(), &config(port, cloud.port, metrics_port, limits), port);
+    let app = ChildApp::start(
+        dir.path(),
+        &site(
+            dir.path(),
+            &["dev5", "dev3"],
+            port,
+            cloud.port,
+            metrics_port,
+            limits,
+        ),
+        port,
+    );
     assert!(
         support::wait_until(T, || app.log().contains("uplink connected")).await,
         "{}",

@@ -30,9 +30,10 @@ use mqtt_uplink::config::MetricsBind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::appliance::{received, ChildApp, Publisher};
-use support::cloud::{Cloud, Sub, UPLINK_PASSWORD};
+use support::cloud::{Cloud, Sub};
 use support::raw::{self, Raw};
-use support::{free_port, mosquitto_passwd, tempdir, write_secret};
+use support::site::{Site, Uplink};
+use support::{free_port, tempdir};
 
 const T: Duration = Duration::from_secs(30);
 const PW: &str = "Flood-Test-Passw0rd";
@@ -42,20 +43,10 @@ const REMOTE: &str = "sites/plant-7/sensors/seq";
 /// Peak resident set allowed during a flood: half of the unit's `MemoryMax=256M`.
 const RSS_BOUND_KIB: u64 = 128 * 1024;
 
-fn site_files(dir: &Path) {
-    for user in ["dev1", "flood", "slow"] {
-        mosquitto_passwd(&dir.join("passwords"), user, PW);
-    }
-    std::fs::write(
-        dir.join("acl"),
-        "user dev1\ntopic readwrite sensors/#\n\nuser flood\ntopic write local/flood/#\n\n\
-         user slow\ntopic read local/flood/#\n",
-    )
-    .unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-}
-
-fn config(listen: u16, cloud_port: u16, metrics: u16, limits: &str) -> String {
+/// The appliance's config, the devices' passwords (dev1, flood, slow) and ACL and the uplink password
+/// written into `dir`: device listener on `listen`, `/metrics` on `metrics`, uplink to `cloud_port`,
+/// `limits` in `[limits]` (with `FLOOD_UNBOUNDED` set, the queue bounds lifted).
+fn site(dir: &Path, listen: u16, cloud_port: u16, metrics: u16, limits: &str) -> String {
     let (limits, unbounded) = if std::env::var_os("FLOOD_UNBOUNDED").is_some() {
         (
             limits.replace("max_queued_bytes", "# max_queued_bytes"),
@@ -64,46 +55,22 @@ fn config(listen: u16, cloud_port: u16, metrics: u16, limits: &str) -> String {
     } else {
         (limits.to_string(), "")
     };
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:{listen}"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[limits]
-max_connections_per_address = 1000
-max_sessions_per_user = 1000
-{limits}
-{unbounded}
-
-[uplink]
-broker = "mqtts://localhost:{cloud_port}"
-client_id = "plant-7-uplink"
-username = "{user}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-transports = ["tls"]
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-
-[log]
-level = "info"
-
-[metrics]
-bind = "127.0.0.1:{metrics}"
-"#,
-        user = support::cloud::UPLINK_USER,
+    let mut site = Site::new(dir).listener(listen);
+    for user in ["dev1", "flood", "slow"] {
+        site = site.user(user, PW);
+    }
+    site.acl(
+        "user dev1\ntopic readwrite sensors/#\n\nuser flood\ntopic write local/flood/#\n\n\
+         user slow\ntopic read local/flood/#\n",
     )
+    .limits(&format!(
+        "max_connections_per_address = 1000\nmax_sessions_per_user = 1000\n{limits}\n{unbounded}"
+    ))
+    .uplink(Uplink::port(cloud_port).transports(&["tls"]))
+    .map_out("sensors/#", "sites/plant-7/")
+    .raw("[log]\nlevel = \"info\"\n")
+    .metrics(metrics)
+    .toml()
 }
 
 /// VmRSS of `pid` in KiB (0 once it is gone).
@@ -337,9 +304,12 @@ struct Reader {
 async fn flood(devices: usize, payload: usize, secs: u64, max: u64, reader: Reader, limits: &str) {
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let (port, metrics) = (free_port(), free_port());
-    let app = ChildApp::start(dir.path(), &config(port, cloud.port, metrics, limits), port);
+    let app = ChildApp::start(
+        dir.path(),
+        &site(dir.path(), port, cloud.port, metrics, limits),
+        port,
+    );
     let pid = app.pid().unwrap();
     assert!(
         support::wait_until(T, || app.log().contains("uplink connected")).await,

@@ -11,52 +11,24 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use support::appliance::{received, ChildApp, Publisher};
-use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
-use support::{free_port, mosquitto_passwd, tempdir, write_secret};
+use support::cloud::{Cloud, Sub};
+use support::site::{Site, Uplink};
+use support::{free_port, tempdir};
 
 const T: Duration = Duration::from_secs(30);
 const DEV_PW: &str = "dev1-Passw0rd-long";
 const LOCAL: &str = "sensors/seq";
 const REMOTE: &str = "sites/plant-7/sensors/seq";
 
-fn site_files(dir: &Path) {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-    std::fs::write(dir.join("acl"), "user dev1\ntopic readwrite sensors/#\n").unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-}
-
-fn config(listen: u16, broker_port: u16) -> String {
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:{listen}"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[uplink]
-broker = "mqtts://localhost:{broker_port}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-transports = ["tls"]
-keepalive_s = 5
-connect_timeout_s = 5
-backoff_min_ms = 200
-backoff_max_ms = 1000
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-"#
-    )
+/// The appliance's config, device `dev1`'s password and ACL and the uplink password written into
+/// `dir`: device listener on `listen`, uplink to `broker_port`.
+fn site(dir: &Path, listen: u16, broker_port: u16) -> Site {
+    Site::new(dir)
+        .listener(listen)
+        .user("dev1", DEV_PW)
+        .acl("user dev1\ntopic readwrite sensors/#\n")
+        .uplink(Uplink::port(broker_port).transports(&["tls"]).quick())
+        .map_out("sensors/#", "sites/plant-7/")
 }
 
 /// A persistent subscriber on the cloud, returned once the cloud has saved its session (so that it
@@ -121,10 +93,9 @@ fn message_records(seg: &Path) -> Vec<(u64, u64, u64)> {
 async fn torn_tail_then_restart(random: bool) {
     let dir = tempdir();
     let mut cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let mut sub = accounting_sub(&mut cloud, if random { "acct-r" } else { "acct-c" }).await;
     let port = free_port();
-    let mut app = ChildApp::start(dir.path(), &config(port, cloud.port), port);
+    let mut app = ChildApp::start(dir.path(), &site(dir.path(), port, cloud.port).toml(), port);
     assert!(
         support::wait_until(T, || app.log().contains("uplink connected")).await,
         "{}",
@@ -229,7 +200,6 @@ fn legacy_record(topic: &str, payload: &str, accepted_ms: u64) -> Vec<u8> {
 async fn a_previous_versions_outbox_redb_is_delivered_and_removed() {
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let mut sub = cloud.subscribe_ready("sites/plant-7/#");
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
@@ -253,7 +223,7 @@ async fn a_previous_versions_outbox_redb_is_delivered_and_removed() {
         txn.commit().unwrap();
     }
     let port = free_port();
-    let app = ChildApp::start(dir.path(), &config(port, cloud.port), port);
+    let app = ChildApp::start(dir.path(), &site(dir.path(), port, cloud.port).toml(), port);
     let expected: BTreeSet<u64> = (0..total).collect();
     let deadline = Instant::now() + T;
     let lines = loop {

@@ -14,53 +14,30 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use support::cloud::{Cloud, UPLINK_PASSWORD, UPLINK_USER};
+use support::cloud::Cloud;
 use support::raw::{self, Raw};
-use support::{tempdir, write_secret, App};
+use support::site::{Site, Uplink};
+use support::{tempdir, App};
 
 const T: Duration = Duration::from_secs(60);
 const PW: &str = "Pipelined-Acks-Passw0rd";
 
-fn site_files(dir: &Path) {
-    let hash = mqtt_uplink::guard::passwords::hash_argon2id(PW.as_bytes());
-    write_secret(&dir.join("passwords"), &format!("dev:{hash}\n"));
-    std::fs::write(
-        dir.join("acl"),
-        "user dev\ntopic write sensors/#\ntopic write local/#\n",
-    )
-    .unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-}
-
-/// `sensors/#` goes to the cloud (outbox); `local/#` stays on site (no outbox, nothing to wait for).
-fn config(broker_port: u16, max_inflight: u16) -> String {
-    format!(
-        r#"
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[limits]
-max_inflight = {max_inflight}
-
-[uplink]
-broker = "mqtts://localhost:{broker_port}"
-client_id = "pipelined-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-transports = ["tls"]
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/p/"
-qos = 1
-"#
-    )
+/// The appliance's config (no `[site]`: the test default), device `dev`'s password and ACL and the
+/// uplink password written into `dir`: uplink to `broker_port` with `max_inflight` in `[limits]`.
+fn site(dir: &Path, broker_port: u16, max_inflight: u16) -> Site {
+    Site::new(dir)
+        .without_site()
+        .listener(0)
+        .user_hashed("dev", PW)
+        .acl("user dev\ntopic write sensors/#\ntopic write local/#\n")
+        .limits(&format!("max_inflight = {max_inflight}"))
+        .uplink(
+            Uplink::port(broker_port)
+                .set("client_id", "\"pipelined-uplink\"")
+                .transports(&["tls"]),
+        )
+        .map_out("sensors/#", "sites/p/")
+        .map_key("qos", 1)
 }
 
 /// Connects a raw MQTT 3.1.1 device as `dev`.
@@ -130,9 +107,8 @@ async fn publish_all(c: Raw, packets: Vec<(u16, Vec<u8>)>) -> (Vec<u16>, bool) {
 async fn pubacks_leave_in_publish_order_and_a_device_over_its_window_is_slowed_not_cut() {
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let mut cloud_sub = cloud.subscribe_ready("sites/p/#");
-    let app = App::start(dir.path(), &config(cloud.port, 200)).await;
+    let app = App::start(dir.path(), &site(dir.path(), cloud.port, 200).toml()).await;
     assert!(app.wait_connected(T).await, "uplink did not connect");
 
     let n: u16 = 3000;
@@ -177,8 +153,7 @@ async fn pubacks_leave_in_publish_order_and_a_device_over_its_window_is_slowed_n
 async fn a_device_keeps_publishing_while_its_messages_are_synced() {
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
-    let app = App::start(dir.path(), &config(cloud.port, 1000)).await;
+    let app = App::start(dir.path(), &site(dir.path(), cloud.port, 1000).toml()).await;
     assert!(app.wait_connected(T).await, "uplink did not connect");
 
     let n: u16 = 5000;

@@ -11,8 +11,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::appliance::{received, Publisher};
-use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
-use support::{free_port, mosquitto_passwd, tempdir, write_secret, App};
+use support::cloud::{Cloud, Sub};
+use support::site::{Site, Uplink};
+use support::{free_port, tempdir, App};
 
 const DEV_PW: &str = "dev1-Passw0rd-long";
 const LOCAL: &str = "sensors/seq";
@@ -23,46 +24,22 @@ const BACKOFF_MS: u64 = 40_000;
 /// Longer than `uplink::backoff::HEALTHY_RESET` (10 s): a session without traffic counts as healthy.
 const HEALTHY: Duration = Duration::from_secs(12);
 
-fn site_files(dir: &Path) {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-    std::fs::write(dir.join("acl"), "user dev1\ntopic readwrite sensors/#\n").unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-}
-
-fn config(listen: u16, broker_port: u16) -> String {
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:{listen}"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[uplink]
-broker = "mqtts://localhost:{broker_port}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-transports = ["tls"]
-keepalive_s = 5
-connect_timeout_s = 5
-backoff_min_ms = {BACKOFF_MS}
-backoff_max_ms = {BACKOFF_MS}
-health_interval_s = 1
-health_timeout_ms = 1000
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-"#
-    )
+/// The appliance's config, device `dev1`'s password and ACL and the uplink password written into
+/// `dir`: device listener on `listen`, uplink to `broker_port` with a long fixed backoff.
+fn site(dir: &Path, listen: u16, broker_port: u16) -> Site {
+    Site::new(dir)
+        .listener(listen)
+        .user("dev1", DEV_PW)
+        .acl("user dev1\ntopic readwrite sensors/#\n")
+        .uplink(
+            Uplink::port(broker_port)
+                .transports(&["tls"])
+                .quick()
+                .set("backoff_min_ms", BACKOFF_MS)
+                .set("backoff_max_ms", BACKOFF_MS)
+                .health(),
+        )
+        .map_out("sensors/#", "sites/plant-7/")
 }
 
 /// Waits until `sub` has seen every sequence number in `acked` or `deadline` passes; returns the
@@ -101,9 +78,8 @@ fn wait_all_arrive(
 async fn delivery_resumes_promptly_after_a_60s_cloud_outage() {
     let dir = tempdir();
     let mut cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let port = free_port();
-    let app = App::start(dir.path(), &config(port, cloud.port)).await;
+    let app = App::start(dir.path(), &site(dir.path(), port, cloud.port).toml()).await;
     assert!(
         app.wait_connected(Duration::from_secs(30)).await,
         "the uplink never connected"
@@ -192,9 +168,8 @@ async fn delivery_resumes_promptly_after_a_60s_cloud_outage() {
 async fn a_refusing_cloud_is_not_hammered_after_a_healthy_session() {
     let dir = tempdir();
     let mut cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let port = free_port();
-    let app = App::start(dir.path(), &config(port, cloud.port)).await;
+    let app = App::start(dir.path(), &site(dir.path(), port, cloud.port).toml()).await;
     assert!(
         app.wait_connected(Duration::from_secs(30)).await,
         "the uplink never connected"
