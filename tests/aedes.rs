@@ -22,9 +22,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::aedes::{self, AedesBroker};
-use support::cloud::{Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::cloud::Sub;
 use support::device::Device;
-use support::{mosquitto_passwd, tempdir, unavailable, write_secret, App};
+use support::site::{Site, Uplink};
+use support::{tempdir, unavailable, App};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
@@ -53,56 +54,27 @@ fn aedes_js(test: &str) -> Option<std::path::PathBuf> {
 }
 
 fn site(dir: &Path, broker_url: &str, ca: &Path) -> String {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-    std::fs::write(
-        dir.join("acl"),
-        "user dev1\ntopic readwrite sensors/#\ntopic read control/#\ntopic readwrite shared/#\ntopic readwrite probe/#\n",
-    )
-    .unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[uplink]
-broker = "{broker_url}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "{ca}"
-keepalive_s = 5
-backoff_min_ms = 100
-backoff_max_ms = 500
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-qos = 1
-
-[[map]]
-direction = "in"
-topic = "control/#"
-remote_prefix = "sites/plant-7/"
-qos = 1
-
-[[map]]
-direction = "both"
-topic = "shared/#"
-remote_prefix = "sites/plant-7/"
-qos = 1
-"#,
-        ca = ca.display()
-    )
+    Site::new(dir)
+        .listener(0)
+        .user("dev1", DEV_PW)
+        .acl(
+            "user dev1\ntopic readwrite sensors/#\ntopic read control/#\ntopic readwrite shared/#\n\
+             topic readwrite probe/#\n",
+        )
+        .uplink(
+            Uplink::to(broker_url)
+                .set_str("ca_file", &ca.display().to_string())
+                .set("keepalive_s", 5)
+                .set("backoff_min_ms", 100)
+                .set("backoff_max_ms", 500),
+        )
+        .map_out("sensors/#", "sites/plant-7/")
+        .map_key("qos", 1)
+        .map("in", "control/#", "sites/plant-7/")
+        .map_key("qos", 1)
+        .map("both", "shared/#", "sites/plant-7/")
+        .map_key("qos", 1)
+        .toml()
 }
 
 fn device(app: &App) -> Device<'_> {

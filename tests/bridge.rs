@@ -8,10 +8,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::cloud::{Cloud, Sub};
 use support::daemon::Daemon;
 use support::device::Device;
-use support::{free_port, mosquitto_passwd, tempdir, write_secret, App};
+use support::site::{Site, Uplink};
+use support::{free_port, tempdir, App};
 
 const T: Duration = Duration::from_secs(20);
 const DEV1_PW: &str = "dev1-Passw0rd-long";
@@ -28,51 +29,25 @@ topic read sensors/#
 topic readwrite probe/#
 ";
 
-/// Writes the device password file (real mosquitto_passwd), the ACL, the uplink password, and the
+/// The device password file (real mosquitto_passwd), the ACL, the uplink password, and the
 /// appliance config bridging to `cloud`.
 fn site(dir: &Path, cloud: &Cloud) -> String {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV1_PW);
-    mosquitto_passwd(&dir.join("passwords"), "dev2", DEV2_PW);
-    std::fs::write(dir.join("acl"), ACL).unwrap();
-    write_secret(&dir.join("uplink.password"), &format!("{UPLINK_PASSWORD}\n"));
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[uplink]
-broker = "{url}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-keepalive_s = 5
-backoff_min_ms = 100
-backoff_max_ms = 1000
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-qos = 1
-
-[[map]]
-direction = "in"
-topic = "cmd/#"
-local_prefix = "control/"
-remote_prefix = "sites/plant-7/"
-qos = 1
-"#,
-        url = cloud.url()
-    )
+    Site::new(dir)
+        .listener(0)
+        .user("dev1", DEV1_PW)
+        .user("dev2", DEV2_PW)
+        .acl(ACL)
+        .uplink(
+            Uplink::cloud(cloud)
+                .set("keepalive_s", 5)
+                .set("backoff_min_ms", 100)
+                .set("backoff_max_ms", 1000),
+        )
+        .map_out("sensors/#", "sites/plant-7/")
+        .map_key("qos", 1)
+        .map_in("cmd/#", "control/", "sites/plant-7/")
+        .map_key("qos", 1)
+        .toml()
 }
 
 /// mosquitto_pub as a device; returns (success, stderr).

@@ -21,10 +21,11 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Filter, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::MqttOptions;
-use support::cloud::{Cloud, OBSERVER_PASSWORD, OBSERVER_USER, UPLINK_PASSWORD, UPLINK_USER};
+use support::cloud::{Cloud, OBSERVER_PASSWORD, OBSERVER_USER};
 use support::front::{Front, PlainBroker};
+use support::site::{Site, Uplink};
 use support::v5::{options, topic, V5};
-use support::{mosquitto_passwd, tempdir, wait_until, write_secret, App};
+use support::{tempdir, wait_until, App};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(20);
@@ -40,57 +41,26 @@ topic readwrite mirror/#
 /// The appliance config: `[uplink]` to `broker` (with `extra` lines), mappings out (sensors), in
 /// (cmd -> control) and both (mirror).
 fn site(dir: &Path, broker: &str, extra: &str) -> String {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-    std::fs::write(dir.join("acl"), ACL).unwrap();
-    write_secret(&dir.join("uplink.password"), &format!("{UPLINK_PASSWORD}\n"));
-    let ca = if broker.starts_with("mqtts") {
-        "ca_file = \"ca.pem\"\n"
-    } else {
-        ""
-    };
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[uplink]
-broker = "{broker}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-{ca}keepalive_s = 5
-backoff_min_ms = 100
-backoff_max_ms = 1000
-{extra}
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-qos = 1
-
-[[map]]
-direction = "in"
-topic = "cmd/#"
-local_prefix = "control/"
-remote_prefix = "sites/plant-7/"
-qos = 1
-
-[[map]]
-direction = "both"
-topic = "mirror/#"
-remote_prefix = "sites/plant-7/"
-qos = 1
-"#
-    )
+    let mut uplink = Uplink::to(broker)
+        .set("keepalive_s", 5)
+        .set("backoff_min_ms", 100)
+        .set("backoff_max_ms", 1000)
+        .lines(extra);
+    if !broker.starts_with("mqtts") {
+        uplink = uplink.unset("ca_file");
+    }
+    Site::new(dir)
+        .listener(0)
+        .user("dev1", DEV_PW)
+        .acl(ACL)
+        .uplink(uplink)
+        .map_out("sensors/#", "sites/plant-7/")
+        .map_key("qos", 1)
+        .map_in("cmd/#", "control/", "sites/plant-7/")
+        .map_key("qos", 1)
+        .map("both", "mirror/#", "sites/plant-7/")
+        .map_key("qos", 1)
+        .toml()
 }
 
 /// A v5 client on the cloud broker (TLS, the test CA) as the observer.

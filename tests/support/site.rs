@@ -130,6 +130,12 @@ impl Site {
         })
     }
 
+    /// `[auth]` naming `passwords` and `acl`, written by the test (or by an earlier `Site`).
+    pub fn auth(mut self) -> Site {
+        self.auth_files();
+        self
+    }
+
     /// A device user in `passwords` (the real `mosquitto_passwd`, mode 0600) and `[auth]` naming it
     /// and `acl`.
     pub fn user(mut self, name: &str, password: &str) -> Site {
@@ -216,6 +222,17 @@ impl Site {
         self
     }
 
+    /// `[[map]]` with `direction` ("out", "in" or "both"), `topic` and `remote_prefix`; more keys with
+    /// [`Site::map_key`].
+    pub fn map(mut self, direction: &str, topic: &str, remote_prefix: &str) -> Site {
+        let mut m = Table::default();
+        m.set("direction", quote(direction));
+        m.set("topic", quote(topic));
+        m.set("remote_prefix", quote(remote_prefix));
+        self.maps.push(m);
+        self
+    }
+
     /// Another key of the last `[[map]]` (`value` is TOML), e.g. `("qos", 1)`.
     pub fn map_key(mut self, key: &str, value: impl Display) -> Site {
         self.maps
@@ -297,6 +314,14 @@ impl Uplink {
         }
     }
 
+    /// No keys yet: a test about the uplink's keys sets them all.
+    pub fn bare() -> Uplink {
+        Uplink {
+            keys: Table::default(),
+            extra: String::new(),
+        }
+    }
+
     /// To `mqtts://localhost:PORT`.
     pub fn port(port: u16) -> Uplink {
         Self::to(&format!("mqtts://localhost:{port}"))
@@ -335,6 +360,11 @@ impl Uplink {
     pub fn set(mut self, key: &str, value: impl Display) -> Uplink {
         self.keys.set(key, value.to_string());
         self
+    }
+
+    /// Sets (or replaces) a key to a string.
+    pub fn set_str(self, key: &str, value: &str) -> Uplink {
+        self.set(key, quote(value))
     }
 
     /// Removes a key (e.g. `password_file` for a client certificate).
