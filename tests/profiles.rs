@@ -24,7 +24,8 @@ use mqtt_uplink::config::{self, Severity};
 use support::certs::{client_ca, client_cert};
 use support::cloud::{Cloud, UPLINK_PASSWORD, UPLINK_USER};
 use support::device::Device;
-use support::{mosquitto_passwd, tempdir, unavailable, write_secret, App};
+use support::site::{Site, Uplink};
+use support::{tempdir, unavailable, write_secret, App};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -58,39 +59,24 @@ const PEERS: &[&str] = &[
 /// The site (one device `dev1` allowed on `sensors/#` and `cmd/#`) with `uplink` as the body of
 /// `[uplink]` and `maps` after it.
 fn site(dir: &Path, uplink: &str, maps: &str) -> String {
-    if !dir.join("passwords").exists() {
-        mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-        std::fs::write(
-            dir.join("acl"),
-            "user dev1\ntopic readwrite sensors/#\ntopic readwrite cmd/#\n",
+    let site = if dir.join("passwords").exists() {
+        Site::new(dir).auth()
+    } else {
+        Site::new(dir)
+            .user("dev1", DEV_PW)
+            .acl("user dev1\ntopic readwrite sensors/#\ntopic readwrite cmd/#\n")
+    };
+    site.listener(0)
+        .limits("max_packet_size = 131072")
+        .uplink(
+            Uplink::bare()
+                .set("keepalive_s", 5)
+                .set("backoff_min_ms", 100)
+                .set("backoff_max_ms", 500)
+                .lines(uplink),
         )
-        .unwrap();
-    }
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[limits]
-max_packet_size = 131072
-
-[uplink]
-keepalive_s = 5
-backoff_min_ms = 100
-backoff_max_ms = 500
-{uplink}
-
-{maps}
-"#
-    )
+        .raw(maps)
+        .toml()
 }
 
 fn device(app: &App) -> Device<'_> {

@@ -16,7 +16,8 @@ use support::appliance::{received, Publisher};
 use support::certs::{client_ca, ClientCa};
 use support::cloud::{Cloud, UPLINK_PASSWORD, UPLINK_USER};
 use support::device::Device;
-use support::{free_port, mosquitto_passwd, tempdir, unavailable, write_secret, App};
+use support::site::{Site, Uplink};
+use support::{free_port, tempdir, unavailable, write_secret, App};
 
 const T: Duration = Duration::from_secs(20);
 const DEV_PW: &str = "dev1-Passw0rd-long";
@@ -56,37 +57,25 @@ fn tools_present(test: &str) -> bool {
 /// The device side (passwords, ACL) and the appliance config with `uplink` as its `[uplink]` body
 /// (no section header) and one out mapping `sensors/#` -> `sites/plant-7/sensors/#`.
 fn site(dir: &Path, uplink: &str) -> String {
-    if !dir.join("passwords").exists() {
-        mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-        std::fs::write(dir.join("acl"), "user dev1\ntopic readwrite sensors/#\n").unwrap();
-    }
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[uplink]
-client_id = "plant-7-uplink"
-keepalive_s = 5
-backoff_min_ms = 100
-backoff_max_ms = 500
-{uplink}
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-qos = 1
-"#
-    )
+    let site = if dir.join("passwords").exists() {
+        Site::new(dir).auth()
+    } else {
+        Site::new(dir)
+            .user("dev1", DEV_PW)
+            .acl("user dev1\ntopic readwrite sensors/#\n")
+    };
+    site.listener(0)
+        .uplink(
+            Uplink::bare()
+                .set_str("client_id", "plant-7-uplink")
+                .set("keepalive_s", 5)
+                .set("backoff_min_ms", 100)
+                .set("backoff_max_ms", 500)
+                .lines(uplink),
+        )
+        .map_out("sensors/#", "sites/plant-7/")
+        .map_key("qos", 1)
+        .toml()
 }
 
 fn device(app: &App) -> Device<'_> {
