@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use mqtt_uplink::config::MetricsBind;
 use mqtt_uplink::ops::status::{parse, Sample};
 use nix::sys::signal::Signal;
-use support::cloud::{Cloud, UPLINK_PASSWORD, UPLINK_USER};
+use support::cloud::{Cloud, UPLINK_PASSWORD};
 use support::daemon::{Daemon, NotifySocket};
+use support::site::{Site, Uplink};
 use support::{free_port, mosquitto_passwd, tempdir, write_secret};
 use tokio_util::sync::CancellationToken;
 
@@ -22,57 +23,28 @@ const WRONG_PW: &str = "Wrong-Guess-9137";
 
 /// A site bridged to `cloud`, with `acl` for the device users dev1 and dev2.
 fn site(dir: &Path, cloud: Option<&Cloud>, acl: &str, listener_port: u16, metrics: &str) -> String {
-    let pw = dir.join("passwords");
-    if !pw.exists() {
-        mosquitto_passwd(&pw, "dev1", DEV_PW);
-        mosquitto_passwd(&pw, "dev2", DEV_PW);
+    let mut site = Site::new(dir).site_key("id", "\"ops\"");
+    if !dir.join("passwords").exists() {
+        site = site.user("dev1", DEV_PW).user("dev2", DEV_PW);
     }
-    std::fs::write(dir.join("acl"), acl).unwrap();
-    let uplink = match cloud {
-        Some(cloud) => {
-            write_secret(&dir.join("uplink.password"), &format!("{UPLINK_PASSWORD}\n"));
-            format!(
-                r#"
-[uplink]
-broker = "{url}"
-client_id = "ops-uplink-{pid}"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-keepalive_s = 5
-backoff_min_ms = 100
-backoff_max_ms = 500
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/ops/"
-qos = 1
-"#,
-                url = cloud.url(),
-                pid = std::process::id(),
+    site = site
+        .listener(listener_port)
+        .acl(acl)
+        .metrics_bind(metrics)
+        .metrics_key("degraded_after_s", 60);
+    if let Some(cloud) = cloud {
+        site = site
+            .uplink(
+                Uplink::cloud(cloud)
+                    .set_str("client_id", &format!("ops-uplink-{}", std::process::id()))
+                    .set("keepalive_s", 5)
+                    .set("backoff_min_ms", 100)
+                    .set("backoff_max_ms", 500),
             )
-        }
-        None => String::new(),
-    };
-    format!(
-        r#"
-[site]
-id = "ops"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:{listener_port}"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[metrics]
-bind = "{metrics}"
-degraded_after_s = 60
-{uplink}"#
-    )
+            .map_out("sensors/#", "sites/ops/")
+            .map_key("qos", 1);
+    }
+    site.toml()
 }
 
 const ACL_ALL: &str = "user dev1\ntopic readwrite sensors/#\nuser dev2\ntopic readwrite sensors/#\n";

@@ -63,7 +63,7 @@ pub struct Site {
     hashed: String,
     auth: Option<Table>,
     limits: Option<String>,
-    metrics: Option<String>,
+    metrics: Option<Table>,
     uplink: Option<Uplink>,
     sections: Vec<String>,
     maps: Vec<Table>,
@@ -174,8 +174,20 @@ impl Site {
     }
 
     /// `[metrics] bind = "127.0.0.1:PORT"`.
-    pub fn metrics(mut self, port: u16) -> Site {
-        self.metrics = Some(format!("127.0.0.1:{port}"));
+    pub fn metrics(self, port: u16) -> Site {
+        self.metrics_bind(&format!("127.0.0.1:{port}"))
+    }
+
+    /// `[metrics] bind = "BIND"` (an address, or `unix:PATH`).
+    pub fn metrics_bind(self, bind: &str) -> Site {
+        self.metrics_key("bind", quote(bind))
+    }
+
+    /// Another key of `[metrics]` (`value` is TOML).
+    pub fn metrics_key(mut self, key: &str, value: impl Display) -> Site {
+        self.metrics
+            .get_or_insert_with(Table::default)
+            .set(key, value.to_string());
         self
     }
 
@@ -268,7 +280,7 @@ impl Site {
             out.push_str(&format!("\n[limits]\n{l}\n"));
         }
         if let Some(m) = &self.metrics {
-            out.push_str(&format!("\n[metrics]\nbind = {}\n", quote(m)));
+            table(&mut out, "[metrics]", m);
         }
         if let Some(u) = &self.uplink {
             table(&mut out, "[uplink]", &u.keys);
