@@ -19,6 +19,7 @@ use mqtt_uplink::broker::retain::reason::TOO_MANY_BYTES;
 use mqtt_uplink::uplink::session::reason::{TOO_DEEP, TOO_LARGE, TOPIC_NOT_UTF8};
 use support::cloud::{Cloud, OBSERVER_PASSWORD, OBSERVER_USER, UPLINK_PASSWORD, UPLINK_USER};
 use support::raw::{self, rss_kib, Raw};
+use support::site::{Site, Uplink};
 use support::{tempdir, wait_until, write_secret, App};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
@@ -82,39 +83,21 @@ async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 
 /// Device password file and ACL, and the appliance config with `uplink` and `maps` spliced in.
 fn site(dir: &Path, uplink: &str, limits: &str, maps: &str) -> String {
-    let hash = mqtt_uplink::guard::passwords::hash_argon2id(PW.as_bytes());
-    write_secret(&dir.join("passwords"), &format!("dev:{hash}\n"));
-    std::fs::write(dir.join("acl"), ACL).unwrap();
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[limits]
-{limits}
-
-[uplink]
-{uplink}
-keepalive_s = 5
-backoff_min_ms = 100
-backoff_max_ms = 1000
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-
-{maps}
-"#
-    )
+    Site::new(dir)
+        .listener(0)
+        .user_hashed("dev", PW)
+        .acl(ACL)
+        .limits(limits)
+        .uplink(
+            Uplink::bare()
+                .lines(uplink)
+                .set("keepalive_s", 5)
+                .set("backoff_min_ms", 100)
+                .set("backoff_max_ms", 1000),
+        )
+        .map_out("sensors/#", "sites/plant-7/")
+        .raw(maps)
+        .toml()
 }
 
 const CMD_MAP: &str = r#"
