@@ -8,9 +8,10 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::cloud::{Cloud, UPLINK_PASSWORD, UPLINK_USER};
+use support::cloud::Cloud;
 use support::raw::{self, Raw};
-use support::{tempdir, write_secret, App};
+use support::site::{Site, Uplink};
+use support::{tempdir, App};
 
 const T: Duration = Duration::from_secs(15);
 const PW: &str = "Abuse-Test-Passw0rd";
@@ -28,23 +29,14 @@ fn refusals(m: &mqtt_uplink::metrics::Metrics, reason: mqtt_uplink::guard::Refus
 }
 
 /// Password file, ACL and a config with one loopback listener; `limits` goes into `[limits]`.
-fn site(dir: &Path, limits: &str) -> String {
-    let hash = mqtt_uplink::guard::passwords::hash_argon2id(PW.as_bytes());
-    write_secret(&dir.join("passwords"), &format!("dev:{hash}\nwatcher:{hash}\n"));
-    std::fs::write(dir.join("acl"), ACL).unwrap();
-    format!(
-        r#"
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[limits]
-{limits}
-"#
-    )
+fn site(dir: &Path, limits: &str) -> Site {
+    Site::new(dir)
+        .without_site()
+        .listener(0)
+        .user_hashed("dev", PW)
+        .user_hashed("watcher", PW)
+        .acl(ACL)
+        .limits(limits)
 }
 
 async fn login(app: &App, client_id: &str, user: &str, clean: bool) -> (Raw, Option<u8>) {
@@ -85,7 +77,7 @@ async fn still_routes(app: &App, tag: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deep_topics_are_refused_before_the_broker_sees_them() {
     let dir = tempdir();
-    let app = App::start(dir.path(), &site(dir.path(), "")).await;
+    let app = App::start(dir.path(), &site(dir.path(), "").toml()).await;
     let before = refusals(&app.counters, mqtt_uplink::guard::Refusal::TopicTooDeep);
     let rss_before = raw::rss_kib();
 
@@ -158,7 +150,7 @@ async fn deep_topics_are_refused_before_the_broker_sees_them() {
 async fn offline_sessions_of_one_user_do_not_lock_out_others() {
     let dir = tempdir();
     let limits = "max_connections = 12\nmax_sessions_per_user = 4\nmax_session_expiry_s = 3";
-    let app = App::start(dir.path(), &site(dir.path(), limits)).await;
+    let app = App::start(dir.path(), &site(dir.path(), limits).toml()).await;
     let before = refusals(&app.counters, mqtt_uplink::guard::Refusal::TooManySessionsForUser);
 
     let mut accepted = 0;
@@ -222,30 +214,16 @@ async fn offline_sessions_of_one_user_do_not_lock_out_others() {
 async fn a_will_revoked_by_reload_is_not_published() {
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    write_secret(
-        &dir.path().join("uplink.password"),
-        &format!("{UPLINK_PASSWORD}\n"),
-    );
-    let toml = format!(
-        r#"{site}
-[uplink]
-broker = "{url}"
-client_id = "abuse-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-keepalive_s = 5
-backoff_min_ms = 100
-backoff_max_ms = 1000
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/abuse/"
-"#,
-        site = site(dir.path(), ""),
-        url = cloud.url(),
-    );
+    let toml = site(dir.path(), "")
+        .uplink(
+            Uplink::cloud(&cloud)
+                .set_str("client_id", "abuse-uplink")
+                .set("keepalive_s", 5)
+                .set("backoff_min_ms", 100)
+                .set("backoff_max_ms", 1000),
+        )
+        .map_out("sensors/#", "sites/abuse/")
+        .toml();
     let app = App::start(dir.path(), &toml).await;
     assert!(app.wait_connected(T).await, "uplink up");
     let mut up = cloud.subscribe_ready("sites/abuse/#");

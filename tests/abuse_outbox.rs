@@ -13,9 +13,10 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use support::cloud::{Cloud, UPLINK_PASSWORD, UPLINK_USER};
+use support::cloud::Cloud;
 use support::raw::{self, Raw};
-use support::{free_port, tempdir, write_secret, App};
+use support::site::{Site, Uplink};
+use support::{free_port, tempdir, App};
 
 const T: Duration = Duration::from_secs(30);
 const PW: &str = "Abuse-Outbox-Passw0rd";
@@ -23,66 +24,23 @@ const PW: &str = "Abuse-Outbox-Passw0rd";
 /// One test at a time: RSS is per process, and the machine is shared.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Password file (users hog, dev2, watcher), ACL, uplink password; the CA comes from the cloud.
-fn site_files(dir: &Path) {
-    let hash = mqtt_uplink::guard::passwords::hash_argon2id(PW.as_bytes());
-    write_secret(
-        &dir.join("passwords"),
-        &format!("hog:{hash}\ndev2:{hash}\nwatcher:{hash}\n"),
-    );
-    std::fs::write(
-        dir.join("acl"),
-        "user hog\ntopic readwrite sensors/#\n\nuser dev2\ntopic readwrite sensors/#\n\n\
-         user watcher\ntopic read sensors/#\n",
-    )
-    .unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-}
-
-/// The appliance: device listener on `listen`, uplink to `broker_port`, `sensors/#` out under
-/// `sites/plant-7/`, `cmd/#` in.
-fn config(listen: u16, broker_port: u16, extra: &str) -> String {
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:{listen}"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[uplink]
-broker = "mqtts://localhost:{broker_port}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-transports = ["tls"]
-keepalive_s = 5
-connect_timeout_s = 5
-backoff_min_ms = 200
-backoff_max_ms = 1000
-health_interval_s = 1
-health_timeout_ms = 1000
-
-{extra}
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-
-[[map]]
-direction = "in"
-topic = "cmd/#"
-local_prefix = "control/"
-remote_prefix = "sites/plant-7/"
-"#
-    )
+/// The appliance's config, the password file (users hog, dev2, watcher), ACL and uplink password
+/// written into `dir` (the CA comes from the cloud): device listener on `listen`, uplink to
+/// `broker_port`, `extra` sections after `[uplink]`.
+fn site(dir: &Path, listen: u16, broker_port: u16, extra: &str) -> Site {
+    Site::new(dir)
+        .listener(listen)
+        .user_hashed("hog", PW)
+        .user_hashed("dev2", PW)
+        .user_hashed("watcher", PW)
+        .acl(
+            "user hog\ntopic readwrite sensors/#\n\nuser dev2\ntopic readwrite sensors/#\n\n\
+             user watcher\ntopic read sensors/#\n",
+        )
+        .uplink(Uplink::port(broker_port).transports(&["tls"]).quick().health())
+        .section(extra)
+        .map_out("sensors/#", "sites/plant-7/")
+        .map_in("cmd/#", "control/", "sites/plant-7/")
 }
 
 fn dropped_metric(m: &mqtt_uplink::metrics::Metrics, reason: &str) -> u64 {
@@ -174,9 +132,8 @@ async fn a_remote_topic_too_long_is_refused_and_never_blocks_the_uplink() {
     let _serial = SERIAL.lock().await;
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let mut cloud_sub = cloud.subscribe_ready("sites/#");
-    let app = App::start(dir.path(), &config(0, cloud.port, "")).await;
+    let app = App::start(dir.path(), &site(dir.path(), 0, cloud.port, "").toml()).await;
     assert!(app.wait_connected(T).await, "the uplink connects");
     let too_long = mqtt_uplink::bridge::hooks::REMOTE_TOPIC_TOO_LONG;
     let before = dropped_metric(&app.counters, too_long);
@@ -256,7 +213,6 @@ async fn a_too_long_topic_comes_back_whole_after_a_restart_and_is_dropped_not_cu
     let _serial = SERIAL.lock().await;
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let mut cloud_sub = cloud.subscribe_ready("sites/#");
 
     // What an earlier run left in the durable outbox (written through the store itself): the long
@@ -296,7 +252,7 @@ async fn a_too_long_topic_comes_back_whole_after_a_restart_and_is_dropped_not_cu
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The appliance starts on that state dir, the cloud reachable.
-    let app = App::start(dir.path(), &config(0, cloud.port, "")).await;
+    let app = App::start(dir.path(), &site(dir.path(), 0, cloud.port, "").toml()).await;
     let queued = app.outbox.pending_after(0, 10);
     assert_eq!(queued.len(), 2);
     assert_eq!(
@@ -327,8 +283,7 @@ async fn the_qos0_lane_is_capped_in_bytes_with_the_uplink_down() {
     let dir = tempdir();
     let cloud = Cloud::start(dir.path()); // for the CA only: the uplink points at a closed port
     drop(cloud);
-    site_files(dir.path());
-    let app = App::start(dir.path(), &config(0, free_port(), "")).await;
+    let app = App::start(dir.path(), &site(dir.path(), 0, free_port(), "").toml()).await;
     let rss_before = raw::rss_kib();
     let dropped_before = dropped_metric(&app.counters, mqtt_uplink::outbox::reason::QOS0_FULL);
 
@@ -386,9 +341,8 @@ async fn one_device_cannot_fill_the_outbox_for_the_others_and_local_delivery_con
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
     drop(cloud);
-    site_files(dir.path());
     let extra = "[outbox]\nmax_bytes = 1048576\non_full = \"reject-new\"\n";
-    let app = App::start(dir.path(), &config(0, free_port(), extra)).await;
+    let app = App::start(dir.path(), &site(dir.path(), 0, free_port(), extra).toml()).await;
     let mut local = subscriber(&app, "watch-share", "sensors/#").await;
     let user_reject = mqtt_uplink::outbox::reason::USER_REJECT_NEW;
     let before = dropped_metric(&app.counters, user_reject);
@@ -430,9 +384,8 @@ async fn one_device_cannot_fill_the_outbox_for_the_others_and_local_delivery_con
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
     drop(cloud);
-    site_files(dir.path());
     let extra = "[outbox]\nmax_bytes = 1048576\non_full = \"drop-oldest\"\n";
-    let app = App::start(dir.path(), &config(0, free_port(), extra)).await;
+    let app = App::start(dir.path(), &site(dir.path(), 0, free_port(), extra).toml()).await;
     let mut dev2 = login_v5(&app, "dev2-2", "dev2").await;
     let code = publish_v5_qos1(&mut dev2, b"sensors/dev2", b"keep", false, 1).await;
     assert_eq!(code, Some(0));
@@ -541,10 +494,10 @@ async fn state_dir_and_files_are_private_whatever_the_umask() {
     let _serial = SERIAL.lock().await;
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
     let config_path = dir.path().join("mqtt-uplink.toml");
-    let toml =
-        config(free_port(), cloud.port, "").replace("state_dir = \"state\"", "state_dir = \"state/outbox\"");
+    let toml = site(dir.path(), free_port(), cloud.port, "")
+        .site_key("state_dir", "\"state/outbox\"")
+        .toml();
     std::fs::write(
         &config_path,
         format!("{toml}\n[metrics]\nbind = \"127.0.0.1:0\"\n"),
@@ -608,11 +561,10 @@ async fn check_warns_when_in_mappings_overlap_locally() {
     let _serial = SERIAL.lock().await;
     let dir = tempdir();
     support::write_certs(dir.path(), &[]);
-    site_files(dir.path());
     let toml = format!(
         "{}\n[[map]]\ndirection = \"in\"\ntopic = \"#\"\nlocal_prefix = \"control/\"\n\
          remote_prefix = \"other-tenant/\"\n",
-        config(free_port(), free_port(), "")
+        site(dir.path(), free_port(), free_port(), "").toml()
     );
     let path = dir.path().join("mqtt-uplink.toml");
     std::fs::write(&path, toml).unwrap();
@@ -636,7 +588,7 @@ async fn check_warns_when_in_mappings_overlap_locally() {
     let toml = format!(
         "{}\n[[map]]\ndirection = \"in\"\ntopic = \"#\"\nlocal_prefix = \"tenant2/\"\n\
          remote_prefix = \"other-tenant/\"\n",
-        config(free_port(), free_port(), "")
+        site(dir.path(), free_port(), free_port(), "").toml()
     );
     std::fs::write(&path, toml).unwrap();
     let out = Command::new(support::bin())

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::raw::{self, Raw};
-use support::{tempdir, write_secret, App};
+use support::site::Site;
+use support::{tempdir, App};
 
 const T: Duration = Duration::from_secs(20);
 const PW: &str = "Slow-Consumer-Passw0rd";
@@ -43,23 +44,16 @@ topic read sensors/#
 ";
 
 fn site(dir: &Path) -> String {
-    let hash = mqtt_uplink::guard::passwords::hash_argon2id(PW.as_bytes());
-    write_secret(&dir.join("passwords"), &format!("dev:{hash}\nwatcher:{hash}\n"));
-    std::fs::write(dir.join("acl"), ACL).unwrap();
-    format!(
-        r#"
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[limits]
-max_queued_bytes = {BUDGET}
-max_inflight_bytes = {BUDGET}
-"#
-    )
+    Site::new(dir)
+        .without_site()
+        .listener(0)
+        .user_hashed("dev", PW)
+        .user_hashed("watcher", PW)
+        .acl(ACL)
+        .limits(&format!(
+            "max_queued_bytes = {BUDGET}\nmax_inflight_bytes = {BUDGET}"
+        ))
+        .toml()
 }
 
 async fn login(app: &App, client_id: &str, user: &str) -> Raw {

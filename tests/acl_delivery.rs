@@ -12,8 +12,9 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::{ConnectProperties, Filter};
 use rumqttc::v5::mqttbytes::QoS;
 use support::raw::{self, Raw};
+use support::site::Site;
 use support::v5::{self, SubscribeReasonCode, V5};
-use support::{tempdir, write_secret, App};
+use support::{tempdir, App};
 
 const T: Duration = Duration::from_secs(15);
 /// How long a message that must not arrive is waited for (after a later one already arrived).
@@ -32,21 +33,13 @@ topic write $SYS/appliance/test
 ";
 
 fn site(dir: &Path, acl: &str) -> String {
-    let hash = mqtt_uplink::guard::passwords::hash_argon2id(PW.as_bytes());
-    write_secret(
-        &dir.join("passwords"),
-        &format!("monitor:{hash}\nwriter:{hash}\n"),
-    );
-    std::fs::write(dir.join("acl"), acl).unwrap();
-    r#"
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-"#
-    .to_string()
+    Site::new(dir)
+        .without_site()
+        .listener(0)
+        .user_hashed("monitor", PW)
+        .user_hashed("writer", PW)
+        .acl(acl)
+        .toml()
 }
 
 async fn login_v3(app: &App, client_id: &str, user: &str) -> Raw {

@@ -7,28 +7,28 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
+use support::cloud::{Cloud, Sub};
 use support::device::Device;
-use support::{mosquitto_passwd, tempdir, write_secret, App};
+use support::site::{Site, Uplink};
+use support::{tempdir, App};
 
 const T: Duration = Duration::from_secs(20);
 const PW: &str = "dev1-Passw0rd-long";
 
 fn config(dir: &Path, cloud: &Cloud) -> String {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", PW);
-    std::fs::write(
-        dir.join("acl"),
-        "user dev1\ntopic readwrite sensors/#\ntopic readwrite local/#\n",
-    )
-    .unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-    format!(
-        "[[listener]]\nbind = \"127.0.0.1:0\"\n[auth]\npassword_file = \"passwords\"\nacl_file = \"acl\"\n\
-         [uplink]\nbroker = \"{}\"\nclient_id = \"up\"\nusername = \"{UPLINK_USER}\"\npassword_file = \"uplink.password\"\n\
-         ca_file = \"ca.pem\"\nbackoff_min_ms = 100\nbackoff_max_ms = 500\n\
-         [[map]]\ndirection = \"out\"\ntopic = \"sensors/#\"\nremote_prefix = \"site/\"\n",
-        cloud.url()
-    )
+    Site::new(dir)
+        .without_site()
+        .listener(0)
+        .user("dev1", PW)
+        .acl("user dev1\ntopic readwrite sensors/#\ntopic readwrite local/#\n")
+        .uplink(
+            Uplink::cloud(cloud)
+                .set_str("client_id", "up")
+                .set("backoff_min_ms", 100)
+                .set("backoff_max_ms", 500),
+        )
+        .map_out("sensors/#", "site/")
+        .toml()
 }
 
 fn device(app: &App) -> Device<'static> {

@@ -14,8 +14,9 @@ use rumqttc::v5::mqttbytes::v5::{
 };
 use rumqttc::v5::mqttbytes::QoS;
 use support::raw::{self, Raw};
+use support::site::Site;
 use support::v5::{self, PublishProperties, SubscribeReasonCode, V5};
-use support::{tempdir, write_secret, App};
+use support::{tempdir, App};
 
 const T: Duration = Duration::from_secs(15);
 /// How long a message that must not arrive is waited for.
@@ -24,26 +25,14 @@ const PW: &str = "Mqtt5-Test-Passw0rd";
 const OK1: SubscribeReasonCode = SubscribeReasonCode::Success(QoS::AtLeastOnce);
 
 fn site(dir: &Path, limits: &str) -> String {
-    let hash = mqtt_uplink::guard::passwords::hash_argon2id(PW.as_bytes());
-    write_secret(&dir.join("passwords"), &format!("dev:{hash}\nsvc:{hash}\n"));
-    std::fs::write(
-        dir.join("acl"),
-        "user dev\ntopic readwrite #\nuser svc\ntopic readwrite #\n",
-    )
-    .unwrap();
-    format!(
-        r#"
-[[listener]]
-bind = "127.0.0.1:0"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[limits]
-{limits}
-"#
-    )
+    Site::new(dir)
+        .without_site()
+        .listener(0)
+        .user_hashed("dev", PW)
+        .user_hashed("svc", PW)
+        .acl("user dev\ntopic readwrite #\nuser svc\ntopic readwrite #\n")
+        .limits(limits)
+        .toml()
 }
 
 async fn start(limits: &str) -> (tempfile::TempDir, App) {
