@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use crate::slowdisk::SlowDisk;
-use crate::support::cloud::{OBSERVER_PASSWORD, OBSERVER_USER, UPLINK_PASSWORD, UPLINK_USER};
+use crate::support::cloud::{Cloud, CloudOptions, UPLINK_PASSWORD, UPLINK_USER};
 use crate::support::sshd::Sshd;
 use crate::support::wgpeer::WgPeer;
-use crate::support::{free_port, mosquitto_passwd, write_certs, write_secret};
+use crate::support::{free_port, mosquitto_passwd, write_secret};
 
 pub const DEV_USER: &str = "dev";
 pub const DEV_PASSWORD: &str = "dev-Bench-Passw0rd";
@@ -125,36 +125,19 @@ pub(crate) fn wait_listening(
     }
 }
 
-pub(crate) fn term_and_reap(child: &mut Child, grace: Duration) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
+pub(crate) use crate::support::cloud::term_and_reap;
 
-/// The cloud broker: mosquitto with TLS, a password file, persistence, and no per-client queue or
-/// in-flight limit (`max_queued_messages 0`, `max_inflight_messages 0`), so every loss measured is the
-/// edge's, never the cloud's towards a slow benchmark subscriber.
+/// The cloud broker: the tests' cloud fixture (`tests/support/cloud.rs`: mosquitto with TLS, a
+/// password file, persistence) with no per-client queue or in-flight limit (`unbounded`), so every
+/// loss measured is the edge's, never the cloud's towards a slow benchmark subscriber, and its log in
+/// `cloud.log`.
 pub struct CloudBroker {
-    pub dir: PathBuf,
     /// Listener the edge uses (on `host`).
     pub port: u16,
-    /// The websockets (WSS, path `/mqtt`) listener, on the websocket path.
-    pub ws_port: Option<u16>,
     pub host: String,
     /// Where the benchmark's own clients reach it from the root namespace.
     pub client_addr: SocketAddr,
-    netns: Option<String>,
-    child: Option<Child>,
+    cloud: Cloud,
 }
 
 impl CloudBroker {
@@ -165,100 +148,39 @@ impl CloudBroker {
         side: Option<&str>,
         websockets: bool,
     ) -> anyhow::Result<CloudBroker> {
-        let mut names = vec![host.to_string()];
-        names.extend(side.map(str::to_string));
-        write_certs(dir, &names);
-        let pw = dir.join("cloud-passwords");
-        mosquitto_passwd(&pw, UPLINK_USER, UPLINK_PASSWORD);
-        mosquitto_passwd(&pw, OBSERVER_USER, OBSERVER_PASSWORD);
-        let port = free_port();
-        let mut conf = String::new();
-        let tls = |conf: &mut String, port: u16, host: &str| {
-            conf.push_str(&format!(
-                "listener {port} {host}\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
-                d = dir.display()
-            ))
+        let options = CloudOptions {
+            netns,
+            websockets,
+            side,
+            unbounded: true,
+            log_file: true,
+            ..CloudOptions::at(host)
         };
-        tls(&mut conf, port, host);
-        let client_addr = match side {
-            Some(ip) => {
-                let p = free_port();
-                tls(&mut conf, p, ip);
-                SocketAddr::new(ip.parse()?, p)
-            }
-            None => SocketAddr::new(host.parse()?, port),
-        };
-        let ws_port = websockets.then(free_port);
-        if let Some(p) = ws_port {
-            tls(&mut conf, p, host);
-            conf.push_str("protocol websockets\n");
-        }
-        conf.push_str(&format!(
-            "allow_anonymous false\npassword_file {pw}\npersistence true\npersistence_location {d}/\n\
-             user root\nlog_dest stderr\nlog_type error\nlog_type warning\n\
-             max_queued_messages 0\nmax_inflight_messages 0\nset_tcp_nodelay true\n",
-            d = dir.display(),
-            pw = pw.display()
-        ));
-        std::fs::write(dir.join("cloud.conf"), conf)?;
-        let mut c = CloudBroker {
-            dir: dir.to_path_buf(),
-            port,
-            ws_port,
-            host: host.to_string(),
-            client_addr,
-            netns: netns.map(str::to_string),
-            child: None,
-        };
-        c.spawn()?;
-        Ok(c)
+        let cloud = Cloud::try_start_with(dir, options).map_err(anyhow::Error::msg)?;
+        Ok(CloudBroker {
+            port: cloud.port,
+            host: cloud.host.clone(),
+            client_addr: cloud.client_addr(),
+            cloud,
+        })
     }
 
-    fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = self.dir.join("cloud.log");
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "mosquitto"]);
-                c
-            }
-            None => Command::new("mosquitto"),
-        };
-        let mut child = cmd
-            .arg("-c")
-            .arg(self.dir.join("cloud.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log)?)
-            .spawn()
-            .context("starting the cloud mosquitto")?;
-        wait_listening(self.client_addr, "cloud mosquitto", &mut child, &log)?;
-        self.child = Some(child);
-        Ok(())
+    /// The websockets (WSS, path `/mqtt`) listener, on the websocket path.
+    pub fn ws_port(&self) -> Option<u16> {
+        self.cloud.ws_port
     }
 
     /// SIGTERM (mosquitto saves its sessions and queued messages on the way out).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            term_and_reap(&mut c, Duration::from_secs(10));
-        }
+        self.cloud.stop_within(Duration::from_secs(10));
     }
 
     pub fn start_again(&mut self) -> anyhow::Result<()> {
-        self.spawn()
+        self.cloud.try_start_again().map_err(anyhow::Error::msg)
     }
 
     pub fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-}
-
-impl Drop for CloudBroker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.cloud.dir.join("ca.pem")
     }
 }
 
@@ -379,7 +301,7 @@ impl PathLab {
                         format!(
                             "[uplink.websocket]\nurl = \"wss://localhost:{}/mqtt\"\n",
                             self.cloud
-                                .ws_port
+                                .ws_port()
                                 .context("the cloud has no websockets listener")?
                         ),
                     ),

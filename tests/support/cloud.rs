@@ -24,9 +24,52 @@ pub struct Cloud {
     pub ws_port: Option<u16>,
     /// The address mosquitto listens on (127.0.0.1, or a tunnel address inside `netns`).
     pub host: String,
+    /// A second TLS listener on [`CloudOptions::side`] (0 otherwise).
+    pub side_port: u16,
     /// Runs inside this network namespace (created by the test's WireGuard fixture).
     netns: Option<String>,
+    side: Option<String>,
+    /// Where mosquitto's stderr goes (appended), when not to the test's own stderr.
+    log: Option<PathBuf>,
     child: Option<Child>,
+}
+
+/// How a [`Cloud`] is run. [`Cloud::start`] and its variants fill it in for the tests; the benchmark
+/// (benches/bridge/lab.rs) passes its own to [`Cloud::try_start_with`].
+#[derive(Clone, Copy)]
+pub struct CloudOptions<'a> {
+    /// Runs inside this network namespace.
+    pub netns: Option<&'a str>,
+    /// The address mosquitto listens on.
+    pub host: &'a str,
+    /// More names (DNS names or IP addresses) in the server certificate.
+    pub names: &'a [String],
+    /// A second listener speaking MQTT over WebSocket over TLS.
+    pub websockets: bool,
+    /// A second TLS listener on this address: where clients outside `netns` reach it (the hub's
+    /// veth address), named in the certificate too.
+    pub side: Option<&'a str>,
+    /// No per-client queue or in-flight limit and TCP_NODELAY (`max_queued_messages 0`,
+    /// `max_inflight_messages 0`, `set_tcp_nodelay true`), so that every loss a benchmark measures is
+    /// the edge's, never the cloud's towards a slow subscriber. Otherwise `max_queued_messages 100000`.
+    pub unbounded: bool,
+    /// mosquitto's stderr appended to `dir/cloud.log` instead of going to the test's stderr.
+    pub log_file: bool,
+}
+
+impl<'a> CloudOptions<'a> {
+    /// Listening on `host` in the root namespace, TLS only, the tests' queue limit, stderr inherited.
+    pub fn at(host: &'a str) -> CloudOptions<'a> {
+        CloudOptions {
+            netns: None,
+            host,
+            names: &[],
+            websockets: false,
+            side: None,
+            unbounded: false,
+            log_file: false,
+        }
+    }
 }
 
 impl Cloud {
@@ -37,23 +80,58 @@ impl Cloud {
 
     /// Also listens for MQTT over WSS on 127.0.0.1:`ws_port` (same CA, certificate and users).
     pub fn start_with_websockets(dir: &Path) -> Cloud {
-        Self::start_inner(dir, None, "127.0.0.1", &[], true)
+        Self::start_with(
+            dir,
+            CloudOptions {
+                websockets: true,
+                ..CloudOptions::at("127.0.0.1")
+            },
+        )
     }
 
     /// Listens on `host` inside network namespace `netns` (the test's own).
     pub fn start_at(dir: &Path, netns: Option<&str>, host: &str) -> Cloud {
-        Self::start_inner(dir, netns, host, &[], false)
+        Self::start_with(
+            dir,
+            CloudOptions {
+                netns,
+                ..CloudOptions::at(host)
+            },
+        )
     }
 
     /// Like [`Cloud::start_at`], with more names (DNS names or IP addresses) in the server
     /// certificate: the addresses a client reaches it at from outside `netns`.
     pub fn start_named(dir: &Path, netns: Option<&str>, host: &str, names: &[String]) -> Cloud {
-        Self::start_inner(dir, netns, host, names, false)
+        Self::start_with(
+            dir,
+            CloudOptions {
+                netns,
+                names,
+                ..CloudOptions::at(host)
+            },
+        )
     }
 
-    fn start_inner(dir: &Path, netns: Option<&str>, host: &str, names: &[String], websockets: bool) -> Cloud {
+    /// Started as `options` say; panics if it does not come up.
+    pub fn start_with(dir: &Path, options: CloudOptions) -> Cloud {
+        Self::try_start_with(dir, options).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Started as `options` say, or why it did not come up (with its log, when it has one).
+    pub fn try_start_with(dir: &Path, options: CloudOptions) -> Result<Cloud, String> {
+        let CloudOptions {
+            netns,
+            host,
+            names,
+            websockets,
+            side,
+            unbounded,
+            log_file,
+        } = options;
         let mut all = vec![host.to_string()];
         all.extend(names.iter().cloned());
+        all.extend(side.map(str::to_string));
         write_certs(dir, &all);
         let pw = dir.join("cloud-passwords");
         mosquitto_passwd(&pw, UPLINK_USER, UPLINK_PASSWORD);
@@ -62,10 +140,22 @@ impl Cloud {
         let mut conf = format!(
             "listener {port} {host}\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n\
              allow_anonymous false\npassword_file {pw}\npersistence true\npersistence_location {d}/\n\
-             user root\nlog_dest stderr\nlog_type error\nlog_type warning\nmax_queued_messages 100000\n",
+             user root\nlog_dest stderr\nlog_type error\nlog_type warning\n",
             d = dir.display(),
             pw = pw.display()
         );
+        conf += if unbounded {
+            "max_queued_messages 0\nmax_inflight_messages 0\nset_tcp_nodelay true\n"
+        } else {
+            "max_queued_messages 100000\n"
+        };
+        let side_port = side.map_or(0, |_| free_port());
+        if let Some(side) = side {
+            conf += &format!(
+                "listener {side_port} {side}\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
+                d = dir.display()
+            );
+        }
         let ws_port = websockets.then(free_port);
         if let Some(ws) = ws_port {
             conf += &format!(
@@ -80,11 +170,14 @@ impl Cloud {
             mtls_port: 0,
             ws_port,
             host: host.to_string(),
+            side_port,
             netns: netns.map(str::to_string),
+            side: side.map(str::to_string),
+            log: log_file.then(|| dir.join("cloud.log")),
             child: None,
         };
-        cloud.spawn();
-        cloud
+        cloud.try_spawn()?;
+        Ok(cloud)
     }
 
     /// Like [`Cloud::start`] (the observer's password listener on `port`), plus a second TLS
@@ -137,7 +230,10 @@ impl Cloud {
             mtls_port,
             ws_port,
             host: "127.0.0.1".to_string(),
+            side_port: 0,
             netns: None,
+            side: None,
+            log: None,
             child: None,
         };
         cloud.spawn();
@@ -170,7 +266,7 @@ impl Cloud {
     }
 
     fn listening(&self) -> bool {
-        match &self.netns {
+        let main = match &self.netns {
             None => {
                 std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
                     && self
@@ -183,28 +279,77 @@ impl Cloud {
                 .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success()),
-        }
+        };
+        main && self.side.as_ref().is_none_or(|side| {
+            std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::new(side.parse().unwrap(), self.side_port),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        })
     }
 
     fn spawn(&mut self) {
-        let child = self
+        self.try_spawn().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts mosquitto and waits (15 s at most) until it listens; an error says why not.
+    fn try_spawn(&mut self) -> Result<(), String> {
+        let stderr = match &self.log {
+            Some(log) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .map_err(|e| format!("{}: {e}", log.display()))?,
+            ),
+            None => Stdio::inherit(),
+        };
+        let mut child = self
             .cmd("mosquitto")
             .arg("-c")
             .arg(self.dir.join("cloud.conf"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
-            .expect("mosquitto is installed");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+            .map_err(|e| format!("starting the cloud mosquitto (is it installed?): {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(15);
         while !self.listening() {
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not start listening on {}",
-                self.port
-            );
+            let log = || {
+                self.log
+                    .as_ref()
+                    .map(|l| format!(":\n{}", std::fs::read_to_string(l).unwrap_or_default()))
+                    .unwrap_or_default()
+            };
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "the cloud mosquitto exited ({status}) before listening on {}{}",
+                    self.port,
+                    log()
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "mosquitto did not start listening on {}{}",
+                    self.port,
+                    log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Where clients outside its namespace reach it: the side listener if it has one, else
+    /// `host:port`.
+    pub fn client_addr(&self) -> std::net::SocketAddr {
+        match &self.side {
+            Some(side) => std::net::SocketAddr::new(side.parse().unwrap(), self.side_port),
+            None => std::net::SocketAddr::new(self.host.parse().unwrap(), self.port),
         }
     }
 
@@ -230,6 +375,20 @@ impl Cloud {
             );
             let _ = c.wait();
         }
+    }
+
+    /// SIGTERM, and SIGKILL if it has not exited after `grace` (it saves its sessions and queues on
+    /// the way out, which can take long after a benchmark).
+    pub fn stop_within(&mut self, grace: Duration) {
+        if let Some(mut c) = self.child.take() {
+            term_and_reap(&mut c, grace);
+        }
+    }
+
+    /// Like [`Cloud::start_again`], or why it did not come up.
+    pub fn try_start_again(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "still running");
+        self.try_spawn()
     }
 
     /// Starts again on the same port (after `kill` or `stop`).
@@ -397,6 +556,23 @@ impl Cloud {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// SIGTERM to `child`, and SIGKILL if it has not exited after `grace`; reaped either way.
+pub fn term_and_reap(child: &mut Child, grace: Duration) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Drop for Cloud {

@@ -452,11 +452,3 @@ pub fn wireguard_section(peer: &WgPeer, broker: &str) -> String {
         peer.our_address(),
     )
 }
-
-// TEMP-CHECK (removed before commit): the old hand-written TOML and the builder's parse the same.
-pub fn assert_same(old: &str, new: &str) {
-    let o: toml::Table = toml::from_str(old).unwrap();
-    let n: toml::Table = toml::from_str(new).unwrap();
-    assert_eq!(o, n, "old:\n{old}\nnew:\n{new}");
-    eprintln!("TEMP-CHECK same TOML ({} tables)", o.len());
-}
