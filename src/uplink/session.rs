@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::core::mqtt5::SESSION_EXPIRY_S;
-use super::core::{Action, Dropped, Peer, Session, Settings};
+use super::core::{Action, Dropped, Peer, Session, Settings, StatusSettings};
 use super::decode::{Inbound, MQTT_MAX_REMAINING};
 use super::link::Link;
 use super::subscriptions::{Filters, Ledger};
@@ -63,6 +63,8 @@ pub struct Identity {
     pub max_in_msgs_per_s: u32,
     /// MQTT 5 topic aliases on the uplink's PUBLISHes (`topic_alias`).
     pub topic_alias: bool,
+    /// The site's status topic: the will of the session's CONNECT, birth and offline messages.
+    pub status: Option<StatusSettings>,
 }
 
 /// The cloud broker refused the MQTT version asked for (a 3.1.1 broker's CONNACK 0x01 to an MQTT 5
@@ -84,6 +86,7 @@ impl Identity {
             health_timeout: self.health_timeout,
             max_in_msgs_per_s: self.max_in_msgs_per_s,
             topic_alias: self.topic_alias,
+            status: self.status.clone(),
         }
     }
 }
@@ -97,6 +100,10 @@ pub struct Wiring<'a> {
     pub wanted: watch::Receiver<Filters>,
     /// The file of what the cloud's persistent session may hold.
     pub ledger: &'a mut Ledger,
+    /// The appliance is stopping (not only this connection): the status goes offline first.
+    pub stopping: CancellationToken,
+    /// The transport carrying the session, for the status.
+    pub transport: &'static str,
 }
 
 /// The connection a session runs on.
@@ -129,6 +136,18 @@ pub async fn probe(stream: BoxStream, id: &Identity, version: MqttVersion) -> an
     Ok(())
 }
 
+/// A clean-session connection as `client_id` without a will (the `gaps` command's subscriber).
+pub async fn connect_clean(
+    stream: BoxStream,
+    id: &Identity,
+    client_id: &str,
+    version: MqttVersion,
+) -> anyhow::Result<Conn> {
+    connect_as(stream, id, client_id, true, version)
+        .await
+        .map(|(c, _)| c)
+}
+
 /// The cloud broker gave no answer in time (a TLS handshake or a CONNACK): it or the way to it is
 /// down or frozen, which is not a refusal (see `UplinkTask::open`).
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +169,12 @@ async fn connect_as(
         version,
     );
     let keep_alive = id.keepalive.as_secs().min(u16::MAX as u64) as u16;
+    // The session's own connection carries the status will (retained "offline"); probes do not.
+    let will = id
+        .status
+        .as_ref()
+        .filter(|_| !clean_session)
+        .map(StatusSettings::will);
     let password = id
         .sas
         .as_ref()
@@ -164,6 +189,12 @@ async fn connect_as(
                 client_id: client_id.to_string().into(),
                 username: id.username.clone().map(Into::into),
                 password,
+                last_will: will.map(|(topic, message)| rmqtt::codec::v3::LastWill {
+                    qos: rmqtt::codec::types::QoS::AtLeastOnce,
+                    retain: true,
+                    topic: topic.into(),
+                    message,
+                }),
                 ..Connect::default()
             };
             conn.send(Packet::Connect(Box::new(connect)))
@@ -179,6 +210,19 @@ async fn connect_as(
                 client_id: client_id.to_string().into(),
                 username: id.username.clone().map(Into::into),
                 password,
+                last_will: will.map(|(topic, message)| v5::LastWill {
+                    qos: rmqtt::codec::types::QoS::AtLeastOnce,
+                    retain: true,
+                    topic: topic.into(),
+                    message,
+                    will_delay_interval_sec: None,
+                    correlation_data: None,
+                    message_expiry_interval: None,
+                    content_type: Some("application/json".into()),
+                    user_properties: Vec::new(),
+                    is_utf8_payload: Some(true),
+                    response_topic: None,
+                }),
                 ..v5::Connect::default()
             };
             conn.send_v5(v5::Packet::Connect(Box::new(connect)))
@@ -275,6 +319,12 @@ pub async fn run(
 ) -> Ended {
     core.set_wanted(w.wanted.borrow_and_update().clone());
     core.connected_to(std::time::Instant::now(), session_present, conn.peer);
+    core.announce(
+        std::time::Instant::now(),
+        crate::outbox::now_ms(),
+        w.transport,
+        w.outbox.depth(),
+    );
     let result = drive(&mut conn, core, &mut w, stop).await;
     let proven = core.disconnected();
     // What the core still asks for (the ledger, acknowledgements) does not need the connection.
@@ -298,11 +348,24 @@ async fn drive(
             let Some(m) = w.outbox.pop_qos0() else { break };
             core.offer_qos0(crate::outbox::now_ms(), m);
         }
+        if core.status_due(std::time::Instant::now()) {
+            core.refresh_status(
+                std::time::Instant::now(),
+                crate::outbox::now_ms(),
+                w.outbox.depth(),
+            );
+        }
         perform(Some(conn), core, w).await?;
 
         let timer = core.poll_timeout().map(Instant::from_std);
         tokio::select! {
             _ = shutdown.cancelled() => {
+                // The appliance stops: the status goes offline first (the DISCONNECT that follows
+                // suppresses the will). A failover or a token renewal ends only this connection.
+                if w.stopping.is_cancelled() {
+                    core.stopping(crate::outbox::now_ms(), w.outbox.depth());
+                    let _ = tokio::time::timeout(Duration::from_secs(2), perform(Some(conn), core, w)).await;
+                }
                 // A clean DISCONNECT keeps the persistent session on the cloud side.
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.send(Packet::Disconnect)).await;
                 return Ok(());

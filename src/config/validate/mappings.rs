@@ -71,6 +71,7 @@ pub(super) fn mappings(ctx: &mut Ctx<'_>, files: Vec<(usize, MapFile)>) -> Vec<M
                 remote_prefix: f.remote_prefix,
                 qos: f.qos,
                 retain,
+                sequence: f.sequence,
             });
         }
     }

@@ -186,7 +186,7 @@ pub fn validate(ctx: &mut Ctx<'_>, s: Sections) -> Option<Config> {
     let listeners = listeners(ctx, s.listeners, s.listener_declared);
     let auth = auth(ctx, s.auth, &listeners);
     let limits = limits(ctx, s.limits.unwrap_or_default());
-    let uplink = s.uplink.and_then(|u| uplink(ctx, u));
+    let uplink = s.uplink.and_then(|u| uplink(ctx, u, &site.id));
     let mappings = mappings(ctx, s.maps);
     if !mappings.is_empty() && !s.uplink_declared {
         ctx.error("map", "mappings need an [uplink] section to carry them");

@@ -48,7 +48,7 @@ pub fn parse_broker_url(s: &str) -> Result<BrokerUrl, String> {
     })
 }
 
-pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
+pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile, site_id: &str) -> Option<Uplink> {
     let brokers = brokers(ctx, &f.broker.0);
     if f.client_id.is_empty() || f.client_id.len() > 65535 {
         ctx.error("uplink.client_id", "must be non-empty");
@@ -232,6 +232,7 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
     }
     let brokers = brokers?;
     let profile = profile?;
+    let status_topic = status_topic(ctx, f.status_topic.as_deref(), site_id, &profile, &f.client_id);
     let username = match profile.azure() {
         Some(a) => Some(a.username()),
         None => f.username,
@@ -257,6 +258,7 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         max_in_msgs_per_s: f.max_in_msgs_per_s,
         protocol: protocol?,
         topic_alias: f.topic_alias,
+        status_topic,
         ssh,
         wireguard,
         websocket,
@@ -264,6 +266,58 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         profile,
         alpn: f.alpn,
     })
+}
+
+/// `status_topic`: unset, `sites/<site.id>/status` (off for `azure-iot-hub`, whose only
+/// device-to-cloud topics are `devices/{id}/messages/events/...` and which keeps no retained
+/// message); `""`, off; else a topic name the profile accepts.
+fn status_topic(
+    ctx: &mut Ctx<'_>,
+    raw: Option<&str>,
+    site_id: &str,
+    profile: &crate::profile::Profile,
+    client_id: &str,
+) -> Option<String> {
+    use crate::profile::Profile;
+    let key = "uplink.status_topic";
+    let topic = match raw {
+        Some("") => return None,
+        Some(t) => t.to_string(),
+        None if profile.azure().is_some() => return None,
+        None => format!("sites/{site_id}/status"),
+    };
+    if let Err(e) = crate::topic::validate_name(&topic) {
+        ctx.error(key, format!("`{topic}` is not a topic name: {e}"));
+        return None;
+    }
+    match profile {
+        Profile::Generic => {}
+        Profile::AwsIot => {
+            if let Some(p) = crate::profile::aws::topic_problem(&topic, client_id) {
+                ctx.error(key, format!("\"aws-iot\": {p}"));
+                return None;
+            }
+        }
+        Profile::AzureIotHub(a) => {
+            let events = a.events_prefix();
+            if !topic.starts_with(&events) {
+                ctx.error(
+                    key,
+                    format!(
+                        "\"azure-iot-hub\": `{topic}`: IoT Hub takes device messages under `{events}` only \
+                         (or status_topic = \"\" to turn the status off)"
+                    ),
+                );
+                return None;
+            }
+            ctx.warn(
+                key,
+                "\"azure-iot-hub\": IoT Hub keeps no retained message: the status arrives as device \
+                 events (route them to keep the latest), not as a retained state",
+            );
+        }
+    }
+    Some(topic)
 }
 
 /// `broker`: one URL or a list, each parsed; all of one scheme, none twice.
