@@ -407,9 +407,13 @@ fn read_password(p: &Path) -> anyhow::Result<crate::secret::Secret> {
     Ok(crate::secret::Secret::new(line))
 }
 
+/// The session `gaps` keeps on the cloud while it reconnects (MQTT 5 session expiry): what the
+/// cloud queues for it during a reconnect is not lost, and the session ends by itself after.
+const GAPS_SESSION_EXPIRY_S: u32 = 3600;
+
 async fn listen(args: &GapsArgs) -> anyhow::Result<Analysis> {
     use crate::uplink::decode::Inbound;
-    use crate::uplink::session::{connect_clean, Identity};
+    use crate::uplink::session::{connect_persistent, Conn, Identity, VersionRefused};
     use rmqtt::codec::types::QoS;
     use rmqtt::codec::v3::Packet;
 
@@ -431,44 +435,62 @@ async fn listen(args: &GapsArgs) -> anyhow::Result<Analysis> {
         topic_alias: false,
         status: None,
     };
-    let open = || async {
-        let tcp = tokio::time::timeout(
-            id.connect_timeout,
-            tokio::net::TcpStream::connect((url.host.as_str(), url.port)),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("{url}: no TCP connection within {:?}", id.connect_timeout))??;
-        let _ = tcp.set_nodelay(true);
-        let stream: crate::transport::BoxStream = Box::new(tcp);
-        if url.tls {
-            let tls = crate::transport::tls::TlsClient::new(&url.host, args.ca_file.as_deref())?;
-            tls.wrap(stream).await
-        } else {
-            Ok(stream)
-        }
+    let tls = match url.tls {
+        true => Some(crate::transport::tls::TlsClient::new(&url.host, args.ca_file.as_deref())?),
+        false => None,
     };
-    let mut conn = match connect_clean(open().await?, &id, &args.client_id, args.protocol).await {
-        Ok(c) => c,
-        Err(e) if e.is::<crate::uplink::session::VersionRefused>() => {
-            eprintln!("gaps: {url} refused MQTT 5; using 3.1.1 (messages then carry no numbers)");
-            connect_clean(open().await?, &id, &args.client_id, crate::config::MqttVersion::V311).await?
-        }
-        Err(e) => return Err(e),
-    };
+    let mut version = args.protocol;
     let mut filters: Vec<(bytestring::ByteString, QoS)> =
         args.topics.iter().map(|t| (t.as_str().into(), QoS::AtLeastOnce)).collect();
     if !args.status_topic.is_empty() && !args.topics.contains(&args.status_topic) {
         filters.push((args.status_topic.as_str().into(), QoS::AtLeastOnce));
     }
-    let sub_id = std::num::NonZeroU16::new(1).expect("1");
-    conn.send(Packet::Subscribe {
-        packet_id: sub_id,
-        topic_filters: filters,
-    })
-    .await?;
+    // One connection: TCP, TLS, CONNECT (MQTT 5 falls back to 3.1.1 once), SUBSCRIBE.
+    let connect = |version: crate::config::MqttVersion| {
+        let (id, url, tls, filters) = (&id, &url, &tls, filters.clone());
+        async move {
+            let tcp = tokio::time::timeout(
+                id.connect_timeout,
+                tokio::net::TcpStream::connect((url.host.as_str(), url.port)),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("{url}: no TCP connection within {:?}", id.connect_timeout))??;
+            let _ = tcp.set_nodelay(true);
+            let stream: crate::transport::BoxStream = Box::new(tcp);
+            let stream = match tls {
+                Some(t) => t.wrap(stream).await?,
+                None => stream,
+            };
+            let (mut conn, present) =
+                connect_persistent(stream, id, &id.client_id, GAPS_SESSION_EXPIRY_S, version).await?;
+            if !present {
+                conn.send(Packet::Subscribe {
+                    packet_id: std::num::NonZeroU16::new(1).expect("1"),
+                    topic_filters: filters,
+                })
+                .await?;
+            }
+            anyhow::Ok(conn)
+        }
+    };
+    let url_text = url.to_string();
+    let open = |version| {
+        let (connect, url) = (&connect, &url_text);
+        async move {
+        match connect(version).await {
+            Err(e) if e.is::<VersionRefused>() => {
+                eprintln!("gaps: {url} refused MQTT 5; using 3.1.1 (messages then carry no numbers)");
+                connect(crate::config::MqttVersion::V311).await
+            }
+            r => r,
+        }
+        }
+    };
+    let mut conn: Conn = open(version).await?;
+    version = conn.peer.version;
     eprintln!(
         "gaps: listening on {url} (MQTT {}) to {:?}{}",
-        conn.peer.version.name(),
+        version.name(),
         args.topics,
         if args.status_topic.is_empty() {
             String::new()
@@ -482,6 +504,7 @@ async fn listen(args: &GapsArgs) -> anyhow::Result<Analysis> {
     let mut last_data = start;
     let mut ping = tokio::time::interval(keepalive / 2);
     ping.tick().await;
+    let mut down: Option<anyhow::Error> = None;
     loop {
         let idle_end = args.until_idle.map(|d| last_data + d);
         let deadline = match (end, idle_end) {
@@ -494,15 +517,29 @@ async fn listen(args: &GapsArgs) -> anyhow::Result<Analysis> {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        if let Some(e) = down.take() {
+            // The broker went away: connect again (the persistent session kept what it queued).
+            eprintln!("gaps: {e:#}; reconnecting");
+            tokio::select! {
+                _ = sleep => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match open(version).await {
+                Ok(c) => {
+                    conn = c;
+                    eprintln!("gaps: reconnected");
+                }
+                Err(e) => down = Some(e),
+            }
+            continue;
+        }
+        let step: anyhow::Result<()> = tokio::select! {
             _ = sleep => break,
             _ = tokio::signal::ctrl_c() => break,
-            _ = ping.tick() => conn.send(Packet::PingRequest).await?,
+            _ = ping.tick() => conn.send(Packet::PingRequest).await,
             p = conn.next() => match p {
                 Some(Ok(Inbound::Packet(Packet::Publish(p)))) => {
-                    if let (QoS::AtLeastOnce, Some(packet_id)) = (p.qos, p.packet_id) {
-                        conn.send(Packet::PublishAck { packet_id }).await?;
-                    }
                     let topic = p.topic.to_string();
                     let is_status = !args.status_topic.is_empty()
                         && crate::topic::matches(&args.status_topic, &topic)
@@ -516,22 +553,30 @@ async fn listen(args: &GapsArgs) -> anyhow::Result<Analysis> {
                         a.message(&topic, &props, crate::outbox::now_ms());
                         last_data = tokio::time::Instant::now();
                     }
-                }
-                Some(Ok(Inbound::Packet(Packet::SubscribeAck { status, .. }))) => {
-                    for st in status {
-                        if matches!(st, rmqtt::codec::v3::SubscribeReturnCode::Failure) {
-                            anyhow::bail!("the broker refused the subscription");
-                        }
+                    match (p.qos, p.packet_id) {
+                        (QoS::AtLeastOnce, Some(packet_id)) => conn.send(Packet::PublishAck { packet_id }).await,
+                        _ => Ok(()),
                     }
                 }
-                Some(Ok(Inbound::Disconnected(why))) => anyhow::bail!("the broker disconnected: {why}"),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => anyhow::bail!("reading from the broker: {e}"),
-                None => anyhow::bail!("the broker closed the connection"),
+                Some(Ok(Inbound::Packet(Packet::SubscribeAck { status, .. }))) => {
+                    if status.iter().any(|st| matches!(st, rmqtt::codec::v3::SubscribeReturnCode::Failure)) {
+                        anyhow::bail!("the broker refused the subscription to {:?}", filters);
+                    }
+                    Ok(())
+                }
+                Some(Ok(Inbound::Disconnected(why))) => Err(anyhow::anyhow!("the broker disconnected: {why}")),
+                Some(Ok(_)) => Ok(()),
+                Some(Err(e)) => Err(anyhow::anyhow!("reading from the broker: {e}")),
+                None => Err(anyhow::anyhow!("the broker closed the connection")),
             },
+        };
+        if let Err(e) = step {
+            down = Some(e);
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), conn.send(Packet::Disconnect)).await;
+    if down.is_none() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.send(Packet::Disconnect)).await;
+    }
     Ok(a)
 }
 

@@ -136,16 +136,17 @@ pub async fn probe(stream: BoxStream, id: &Identity, version: MqttVersion) -> an
     Ok(())
 }
 
-/// A clean-session connection as `client_id` without a will (the `gaps` command's subscriber).
-pub async fn connect_clean(
+/// A persistent session as `client_id` (MQTT 5: expiring `expiry_s` after a disconnect), without a
+/// will: the `gaps` command's subscriber, which must not lose what the cloud queued for it while it
+/// reconnects.
+pub async fn connect_persistent(
     stream: BoxStream,
     id: &Identity,
     client_id: &str,
+    expiry_s: u32,
     version: MqttVersion,
-) -> anyhow::Result<Conn> {
-    connect_as(stream, id, client_id, true, version)
-        .await
-        .map(|(c, _)| c)
+) -> anyhow::Result<(Conn, bool)> {
+    connect_with(stream, id, client_id, false, expiry_s, version).await
 }
 
 /// The cloud broker gave no answer in time (a TLS handshake or a CONNACK): it or the way to it is
@@ -159,6 +160,17 @@ async fn connect_as(
     id: &Identity,
     client_id: &str,
     clean_session: bool,
+    version: MqttVersion,
+) -> anyhow::Result<(Conn, bool)> {
+    connect_with(stream, id, client_id, clean_session, SESSION_EXPIRY_S, version).await
+}
+
+async fn connect_with(
+    stream: BoxStream,
+    id: &Identity,
+    client_id: &str,
+    clean_session: bool,
+    expiry_s: u32,
     version: MqttVersion,
 ) -> anyhow::Result<(Conn, bool)> {
     // A write may wait on flow control, never longer than a keepalive plus the health deadline.
@@ -206,7 +218,7 @@ async fn connect_as(
                 clean_start: clean_session,
                 keep_alive,
                 // Without an interval an MQTT 5 session ends with its connection.
-                session_expiry_interval_secs: if clean_session { 0 } else { SESSION_EXPIRY_S },
+                session_expiry_interval_secs: if clean_session { 0 } else { expiry_s },
                 client_id: client_id.to_string().into(),
                 username: id.username.clone().map(Into::into),
                 password,
