@@ -179,7 +179,11 @@ pub struct GapsCli {
 }
 
 fn gaps(g: GapsCli) -> i32 {
-    for t in g.topics.iter().chain(Some(&g.status_topic).filter(|t| !t.is_empty())) {
+    for t in g
+        .topics
+        .iter()
+        .chain(Some(&g.status_topic).filter(|t| !t.is_empty()))
+    {
         if let Err(e) = crate::topic::validate_filter(t) {
             eprintln!("gaps: `{t}` is not a topic filter: {e}");
             return EXIT_CONFIG;
@@ -207,7 +211,9 @@ fn gaps(g: GapsCli) -> i32 {
         until_idle: g.until_idle.map(std::time::Duration::from_secs),
         json: g.json,
         protocol,
-        client_id: g.client_id.unwrap_or_else(|| format!("mqtt-uplink-gaps-{}", std::process::id())),
+        client_id: g
+            .client_id
+            .unwrap_or_else(|| format!("mqtt-uplink-gaps-{}", std::process::id())),
     })
 }
 

@@ -91,8 +91,12 @@ fn wait_state(sub: &mut Sub, state: &str, reason: Option<&str>, timeout: Duratio
     loop {
         while !sub.seen.is_empty() {
             let line = sub.seen.remove(0);
-            let Some((retain, payload)) = line.split_once(' ') else { continue };
-            let Ok(v) = serde_json::from_str::<Value>(payload) else { continue };
+            let Some((retain, payload)) = line.split_once(' ') else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<Value>(payload) else {
+                continue;
+            };
             if v["state"] == state && reason.is_none_or(|r| v["reason"] == r) {
                 return Some((retain == "1", v));
             }
@@ -162,7 +166,12 @@ impl Gaps {
         };
         let mut out = String::new();
         use std::io::Read as _;
-        self.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
         let v: Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("gaps printed no JSON ({e}): {out}\n{}", self.stderr()));
         (status.code().unwrap_or(-1), v)
@@ -188,8 +197,17 @@ fn sigterm(pid: u32) {
 /// one message per line, one connection).
 fn publish_v5(port: u16, n: usize, expiry_s: Option<u32>) {
     let mut cmd = Command::new("mosquitto_pub");
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv5", "-q", "1"])
-        .args(["-u", "dev1", "-P", DEV_PW, "-t", "sensors/exp", "-l"]);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+    ])
+    .args(["-u", "dev1", "-P", DEV_PW, "-t", "sensors/exp", "-l"]);
     if let Some(e) = expiry_s {
         cmd.args(["-D", "publish", "message-expiry-interval", &e.to_string()]);
     }
@@ -249,8 +267,13 @@ async fn the_status_is_online_then_offline_by_will_on_sigkill_and_offline_after_
 
     // A clean stop: offline ("stopped") before the DISCONNECT, and no will after it.
     sigterm(app.pid().unwrap());
-    let (_, stopped) = wait_state(&mut sub, "offline", Some("stopped"), T)
-        .unwrap_or_else(|| panic!("no offline status at the clean stop: {:?}\n{}", sub.seen, app.log()));
+    let (_, stopped) = wait_state(&mut sub, "offline", Some("stopped"), T).unwrap_or_else(|| {
+        panic!(
+            "no offline status at the clean stop: {:?}\n{}",
+            sub.seen,
+            app.log()
+        )
+    });
     assert_eq!(stopped["outbox_depth"], 0);
     let kept = retained_status(&cloud).unwrap();
     assert_eq!(
@@ -259,7 +282,13 @@ async fn the_status_is_online_then_offline_by_will_on_sigkill_and_offline_after_
     );
     // The will was suppressed by the DISCONNECT: nothing else comes.
     assert!(
-        wait_state(&mut sub, "offline", Some("connection lost"), Duration::from_secs(4)).is_none(),
+        wait_state(
+            &mut sub,
+            "offline",
+            Some("connection lost"),
+            Duration::from_secs(4)
+        )
+        .is_none(),
         "the will came after a clean stop"
     );
 }
@@ -285,7 +314,9 @@ async fn gaps_finds_nothing_missing_after_a_cloud_outage_and_an_appliance_sigkil
     tokio::time::sleep(Duration::from_secs(4)).await;
     cloud.start_again();
     assert!(
-        publisher.wait_acked(first as usize, Duration::from_secs(60)).await,
+        publisher
+            .wait_acked(first as usize, Duration::from_secs(60))
+            .await,
         "only {} of {first} acknowledged",
         publisher.acked_count()
     );
@@ -296,7 +327,9 @@ async fn gaps_finds_nothing_missing_after_a_cloud_outage_and_an_appliance_sigkil
     let second = 3_000;
     let publisher = Publisher::start(port, "dev1", DEV_PW, "sensors/b", 0, second);
     assert!(
-        publisher.wait_acked(second as usize, Duration::from_secs(60)).await,
+        publisher
+            .wait_acked(second as usize, Duration::from_secs(60))
+            .await,
         "only {} of {second} acknowledged",
         publisher.acked_count()
     );
@@ -333,7 +366,11 @@ async fn gaps_reports_exactly_the_range_that_expired_while_the_cloud_was_down() 
     assert!(gaps.listening().await, "{}", gaps.stderr());
     let port = free_port();
     let app = ChildApp::start(dir.path(), &config(port, cloud.port, ""), port);
-    assert!(wait_until(T, || app.log().contains("uplink connected")).await, "{}", app.log());
+    assert!(
+        wait_until(T, || app.log().contains("uplink connected")).await,
+        "{}",
+        app.log()
+    );
 
     publish_v5(port, 10, None); // 1-10 arrive
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -347,7 +384,12 @@ async fn gaps_reports_exactly_the_range_that_expired_while_the_cloud_was_down() 
     assert_eq!(code, 1, "something is missing: {r:#}");
     let s = &r["streams"][0];
     assert_eq!(r["streams"].as_array().unwrap().len(), 1, "{r:#}");
-    assert_eq!(s["missing_ranges"], serde_json::json!([[11, 30]]), "{r:#}\n{}", app.log());
+    assert_eq!(
+        s["missing_ranges"],
+        serde_json::json!([[11, 30]]),
+        "{r:#}\n{}",
+        app.log()
+    );
     assert_eq!(s["missing"], 20);
     assert_eq!(s["last"], 40);
     assert_eq!(s["unique"], 20);
@@ -371,7 +413,11 @@ async fn over_mqtt_311_the_watermarks_carry_the_proof() {
     assert!(gaps.listening().await, "{}", gaps.stderr());
     let mut sub = watch_status(&cloud);
     let port = free_port();
-    let app = ChildApp::start(dir.path(), &config(port, cloud.port, "protocol = \"3.1.1\""), port);
+    let app = ChildApp::start(
+        dir.path(),
+        &config(port, cloud.port, "protocol = \"3.1.1\""),
+        port,
+    );
     let (_, online) = wait_state(&mut sub, "online", None, T).expect("online");
     assert_eq!(online["protocol"], "3.1.1");
 
@@ -398,12 +444,120 @@ async fn over_mqtt_311_the_watermarks_carry_the_proof() {
 
     let (code, r) = gaps.report(Duration::from_secs(120));
     assert_eq!(code, 1, "{r:#}");
-    assert!(r["streams"].as_array().unwrap().is_empty(), "3.1.1 carries no numbers: {r:#}");
+    assert!(
+        r["streams"].as_array().unwrap().is_empty(),
+        "3.1.1 carries no numbers: {r:#}"
+    );
     let w = &r["watermarks"][0];
-    assert_eq!((w["received"].as_u64(), w["sent"].as_u64()), (Some(20), Some(20)), "{r:#}");
+    assert_eq!(
+        (w["received"].as_u64(), w["sent"].as_u64()),
+        (Some(20), Some(20)),
+        "{r:#}"
+    );
     assert_eq!(w["unaccounted"], 0);
     assert_eq!(w["dropped_by_appliance"], 5);
     assert_eq!(w["dropped_ranges"][0]["from"], 11);
     assert_eq!(w["dropped_ranges"][0]["to"], 15);
     assert_eq!(r["missing_total"], 5);
+}
+
+/// `mqtt-uplink check` / `explain` on `config`: (exit code, stdout + stderr).
+fn run_cmd(args: &[&str], config: &Path) -> (i32, String) {
+    let out = Command::new(support::bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .args(["sensors/x"].iter().filter(|_| args[0] == "explain"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn check_and_explain_show_the_status_topic_and_sequence_and_the_profiles_are_held_to_their_topics() {
+    let dir = tempdir();
+    let d = dir.path();
+    site_files(d);
+    let path = d.join("mqtt-uplink.toml");
+    let generic = config(free_port(), 1, "").replace("ca_file = \"ca.pem\"\n", "");
+    std::fs::write(&path, &generic).unwrap();
+    let (code, out) = run_cmd(&["check"], &path);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("uplink status topic: sites/plant-7/status (retained"),
+        "{out}"
+    );
+    assert!(out.contains("(sequence: numbered for gaps)"), "{out}");
+    let (code, out) = run_cmd(&["explain"], &path);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("sequence = true: numbered under `sites/plant-7/sensors/#`"),
+        "{out}"
+    );
+    assert!(out.contains("status topic: `sites/plant-7/status`"), "{out}");
+    std::fs::write(
+        &path,
+        generic.replace("keepalive_s = 5", "status_topic = \"\"\nkeepalive_s = 5"),
+    )
+    .unwrap();
+    let (_, out) = run_cmd(&["check"], &path);
+    assert!(out.contains("uplink status topic: off"), "{out}");
+
+    // aws-iot: the status topic is held to AWS's topic limits like a mapping's cloud side.
+    let ca = support::certs::client_ca(d, "ca", "CA");
+    support::certs::client_cert(d, &ca, "thing", Some("plant-7-uplink"));
+    let aws = |status: &str| {
+        format!(
+            "[site]\nid = \"plant-7\"\nstate_dir = \"state\"\n[limits]\nmax_packet_size = 131072\n\
+             [uplink]\nprofile = \"aws-iot\"\nbroker = \"mqtts://a1b2-ats.iot.eu-west-1.amazonaws.com:8883\"\n\
+             client_id = \"plant-7-uplink\"\ncert_file = \"thing.pem\"\nkey_file = \"thing.key\"\n{status}\n"
+        )
+    };
+    std::fs::write(&path, aws("")).unwrap();
+    let (code, out) = run_cmd(&["check"], &path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("uplink status topic: sites/plant-7/status"), "{out}");
+    std::fs::write(&path, aws("status_topic = \"$aws/rules/x/status\"")).unwrap();
+    let (code, out) = run_cmd(&["check"], &path);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("uplink.status_topic") && out.contains("`$aws/` is reserved"),
+        "{out}"
+    );
+
+    // azure-iot-hub: off unless set, and then only under the device's events topic.
+    write_secret(
+        &d.join("device.key"),
+        "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=\n",
+    );
+    let azure = |status: &str| {
+        format!(
+            "[site]\nid = \"plant-7\"\nstate_dir = \"state\"\n[uplink]\nprofile = \"azure-iot-hub\"\n\
+             broker = \"mqtts://myhub.azure-devices.net:8883\"\nclient_id = \"plant-7\"\n{status}\n\
+             [uplink.azure]\nhub = \"myhub\"\ndevice_id = \"plant-7\"\ndevice_key_file = \"device.key\"\n"
+        )
+    };
+    std::fs::write(&path, azure("")).unwrap();
+    let (code, out) = run_cmd(&["check"], &path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("uplink status topic: off"), "{out}");
+    std::fs::write(&path, azure("status_topic = \"sites/plant-7/status\"")).unwrap();
+    let (code, out) = run_cmd(&["check"], &path);
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("devices/plant-7/messages/events/"), "{out}");
+    std::fs::write(
+        &path,
+        azure("status_topic = \"devices/plant-7/messages/events/status\""),
+    )
+    .unwrap();
+    let (code, out) = run_cmd(&["check"], &path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("keeps no retained message"), "{out}");
 }

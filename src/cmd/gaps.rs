@@ -297,7 +297,9 @@ pub fn render(r: &Value) -> String {
             site["state"].as_str().unwrap_or("?"),
             site["transport"].as_str().unwrap_or("-"),
             site["version"].as_str().unwrap_or("?"),
-            site["outbox_depth"].as_u64().map_or("-".into(), |n| n.to_string()),
+            site["outbox_depth"]
+                .as_u64()
+                .map_or("-".into(), |n| n.to_string()),
         );
     }
     for st in r["streams"].as_array().into_iter().flatten() {
@@ -318,7 +320,10 @@ pub fn render(r: &Value) -> String {
             st["delay_ms"]["median"],
             st["delay_ms"]["max"],
         );
-        if st["dropped_by_appliance"].as_array().is_some_and(|a| !a.is_empty()) {
+        if st["dropped_by_appliance"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+        {
             s += &format!(
                 "  of which dropped by the appliance (expired or undeliverable): {}\n",
                 ranges_text(&st["dropped_by_appliance"])
@@ -347,7 +352,9 @@ pub fn render(r: &Value) -> String {
             w["unaccounted"],
         );
     }
-    if r["streams"].as_array().is_none_or(|a| a.is_empty()) && r["watermarks"].as_array().is_none_or(|a| a.is_empty()) {
+    if r["streams"].as_array().is_none_or(|a| a.is_empty())
+        && r["watermarks"].as_array().is_none_or(|a| a.is_empty())
+    {
         s += "no numbered messages and no watermarks received (is `sequence = true` set on the mappings, and --topic right?)\n";
     }
     s += &format!("missing in all: {}\n", r["missing_total"]);
@@ -436,12 +443,18 @@ async fn listen(args: &GapsArgs) -> anyhow::Result<Analysis> {
         status: None,
     };
     let tls = match url.tls {
-        true => Some(crate::transport::tls::TlsClient::new(&url.host, args.ca_file.as_deref())?),
+        true => Some(crate::transport::tls::TlsClient::new(
+            &url.host,
+            args.ca_file.as_deref(),
+        )?),
         false => None,
     };
     let mut version = args.protocol;
-    let mut filters: Vec<(bytestring::ByteString, QoS)> =
-        args.topics.iter().map(|t| (t.as_str().into(), QoS::AtLeastOnce)).collect();
+    let mut filters: Vec<(bytestring::ByteString, QoS)> = args
+        .topics
+        .iter()
+        .map(|t| (t.as_str().into(), QoS::AtLeastOnce))
+        .collect();
     if !args.status_topic.is_empty() && !args.topics.contains(&args.status_topic) {
         filters.push((args.status_topic.as_str().into(), QoS::AtLeastOnce));
     }
@@ -477,13 +490,13 @@ async fn listen(args: &GapsArgs) -> anyhow::Result<Analysis> {
     let open = |version| {
         let (connect, url) = (&connect, &url_text);
         async move {
-        match connect(version).await {
-            Err(e) if e.is::<VersionRefused>() => {
-                eprintln!("gaps: {url} refused MQTT 5; using 3.1.1 (messages then carry no numbers)");
-                connect(crate::config::MqttVersion::V311).await
+            match connect(version).await {
+                Err(e) if e.is::<VersionRefused>() => {
+                    eprintln!("gaps: {url} refused MQTT 5; using 3.1.1 (messages then carry no numbers)");
+                    connect(crate::config::MqttVersion::V311).await
+                }
+                r => r,
             }
-            r => r,
-        }
         }
     };
     let mut conn: Conn = open(version).await?;
@@ -616,7 +629,10 @@ mod tests {
         }
         let r = a.report();
         let s = &r["streams"][0];
-        assert_eq!((s["received"].as_u64(), s["duplicates"].as_u64()), (Some(6), Some(1)));
+        assert_eq!(
+            (s["received"].as_u64(), s["duplicates"].as_u64()),
+            (Some(6), Some(1))
+        );
         assert_eq!(s["missing"], 0);
         assert_eq!(r["missing_total"], 0);
         assert_eq!(s["delay_ms"]["max"], 100);

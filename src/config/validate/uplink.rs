@@ -641,6 +641,30 @@ mod tests {
     }
 
     #[test]
+    fn the_status_topic_defaults_to_the_site_and_is_checked_as_a_topic_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let site = |body: &str| {
+            parse(
+                &d.join("c.toml"),
+                &format!(
+                    "[site]\nid = \"plant-7\"\n[[listener]]\nbind = \"127.0.0.1:1883\"\n[auth]\nallow_anonymous = true\n\
+                     [uplink]\nclient_id = \"x\"\nbroker = \"mqtt://127.0.0.1:1\"\n{body}\n"
+                ),
+            )
+        };
+        let topic = |body: &str| site(body).unwrap().uplink.unwrap().status_topic;
+        assert_eq!(topic("").as_deref(), Some("sites/plant-7/status"));
+        assert_eq!(topic("status_topic = \"\"").as_deref(), None);
+        assert_eq!(topic("status_topic = \"a/b\"").as_deref(), Some("a/b"));
+        let e = site("status_topic = \"sites/+/status\"").unwrap_err().to_string();
+        assert!(
+            e.contains("uplink.status_topic") && e.contains("not a topic name"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn broker_is_a_string_or_a_list_of_one_scheme_without_repeats() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
