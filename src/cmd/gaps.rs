@@ -199,7 +199,9 @@ impl Analysis {
             }));
         }
         // Watermarks of (site, mapping) pairs whose messages carry no numbers (a 3.1.1 cloud).
-        let mut per_map: BTreeMap<(String, String), (u64, u64, Vec<(u64, u64, u64)>)> = BTreeMap::new();
+        // Per (site, mapping): sent, dropped, dropped ranges as (epoch, from, to).
+        type Summed = (u64, u64, Vec<(u64, u64, u64)>);
+        let mut per_map: BTreeMap<(String, String), Summed> = BTreeMap::new();
         for ((site, _), marks) in &self.marks {
             for m in marks {
                 if self.streams.contains_key(&(site.clone(), m.map.clone(), m.epoch)) {
