@@ -339,6 +339,7 @@ async fn gaps_finds_nothing_missing_after_a_cloud_outage_and_an_appliance_sigkil
     cloud.start_again();
 
     let (code, r) = gaps.report(Duration::from_secs(120));
+    eprintln!("gaps report: {}", r["streams"]);
     let streams = r["streams"].as_array().unwrap();
     let unique: u64 = streams.iter().map(|s| s["unique"].as_u64().unwrap()).sum();
     assert_eq!(r["missing_total"], 0, "{r:#}\n{}", app.log());
@@ -509,6 +510,20 @@ fn check_and_explain_show_the_status_topic_and_sequence_and_the_profiles_are_hel
     .unwrap();
     let (_, out) = run_cmd(&["check"], &path);
     assert!(out.contains("uplink status topic: off"), "{out}");
+    // The site's own status under an `in` mapping comes back in: a warning; `sequence` on an `in`
+    // mapping does nothing: a warning.
+    std::fs::write(
+        &path,
+        format!("{generic}\n[[map]]\ndirection = \"in\"\ntopic = \"#\"\nremote_prefix = \"sites/plant-7/\"\nlocal_prefix = \"cloud/\"\nsequence = true\n"),
+    )
+    .unwrap();
+    let (code, out) = run_cmd(&["check"], &path);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("uplink.status_topic") && out.contains("come back in"),
+        "{out}"
+    );
+    assert!(out.contains("map[1].sequence") && out.contains("unused"), "{out}");
 
     // aws-iot: the status topic is held to AWS's topic limits like a mapping's cloud side.
     let ca = support::certs::client_ca(d, "ca", "CA");
