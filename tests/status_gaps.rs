@@ -337,6 +337,17 @@ async fn gaps_finds_nothing_missing_after_a_cloud_outage_and_an_appliance_sigkil
     app.kill();
     app.start_again();
     cloud.start_again();
+    // The restarted appliance numbers what it accepts in a new epoch, from 1.
+    let third = 200;
+    let publisher = Publisher::start(port, "dev1", DEV_PW, "sensors/c", 200, third);
+    assert!(
+        publisher
+            .wait_acked(third as usize, Duration::from_secs(60))
+            .await,
+        "only {} of {third} acknowledged after the restart",
+        publisher.acked_count()
+    );
+    let acked_third = publisher.stop().await.len();
 
     let (code, r) = gaps.report(Duration::from_secs(120));
     eprintln!("gaps report: {}", r["streams"]);
@@ -345,10 +356,14 @@ async fn gaps_finds_nothing_missing_after_a_cloud_outage_and_an_appliance_sigkil
     assert_eq!(r["missing_total"], 0, "{r:#}\n{}", app.log());
     assert_eq!(code, 0);
     assert!(
-        unique >= (acked_first + acked_second) as u64,
+        unique >= (acked_first + acked_second + acked_third) as u64,
         "{unique} numbers arrived for {} acknowledged messages: {r:#}",
-        acked_first + acked_second
+        acked_first + acked_second + acked_third
     );
+    // Two epochs: the killed process's (its backlog sent by the next one) and the new one's.
+    assert_eq!(streams.len(), 2, "{r:#}");
+    assert!(streams[0]["epoch"].as_u64() < streams[1]["epoch"].as_u64());
+    assert!(streams[1]["last"].as_u64() >= Some(third), "{r:#}");
     assert!(streams.iter().all(|s| s["map"] == MAP && s["site"] == "plant-7"));
     assert!(streams[0]["delay_ms"]["max"].as_u64().is_some());
     // The site is known from its status document.
