@@ -540,7 +540,8 @@ fn check_and_explain_show_the_status_topic_and_sequence_and_the_profiles_are_hel
     );
     assert!(out.contains("map[1].sequence") && out.contains("unused"), "{out}");
 
-    // aws-iot: the status topic is held to AWS's topic limits like a mapping's cloud side.
+    // aws-iot: off unless set (the thing's policy must allow it); when set, held to AWS's topic
+    // limits like a mapping's cloud side, and `check` names the policy it needs.
     let ca = support::certs::client_ca(d, "ca", "CA");
     support::certs::client_cert(d, &ca, "thing", Some("plant-7-uplink"));
     let aws = |status: &str| {
@@ -553,7 +554,15 @@ fn check_and_explain_show_the_status_topic_and_sequence_and_the_profiles_are_hel
     std::fs::write(&path, aws("")).unwrap();
     let (code, out) = run_cmd(&["check"], &path);
     assert_eq!(code, 0, "{out}");
+    assert!(out.contains("uplink status topic: off"), "{out}");
+    std::fs::write(&path, aws("status_topic = \"sites/plant-7/status\"")).unwrap();
+    let (code, out) = run_cmd(&["check"], &path);
+    assert_eq!(code, 0, "{out}");
     assert!(out.contains("uplink status topic: sites/plant-7/status"), "{out}");
+    assert!(
+        out.contains("iot:RetainPublish") && out.contains("LastWill"),
+        "{out}"
+    );
     std::fs::write(&path, aws("status_topic = \"$aws/rules/x/status\"")).unwrap();
     let (code, out) = run_cmd(&["check"], &path);
     assert_eq!(code, 64, "{out}");

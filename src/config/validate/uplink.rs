@@ -268,9 +268,11 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile, site_id: &str) -> Option<
     })
 }
 
-/// `status_topic`: unset, `sites/<site.id>/status` (off for `azure-iot-hub`, whose only
-/// device-to-cloud topics are `devices/{id}/messages/events/...` and which keeps no retained
-/// message); `""`, off; else a topic name the profile accepts.
+/// `status_topic`: unset, `sites/<site.id>/status`, except for the cloud profiles, where it is off
+/// unless set: `aws-iot` closes the connection over a publish (or refuses a CONNECT with a will) the
+/// thing's policy does not allow, so an upgrade must not start sending one the policy was not written
+/// for; `azure-iot-hub` takes device messages only under `devices/{id}/messages/events/` and keeps no
+/// retained message. `""`: off. Else a topic name the profile accepts.
 fn status_topic(
     ctx: &mut Ctx<'_>,
     raw: Option<&str>,
@@ -283,7 +285,7 @@ fn status_topic(
     let topic = match raw {
         Some("") => return None,
         Some(t) => t.to_string(),
-        None if profile.azure().is_some() => return None,
+        None if *profile != Profile::Generic => return None,
         None => format!("sites/{site_id}/status"),
     };
     if let Err(e) = crate::topic::validate_name(&topic) {
@@ -297,6 +299,14 @@ fn status_topic(
                 ctx.error(key, format!("\"aws-iot\": {p}"));
                 return None;
             }
+            ctx.warn(
+                key,
+                format!(
+                    "\"aws-iot\": the thing's policy must allow iot:Publish and iot:RetainPublish on \
+                     topic/{topic}, and iot:Connect with the iot:ConnectAttributes \"LastWill\" (the will); \
+                     AWS IoT Core closes the connection over a publish it does not allow"
+                ),
+            );
         }
         Profile::AzureIotHub(a) => {
             let events = a.events_prefix();
