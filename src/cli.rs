@@ -137,7 +137,8 @@ pub enum Command {
     },
     /// Prove that nothing was lost: subscribe to the cloud broker and report, per site and
     /// `sequence = true` mapping, the messages received, duplicates, missing ranges and the delay
-    /// from acceptance on the appliance to arrival. Exit 0 nothing missing, 1 missing, 2 broker error.
+    /// from acceptance on the appliance to arrival. Exit 0 nothing missing, 1 missing, 2 broker error,
+    /// 3 nothing numbered received.
     Gaps(GapsCli),
 }
 

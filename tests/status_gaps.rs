@@ -600,3 +600,25 @@ fn check_and_explain_show_the_status_topic_and_sequence_and_the_profiles_are_hel
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("keeps no retained message"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gaps_says_when_it_has_nothing_to_judge_or_no_broker() {
+    if !tools() {
+        return;
+    }
+    let dir = tempdir();
+    let cloud = Cloud::start(dir.path());
+    site_files(dir.path());
+    // Nothing numbered arrives (no appliance): exit 3, not "0 missing".
+    let gaps = Gaps::start(dir.path(), &cloud, &["--duration", "2"]);
+    let (code, r) = gaps.report(T);
+    assert_eq!(code, 3, "{r:#}");
+    // A broker that is not there: exit 2, named.
+    let out = Command::new(support::bin())
+        .args(["gaps", "--broker", &format!("mqtt://127.0.0.1:{}", free_port())])
+        .args(["--topic", "sites/#", "--duration", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gaps:"), "{out:?}");
+}

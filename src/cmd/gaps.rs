@@ -19,7 +19,9 @@
 //!   mapping's filter are compared with the count the appliance reports sent, and its dropped
 //!   ranges are listed.
 //!
-//! Exit status: 0 when nothing is missing, 1 when something is, 2 when the broker cannot be used.
+//! Exit status: 0 when nothing is missing, 1 when something is, 2 when the broker cannot be used, 3
+//! when nothing numbered and no watermark arrived (nothing to judge: a wrong `--topic`, or no
+//! `sequence = true` mapping).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -379,7 +381,8 @@ pub struct GapsArgs {
     pub client_id: String,
 }
 
-/// The command: exit 0 when nothing is missing, 1 when something is, 2 on a broker problem.
+/// The command: exit 0 when nothing is missing, 1 when something is, 2 on a broker problem, 3 when
+/// there was nothing to judge.
 pub fn gaps(args: &GapsArgs) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -397,7 +400,10 @@ pub fn gaps(args: &GapsArgs) -> i32 {
             } else {
                 print!("{}", render(&r));
             }
-            if r["missing_total"].as_u64() == Some(0) {
+            let judged = |k: &str| r[k].as_array().is_some_and(|a| !a.is_empty());
+            if !judged("streams") && !judged("watermarks") {
+                3
+            } else if r["missing_total"].as_u64() == Some(0) {
                 0
             } else {
                 1

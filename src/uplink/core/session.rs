@@ -355,6 +355,8 @@ impl Session {
     pub fn disconnected(&mut self) -> bool {
         let proven = self.proven();
         self.conn = None;
+        // What was in flight is offered (and tagged) again on the next connection.
+        self.tags.clear();
         self.actions
             .retain(|a| !matches!(a, Action::Send(_) | Action::Deliver { .. }));
         proven
