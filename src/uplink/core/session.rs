@@ -445,6 +445,9 @@ impl Session {
 
     fn push_status(c: &mut Connection, actions: &mut VecDeque<Action>, mut p: Publish) {
         p.retain &= c.peer.retain_available;
+        // Only the latest document matters: a cloud that never acknowledges them (an ACL that drops
+        // them) must not hold a packet id per document for the life of the connection.
+        c.pending.retain(|_, p| !matches!(p, Pending::Status));
         let pid = c
             .pids
             .next_free(|id| c.inflight.contains_key(&id) || c.pending.contains_key(&id));

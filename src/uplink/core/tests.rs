@@ -1372,3 +1372,38 @@ fn dropped_ranges_merge_and_stay_bounded() {
     assert_eq!(b.dropped, 100, "the count stays exact");
     assert_eq!(b.dropped_ranges.len(), super::status::MAX_RANGES);
 }
+
+#[test]
+fn unacknowledged_status_documents_do_not_hold_packet_ids() {
+    let mut s = with_status(4);
+    let t0 = Instant::now();
+    s.connected(t0, false);
+    s.announce(t0, 1, "tls", 0);
+    let first = publishes(&mut s).0[0].packet_id;
+    // A cloud that never answers them: each new document takes the place of the last. (Without
+    // that, the 65,536th would find no free packet id and never be sent.)
+    let mut t = t0;
+    for depth in 1..66_000 {
+        t += super::status::STATUS_EVERY;
+        s.refresh_status(t, 2, depth);
+        publishes(&mut s);
+    }
+    s.offer(0, [(1, message(1, 0))]);
+    let (p, _) = publishes(&mut s);
+    assert_eq!(p.len(), 1);
+    // A late PUBACK for an old document is ignored; the outbox message is acknowledged by its own.
+    s.handle_packet(
+        t,
+        Inbound::Packet(Packet::PublishAck {
+            packet_id: first.unwrap(),
+        }),
+    );
+    assert!(s.poll_action().is_none());
+    s.handle_packet(
+        t,
+        Inbound::Packet(Packet::PublishAck {
+            packet_id: p[0].packet_id.unwrap(),
+        }),
+    );
+    assert!(matches!(s.poll_action(), Some(Action::Ack(1))));
+}
