@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `audit`, `explain`, `passwd`, `keygen`, `status`, `reload`.
+//! The command line: `run`, `check`, `audit`, `explain`, `passwd`, `keygen`, `status`, `reload`, `gaps`.
 
 use std::path::PathBuf;
 
@@ -135,6 +135,87 @@ pub enum Command {
         /// The appliance's process id (`$MAINPID` under systemd).
         pid: i32,
     },
+    /// Prove that nothing was lost: subscribe to the cloud broker and report, per site and
+    /// `sequence = true` mapping, the messages received, duplicates, missing ranges and the delay
+    /// from acceptance on the appliance to arrival. Exit 0 nothing missing, 1 missing, 2 broker error,
+    /// 3 nothing numbered received.
+    Gaps(GapsCli),
+}
+
+/// `gaps`: the cloud broker and what to listen to.
+#[derive(Debug, clap::Args)]
+pub struct GapsCli {
+    /// The cloud broker: mqtts://HOST:PORT (or mqtt:// for plaintext).
+    #[arg(long)]
+    pub broker: String,
+    /// CA certificate(s) for the broker's TLS (default: the system's roots).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    #[arg(long, value_name = "USER")]
+    pub username: Option<String>,
+    /// The password's file (its first line).
+    #[arg(long, value_name = "FILE", requires = "username")]
+    pub password_file: Option<PathBuf>,
+    /// The topic filter of the numbered messages (repeatable), e.g. `sites/#`.
+    #[arg(long = "topic", value_name = "FILTER", required = true)]
+    pub topics: Vec<String>,
+    /// The sites' status topics (watermarks, online/offline); "" for none.
+    #[arg(long, value_name = "FILTER", default_value = "sites/+/status")]
+    pub status_topic: String,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "S")]
+    pub duration: Option<u64>,
+    /// Stop once no message came for this many seconds (waits for late, reordered messages).
+    #[arg(long, value_name = "S")]
+    pub until_idle: Option<u64>,
+    /// The report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// MQTT version to ask for: "5" (falls back to 3.1.1) or "3.1.1".
+    #[arg(long, default_value = "5")]
+    pub protocol: String,
+    /// The client id (a clean session; default mqtt-uplink-gaps-PID).
+    #[arg(long)]
+    pub client_id: Option<String>,
+}
+
+fn gaps(g: GapsCli) -> i32 {
+    for t in g
+        .topics
+        .iter()
+        .chain(Some(&g.status_topic).filter(|t| !t.is_empty()))
+    {
+        if let Err(e) = crate::topic::validate_filter(t) {
+            eprintln!("gaps: `{t}` is not a topic filter: {e}");
+            return EXIT_CONFIG;
+        }
+    }
+    let protocol = match g.protocol.as_str() {
+        "5" | "5.0" => config::MqttVersion::V5,
+        "3.1.1" | "4" => config::MqttVersion::V311,
+        other => {
+            eprintln!("gaps: --protocol `{other}`: \"5\" or \"3.1.1\"");
+            return EXIT_CONFIG;
+        }
+    };
+    if g.duration.is_none() && g.until_idle.is_none() {
+        eprintln!("gaps: no --duration or --until-idle: listening until Ctrl-C");
+    }
+    crate::cmd::gaps::gaps(&crate::cmd::gaps::GapsArgs {
+        broker: g.broker,
+        ca_file: g.ca_file,
+        username: g.username,
+        password_file: g.password_file,
+        topics: g.topics,
+        status_topic: g.status_topic,
+        duration: g.duration.map(std::time::Duration::from_secs),
+        until_idle: g.until_idle.map(std::time::Duration::from_secs),
+        json: g.json,
+        protocol,
+        client_id: g
+            .client_id
+            .unwrap_or_else(|| format!("mqtt-uplink-gaps-{}", std::process::id())),
+    })
 }
 
 /// `status`: where to find the metrics endpoint.
@@ -218,6 +299,7 @@ pub fn main() -> i32 {
         } => crate::cmd::passwd::passwd(&file, &user, password_stdin, mosquitto, force, delete),
         Command::Status(args) => status(args),
         Command::Reload { pid } => reload(pid),
+        Command::Gaps(g) => gaps(g),
     }
 }
 

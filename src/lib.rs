@@ -100,12 +100,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let stop = CancellationToken::new();
     let mut broker = Broker::new(&config.limits, guard.refusals().clone()).await;
     guard::hooks::register(broker.hooks(), &guard, broker.context()).await;
+    // Every start is a new epoch of the `sequence = true` numbering (bridge/sequence.rs).
+    let sequencer = Arc::new(bridge::sequence::Sequencer::new(
+        &config.site.id,
+        bridge::sequence::start_epoch(
+            config.uplink.as_ref().map(|_| config.site.state_dir.as_path()),
+            outbox::now_ms(),
+        ),
+    ));
     bridge::hooks::register(
         broker.hooks(),
         routes.clone(),
         outbox.clone(),
         broker.context(),
         metrics.clone(),
+        sequencer.clone(),
     )
     .await;
     // Binds every listener before it starts the server task: an error here leaves nothing running.
@@ -145,7 +154,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         stop: &stop,
     };
     let metrics_addr = match started
-        .spawn_all(&config, &routes, wanted_rx, &outbox, &broker, state_tx, &state)
+        .spawn_all(
+            &config,
+            &routes,
+            wanted_rx,
+            &outbox,
+            &broker,
+            state_tx,
+            &state,
+            sequencer.epoch(),
+        )
         .await
     {
         Ok(addr) => addr,
@@ -204,6 +222,7 @@ impl Tasks<'_> {
         broker: &Arc<Broker>,
         state_tx: watch::Sender<UplinkState>,
         state: &ops::health::StateReader,
+        epoch: u64,
     ) -> anyhow::Result<Option<config::MetricsBind>> {
         match &config.uplink {
             Some(u) => {
@@ -217,6 +236,12 @@ impl Tasks<'_> {
                     outbox.clone(),
                     broker.clone(),
                     state_tx,
+                    u.status_topic.as_ref().map(|topic| uplink::core::StatusSettings {
+                        topic: topic.clone(),
+                        site: config.site.id.clone(),
+                        version: env!("CARGO_PKG_VERSION").to_string(),
+                        epoch,
+                    }),
                 )
                 .context("uplink")?;
                 self.tracker.spawn(task.run(self.stop.child_token()));

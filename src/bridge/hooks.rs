@@ -23,6 +23,7 @@ use rmqtt::session::Session;
 use rmqtt::session::SessionState;
 use rmqtt::types::{DeferredAck, From, FromType, Id, Publish, PublishAclResult, PublishResult};
 
+use super::sequence::{self, Sequencer};
 use super::Routes;
 use crate::broker::drops::DropLog;
 use crate::metrics::Metrics;
@@ -40,13 +41,14 @@ pub const BRIDGE_PRIORITY: u32 = 100;
 pub type SharedRoutes = Arc<RwLock<Arc<Routes>>>;
 
 /// Registers the outbound bridge handler. `scx` delivers locally what the outbox refuses; `metrics`
-/// counts what is queued and dropped.
+/// counts what is queued and dropped; `sequencer` numbers the messages of `sequence = true` mappings.
 pub async fn register(
     register: &dyn Register,
     routes: SharedRoutes,
     outbox: Outbox,
     scx: ServerContext,
     metrics: Arc<Metrics>,
+    sequencer: Arc<Sequencer>,
 ) {
     for typ in [Type::MessagePublishCheckAcl, Type::MessagePublish] {
         let h = OutHandler {
@@ -54,6 +56,7 @@ pub async fn register(
             outbox: outbox.clone(),
             scx: scx.clone(),
             metrics: metrics.clone(),
+            sequencer: sequencer.clone(),
         };
         register.add_priority(typ, BRIDGE_PRIORITY, Box::new(h)).await;
     }
@@ -64,6 +67,7 @@ struct OutHandler {
     outbox: Outbox,
     scx: ServerContext,
     metrics: Arc<Metrics>,
+    sequencer: Arc<Sequencer>,
 }
 
 /// Why a device's message was not taken for the cloud.
@@ -101,7 +105,7 @@ impl OutHandler {
             log_refused(id, REMOTE_TOPIC_OVER_CLOUD_LIMITS);
             return Err(Refused::OverCloudLimits);
         }
-        let msg = OutMessage {
+        let mut msg = OutMessage {
             mapping: route.mapping,
             topic: route.remote_topic.clone(),
             payload: p.payload.clone(),
@@ -111,7 +115,19 @@ impl OutHandler {
             user: id.username_ref().to_string(),
             props: out_props(&routes, p),
         };
-        let commit = self.outbox.enqueue(msg).map_err(Refused::Outbox)?;
+        let commit = match &route.sequence {
+            None => self.outbox.enqueue(msg),
+            // Numbered as the outbox takes it, the number stored with it (see `sequence`).
+            Some(key) => self.sequencer.stamp(key, crate::outbox::now_ms(), |numbers| {
+                let props = msg.props.get_or_insert_with(Default::default);
+                props
+                    .user_properties
+                    .retain(|(k, _)| !k.starts_with(sequence::PREFIX));
+                props.user_properties.extend(numbers);
+                self.outbox.enqueue(msg)
+            }),
+        }
+        .map_err(Refused::Outbox)?;
         self.metrics
             .messages_out
             .with_label_values(&[&route.mapping.to_string()])

@@ -271,6 +271,7 @@ mod tests {
                 remote_prefix: "sites/p7/".into(),
                 qos: 1,
                 retain: RetainPolicy::Drop,
+                sequence: false,
             },
             Mapping {
                 index: 1,
@@ -281,6 +282,7 @@ mod tests {
                 remote_prefix: "sites/p7/".into(),
                 qos: 1,
                 retain: RetainPolicy::Keep,
+                sequence: false,
             },
         ])
     }

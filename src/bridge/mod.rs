@@ -12,6 +12,7 @@
 
 pub mod hooks;
 pub mod inbound;
+pub mod sequence;
 
 use crate::config::{Mapping, RetainPolicy};
 use crate::topic;
@@ -26,6 +27,8 @@ pub struct OutRoute {
     pub qos: u8,
     /// What the mapping does with the retain flag.
     pub retain: RetainPolicy,
+    /// `sequence = true`: the mapping's key (its cloud filter) under which the message is numbered.
+    pub sequence: Option<String>,
 }
 
 /// Where a cloud message lands locally.
@@ -109,6 +112,7 @@ impl Routes {
                 remote_topic: format!("{}{rest}", m.remote_prefix),
                 qos: qos.min(m.qos),
                 retain: m.retain,
+                sequence: m.sequence.then(|| format!("{}{}", m.remote_prefix, m.topic)),
             })
         })
     }
@@ -204,6 +208,7 @@ mod tests {
             remote_prefix: remote.into(),
             qos,
             retain: RetainPolicy::Keep,
+            sequence: false,
         }
     }
 
@@ -301,6 +306,7 @@ mod tests {
             remote_prefix: "sites/plant-7/".into(),
             qos: 1,
             retain: RetainPolicy::Keep,
+            sequence: false,
         };
         let routes = Routes::new(vec![map.clone()]).with_cloud_limits(crate::profile::cloud_topic_limits(
             &crate::profile::Profile::AwsIot,

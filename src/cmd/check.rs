@@ -117,6 +117,12 @@ pub fn render(c: &Config) -> String {
                     u.brokers.iter().map(alpn).collect::<Vec<_>>().join("; ")
                 );
             }
+            s += &match &u.status_topic {
+                Some(t) => format!(
+                    "uplink status topic: {t} (retained: online at each session, offline by will or at a clean stop)\n"
+                ),
+                None => "uplink status topic: off\n".to_string(),
+            };
             if let Some(w) = &u.websocket {
                 s += &format!("uplink websocket: {w} (subprotocol mqtt)\n");
             }
@@ -167,6 +173,9 @@ pub fn render(c: &Config) -> String {
             );
             if m.retain == crate::config::RetainPolicy::Drop {
                 s.insert_str(s.len() - 1, " (retain flag dropped)");
+            }
+            if m.sequence && m.direction.goes_out() {
+                s.insert_str(s.len() - 1, " (sequence: numbered for gaps)");
             }
         }
     }

@@ -18,7 +18,21 @@ pub fn explain(path: &Path, topic: &str) -> i32 {
         return EXIT_CONFIG;
     }
     print!("{}", describe(&Routes::new(c.mappings), topic));
+    if let Some(u) = &c.uplink {
+        print!("{}", status_line(u.status_topic.as_deref(), topic));
+    }
     0
+}
+
+/// What the explanation says of the site's status topic.
+pub fn status_line(status_topic: Option<&str>, topic: &str) -> String {
+    match status_topic {
+        Some(t) if t == topic => format!(
+            "as a remote topic: `{t}` is this site's status topic (the uplink publishes it, retained: online, offline, watermarks)\n"
+        ),
+        Some(t) => format!("status topic: `{t}`\n"),
+        None => "status topic: off\n".to_string(),
+    }
 }
 
 /// The explanation as text.
@@ -40,6 +54,11 @@ pub fn describe(routes: &Routes, topic: &str) -> String {
                 r.remote_topic,
                 r.qos
             );
+            if let Some(key) = &r.sequence {
+                s += &format!(
+                    "  sequence = true: numbered under `{key}` (site, epoch, sequence and acceptance time as MQTT 5 user properties; see `mqtt-uplink gaps`)\n"
+                );
+            }
         }
         None => s += "as a local topic: no `out` mapping matches; it stays on site\n",
     }

@@ -3,4 +3,5 @@
 pub mod audit;
 pub mod check;
 pub mod explain;
+pub mod gaps;
 pub mod passwd;

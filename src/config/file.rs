@@ -324,6 +324,9 @@ pub struct UplinkFile {
     /// MQTT 5: replace repeated topics by the cloud's topic aliases (fewer bytes per message).
     #[serde(default)]
     pub topic_alias: bool,
+    /// The site's retained status topic (birth, will, watermarks); default `sites/<site.id>/status`,
+    /// `""` turns it off.
+    pub status_topic: Option<String>,
     pub ssh: Option<SshFile>,
     pub wireguard: Option<WireguardFile>,
     pub websocket: Option<WebsocketFile>,
@@ -512,6 +515,9 @@ pub struct MapFile {
     /// `"keep"` or `"drop"`: whether messages keep their retain flag across the bridge (both ways).
     #[serde(default = "default_map_retain")]
     pub retain: String,
+    /// Number every message sent up (site, epoch, sequence, acceptance time) for `gaps`.
+    #[serde(default)]
+    pub sequence: bool,
 }
 
 pub fn default_map_retain() -> String {

@@ -218,6 +218,8 @@ pub struct Uplink {
     pub protocol: MqttVersion,
     /// MQTT 5 topic aliases on the uplink (`topic_alias`).
     pub topic_alias: bool,
+    /// The site's retained status topic (`status_topic`): birth and will, watermarks; `None`: off.
+    pub status_topic: Option<String>,
     pub ssh: Option<crate::transport::ssh::SshConfig>,
     pub wireguard: Option<crate::transport::wireguard::WgConfig>,
     pub websocket: Option<crate::transport::websocket::WsConfig>,
@@ -313,6 +315,9 @@ pub struct Mapping {
     pub qos: u8,
     /// What happens to the retain flag of messages it carries, both ways.
     pub retain: RetainPolicy,
+    /// `sequence = true`: messages sent up carry the site, the epoch, a sequence number and the
+    /// acceptance time (MQTT 5 user properties), for `mqtt-uplink gaps`.
+    pub sequence: bool,
 }
 
 /// A mapping's `retain`: keep the flag, or clear it (the message is delivered, never retained).

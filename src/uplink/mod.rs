@@ -175,6 +175,7 @@ impl UplinkTask {
         outbox: Outbox,
         broker: Arc<Broker>,
         state: watch::Sender<UplinkState>,
+        status: Option<core::StatusSettings>,
     ) -> anyhow::Result<Self> {
         let identity = cfg
             .client_cert
@@ -225,6 +226,7 @@ impl UplinkTask {
                     max_packet_size: broker.max_packet_size(),
                     max_in_msgs_per_s: cfg.max_in_msgs_per_s,
                     topic_alias: cfg.topic_alias,
+                    status,
                 },
                 versions: std::sync::Mutex::new(core::Versions::new(cfg.protocol, cfg.brokers.len())),
                 legs,
@@ -327,7 +329,14 @@ impl UplinkTask {
                     self.state
                         .send_replace(UplinkState::Connected { transport: t.name() });
                     let (error, proven) = match self
-                        .carry(conn, session_present, &mut session, &mut failover, &shutdown)
+                        .carry(
+                            conn,
+                            session_present,
+                            &mut session,
+                            &mut failover,
+                            &shutdown,
+                            t.name(),
+                        )
                         .await
                     {
                         Carried::Shutdown => break,
@@ -393,6 +402,7 @@ impl UplinkTask {
         core: &mut Session,
         failover: &mut Failover,
         shutdown: &CancellationToken,
+        transport: &'static str,
     ) -> Carried {
         let stop = shutdown.child_token();
         let wiring = Wiring {
@@ -400,6 +410,8 @@ impl UplinkTask {
             bridge: &self.bridge,
             wanted: self.wanted.clone(),
             ledger: &mut self.ledger,
+            stopping: shutdown.clone(),
+            transport,
         };
         let probing = !failover.probe_targets().is_empty();
         let dialer = &self.dialer;

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::core::mqtt5::SESSION_EXPIRY_S;
-use super::core::{Action, Dropped, Peer, Session, Settings};
+use super::core::{Action, Dropped, Peer, Session, Settings, StatusSettings};
 use super::decode::{Inbound, MQTT_MAX_REMAINING};
 use super::link::Link;
 use super::subscriptions::{Filters, Ledger};
@@ -63,6 +63,8 @@ pub struct Identity {
     pub max_in_msgs_per_s: u32,
     /// MQTT 5 topic aliases on the uplink's PUBLISHes (`topic_alias`).
     pub topic_alias: bool,
+    /// The site's status topic: the will of the session's CONNECT, birth and offline messages.
+    pub status: Option<StatusSettings>,
 }
 
 /// The cloud broker refused the MQTT version asked for (a 3.1.1 broker's CONNACK 0x01 to an MQTT 5
@@ -84,6 +86,7 @@ impl Identity {
             health_timeout: self.health_timeout,
             max_in_msgs_per_s: self.max_in_msgs_per_s,
             topic_alias: self.topic_alias,
+            status: self.status.clone(),
         }
     }
 }
@@ -97,6 +100,10 @@ pub struct Wiring<'a> {
     pub wanted: watch::Receiver<Filters>,
     /// The file of what the cloud's persistent session may hold.
     pub ledger: &'a mut Ledger,
+    /// The appliance is stopping (not only this connection): the status goes offline first.
+    pub stopping: CancellationToken,
+    /// The transport carrying the session, for the status.
+    pub transport: &'static str,
 }
 
 /// The connection a session runs on.
@@ -129,6 +136,19 @@ pub async fn probe(stream: BoxStream, id: &Identity, version: MqttVersion) -> an
     Ok(())
 }
 
+/// A persistent session as `client_id` (MQTT 5: expiring `expiry_s` after a disconnect), without a
+/// will: the `gaps` command's subscriber, which must not lose what the cloud queued for it while it
+/// reconnects.
+pub async fn connect_persistent(
+    stream: BoxStream,
+    id: &Identity,
+    client_id: &str,
+    expiry_s: u32,
+    version: MqttVersion,
+) -> anyhow::Result<(Conn, bool)> {
+    connect_with(stream, id, client_id, false, expiry_s, version).await
+}
+
 /// The cloud broker gave no answer in time (a TLS handshake or a CONNACK): it or the way to it is
 /// down or frozen, which is not a refusal (see `UplinkTask::open`).
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +162,17 @@ async fn connect_as(
     clean_session: bool,
     version: MqttVersion,
 ) -> anyhow::Result<(Conn, bool)> {
+    connect_with(stream, id, client_id, clean_session, SESSION_EXPIRY_S, version).await
+}
+
+async fn connect_with(
+    stream: BoxStream,
+    id: &Identity,
+    client_id: &str,
+    clean_session: bool,
+    expiry_s: u32,
+    version: MqttVersion,
+) -> anyhow::Result<(Conn, bool)> {
     // A write may wait on flow control, never longer than a keepalive plus the health deadline.
     let mut conn = Link::with_version(
         stream,
@@ -150,6 +181,12 @@ async fn connect_as(
         version,
     );
     let keep_alive = id.keepalive.as_secs().min(u16::MAX as u64) as u16;
+    // The session's own connection carries the status will (retained "offline"); probes do not.
+    let will = id
+        .status
+        .as_ref()
+        .filter(|_| !clean_session)
+        .map(StatusSettings::will);
     let password = id
         .sas
         .as_ref()
@@ -164,6 +201,12 @@ async fn connect_as(
                 client_id: client_id.to_string().into(),
                 username: id.username.clone().map(Into::into),
                 password,
+                last_will: will.map(|(topic, message)| rmqtt::codec::v3::LastWill {
+                    qos: rmqtt::codec::types::QoS::AtLeastOnce,
+                    retain: true,
+                    topic: topic.into(),
+                    message,
+                }),
                 ..Connect::default()
             };
             conn.send(Packet::Connect(Box::new(connect)))
@@ -175,10 +218,23 @@ async fn connect_as(
                 clean_start: clean_session,
                 keep_alive,
                 // Without an interval an MQTT 5 session ends with its connection.
-                session_expiry_interval_secs: if clean_session { 0 } else { SESSION_EXPIRY_S },
+                session_expiry_interval_secs: if clean_session { 0 } else { expiry_s },
                 client_id: client_id.to_string().into(),
                 username: id.username.clone().map(Into::into),
                 password,
+                last_will: will.map(|(topic, message)| v5::LastWill {
+                    qos: rmqtt::codec::types::QoS::AtLeastOnce,
+                    retain: true,
+                    topic: topic.into(),
+                    message,
+                    will_delay_interval_sec: None,
+                    correlation_data: None,
+                    message_expiry_interval: None,
+                    content_type: Some("application/json".into()),
+                    user_properties: Vec::new(),
+                    is_utf8_payload: Some(true),
+                    response_topic: None,
+                }),
                 ..v5::Connect::default()
             };
             conn.send_v5(v5::Packet::Connect(Box::new(connect)))
@@ -275,6 +331,12 @@ pub async fn run(
 ) -> Ended {
     core.set_wanted(w.wanted.borrow_and_update().clone());
     core.connected_to(std::time::Instant::now(), session_present, conn.peer);
+    core.announce(
+        std::time::Instant::now(),
+        crate::outbox::now_ms(),
+        w.transport,
+        w.outbox.depth(),
+    );
     let result = drive(&mut conn, core, &mut w, stop).await;
     let proven = core.disconnected();
     // What the core still asks for (the ledger, acknowledgements) does not need the connection.
@@ -298,11 +360,24 @@ async fn drive(
             let Some(m) = w.outbox.pop_qos0() else { break };
             core.offer_qos0(crate::outbox::now_ms(), m);
         }
+        if core.status_due(std::time::Instant::now()) {
+            core.refresh_status(
+                std::time::Instant::now(),
+                crate::outbox::now_ms(),
+                w.outbox.depth(),
+            );
+        }
         perform(Some(conn), core, w).await?;
 
         let timer = core.poll_timeout().map(Instant::from_std);
         tokio::select! {
             _ = shutdown.cancelled() => {
+                // The appliance stops: the status goes offline first (the DISCONNECT that follows
+                // suppresses the will). A failover or a token renewal ends only this connection.
+                if w.stopping.is_cancelled() {
+                    core.stopping(crate::outbox::now_ms(), w.outbox.depth());
+                    let _ = tokio::time::timeout(Duration::from_secs(2), perform(Some(conn), core, w)).await;
+                }
                 // A clean DISCONNECT keeps the persistent session on the cloud side.
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.send(Packet::Disconnect)).await;
                 return Ok(());

@@ -42,6 +42,17 @@ pub fn unavailable(test: &str, what: &str) {
     }
 }
 
+/// Whether a cloud message is the appliance's site status document (`[uplink] status_topic`, by
+/// default `sites/<site.id>/status`, JSON with `"state"`), which fixtures leave out of the traffic
+/// they count.
+#[allow(dead_code)]
+pub fn is_site_status(topic: &str, payload: &[u8]) -> bool {
+    let p = String::from_utf8_lossy(payload);
+    topic.ends_with("/status")
+        && p.starts_with('{')
+        && (p.contains("\"state\":\"online\"") || p.contains("\"state\":\"offline\""))
+}
+
 /// A free TCP port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -61,6 +61,12 @@ pub(super) fn mappings(ctx: &mut Ctx<'_>, files: Vec<(usize, MapFile)>) -> Vec<M
                 RetainPolicy::Keep
             }
         };
+        if f.sequence && direction == Direction::In {
+            ctx.warn(
+                &format!("{key}.sequence"),
+                "unused: numbering applies to messages going out (direction \"out\" or \"both\")",
+            );
+        }
         if ok {
             out.push(Mapping {
                 index: i,
@@ -71,6 +77,7 @@ pub(super) fn mappings(ctx: &mut Ctx<'_>, files: Vec<(usize, MapFile)>) -> Vec<M
                 remote_prefix: f.remote_prefix,
                 qos: f.qos,
                 retain,
+                sequence: f.sequence,
             });
         }
     }

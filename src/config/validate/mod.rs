@@ -186,7 +186,7 @@ pub fn validate(ctx: &mut Ctx<'_>, s: Sections) -> Option<Config> {
     let listeners = listeners(ctx, s.listeners, s.listener_declared);
     let auth = auth(ctx, s.auth, &listeners);
     let limits = limits(ctx, s.limits.unwrap_or_default());
-    let uplink = s.uplink.and_then(|u| uplink(ctx, u));
+    let uplink = s.uplink.and_then(|u| uplink(ctx, u, &site.id));
     let mappings = mappings(ctx, s.maps);
     if !mappings.is_empty() && !s.uplink_declared {
         ctx.error("map", "mappings need an [uplink] section to carry them");
@@ -198,6 +198,7 @@ pub fn validate(ctx: &mut Ctx<'_>, s: Sections) -> Option<Config> {
     in_overlaps(ctx, &mappings);
     if let Some(u) = &uplink {
         profile::mappings(ctx, u, &mappings, &limits);
+        status_in_mappings(ctx, u.status_topic.as_deref(), &mappings);
     }
     let outbox = outbox(ctx, s.outbox.unwrap_or_default());
     let log_level = s.log.unwrap_or_default().level;
@@ -225,6 +226,26 @@ pub fn validate(ctx: &mut Ctx<'_>, s: Sections) -> Option<Config> {
         metrics,
         warnings,
     })
+}
+
+/// The site's own status topic under an `in` mapping: the uplink would subscribe to what it publishes
+/// (over MQTT 3.1.1 the cloud sends it back, and the retained document comes in at every SUBSCRIBE)
+/// and deliver it to local subscribers. Allowed, but `check` says so.
+fn status_in_mappings(ctx: &mut Ctx<'_>, status_topic: Option<&str>, maps: &[Mapping]) {
+    let Some(status) = status_topic else { return };
+    for m in maps.iter().filter(|m| m.direction.comes_in()) {
+        let remote = format!("{}{}", m.remote_prefix, m.topic);
+        if crate::topic::matches(&remote, status) {
+            ctx.warn(
+                "uplink.status_topic",
+                format!(
+                    "`{status}` is under map[{}]'s cloud filter `{remote}`: the site's own status documents \
+                     come back in to local topics (set status_topic elsewhere, or \"\" to turn it off)",
+                    m.index
+                ),
+            );
+        }
+    }
 }
 
 fn site(ctx: &mut Ctx<'_>, f: Option<SiteFile>) -> Site {

@@ -48,7 +48,7 @@ pub fn parse_broker_url(s: &str) -> Result<BrokerUrl, String> {
     })
 }
 
-pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
+pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile, site_id: &str) -> Option<Uplink> {
     let brokers = brokers(ctx, &f.broker.0);
     if f.client_id.is_empty() || f.client_id.len() > 65535 {
         ctx.error("uplink.client_id", "must be non-empty");
@@ -232,6 +232,7 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
     }
     let brokers = brokers?;
     let profile = profile?;
+    let status_topic = status_topic(ctx, f.status_topic.as_deref(), site_id, &profile, &f.client_id);
     let username = match profile.azure() {
         Some(a) => Some(a.username()),
         None => f.username,
@@ -257,6 +258,7 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         max_in_msgs_per_s: f.max_in_msgs_per_s,
         protocol: protocol?,
         topic_alias: f.topic_alias,
+        status_topic,
         ssh,
         wireguard,
         websocket,
@@ -264,6 +266,68 @@ pub(super) fn uplink(ctx: &mut Ctx<'_>, f: UplinkFile) -> Option<Uplink> {
         profile,
         alpn: f.alpn,
     })
+}
+
+/// `status_topic`: unset, `sites/<site.id>/status`, except for the cloud profiles, where it is off
+/// unless set: `aws-iot` closes the connection over a publish (or refuses a CONNECT with a will) the
+/// thing's policy does not allow, so an upgrade must not start sending one the policy was not written
+/// for; `azure-iot-hub` takes device messages only under `devices/{id}/messages/events/` and keeps no
+/// retained message. `""`: off. Else a topic name the profile accepts.
+fn status_topic(
+    ctx: &mut Ctx<'_>,
+    raw: Option<&str>,
+    site_id: &str,
+    profile: &crate::profile::Profile,
+    client_id: &str,
+) -> Option<String> {
+    use crate::profile::Profile;
+    let key = "uplink.status_topic";
+    let topic = match raw {
+        Some("") => return None,
+        Some(t) => t.to_string(),
+        None if *profile != Profile::Generic => return None,
+        None => format!("sites/{site_id}/status"),
+    };
+    if let Err(e) = crate::topic::validate_name(&topic) {
+        ctx.error(key, format!("`{topic}` is not a topic name: {e}"));
+        return None;
+    }
+    match profile {
+        Profile::Generic => {}
+        Profile::AwsIot => {
+            if let Some(p) = crate::profile::aws::topic_problem(&topic, client_id) {
+                ctx.error(key, format!("\"aws-iot\": {p}"));
+                return None;
+            }
+            ctx.warn(
+                key,
+                format!(
+                    "\"aws-iot\": the thing's policy must allow iot:Publish and iot:RetainPublish on \
+                     topic/{topic}, and iot:Connect with the iot:ConnectAttributes \"LastWill\" (the will); \
+                     AWS IoT Core closes the connection over a publish it does not allow"
+                ),
+            );
+        }
+        Profile::AzureIotHub(a) => {
+            let events = a.events_prefix();
+            if !topic.starts_with(&events) {
+                ctx.error(
+                    key,
+                    format!(
+                        "\"azure-iot-hub\": `{topic}`: IoT Hub takes device messages under `{events}` only \
+                         (or status_topic = \"\" to turn the status off)"
+                    ),
+                );
+                return None;
+            }
+            ctx.warn(
+                key,
+                "\"azure-iot-hub\": IoT Hub keeps no retained message: the status arrives as device \
+                 events (route them to keep the latest), not as a retained state",
+            );
+        }
+    }
+    Some(topic)
 }
 
 /// `broker`: one URL or a list, each parsed; all of one scheme, none twice.
@@ -584,6 +648,30 @@ mod tests {
     fn error(dir: &Path, body: &str) -> String {
         let e = uplink(dir, body).expect_err(body);
         e.to_string()
+    }
+
+    #[test]
+    fn the_status_topic_defaults_to_the_site_and_is_checked_as_a_topic_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let site = |body: &str| {
+            parse(
+                &d.join("c.toml"),
+                &format!(
+                    "[site]\nid = \"plant-7\"\n[[listener]]\nbind = \"127.0.0.1:1883\"\n[auth]\nallow_anonymous = true\n\
+                     [uplink]\nclient_id = \"x\"\nbroker = \"mqtt://127.0.0.1:1\"\n{body}\n"
+                ),
+            )
+        };
+        let topic = |body: &str| site(body).unwrap().uplink.unwrap().status_topic;
+        assert_eq!(topic("").as_deref(), Some("sites/plant-7/status"));
+        assert_eq!(topic("status_topic = \"\"").as_deref(), None);
+        assert_eq!(topic("status_topic = \"a/b\"").as_deref(), Some("a/b"));
+        let e = site("status_topic = \"sites/+/status\"").unwrap_err().to_string();
+        assert!(
+            e.contains("uplink.status_topic") && e.contains("not a topic name"),
+            "{e}"
+        );
     }
 
     #[test]

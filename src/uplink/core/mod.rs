@@ -12,10 +12,12 @@
 pub mod failover;
 pub mod mqtt5;
 pub mod session;
+pub mod status;
 
 pub use failover::{routes, Failover, Next, Probed, Route, Step, Wait, WaitKind};
 pub use mqtt5::{AfterRefusal, Aliases, Peer, Refusal, Versions};
 pub use session::{Action, Delivery, Dropped, Failure, Session, Settings};
+pub use status::{Marks, StatusSettings};
 
 #[cfg(test)]
 mod tests;

@@ -47,6 +47,7 @@ use rmqtt::codec::v3::{Packet, SubscribeReturnCode};
 use rmqtt::codec::v5::PublishProperties;
 
 use super::mqtt5::{AliasUse, Aliases, Peer};
+use super::status::{Marks, StatusSettings, STATUS_EVERY};
 use crate::config::MqttVersion;
 
 use crate::bridge::inbound::CloudMessage;
@@ -72,6 +73,8 @@ pub struct Settings {
     pub max_in_msgs_per_s: u32,
     /// MQTT 5 topic aliases on outgoing PUBLISHes (up to the cloud's Topic Alias Maximum).
     pub topic_alias: bool,
+    /// The site's status topic (`status_topic`): birth, clean-stop offline and watermarks.
+    pub status: Option<StatusSettings>,
 }
 
 /// Something the shell must do. Performed in order.
@@ -148,6 +151,8 @@ pub enum Failure {
 enum Pending {
     Subscribe(Vec<(String, u8)>),
     Unsubscribe(Vec<String>),
+    /// A status message (its PUBACK only proves the connection).
+    Status,
 }
 
 /// The state of one connection.
@@ -176,6 +181,12 @@ struct Connection {
     peer: Peer,
     /// Outgoing topic aliases (empty unless MQTT 5 and `topic_alias`).
     aliases: Aliases,
+    /// The transport carrying it, for the status document (set by [`Session::announce`]).
+    transport: String,
+    /// When the status document may be sent again, once announced.
+    next_status: Option<Instant>,
+    /// The outbox depth the last status document gave.
+    status_depth: usize,
 }
 
 /// The uplink's MQTT session. See the module documentation for its events and actions.
@@ -192,6 +203,11 @@ pub struct Session {
     qos2: HashSet<NonZeroU16>,
     conn: Option<Connection>,
     actions: VecDeque<Action>,
+    /// The watermarks of the `sequence = true` mappings (see `status`).
+    marks: Marks,
+    /// Sequence tags (mapping key, epoch, number) of numbered outbox messages in flight, by outbox
+    /// sequence number: counted as sent on their PUBACK.
+    tags: HashMap<u64, (String, u64, u64)>,
 }
 
 impl Session {
@@ -204,6 +220,8 @@ impl Session {
             qos2: HashSet::new(),
             conn: None,
             actions: VecDeque::new(),
+            marks: Marks::default(),
+            tags: HashMap::new(),
         }
     }
 
@@ -220,7 +238,8 @@ impl Session {
             // deadline is not checked while paused (it moves by the pause on resume).
             return Some(p);
         }
-        Some(c.ping_deadline.unwrap_or(c.next_ping))
+        let health = c.ping_deadline.unwrap_or(c.next_ping);
+        Some(c.next_status.map_or(health, |t| t.min(health)))
     }
 
     pub fn is_connected(&self) -> bool {
@@ -316,6 +335,9 @@ impl Session {
             } else {
                 0
             }),
+            transport: String::new(),
+            next_status: None,
+            status_depth: 0,
         });
         // Every wanted filter is subscribed again (the cloud may have lost it); filters only the
         // ledger remembers are taken back.
@@ -333,6 +355,8 @@ impl Session {
     pub fn disconnected(&mut self) -> bool {
         let proven = self.proven();
         self.conn = None;
+        // What was in flight is offered (and tagged) again on the next connection.
+        self.tags.clear();
         self.actions
             .retain(|a| !matches!(a, Action::Send(_) | Action::Deliver { .. }));
         proven
@@ -355,6 +379,83 @@ impl Session {
         }
     }
 
+    /// Event: the session on this connection starts carrying messages over `transport`, with
+    /// `outbox_depth` messages queued: the birth message (retained `"state": "online"`), when a
+    /// status topic is configured.
+    pub fn announce(&mut self, now: Instant, now_ms: u64, transport: &str, outbox_depth: usize) {
+        let Some(c) = self.conn.as_mut() else { return };
+        c.transport = transport.to_string();
+        self.send_status(now, now_ms, outbox_depth);
+    }
+
+    /// Whether the status document may be sent again now (then call
+    /// [`refresh_status`](Self::refresh_status) with the outbox depth).
+    pub fn status_due(&self, now: Instant) -> bool {
+        self.conn
+            .as_ref()
+            .and_then(|c| c.next_status)
+            .is_some_and(|t| now >= t)
+    }
+
+    /// The status document again if something in it changed (watermarks, outbox depth), else not
+    /// before another [`STATUS_EVERY`].
+    pub fn refresh_status(&mut self, now: Instant, now_ms: u64, outbox_depth: usize) {
+        let Some(c) = self.conn.as_mut() else { return };
+        if self.marks.changed || c.status_depth != outbox_depth {
+            self.send_status(now, now_ms, outbox_depth);
+        } else {
+            c.next_status = Some(now + STATUS_EVERY);
+        }
+    }
+
+    /// Event: the appliance stops (cleanly): the retained `"state": "offline"` message, to be
+    /// written before the DISCONNECT (which suppresses the will).
+    pub fn stopping(&mut self, now_ms: u64, outbox_depth: usize) {
+        let Some(status) = &self.settings.status else {
+            return;
+        };
+        let Some(c) = self.conn.as_mut() else { return };
+        let p = status.stopped(outbox_depth, now_ms, &self.marks);
+        self.marks.changed = false;
+        Self::push_status(c, &mut self.actions, p);
+    }
+
+    /// The watermarks of the `sequence = true` mappings (as the status document gives them).
+    pub fn marks(&self) -> &Marks {
+        &self.marks
+    }
+
+    fn send_status(&mut self, now: Instant, now_ms: u64, outbox_depth: usize) {
+        let Some(status) = &self.settings.status else {
+            return;
+        };
+        let Some(c) = self.conn.as_mut() else { return };
+        let p = status.online(
+            &c.transport,
+            c.peer.version.name(),
+            outbox_depth,
+            now_ms,
+            &self.marks,
+        );
+        self.marks.changed = false;
+        c.status_depth = outbox_depth;
+        c.next_status = Some(now + STATUS_EVERY);
+        Self::push_status(c, &mut self.actions, p);
+    }
+
+    fn push_status(c: &mut Connection, actions: &mut VecDeque<Action>, mut p: Publish) {
+        p.retain &= c.peer.retain_available;
+        // Only the latest document matters: a cloud that never acknowledges them (an ACL that drops
+        // them) must not hold a packet id per document for the life of the connection.
+        c.pending.retain(|_, p| !matches!(p, Pending::Status));
+        let pid = c
+            .pids
+            .next_free(|id| c.inflight.contains_key(&id) || c.pending.contains_key(&id));
+        c.pending.insert(pid, Pending::Status);
+        p.packet_id = Some(pid);
+        actions.push_back(Action::Send(Packet::Publish(Box::new(p))));
+    }
+
     /// Event: the outbox has these messages (from [`outbox_wanted`](Self::outbox_wanted)), oldest
     /// first, at `now_ms` (Unix milliseconds, for the expiry intervals). Those beyond the window are
     /// not taken (nor skipped: they are asked for again).
@@ -369,18 +470,25 @@ impl Session {
                 continue;
             }
             c.cursor = seq;
+            let tag = tag(&m);
             // One message MQTT cannot carry must not fail every connection and block the queue.
             if let Some(why) = m.undeliverable() {
+                mark_dropped(&mut self.marks, tag.as_ref());
                 self.actions.push_back(Action::Discard { seq, why });
                 continue;
             }
             let Some(p) = outgoing(c, m, now_ms, QoS::AtLeastOnce) else {
+                mark_dropped(&mut self.marks, tag.as_ref());
                 self.actions.push_back(Action::Expired(seq));
                 continue;
             };
             if let Some(why) = over_max(&c.peer, &p) {
+                mark_dropped(&mut self.marks, tag.as_ref());
                 self.actions.push_back(Action::Discard { seq, why });
                 continue;
+            }
+            if let Some(t) = tag {
+                self.tags.insert(seq, t);
             }
             let pid = c
                 .pids
@@ -394,19 +502,26 @@ impl Session {
     /// Event: a QoS 0 message from the outbox's best-effort lane (sent at once, never acknowledged).
     pub fn offer_qos0(&mut self, now_ms: u64, m: OutMessage) {
         let Some(c) = self.conn.as_mut() else { return };
+        let tag = tag(&m);
         if let Some(why) = m.undeliverable() {
+            mark_dropped(&mut self.marks, tag.as_ref());
             self.actions
                 .push_back(Action::Drop(Dropped::Qos0Undeliverable(why)));
             return;
         }
         let Some(p) = outgoing(c, m, now_ms, QoS::AtMostOnce) else {
+            mark_dropped(&mut self.marks, tag.as_ref());
             self.actions.push_back(Action::Drop(Dropped::Qos0Expired));
             return;
         };
         if let Some(why) = over_max(&c.peer, &p) {
+            mark_dropped(&mut self.marks, tag.as_ref());
             self.actions
                 .push_back(Action::Drop(Dropped::Qos0Undeliverable(why)));
             return;
+        }
+        if let Some((map, epoch, n)) = &tag {
+            self.marks.sent(map, *epoch, *n);
         }
         let p = alias(c, p, None);
         self.actions.push_back(Action::Send(Packet::Publish(Box::new(p))));
@@ -440,6 +555,13 @@ impl Session {
                 match c.inflight.remove(&packet_id) {
                     Some(seq) => {
                         self.actions.push_back(Action::Ack(seq));
+                        c.proven = true;
+                        if let Some((map, epoch, n)) = self.tags.remove(&seq) {
+                            self.marks.sent(&map, epoch, n);
+                        }
+                    }
+                    None if matches!(c.pending.get(&packet_id), Some(Pending::Status)) => {
+                        c.pending.remove(&packet_id);
                         c.proven = true;
                     }
                     None => tracing::debug!(packet_id, "PUBACK for a packet id not in flight; ignored"),
@@ -630,6 +752,18 @@ impl Session {
             }));
             c.pending.insert(packet_id, Pending::Subscribe(change.subscribe));
         }
+    }
+}
+
+/// The sequence tag (mapping key, epoch, number) of a numbered message (`sequence = true`).
+fn tag(m: &OutMessage) -> Option<(String, u64, u64)> {
+    let p = m.props.as_ref()?;
+    crate::bridge::sequence::tag_of(p.user_properties.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+}
+
+fn mark_dropped(marks: &mut Marks, tag: Option<&(String, u64, u64)>) {
+    if let Some((map, epoch, n)) = tag {
+        marks.dropped(map, *epoch, *n);
     }
 }
 
