@@ -110,6 +110,8 @@ impl OutHandler {
             accepted_ms: 0,
             user: id.username_ref().to_string(),
             props: out_props(&routes, p),
+            priority: route.priority,
+            ttl_s: route.ttl_s,
         };
         let commit = self.outbox.enqueue(msg).map_err(Refused::Outbox)?;
         self.metrics

@@ -271,6 +271,8 @@ mod tests {
                 remote_prefix: "sites/p7/".into(),
                 qos: 1,
                 retain: RetainPolicy::Drop,
+                priority: 0,
+                ttl_s: None,
             },
             Mapping {
                 index: 1,
@@ -281,6 +283,8 @@ mod tests {
                 remote_prefix: "sites/p7/".into(),
                 qos: 1,
                 retain: RetainPolicy::Keep,
+                priority: 0,
+                ttl_s: None,
             },
         ])
     }

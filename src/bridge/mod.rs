@@ -26,6 +26,9 @@ pub struct OutRoute {
     pub qos: u8,
     /// What the mapping does with the retain flag.
     pub retain: RetainPolicy,
+    /// The mapping's priority (0..9) and TTL in the outbox.
+    pub priority: u8,
+    pub ttl_s: Option<u32>,
 }
 
 /// Where a cloud message lands locally.
@@ -109,6 +112,8 @@ impl Routes {
                 remote_topic: format!("{}{rest}", m.remote_prefix),
                 qos: qos.min(m.qos),
                 retain: m.retain,
+                priority: m.priority,
+                ttl_s: m.ttl_s,
             })
         })
     }
@@ -204,6 +209,8 @@ mod tests {
             remote_prefix: remote.into(),
             qos,
             retain: RetainPolicy::Keep,
+            priority: 0,
+            ttl_s: None,
         }
     }
 
@@ -301,6 +308,8 @@ mod tests {
             remote_prefix: "sites/plant-7/".into(),
             qos: 1,
             retain: RetainPolicy::Keep,
+            priority: 0,
+            ttl_s: None,
         };
         let routes = Routes::new(vec![map.clone()]).with_cloud_limits(crate::profile::cloud_topic_limits(
             &crate::profile::Profile::AwsIot,

@@ -63,6 +63,9 @@ pub struct Identity {
     pub max_in_msgs_per_s: u32,
     /// MQTT 5 topic aliases on the uplink's PUBLISHes (`topic_alias`).
     pub topic_alias: bool,
+    /// The paced drain's budget (`[outbox] drain_max_msgs_per_s`, `drain_max_bytes_per_s`).
+    pub drain_max_msgs_per_s: Option<u32>,
+    pub drain_max_bytes_per_s: Option<u64>,
 }
 
 /// The cloud broker refused the MQTT version asked for (a 3.1.1 broker's CONNACK 0x01 to an MQTT 5
@@ -84,6 +87,8 @@ impl Identity {
             health_timeout: self.health_timeout,
             max_in_msgs_per_s: self.max_in_msgs_per_s,
             topic_alias: self.topic_alias,
+            drain_max_msgs_per_s: self.drain_max_msgs_per_s,
+            drain_max_bytes_per_s: self.drain_max_bytes_per_s,
         }
     }
 }
@@ -292,7 +297,8 @@ async fn drive(
     loop {
         // Fill the window from the outbox, then a bounded batch of QoS 0, then write once.
         if let Some((after, max)) = core.outbox_wanted() {
-            core.offer(crate::outbox::now_ms(), w.outbox.pending_after(after, max));
+            let batch = w.outbox.pending(&after, max);
+            core.offer_at(std::time::Instant::now(), crate::outbox::now_ms(), batch);
         }
         for _ in 0..core.qos0_wanted() {
             let Some(m) = w.outbox.pop_qos0() else { break };
