@@ -1086,6 +1086,116 @@ mod tests {
             .depth()
     }
 
+    fn prio_msg(mapping: usize, priority: u8, n: u32) -> OutMessage {
+        OutMessage {
+            mapping,
+            priority,
+            ttl_s: (priority > 0).then_some(3600),
+            payload: Bytes::from(n.to_string()),
+            ..msg(1, b"")
+        }
+    }
+
+    /// Issue 18 item 1: the priority is in the record, so after a restart the backlog still leaves
+    /// the highest priority first, each mapping in its order; the cursors per priority skip what was
+    /// taken.
+    #[tokio::test]
+    async fn priorities_survive_a_restart_and_leave_first() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let o = Outbox::open(dir.path(), settings(1 << 20, OnFull::RejectNew)).unwrap();
+            for n in 0..30u32 {
+                let (mapping, prio) = if n % 10 == 9 { (1, 6) } else { (0, 0) };
+                o.push(prio_msg(mapping, prio, n)).await.unwrap();
+            }
+            o.sync().await;
+        }
+        let o = Outbox::open(dir.path(), settings(1 << 20, OnFull::RejectNew)).unwrap();
+        let all = o.pending(&[0; PRIORITIES], 100);
+        let order: Vec<(usize, String)> = all
+            .iter()
+            .map(|(_, m)| (m.mapping, String::from_utf8_lossy(&m.payload).into_owned()))
+            .collect();
+        let mut want: Vec<(usize, String)> = [9, 19, 29].iter().map(|n| (1, n.to_string())).collect();
+        want.extend((0..30).filter(|n| n % 10 != 9).map(|n| (0, n.to_string())));
+        assert_eq!(order, want);
+        assert!(all[..3].iter().all(|(_, m)| m.priority == 6 && m.ttl_s == Some(3600)));
+        // Above the cursors: priority 6 all taken, priority 0 after its fifth.
+        let mut cur = [0; PRIORITIES];
+        cur[6] = all[2].0;
+        cur[0] = all[7].0;
+        let next = o.pending(&cur, 2);
+        assert_eq!(next[0].1.payload, "5");
+        assert_eq!(next[1].1.payload, "6");
+        // Acknowledged out of order (the priority ones first), nothing else is lost.
+        for (seq, _) in &all[..3] {
+            o.ack(*seq);
+        }
+        assert_eq!(o.depth(), 27);
+        assert_eq!(o.pending_after(0, 1)[0].1.payload, "0");
+    }
+
+    /// The sum of the outbox files' sizes, as `stat` sees them.
+    fn files_size(dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(dir.join("outbox"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    }
+
+    /// Issue 18 item 4: `max_disk_bytes` holds against the real size of the files. reject-new:
+    /// the messages that do not fit are refused (`Full`, counted), and accepted again once the
+    /// cloud took enough for a segment to go; drop-oldest: every new message is taken and the
+    /// oldest segment's messages are dropped (counted).
+    #[tokio::test]
+    async fn the_disk_budget_holds_against_the_files_size() {
+        const LIMIT: u64 = 1 << 20;
+        let payload = vec![b'p'; 1000];
+        for on_full in [OnFull::RejectNew, OnFull::DropOldest] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = settings(64 << 20, on_full);
+            s.max_disk_bytes = Some(LIMIT);
+            let o = Outbox::open(dir.path(), s).unwrap();
+            let (mut ok, mut full) = (0u32, 0u32);
+            for n in 0..3000u32 {
+                let mut m = prio_msg(0, 0, n);
+                m.payload = Bytes::from(payload.clone());
+                match o.push(m).await {
+                    Ok(()) => ok += 1,
+                    Err(PushError::Full) => full += 1,
+                    Err(e) => panic!("{on_full:?}: {e}"),
+                }
+                assert!(files_size(dir.path()) <= LIMIT, "{on_full:?}: {} B", files_size(dir.path()));
+            }
+            let size = files_size(dir.path());
+            assert!(size > LIMIT / 2, "{on_full:?}: the budget was not used ({size} B)");
+            assert_eq!(o.store_file_bytes(), size);
+            let c = o.counters();
+            match on_full {
+                OnFull::RejectNew => {
+                    assert!(full > 1000 && ok > 500, "{ok} taken, {full} refused");
+                    assert_eq!(c.rejected_full.load(Ordering::Relaxed), u64::from(full));
+                    assert_eq!(o.depth() as u32, ok);
+                    assert_eq!(o.store_failure(), None, "a budget is not a failing store");
+                    // The cloud takes the oldest 300: a segment goes, and new messages fit again.
+                    for (seq, _) in o.pending_after(0, 300) {
+                        o.ack(seq);
+                    }
+                    o.sync().await;
+                    o.push(prio_msg(0, 0, 1)).await.unwrap();
+                }
+                OnFull::DropOldest => {
+                    assert_eq!(full, 0);
+                    let dropped = c.dropped_oldest.load(Ordering::Relaxed);
+                    assert!(dropped > 1000, "{dropped}");
+                    assert_eq!(o.depth() as u64, 3000 - dropped);
+                    let left = o.pending_after(0, 5000);
+                    assert_eq!(left.len() as u64, 3000 - dropped, "every queued message reads back");
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn sync_makes_acknowledgements_durable_at_once() {
         let dir = tempfile::tempdir().unwrap();
