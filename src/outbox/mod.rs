@@ -30,8 +30,8 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::config::{OnFull, OutboxSettings};
 use crate::metrics::Metrics;
-pub use store::{private_dir, private_file, StoreError};
 use store::DISK_FULL;
+pub use store::{private_dir, private_file, StoreError};
 use store::{Op, Store};
 
 /// QoS 0 messages waiting for the uplink at most; more are dropped (counted).
@@ -671,7 +671,10 @@ impl Outbox {
         self.pending_by(|q| q.next(after, max))
     }
 
-    fn pending_by(&self, pick: impl FnOnce(&index::Lanes) -> Vec<(u64, index::Meta)>) -> Vec<(u64, OutMessage)> {
+    fn pending_by(
+        &self,
+        pick: impl FnOnce(&index::Lanes) -> Vec<(u64, index::Meta)>,
+    ) -> Vec<(u64, OutMessage)> {
         let cutoff = now_ms().saturating_sub(self.inner.settings.max_age.as_millis() as u64);
         let picked: Vec<(u64, Option<OutMessage>)> = {
             let mut st = self.state();
@@ -1119,7 +1122,9 @@ mod tests {
         let mut want: Vec<(usize, String)> = [9, 19, 29].iter().map(|n| (1, n.to_string())).collect();
         want.extend((0..30).filter(|n| n % 10 != 9).map(|n| (0, n.to_string())));
         assert_eq!(order, want);
-        assert!(all[..3].iter().all(|(_, m)| m.priority == 6 && m.ttl_s == Some(3600)));
+        assert!(all[..3]
+            .iter()
+            .all(|(_, m)| m.priority == 6 && m.ttl_s == Some(3600)));
         // Above the cursors: priority 6 all taken, priority 0 after its fifth.
         let mut cur = [0; PRIORITIES];
         cur[6] = all[2].0;
@@ -1165,10 +1170,17 @@ mod tests {
                     Err(PushError::Full) => full += 1,
                     Err(e) => panic!("{on_full:?}: {e}"),
                 }
-                assert!(files_size(dir.path()) <= LIMIT, "{on_full:?}: {} B", files_size(dir.path()));
+                assert!(
+                    files_size(dir.path()) <= LIMIT,
+                    "{on_full:?}: {} B",
+                    files_size(dir.path())
+                );
             }
             let size = files_size(dir.path());
-            assert!(size > LIMIT / 2, "{on_full:?}: the budget was not used ({size} B)");
+            assert!(
+                size > LIMIT / 2,
+                "{on_full:?}: the budget was not used ({size} B)"
+            );
             assert_eq!(o.store_file_bytes(), size);
             let c = o.counters();
             match on_full {
@@ -1190,7 +1202,11 @@ mod tests {
                     assert!(dropped > 1000, "{dropped}");
                     assert_eq!(o.depth() as u64, 3000 - dropped);
                     let left = o.pending_after(0, 5000);
-                    assert_eq!(left.len() as u64, 3000 - dropped, "every queued message reads back");
+                    assert_eq!(
+                        left.len() as u64,
+                        3000 - dropped,
+                        "every queued message reads back"
+                    );
                 }
             }
         }

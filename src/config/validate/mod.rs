@@ -643,7 +643,9 @@ fn outbox(ctx: &mut Ctx<'_>, f: OutboxFile) -> OutboxSettings {
             "must be at least 1024 (leave it out for no budget)",
         );
     }
-    if f.max_disk_bytes.is_some_and(|b| b < crate::outbox::MIN_DISK_BYTES) {
+    if f.max_disk_bytes
+        .is_some_and(|b| b < crate::outbox::MIN_DISK_BYTES)
+    {
         ctx.error(
             "outbox.max_disk_bytes",
             format!(

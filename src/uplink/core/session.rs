@@ -241,7 +241,9 @@ impl Bucket {
 
 impl Drain {
     fn new(settings: &Settings, now: Instant) -> Option<Drain> {
-        let msgs = settings.drain_max_msgs_per_s.map(|r| Bucket::new(f64::from(r), now));
+        let msgs = settings
+            .drain_max_msgs_per_s
+            .map(|r| Bucket::new(f64::from(r), now));
         let bytes = settings.drain_max_bytes_per_s.map(|r| Bucket::new(r as f64, now));
         (msgs.is_some() || bytes.is_some()).then_some(Drain {
             msgs,
@@ -283,7 +285,11 @@ impl Drain {
         if self.held == 0 {
             return None;
         }
-        self.msgs.iter().chain(self.bytes.iter()).map(Bucket::ready_at).max()
+        self.msgs
+            .iter()
+            .chain(self.bytes.iter())
+            .map(Bucket::ready_at)
+            .max()
     }
 }
 
@@ -488,12 +494,19 @@ impl Session {
     /// milliseconds, for the expiry intervals and TTLs). Those beyond the window are not taken (nor
     /// skipped: they are asked for again).
     pub fn offer(&mut self, now_ms: u64, batch: impl IntoIterator<Item = (u64, OutMessage)>) {
-        let Some(now) = self.conn.as_ref().map(|c| c.at) else { return };
+        let Some(now) = self.conn.as_ref().map(|c| c.at) else {
+            return;
+        };
         self.offer_at(now, now_ms, batch)
     }
 
     /// [`offer`](Self::offer) at `now` (for the paced drain's budget).
-    pub fn offer_at(&mut self, now: Instant, now_ms: u64, batch: impl IntoIterator<Item = (u64, OutMessage)>) {
+    pub fn offer_at(
+        &mut self,
+        now: Instant,
+        now_ms: u64,
+        batch: impl IntoIterator<Item = (u64, OutMessage)>,
+    ) {
         let Some(max) = self.window_size() else { return };
         let Some(c) = self.conn.as_mut() else { return };
         c.at = c.at.max(now);
@@ -520,7 +533,12 @@ impl Session {
                 }
                 if !dropped {
                     // The PUBLISH's size, about: fixed header, topic, packet id, payload.
-                    wire = 5 + 2 + m.topic.len() + 2 + m.payload.len() + m.props.as_ref().map_or(0, |p| p.size());
+                    wire = 5
+                        + 2
+                        + m.topic.len()
+                        + 2
+                        + m.payload.len()
+                        + m.props.as_ref().map_or(0, |p| p.size());
                 }
             }
             c.cursors[lane] = seq;

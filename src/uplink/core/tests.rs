@@ -1248,23 +1248,31 @@ fn a_mappings_ttl_drops_old_messages_and_the_smaller_lifetime_is_sent() {
     s.offer(
         t0 + 4_000,
         [
-            (1, ttl(1, Some(3), None)),       // TTL 3 s, 4 s old: dropped
-            (2, ttl(2, Some(10), Some(60))),  // TTL wins: 6 s left
-            (3, ttl(3, Some(60), Some(5))),   // MQTT 5 expiry wins: 1 s left
-            (4, bare),                        // TTL only, no properties: 6 s left
+            (1, ttl(1, Some(3), None)),      // TTL 3 s, 4 s old: dropped
+            (2, ttl(2, Some(10), Some(60))), // TTL wins: 6 s left
+            (3, ttl(3, Some(60), Some(5))),  // MQTT 5 expiry wins: 1 s left
+            (4, bare),                       // TTL only, no properties: 6 s left
         ],
     );
     let (sent, other) = publishes(&mut s);
     assert!(matches!(other[..], [Action::Expired(1)]), "{other:?}");
     let left: Vec<Option<u32>> = sent
         .iter()
-        .map(|p| p.properties.as_ref().and_then(|p| p.message_expiry_interval).map(|e| e.get()))
+        .map(|p| {
+            p.properties
+                .as_ref()
+                .and_then(|p| p.message_expiry_interval)
+                .map(|e| e.get())
+        })
         .collect();
     assert_eq!(left, vec![Some(6), Some(1), Some(6)]);
     // Over 3.1.1 the TTL applies all the same (nothing is sent late), without properties.
     s.disconnected();
     s.connected(Instant::now(), true);
-    s.offer(t0 + 11_000, [(5, ttl(5, Some(10), None)), (6, ttl(6, Some(20), None))]);
+    s.offer(
+        t0 + 11_000,
+        [(5, ttl(5, Some(10), None)), (6, ttl(6, Some(20), None))],
+    );
     let (sent, other) = publishes(&mut s);
     assert!(matches!(other[..], [Action::Expired(5)]), "{other:?}");
     assert_eq!(sent.len(), 1);
@@ -1283,7 +1291,13 @@ fn paced(msgs: Option<u32>, bytes: Option<u64>, window: u16) -> Settings {
 /// `backlog` (accepted before the connection), the cloud acknowledging everything at once. A live
 /// priority message (mapping 1, priority 2) is accepted at `alarm_at_ms`. Returns, per second, the
 /// backlog messages and bytes sent, and when the alarm was sent (ms after the start).
-fn drive_paced(s: Settings, backlog: u64, payload: usize, secs: u64, alarm_at_ms: u64) -> (Vec<u64>, Vec<u64>, Option<u64>) {
+fn drive_paced(
+    s: Settings,
+    backlog: u64,
+    payload: usize,
+    secs: u64,
+    alarm_at_ms: u64,
+) -> (Vec<u64>, Vec<u64>, Option<u64>) {
     let mut s = Session::new(s, Filters::new());
     let t0 = Instant::now();
     let wall0 = 1_700_000_000_000u64;
@@ -1315,7 +1329,9 @@ fn drive_paced(s: Settings, backlog: u64, payload: usize, secs: u64, alarm_at_ms
             s.handle_timeout(now).unwrap();
         }
         for _ in 0..4 {
-            let Some((after, max)) = s.outbox_wanted() else { break };
+            let Some((after, max)) = s.outbox_wanted() else {
+                break;
+            };
             let mut batch = Vec::new();
             for p in (0..PRIORITIES).rev() {
                 batch.extend(
@@ -1342,7 +1358,12 @@ fn drive_paced(s: Settings, backlog: u64, payload: usize, secs: u64, alarm_at_ms
                         bytes[(ms / 1000) as usize] += (p.topic.len() + p.payload.len() + 9) as u64;
                     }
                     outbox.remove(&seq);
-                    s.handle_packet(now, Inbound::Packet(Packet::PublishAck { packet_id: p.packet_id.unwrap() }));
+                    s.handle_packet(
+                        now,
+                        Inbound::Packet(Packet::PublishAck {
+                            packet_id: p.packet_id.unwrap(),
+                        }),
+                    );
                 }
             }
             while s.poll_action().is_some() {}
@@ -1361,12 +1382,18 @@ fn drive_paced(s: Settings, backlog: u64, payload: usize, secs: u64, alarm_at_ms
 fn the_paced_drain_keeps_the_budget_and_lets_live_priority_through() {
     let (msgs, _, alarm) = drive_paced(paced(Some(50), None, 64), 10_000, 10, 6, 2_500);
     for (i, n) in msgs.iter().enumerate() {
-        assert!((45..=55).contains(n), "second {i}: {n} messages (budget 50): {msgs:?}");
+        assert!(
+            (45..=55).contains(n),
+            "second {i}: {n} messages (budget 50): {msgs:?}"
+        );
     }
     assert_eq!(alarm, Some(2_500), "the live priority message waited");
     let (bytes_s, bytes, alarm) = drive_paced(paced(None, Some(20_000), 64), 10_000, 200, 6, 3_000);
     for (i, b) in bytes.iter().enumerate().skip(1) {
-        assert!((18_000..=22_000).contains(b), "second {i}: {b} bytes (budget 20000): {bytes:?}");
+        assert!(
+            (18_000..=22_000).contains(b),
+            "second {i}: {b} bytes (budget 20000): {bytes:?}"
+        );
     }
     assert!(bytes_s[0] <= 110, "{bytes_s:?}");
     assert_eq!(alarm, Some(3_000));
@@ -1383,13 +1410,29 @@ fn a_priority_backlog_is_paced_and_in_order() {
     let t0 = Instant::now();
     s.connected(t0, true);
     let batch: Vec<(u64, OutMessage)> = (1..=5)
-        .map(|seq| (seq, OutMessage { priority: 4, accepted_ms: 1, ..message(seq, 1) }))
+        .map(|seq| {
+            (
+                seq,
+                OutMessage {
+                    priority: 4,
+                    accepted_ms: 1,
+                    ..message(seq, 1)
+                },
+            )
+        })
         .collect();
     s.offer_at(t0, 1_000, batch.clone());
     let (sent, _) = publishes(&mut s);
     assert_eq!(sent.len(), 1, "one at once, then the rate");
     s.offer_at(t0 + Duration::from_millis(150), 1_150, batch);
     let (sent, _) = publishes(&mut s);
-    let seqs: Vec<String> = sent.iter().map(|p| String::from_utf8_lossy(&p.payload).into()).collect();
-    assert_eq!(seqs, vec!["2"], "after 150 ms at 10/s: one more, the next in order");
+    let seqs: Vec<String> = sent
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into())
+        .collect();
+    assert_eq!(
+        seqs,
+        vec!["2"],
+        "after 150 ms at 10/s: one more, the next in order"
+    );
 }
