@@ -385,10 +385,16 @@ impl Session {
 
     /// How many QoS 0 messages to offer now.
     pub fn qos0_wanted(&self) -> usize {
-        if self.conn.is_some() {
-            QOS0_BATCH
-        } else {
-            0
+        match self.conn.as_ref().map(|c| c.drain.as_ref()) {
+            None => 0,
+            Some(None) => QOS0_BATCH,
+            // Paced: as many as the budget allows now (the lane is held in memory, at most 8 MiB,
+            // but it is a backlog too after an outage).
+            Some(Some(d)) if !d.ready() => 0,
+            Some(Some(d)) => d
+                .msgs
+                .as_ref()
+                .map_or(QOS0_BATCH, |b| (b.tokens.ceil() as usize).clamp(1, QOS0_BATCH)),
         }
     }
 
@@ -583,6 +589,13 @@ impl Session {
             self.actions
                 .push_back(Action::Drop(Dropped::Qos0Undeliverable(why)));
             return;
+        }
+        if let Some(d) = c.drain.as_mut() {
+            d.spend(5 + 2 + p.topic.len() + p.payload.len());
+            if !d.ready() {
+                // Woken when the budget allows more (see `qos0_wanted`).
+                d.held |= 1;
+            }
         }
         let p = alias(c, p, None);
         self.actions.push_back(Action::Send(Packet::Publish(Box::new(p))));

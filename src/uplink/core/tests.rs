@@ -1302,16 +1302,16 @@ fn drive_paced(
     let t0 = Instant::now();
     let wall0 = 1_700_000_000_000u64;
     s.connected(t0, true);
-    let mut outbox: BTreeMap<u64, OutMessage> = (1..=backlog)
-        .map(|seq| {
-            let m = OutMessage {
-                payload: Bytes::from(format!("{seq:0>payload$}")),
-                accepted_ms: wall0 - 60_000,
-                ..message(seq, 0)
-            };
-            (seq, m)
-        })
-        .collect();
+    // The outbox by priority, as `Outbox::pending` reads it.
+    let mut outbox: Vec<BTreeMap<u64, OutMessage>> = vec![BTreeMap::new(); PRIORITIES];
+    for seq in 1..=backlog {
+        let m = OutMessage {
+            payload: Bytes::from(format!("{seq:0>payload$}")),
+            accepted_ms: wall0 - 60_000,
+            ..message(seq, 0)
+        };
+        outbox[0].insert(seq, m);
+    }
     let (mut msgs, mut bytes) = (vec![0u64; secs as usize], vec![0u64; secs as usize]);
     let mut alarm_sent = None;
     for tick in 0..secs * 100 {
@@ -1323,7 +1323,7 @@ fn drive_paced(
                 accepted_ms: wall0 + ms,
                 ..message(backlog + 1, 1)
             };
-            outbox.insert(backlog + 1, m);
+            outbox[2].insert(backlog + 1, m);
         }
         if s.poll_timeout().is_some_and(|t| t <= now) {
             s.handle_timeout(now).unwrap();
@@ -1335,9 +1335,8 @@ fn drive_paced(
             let mut batch = Vec::new();
             for p in (0..PRIORITIES).rev() {
                 batch.extend(
-                    outbox
+                    outbox[p]
                         .range(after[p].saturating_add(1)..)
-                        .filter(|(_, m)| usize::from(m.priority) == p)
                         .take(max - batch.len())
                         .map(|(q, m)| (*q, m.clone())),
                 );
@@ -1357,7 +1356,9 @@ fn drive_paced(
                         msgs[(ms / 1000) as usize] += 1;
                         bytes[(ms / 1000) as usize] += (p.topic.len() + p.payload.len() + 9) as u64;
                     }
-                    outbox.remove(&seq);
+                    for lane in outbox.iter_mut() {
+                        lane.remove(&seq);
+                    }
                     s.handle_packet(
                         now,
                         Inbound::Packet(Packet::PublishAck {
@@ -1435,4 +1436,30 @@ fn a_priority_backlog_is_paced_and_in_order() {
         vec!["2"],
         "after 150 ms at 10/s: one more, the next in order"
     );
+}
+
+/// The QoS 0 lane (in memory) is paced by the same budget: asked for only as many as it allows.
+#[test]
+fn the_qos0_lane_is_paced_too() {
+    let mut s = Session::new(paced(Some(20), None, 8), Filters::new());
+    let t0 = Instant::now();
+    s.connected(t0, true);
+    let mut sent = 0;
+    for tick in 0..300u64 {
+        let now = t0 + Duration::from_millis(tick * 10);
+        if s.poll_timeout().is_some_and(|t| t <= now) {
+            s.handle_timeout(now).unwrap();
+        }
+        for _ in 0..s.qos0_wanted() {
+            s.offer_qos0(
+                0,
+                OutMessage {
+                    qos: 0,
+                    ..message(0, 0)
+                },
+            );
+        }
+        sent += publishes(&mut s).0.len();
+    }
+    assert!((58..=62).contains(&sent), "{sent} QoS 0 messages in 3 s at 20/s");
 }
