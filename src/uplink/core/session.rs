@@ -235,7 +235,7 @@ impl Bucket {
             return self.at;
         }
         // A hair past zero: the next refill must find it positive.
-        self.at + Duration::from_secs_f64((-self.tokens + 1e-6) / self.per_s)
+        self.at + Duration::from_secs_f64((-self.tokens + 1e-3) / self.per_s)
     }
 }
 
