@@ -151,6 +151,7 @@ pub struct GapsCli {
     /// CA certificate(s) for the broker's TLS (default: the system's roots).
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// The username on the cloud broker (with --password-file).
     #[arg(long, value_name = "USER")]
     pub username: Option<String>,
     /// The password's file (its first line).

@@ -185,6 +185,8 @@ async fn a_remote_topic_too_long_is_refused_and_never_blocks_the_uplink() {
             accepted_ms: 0,
             user: "hog".into(),
             props: None,
+            priority: 0,
+            ttl_s: None,
         })
         .await
         .unwrap();
@@ -225,6 +227,9 @@ async fn a_too_long_topic_comes_back_whole_after_a_restart_and_is_dropped_not_cu
         min_sync_interval: Duration::from_millis(1),
         qos0_max_bytes: 8 << 20,
         max_bytes_per_user: 16 << 20,
+        drain_max_msgs_per_s: None,
+        drain_max_bytes_per_s: None,
+        max_disk_bytes: None,
     };
     let long = format!("sensors/{}", "x".repeat(u16::MAX as usize - "sensors/".len()));
     let earlier = mqtt_uplink::outbox::Outbox::open(&dir.path().join("state"), settings).unwrap();
@@ -242,6 +247,8 @@ async fn a_too_long_topic_comes_back_whole_after_a_restart_and_is_dropped_not_cu
                 accepted_ms: 0,
                 user: "hog".into(),
                 props: None,
+                priority: 0,
+                ttl_s: None,
             })
             .await
             .unwrap();

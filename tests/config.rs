@@ -378,3 +378,62 @@ fn the_uplink_protocol_and_the_echo_warning_of_both_mappings() {
     assert_eq!(d.line, Some(4));
     assert!(d.message.contains("\"3.1.1\""), "{}", d.message);
 }
+
+/// Issue 18: `priority`, `ttl_s`, the drain budget and `max_disk_bytes` out of range are named with
+/// their file, line and key; valid ones show in `check` (the mapping table) and `explain`.
+#[test]
+fn priority_ttl_drain_and_disk_keys_are_checked_and_shown() {
+    let base = "[site]\nid = \"a\"\n\n[uplink]\nbroker = \"mqtts://h:28883\"\nclient_id = \"c\"\n\n";
+    let e = errors(&format!(
+        "{base}[outbox]\ndrain_max_msgs_per_s = 0\ndrain_max_bytes_per_s = 10\nmax_disk_bytes = 4096\n\n\
+         [[map]]\ndirection = \"out\"\ntopic = \"a/#\"\npriority = 10\nttl_s = 0\n"
+    ));
+    let at = |key: &str| {
+        e.iter()
+            .find(|d| d.key == key)
+            .unwrap_or_else(|| panic!("no error for {key}: {e:?}"))
+            .line
+    };
+    assert_eq!(at("outbox.drain_max_msgs_per_s"), Some(9));
+    assert_eq!(at("outbox.drain_max_bytes_per_s"), Some(10));
+    assert_eq!(at("outbox.max_disk_bytes"), Some(11));
+    assert_eq!(at("map[0].priority"), Some(16));
+    assert_eq!(at("map[0].ttl_s"), Some(17));
+
+    let (_dir, path) = write(&format!(
+        "{base}[outbox]\ndrain_max_msgs_per_s = 200\nmax_disk_bytes = 268435456\n\n\
+         [[map]]\ndirection = \"out\"\ntopic = \"alarms/#\"\npriority = 7\nttl_s = 3600\n\n\
+         [[map]]\ndirection = \"out\"\ntopic = \"sensors/#\"\n"
+    ));
+    let out = Command::new(support::bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("outbox drain budget: 200 msg/s; disk: max 256 MiB on disk"),
+        "{text}"
+    );
+    let row = |topic: &str| {
+        text.lines()
+            .find(|l| l.contains(topic))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(row("alarms/#").trim_end().ends_with("1   7    3600 s"), "{text}");
+    assert!(row("sensors/#").trim_end().ends_with("1   0    -"), "{text}");
+    let out = Command::new(support::bin())
+        .args(["explain", "--config"])
+        .arg(&path)
+        .arg("alarms/boiler")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("priority 7, TTL 3600 s"), "{text}");
+}

@@ -374,6 +374,7 @@ async fn metrics_and_health_scraped_and_parsed() {
         "mqtt_uplink_connections",
         "mqtt_uplink_outbox_depth",
         "mqtt_uplink_outbox_bytes",
+        "mqtt_uplink_outbox_disk_bytes",
         "mqtt_uplink_outbox_oldest_age_seconds",
         "mqtt_uplink_handshake_age_seconds",
         "mqtt_uplink_transport_switches_total",

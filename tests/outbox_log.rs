@@ -72,14 +72,18 @@ fn message_records(seg: &Path) -> Vec<(u64, u64, u64)> {
             break;
         }
         let body = &data[off + 16..off + 16 + len];
-        if body[0] == 2 || body[0] == 3 {
-            // Formats 2 and 3: format, mapping u32, qos, retain, accepted_ms u64, topic len u32, user
-            // len u16, user, topic; format 3 then has its properties' length u32 and the properties.
+        if (2..=4).contains(&body[0]) {
+            // Formats 2 to 4: format, mapping u32, qos, retain, accepted_ms u64, topic len u32, user
+            // len u16, user, topic; format 3 then has its properties' length u32 and the properties;
+            // format 4 then the priority u8 and the TTL u32.
             let tlen = u32::from_le_bytes(body[15..19].try_into().unwrap()) as usize;
             let ulen = u16::from_le_bytes(body[19..21].try_into().unwrap()) as usize;
             let mut at = 21 + ulen + tlen;
-            if body[0] == 3 {
+            if body[0] >= 3 {
                 at += 4 + u32::from_le_bytes(body[at..at + 4].try_into().unwrap()) as usize;
+            }
+            if body[0] == 4 {
+                at += 5;
             }
             let payload = &body[at..];
             let n = std::str::from_utf8(payload).unwrap().parse().unwrap();

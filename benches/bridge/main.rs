@@ -7,8 +7,9 @@
 //! cargo bench --bench bridge -- --quick    # a few seconds per scenario, 1 repetition -> target/bench-quick/
 //! ```
 //! Options: `--reps N`, `--paths direct,ssh,wireguard` (or `websocket`, ours only), `--out DIR`,
-//! `--no-outage`, `--no-conns`, `--flood-secs N`, `--only SECTION[,SECTION…]` (sections: idle, latency,
-//! outage, throughput, connections, flood-memory, flood, topic-alias, storm;
+//! `--no-outage`, `--no-conns`, `--flood-secs N`, `--drain-secs N`, `--drain-rate N`, `--drain-budget N`,
+//! `--only SECTION[,SECTION…]` (sections: idle, latency, outage, throughput, connections,
+//! flood-memory, flood, topic-alias, storm, drain;
 //! a partial run writes `<sections>.md` and `<sections>-run-<time>.json`, never `results.md`).
 //! Needs root (network namespaces for the WireGuard path), mosquitto 2.0, OpenSSH, wireguard-go, wg, ip.
 //! Only loopback and the benchmark's own namespace are used.
@@ -19,6 +20,7 @@
 mod support;
 
 mod alias;
+mod drain;
 mod flood;
 mod gen;
 mod lab;
@@ -78,11 +80,15 @@ pub struct Settings {
     pub flood_settle_secs: f64,
     /// How long the `flood` section's devices flood (issue 17: 60 s).
     pub flood_secs: f64,
+    /// The `drain` section's outage (issue 18: 10 minutes), device rate and drain budget.
+    pub drain_secs: f64,
+    pub drain_rate: u64,
+    pub drain_budget: u32,
 }
 
 /// The benchmark's sections, in the order they run for each edge (flood-memory: after the paths, on
 /// the direct path, on fresh edges).
-pub const SECTIONS: [&str; 9] = [
+pub const SECTIONS: [&str; 10] = [
     "idle",
     "latency",
     "outage",
@@ -92,10 +98,11 @@ pub const SECTIONS: [&str; 9] = [
     "flood",
     "topic-alias",
     "storm",
+    "drain",
 ];
 
 /// The sections that run once per repetition on their own peers, not per path.
-const OWN_PEERS: [&str; 4] = ["flood-memory", "flood", "topic-alias", "storm"];
+const OWN_PEERS: [&str; 5] = ["flood-memory", "flood", "topic-alias", "storm", "drain"];
 
 impl Settings {
     pub fn has(&self, section: &str) -> bool {
@@ -144,6 +151,9 @@ fn parse_args() -> anyhow::Result<Option<Settings>> {
         flood_div: if quick { 4 } else { 1 },
         flood_settle_secs: 10.0,
         flood_secs: if quick { 15.0 } else { 60.0 },
+        drain_secs: if quick { 30.0 } else { 600.0 },
+        drain_rate: 1000,
+        drain_budget: 2000,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -154,6 +164,9 @@ fn parse_args() -> anyhow::Result<Option<Settings>> {
             "--no-outage" => s.outage = false,
             "--no-conns" => s.conns.clear(),
             "--flood-secs" => s.flood_secs = it.next().context("--flood-secs N")?.parse()?,
+            "--drain-secs" => s.drain_secs = it.next().context("--drain-secs N")?.parse()?,
+            "--drain-rate" => s.drain_rate = it.next().context("--drain-rate N")?.parse()?,
+            "--drain-budget" => s.drain_budget = it.next().context("--drain-budget N")?.parse()?,
             "--only" => {
                 s.sections = it
                     .next()
@@ -297,6 +310,13 @@ async fn run_all(s: &Settings, res: &mut Results) {
         }
         if s.has("storm") {
             storm::run(s, rep, res).await;
+        }
+        if s.has("drain") {
+            if s.paths.contains(&PathKind::Direct) {
+                drain::run(s, rep, res).await;
+            } else if rep == 0 {
+                res.error("drain runs on the direct path, which --paths left out".into());
+            }
         }
     }
 }

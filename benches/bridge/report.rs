@@ -321,6 +321,7 @@ pub struct Results {
     pub storm: Vec<crate::storm::StormRun>,
     pub connect_rate: Vec<crate::storm::RateRun>,
     pub alias: Vec<AliasBytes>,
+    pub drain: Vec<DrainRun>,
     pub errors: Vec<String>,
     pub load_start: f64,
     pub load_end: f64,
@@ -344,6 +345,63 @@ pub struct AliasBytes {
     pub remote_topic_len: usize,
     pub topic_alias_bytes_per_msg: f64,
     pub no_alias_bytes_per_msg: f64,
+}
+
+/// One drain run (see drain.rs): an outage, then the backlog drained with or without a budget.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DrainRun {
+    pub rep: usize,
+    /// Messages per second the devices publish, before, during and after the outage.
+    pub rate: u64,
+    /// Share of them on the priority mapping.
+    pub priority_share: f64,
+    pub outage_s: f64,
+    /// `[outbox] drain_max_msgs_per_s` (`None`: no budget).
+    pub budget_msgs_per_s: Option<u32>,
+    /// Messages in the outbox when the cloud returned.
+    pub backlog: u64,
+    pub peak_depth: u64,
+    /// From the cloud's return to the first priority message at the cloud.
+    pub first_priority_s: f64,
+    /// From the cloud's return until the outbox holds no more than 0.2 s of traffic.
+    pub drain_s: f64,
+    /// Bytes the uplink wrote during the drain, and per second.
+    pub uplink_bytes: u64,
+    pub uplink_bytes_per_s: f64,
+}
+
+/// The drain section of the report.
+fn drain_markdown(res: &Results) -> String {
+    let mut o = String::new();
+    let Some(d0) = res.drain.first() else {
+        return o;
+    };
+    let _ = writeln!(
+        o,
+        "
+## After an outage: priorities and the paced drain
+
+         mqtt-uplink, devices publishing QoS 1 at {} msg/s ({:.0} % on a priority-5 mapping) to a plaintext          mosquitto 2 on loopback through a gate that refuses connections for {:.0} s and counts the bytes          the uplink writes; the devices go on publishing after it (`--only drain`, `benches/bridge/drain.rs`).
+
+         | budget | backlog | first priority message after the return | drain time | uplink B/s during the drain |
+         |---|---|---|---|---|",
+        d0.rate,
+        d0.priority_share * 100.0,
+        d0.outage_s
+    );
+    for d in &res.drain {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:.2} s | {:.1} s | {:.0} |",
+            d.budget_msgs_per_s
+                .map_or("none".to_string(), |b| format!("{b} msg/s")),
+            d.backlog,
+            d.first_priority_s,
+            d.drain_s,
+            d.uplink_bytes_per_s
+        );
+    }
+    o
 }
 
 /// The topic-alias figures of the JSON: medians and ranges over repetitions.
@@ -1336,6 +1394,7 @@ fn flood_only_markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str) -> Str
     );
     o.push_str(&flood_markdown(s, a));
     o.push_str(&alias_markdown(a.res));
+    o.push_str(&drain_markdown(a.res));
     o.push_str(&errors_markdown(a.res));
     o
 }
@@ -1673,6 +1732,7 @@ fn markdown(s: &Settings, a: &Agg, m: &Value, json_name: &str, tg: &[Target]) ->
     o.push_str(&written_markdown(s, a));
     o.push_str(&flood_markdown(s, a));
     o.push_str(&alias_markdown(a.res));
+    o.push_str(&drain_markdown(a.res));
     let _ = writeln!(
         o,
         "\n## Setup\n\n\
@@ -1881,6 +1941,7 @@ pub fn write(s: &Settings, res: &Results) -> anyhow::Result<()> {
         "storm": crate::storm::storm_rows(res),
         "connect_rate": crate::storm::rate_rows(res),
         "topic_alias": alias_json(res),
+        "drain": res.drain,
         "flood": slow_flood_rows(&a),
         "latency_cdf_qos1_64B": cdf,
         "raw": {

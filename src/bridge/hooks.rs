@@ -114,6 +114,8 @@ impl OutHandler {
             accepted_ms: 0,
             user: id.username_ref().to_string(),
             props: out_props(&routes, p),
+            priority: route.priority,
+            ttl_s: route.ttl_s,
         };
         let commit = match &route.sequence {
             None => self.outbox.enqueue(msg),

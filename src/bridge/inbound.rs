@@ -272,6 +272,8 @@ mod tests {
                 qos: 1,
                 retain: RetainPolicy::Drop,
                 sequence: false,
+                priority: 0,
+                ttl_s: None,
             },
             Mapping {
                 index: 1,
@@ -283,6 +285,8 @@ mod tests {
                 qos: 1,
                 retain: RetainPolicy::Keep,
                 sequence: false,
+                priority: 0,
+                ttl_s: None,
             },
         ])
     }

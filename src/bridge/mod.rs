@@ -29,6 +29,9 @@ pub struct OutRoute {
     pub retain: RetainPolicy,
     /// `sequence = true`: the mapping's key (its cloud filter) under which the message is numbered.
     pub sequence: Option<String>,
+    /// The mapping's priority (0..9) and TTL in the outbox.
+    pub priority: u8,
+    pub ttl_s: Option<u32>,
 }
 
 /// Where a cloud message lands locally.
@@ -113,6 +116,8 @@ impl Routes {
                 qos: qos.min(m.qos),
                 retain: m.retain,
                 sequence: m.sequence.then(|| format!("{}{}", m.remote_prefix, m.topic)),
+                priority: m.priority,
+                ttl_s: m.ttl_s,
             })
         })
     }
@@ -209,6 +214,8 @@ mod tests {
             qos,
             retain: RetainPolicy::Keep,
             sequence: false,
+            priority: 0,
+            ttl_s: None,
         }
     }
 
@@ -307,6 +314,8 @@ mod tests {
             qos: 1,
             retain: RetainPolicy::Keep,
             sequence: false,
+            priority: 0,
+            ttl_s: None,
         };
         let routes = Routes::new(vec![map.clone()]).with_cloud_limits(crate::profile::cloud_topic_limits(
             &crate::profile::Profile::AwsIot,

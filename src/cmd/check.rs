@@ -156,20 +156,42 @@ pub fn render(c: &Config) -> String {
             OnFull::DropOldest => "drop-oldest",
         }
     );
+    s += &format!(
+        "outbox drain budget: {}; disk: {}\n",
+        match (c.outbox.drain_max_msgs_per_s, c.outbox.drain_max_bytes_per_s) {
+            (None, None) => "none".to_string(),
+            (m, b) => [
+                m.map(|m| format!("{m} msg/s")),
+                b.map(|b| format!("{} /s", bytes(b))),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", "),
+        },
+        c.outbox
+            .max_disk_bytes
+            .map_or("no limit (max_disk_bytes not set)".to_string(), |d| format!(
+                "max {} on disk",
+                bytes(d)
+            )),
+    );
     if !c.mappings.is_empty() {
         s += &format!(
-            "{:<4} {:<6} {:<5} {:<40} {:<40} {}\n",
-            "map", "line", "dir", "local", "remote", "qos"
+            "{:<4} {:<6} {:<5} {:<40} {:<40} {:<3} {:<4} {}\n",
+            "map", "line", "dir", "local", "remote", "qos", "prio", "ttl"
         );
         for m in &c.mappings {
             s += &format!(
-                "{:<4} {:<6} {:<5} {:<40} {:<40} {}\n",
+                "{:<4} {:<6} {:<5} {:<40} {:<40} {:<3} {:<4} {}\n",
                 m.index,
                 m.line.map(|l| l.to_string()).unwrap_or_default(),
                 m.direction.name(),
                 format!("{}{}", m.local_prefix, m.topic),
                 format!("{}{}", m.remote_prefix, m.topic),
-                m.qos
+                m.qos,
+                m.priority,
+                m.ttl_s.map_or("-".to_string(), |t| format!("{t} s")),
             );
             if m.retain == crate::config::RetainPolicy::Drop {
                 s.insert_str(s.len() - 1, " (retain flag dropped)");

@@ -48,11 +48,13 @@ pub fn describe(routes: &Routes, topic: &str) -> String {
     match routes.route_out(topic, 1) {
         Some(r) => {
             s += &format!(
-                "as a local topic: goes out by map[{}] (line {}) to remote topic `{}` at QoS {} (QoS 0 publishes stay QoS 0)\n",
+                "as a local topic: goes out by map[{}] (line {}) to remote topic `{}` at QoS {} (QoS 0 publishes stay QoS 0), priority {}, {}\n",
                 r.mapping,
                 line(r.mapping).map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
                 r.remote_topic,
-                r.qos
+                r.qos,
+                r.priority,
+                r.ttl_s.map_or("no TTL".to_string(), |t| format!("TTL {t} s")),
             );
             if let Some(key) = &r.sequence {
                 s += &format!(

@@ -449,6 +449,8 @@ async fn listen(args: &GapsArgs) -> anyhow::Result<Analysis> {
         max_in_msgs_per_s: u32::MAX,
         topic_alias: false,
         status: None,
+        drain_max_msgs_per_s: None,
+        drain_max_bytes_per_s: None,
     };
     let tls = match url.tls {
         true => Some(crate::transport::tls::TlsClient::new(

@@ -518,6 +518,12 @@ pub struct MapFile {
     /// Number every message sent up (site, epoch, sequence, acceptance time) for `gaps`.
     #[serde(default)]
     pub sequence: bool,
+    /// 0..9 (default 0): after an outage the outbox sends higher priorities first.
+    #[serde(default)]
+    pub priority: u8,
+    /// Seconds a message of this mapping may wait in the outbox; older ones are dropped, not sent.
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
 }
 
 pub fn default_map_retain() -> String {
@@ -551,6 +557,15 @@ pub struct OutboxFile {
     /// One user's share of `max_bytes`; absent: [`default_max_bytes_per_user`].
     #[serde(default)]
     pub max_bytes_per_user: Option<u64>,
+    /// Backlog drain budget in messages per second (absent: none).
+    #[serde(default)]
+    pub drain_max_msgs_per_s: Option<u32>,
+    /// Backlog drain budget in bytes per second on the uplink (absent: none).
+    #[serde(default)]
+    pub drain_max_bytes_per_s: Option<u64>,
+    /// Limit of the outbox files' size on disk (absent: none beyond `max_bytes`).
+    #[serde(default)]
+    pub max_disk_bytes: Option<u64>,
 }
 
 impl Default for OutboxFile {
@@ -563,6 +578,9 @@ impl Default for OutboxFile {
             min_sync_interval_ms: default_min_sync_interval_ms(),
             qos0_max_bytes: default_qos0_max_bytes(),
             max_bytes_per_user: None,
+            drain_max_msgs_per_s: None,
+            drain_max_bytes_per_s: None,
+            max_disk_bytes: None,
         }
     }
 }

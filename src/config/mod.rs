@@ -205,5 +205,8 @@ fn outbox_default() -> OutboxSettings {
         min_sync_interval: std::time::Duration::from_millis(file::default_min_sync_interval_ms()),
         qos0_max_bytes: file::default_qos0_max_bytes(),
         max_bytes_per_user: file::default_max_bytes_per_user(file::default_outbox_max_bytes()),
+        drain_max_msgs_per_s: None,
+        drain_max_bytes_per_s: None,
+        max_disk_bytes: None,
     }
 }

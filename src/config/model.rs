@@ -318,6 +318,10 @@ pub struct Mapping {
     /// `sequence = true`: messages sent up carry the site, the epoch, a sequence number and the
     /// acceptance time (MQTT 5 user properties), for `mqtt-uplink gaps`.
     pub sequence: bool,
+    /// 0..9: higher priorities leave the outbox first (order within a mapping is kept).
+    pub priority: u8,
+    /// How long a message of this mapping may wait in the outbox (since the appliance accepted it).
+    pub ttl_s: Option<u32>,
 }
 
 /// A mapping's `retain`: keep the flag, or clear it (the message is delivered, never retained).
@@ -364,6 +368,12 @@ pub struct OutboxSettings {
     pub qos0_max_bytes: u64,
     /// What one user's QoS ≥ 1 messages may hold of `max_bytes` at most.
     pub max_bytes_per_user: u64,
+    /// Paced drain: messages and bytes per second the uplink takes from the outbox at most (`None`:
+    /// no budget). Live messages of priority mappings are not held by it.
+    pub drain_max_msgs_per_s: Option<u32>,
+    pub drain_max_bytes_per_s: Option<u64>,
+    /// Limit of the outbox files' real size on disk (segments, record headers, preallocated space).
+    pub max_disk_bytes: Option<u64>,
 }
 
 /// Where the metrics and health endpoint listens.

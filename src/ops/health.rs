@@ -49,6 +49,8 @@ pub struct Snapshot {
     pub subscriber_bytes: usize,
     pub outbox_depth: usize,
     pub outbox_bytes: u64,
+    /// Size of the outbox's files on disk (segments, preallocated space included).
+    pub outbox_disk_bytes: u64,
     pub qos0_depth: usize,
     /// Age of the oldest unsent QoS ≥ 1 message.
     pub oldest_age: Option<Duration>,
@@ -154,6 +156,7 @@ impl StateReader {
             subscriber_bytes: self.broker.subscriber_bytes(),
             outbox_depth: self.outbox.depth(),
             outbox_bytes: self.outbox.bytes(),
+            outbox_disk_bytes: self.outbox.store_file_bytes(),
             qos0_depth: self.outbox.qos0_depth(),
             oldest_age: self
                 .outbox
@@ -263,6 +266,11 @@ impl Snapshot {
             &[("", self.outbox_bytes as f64)],
         );
         gauge(
+            "mqtt_uplink_outbox_disk_bytes",
+            "Size of the outbox files on disk (segments with their preallocated space and record headers)",
+            &[("", self.outbox_disk_bytes as f64)],
+        );
+        gauge(
             "mqtt_uplink_outbox_qos0_depth",
             "QoS 0 messages waiting in the best-effort lane",
             &[("", self.qos0_depth as f64)],
@@ -350,6 +358,7 @@ mod tests {
             subscriber_bytes: 0,
             outbox_depth: 0,
             outbox_bytes: 0,
+            outbox_disk_bytes: 0,
             qos0_depth: 0,
             oldest_age: None,
             accepted: 0,

@@ -167,9 +167,10 @@ pub fn render(endpoint: &MetricsBind, metrics: &[Sample], health_code: u16, heal
     let oldest = sum(metrics, "mqtt_uplink_outbox_oldest_age_seconds");
     let _ = writeln!(
         o,
-        "  outbox:     {} queued ({} bytes), oldest {}; qos0 lane {}; accepted {}, acked {}, store errors {}",
+        "  outbox:     {} queued ({} bytes, files {} bytes), oldest {}; qos0 lane {}; accepted {}, acked {}, store errors {}",
         sum(metrics, "mqtt_uplink_outbox_depth"),
         sum(metrics, "mqtt_uplink_outbox_bytes"),
+        sum(metrics, "mqtt_uplink_outbox_disk_bytes"),
         if oldest > 0.0 {
             duration(oldest)
         } else {

@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use super::PRIORITIES;
+
 /// Messages per chunk at most.
 const CHUNK: usize = 256;
 
@@ -221,6 +223,11 @@ impl Index {
         self.ids.get(user).map_or(0, |&id| self.users[id as usize].bytes)
     }
 
+    /// Every user with messages here, and the bytes they hold.
+    fn users(&self) -> impl Iterator<Item = (&Arc<str>, u64)> {
+        self.ids.iter().map(|(n, &id)| (n, self.users[id as usize].bytes))
+    }
+
     /// The oldest message of `user`. Scans from the user's cursor (which only moves forward).
     pub fn oldest_of(&mut self, user: &str) -> Option<u64> {
         let &id = self.ids.get(user)?;
@@ -259,9 +266,160 @@ impl Index {
     }
 }
 
+/// The queue by priority: one [`Index`] per level, and what the outbox asks across them. Each level
+/// keeps its messages in sequence order (so a mapping's order is kept: a mapping has one priority);
+/// the uplink takes the highest level first. The totals (bytes, users' shares, the oldest message)
+/// are over all levels.
+pub(super) struct Lanes {
+    lanes: Vec<Index>,
+}
+
+impl Default for Lanes {
+    fn default() -> Self {
+        Lanes {
+            lanes: (0..PRIORITIES).map(|_| Index::default()).collect(),
+        }
+    }
+}
+
+impl Lanes {
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        self.lanes.iter().map(Index::heap_bytes).sum()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lanes.iter().map(Index::len).sum()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.lanes.iter().map(Index::bytes).sum()
+    }
+
+    /// Messages waiting at `priority`.
+    #[cfg(test)]
+    pub fn len_at(&self, priority: u8) -> usize {
+        self.lanes[usize::from(priority.min(9))].len()
+    }
+
+    /// Adds message `seq` at `priority` (above every sequence number of that level).
+    pub fn push(&mut self, seq: u64, size: u64, accepted_ms: u64, user: &str, priority: u8) -> bool {
+        self.lanes[usize::from(priority.min(9))].push(seq, size, accepted_ms, user)
+    }
+
+    /// Removes message `seq`, whatever its level.
+    pub fn remove(&mut self, seq: u64) -> Option<Meta> {
+        self.lanes
+            .iter_mut()
+            .filter(|l| l.len() > 0)
+            .find_map(|l| l.remove(seq))
+    }
+
+    /// Up to `max` messages after `after`, in sequence order across the levels.
+    pub fn range(&self, after: u64, max: usize) -> Vec<(u64, Meta)> {
+        let mut all: Vec<(u64, Meta)> = self
+            .lanes
+            .iter()
+            .filter(|l| l.len() > 0)
+            .flat_map(|l| l.range(after, max))
+            .collect();
+        all.sort_by_key(|(s, _)| *s);
+        all.truncate(max);
+        all
+    }
+
+    /// Up to `max` messages in sending order: the highest level first, each level in sequence
+    /// order above its own cursor (`after[priority]`).
+    pub fn next(&self, after: &[u64; PRIORITIES], max: usize) -> Vec<(u64, Meta)> {
+        let mut out = Vec::new();
+        for p in (0..PRIORITIES).rev() {
+            if out.len() >= max {
+                break;
+            }
+            if self.lanes[p].len() > 0 {
+                out.extend(self.lanes[p].range(after[p], max - out.len()));
+            }
+        }
+        out
+    }
+
+    /// The oldest message (lowest sequence number): sequence number and acceptance time.
+    pub fn first(&self) -> Option<(u64, u64)> {
+        self.lanes.iter().filter_map(Index::first).min()
+    }
+
+    /// The leading messages of each level accepted before `cutoff_ms`.
+    pub fn leading_older_than(&self, cutoff_ms: u64) -> Vec<u64> {
+        self.lanes
+            .iter()
+            .filter(|l| l.len() > 0)
+            .flat_map(|l| l.leading_older_than(cutoff_ms))
+            .collect()
+    }
+
+    pub fn user_bytes(&self, user: &str) -> u64 {
+        self.lanes.iter().map(|l| l.user_bytes(user)).sum()
+    }
+
+    /// The oldest message of `user`, at any level.
+    pub fn oldest_of(&mut self, user: &str) -> Option<u64> {
+        self.lanes.iter_mut().filter_map(|l| l.oldest_of(user)).min()
+    }
+
+    /// The oldest message of the user holding the most bytes over all levels (ties: the oldest
+    /// message).
+    pub fn oldest_of_heaviest(&mut self) -> Option<u64> {
+        if self.lanes[1..].iter().all(|l| l.len() == 0) {
+            return self.lanes[0].oldest_of_heaviest();
+        }
+        let mut totals: HashMap<Arc<str>, u64> = HashMap::new();
+        for l in &self.lanes {
+            for (name, b) in l.users() {
+                *totals.entry(name.clone()).or_default() += b;
+            }
+        }
+        let max = *totals.values().max()?;
+        let heaviest: Vec<Arc<str>> = totals
+            .into_iter()
+            .filter(|(_, b)| *b == max)
+            .map(|(n, _)| n)
+            .collect();
+        heaviest.iter().filter_map(|u| self.oldest_of(u)).min()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lanes_send_the_highest_priority_first_each_in_order() {
+        let mut l = Lanes::default();
+        for seq in 1..=20u64 {
+            let (user, prio) = if seq % 5 == 0 { ("alarm", 7) } else { ("temp", 0) };
+            assert!(l.push(seq, 10, 1_000 + seq, user, prio));
+        }
+        let order = |l: &Lanes, after: &[u64; PRIORITIES], max| -> Vec<u64> {
+            l.next(after, max).into_iter().map(|(s, _)| s).collect()
+        };
+        let mut cur = [0; PRIORITIES];
+        assert_eq!(order(&l, &cur, 6), vec![5, 10, 15, 20, 1, 2]);
+        cur[7] = 20;
+        cur[0] = 2;
+        assert_eq!(order(&l, &cur, 3), vec![3, 4, 6]);
+        // Sequence order across levels, for the totals and max_age.
+        let all: Vec<u64> = l.range(0, 6).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(all, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(l.len(), 20);
+        assert_eq!(l.len_at(7), 4);
+        assert_eq!(l.user_bytes("alarm"), 40);
+        assert_eq!(l.first(), Some((1, 1_001)));
+        assert_eq!(l.remove(5).unwrap().user.as_ref(), "alarm");
+        assert_eq!(l.oldest_of("alarm"), Some(10));
+        assert_eq!(l.oldest_of_heaviest(), Some(1));
+        assert_eq!(l.leading_older_than(1_011), vec![1, 2, 3, 4, 6, 7, 8, 9, 10]);
+        assert_eq!(l.bytes(), 190);
+    }
 
     #[test]
     fn tracks_order_users_and_ranges() {

@@ -94,6 +94,8 @@ struct Seg {
     live: u64,
     /// Leading messages gone (the watermark's position in this segment).
     cursor: u64,
+    /// The file's size (`seg_bytes`, or more when one record was larger; less when cut at recovery).
+    bytes: u64,
 }
 
 impl Seg {
@@ -139,7 +141,21 @@ pub(super) struct Log {
     /// A "gone" record to write with the next batch.
     extra: Option<Vec<u8>>,
     shared: Arc<Mutex<Shared>>,
+    /// `max_disk_bytes`: the segment files together never grow beyond it.
+    limit: Option<u64>,
 }
+
+/// A new segment would take the log's files over `max_disk_bytes`.
+#[derive(Debug)]
+pub(super) struct OverBudget;
+
+impl std::fmt::Display for OverBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a new segment would take the outbox files over max_disk_bytes")
+    }
+}
+
+impl std::error::Error for OverBudget {}
 
 /// What recovery found.
 pub(super) struct Recovered {
@@ -280,6 +296,7 @@ impl Log {
             written_watermark: 0,
             extra: None,
             shared: Arc::default(),
+            limit: None,
         };
         let mut max_seq = 0;
         let mut torn = 0;
@@ -297,6 +314,7 @@ impl Log {
                 gone: Vec::new(),
                 live: 0,
                 cursor: 0,
+                bytes: file_len,
             };
             let mut samples = Vec::new();
             let mut reader = io::BufReader::with_capacity(256 << 10, &file);
@@ -355,6 +373,7 @@ impl Log {
                 // (the segment is never appended to again).
                 file.set_len(off)?;
                 file.sync_all()?;
+                seg.bytes = off;
             }
             scanned.push((seg, samples, Arc::new(file)));
         }
@@ -431,7 +450,97 @@ impl Log {
         self.watermark > self.written_watermark
     }
 
+    /// Sets `max_disk_bytes` (`None`: no limit).
+    pub fn set_limit(&mut self, limit: Option<u64>) {
+        self.limit = limit;
+    }
+
+    /// The size of the log's segment files together.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segs.iter().map(|s| s.bytes).sum()
+    }
+
+    /// How many of `puts` (sequence number and body length, ascending), from the first, the next
+    /// [`append`](Self::append) can take without the files growing over `max_disk_bytes`. It
+    /// follows `append`'s own rules (where a batch rolls into a new segment, and how large a new
+    /// segment is), counting a watermark record at every write, so it never says more fit than do.
+    pub fn room_for(&self, puts: &[(u64, usize)]) -> usize {
+        let Some(limit) = self.limit else {
+            return puts.len();
+        };
+        let extra = self.extra.as_ref().map_or(0, |e| (FRAME + e.len()) as u64);
+        let mut disk = self.disk_bytes();
+        let mut at = self.active.as_ref().map(|a| a.off);
+        let (mut count, mut first) = match (at, self.segs.back()) {
+            (Some(_), Some(s)) => (s.count, s.first_seq),
+            _ => (0, 0),
+        };
+        let mut first_write = true;
+        let mut i = 0;
+        loop {
+            let mut buf = (FRAME + 1) as u64 + if first_write { extra } else { 0 };
+            first_write = false;
+            let start = match at {
+                Some(o) => o,
+                None => {
+                    let lone = buf + puts.get(i).map_or(0, |p| (FRAME + p.1) as u64);
+                    let size = self.seg_bytes.max(lone);
+                    if disk + size > limit {
+                        return i;
+                    }
+                    disk += size;
+                    count = 0;
+                    0
+                }
+            };
+            if count == 0 {
+                first = puts.get(i).map_or(0, |p| p.0);
+            }
+            let mut n = 0u64;
+            let mut roll = false;
+            while let Some(&(seq, len)) = puts.get(i) {
+                let k = count + n;
+                let fits = start + buf + (FRAME + len) as u64 <= self.seg_bytes;
+                if (k > 0 || start > 0) && (seq != first + k || !fits) {
+                    roll = true;
+                    break;
+                }
+                buf += (FRAME + len) as u64;
+                n += 1;
+                i += 1;
+            }
+            if !roll {
+                return i;
+            }
+            at = None;
+        }
+    }
+
+    /// Drops the oldest segment that still holds messages (never the active one) to make room under
+    /// `max_disk_bytes`: its messages count as gone and its file is deleted. Returns the sequence
+    /// numbers of the messages that were still in the outbox (none when there is no such segment).
+    pub fn evict_oldest(&mut self) -> io::Result<Vec<u64>> {
+        let active = self.active.as_ref().map(|a| a.id);
+        let Some(s) = self.segs.iter_mut().find(|s| s.live > 0 && Some(s.id) != active) else {
+            return Ok(Vec::new());
+        };
+        let mut seqs = Vec::with_capacity(s.live as usize);
+        for k in 0..s.count {
+            if s.set_gone(k) {
+                seqs.push(s.first_seq + k);
+            }
+        }
+        s.live = 0;
+        self.collect()?;
+        Ok(seqs)
+    }
+
     fn new_segment(&mut self) -> io::Result<()> {
+        if let Some(limit) = self.limit {
+            if self.disk_bytes() + self.seg_bytes > limit {
+                return Err(io::Error::other(OverBudget));
+            }
+        }
         let id = self.next_id;
         self.next_id += 1;
         let path = seg_path(&self.dir, id);
@@ -467,6 +576,7 @@ impl Log {
             gone: Vec::new(),
             live: 0,
             cursor: 0,
+            bytes: self.seg_bytes,
         });
         self.active = Some(Active {
             id,
@@ -484,6 +594,14 @@ impl Log {
         let mut i = 0;
         loop {
             if self.active.is_none() {
+                if i >= puts.len() && self.extra.is_none() && self.limit.is_some() {
+                    // A watermark alone needs no new segment over the budget: it waits for the
+                    // next write (a crash meanwhile replays duplicates, never loses a message).
+                    let over = self.limit.is_some_and(|l| self.disk_bytes() + self.seg_bytes > l);
+                    if over {
+                        return Ok(());
+                    }
+                }
                 self.new_segment()?;
             }
             let act = self.active.as_ref().expect("just made");
@@ -515,7 +633,8 @@ impl Log {
                 }
                 let k = seg.count + n;
                 let fits = start + (buf.len() + FRAME + body.len()) as u64 <= self.seg_bytes;
-                if k > 0 && (seq != first + k || !fits) {
+                // Only a fresh segment takes a record larger than what is left (growing it).
+                if (k > 0 || start > 0) && (seq != first + k || !fits) {
                     roll = true;
                     break;
                 }
@@ -539,6 +658,9 @@ impl Log {
             }
             let act = self.active.as_mut().expect("still there");
             act.off += buf.len() as u64;
+            if let Some(seg) = self.segs.back_mut() {
+                seg.bytes = seg.bytes.max(act.off);
+            }
             self.written_watermark = self.written_watermark.max(wm);
             if n > 0 {
                 let seg = self.segs.back_mut().expect("the active segment");

@@ -40,6 +40,8 @@ fn msg(i: u64) -> OutMessage {
         accepted_ms: 0,
         user: "dev".into(),
         props: None,
+        priority: 0,
+        ttl_s: None,
     }
 }
 
@@ -52,6 +54,9 @@ fn settings(window_ms: u64, interval_ms: u64, max_bytes: u64) -> OutboxSettings 
         min_sync_interval: Duration::from_millis(interval_ms),
         qos0_max_bytes: 1 << 20,
         max_bytes_per_user: max_bytes,
+        drain_max_msgs_per_s: None,
+        drain_max_bytes_per_s: None,
+        max_disk_bytes: None,
     }
 }
 

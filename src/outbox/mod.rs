@@ -30,11 +30,14 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::config::{OnFull, OutboxSettings};
 use crate::metrics::Metrics;
+use store::DISK_FULL;
 pub use store::{private_dir, private_file, StoreError};
 use store::{Op, Store};
 
 /// QoS 0 messages waiting for the uplink at most; more are dropped (counted).
 const QOS0_LANE: usize = 10_000;
+/// Smallest `max_disk_bytes` (8 segments of 128 KiB).
+pub const MIN_DISK_BYTES: u64 = 1 << 20;
 /// Message content kept in memory at most (the rest is read back from the store on demand).
 pub const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -47,8 +50,11 @@ pub mod reason {
     pub const USER_DROP_OLDEST: &str = "outbox share of this user full, its oldest message dropped";
     pub const USER_REJECT_NEW: &str = "outbox share of this user full, new message rejected";
     pub const UNDELIVERABLE: &str = "undeliverable to the cloud (remote topic or packet too long), dropped";
-    /// Its MQTT 5 message expiry interval ran out before the cloud could take it.
+    /// Its MQTT 5 message expiry interval, or its mapping's `ttl_s`, ran out before the cloud could
+    /// take it.
     pub const MESSAGE_EXPIRED: &str = "expired";
+    pub const DISK_REJECT_NEW: &str = "outbox files at max_disk_bytes, new message rejected";
+    pub const DISK_DROP_OLDEST: &str = "outbox files at max_disk_bytes, oldest segment's messages dropped";
 }
 
 /// Longest topic an MQTT packet can carry (its length is a 16-bit field).
@@ -71,7 +77,14 @@ pub struct OutMessage {
     pub user: String,
     /// The MQTT 5 properties it carries (`None` from an MQTT 3.1.1 device, or without any).
     pub props: Option<Box<MsgProps>>,
+    /// Its mapping's priority, 0..=9 ([`PRIORITIES`] levels): higher leaves the outbox first.
+    pub priority: u8,
+    /// Its mapping's TTL in seconds: older (since `accepted_ms`) it is dropped, not sent.
+    pub ttl_s: Option<u32>,
 }
+
+/// Priority levels (`[[map]] priority = 0..9`).
+pub const PRIORITIES: usize = 10;
 
 /// The MQTT 5 properties of a device message that travel with it to the cloud (the response topic
 /// already rewritten by the mappings). The others (topic alias, subscription ids) are per connection.
@@ -111,10 +124,16 @@ impl OutMessage {
         (self.topic.len() + self.payload.len() + 32 + self.props.as_ref().map_or(0, |p| p.size())) as u64
     }
 
-    /// What is left of its MQTT 5 message expiry interval at `now_ms` (Unix milliseconds), in whole
-    /// seconds rounded up: `None` without one, `Some(0)` when it ran out (it must not be sent).
+    /// What is left of its lifetime at `now_ms` (Unix milliseconds), in whole seconds rounded up: the
+    /// smaller of its MQTT 5 message expiry interval and its mapping's TTL, counted from when the
+    /// appliance accepted it. `None` without either, `Some(0)` when it ran out (it must not be sent).
     pub fn expiry_left(&self, now_ms: u64) -> Option<u32> {
-        let total = u64::from(self.props.as_ref()?.expiry_s?) * 1000;
+        let mqtt5 = self.props.as_ref().and_then(|p| p.expiry_s);
+        let lifetime = match (mqtt5, self.ttl_s) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        let total = u64::from(lifetime) * 1000;
         let waited = now_ms.saturating_sub(self.accepted_ms);
         let left = total.saturating_sub(waited);
         Some(left.div_ceil(1000) as u32)
@@ -194,13 +213,14 @@ struct Entry {
     size: u64,
     accepted_ms: u64,
     user: Arc<str>,
+    priority: u8,
     /// The content, while it is in the cache; otherwise it is in the store.
     msg: Option<OutMessage>,
 }
 
 struct State {
     /// Every queued QoS ≥ 1 message (compact: see `index`), with bytes per user.
-    queue: index::Index,
+    queue: index::Lanes,
     /// Content of the newest messages, up to `CACHE_BYTES` (logical size).
     cache: HashMap<u64, OutMessage>,
     cached: u64,
@@ -212,7 +232,7 @@ struct State {
 
 impl State {
     fn insert(&mut self, seq: u64, e: Entry) {
-        if !self.queue.push(seq, e.size, e.accepted_ms, &e.user) {
+        if !self.queue.push(seq, e.size, e.accepted_ms, &e.user, e.priority) {
             tracing::error!(seq, "outbox: a sequence number out of order was not queued");
             return;
         }
@@ -232,6 +252,7 @@ impl State {
             size: meta.size,
             accepted_ms: meta.accepted_ms,
             user: meta.user,
+            priority: msg.as_ref().map_or(0, |m| m.priority),
             msg,
         })
     }
@@ -296,6 +317,14 @@ impl Commit {
                 self.outbox.note_written(self.seq);
                 Ok(())
             }
+            Err(e) if e == DISK_FULL => {
+                let mut st = self.outbox.state();
+                if st.remove(self.seq).is_some() {
+                    c.rejected_full.fetch_add(1, Ordering::Relaxed);
+                    self.outbox.log_drop(reason::DISK_REJECT_NEW, 1);
+                }
+                Err(PushError::Full)
+            }
             Err(e) => {
                 let mut st = self.outbox.state();
                 self.outbox.reap_failed(&mut st);
@@ -330,7 +359,11 @@ impl Outbox {
             window: settings.commit_window,
             min_interval: settings.min_sync_interval,
         };
-        let (store, index, next_seq) = Store::open(state_dir, ready.clone(), pacing)?;
+        let budget = store::Budget {
+            max_disk_bytes: settings.max_disk_bytes,
+            drop_oldest: settings.on_full == OnFull::DropOldest,
+        };
+        let (store, index, next_seq) = Store::open(state_dir, ready.clone(), pacing, budget)?;
         let o = Self::with_store(settings, Some(store), ready, index, next_seq);
         if o.depth() > 0 {
             tracing::info!(
@@ -351,7 +384,7 @@ impl Outbox {
         next_seq: u64,
     ) -> Self {
         let mut st = State {
-            queue: index::Index::default(),
+            queue: index::Lanes::default(),
             cache: HashMap::new(),
             cached: 0,
             next_seq,
@@ -366,6 +399,7 @@ impl Outbox {
                     size: i.size,
                     accepted_ms: i.accepted_ms,
                     user: i.user.into(),
+                    priority: i.priority,
                     msg: None,
                 },
             );
@@ -523,6 +557,7 @@ impl Outbox {
                         size,
                         accepted_ms: msg.accepted_ms,
                         user,
+                        priority: msg.priority.min(9),
                         msg: cache.then_some(msg),
                     },
                 );
@@ -549,6 +584,20 @@ impl Outbox {
     /// are told, and may be gone), counting each once.
     fn reap_failed(&self, st: &mut State) {
         let Some(store) = &self.inner.store else { return };
+        let budget = store.take_budget_drops();
+        let c = &self.inner.counters;
+        for seq in budget.refused {
+            if st.remove(seq).is_some() {
+                c.rejected_full.fetch_add(1, Ordering::Relaxed);
+                self.log_drop(reason::DISK_REJECT_NEW, 1);
+            }
+        }
+        for seq in budget.evicted {
+            if st.remove(seq).is_some() {
+                c.dropped_oldest.fetch_add(1, Ordering::Relaxed);
+                self.log_drop(reason::DISK_DROP_OLDEST, 1);
+            }
+        }
         let failed = store.take_failed();
         for &seq in &failed {
             if st.remove(seq).is_some() {
@@ -607,10 +656,25 @@ impl Outbox {
         (h.failing() && !again).then(|| h.last_error.clone())
     }
 
-    /// Up to `max` QoS ≥ 1 messages with a sequence number above `after`, oldest first. Messages older
-    /// than `max_age` are dropped (counted) on the way. Content not in the cache is read from the
-    /// store; the list stops early at a message whose commit is still under way.
+    /// Up to `max` QoS ≥ 1 messages with a sequence number above `after`, oldest first (whatever
+    /// their priority). Messages older than `max_age` are dropped (counted) on the way. Content not in
+    /// the cache is read from the store; the list stops early at a message whose commit is still
+    /// under way.
     pub fn pending_after(&self, after: u64, max: usize) -> Vec<(u64, OutMessage)> {
+        self.pending_by(|q| q.range(after, max))
+    }
+
+    /// Up to `max` QoS ≥ 1 messages in sending order: the highest priority first, each priority in
+    /// order above its own cursor (`after[priority]`, the last one the uplink took of it). As
+    /// [`Self::pending_after`] otherwise.
+    pub fn pending(&self, after: &[u64; PRIORITIES], max: usize) -> Vec<(u64, OutMessage)> {
+        self.pending_by(|q| q.next(after, max))
+    }
+
+    fn pending_by(
+        &self,
+        pick: impl FnOnce(&index::Lanes) -> Vec<(u64, index::Meta)>,
+    ) -> Vec<(u64, OutMessage)> {
         let cutoff = now_ms().saturating_sub(self.inner.settings.max_age.as_millis() as u64);
         let picked: Vec<(u64, Option<OutMessage>)> = {
             let mut st = self.state();
@@ -627,8 +691,7 @@ impl Outbox {
                     .fetch_add(expired.len() as u64, Ordering::Relaxed);
                 self.log_drop(reason::EXPIRED, expired.len() as u64);
             }
-            st.queue
-                .range(after, max)
+            pick(&st.queue)
                 .into_iter()
                 .map(|(s, _)| (s, st.cache.get(&s).cloned()))
                 .collect()
@@ -641,12 +704,14 @@ impl Outbox {
                 i += 1;
                 continue;
             }
-            // A run of uncached messages: one read transaction for all of them.
-            let run: Vec<u64> = picked[i..]
-                .iter()
-                .take_while(|(_, m)| m.is_none())
-                .map(|(s, _)| *s)
-                .collect();
+            // A run of uncached messages (ascending: one priority's): one read for all of them.
+            let mut run: Vec<u64> = Vec::new();
+            for (s, m) in &picked[i..] {
+                if m.is_some() || run.last().is_some_and(|l| l >= s) {
+                    break;
+                }
+                run.push(*s);
+            }
             let Some(store) = &self.inner.store else { break };
             match store.read(&run) {
                 Ok(msgs) => {
@@ -695,8 +760,9 @@ impl Outbox {
         }
     }
 
-    /// Message `seq`'s MQTT 5 expiry interval ran out before it could be sent: drop it (counted as
-    /// `expired`, logged).
+    /// Message `seq`'s lifetime (its MQTT 5 expiry interval or its mapping's `ttl_s`, the smaller)
+    /// ran out before it could be sent: drop it (counted as `expired`, logged at most once a second
+    /// with a count, and each at debug level).
     pub fn discard_expired(&self, seq: u64) {
         let mut st = self.state();
         if let Some(e) = st.remove(seq) {
@@ -705,16 +771,13 @@ impl Outbox {
                 .counters
                 .dropped_expired
                 .fetch_add(1, Ordering::Relaxed);
-            self.inner
-                .metrics
-                .dropped
-                .with_label_values(&[reason::MESSAGE_EXPIRED])
-                .inc();
-            tracing::warn!(
+            self.log_drop(reason::MESSAGE_EXPIRED, 1);
+            tracing::debug!(
                 seq,
                 user = ?e.user,
                 bytes = e.size,
-                "outbox message expired (its message expiry interval ran out while queued); dropped"
+                "outbox message expired (its message expiry interval or its mapping's ttl_s ran out \
+                 while queued); dropped"
             );
         }
     }
@@ -777,7 +840,7 @@ impl Outbox {
         self.inner.store.as_ref().map_or(0, Store::syncs)
     }
 
-    /// Size of the store's file on disk (0 in memory).
+    /// Size of the store's files on disk (0 in memory): what `max_disk_bytes` limits.
     pub fn store_file_bytes(&self) -> u64 {
         self.inner.store.as_ref().map_or(0, Store::file_len)
     }
@@ -797,6 +860,11 @@ impl Outbox {
             (reason::USER_REJECT_NEW, c.user_rejected.load(Ordering::Relaxed)),
             (reason::UNDELIVERABLE, c.undeliverable.load(Ordering::Relaxed)),
         ]
+    }
+
+    /// The settings it was made with.
+    pub fn settings(&self) -> &OutboxSettings {
+        &self.inner.settings
     }
 
     pub fn counters(&self) -> &Counters {
@@ -833,6 +901,9 @@ mod tests {
             min_sync_interval: Duration::from_millis(1),
             qos0_max_bytes: 1 << 20,
             max_bytes_per_user: max_bytes,
+            drain_max_msgs_per_s: None,
+            drain_max_bytes_per_s: None,
+            max_disk_bytes: None,
         }
     }
 
@@ -850,6 +921,8 @@ mod tests {
             accepted_ms: 0,
             user: user.into(),
             props: None,
+            priority: 0,
+            ttl_s: None,
         }
     }
 
@@ -1014,6 +1087,129 @@ mod tests {
         Outbox::open(copy.path(), settings(1 << 20, OnFull::RejectNew))
             .unwrap()
             .depth()
+    }
+
+    fn prio_msg(mapping: usize, priority: u8, n: u32) -> OutMessage {
+        OutMessage {
+            mapping,
+            priority,
+            ttl_s: (priority > 0).then_some(3600),
+            payload: Bytes::from(n.to_string()),
+            ..msg(1, b"")
+        }
+    }
+
+    /// Issue 18 item 1: the priority is in the record, so after a restart the backlog still leaves
+    /// the highest priority first, each mapping in its order; the cursors per priority skip what was
+    /// taken.
+    #[tokio::test]
+    async fn priorities_survive_a_restart_and_leave_first() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let o = Outbox::open(dir.path(), settings(1 << 20, OnFull::RejectNew)).unwrap();
+            for n in 0..30u32 {
+                let (mapping, prio) = if n % 10 == 9 { (1, 6) } else { (0, 0) };
+                o.push(prio_msg(mapping, prio, n)).await.unwrap();
+            }
+            o.sync().await;
+        }
+        let o = Outbox::open(dir.path(), settings(1 << 20, OnFull::RejectNew)).unwrap();
+        let all = o.pending(&[0; PRIORITIES], 100);
+        let order: Vec<(usize, String)> = all
+            .iter()
+            .map(|(_, m)| (m.mapping, String::from_utf8_lossy(&m.payload).into_owned()))
+            .collect();
+        let mut want: Vec<(usize, String)> = [9, 19, 29].iter().map(|n| (1, n.to_string())).collect();
+        want.extend((0..30).filter(|n| n % 10 != 9).map(|n| (0, n.to_string())));
+        assert_eq!(order, want);
+        assert!(all[..3]
+            .iter()
+            .all(|(_, m)| m.priority == 6 && m.ttl_s == Some(3600)));
+        // Above the cursors: priority 6 all taken, priority 0 after its fifth.
+        let mut cur = [0; PRIORITIES];
+        cur[6] = all[2].0;
+        cur[0] = all[7].0;
+        let next = o.pending(&cur, 2);
+        assert_eq!(next[0].1.payload, "5");
+        assert_eq!(next[1].1.payload, "6");
+        // Acknowledged out of order (the priority ones first), nothing else is lost.
+        for (seq, _) in &all[..3] {
+            o.ack(*seq);
+        }
+        assert_eq!(o.depth(), 27);
+        assert_eq!(o.pending_after(0, 1)[0].1.payload, "0");
+    }
+
+    /// The sum of the outbox files' sizes, as `stat` sees them.
+    fn files_size(dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(dir.join("outbox"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    }
+
+    /// Issue 18 item 4: `max_disk_bytes` holds against the real size of the files. reject-new:
+    /// the messages that do not fit are refused (`Full`, counted), and accepted again once the
+    /// cloud took enough for a segment to go; drop-oldest: every new message is taken and the
+    /// oldest segment's messages are dropped (counted).
+    #[tokio::test]
+    async fn the_disk_budget_holds_against_the_files_size() {
+        const LIMIT: u64 = 1 << 20;
+        let payload = vec![b'p'; 1000];
+        for on_full in [OnFull::RejectNew, OnFull::DropOldest] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = settings(64 << 20, on_full);
+            s.max_disk_bytes = Some(LIMIT);
+            let o = Outbox::open(dir.path(), s).unwrap();
+            let (mut ok, mut full) = (0u32, 0u32);
+            for n in 0..3000u32 {
+                let mut m = prio_msg(0, 0, n);
+                m.payload = Bytes::from(payload.clone());
+                match o.push(m).await {
+                    Ok(()) => ok += 1,
+                    Err(PushError::Full) => full += 1,
+                    Err(e) => panic!("{on_full:?}: {e}"),
+                }
+                assert!(
+                    files_size(dir.path()) <= LIMIT,
+                    "{on_full:?}: {} B",
+                    files_size(dir.path())
+                );
+            }
+            let size = files_size(dir.path());
+            assert!(
+                size > LIMIT / 2,
+                "{on_full:?}: the budget was not used ({size} B)"
+            );
+            assert_eq!(o.store_file_bytes(), size);
+            let c = o.counters();
+            match on_full {
+                OnFull::RejectNew => {
+                    assert!(full > 1000 && ok > 500, "{ok} taken, {full} refused");
+                    assert_eq!(c.rejected_full.load(Ordering::Relaxed), u64::from(full));
+                    assert_eq!(o.depth() as u32, ok);
+                    assert_eq!(o.store_failure(), None, "a budget is not a failing store");
+                    // The cloud takes the oldest 300: a segment goes, and new messages fit again.
+                    for (seq, _) in o.pending_after(0, 300) {
+                        o.ack(seq);
+                    }
+                    o.sync().await;
+                    o.push(prio_msg(0, 0, 1)).await.unwrap();
+                }
+                OnFull::DropOldest => {
+                    assert_eq!(full, 0);
+                    let dropped = c.dropped_oldest.load(Ordering::Relaxed);
+                    assert!(dropped > 1000, "{dropped}");
+                    assert_eq!(o.depth() as u64, 3000 - dropped);
+                    let left = o.pending_after(0, 5000);
+                    assert_eq!(
+                        left.len() as u64,
+                        3000 - dropped,
+                        "every queued message reads back"
+                    );
+                }
+            }
+        }
     }
 
     #[tokio::test]

@@ -28,8 +28,11 @@ use super::{MsgProps, OutMessage};
 /// Record format version (first byte of every record). Version 1 (read, no longer written) had a
 /// 16-bit topic length and no user; version 2 (read, no longer written) has a 32-bit topic length
 /// (never truncated) and the user; version 3 adds the MQTT 5 properties (a length-prefixed block
-/// after the topic, see [`encode_props`]).
-const FORMAT: u8 = 3;
+/// after the topic, see [`encode_props`]); version 4 adds, between the properties and the payload,
+/// the mapping's priority (u8) and TTL in seconds (u32, 0: none), so that both survive a restart and
+/// a reload that changes the mappings.
+const FORMAT: u8 = 4;
+const FORMAT_V3: u8 = 3;
 const FORMAT_V2: u8 = 2;
 const FORMAT_V1: u8 = 1;
 /// Fixed part of a version 1 record: format, mapping, qos, retain, accepted_ms, topic length (u16).
@@ -77,6 +80,9 @@ pub(super) struct Store {
     /// Messages whose write failed, for the outbox to take out of its queue (their pushers may be
     /// gone: a device that disconnected before its acknowledgement).
     failed: Arc<Mutex<Vec<u64>>>,
+    /// Messages refused (not written) and evicted (their segment deleted) to keep the files within
+    /// `max_disk_bytes`, for the outbox to take out of its queue and count.
+    budget: Arc<Mutex<BudgetDrops>>,
     /// Batches of messages written and synced so far.
     syncs: Arc<AtomicU64>,
     /// Outcome of the writer's appends: the number of the last that succeeded and of the last that
@@ -91,12 +97,42 @@ pub(super) struct Outcome {
     last_failed: AtomicU64,
 }
 
+/// `max_disk_bytes` and what to do at it (`on_full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Budget {
+    pub max_disk_bytes: Option<u64>,
+    pub drop_oldest: bool,
+}
+
+/// The error a refused message's commit gets when the files are at `max_disk_bytes` (reject-new).
+pub(super) const DISK_FULL: &str = "outbox files at max_disk_bytes";
+
+/// What the writer dropped for `max_disk_bytes` since the outbox last asked.
+#[derive(Debug, Default)]
+pub(super) struct BudgetDrops {
+    /// Not written: the message did not fit (reject-new, or nothing left to evict).
+    pub refused: Vec<u64>,
+    /// Written, then deleted with the oldest segment to make room (drop-oldest).
+    pub evicted: Vec<u64>,
+}
+
+/// The segment size for a disk limit: an eighth of it (at least 64 KiB, at most 16 MiB, a multiple of
+/// 4 KiB), so that the limit holds several segments and one that cannot be deleted yet (a message
+/// still queued in it) holds back a small part of it.
+pub(super) fn segment_bytes(max_disk_bytes: Option<u64>) -> u64 {
+    match max_disk_bytes {
+        None => log::SEGMENT_BYTES,
+        Some(d) => ((d / 8) & !4095).clamp(64 << 10, log::SEGMENT_BYTES),
+    }
+}
+
 /// One record as read back at open: sequence number, size and acceptance time.
 pub(super) struct Indexed {
     pub seq: u64,
     pub size: u64,
     pub accepted_ms: u64,
     pub user: String,
+    pub priority: u8,
 }
 
 fn db_err(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -114,14 +150,22 @@ impl Store {
         dir: &Path,
         committed: Arc<Notify>,
         pacing: Pacing,
+        budget: Budget,
     ) -> Result<(Store, Vec<Indexed>, u64), StoreError> {
-        Self::open_with(dir, committed, pacing, log::SEGMENT_BYTES)
+        Self::open_with(
+            dir,
+            committed,
+            pacing,
+            budget,
+            segment_bytes(budget.max_disk_bytes),
+        )
     }
 
     pub(super) fn open_with(
         dir: &Path,
         committed: Arc<Notify>,
         pacing: Pacing,
+        budget: Budget,
         seg_bytes: u64,
     ) -> Result<(Store, Vec<Indexed>, u64), StoreError> {
         let path = dir.join(LOG_DIR);
@@ -135,6 +179,7 @@ impl Store {
                     size: m.size(),
                     accepted_ms: m.accepted_ms,
                     user: m.user,
+                    priority: m.priority,
                 }),
                 None => malformed = malformed.or(Some(seq)),
             }
@@ -153,6 +198,16 @@ impl Store {
             );
         }
         let mut log = rec.log;
+        log.set_limit(budget.max_disk_bytes);
+        if let Some(limit) = budget.max_disk_bytes.filter(|&l| log.disk_bytes() > l) {
+            tracing::warn!(
+                path = %path.display(),
+                disk_bytes = log.disk_bytes(),
+                max_disk_bytes = limit,
+                "the outbox files are over max_disk_bytes (it was lowered, or the log was written \
+                 with larger segments): no new segment until enough of them have drained"
+            );
+        }
         let mut next_seq = rec.next_seq;
         let legacy = dir.join(LEGACY);
         if legacy.exists() {
@@ -162,6 +217,7 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let writer_path = path.clone();
         let failed = Arc::new(Mutex::new(Vec::new()));
+        let budget_drops = Arc::new(Mutex::new(BudgetDrops::default()));
         let syncs = Arc::new(AtomicU64::new(0));
         let outcome = Arc::new(Outcome::default());
         let w = Writer {
@@ -172,6 +228,8 @@ impl Store {
             committed,
             pacing,
             failed: failed.clone(),
+            budget,
+            budget_drops: budget_drops.clone(),
             syncs: syncs.clone(),
         };
         std::thread::Builder::new()
@@ -184,6 +242,7 @@ impl Store {
                 path,
                 tx,
                 failed,
+                budget: budget_drops,
                 syncs,
                 outcome,
             },
@@ -213,6 +272,12 @@ impl Store {
         } else {
             std::mem::take(&mut *f)
         }
+    }
+
+    /// What the writer refused or evicted for `max_disk_bytes` since the last call.
+    pub fn take_budget_drops(&self) -> BudgetDrops {
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *b)
     }
 
     /// Queues an operation for the writer. Fails only when the writer has died.
@@ -290,6 +355,7 @@ fn drain_legacy(
                     size: m.size(),
                     accepted_ms: m.accepted_ms,
                     user: m.user.clone(),
+                    priority: m.priority,
                 });
                 batch.push((seq, encode(&m)));
                 drained += 1;
@@ -381,6 +447,9 @@ struct Writer {
     pacing: Pacing,
     /// Shared with the [`Store`]: messages whose write failed.
     failed: Arc<Mutex<Vec<u64>>>,
+    budget: Budget,
+    /// Shared with the [`Store`]: messages refused or evicted for `max_disk_bytes`.
+    budget_drops: Arc<Mutex<BudgetDrops>>,
     /// Shared with the [`Store`]: batches of messages synced.
     syncs: Arc<AtomicU64>,
     /// Shared with the [`Store`]: how the last appends went.
@@ -453,6 +522,9 @@ impl Writer {
             // batch then covers them); those of messages in this very batch after it is written.
             let later: Vec<u64> = dels.into_iter().filter(|&s| !self.log.remove(s)).collect();
             self.collect();
+            if self.budget.max_disk_bytes.is_some() && !puts.is_empty() {
+                self.keep_within_budget(&mut puts);
+            }
             let result = if !puts.is_empty() || !syncs.is_empty() {
                 let records: Vec<(u64, &[u8])> = puts.iter().map(|(s, r, _)| (*s, r.as_slice())).collect();
                 if !puts.is_empty() {
@@ -515,6 +587,39 @@ impl Writer {
         }
     }
 
+    /// `max_disk_bytes`: the messages of `puts` that would take the files over it are refused
+    /// (answered [`DISK_FULL`]), after, under drop-oldest, the oldest segments were deleted with their
+    /// messages to make room.
+    fn keep_within_budget(&mut self, puts: &mut Vec<Put>) {
+        let sizes: Vec<(u64, usize)> = puts.iter().map(|(s, r, _)| (*s, r.len())).collect();
+        let mut room = self.log.room_for(&sizes);
+        while room < puts.len() && self.budget.drop_oldest {
+            match self.log.evict_oldest() {
+                Ok(seqs) if !seqs.is_empty() => {
+                    self.budget_drops
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .evicted
+                        .extend(seqs);
+                    room = self.log.room_for(&sizes);
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), "deleting an outbox segment: {e:#}");
+                    break;
+                }
+            }
+        }
+        if room < puts.len() {
+            let refused = puts.split_off(room);
+            let mut b = self.budget_drops.lock().unwrap_or_else(|e| e.into_inner());
+            for (seq, _, w) in refused {
+                b.refused.push(seq);
+                let _ = w.send(Err(DISK_FULL.to_string()));
+            }
+        }
+    }
+
     fn collect(&mut self) {
         if let Err(e) = self.log.collect() {
             tracing::error!(path = %self.path.display(), "deleting an outbox segment: {e:#}");
@@ -556,6 +661,8 @@ pub(super) fn encode(m: &OutMessage) -> Vec<u8> {
     }
     let plen = (v.len() - at - 4) as u32;
     v[at..at + 4].copy_from_slice(&plen.to_le_bytes());
+    v.push(m.priority);
+    v.extend_from_slice(&m.ttl_s.unwrap_or(0).to_le_bytes());
     v.extend_from_slice(&m.payload);
     v
 }
@@ -665,7 +772,7 @@ fn decode_props(mut b: &[u8]) -> Option<Option<Box<MsgProps>>> {
 fn decode(rec: &[u8]) -> Option<OutMessage> {
     let format = *rec.first()?;
     let (header, tlen, ulen) = match format {
-        FORMAT | FORMAT_V2 if rec.len() >= HEADER => (
+        FORMAT | FORMAT_V3 | FORMAT_V2 if rec.len() >= HEADER => (
             HEADER,
             u32::from_le_bytes(rec[15..19].try_into().ok()?) as usize,
             u16::from_le_bytes(rec[19..21].try_into().ok()?) as usize,
@@ -687,7 +794,7 @@ fn decode(rec: &[u8]) -> Option<OutMessage> {
     let topic = std::str::from_utf8(rec.get(user_end..topic_end)?)
         .ok()?
         .to_string();
-    let (props, payload_at) = if format == FORMAT {
+    let (props, mut payload_at) = if format >= FORMAT_V3 {
         let plen =
             u32::from_le_bytes(rec.get(topic_end..topic_end.checked_add(4)?)?.try_into().ok()?) as usize;
         let start = topic_end + 4;
@@ -696,6 +803,13 @@ fn decode(rec: &[u8]) -> Option<OutMessage> {
     } else {
         (None, topic_end)
     };
+    let (mut priority, mut ttl_s) = (0, None);
+    if format == FORMAT {
+        let b = rec.get(payload_at..payload_at.checked_add(5)?)?;
+        priority = b[0].min(9);
+        ttl_s = Some(u32::from_le_bytes(b[1..5].try_into().ok()?)).filter(|&t| t > 0);
+        payload_at += 5;
+    }
     let payload = Bytes::copy_from_slice(&rec[payload_at..]);
     Some(OutMessage {
         mapping,
@@ -706,6 +820,8 @@ fn decode(rec: &[u8]) -> Option<OutMessage> {
         accepted_ms,
         user,
         props,
+        priority,
+        ttl_s,
     })
 }
 
@@ -760,12 +876,14 @@ mod tests {
             accepted_ms: 1_700_000_000_000 + i,
             user: "dev1".into(),
             props: None,
+            priority: 0,
+            ttl_s: None,
         };
         let mut old: Vec<(u64, Vec<u8>)> = vec![(3, v1(0, "old/v1", b"first"))];
         old.extend((10..5010).map(|i| (i, encode(&m(i)))));
         write_legacy(&dir.path().join(LEGACY), &old);
         let notify = Arc::new(Notify::new());
-        let (store, index, next) = Store::open(dir.path(), notify.clone(), PACE).unwrap();
+        let (store, index, next) = Store::open(dir.path(), notify.clone(), PACE, Budget::default()).unwrap();
         assert!(!dir.path().join(LEGACY).exists(), "outbox.redb removed");
         assert_eq!(index.len(), old.len());
         assert_eq!(next, index.last().unwrap().seq + 1);
@@ -781,7 +899,7 @@ mod tests {
         }
         drop(store);
         std::thread::sleep(Duration::from_millis(100));
-        let (store, index2, _) = Store::open(dir.path(), notify, PACE).unwrap();
+        let (store, index2, _) = Store::open(dir.path(), notify, PACE, Budget::default()).unwrap();
         assert_eq!(index2.len(), old.len(), "the log holds them after the drain");
         assert_eq!(store.read(&seqs).unwrap(), back);
     }
@@ -797,6 +915,8 @@ mod tests {
             accepted_ms: 1_700_000_000_123,
             user: "dev1".into(),
             props: None,
+            priority: 0,
+            ttl_s: None,
         };
         assert_eq!(decode(&encode(&m)), Some(m));
         assert_eq!(decode(b"\x03short"), None);
@@ -818,6 +938,8 @@ mod tests {
             accepted_ms: 1,
             user: "dev1".into(),
             props: None,
+            priority: 0,
+            ttl_s: None,
         };
         let back = decode(&encode(&m)).unwrap();
         assert_eq!(back.topic.len(), m.topic.len());
@@ -844,6 +966,8 @@ mod tests {
                 response_topic: Some("cloud/resp/dev1".into()),
                 correlation_data: Some(Bytes::from_static(b"\x00\x01corr")),
             })),
+            priority: 7,
+            ttl_s: Some(600),
         };
         let rec = encode(&m);
         assert_eq!(rec[0], FORMAT);
@@ -855,6 +979,15 @@ mod tests {
         // Without properties: an empty block.
         m.props = None;
         assert_eq!(decode(&encode(&m)), Some(m.clone()));
+        // Version 3: no priority and TTL bytes before the payload; read as priority 0, no TTL.
+        let mut v3 = encode(&m);
+        v3[0] = FORMAT_V3;
+        let at = v3.len() - m.payload.len() - 5;
+        assert_eq!(&v3[at..at + 5], &[7, 88, 2, 0, 0], "priority 7, TTL 600 s");
+        v3.drain(at..at + 5);
+        m.priority = 0;
+        m.ttl_s = None;
+        assert_eq!(decode(&v3), Some(m.clone()));
         // Version 2: the same header and no block; the payload follows the topic.
         let mut v2 = vec![FORMAT_V2];
         v2.extend_from_slice(&2u32.to_le_bytes());

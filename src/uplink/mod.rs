@@ -227,6 +227,8 @@ impl UplinkTask {
                     max_in_msgs_per_s: cfg.max_in_msgs_per_s,
                     topic_alias: cfg.topic_alias,
                     status,
+                    drain_max_msgs_per_s: outbox.settings().drain_max_msgs_per_s,
+                    drain_max_bytes_per_s: outbox.settings().drain_max_bytes_per_s,
                 },
                 versions: std::sync::Mutex::new(core::Versions::new(cfg.protocol, cfg.brokers.len())),
                 legs,

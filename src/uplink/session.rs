@@ -65,6 +65,9 @@ pub struct Identity {
     pub topic_alias: bool,
     /// The site's status topic: the will of the session's CONNECT, birth and offline messages.
     pub status: Option<StatusSettings>,
+    /// The paced drain's budget (`[outbox] drain_max_msgs_per_s`, `drain_max_bytes_per_s`).
+    pub drain_max_msgs_per_s: Option<u32>,
+    pub drain_max_bytes_per_s: Option<u64>,
 }
 
 /// The cloud broker refused the MQTT version asked for (a 3.1.1 broker's CONNACK 0x01 to an MQTT 5
@@ -87,6 +90,8 @@ impl Identity {
             max_in_msgs_per_s: self.max_in_msgs_per_s,
             topic_alias: self.topic_alias,
             status: self.status.clone(),
+            drain_max_msgs_per_s: self.drain_max_msgs_per_s,
+            drain_max_bytes_per_s: self.drain_max_bytes_per_s,
         }
     }
 }
@@ -354,7 +359,8 @@ async fn drive(
     loop {
         // Fill the window from the outbox, then a bounded batch of QoS 0, then write once.
         if let Some((after, max)) = core.outbox_wanted() {
-            core.offer(crate::outbox::now_ms(), w.outbox.pending_after(after, max));
+            let batch = w.outbox.pending(&after, max);
+            core.offer_at(std::time::Instant::now(), crate::outbox::now_ms(), batch);
         }
         for _ in 0..core.qos0_wanted() {
             let Some(m) = w.outbox.pop_qos0() else { break };

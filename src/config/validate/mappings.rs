@@ -67,8 +67,34 @@ pub(super) fn mappings(ctx: &mut Ctx<'_>, files: Vec<(usize, MapFile)>) -> Vec<M
                 "unused: numbering applies to messages going out (direction \"out\" or \"both\")",
             );
         }
+        if f.priority > 9 {
+            ctx.error(
+                &format!("{key}.priority"),
+                format!("{}: expected 0 (the default) to 9", f.priority),
+            );
+            ok = false;
+        }
+        let ttl_s = match f.ttl_s {
+            Some(t) if t == 0 || t > u64::from(u32::MAX) => {
+                ctx.error(
+                    &format!("{key}.ttl_s"),
+                    format!("{t}: expected 1 to {} seconds (leave it out for none)", u32::MAX),
+                );
+                ok = false;
+                None
+            }
+            t => t.map(|t| t as u32),
+        };
+        if (f.priority > 0 || ttl_s.is_some()) && direction == Direction::In {
+            ctx.warn(
+                &format!("{key}.{}", if f.priority > 0 { "priority" } else { "ttl_s" }),
+                "applies to messages going out only: this `in` mapping sends none",
+            );
+        }
         if ok {
             out.push(Mapping {
+                priority: f.priority,
+                ttl_s,
                 index: i,
                 line: ctx.map.line_of(&key),
                 direction,

@@ -655,7 +655,33 @@ fn outbox(ctx: &mut Ctx<'_>, f: OutboxFile) -> OutboxSettings {
             format!("must be between 4096 and max_bytes ({})", f.max_bytes),
         );
     }
+    if f.drain_max_msgs_per_s == Some(0) {
+        ctx.error(
+            "outbox.drain_max_msgs_per_s",
+            "must be at least 1 (leave it out for no budget)",
+        );
+    }
+    if f.drain_max_bytes_per_s.is_some_and(|b| b < 1024) {
+        ctx.error(
+            "outbox.drain_max_bytes_per_s",
+            "must be at least 1024 (leave it out for no budget)",
+        );
+    }
+    if f.max_disk_bytes
+        .is_some_and(|b| b < crate::outbox::MIN_DISK_BYTES)
+    {
+        ctx.error(
+            "outbox.max_disk_bytes",
+            format!(
+                "must be at least {} (the log needs a few segments)",
+                crate::outbox::MIN_DISK_BYTES
+            ),
+        );
+    }
     OutboxSettings {
+        drain_max_msgs_per_s: f.drain_max_msgs_per_s.filter(|&n| n > 0),
+        drain_max_bytes_per_s: f.drain_max_bytes_per_s,
+        max_disk_bytes: f.max_disk_bytes,
         max_bytes: f.max_bytes,
         max_age: Duration::from_secs(f.max_age_s),
         on_full,

@@ -52,7 +52,7 @@ use crate::config::MqttVersion;
 
 use crate::bridge::inbound::CloudMessage;
 use crate::broker::drops;
-use crate::outbox::OutMessage;
+use crate::outbox::{OutMessage, PRIORITIES};
 use crate::uplink::decode::{Discarded, Inbound, Why};
 use crate::uplink::subscriptions::{Change, Filters};
 
@@ -75,6 +75,11 @@ pub struct Settings {
     pub topic_alias: bool,
     /// The site's status topic (`status_topic`): birth, clean-stop offline and watermarks.
     pub status: Option<StatusSettings>,
+    /// Paced drain (`[outbox] drain_max_msgs_per_s`, `drain_max_bytes_per_s`): outbox messages and
+    /// bytes per second sent at most; `None`, no budget. Live messages of priority mappings are not
+    /// held by it (they spend from it all the same).
+    pub drain_max_msgs_per_s: Option<u32>,
+    pub drain_max_bytes_per_s: Option<u64>,
 }
 
 /// Something the shell must do. Performed in order.
@@ -157,6 +162,8 @@ enum Pending {
 
 /// The state of one connection.
 struct Connection {
+    /// The latest time an event brought.
+    at: Instant,
     pids: PacketIds,
     /// SUBSCRIBE/UNSUBSCRIBE awaiting their acknowledgement, by packet id.
     pending: HashMap<NonZeroU16, Pending>,
@@ -164,8 +171,9 @@ struct Connection {
     subscribed: Filters,
     /// In flight: packet id -> outbox sequence number.
     inflight: HashMap<NonZeroU16, u64>,
-    /// Highest sequence number sent on this connection (a new one starts again from the oldest).
-    cursor: u64,
+    /// Per priority, the highest sequence number sent on this connection (a new one starts again
+    /// from the oldest).
+    cursors: [u64; PRIORITIES],
     /// When the next PINGREQ is due (while none is outstanding).
     next_ping: Instant,
     /// A PINGREQ is sent this often: `health_every`, or the cloud's Server Keep Alive if shorter.
@@ -187,6 +195,113 @@ struct Connection {
     next_status: Option<Instant>,
     /// The outbox depth the last status document gave.
     status_depth: usize,
+    /// The paced drain's budget (`None`: none).
+    drain: Option<Drain>,
+}
+
+/// The paced drain: two token buckets (messages, bytes), refilled by the time passed in, each
+/// holding at most a tenth of a second's worth. A message may be sent while both hold a positive
+/// amount, and takes its part from both (they may go below zero: a message larger than the bucket
+/// is not held for ever, and the average stays the budget). A message held by the budget holds the
+/// rest of its priority behind it (order), until the buckets are positive again ([`Drain::ready_at`]).
+#[derive(Debug)]
+struct Drain {
+    msgs: Option<Bucket>,
+    bytes: Option<Bucket>,
+    /// Messages accepted by the appliance at or after this (Unix ms) are live, not backlog: the
+    /// connection's first offer.
+    live_from_ms: Option<u64>,
+    /// Priorities held (bit `p`): the first message of that priority waiting for the budget.
+    held: u16,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    per_s: f64,
+    tokens: f64,
+    cap: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(per_s: f64, now: Instant) -> Self {
+        Bucket {
+            per_s,
+            // One message at once, then the rate.
+            tokens: f64::MIN_POSITIVE,
+            cap: (per_s / 10.0).max(1.0),
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_s).min(self.cap);
+        self.at = now;
+    }
+
+    /// When the bucket is positive again.
+    fn ready_at(&self) -> Instant {
+        if self.tokens > 0.0 {
+            return self.at;
+        }
+        // A hair past zero: the next refill must find it positive.
+        self.at + Duration::from_secs_f64((-self.tokens + 1e-3) / self.per_s)
+    }
+}
+
+impl Drain {
+    fn new(settings: &Settings, now: Instant) -> Option<Drain> {
+        let msgs = settings
+            .drain_max_msgs_per_s
+            .map(|r| Bucket::new(f64::from(r), now));
+        let bytes = settings.drain_max_bytes_per_s.map(|r| Bucket::new(r as f64, now));
+        (msgs.is_some() || bytes.is_some()).then_some(Drain {
+            msgs,
+            bytes,
+            live_from_ms: None,
+            held: 0,
+        })
+    }
+
+    fn buckets(&mut self) -> impl Iterator<Item = &mut Bucket> {
+        self.msgs.iter_mut().chain(self.bytes.iter_mut())
+    }
+
+    /// Refills at `now`; the priorities held are free again once the buckets are positive.
+    fn refill(&mut self, now: Instant) {
+        for b in self.buckets() {
+            b.refill(now);
+        }
+        if self.ready() {
+            self.held = 0;
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.msgs.iter().chain(self.bytes.iter()).all(|b| b.tokens > 0.0)
+    }
+
+    fn spend(&mut self, bytes: usize) {
+        if let Some(b) = self.msgs.as_mut() {
+            b.tokens -= 1.0;
+        }
+        if let Some(b) = self.bytes.as_mut() {
+            b.tokens -= bytes as f64;
+        }
+    }
+
+    /// When a held priority may go on.
+    fn ready_at(&self) -> Option<Instant> {
+        if self.held == 0 {
+            return None;
+        }
+        self.msgs
+            .iter()
+            .chain(self.bytes.iter())
+            .map(Bucket::ready_at)
+            .max()
+    }
 }
 
 /// The uplink's MQTT session. See the module documentation for its events and actions.
@@ -233,13 +348,15 @@ impl Session {
     /// When [`handle_timeout`](Self::handle_timeout) is next due, if connected.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let c = self.conn.as_ref()?;
+        let drain = c.drain.as_ref().and_then(Drain::ready_at);
         if let Some(p) = c.paused_until {
             // The PINGRESP may be queued behind the very messages the pause holds back: the
             // deadline is not checked while paused (it moves by the pause on resume).
-            return Some(p);
+            return Some(drain.map_or(p, |d| d.min(p)));
         }
-        let health = c.ping_deadline.unwrap_or(c.next_ping);
-        Some(c.next_status.map_or(health, |t| t.min(health)))
+        let t = c.ping_deadline.unwrap_or(c.next_ping);
+        let t = c.next_status.map_or(t, |s| s.min(t));
+        Some(drain.map_or(t, |d| d.min(t)))
     }
 
     pub fn is_connected(&self) -> bool {
@@ -262,20 +379,41 @@ impl Session {
         self.conn.as_ref().map_or(0, |c| c.inflight.len())
     }
 
-    /// What the window can take from the outbox: `(after, max)`, the messages with a sequence number
-    /// above `after`, at most `max` of them. `None` when not connected or the window is full.
-    pub fn outbox_wanted(&self) -> Option<(u64, usize)> {
+    /// What the window can take from the outbox: `(after, max)`, per priority the messages with a
+    /// sequence number above `after[priority]`, highest priority first, at most `max` of them
+    /// ([`Outbox::pending`](crate::outbox::Outbox::pending)). `None` when not connected or the
+    /// window is full.
+    pub fn outbox_wanted(&self) -> Option<([u64; PRIORITIES], usize)> {
         let c = self.conn.as_ref()?;
         let room = self.window(c).saturating_sub(c.inflight.len());
-        (room > 0).then_some((c.cursor, room))
+        let mut after = c.cursors;
+        if let Some(d) = c.drain.as_ref() {
+            // A priority held by the budget is not asked for until the budget allows it again;
+            // priority 0 has no live messages the budget lets through.
+            for (p, a) in after.iter_mut().enumerate() {
+                if d.held & (1 << p) != 0 || (p == 0 && d.held != 0) {
+                    *a = u64::MAX;
+                }
+            }
+            if after.iter().all(|&a| a == u64::MAX) {
+                return None;
+            }
+        }
+        (room > 0).then_some((after, room))
     }
 
     /// How many QoS 0 messages to offer now.
     pub fn qos0_wanted(&self) -> usize {
-        if self.conn.is_some() {
-            QOS0_BATCH
-        } else {
-            0
+        match self.conn.as_ref().map(|c| c.drain.as_ref()) {
+            None => 0,
+            Some(None) => QOS0_BATCH,
+            // Paced: as many as the budget allows now (the lane is held in memory, at most 8 MiB,
+            // but it is a backlog too after an outage).
+            Some(Some(d)) if !d.ready() => 0,
+            Some(Some(d)) => d
+                .msgs
+                .as_ref()
+                .map_or(QOS0_BATCH, |b| (b.tokens.ceil() as usize).clamp(1, QOS0_BATCH)),
         }
     }
 
@@ -318,11 +456,12 @@ impl Session {
             }
         }
         self.conn = Some(Connection {
+            at: now,
             pids: PacketIds::default(),
             pending: HashMap::new(),
             subscribed: self.wanted.clone(),
             inflight: HashMap::new(),
-            cursor: 0,
+            cursors: [0; PRIORITIES],
             next_ping: now + every,
             every,
             ping_deadline: None,
@@ -338,6 +477,7 @@ impl Session {
             transport: String::new(),
             next_status: None,
             status_depth: 0,
+            drain: Drain::new(&self.settings, now),
         });
         // Every wanted filter is subscribed again (the cloud may have lost it); filters only the
         // ledger remembers are taken back.
@@ -456,20 +596,59 @@ impl Session {
         actions.push_back(Action::Send(Packet::Publish(Box::new(p))));
     }
 
-    /// Event: the outbox has these messages (from [`outbox_wanted`](Self::outbox_wanted)), oldest
-    /// first, at `now_ms` (Unix milliseconds, for the expiry intervals). Those beyond the window are
-    /// not taken (nor skipped: they are asked for again).
+    /// Event: the outbox has these messages (from [`outbox_wanted`](Self::outbox_wanted)), in
+    /// sending order (highest priority first, each priority oldest first), at `now_ms` (Unix
+    /// milliseconds, for the expiry intervals and TTLs). Those beyond the window are not taken (nor
+    /// skipped: they are asked for again).
     pub fn offer(&mut self, now_ms: u64, batch: impl IntoIterator<Item = (u64, OutMessage)>) {
+        let Some(now) = self.conn.as_ref().map(|c| c.at) else {
+            return;
+        };
+        self.offer_at(now, now_ms, batch)
+    }
+
+    /// [`offer`](Self::offer) at `now` (for the paced drain's budget).
+    pub fn offer_at(
+        &mut self,
+        now: Instant,
+        now_ms: u64,
+        batch: impl IntoIterator<Item = (u64, OutMessage)>,
+    ) {
         let Some(max) = self.window_size() else { return };
         let Some(c) = self.conn.as_mut() else { return };
+        c.at = c.at.max(now);
+        if let Some(d) = c.drain.as_mut() {
+            d.refill(now);
+            d.live_from_ms.get_or_insert(now_ms);
+        }
         for (seq, m) in batch {
             if c.inflight.len() >= max {
                 break;
             }
-            if seq <= c.cursor {
+            let lane = usize::from(m.priority.min(9));
+            if seq <= c.cursors[lane] {
                 continue;
             }
-            c.cursor = seq;
+            let mut wire = 0;
+            if let Some(d) = c.drain.as_mut() {
+                // Held: the priority waits behind it (its order), the others may go on.
+                let live = m.priority > 0 && d.live_from_ms.is_some_and(|t| m.accepted_ms >= t);
+                let dropped = m.expiry_left(now_ms) == Some(0) || m.undeliverable().is_some();
+                if d.held & (1 << lane) != 0 || (!live && !dropped && !d.ready()) {
+                    d.held |= 1 << lane;
+                    continue;
+                }
+                if !dropped {
+                    // The PUBLISH's size, about: fixed header, topic, packet id, payload.
+                    wire = 5
+                        + 2
+                        + m.topic.len()
+                        + 2
+                        + m.payload.len()
+                        + m.props.as_ref().map_or(0, |p| p.size());
+                }
+            }
+            c.cursors[lane] = seq;
             let tag = tag(&m);
             // One message MQTT cannot carry must not fail every connection and block the queue.
             if let Some(why) = m.undeliverable() {
@@ -494,6 +673,9 @@ impl Session {
                 .pids
                 .next_free(|id| c.inflight.contains_key(&id) || c.pending.contains_key(&id));
             c.inflight.insert(pid, seq);
+            if let Some(d) = c.drain.as_mut() {
+                d.spend(wire);
+            }
             self.actions
                 .push_back(Action::Send(Packet::Publish(Box::new(alias(c, p, Some(pid))))));
         }
@@ -523,15 +705,23 @@ impl Session {
         if let Some((map, epoch, n)) = &tag {
             self.marks.sent(map, *epoch, *n);
         }
+        if let Some(d) = c.drain.as_mut() {
+            d.spend(5 + 2 + p.topic.len() + p.payload.len());
+            if !d.ready() {
+                // Woken when the budget allows more (see `qos0_wanted`).
+                d.held |= 1;
+            }
+        }
         let p = alias(c, p, None);
         self.actions.push_back(Action::Send(Packet::Publish(Box::new(p))));
     }
 
     /// Event: a packet (or a PUBLISH the decoder discarded) arrived from the cloud at `now`.
     pub fn handle_packet(&mut self, now: Instant, inbound: Inbound) {
-        if self.conn.is_none() {
+        let Some(c) = self.conn.as_mut() else {
             return;
-        }
+        };
+        c.at = c.at.max(now);
         let packet = match inbound {
             Inbound::Packet(p) => p,
             Inbound::Discarded(d) => {
@@ -645,6 +835,10 @@ impl Session {
         let Some(c) = self.conn.as_mut() else {
             return Ok(());
         };
+        c.at = c.at.max(now);
+        if let Some(d) = c.drain.as_mut() {
+            d.refill(now);
+        }
         if let Some(until) = c.paused_until {
             if now < until {
                 return Ok(());
@@ -788,6 +982,11 @@ fn outgoing(c: &Connection, m: OutMessage, now_ms: u64, qos: QoS) -> Option<Publ
             is_utf8_payload: p.utf8_payload,
             response_topic: p.response_topic.map(Into::into),
             subscription_ids: Vec::new(),
+        }),
+        // A mapping's TTL without MQTT 5 properties from the device: the cloud learns what is left.
+        (true, None) => left.and_then(NonZeroU32::new).map(|left| PublishProperties {
+            message_expiry_interval: Some(left),
+            ..PublishProperties::default()
         }),
         _ => None,
     };
