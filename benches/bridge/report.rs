@@ -1199,7 +1199,21 @@ fn targets(a: &Agg) -> Vec<Target> {
             mo.map(|s| num(s.med)).unwrap_or("–".into())
         ),
     });
-    // Issue 17: idle device connections and floods inside MemoryMax.
+    // Issue 17: the idle appliance with its uplink (direct path), idle device connections and floods
+    // inside MemoryMax.
+    let idle = a.idle(PathKind::Direct, Impl::Uplink, |x| x.rss_kb as f64);
+    out.push(Target {
+        name: "idle appliance with an uplink (direct path): mqtt-uplink ≤ 10 MB RSS",
+        path: None,
+        met: idle.map(|s| s.med <= 10.0 * 1024.0),
+        detail: format!(
+            "mqtt-uplink {} KiB, mosquitto {} KiB",
+            idle.map(|s| num(s.med)).unwrap_or("–".into()),
+            a.idle(PathKind::Direct, Impl::MosqDefault, |x| x.rss_kb as f64)
+                .map(|s| num(s.med))
+                .unwrap_or("–".into())
+        ),
+    });
     for (n, limit_kb) in [(1000usize, 20 * 1024), (10_000, 64 * 1024)] {
         let v = a.conns(Impl::Uplink, n);
         out.push(Target {
