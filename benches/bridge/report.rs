@@ -378,12 +378,12 @@ fn drain_markdown(res: &Results) -> String {
     };
     let _ = writeln!(
         o,
-        "
-## After an outage: priorities and the paced drain
-
-         mqtt-uplink, devices publishing QoS 1 at {} msg/s ({:.0} % on a priority-5 mapping) to a plaintext          mosquitto 2 on loopback through a gate that refuses connections for {:.0} s and counts the bytes          the uplink writes; the devices go on publishing after it (`--only drain`, `benches/bridge/drain.rs`).
-
-         | budget | backlog | first priority message after the return | drain time | uplink B/s during the drain |
+        "\n## After an outage: priorities and the paced drain\n\n\
+         mqtt-uplink, devices publishing QoS 1 at {} msg/s ({:.0} % on a priority-5 mapping) to a \
+         plaintext mosquitto 2 on loopback through a gate that refuses connections for {:.0} s and \
+         counts the bytes the uplink writes; the devices go on publishing after it (`--only drain`, \
+         `benches/bridge/drain.rs`).\n\n\
+         | budget | backlog | first priority message after the return | drain time | uplink B/s during the drain |\n\
          |---|---|---|---|---|",
         d0.rate,
         d0.priority_share * 100.0,
@@ -1338,6 +1338,11 @@ fn command(s: &Settings) -> String {
     let default_reps = if s.quick { 1 } else { 3 };
     if s.reps != default_reps {
         args.push(format!("--reps {}", s.reps));
+    }
+    // The sections' own lengths, when not their defaults (main.rs `Settings::parse`).
+    let default_drain = if s.quick { 30.0 } else { 600.0 };
+    if s.sections.iter().any(|x| *x == "drain") && s.drain_secs != default_drain {
+        args.push(format!("--drain-secs {}", s.drain_secs));
     }
     if args.is_empty() {
         "cargo bench --bench bridge".into()
