@@ -96,10 +96,10 @@ case $scenario in update|bad-bundle|bad-release|power-cut) updates=1 ;; esac
 missing=$("$image_dir/deps.sh" --check boot) || fail "missing tools; install them with: $image_dir/deps.sh boot  (packages: $missing)"
 
 img_src=${1:-$(find "$image_dir/out" -maxdepth 1 \( -name 'mqtt-uplink-*-rpi-arm64.img.xz' -o -name 'mqtt-uplink-*-rpi-arm64.img' \) \
-  -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2-)}
+  -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2- || true)}
 { [ -n "$img_src" ] && [ -f "$img_src" ]; } || fail "no image: build one with image/build.sh or pass its path"
 if [ "$updates" = 1 ]; then
-  bundle_src=${BOOT_BUNDLE:-$(find "$image_dir/out" -maxdepth 1 -name 'mqtt-uplink-*-rpi-arm64.raucb' -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2-)}
+  bundle_src=${BOOT_BUNDLE:-$(find "$image_dir/out" -maxdepth 1 -name 'mqtt-uplink-*-rpi-arm64.raucb' -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2- || true)}
   { [ -n "$bundle_src" ] && [ -f "$bundle_src" ]; } || fail "no update bundle: image/build.sh writes image/out/mqtt-uplink-<version>-rpi-arm64.raucb (or set BOOT_BUNDLE)"
   keys=$image_dir/out/test-keys
   { [ -s "$keys/signing.key.pem" ] && [ -s "$keys/signing.cert.pem" ]; } \
