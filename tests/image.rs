@@ -416,6 +416,21 @@ fn slot_backend_commits_only_from_the_trial_slots_own_boot() {
     assert!(call("A", &["set-state", "A", "bad"]).0);
     assert_eq!(call("A", &["get-primary"]), (true, "B".into()));
     assert_eq!(prefix("config.txt"), "slot-b/");
+    // A commit cut off after config.txt named the trial slot, before the state file said so: config.txt
+    // is the committed slot (the firmware reads it); when that trial slot then fails its health check,
+    // config.txt goes back to the other slot.
+    assert!(call("B", &["set-state", "A", "bad"]).0);
+    assert!(call("B", &["set-primary", "A"]).0);
+    let half = file("config.txt").replace("os_prefix=slot-b/", "os_prefix=slot-a/");
+    std::fs::write(boot.join("config.txt"), half).unwrap();
+    assert_eq!(call("A", &["get-primary"]), (true, "A".into()));
+    assert!(call("A", &["set-state", "A", "bad"]).0);
+    assert_eq!(
+        prefix("config.txt"),
+        "slot-b/",
+        "a half-committed slot that fails must not stay in config.txt"
+    );
+    assert_eq!(call("A", &["get-primary"]), (true, "B".into()));
     assert!(
         !call("A", &["set-state", "C", "good"]).0,
         "an unknown slot must be refused"

@@ -27,10 +27,15 @@ other_slot() { case $1 in A) echo B ;; B) echo A ;; *) return 1 ;; esac; }
 booted_slot() { tr ' ' '\n' < "${PROC_CMDLINE:-/proc/cmdline}" | sed -n 's/^rauc\.slot=//p' | tail -n1; }
 current_version() { cat /usr/share/mqtt-uplink-image/release 2>/dev/null || echo unknown; }
 
-# slot_get KEY: a value from the state file (defaults: A committed and good, B bad, no trial).
+# slot_get KEY: a value from the state file (defaults: A committed and good, B bad, no trial). The
+# committed slot is the one config.txt boots (its os_prefix=): that file is what the firmware reads, so
+# a power cut between its rewrite and the state file's cannot make the two disagree.
 slot_get() {
-  local v
-  v=$(sed -n "s/^$1=//p" "$SLOT_STATE" 2>/dev/null | tail -n1)
+  local v=
+  if [ "$1" = committed ]; then
+    v=$(sed -n 's|^os_prefix=slot-\([ab]\)/[[:space:]]*$|\1|p' "$BOOT/config.txt" 2>/dev/null | tail -n1 | tr ab AB)
+  fi
+  [ -n "$v" ] || v=$(sed -n "s/^$1=//p" "$SLOT_STATE" 2>/dev/null | tail -n1)
   if [ -z "$v" ]; then
     case $1 in committed) v=A ;; state_A) v=good ;; state_B) v=bad ;; esac
   fi
