@@ -1341,7 +1341,7 @@ fn command(s: &Settings) -> String {
     }
     // The sections' own lengths, when not their defaults (main.rs `Settings::parse`).
     let default_drain = if s.quick { 30.0 } else { 600.0 };
-    if s.sections.iter().any(|x| *x == "drain") && s.drain_secs != default_drain {
+    if s.sections.contains(&"drain") && s.drain_secs != default_drain {
         args.push(format!("--drain-secs {}", s.drain_secs));
     }
     if args.is_empty() {
