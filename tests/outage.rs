@@ -21,73 +21,31 @@ use std::time::{Duration, Instant};
 
 use mqtt_uplink::config::MetricsBind;
 use support::appliance::{received, ChildApp, Publisher};
-use support::cloud::{Cloud, Sub, UPLINK_PASSWORD, UPLINK_USER};
-use support::{free_port, mosquitto_passwd, tempdir, write_secret};
+use support::cloud::{Cloud, Sub};
+use support::site::{Site, Uplink};
+use support::{free_port, tempdir};
 
 const T: Duration = Duration::from_secs(30);
 const DEV_PW: &str = "dev1-Passw0rd-long";
 const SENSORS: &str = "sites/plant-7/sensors/seq";
 const ALARMS: &str = "sites/plant-7/alarms/seq";
 
-fn site_files(dir: &Path) {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-    std::fs::write(
-        dir.join("acl"),
-        "user dev1\ntopic readwrite sensors/#\ntopic readwrite alarms/#\n",
-    )
-    .unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
-}
-
-/// The appliance: device listener `listen`, metrics on `metrics`, uplink to the cloud on
-/// `broker_port`; `alarms/#` and `sensors/#` go out by two mappings with the keys in `alarms` and
-/// `sensors`; `outbox` is the `[outbox]` section's body.
-fn config(listen: u16, metrics: u16, broker_port: u16, alarms: &str, sensors: &str, outbox: &str) -> String {
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:{listen}"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[metrics]
-bind = "127.0.0.1:{metrics}"
-
-[uplink]
-broker = "mqtts://localhost:{broker_port}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-keepalive_s = 5
-connect_timeout_s = 5
-backoff_min_ms = 200
-backoff_max_ms = 500
-health_interval_s = 2
-health_timeout_ms = 2000
-
-[outbox]
-{outbox}
-
-[[map]]
-direction = "out"
-topic = "alarms/#"
-remote_prefix = "sites/plant-7/"
-{alarms}
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-{sensors}
-"#
-    )
+/// The appliance: devices on `listen` (dev1 may publish `sensors/#` and `alarms/#`), metrics on
+/// `metrics`, the uplink to the cloud on `broker_port` with short timers. Tests add the `[outbox]`
+/// keys and the two mappings (`alarms/#`, then `sensors/#`, both to `sites/plant-7/`).
+fn site(dir: &Path, listen: u16, metrics: u16, broker_port: u16) -> Site {
+    Site::new(dir)
+        .listener(listen)
+        .user("dev1", DEV_PW)
+        .acl("user dev1\ntopic readwrite sensors/#\ntopic readwrite alarms/#\n")
+        .metrics(metrics)
+        .uplink(
+            Uplink::port(broker_port)
+                .quick()
+                .set("backoff_max_ms", 500)
+                .set("health_interval_s", 2)
+                .set("health_timeout_ms", 2000),
+        )
 }
 
 /// The cloud, with a persistent observer session (`id`) on `sites/plant-7/#` that it saved on a
@@ -155,6 +113,11 @@ fn collect(sub: &mut Sub, n: usize, timeout: Duration) -> Vec<(&'static str, u64
     }
 }
 
+/// The numbers of one mapping's messages (`which`: "sensors" or "alarms") in `got`.
+fn numbers(got: &[(&'static str, u64)], which: &str) -> BTreeSet<u64> {
+    got.iter().filter(|(w, _)| *w == which).map(|(_, n)| *n).collect()
+}
+
 /// Each mapping's first copies arrive in increasing order.
 fn assert_order_per_mapping(got: &[(&'static str, u64)]) {
     for which in ["sensors", "alarms"] {
@@ -180,9 +143,12 @@ fn assert_order_per_mapping(got: &[(&'static str, u64)]) {
 async fn after_an_outage_the_priority_backlog_arrives_first_in_order_also_after_a_restart() {
     let dir = tempdir();
     let mut cloud = cloud_with_saved_observer(dir.path(), "obs-prio");
-    site_files(dir.path());
     let (port, mport) = (free_port(), free_port());
-    let toml = config(port, mport, cloud.port, "priority = 5", "", "");
+    let toml = site(dir.path(), port, mport, cloud.port)
+        .map_out("alarms/#", "sites/plant-7/")
+        .map_key("priority", 5)
+        .map_out("sensors/#", "sites/plant-7/")
+        .toml();
     let mut app = ChildApp::start(dir.path(), &toml, port);
     let sensors = publish_all(port, "sensors/seq", 2000).await;
     let alarms = publish_all(port, "alarms/seq", 50).await;
@@ -199,16 +165,8 @@ async fn after_an_outage_the_priority_backlog_arrives_first_in_order_also_after_
     cloud.start_again();
     let mut sub = cloud.subscribe_persistent_forever("sites/plant-7/#", "obs-prio");
     let got = collect(&mut sub, 2050, Duration::from_secs(90));
-    let got_sensors: BTreeSet<u64> = got
-        .iter()
-        .filter(|(w, _)| *w == "sensors")
-        .map(|(_, n)| *n)
-        .collect();
-    let got_alarms: BTreeSet<u64> = got
-        .iter()
-        .filter(|(w, _)| *w == "alarms")
-        .map(|(_, n)| *n)
-        .collect();
+    let got_sensors = numbers(&got, "sensors");
+    let got_alarms = numbers(&got, "alarms");
     assert_eq!(got_alarms, alarms, "alarms missing\n{}", app.log());
     assert_eq!(got_sensors, sensors, "sensor messages missing\n{}", app.log());
     let first_sensor = got.iter().position(|(w, _)| *w == "sensors").unwrap();
@@ -228,9 +186,12 @@ async fn after_an_outage_the_priority_backlog_arrives_first_in_order_also_after_
 async fn messages_older_than_their_mappings_ttl_are_dropped_and_counted_never_sent() {
     let dir = tempdir();
     let mut cloud = cloud_with_saved_observer(dir.path(), "obs-ttl");
-    site_files(dir.path());
     let (port, mport) = (free_port(), free_port());
-    let toml = config(port, mport, cloud.port, "", "ttl_s = 2", "");
+    let toml = site(dir.path(), port, mport, cloud.port)
+        .map_out("alarms/#", "sites/plant-7/")
+        .map_out("sensors/#", "sites/plant-7/")
+        .map_key("ttl_s", 2)
+        .toml();
     let app = ChildApp::start(dir.path(), &toml, port);
     let sensors = publish_all(port, "sensors/seq", 300).await;
     let alarms = publish_all(port, "alarms/seq", 20).await;
@@ -246,11 +207,7 @@ async fn messages_older_than_their_mappings_ttl_are_dropped_and_counted_never_se
     }
     let got = collect(&mut sub, usize::MAX, Duration::from_secs(1));
     let expired = metric(mport, "mqtt_uplink_dropped_total", Some(("reason", "expired"))).await;
-    let got_alarms: BTreeSet<u64> = got
-        .iter()
-        .filter(|(w, _)| *w == "alarms")
-        .map(|(_, n)| *n)
-        .collect();
+    let got_alarms = numbers(&got, "alarms");
     assert_eq!(got_alarms, alarms, "{}", app.log());
     let sent_sensors = got.iter().filter(|(w, _)| *w == "sensors").count();
     assert_eq!(sent_sensors, 0, "expired messages reached the cloud");
@@ -283,16 +240,13 @@ async fn the_paced_drain_keeps_its_budget_and_a_live_priority_message_overtakes_
     const BACKLOG: u64 = 400;
     let dir = tempdir();
     let mut cloud = cloud_with_saved_observer(dir.path(), "obs-pace");
-    site_files(dir.path());
     let (port, mport) = (free_port(), free_port());
-    let toml = config(
-        port,
-        mport,
-        cloud.port,
-        "priority = 5",
-        "",
-        "drain_max_msgs_per_s = 40",
-    );
+    let toml = site(dir.path(), port, mport, cloud.port)
+        .section("[outbox]\ndrain_max_msgs_per_s = 40")
+        .map_out("alarms/#", "sites/plant-7/")
+        .map_key("priority", 5)
+        .map_out("sensors/#", "sites/plant-7/")
+        .toml();
     let app = ChildApp::start(dir.path(), &toml, port);
     let sensors = publish_all(port, "sensors/seq", BACKLOG).await;
     cloud.start_again();
@@ -394,16 +348,12 @@ async fn the_disk_budget_holds_against_the_real_file_size() {
     const LIMIT: u64 = 1 << 20;
     let dir = tempdir();
     let mut cloud = cloud_with_saved_observer(dir.path(), "obs-disk");
-    site_files(dir.path());
     let (port, mport) = (free_port(), free_port());
-    let toml = config(
-        port,
-        mport,
-        cloud.port,
-        "",
-        "",
-        &format!("max_disk_bytes = {LIMIT}"),
-    );
+    let toml = site(dir.path(), port, mport, cloud.port)
+        .section(&format!("[outbox]\nmax_disk_bytes = {LIMIT}"))
+        .map_out("alarms/#", "sites/plant-7/")
+        .map_out("sensors/#", "sites/plant-7/")
+        .toml();
     let app = ChildApp::start(dir.path(), &toml, port);
     let files = || -> u64 {
         std::fs::read_dir(dir.path().join("state/outbox"))

@@ -18,58 +18,32 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::appliance::{ChildApp, Publisher};
-use support::cloud::{Cloud, Sub, OBSERVER_PASSWORD, OBSERVER_USER, UPLINK_PASSWORD, UPLINK_USER};
-use support::{free_port, mosquitto_passwd, tempdir, wait_until, write_secret};
+use support::cloud::{Cloud, Sub, OBSERVER_PASSWORD, OBSERVER_USER};
+use support::site::{Site, Uplink};
+use support::{free_port, tempdir, wait_until, write_secret};
 
 const T: Duration = Duration::from_secs(30);
 const DEV_PW: &str = "dev1-Passw0rd-long";
 const STATUS: &str = "sites/plant-7/status";
 const MAP: &str = "sites/plant-7/sensors/#";
 
-fn site_files(dir: &Path) {
-    mosquitto_passwd(&dir.join("passwords"), "dev1", DEV_PW);
-    std::fs::write(dir.join("acl"), "user dev1\ntopic readwrite sensors/#\n").unwrap();
-    write_secret(&dir.join("uplink.password"), UPLINK_PASSWORD);
+/// The observer's password file (the cloud's `observer` user), for `gaps`.
+fn observer_password(dir: &Path) {
     write_secret(&dir.join("observer.password"), &format!("{OBSERVER_PASSWORD}\n"));
 }
 
-/// The appliance: devices on `listen`, uplink to the cloud on `broker_port`; `sensors/#` goes out
+/// The appliance in `dir`: devices on `listen` (dev1 may publish `sensors/#`), uplink to the cloud
+/// on `broker_port` with short timers and the `[uplink]` lines `extra`; `sensors/#` goes out
 /// numbered (`sequence = true`).
-fn config(listen: u16, broker_port: u16, extra: &str) -> String {
-    format!(
-        r#"
-[site]
-id = "plant-7"
-state_dir = "state"
-
-[[listener]]
-bind = "127.0.0.1:{listen}"
-
-[auth]
-password_file = "passwords"
-acl_file = "acl"
-
-[uplink]
-broker = "mqtts://localhost:{broker_port}"
-client_id = "plant-7-uplink"
-username = "{UPLINK_USER}"
-password_file = "uplink.password"
-ca_file = "ca.pem"
-keepalive_s = 5
-connect_timeout_s = 5
-backoff_min_ms = 200
-backoff_max_ms = 1000
-health_interval_s = 1
-health_timeout_ms = 1000
-{extra}
-
-[[map]]
-direction = "out"
-topic = "sensors/#"
-remote_prefix = "sites/plant-7/"
-sequence = true
-"#
-    )
+fn config(dir: &Path, listen: u16, broker_port: u16, extra: &str) -> String {
+    Site::new(dir)
+        .listener(listen)
+        .user("dev1", DEV_PW)
+        .acl("user dev1\ntopic readwrite sensors/#\n")
+        .uplink(Uplink::port(broker_port).quick().health().lines(extra))
+        .map_out("sensors/#", "sites/plant-7/")
+        .map_key("sequence", true)
+        .toml()
 }
 
 /// An observer of the status topic: lines are `RETAIN PAYLOAD` (`-F "%r %p"`).
@@ -239,10 +213,10 @@ async fn the_status_is_online_then_offline_by_will_on_sigkill_and_offline_after_
     }
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
+    observer_password(dir.path());
     let mut sub = watch_status(&cloud);
     let port = free_port();
-    let mut app = ChildApp::start(dir.path(), &config(port, cloud.port, ""), port);
+    let mut app = ChildApp::start(dir.path(), &config(dir.path(), port, cloud.port, ""), port);
 
     let (retained, online) = wait_state(&mut sub, "online", None, T).expect("no online status");
     assert!(!retained, "a live birth message reaches a subscriber as live");
@@ -300,11 +274,11 @@ async fn gaps_finds_nothing_missing_after_a_cloud_outage_and_an_appliance_sigkil
     }
     let dir = tempdir();
     let mut cloud = Cloud::start(dir.path());
-    site_files(dir.path());
+    observer_password(dir.path());
     let gaps = Gaps::start(dir.path(), &cloud, &["--until-idle", "25"]);
     assert!(gaps.listening().await, "{}", gaps.stderr());
     let port = free_port();
-    let mut app = ChildApp::start(dir.path(), &config(port, cloud.port, ""), port);
+    let mut app = ChildApp::start(dir.path(), &config(dir.path(), port, cloud.port, ""), port);
 
     // A cloud outage while the device publishes QoS 1.
     let first = 4_000;
@@ -377,11 +351,11 @@ async fn gaps_reports_exactly_the_range_that_expired_while_the_cloud_was_down() 
     }
     let dir = tempdir();
     let mut cloud = Cloud::start(dir.path());
-    site_files(dir.path());
+    observer_password(dir.path());
     let gaps = Gaps::start(dir.path(), &cloud, &["--until-idle", "20"]);
     assert!(gaps.listening().await, "{}", gaps.stderr());
     let port = free_port();
-    let app = ChildApp::start(dir.path(), &config(port, cloud.port, ""), port);
+    let app = ChildApp::start(dir.path(), &config(dir.path(), port, cloud.port, ""), port);
     assert!(
         wait_until(T, || app.log().contains("uplink connected")).await,
         "{}",
@@ -424,14 +398,14 @@ async fn over_mqtt_311_the_watermarks_carry_the_proof() {
     }
     let dir = tempdir();
     let mut cloud = Cloud::start(dir.path());
-    site_files(dir.path());
+    observer_password(dir.path());
     let gaps = Gaps::start(dir.path(), &cloud, &["--until-idle", "20", "--protocol", "3.1.1"]);
     assert!(gaps.listening().await, "{}", gaps.stderr());
     let mut sub = watch_status(&cloud);
     let port = free_port();
     let app = ChildApp::start(
         dir.path(),
-        &config(port, cloud.port, "protocol = \"3.1.1\""),
+        &config(dir.path(), port, cloud.port, "protocol = \"3.1.1\""),
         port,
     );
     let (_, online) = wait_state(&mut sub, "online", None, T).expect("online");
@@ -500,9 +474,9 @@ fn run_cmd(args: &[&str], config: &Path) -> (i32, String) {
 fn check_and_explain_show_the_status_topic_and_sequence_and_the_profiles_are_held_to_their_topics() {
     let dir = tempdir();
     let d = dir.path();
-    site_files(d);
+    observer_password(d);
     let path = d.join("mqtt-uplink.toml");
-    let generic = config(free_port(), 1, "").replace("ca_file = \"ca.pem\"\n", "");
+    let generic = config(d, free_port(), 1, "").replace("ca_file = \"ca.pem\"\n", "");
     std::fs::write(&path, &generic).unwrap();
     let (code, out) = run_cmd(&["check"], &path);
     assert_eq!(code, 0, "{out}");
@@ -608,7 +582,7 @@ async fn gaps_says_when_it_has_nothing_to_judge_or_no_broker() {
     }
     let dir = tempdir();
     let cloud = Cloud::start(dir.path());
-    site_files(dir.path());
+    observer_password(dir.path());
     // Nothing numbered arrives (no appliance): exit 3, not "0 missing".
     let gaps = Gaps::start(dir.path(), &cloud, &["--duration", "2"]);
     let (code, r) = gaps.report(T);

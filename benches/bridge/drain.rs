@@ -32,6 +32,7 @@ const PRIO_EVERY: u64 = 100;
 
 pub async fn run(s: &Settings, rep: usize, res: &mut Results) {
     for budget in [None, Some(s.drain_budget)] {
+        res.load_samples.push(crate::procstat::loadavg1());
         progress(&format!(
             "rep {}/{} drain: {} s outage at {} msg/s, budget {}",
             rep + 1,
@@ -51,6 +52,7 @@ pub async fn run(s: &Settings, rep: usize, res: &mut Results) {
             }
             Err(e) => res.error(format!("drain rep {rep} budget {budget:?}: {e:#}")),
         }
+        res.load_samples.push(crate::procstat::loadavg1());
     }
 }
 

@@ -306,6 +306,7 @@ async fn run_all(s: &Settings, res: &mut Results) {
         }
         if s.has("topic-alias") {
             progress(&format!("rep {}/{} topic-alias", rep + 1, s.reps));
+            res.load_samples.push(procstat::loadavg1());
             alias::run(s, rep, res).await;
         }
         if s.has("storm") {

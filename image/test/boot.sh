@@ -47,7 +47,10 @@
 # `reboot "0 tryboot"`, deleted here at once: one boot only, as the firmware's flag), else
 # config.txt's; then it boots that slot folder's vmlinuz, initrd.img and cmdline.txt (root= and
 # rauc.slot=) with qemu's -kernel. A reboot of the guest ends qemu (-no-reboot); the launcher starts it
-# again, like the firmware on the next power-on.
+# again, like the firmware on the next power-on. The kernel command line adds one thing to the slot's
+# own: systemd.default_timeout_start_sec=900. Under TCG on a loaded host, udev took longer than
+# systemd's default 90 s to announce the disks once, and the boot stopped in emergency mode waiting
+# for RASPIDATA; a Pi finds its SD card in well under a second.
 # Forwards use qemu user networking on 127.0.0.1 with host port 0 (the kernel picks a free port;
 # read back with the monitor's `info usernet`): never a fixed port, loopback only.
 #
@@ -278,7 +281,7 @@ start_vm() {
     -serial "file:$work/console.log" \
     -chardev "pipe,id=mon,path=$work/mon" -mon chardev=mon,mode=readline \
     -kernel "$work/vmlinuz" -initrd "$work/initrd" \
-    -append "$root_arg $slot_arg rw console=ttyAMA0 rootwait panic=10 net.ifnames=1 systemd.status_unit_format=name" \
+    -append "$root_arg $slot_arg rw console=ttyAMA0 rootwait panic=10 net.ifnames=1 systemd.status_unit_format=name systemd.default_timeout_start_sec=900" \
     -drive "file=$disk,format=raw,if=none,id=d0,cache=writeback" -device virtio-blk-pci,drive=d0 \
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:0-:1883,hostfwd=tcp:127.0.0.1:0-:22" \
     -device virtio-net-pci,netdev=n0,romfile= \

@@ -255,6 +255,24 @@ impl Link {
         } = self;
         drive(tx.send(p), rx, backlog, *write_timeout).await
     }
+
+    /// Ends the connection cleanly, taking at most `within`: DISCONNECT, the write side shut (TLS
+    /// close_notify, TCP FIN), then what the broker still sends read and dropped until it closes.
+    /// Dropping a socket that holds unread data (a PUBACK that came after the last read) sends a TCP
+    /// reset instead of a FIN, and a broker that gets the reset before it has read the DISCONNECT
+    /// discards it and publishes the will: the status topic said "connection lost" after a clean
+    /// stop.
+    pub async fn disconnect(&mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, async {
+            self.send(Packet::Disconnect).await?;
+            SinkExt::<Packet>::close(&mut self.tx)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            while let Some(Ok(_)) = self.rx.next().await {}
+            anyhow::Ok(())
+        })
+        .await;
+    }
 }
 
 /// Runs `write` to completion while reading into `backlog`.

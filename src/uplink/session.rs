@@ -137,7 +137,7 @@ pub async fn probe(stream: BoxStream, id: &Identity, version: MqttVersion) -> an
             Ok(None) => bail!("connection closed before PINGRESP"),
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), conn.send(Packet::Disconnect)).await;
+    conn.disconnect(Duration::from_secs(1)).await;
     Ok(())
 }
 
@@ -385,7 +385,7 @@ async fn drive(
                     let _ = tokio::time::timeout(Duration::from_secs(2), perform(Some(conn), core, w)).await;
                 }
                 // A clean DISCONNECT keeps the persistent session on the cloud side.
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.send(Packet::Disconnect)).await;
+                conn.disconnect(Duration::from_secs(2)).await;
                 return Ok(());
             }
             _ = w.outbox.ready(), if core.outbox_wanted().is_some() => {}
