@@ -91,11 +91,12 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use itertools::Itertools;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::context::ServerContext;
 use crate::net::MqttStream;
 use crate::net::{Listener, ListenerType, Result};
-use crate::types::ListenerId;
+use crate::types::{ListenerId, Sink};
 use crate::{v3, v5};
 
 /// Builder for configuring and constructing an MQTT server instance
@@ -217,6 +218,24 @@ impl MqttServer {
     }
 }
 
+// mqtt-uplink patch: every listener kind serves its connections here, on a stream its task holds
+// once: the handshake (`v3::connect`, `v5::connect`) and the session (`SessionState::run`) borrow
+// it, and the task holds the session's state. rmqtt moved the stream from the task into
+// `v3::process`/`v5::process` and on into `SessionState::run`, and each of those futures kept a
+// copy of it (and `run` one of the state) for the connection's life: an idle connection's task was
+// 3,888 bytes over TCP and 9,808 over TLS (`-Zprint-type-sizes`), most of it copies of the stream.
+async fn serve<Io>(scx: &ServerContext, sink: &mut Sink<Io>, lid: ListenerId) -> Result<()>
+where
+    Io: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut state, keep_alive) = match sink {
+        Sink::V3(s) => v3::connect(scx, s, lid).await?,
+        Sink::V5(s) => v5::connect(scx, s, lid).await?,
+    };
+    state.run(sink, keep_alive).await;
+    Ok(())
+}
+
 /// Handles incoming TCP connections
 /// # Arguments
 /// * `scx` - Server context
@@ -239,20 +258,18 @@ async fn listen_tcp(scx: ServerContext, l: &Listener, lid: ListenerId) {
                         }
                     };
 
-                    match stream.mqtt().await {
-                        Ok(MqttStream::V3(s)) => {
-                            if let Err(e) = v3::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv3 processing error: {e}, from: {remote_addr}");
-                            }
-                        }
-                        Ok(MqttStream::V5(s)) => {
-                            if let Err(e) = v5::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv5 processing error: {e}, from: {remote_addr}");
-                            }
-                        }
+                    // mqtt-uplink patch: the stream is held once, here, for the connection's life (see `serve`).
+                    let mut sink = match stream.mqtt().await {
+                        Ok(MqttStream::V3(s)) => Sink::V3(s),
+                        Ok(MqttStream::V5(s)) => Sink::V5(s),
                         Err(e) => {
                             log::info!("MQTT version detection failed: {e}, from: {remote_addr}");
+                            return;
                         }
+                    };
+                    if let Err(e) = serve(&scx, &mut sink, lid).await {
+                        let v = if matches!(sink, Sink::V3(_)) { 3 } else { 5 };
+                        log::info!("MQTTv{v} processing error: {e}, from: {remote_addr}");
                     }
                 });
             }
@@ -287,20 +304,18 @@ async fn listen_tls(scx: ServerContext, l: &Listener, lid: ListenerId) {
                         }
                     };
 
-                    match stream.mqtt().await {
-                        Ok(MqttStream::V3(s)) => {
-                            if let Err(e) = v3::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv3/TLS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
-                        Ok(MqttStream::V5(s)) => {
-                            if let Err(e) = v5::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv5/TLS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
+                    // mqtt-uplink patch: the stream is held once, here, for the connection's life (see `serve`).
+                    let mut sink = match stream.mqtt().await {
+                        Ok(MqttStream::V3(s)) => Sink::V3(s),
+                        Ok(MqttStream::V5(s)) => Sink::V5(s),
                         Err(e) => {
                             log::info!("MQTT/TLS version detection failed: {e}, from: {remote_addr}");
+                            return;
                         }
+                    };
+                    if let Err(e) = serve(&scx, &mut sink, lid).await {
+                        let v = if matches!(sink, Sink::V3(_)) { 3 } else { 5 };
+                        log::info!("MQTTv{v}/TLS processing error: {e}, from: {remote_addr}");
                     }
                 });
             }
@@ -335,20 +350,18 @@ async fn listen_ws(scx: ServerContext, l: &Listener, lid: ListenerId) {
                         }
                     };
 
-                    match stream.mqtt().await {
-                        Ok(MqttStream::V3(s)) => {
-                            if let Err(e) = v3::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv3/WS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
-                        Ok(MqttStream::V5(s)) => {
-                            if let Err(e) = v5::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv5/WS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
+                    // mqtt-uplink patch: the stream is held once, here, for the connection's life (see `serve`).
+                    let mut sink = match stream.mqtt().await {
+                        Ok(MqttStream::V3(s)) => Sink::V3(s),
+                        Ok(MqttStream::V5(s)) => Sink::V5(s),
                         Err(e) => {
                             log::info!("MQTT/WS version detection failed: {e}, from: {remote_addr}");
+                            return;
                         }
+                    };
+                    if let Err(e) = serve(&scx, &mut sink, lid).await {
+                        let v = if matches!(sink, Sink::V3(_)) { 3 } else { 5 };
+                        log::info!("MQTTv{v}/WS processing error: {e}, from: {remote_addr}");
                     }
                 });
             }
@@ -383,20 +396,18 @@ async fn listen_wss(scx: ServerContext, l: &Listener, lid: ListenerId) {
                         }
                     };
 
-                    match stream.mqtt().await {
-                        Ok(MqttStream::V3(s)) => {
-                            if let Err(e) = v3::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv3/WSS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
-                        Ok(MqttStream::V5(s)) => {
-                            if let Err(e) = v5::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv5/WSS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
+                    // mqtt-uplink patch: the stream is held once, here, for the connection's life (see `serve`).
+                    let mut sink = match stream.mqtt().await {
+                        Ok(MqttStream::V3(s)) => Sink::V3(s),
+                        Ok(MqttStream::V5(s)) => Sink::V5(s),
                         Err(e) => {
                             log::info!("MQTT/WSS version detection failed: {e}, from: {remote_addr}");
+                            return;
                         }
+                    };
+                    if let Err(e) = serve(&scx, &mut sink, lid).await {
+                        let v = if matches!(sink, Sink::V3(_)) { 3 } else { 5 };
+                        log::info!("MQTTv{v}/WSS processing error: {e}, from: {remote_addr}");
                     }
                 });
             }
@@ -431,20 +442,18 @@ async fn listen_quic(scx: ServerContext, l: &Listener, lid: ListenerId) {
                         }
                     };
 
-                    match stream.mqtt().await {
-                        Ok(MqttStream::V3(s)) => {
-                            if let Err(e) = v3::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv3/QUIC processing error: {e}, from: {remote_addr}");
-                            }
-                        }
-                        Ok(MqttStream::V5(s)) => {
-                            if let Err(e) = v5::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv5/QUIC processing error: {e}, from: {remote_addr}");
-                            }
-                        }
+                    // mqtt-uplink patch: the stream is held once, here, for the connection's life (see `serve`).
+                    let mut sink = match stream.mqtt().await {
+                        Ok(MqttStream::V3(s)) => Sink::V3(s),
+                        Ok(MqttStream::V5(s)) => Sink::V5(s),
                         Err(e) => {
                             log::info!("MQTT/QUIC version detection failed: {e}, from: {remote_addr}");
+                            return;
                         }
+                    };
+                    if let Err(e) = serve(&scx, &mut sink, lid).await {
+                        let v = if matches!(sink, Sink::V3(_)) { 3 } else { 5 };
+                        log::info!("MQTTv{v}/QUIC processing error: {e}, from: {remote_addr}");
                     }
                 });
             }

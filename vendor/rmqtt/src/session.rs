@@ -233,7 +233,11 @@ impl SessionState {
     }
 
     #[inline]
-    pub(crate) async fn run<Io>(mut self, mut sink: Sink<Io>, keep_alive: u16)
+    // mqtt-uplink patch: the session and its stream are borrowed, not moved in: their owner
+    // (`server::serve` and the listener's task) holds each once. Taken by value, both were stored
+    // twice in this future, as argument and as local (async fns keep their arguments so), on top
+    // of the copies the callers' futures kept.
+    pub(crate) async fn run<Io>(&mut self, sink: &mut Sink<Io>, keep_alive: u16)
     where
         Io: AsyncRead + AsyncWrite + Unpin,
     {
@@ -246,8 +250,25 @@ impl SessionState {
         let mut flags = StateFlags::empty();
 
         self.scx.connections.inc();
-        match self.run_loop(&mut sink, keep_alive, &mut flags, &deliver_queue_tx, &mut deliver_queue_rx).await
-        {
+        let result = self.run_loop(sink, keep_alive, &mut flags, &deliver_queue_tx, &mut deliver_queue_rx).await;
+        // mqtt-uplink patch: what follows the connection's end, boxed (see `after_run`).
+        Box::pin(self.after_run(sink, result, flags, &deliver_queue_tx)).await;
+    }
+
+    // mqtt-uplink patch: the end of `run`, after the connection's loop, in a future of its own that
+    // exists only once the connection has ended. Inline, its locals (reasons, the DISCONNECT, the
+    // will's delay...) were laid out in `run`'s future next to the connection loop's for the whole
+    // life of the connection: about 440 bytes of an idle connection's task (`-Zprint-type-sizes`).
+    async fn after_run<Io>(
+        &mut self,
+        sink: &mut Sink<Io>,
+        result: std::result::Result<(), Reason>,
+        mut flags: StateFlags,
+        deliver_queue_tx: &queue::Sender<(From, Publish)>,
+    ) where
+        Io: AsyncRead + AsyncWrite + Unpin,
+    {
+        match result {
             Ok(()) => {
                 log::debug!("{} exit ...", self.id);
             }
@@ -262,7 +283,7 @@ impl SessionState {
         // maximum, 0x94, or too many QoS 2 messages in flight, 0x93) is told to an MQTT 5 client
         // with a DISCONNECT before the socket closes (MQTT 5.0 4.13); rmqtt sent it after closing,
         // so it never left.
-        if let Sink::V5(s) = &mut sink {
+        if let Sink::V5(s) = &mut *sink {
             if let Ok(reason) = self.disconnected_reason().await {
                 if server_disconnect(&reason) {
                     let d = v5::Disconnect {
@@ -338,12 +359,12 @@ impl SessionState {
             if flags.contains(StateFlags::ByAdminKick) {
                 let reason = self.disconnected_reason_take().await.unwrap_or_default();
                 // mqtt-uplink patch: boxed (see `run_loop`).
-                Box::pin(self.clean(&deliver_queue_tx, reason)).await;
+                Box::pin(self.clean(deliver_queue_tx, reason)).await;
             }
         } else if clean_session {
             let reason = self.disconnected_reason_take().await.unwrap_or_default();
             // mqtt-uplink patch: boxed (see `run_loop`).
-            Box::pin(self.clean(&deliver_queue_tx, reason)).await;
+            Box::pin(self.clean(deliver_queue_tx, reason)).await;
         } else {
             let session_expiry_interval = self.fitter.session_expiry_interval(disconnect.as_ref());
             //hook, offline_inflight_messages
@@ -355,7 +376,7 @@ impl SessionState {
             //Start offline event loop
             // mqtt-uplink patch: boxed (see `run_loop`).
             Box::pin(self.offline_run_loop(
-                &deliver_queue_tx,
+                deliver_queue_tx,
                 &mut flags,
                 will_delay_interval,
                 session_expiry_interval,
@@ -363,7 +384,7 @@ impl SessionState {
             .await;
             log::debug!("{:?} offline flags: {:?}", self.id, flags);
             if !flags.contains(StateFlags::Kicked) {
-                Box::pin(self.clean(&deliver_queue_tx, Reason::SessionExpiration)).await;
+                Box::pin(self.clean(deliver_queue_tx, Reason::SessionExpiration)).await;
             }
         }
     }

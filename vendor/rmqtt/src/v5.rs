@@ -59,56 +59,49 @@ use crate::codec::v5::{Connect as ConnectV5, ConnectAck, ConnectAckReason as Con
 use crate::context::ServerContext;
 use crate::net::v5;
 use crate::session::{Session, SessionState};
+// mqtt-uplink patch: `Sink` is no longer used here (see `connect`).
 use crate::types::{
     ClientId, ConnectAckReason, ConnectInfo, Id, ListenerConfig, ListenerId, Message, OfflineSession,
-    SessionSubs, Sink,
+    SessionSubs,
 };
 use crate::utils::timestamp_millis;
 use crate::{Error, Result};
 
-/// Processes a new MQTT v5.0 connection through its full lifecycle.
-///
-/// Performs the protocol handshake with MQTT v5 features (session expiry,
-/// topic aliases, reason codes), sets up session state, and enters
-/// the main message processing loop. Handles connection refusal with
-/// appropriate CONNACK codes on failure.
+/// The handshake of a new MQTT v5.0 connection: CONNECT, authentication, the session's state and
+/// the CONNACK. A refused connection gets its CONNACK and is closed.
 ///
 /// # Arguments
 /// * `scx` - Server context for accessing shared state
-/// * `sink` - MQTT v5.0 stream for I/O operations
+/// * `sink` - the connection's stream
 /// * `lid` - Listener port identifier
-pub(crate) async fn process<Io>(
-    scx: ServerContext,
-    mut sink: v5::MqttStream<Io>,
+// mqtt-uplink patch: the handshake only, on a stream the caller holds (`server::serve`, which then
+// runs the session on the same stream). rmqtt's `process` took the stream by value and moved it on
+// into `SessionState::run`, and each of those futures kept its own copy for the connection's life.
+pub(crate) async fn connect<Io>(
+    scx: &ServerContext,
+    sink: &mut v5::MqttStream<Io>,
     lid: ListenerId,
-) -> Result<()>
+) -> Result<(SessionState, u16)>
 where
     Io: AsyncRead + AsyncWrite + Unpin,
 {
-    let (state, keep_alive) = {
-        scx.handshakings.inc();
-        defer! {
-            scx.handshakings.dec();
-        }
+    scx.handshakings.inc();
+    defer! {
+        scx.handshakings.dec();
+    }
 
-        // mqtt-uplink patch: the handshake's state (CONNECT, auth hooks) on the heap for its
-        // duration only, not in the connection task for the connection's life.
-        let (state, keep_alive) = match Box::pin(handshake(&scx, &mut sink, lid)).await {
-            Ok(c) => c,
-            Err((ack_code, e)) => {
-                Box::pin(refused_ack(&scx, &mut sink, None, ack_code, e.to_string())).await?;
-                if let Err(e) = sink.close().await {
-                    log::info!("{lid} close io error, {e}");
-                }
-                return Err(e);
+    // mqtt-uplink patch: the handshake's state (CONNECT, auth hooks) on the heap for its
+    // duration only, not in the connection task for the connection's life.
+    match Box::pin(handshake(scx, sink, lid)).await {
+        Ok(c) => Ok(c),
+        Err((ack_code, e)) => {
+            Box::pin(refused_ack(scx, sink, None, ack_code, e.to_string())).await?;
+            if let Err(e) = sink.close().await {
+                log::info!("{lid} close io error, {e}");
             }
-        };
-        (state, keep_alive)
-    };
-
-    state.run(Sink::V5(sink), keep_alive).await;
-
-    Ok(())
+            Err(e)
+        }
+    }
 }
 
 #[inline]
