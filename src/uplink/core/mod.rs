@@ -11,6 +11,7 @@
 
 pub mod failover;
 pub mod mqtt5;
+mod pacing;
 pub mod session;
 pub mod status;
 
