@@ -6,6 +6,8 @@
 use super::*;
 use std::time::Instant;
 
+use bytes::Bytes;
+
 fn proc_field(file: &str, key: &str) -> u64 {
     std::fs::read_to_string(file)
         .ok()
