@@ -245,6 +245,9 @@ async fn listen_tcp(scx: ServerContext, l: &Listener, lid: ListenerId) {
         match l.accept().await {
             Ok(accept) => {
                 let scx = scx.clone();
+                // mqtt-uplink patch: the acceptor on the heap: the task's future keeps what it captured for
+                // the connection's life, 8 bytes for a box instead of the acceptor's 96 (see `serve`).
+                let accept = Box::new(accept);
                 tokio::spawn(async move {
                     // Extract before `accept.tcp()` consumes the acceptor.
                     let remote_addr = accept.remote_addr;
@@ -291,6 +294,9 @@ async fn listen_tls(scx: ServerContext, l: &Listener, lid: ListenerId) {
         match l.accept().await {
             Ok(accept) => {
                 let scx = scx.clone();
+                // mqtt-uplink patch: the acceptor on the heap: the task's future keeps what it captured for
+                // the connection's life, 8 bytes for a box instead of the acceptor's 96 (see `serve`).
+                let accept = Box::new(accept);
                 tokio::spawn(async move {
                     // Extract before `accept.tls()` consumes the acceptor.
                     let remote_addr = accept.remote_addr;
@@ -337,6 +343,9 @@ async fn listen_ws(scx: ServerContext, l: &Listener, lid: ListenerId) {
         match l.accept().await {
             Ok(accept) => {
                 let scx = scx.clone();
+                // mqtt-uplink patch: the acceptor on the heap: the task's future keeps what it captured for
+                // the connection's life, 8 bytes for a box instead of the acceptor's 96 (see `serve`).
+                let accept = Box::new(accept);
                 tokio::spawn(async move {
                     // Extract before `accept.ws()` consumes the acceptor.
                     let remote_addr = accept.remote_addr;
@@ -383,6 +392,9 @@ async fn listen_wss(scx: ServerContext, l: &Listener, lid: ListenerId) {
         match l.accept().await {
             Ok(accept) => {
                 let scx = scx.clone();
+                // mqtt-uplink patch: the acceptor on the heap: the task's future keeps what it captured for
+                // the connection's life, 8 bytes for a box instead of the acceptor's 96 (see `serve`).
+                let accept = Box::new(accept);
                 tokio::spawn(async move {
                     // Extract before `accept.wss()` consumes the acceptor.
                     let remote_addr = accept.remote_addr;
@@ -429,6 +441,9 @@ async fn listen_quic(scx: ServerContext, l: &Listener, lid: ListenerId) {
         match l.accept_quic().await {
             Ok(accept) => {
                 let scx = scx.clone();
+                // mqtt-uplink patch: the acceptor on the heap: the task's future keeps what it captured for
+                // the connection's life, 8 bytes for a box instead of the acceptor's 96 (see `serve`).
+                let accept = Box::new(accept);
                 tokio::spawn(async move {
                     // Extract before `accept.quic()` consumes the acceptor.
                     let remote_addr = accept.remote_addr;

@@ -487,18 +487,14 @@ impl SessionState {
                 pkt = sink.recv(), if state.pending_acks.len() < state.max_pending_acks => {
                     log::debug!("{:?} pkt: {:?}", state.id, pkt);
                     keep_alive_delay.as_mut().reset(Instant::now() + keep_alive_interval);
-                    match pkt? {
-                        Some(pkt) => {
-                            // mqtt-uplink patch: the handlers' futures are boxed while they run
-                            // instead of sized into this loop's future, which every connection
-                            // holds for its whole life (in its task): 3,008 bytes of which an idle
-                            // connection, waiting in the `select!`, uses about 600.
-                            Box::pin(state.process_mqtt_message(sink, pkt, flags)).await?;
-                        },
-                        None => {
-                            return Err(Reason::ConnectRemoteClose);
-                        }
-                    }
+                    // mqtt-uplink patch: the handlers' futures are boxed while they run instead of
+                    // sized into this loop's future, which every connection holds for its whole
+                    // life (in its task): 3,008 bytes of which an idle connection, waiting in the
+                    // `select!`, uses about 600. The packet goes into the boxed future whole
+                    // (`process_received`): matched here (`match pkt? { Some(pkt) => ... }`), the
+                    // `?`'s and the match's temporaries (128 bytes each) were laid out in this
+                    // loop's future too.
+                    Box::pin(state.process_received(sink, pkt, flags)).await?;
                 }
             }
         }
@@ -812,6 +808,23 @@ impl SessionState {
             }
         }
         Ok(())
+    }
+
+    // mqtt-uplink patch: a packet read from the socket (or the end of the stream, or a read
+    // error), handled in the future `run_loop` boxes (see there).
+    async fn process_received<Io>(
+        &mut self,
+        sink: &mut Sink<Io>,
+        pkt: Result<Option<Packet>>,
+        flags: &mut StateFlags,
+    ) -> std::result::Result<(), Reason>
+    where
+        Io: AsyncRead + AsyncWrite + Unpin,
+    {
+        match pkt? {
+            Some(pkt) => self.process_mqtt_message(sink, pkt, flags).await,
+            None => Err(Reason::ConnectRemoteClose),
+        }
     }
 
     #[inline]
