@@ -453,7 +453,7 @@ if [ "$scenario" = update ]; then
   wait_vm_exit 180 || fail "the device did not reboot within 180s"
   # The cloud comes back while the device is down; a subscriber waits for the queued messages.
   cloud_start
-  timeout 900 mosquitto_sub -h 127.0.0.1 -p "$cloud_port" -t 'sites/boot-test/queued' -C "$n" -W 890 > "$work/queued.out" 2>&1 &
+  timeout 900 mosquitto_sub -h 127.0.0.1 -p "$cloud_port" -t 'sites/boot-test/boot/queued' -C "$n" -W 890 > "$work/queued.out" 2>&1 &
   sub=$!
   t_reboot=$(date +%s)
   start_vm
@@ -622,8 +622,11 @@ if [ "$scenario" = package ]; then
   log "package: $deb"
   # A plain Debian with systemd: the image's own copy goes (its user stays, as sysusers would make it).
   # (On the A/B image /etc/mqtt-uplink and /var/lib/mqtt-uplink are bind mounts of the data partition:
-  # unmounted first, so the package meets plain folders, as on any Debian.)
-  out=$(GUEST_TIMEOUT=300 guest 'systemctl disable --now mqtt-uplink.service 2>&1; umount /etc/mqtt-uplink /var/lib/mqtt-uplink 2>&1; rm -rf /usr/bin/mqtt-uplink \
+  # unmounted and taken out of fstab first, so the package meets plain folders, as on any Debian; left
+  # in fstab, systemd mounted them again when the package started the service, whose StateDirectory=
+  # requires its mounts, and the package's files were hidden.)
+  out=$(GUEST_TIMEOUT=300 guest 'systemctl disable --now mqtt-uplink.service 2>&1; umount /etc/mqtt-uplink /var/lib/mqtt-uplink 2>&1; \
+    sed -i "\#^/data/etc/mqtt-uplink #d; \#^/data/lib/mqtt-uplink #d" /etc/fstab && rm -rf /usr/bin/mqtt-uplink \
     /usr/lib/systemd/system/mqtt-uplink.service /etc/mqtt-uplink /var/lib/mqtt-uplink 2>&1 && systemctl daemon-reload 2>&1') \
     || fail "removing the image's copy: $out"
   guest 'cat > /tmp/mqtt-uplink.deb' < "$deb" || fail "copying the package"
