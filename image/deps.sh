@@ -19,7 +19,7 @@ wanted=()
 for job in "$@"; do
   case $job in
     build) wanted+=("${cross[@]}" mmdebstrap arch-test qemu-user-static dosfstools mtools fdisk e2fsprogs xz-utils rauc squashfs-tools openssl) ;;
-    boot) wanted+=(qemu-system-arm mtools e2fsprogs xz-utils mosquitto-clients fdisk rauc squashfs-tools openssl curl) ;;
+    boot) wanted+=(qemu-system-arm mtools e2fsprogs xz-utils mosquitto-clients fdisk rauc squashfs-tools openssl curl socat) ;;
     check) wanted+=("${cross[@]}" qemu-user-static shellcheck systemd rauc) ;;
     *) echo "deps.sh: unknown job: $job" >&2; exit 64 ;;
   esac

@@ -27,7 +27,7 @@
 # build's bundle (image/out/*.raucb, or BOOT_BUNDLE): its root filesystem with another version stamped
 # in (and, for bad-release, an mqtt-uplink that exits at start), signed with the build's TEST key
 # (image/out/test-keys, made by build.sh when no RAUC_KEY is given), which the image trusts.
-# update: a cloud broker (mosquitto on 127.0.0.1, the guest reaches it as 10.0.2.2) is stopped,
+# update: a cloud broker (mosquitto on 127.0.0.1, the guest reaches it as 10.0.2.100) is stopped,
 #   messages are queued in the outbox, `mqtt-uplink-update install` of the next version (the outbox
 #   does not drain: it says so and goes on), the device reboots into slot B on trial; the cloud is back;
 #   the health gate commits B; the version changed, the config, machine id and SSH host key are the
@@ -196,8 +196,9 @@ if [ "$scenario" = package ]; then
   mcopy -i "$fat" "$work/authorized_keys" ::/
 fi
 
-# The update scenarios: SSH, a device listener, an uplink to the test's cloud broker (10.0.2.2 is the
-# host's loopback as seen from qemu user networking), and the health gate's settings.
+# The update scenarios: SSH, a device listener, an uplink to the test's cloud broker (10.0.2.100 in the
+# guest, relayed to the broker's port on the host's loopback: see start_vm), and the health gate's
+# settings.
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 if [ "$updates" = 1 ]; then
   cloud_port=$(free_port)
@@ -219,7 +220,7 @@ password_file = "passwords"
 acl_file = "acl"
 
 [uplink]
-broker = "mqtt://10.0.2.2:$cloud_port"
+broker = "mqtt://10.0.2.100:$cloud_port"
 client_id = "boot-test-uplink"
 
 [[map]]
@@ -275,6 +276,12 @@ start_vm() {
   { [ -n "$root_arg" ] && [ -n "$slot_arg" ]; } || fail "boot $boots: ${prefix}cmdline.txt has no root= or rauc.slot=: $cmdline"
   booted=${slot_arg#rauc.slot=}
   log "boot $boots: firmware emulation: $cfg -> $prefix ($root_arg $slot_arg)"
+  # The guest reaches nothing but what is forwarded (restrict=on): without it, qemu's user networking
+  # routes the guest's packets out through the host (the image's NTP and DNS would leave the machine).
+  # The cloud broker of the update scenarios is one forward: each connection the guest opens to
+  # 10.0.2.100:PORT is relayed by socat to 127.0.0.1:PORT.
+  local cloud_fwd=
+  if [ -n "${cloud_port:-}" ]; then cloud_fwd=",guestfwd=tcp:10.0.2.100:$cloud_port-cmd:socat - TCP:127.0.0.1:$cloud_port"; fi
   t_start=$(date +%s)
   qemu-system-aarch64 -M virt -cpu cortex-a53 -smp "$QEMU_SMP" -m 1024 \
     -display none -nodefaults -no-reboot \
@@ -283,7 +290,7 @@ start_vm() {
     -kernel "$work/vmlinuz" -initrd "$work/initrd" \
     -append "$root_arg $slot_arg rw console=ttyAMA0 rootwait panic=10 net.ifnames=1 systemd.status_unit_format=name systemd.default_timeout_start_sec=900" \
     -drive "file=$disk,format=raw,if=none,id=d0,cache=writeback" -device virtio-blk-pci,drive=d0 \
-    -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:0-:1883,hostfwd=tcp:127.0.0.1:0-:22" \
+    -netdev "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:1883,hostfwd=tcp:127.0.0.1:0-:22$cloud_fwd" \
     -device virtio-net-pci,netdev=n0,romfile= \
     -device virtio-rng-pci \
     2> "$work/qemu.err" &
@@ -315,7 +322,7 @@ start_vm
 
 if [ "$updates" = 1 ]; then
   # --- field updates ----------------------------------------------------------------------------------
-  # The cloud broker (mosquitto on host loopback, an ephemeral port; the guest sees it as 10.0.2.2).
+  # The cloud broker (mosquitto on host loopback, an ephemeral port; the guest sees it as 10.0.2.100).
   cloud_start() {
     printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$cloud_port" > "$work/cloud.conf"
     mosquitto -c "$work/cloud.conf" > "$work/cloud.log" 2>&1 &
