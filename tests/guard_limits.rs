@@ -119,6 +119,28 @@ async fn distinct_logins_keep_memory_bounded_and_repeats_hit_the_cache() {
         "RSS grew {} KiB",
         rss2.saturating_sub(rss0)
     );
+    // Once idle, the password-check threads give their working memory back to the system (other
+    // tests of this file may check passwords meanwhile: wait for all of them, bounded).
+    let held = mqtt_uplink::guard::passwords::argon2_memory_held();
+    assert!(
+        held >= 19 << 20,
+        "the checks keep their working memory while busy: {held} B"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mqtt_uplink::guard::passwords::argon2_memory_held() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rss3 = support::raw::rss_kib();
+    println!("guard memory once idle: RSS {rss3} KiB");
+    assert_eq!(
+        mqtt_uplink::guard::passwords::argon2_memory_held(),
+        0,
+        "argon2 working memory still held after 60 s"
+    );
+    assert!(
+        rss3 + 16 * 1024 < rss2,
+        "freed argon2 memory went back to the system: RSS {rss2} -> {rss3} KiB"
+    );
 }
 
 const PW: &str = "Limits-Test-Passw0rd";

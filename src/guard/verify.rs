@@ -1,7 +1,8 @@
 //! Where password hashes are checked: a few long-lived worker threads, one per core from two up to
 //! four ([`verify_threads`]; so at most four threads ever hold argon2 working memory, ~19 MiB each at
-//! the default parameters, which each reuses), and a cache of recent successes so a device that
-//! reconnects with the same credentials does not cost a hash run each time.
+//! the default parameters, which each reuses, and gives back after [`RELEASE_AFTER`] idle), and a
+//! cache of recent successes so a device that reconnects with the same credentials does not cost a
+//! hash run each time.
 //!
 //! The cache is deliberately not kept across a restart. Persisted, its tags and their key would sit
 //! together in the state directory, and whoever can read it could test password guesses against the
@@ -17,8 +18,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::mpsc;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -38,6 +38,10 @@ pub fn verify_threads() -> usize {
         .clamp(MIN_VERIFY_THREADS, MAX_VERIFY_THREADS)
 }
 
+/// How long a password-check thread keeps its argon2 working memory (~19 MiB) with no check to run.
+/// A storm's checks follow each other closely and keep it; an appliance at rest gives it back.
+pub const RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Successful verifications remembered at most (32 bytes each); the oldest is forgotten first.
 pub const CACHE_CAPACITY: usize = 4096;
 
@@ -45,26 +49,71 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// A fixed set of long-lived threads that run password verifications in submission order.
 pub struct VerifyPool {
-    tx: Mutex<mpsc::Sender<Job>>,
+    queue: Arc<Queue>,
     threads: usize,
+}
+
+/// The checks waiting for a thread. A condition variable rather than a shared channel receiver:
+/// every idle thread waits on it at once, each with its own timeout, so each gives its working
+/// memory back on time (a thread blocked on a receiver's lock could not).
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+}
+
+impl Queue {
+    /// The next job; `None` when `holding` and nothing came for [`RELEASE_AFTER`].
+    fn next(&self, holding: bool) -> Option<Job> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = std::time::Instant::now() + RELEASE_AFTER;
+        loop {
+            if let Some(job) = jobs.pop_front() {
+                return Some(job);
+            }
+            if !holding {
+                jobs = self.ready.wait(jobs).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            jobs = self
+                .ready
+                .wait_timeout(jobs, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 impl VerifyPool {
     fn new(threads: usize) -> VerifyPool {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = std::sync::Arc::new(Mutex::new(rx));
+        let queue = Arc::new(Queue::default());
         let mut started = 0;
         for i in 0..threads {
-            let rx = rx.clone();
+            let queue = queue.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("password-check-{i}"))
-                .spawn(move || loop {
-                    let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-                        Ok(job) => job,
-                        Err(_) => return,
-                    };
-                    // A panicking check must not shrink the pool; its caller sees a failure.
-                    let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                .spawn(move || {
+                    // Whether this thread may hold argon2 working memory: after a check, until it
+                    // has waited RELEASE_AFTER with nothing to do. Idle, it sleeps without a timeout.
+                    let mut holding = false;
+                    loop {
+                        match queue.next(holding) {
+                            Some(job) => {
+                                // A panicking check must not shrink the pool; its caller sees a
+                                // failure.
+                                let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                                holding = true;
+                            }
+                            None => {
+                                crate::passwords::release_argon2_memory();
+                                holding = false;
+                            }
+                        }
+                    }
                 });
             match spawned {
                 Ok(_) => started += 1,
@@ -72,7 +121,7 @@ impl VerifyPool {
             }
         }
         VerifyPool {
-            tx: Mutex::new(tx),
+            queue,
             threads: started,
         }
     }
@@ -86,7 +135,12 @@ impl VerifyPool {
         let job: Job = Box::new(move || {
             let _ = done.send(f());
         });
-        self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(job).ok()?;
+        self.queue
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(job);
+        self.queue.ready.notify_one();
         result.await.ok()
     }
 }

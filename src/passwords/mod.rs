@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
@@ -205,12 +206,34 @@ impl Hash {
 /// freed afterwards.
 const KEEP_ARGON2_BLOCKS: usize = 64 * 1024;
 
+/// Blocks reserved for a kept buffer (only the blocks a hash needs are ever touched): just over
+/// glibc's largest dynamic mmap threshold (32 MiB on 64-bit), so the buffer is always a mapping of
+/// its own, and freeing it ([`release_argon2_memory`]) hands the memory back to the system. A
+/// smaller one, once freed, would raise glibc's threshold to its size; the next buffer would come
+/// from the thread's arena, where a free keeps the pages (trimmed only past twice the threshold).
+const RESERVE_ARGON2_BLOCKS: usize = 32 * 1024 + 1;
+
+/// Bytes of argon2 working memory the threads hold between verifications, all threads together.
+static ARGON2_HELD: AtomicUsize = AtomicUsize::new(0);
+
 thread_local! {
     /// This thread's argon2 working memory, reused by every verification on it, so memory does not
     /// grow with the number of logins (glibc would otherwise keep each freed 19 MiB block in the
-    /// thread's arena). Password checks run on two long-lived threads (`guard::verify`), so at most
-    /// two of these exist there.
+    /// thread's arena). Password checks run on two to four long-lived threads (`guard::verify`),
+    /// which give it back once idle ([`release_argon2_memory`]).
     static ARGON2_BLOCKS: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Frees this thread's kept argon2 working memory (the password-check threads call it once idle for
+/// a few seconds, so the ~19 MiB each held after a burst of logins is not kept for good).
+pub fn release_argon2_memory() {
+    let freed = ARGON2_BLOCKS.take();
+    ARGON2_HELD.fetch_sub(freed.capacity() * std::mem::size_of::<Block>(), Ordering::Relaxed);
+}
+
+/// Bytes of argon2 working memory kept between verifications, by all threads.
+pub fn argon2_memory_held() -> usize {
+    ARGON2_HELD.load(Ordering::Relaxed)
 }
 
 /// Verifies `password` against an argon2id PHC string, computing into this thread's reusable
@@ -237,7 +260,16 @@ fn verify_argon2id(phc: &str, password: &[u8]) -> bool {
     let mut out = vec![0u8; expected.len()];
     let hashed = if blocks <= KEEP_ARGON2_BLOCKS {
         ARGON2_BLOCKS.with_borrow_mut(|memory| {
-            if memory.len() < blocks {
+            if memory.capacity() < blocks {
+                let mut fresh = Vec::with_capacity(blocks.max(RESERVE_ARGON2_BLOCKS));
+                fresh.resize(blocks, Block::default());
+                let block = std::mem::size_of::<Block>();
+                ARGON2_HELD.fetch_add(fresh.capacity() * block, Ordering::Relaxed);
+                ARGON2_HELD.fetch_sub(
+                    std::mem::replace(memory, fresh).capacity() * block,
+                    Ordering::Relaxed,
+                );
+            } else if memory.len() < blocks {
                 memory.resize(blocks, Block::default());
             }
             argon2.hash_password_into_with_memory(password, salt, &mut out, &mut memory[..blocks])
