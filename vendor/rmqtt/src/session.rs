@@ -438,11 +438,11 @@ impl SessionState {
                 },
 
                 _ = &mut deliver_timeout_delay => {
-                    while let Some(iflt_msg) = state.out_inflight().write().await.pop_front_timeout(){
-                        log::debug!("{:?} has timeout message in inflight: {:?}", state.id, iflt_msg);
-                        // mqtt-uplink patch: boxed, see `process_mqtt_message` below.
-                        Box::pin(state.reforward(iflt_msg)).await?;
-                    }
+                    // mqtt-uplink patch: in a boxed future of its own. Inline, the in-flight
+                    // lock's write guard (a temporary of the `while let`, held across the
+                    // `reforward`) and the lock's acquire future were laid out in this loop's
+                    // future, which every connection holds for its whole life.
+                    Box::pin(state.reforward_timed_out()).await?;
                 },
 
                 deliver_packet = deliver_queue_rx.next(), if state.out_inflight().read().await.has_credit() => {
@@ -497,6 +497,19 @@ impl SessionState {
                     Box::pin(state.process_received(sink, pkt, flags)).await?;
                 }
             }
+        }
+    }
+
+    // mqtt-uplink patch: the in-flight messages whose acknowledgement timed out, sent again (was
+    // inline in `run_loop`); the write guard is dropped before each resend.
+    async fn reforward_timed_out(&self) -> Result<()> {
+        loop {
+            let next = self.out_inflight().write().await.pop_front_timeout();
+            let Some(iflt_msg) = next else {
+                return Ok(());
+            };
+            log::debug!("{:?} has timeout message in inflight: {:?}", self.id, iflt_msg);
+            Box::pin(self.reforward(iflt_msg)).await?;
         }
     }
 
