@@ -501,7 +501,8 @@ impl SessionState {
     }
 
     // mqtt-uplink patch: the in-flight messages whose acknowledgement timed out, sent again (was
-    // inline in `run_loop`); the write guard is dropped before each resend.
+    // inline in `run_loop`); the write guard is dropped before each resend. `run_loop` boxes this
+    // future, so `reforward` is awaited inline here.
     async fn reforward_timed_out(&self) -> Result<()> {
         loop {
             let next = self.out_inflight().write().await.pop_front_timeout();
@@ -509,7 +510,7 @@ impl SessionState {
                 return Ok(());
             };
             log::debug!("{:?} has timeout message in inflight: {:?}", self.id, iflt_msg);
-            Box::pin(self.reforward(iflt_msg)).await?;
+            self.reforward(iflt_msg).await?;
         }
     }
 
